@@ -1,0 +1,7 @@
+//! xllm's hot paths. Everything here is plain Rust; the Python binding lives in `py/`.
+
+pub mod sse;
+pub mod stop;
+
+#[cfg(feature = "python")]
+mod py;

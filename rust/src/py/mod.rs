@@ -1,0 +1,12 @@
+//! The pyo3 binding: thin wrappers that convert arguments and delegate one call deep.
+
+use pyo3::prelude::*;
+
+mod text;
+
+#[pymodule]
+fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    text::register(m)?;
+    Ok(())
+}
