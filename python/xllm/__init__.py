@@ -1,4 +1,4 @@
-"""xllm: a local LLM inference server and CLI with Ollama's habits and the OpenAI and Ollama APIs."""
+"""xllm: a local LLM inference server and CLI with the OpenAI and Ollama APIs."""
 
 from importlib.metadata import PackageNotFoundError, version
 

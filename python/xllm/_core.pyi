@@ -1,4 +1,4 @@
-"""Type stub of the Rust extension `xllm._core` (checked with `python -m mypy.stubtest xllm._core`)."""
+"""Type stub of the Rust extension `xllm._core` (checked by `mypy.stubtest xllm._core`)."""
 
 from typing import Final
 

@@ -1,0 +1,1 @@
+"""The `xllm` command line."""

@@ -1,0 +1,79 @@
+"""`xllm serve`: run the HTTP server in the foreground."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from xllm.config import load_settings
+from xllm.engine.registry import ModelRegistry
+from xllm.log import setup_logging
+from xllm.models.names import DEFAULT_MODEL
+from xllm.server.app import create_app, engine_options, serve
+
+log = logging.getLogger("xllm")
+
+
+def add_parser(commands: Any) -> None:
+    p = commands.add_parser(
+        "serve",
+        help="start the HTTP server (OpenAI /v1, Ollama /api, xllm /v0)",
+        description="Start the xllm server in the foreground. Models load on first request; "
+        f"the bundled default is {DEFAULT_MODEL}.",
+    )
+    p.add_argument("--host", help="address to bind (default 127.0.0.1; env XLLM_HOST)")
+    p.add_argument("--port", type=int, help="port (default 32769; env XLLM_PORT)")
+    p.add_argument(
+        "-m", "--model", "--preload", dest="models", action="append", default=None,
+        metavar="MODEL", help="model name or GGUF file to load at start (repeatable)",
+    )  # fmt: skip
+    p.add_argument("-c", "--ctx-size", type=int, help="context tokens per sequence (default 4096)")
+    p.add_argument("-t", "--threads", type=int, help="CPU threads (default: all cores)")
+    p.add_argument("-np", "--parallel", type=int, help="sequences batched per model (default 16)")
+    p.add_argument("--max-queue", type=int, help="waiting requests before 503 (default 1000)")
+    p.add_argument("--batch-size", type=int, help="tokens per decode step (default 512)")
+    p.add_argument("--gpu-layers", type=int, help="layers to offload to GPU (default -1: all)")
+    p.add_argument("--log-file", help="also log to this file, rotated daily")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    paths: list[Path] = []
+    names: list[str] = []
+    for m in args.models or []:
+        if m.endswith(".gguf") or ("/" in m and Path(m).exists()):
+            if not Path(m).is_file():
+                print(f"Error: model file not found: {m}", file=sys.stderr)
+                return 1
+            paths.append(Path(m))
+        else:
+            names.append(m)
+    settings = load_settings(
+        {
+            "host": args.host,
+            "port": args.port,
+            "ctx_size": args.ctx_size,
+            "threads": args.threads,
+            "parallel": args.parallel,
+            "max_queue": args.max_queue,
+            "batch_size": args.batch_size,
+            "gpu_layers": args.gpu_layers,
+            "log_file": args.log_file,
+        }
+    )
+    setup_logging(settings.log_level, settings.log_file)
+    registry = ModelRegistry(engine_options(settings))
+    preload = list(settings.preload) + names + [registry.add_path(p) for p in paths]
+    settings = type(settings)(**{**settings.__dict__, "preload": tuple(preload)})
+    app = create_app(settings, registry)
+    try:
+        import uvloop
+
+        uvloop.run(serve(app, settings.host, settings.port))
+    except OSError as e:
+        log.error("cannot serve on %s:%d: %s", settings.host, settings.port, e)
+        return 1
+    return 0

@@ -1,0 +1,238 @@
+"""Configuration: the only module that reads `XLLM_*` variables and `config.yaml`.
+
+Precedence, implemented once in `load_settings`: command-line flag > environment variable >
+config file > default. Every setting has a dotted key (its place in `config.yaml`) and an
+`XLLM_*` variable.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+DEFAULT_PORT = 32769
+DEFAULT_HOST = "127.0.0.1"
+
+
+class ConfigError(ValueError):
+    """A bad value or unknown key in config.yaml or the environment, named by its key path."""
+
+
+def _home() -> Path:
+    return Path(os.environ.get("XLLM_HOME") or Path.home() / ".xllm").expanduser()
+
+
+def _positive_int(key: str, value: Any) -> int:
+    n = _int(key, value)
+    if n < 1:
+        raise ConfigError(f"{key}: must be at least 1, got {value!r}")
+    return n
+
+
+def _int(key: str, value: Any) -> int:
+    if isinstance(value, bool):
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{key}: expected an integer, got {value!r}") from None
+
+
+def _float(key: str, value: Any) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{key}: expected a number, got {value!r}") from None
+
+
+def _str(key: str, value: Any) -> str:
+    if not isinstance(value, str | int | float) or isinstance(value, bool):
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    return str(value)
+
+
+def _str_list(key: str, value: Any) -> tuple[str, ...]:
+    if isinstance(value, str):  # environment variables carry comma-separated lists
+        return tuple(v.strip() for v in value.split(",") if v.strip())
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ConfigError(f"{key}: expected a list of strings, got {value!r}")
+    return tuple(value)
+
+
+def _bool(key: str, value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in ("1", "true", "yes", "on"):
+        return True
+    if isinstance(value, str) and value.lower() in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"{key}: expected true or false, got {value!r}")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Every setting xllm reads, with its default."""
+
+    host: str = DEFAULT_HOST
+    """Address `xllm serve` binds; 127.0.0.1 keeps it local."""
+    port: int = DEFAULT_PORT
+    """Port of the HTTP server."""
+    log_file: str | None = None
+    """Also log to this file, rotated daily."""
+    models_dir: Path = field(default_factory=lambda: _home() / "models")
+    """Where pulled and created models are stored."""
+    preload: tuple[str, ...] = ()
+    """Models loaded when the server starts."""
+    ctx_size: int = 4096
+    """Context length per sequence (capped at the model's training context)."""
+    parallel: int = 16
+    """Sequences decoded together per model (continuous batching)."""
+    max_queue: int = 1000
+    """Requests that may wait for a free sequence before new ones get 503."""
+    threads: int = 0
+    """CPU threads for llama.cpp; 0 = the number of cores."""
+    batch_size: int = 512
+    """Tokens per decode step (prompt chunks are cut to fit)."""
+    gpu_layers: int = -1
+    """Layers offloaded to the GPU; -1 = as many as the build supports and memory allows."""
+    idle_timeout: float = 300.0
+    """Seconds an unused model stays loaded."""
+    cors_origins: tuple[str, ...] = ("*",)
+    """Origins allowed by CORS."""
+    api_keys: tuple[str, ...] = ()
+    """If set, requests need `Authorization: Bearer <key>`."""
+    log_level: str = "info"
+    """Log level: debug, info, warning, error."""
+
+    @property
+    def home(self) -> Path:
+        return _home()
+
+    @property
+    def base_url(self) -> str:
+        host = "127.0.0.1" if self.host in ("0.0.0.0", "::", "") else self.host
+        if ":" in host:
+            host = f"[{host}]"
+        return f"http://{host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class _Key:
+    attr: str
+    path: str
+    env: str
+    parse: Callable[[str, Any], Any]
+
+
+_KEYS: tuple[_Key, ...] = (
+    _Key("host", "server.host", "XLLM_HOST", _str),
+    _Key("port", "server.port", "XLLM_PORT", _positive_int),
+    _Key("log_file", "server.log_file", "XLLM_LOG_FILE", _str),
+    _Key("cors_origins", "server.cors.allowed_origins", "XLLM_ORIGINS", _str_list),
+    _Key("api_keys", "server.api_keys", "XLLM_API_KEY", _str_list),
+    _Key("log_level", "server.log_level", "XLLM_LOG", _str),
+    _Key("models_dir", "models.directory", "XLLM_MODELS_DIR", lambda k, v: Path(_str(k, v))),
+    _Key("preload", "models.preload", "XLLM_PRELOAD", _str_list),
+    _Key("ctx_size", "inference.ctx_size", "XLLM_CTX_SIZE", _positive_int),
+    _Key("parallel", "inference.parallel", "XLLM_PARALLEL", _positive_int),
+    _Key("max_queue", "inference.max_queue", "XLLM_MAX_QUEUE", lambda k, v: max(0, _int(k, v))),
+    _Key("threads", "inference.threads", "XLLM_THREADS", lambda k, v: max(0, _int(k, v))),
+    _Key("batch_size", "inference.batch_size", "XLLM_BATCH_SIZE", _positive_int),
+    _Key("gpu_layers", "gpu.layers", "XLLM_GPU_LAYERS", _int),
+    _Key("idle_timeout", "inference.idle_timeout", "XLLM_IDLE_TIMEOUT", _float),
+)
+
+# Keys of the seed's config.yaml that are accepted but not (yet) acted on, so a file written for
+# the documented schema loads without "unknown key" errors.
+_KNOWN_SECTIONS = {
+    "server.log_rotation",
+    "server.cors.allowed_methods",
+    "server.gzip",
+    "models.priority",
+    "images",
+    "gpu",
+    "inference.request_timeout",
+}
+
+
+def _flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in data.items():
+        path = f"{prefix}{k}"
+        if (
+            isinstance(v, dict)
+            and path not in _KNOWN_SECTIONS
+            and not any(key.path == path for key in _KEYS)
+        ):
+            out.update(_flatten(v, path + "."))
+        else:
+            out[path] = v
+    return out
+
+
+def config_path() -> Path:
+    return Path(os.environ.get("XLLM_CONFIG") or _home() / "config.yaml").expanduser()
+
+
+def _read_file(path: Path) -> dict[str, Any]:
+    if not path.exists():
+        return {}
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    flat = _flatten(data)
+    known = {k.path for k in _KEYS} | _KNOWN_SECTIONS
+    for key in flat:
+        if key not in known:
+            raise ConfigError(f"{path}: unknown key {key!r}")
+    return flat
+
+
+def _split_host(value: str) -> tuple[str, int | None]:
+    """`XLLM_HOST` may be `host`, `host:port`, `[v6]:port` or a URL, as OLLAMA_HOST is."""
+    value = value.strip()
+    for scheme in ("http://", "https://"):
+        if value.startswith(scheme):
+            value = value[len(scheme) :]
+    value = value.rstrip("/")
+    if value.startswith("["):
+        host, _, rest = value[1:].partition("]")
+        port = rest.lstrip(":")
+        return host, (_positive_int("XLLM_HOST", port) if port else None)
+    if value.count(":") == 1:
+        host, port = value.split(":")
+        return host or DEFAULT_HOST, _positive_int("XLLM_HOST", port)
+    return value or DEFAULT_HOST, None
+
+
+def load_settings(flags: Mapping[str, Any] | None = None) -> Settings:
+    """Settings from flags (attribute names, None = not given) > env > config file > defaults."""
+    values: dict[str, Any] = {}
+    file_values = _read_file(config_path())
+    for key in _KEYS:
+        if key.path in file_values:
+            values[key.attr] = key.parse(key.path, file_values[key.path])
+        env = os.environ.get(key.env)
+        if env is not None and env != "":
+            if key.attr == "host":
+                host, port = _split_host(env)
+                values["host"] = host
+                if port is not None:
+                    values["port"] = port
+            else:
+                values[key.attr] = key.parse(key.env, env)
+    for attr, value in (flags or {}).items():
+        if value is not None:
+            values[attr] = value
+    if "models_dir" in values:
+        values["models_dir"] = Path(values["models_dir"]).expanduser()
+    return dataclasses.replace(Settings(), **values)

@@ -1,0 +1,1 @@
+"""Engines that run models; today llama.cpp through the Rust batching loop."""

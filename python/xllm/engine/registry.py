@@ -1,0 +1,91 @@
+"""Loaded models: which names resolve to which files, loading on demand, one load per model."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from xllm.engine.llama import EngineOptions, LlamaModel
+from xllm.errors import ModelNotFound
+from xllm.models import names
+
+log = logging.getLogger("xllm.models")
+
+
+@dataclass(frozen=True)
+class LoadState:
+    name: str
+    started: float
+
+
+class ModelRegistry:
+    """Resolves model names and keeps the loaded ones."""
+
+    def __init__(self, options: EngineOptions) -> None:
+        self.options = options
+        self._paths: dict[str, Path] = {}
+        self._loaded: dict[str, LlamaModel] = {}
+        self._loading: dict[str, asyncio.Task[LlamaModel]] = {}
+        self._load_started: dict[str, float] = {}
+
+    def add_path(self, path: Path) -> str:
+        """Make a model file (given on the command line) servable; returns its name."""
+        name = names.name_for_path(path)
+        self._paths[name] = path.resolve()
+        return name
+
+    def resolve(self, name: str) -> tuple[str, Path]:
+        """(canonical name, file) for a requested name, or ModelNotFound."""
+        key = names.canonical(name)
+        path = self._paths.get(key) or names.bundled_path(key)
+        if path is None:
+            raise ModelNotFound(f"model {name!r} not found", param="model")
+        return key, path
+
+    def available(self) -> list[str]:
+        """Every name a request may use right now."""
+        bundled = [n for n in names.BUNDLED if names.bundled_path(n) is not None]
+        return sorted(set(self._paths) | set(self._loaded) | set(bundled))
+
+    @property
+    def loaded(self) -> dict[str, LlamaModel]:
+        return dict(self._loaded)
+
+    def loading(self) -> list[LoadState]:
+        return [LoadState(n, self._load_started[n]) for n in self._loading]
+
+    async def get(self, name: str) -> LlamaModel:
+        """The loaded model for `name`, loading it first if needed (concurrent callers share it)."""
+        key, path = self.resolve(name)
+        model = self._loaded.get(key)
+        if model is not None:
+            return model
+        task = self._loading.get(key)
+        if task is None:
+            task = asyncio.create_task(self._load(key, path))
+            self._loading[key] = task
+            self._load_started[key] = time.time()
+        # shield: one impatient client leaving must not cancel a load others wait for
+        return await asyncio.shield(task)
+
+    async def _load(self, key: str, path: Path) -> LlamaModel:
+        log.info("loading model %s from %s", key, path)
+        t0 = time.perf_counter()
+        try:
+            model = await LlamaModel.load(key, path, self.options)
+        finally:
+            self._loading.pop(key, None)
+            self._load_started.pop(key, None)
+        self._loaded[key] = model
+        log.info("loaded model %s in %.2f s", key, time.perf_counter() - t0)
+        return model
+
+    async def close(self) -> None:
+        for task in list(self._loading.values()):
+            task.cancel()
+        models, self._loaded = list(self._loaded.values()), {}
+        for m in models:
+            await m.close()

@@ -1,0 +1,106 @@
+"""xllm's error types and their one mapping to HTTP status and error bodies.
+
+Code raises these anywhere; the HTTP layer turns them into OpenAI's
+`{"error": {"message", "type", "param", "code"}}` or Ollama's `{"error": "..."}`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class XllmError(Exception):
+    """Base class: a message for the user, an HTTP status and OpenAI's error type/code."""
+
+    status: int = 500
+    type: str = "server_error"
+    code: str | None = None
+
+    def __init__(self, message: str, *, param: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+
+    def openai_body(self) -> dict[str, Any]:
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.type,
+                "param": self.param,
+                "code": self.code,
+            }
+        }
+
+    def ollama_body(self) -> dict[str, Any]:
+        return {"error": self.message}
+
+
+class InvalidRequest(XllmError):
+    """The client sent something wrong (400)."""
+
+    status = 400
+    type = "invalid_request_error"
+
+
+class ModelNotFound(XllmError):
+    status = 404
+    type = "invalid_request_error"
+    code = "model_not_found"
+
+
+class NotFound(XllmError):
+    status = 404
+    type = "invalid_request_error"
+    code = "not_found"
+
+
+class Unauthorized(XllmError):
+    status = 401
+    type = "authentication_error"
+    code = "invalid_api_key"
+
+
+class Forbidden(XllmError):
+    status = 403
+    type = "permission_error"
+    code = "forbidden"
+
+
+class PayloadTooLarge(XllmError):
+    status = 413
+    type = "invalid_request_error"
+    code = "payload_too_large"
+
+
+class Overloaded(XllmError):
+    """The queue is full or the server is shutting down (503 with Retry-After)."""
+
+    status = 503
+    type = "server_error"
+    code = "overloaded"
+
+    def __init__(self, message: str, *, retry_after: int = 1) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class InsufficientMemory(XllmError):
+    status = 507
+    type = "server_error"
+    code = "insufficient_memory"
+
+
+class ModelLoadError(XllmError):
+    """llama.cpp could not load a model: the message carries its reason and the file."""
+
+    status = 500
+    type = "server_error"
+    code = "model_load_failed"
+
+
+class EngineError(XllmError):
+    """Generation failed inside the engine."""
+
+    status = 500
+    type = "server_error"
+    code = "engine_error"

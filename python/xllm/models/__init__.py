@@ -1,0 +1,1 @@
+"""Model names, files, metadata and chat templates."""

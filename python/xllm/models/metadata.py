@@ -1,0 +1,88 @@
+"""What a model is: the facts read once from its GGUF metadata."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+# llama.cpp's `llama_ftype` numbers, as GGUF stores them in `general.file_type`.
+FILE_TYPES: dict[int, str] = {
+    0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 7: "Q8_0", 8: "Q5_0", 9: "Q5_1",
+    10: "Q2_K", 11: "Q3_K_S", 12: "Q3_K_M", 13: "Q3_K_L", 14: "Q4_K_S", 15: "Q4_K_M",
+    16: "Q5_K_S", 17: "Q5_K_M", 18: "Q6_K", 19: "IQ2_XXS", 20: "IQ2_XS", 21: "Q2_K_S",
+    22: "IQ3_XS", 23: "IQ3_XXS", 24: "IQ1_S", 25: "IQ4_NL", 26: "IQ3_S", 27: "IQ3_M",
+    28: "IQ2_S", 29: "IQ2_M", 30: "IQ4_XS", 31: "IQ1_M", 32: "BF16", 36: "TQ1_0",
+    37: "TQ2_0", 38: "MXFP4",
+}  # fmt: skip
+
+
+class MetadataSource(Protocol):
+    """What the engine tells about a loaded model."""
+
+    n_ctx_train: int
+    n_embd: int
+    n_layer: int
+    n_params: int
+    model_size: int
+
+    def metadata(self) -> dict[str, str]: ...
+
+
+def _int(value: str | None) -> int | None:
+    try:
+        return int(value) if value is not None else None
+    except ValueError:
+        return None
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    name: str
+    path: Path
+    architecture: str
+    context_length: int
+    embedding_length: int
+    block_count: int
+    parameter_count: int
+    size: int
+    quantization: str
+    chat_template: str | None
+    head_count: int | None = None
+    head_count_kv: int | None = None
+    license: str | None = None
+    metadata: dict[str, str] = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def from_engine(cls, name: str, path: Path, src: MetadataSource) -> ModelInfo:
+        meta = src.metadata()
+        arch = meta.get("general.architecture", "unknown")
+        ftype = _int(meta.get("general.file_type"))
+        return cls(
+            name=name,
+            path=path,
+            architecture=arch,
+            context_length=src.n_ctx_train,
+            embedding_length=src.n_embd,
+            block_count=src.n_layer,
+            parameter_count=src.n_params,
+            size=src.model_size,
+            quantization=FILE_TYPES.get(ftype, "unknown") if ftype is not None else "unknown",
+            chat_template=meta.get("tokenizer.chat_template") or None,
+            head_count=_int(meta.get(f"{arch}.attention.head_count")),
+            head_count_kv=_int(meta.get(f"{arch}.attention.head_count_kv")),
+            license=meta.get("general.license"),
+            metadata=meta,
+        )
+
+    @property
+    def capabilities(self) -> list[str]:
+        """Ollama's capability names for this model."""
+        if self.architecture in ("bert", "nomic-bert", "jina-bert-v2") or (
+            f"{self.architecture}.pooling_type" in self.metadata
+        ):
+            return ["embedding"]
+        caps = ["completion"]
+        if self.chat_template and "tools" in self.chat_template:
+            caps.append("tools")
+        return caps

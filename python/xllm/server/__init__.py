@@ -1,0 +1,1 @@
+"""The HTTP server: aiohttp app, route table, middlewares and the two API dialects."""

@@ -1,0 +1,93 @@
+"""The aiohttp application and running it: `create_app` and `serve`."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import time
+from collections.abc import AsyncIterator
+
+from aiohttp import web
+
+from xllm.config import Settings
+from xllm.engine.llama import EngineOptions
+from xllm.engine.registry import ModelRegistry
+from xllm.errors import XllmError
+from xllm.server import middleware
+from xllm.server.routes import add_routes
+from xllm.server.state import REGISTRY, SETTINGS, STARTED
+
+log = logging.getLogger("xllm.server")
+
+MAX_BODY = 50 * 1024 * 1024
+"""Request bodies over 50 MB (images included) get 413, enforced while reading."""
+DRAIN_S = 30.0
+
+
+def engine_options(settings: Settings) -> EngineOptions:
+    return EngineOptions(
+        ctx_size=settings.ctx_size,
+        parallel=settings.parallel,
+        threads=settings.threads,
+        batch_size=settings.batch_size,
+        gpu_layers=settings.gpu_layers,
+        max_queue=settings.max_queue,
+    )
+
+
+def create_app(settings: Settings, registry: ModelRegistry | None = None) -> web.Application:
+    app = web.Application(
+        client_max_size=MAX_BODY,
+        middlewares=[middleware.request_id, middleware.errors],
+    )
+    app[SETTINGS] = settings
+    app[REGISTRY] = registry or ModelRegistry(engine_options(settings))
+    app[STARTED] = time.time()
+    add_routes(app)
+    app.cleanup_ctx.append(_models)
+    return app
+
+
+async def _models(app: web.Application) -> AsyncIterator[None]:
+    registry = app[REGISTRY]
+    yield
+    await registry.close()
+
+
+async def serve(app: web.Application, host: str, port: int) -> None:
+    """Serve until SIGINT/SIGTERM; the first drains for up to 30 s, a second exits at once."""
+    runner = web.AppRunner(app, shutdown_timeout=DRAIN_S, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port)
+    await site.start()
+    log.info("xllm listening on http://%s:%d", host if ":" not in host else f"[{host}]", port)
+    settings = app[SETTINGS]
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+
+    def on_signal() -> None:
+        if stop.is_set():
+            log.warning("second signal: exiting now")
+            os._exit(1)
+        log.info("shutting down: draining requests for up to %.0f s", DRAIN_S)
+        stop.set()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, on_signal)
+    preload = asyncio.create_task(_preload(app[REGISTRY], settings.preload))
+    try:
+        await stop.wait()
+    finally:
+        preload.cancel()
+        await runner.cleanup()
+
+
+async def _preload(registry: ModelRegistry, names: tuple[str, ...]) -> None:
+    """Load the preload list; a model that fails is logged and the server keeps serving."""
+    for name in names:
+        try:
+            await registry.get(name)
+        except XllmError as e:
+            log.error("preloading %s failed: %s", name, e.message)

@@ -1,0 +1,54 @@
+"""Request and response helpers every handler uses: parse bodies, write JSON, watch the peer."""
+
+from __future__ import annotations
+
+from typing import Any, TypeVar
+
+import orjson
+from aiohttp import web
+from pydantic import BaseModel, ValidationError
+
+from xllm.errors import InvalidRequest
+from xllm.server.openai.wire import error_param
+
+M = TypeVar("M", bound=BaseModel)
+
+
+async def parse_body(request: web.Request, model: type[M]) -> M:
+    """The body validated as `model`; 400 naming the first bad field."""
+    raw = await request.read()  # bounded by the app's client_max_size (413 beyond it)
+    if not raw:
+        raise InvalidRequest("the request body is empty; send a JSON object")
+    try:
+        return model.model_validate_json(raw)
+    except ValidationError as e:
+        err = _most_telling(e)
+        if err["type"] == "json_invalid":
+            raise InvalidRequest(f"the body is not valid JSON: {err['msg']}") from None
+        param = error_param(tuple(err["loc"]))
+        if not param and err["type"] == "model_type":
+            raise InvalidRequest("the body must be a JSON object") from None
+        message = err["msg"].removeprefix("Value error, ")
+        raise InvalidRequest(
+            f"{param}: {message}" if param else message, param=param or None
+        ) from None
+
+
+def json_response(data: Any, status: int = 200) -> web.Response:
+    return web.Response(body=orjson.dumps(data), status=status, content_type="application/json")
+
+
+def peer_gone(request: web.Request) -> bool:
+    """True once the client has closed its connection."""
+    transport = request.transport
+    return transport is None or transport.is_closing()
+
+
+def _most_telling(e: ValidationError) -> Any:
+    """With union fields pydantic reports every branch; a type mismatch on one branch is noise
+    next to a real complaint (too long, out of range) on the branch whose type matched."""
+    errs = e.errors(include_url=False)
+    for err in errs:
+        if not err["type"].endswith("_type") and err["type"] != "union_tag_invalid":
+            return err
+    return errs[0]

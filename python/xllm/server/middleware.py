@@ -1,0 +1,73 @@
+"""Middlewares: request ids and the one place errors become HTTP responses."""
+
+from __future__ import annotations
+
+import logging
+import re
+import secrets
+from collections.abc import Awaitable, Callable
+
+from aiohttp import web
+
+from xllm.errors import NotFound, Overloaded, PayloadTooLarge, XllmError
+from xllm.server.http import json_response
+
+log = logging.getLogger("xllm.server")
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+REQUEST_ID = web.RequestKey("request_id", str)
+_SAFE_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+
+
+def _body(request: web.Request, err: XllmError) -> dict[str, object]:
+    """Ollama's shape under /api/, OpenAI's everywhere else."""
+    if request.path.startswith("/api/"):
+        return err.ollama_body()
+    return err.openai_body()
+
+
+def error_response(request: web.Request, err: XllmError) -> web.Response:
+    response = json_response(_body(request, err), status=err.status)
+    if isinstance(err, Overloaded):
+        response.headers["Retry-After"] = str(err.retry_after)
+    return response
+
+
+@web.middleware
+async def request_id(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Take the client's X-Request-ID (if sane) or make one; echo it on the response."""
+    rid = request.headers.get("X-Request-ID", "")
+    if not _SAFE_ID.match(rid):  # CR/LF or junk must not reach logs or headers
+        rid = secrets.token_hex(8)
+    request[REQUEST_ID] = rid
+    try:
+        response = await handler(request)
+    except web.HTTPException as e:
+        e.headers["X-Request-ID"] = rid
+        raise
+    if not response.prepared:
+        response.headers["X-Request-ID"] = rid
+    return response
+
+
+@web.middleware
+async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """XllmError (and aiohttp's own 404/405/413) in the dialect's error shape."""
+    try:
+        return await handler(request)
+    except XllmError as e:
+        if e.status >= 500:
+            log.error("%s %s -> %d: %s", request.method, request.path, e.status, e.message)
+        return error_response(request, e)
+    except web.HTTPRequestEntityTooLarge as e:
+        return error_response(request, PayloadTooLarge(f"request body too large: {e.text}"))
+    except web.HTTPNotFound:
+        return error_response(
+            request, NotFound(f"no such endpoint: {request.method} {request.path}")
+        )
+    except web.HTTPMethodNotAllowed as e:
+        err = XllmError(f"method {request.method} not allowed on {request.path}")
+        err.status, err.type = 405, "invalid_request_error"
+        resp = error_response(request, err)
+        resp.headers["Allow"] = ",".join(sorted(e.allowed_methods))
+        return resp

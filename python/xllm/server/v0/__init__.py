@@ -1,0 +1,1 @@
+"""xllm's own endpoints (`/v0/...`)."""

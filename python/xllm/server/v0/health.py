@@ -1,0 +1,34 @@
+"""`GET /v0/health`: liveness, loading progress and loaded models (HTTP 200 while loading)."""
+
+from __future__ import annotations
+
+import time
+
+from aiohttp import web
+
+from xllm.server.http import json_response
+from xllm.server.state import REGISTRY
+
+
+async def health(request: web.Request) -> web.Response:
+    registry = request.app[REGISTRY]
+    loading = registry.loading()
+    now = time.time()
+    return json_response(
+        {
+            "status": "loading" if loading else "ok",
+            "loading": [{"model": s.name, "elapsed_s": round(now - s.started, 3)} for s in loading],
+            "models": [
+                {
+                    "name": name,
+                    "path": str(m.path),
+                    "size": m.info.size,
+                    "context_length": m.ctx_size,
+                    "parallel": m.options.parallel,
+                    "stats": m.stats(),
+                }
+                for name, m in registry.loaded.items()
+            ],
+            "gpus": [],
+        }
+    )

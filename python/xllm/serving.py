@@ -1,0 +1,155 @@
+"""The serving layer both API dialects share: prompts, sampling parameters, collecting results.
+
+Handlers translate their wire format into these calls; nothing here knows about HTTP.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from xllm.engine.llama import Generation, LlamaModel
+from xllm.errors import EngineError, InvalidRequest
+from xllm.models.template import CHATML_STOP, CHATML_TEMPLATE, render_chat
+
+
+@dataclass
+class Usage:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+    def add(self, extra: Mapping[str, Any]) -> None:
+        """Account one finished choice (the prompt is shared by all choices)."""
+        self.prompt_tokens = int(extra.get("prompt_tokens", self.prompt_tokens))
+        self.cached_tokens = max(self.cached_tokens, int(extra.get("cached_tokens", 0)))
+        self.completion_tokens += int(extra.get("completion_tokens", 0))
+
+    def openai(self) -> dict[str, Any]:
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "total_tokens": self.total_tokens,
+            "prompt_tokens_details": {"cached_tokens": self.cached_tokens},
+        }
+
+
+@dataclass
+class Choice:
+    index: int
+    text: str = ""
+    finish_reason: str | None = None
+    logprobs: list[Any] = field(default_factory=list)
+
+
+@dataclass
+class Result:
+    choices: list[Choice]
+    usage: Usage
+
+
+@dataclass(frozen=True)
+class Prompt:
+    tokens: list[int]
+    stops: list[str]
+    """Stop strings the prompt format needs on top of the request's own."""
+
+
+def chat_prompt(model: LlamaModel, messages: Sequence[Mapping[str, Any]]) -> Prompt:
+    """Render messages with the model's own template (ChatML when it has none) and tokenize."""
+    info = model.info
+    template = info.chat_template or CHATML_TEMPLATE
+    bos = _special_text(model, "tokenizer.ggml.bos_token_id")
+    eos = _special_text(model, "tokenizer.ggml.eos_token_id")
+    text = render_chat(template, messages, bos_token=bos, eos_token=eos)
+    # The template may write BOS itself; tokenizing adds it again when the vocab wants one.
+    if bos and text.startswith(bos):
+        text = text[len(bos) :]
+    tokens = model.tokenize(text, special=True)
+    return Prompt(tokens, [] if info.chat_template else [CHATML_STOP])
+
+
+def _special_text(model: LlamaModel, key: str) -> str:
+    token = model.info.metadata.get(key)
+    if token is None or not token.isdigit():
+        return ""
+    return model.engine.token_piece(int(token)).decode("utf-8", "replace")
+
+
+def sampling_params(
+    model: LlamaModel,
+    fields: Mapping[str, Any],
+    *,
+    prompt_len: int,
+    extra_stops: Sequence[str] = (),
+) -> dict[str, Any]:
+    """Engine parameters from validated request fields; checks what depends on the model."""
+    if prompt_len == 0:
+        raise InvalidRequest("the prompt is empty", param="prompt")
+    room = model.ctx_size - prompt_len
+    if room < 1:
+        raise InvalidRequest(
+            f"the prompt is {prompt_len} tokens, which exceeds the context length of "
+            f"{model.ctx_size} tokens",
+            param="messages" if "messages" in fields else "prompt",
+        )
+    params: dict[str, Any] = {
+        k: fields[k]
+        for k in (
+            "temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty",
+            "repeat_penalty", "repeat_last_n", "ignore_eos", "n", "logprobs", "grammar",
+        )
+        if fields.get(k) is not None
+    }  # fmt: skip
+    if fields.get("seed") is not None:
+        params["seed"] = int(fields["seed"]) & 0xFFFFFFFF
+    max_tokens = fields.get("max_tokens")
+    params["max_tokens"] = min(int(max_tokens), room) if max_tokens else room
+    params["stop"] = list(fields.get("stop") or []) + list(extra_stops)
+    if fields.get("n", 1) > model.options.parallel:
+        raise InvalidRequest(
+            f"n={fields['n']} exceeds the {model.options.parallel} parallel sequences of this "
+            "model",
+            param="n",
+        )
+    bias = fields.get("logit_bias")
+    if bias:
+        n_vocab = model.engine.n_vocab
+        parsed = {int(k): float(v) for k, v in bias.items()}
+        bad = [t for t in parsed if t >= n_vocab]
+        if bad:
+            raise InvalidRequest(
+                f"logit_bias token id {bad[0]} is out of range (vocabulary size {n_vocab})",
+                param="logit_bias",
+            )
+        params["logit_bias"] = parsed
+    return params
+
+
+async def collect(gen: Generation, is_disconnected: Callable[[], bool] | None) -> Result:
+    """Run a generation to the end and gather its choices."""
+    choices = [Choice(i) for i in range(gen.n)]
+    usage = Usage()
+    async for batch in gen.events(is_disconnected):
+        for _, index, text, _, finish, extra in batch:
+            choice = choices[index]
+            choice.text += text
+            if isinstance(extra, list):
+                choice.logprobs.extend(extra)
+            if finish is not None:
+                raise_if_failed(finish, extra)
+                choice.finish_reason = finish
+                usage.add(extra)
+                choice.logprobs.extend(extra.get("logprobs") or [])
+    return Result(choices, usage)
+
+
+def raise_if_failed(finish: str, extra: Any) -> None:
+    if finish == "error":
+        detail = extra.get("error") if isinstance(extra, dict) else None
+        raise EngineError(f"generation failed: {detail or 'unknown engine error'}")

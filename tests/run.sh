@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# The test command: static checks, Rust tests, then the Python suite against real models.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+. .venv/bin/activate
+set -x
+cargo fmt --check
+cargo clippy --all-targets -- -D warnings
+cargo clippy --all-targets --features python -- -D warnings
+cargo test --quiet
+ruff check python tests benchmarks
+ruff format --check python tests benchmarks
+mypy
+python -m mypy.stubtest xllm._core
+python -m pytest -q "$@"

