@@ -15,7 +15,7 @@ from xllm.config import Settings
 from xllm.engine.llama import EngineOptions
 from xllm.engine.registry import ModelRegistry
 from xllm.errors import XllmError
-from xllm.server import middleware
+from xllm.server import guard, middleware
 from xllm.server.routes import add_routes
 from xllm.server.state import REGISTRY, SETTINGS, STARTED
 
@@ -40,8 +40,11 @@ def engine_options(settings: Settings) -> EngineOptions:
 def create_app(settings: Settings, registry: ModelRegistry | None = None) -> web.Application:
     app = web.Application(
         client_max_size=MAX_BODY,
-        middlewares=[middleware.request_id, middleware.errors],
+        middlewares=[middleware.request_id, guard.guard(settings), middleware.errors],
     )
+    app[guard.DRAINING] = [False]
+    app.on_response_prepare.append(middleware.echo_request_id)
+    app.on_response_prepare.append(guard.add_cors_headers)
     app[SETTINGS] = settings
     app[REGISTRY] = registry or ModelRegistry(engine_options(settings))
     app[STARTED] = time.time()
@@ -64,6 +67,12 @@ async def serve(app: web.Application, host: str, port: int) -> None:
     await site.start()
     log.info("xllm listening on http://%s:%d", host if ":" not in host else f"[{host}]", port)
     settings = app[SETTINGS]
+    if not guard.is_loopback(host) and not settings.api_keys:
+        log.warning(
+            "listening on %s without an API key: anyone who can reach this port can use and "
+            "manage models; set XLLM_API_KEY (or server.api_keys)",
+            host,
+        )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
 
@@ -72,6 +81,7 @@ async def serve(app: web.Application, host: str, port: int) -> None:
             log.warning("second signal: exiting now")
             os._exit(1)
         log.info("shutting down: draining requests for up to %.0f s", DRAIN_S)
+        app[guard.DRAINING][0] = True
         stop.set()
 
     for sig in (signal.SIGINT, signal.SIGTERM):

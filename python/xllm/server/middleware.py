@@ -35,19 +35,19 @@ def error_response(request: web.Request, err: XllmError) -> web.Response:
 
 @web.middleware
 async def request_id(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Take the client's X-Request-ID (if sane) or make one; echo it on the response."""
+    """Take the client's X-Request-ID (if sane) or make one."""
     rid = request.headers.get("X-Request-ID", "")
     if not _SAFE_ID.match(rid):  # CR/LF or junk must not reach logs or headers
         rid = secrets.token_hex(8)
     request[REQUEST_ID] = rid
-    try:
-        response = await handler(request)
-    except web.HTTPException as e:
-        e.headers["X-Request-ID"] = rid
-        raise
-    if not response.prepared:
+    return await handler(request)
+
+
+async def echo_request_id(request: web.Request, response: web.StreamResponse) -> None:
+    """`on_response_prepare` hook, so streamed responses carry the id too."""
+    rid = request.get(REQUEST_ID)
+    if rid is not None:
         response.headers["X-Request-ID"] = rid
-    return response
 
 
 @web.middleware

@@ -1,0 +1,112 @@
+"""Who may talk to the server: Host guard, CORS, API keys, and refusing work while draining.
+
+Decisions (SPEC "Decisions" 1): while bound to loopback, a request whose `Host` is not this
+machine is refused (DNS rebinding, CVE-2024-28224), and the default CORS setting `*` is narrowed
+to local origins, as Ollama does; an explicit origin list is used as given. API keys protect
+every endpoint but `/v0/health`.
+"""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+from collections.abc import Sequence
+from urllib.parse import urlsplit
+
+from aiohttp import web
+from aiohttp.typedefs import Middleware
+
+from xllm.config import Settings
+from xllm.errors import Forbidden, Overloaded, Unauthorized
+from xllm.server.middleware import Handler, error_response
+
+DRAINING = web.AppKey("draining", list[bool])
+CORS_ORIGIN = web.RequestKey("cors_origin", str)
+OPEN_PATHS = frozenset({"/v0/health"})
+_LOCAL_NAMES = {"localhost", "127.0.0.1", "::1", "0.0.0.0", "::"}
+_LOCAL_SCHEMES = {"app", "file", "tauri", "vscode-webview"}
+ALLOW_HEADERS = "Authorization, Content-Type, X-Request-ID, User-Agent, Accept"
+ALLOW_METHODS = "GET, POST, PUT, DELETE, HEAD, OPTIONS"
+
+
+def is_loopback(host: str) -> bool:
+    if host in ("localhost", ""):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def _hostname(value: str) -> str:
+    """`Host` header or origin authority -> bare lower-case host name."""
+    return (urlsplit(f"//{value}").hostname or "").lower()
+
+
+def _local_host(name: str) -> bool:
+    return name in _LOCAL_NAMES or name.endswith(".localhost") or is_loopback(name)
+
+
+def _origin_allowed(origin: str, allowed: Sequence[str], loopback: bool) -> bool:
+    if "*" in allowed and not loopback:
+        return True
+    if origin in allowed:
+        return True
+    if "*" not in allowed:
+        return False
+    parts = urlsplit(origin)
+    return parts.scheme in _LOCAL_SCHEMES or (
+        parts.scheme in ("http", "https") and _local_host((parts.hostname or "").lower())
+    )
+
+
+def guard(settings: Settings) -> Middleware:
+    loopback = is_loopback(settings.host)
+    keys = [k.encode() for k in settings.api_keys]
+    origins = list(settings.cors_origins)
+
+    @web.middleware
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if loopback and not _local_host(_hostname(request.host)):
+            return error_response(
+                request, Forbidden(f"host {request.host!r} is not allowed for a local server")
+            )
+        origin = request.headers.get("Origin")
+        cors = origin is not None and _origin_allowed(origin, origins, loopback)
+        if cors and origin:
+            request[CORS_ORIGIN] = origin
+        if request.method == "OPTIONS" and "Access-Control-Request-Method" in request.headers:
+            response: web.StreamResponse = web.Response(status=204 if cors else 403)
+        elif keys and request.path not in OPEN_PATHS and not _authorized(request, keys):
+            response = error_response(
+                request, Unauthorized("missing or invalid API key (Authorization: Bearer <key>)")
+            )
+        elif request.app[DRAINING][0] and request.path not in OPEN_PATHS:
+            response = error_response(request, Overloaded("the server is shutting down"))
+        else:
+            response = await handler(request)
+        return response
+
+    return middleware
+
+
+async def add_cors_headers(request: web.Request, response: web.StreamResponse) -> None:
+    """`on_response_prepare` hook: CORS headers for allowed origins, before the first byte."""
+    origin = request.get(CORS_ORIGIN)
+    if origin is None:
+        return
+    response.headers["Access-Control-Allow-Origin"] = origin
+    response.headers["Vary"] = "Origin"
+    if request.method == "OPTIONS":
+        response.headers["Access-Control-Allow-Methods"] = ALLOW_METHODS
+        response.headers["Access-Control-Allow-Headers"] = ALLOW_HEADERS
+        response.headers["Access-Control-Max-Age"] = "600"
+
+
+def _authorized(request: web.Request, keys: list[bytes]) -> bool:
+    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+    if scheme.lower() != "bearer":
+        return False
+    given = token.strip().encode()
+    # compare against every key so timing does not tell which one nearly matched
+    return any([hmac.compare_digest(given, k) for k in keys])
