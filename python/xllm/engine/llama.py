@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib.metadata import version
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from xllm import _core
 from xllm.errors import EngineError, InvalidRequest, ModelLoadError, Overloaded
@@ -44,6 +44,14 @@ def libllama_path() -> Path:
 
 def llama_cpp_version() -> str:
     return version("llama_cpp_python")
+
+
+class Observer(Protocol):
+    """Told about finished generations and loads (the metrics)."""
+
+    def observe_finish(self, model: str, finish: str, extra: Mapping[str, Any]) -> None: ...
+
+    def observe_load(self, model: str, seconds: float) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -108,8 +116,16 @@ class Generation:
 class LlamaModel:
     """A loaded GGUF model with its batching engine."""
 
-    def __init__(self, name: str, path: Path, engine: _core.Engine, options: EngineOptions):
+    def __init__(
+        self,
+        name: str,
+        path: Path,
+        engine: _core.Engine,
+        options: EngineOptions,
+        observer: Observer | None = None,
+    ):
         self.name = name
+        self.observer = observer
         self.path = path
         self.engine = engine
         self.options = options
@@ -120,7 +136,9 @@ class LlamaModel:
         self._loop: asyncio.AbstractEventLoop | None = None
 
     @classmethod
-    async def load(cls, name: str, path: Path, options: EngineOptions) -> LlamaModel:
+    async def load(
+        cls, name: str, path: Path, options: EngineOptions, observer: Observer | None = None
+    ) -> LlamaModel:
         """Load off the event loop (the engine releases the GIL while llama.cpp loads)."""
         lib = libllama_path()
         lib_version = llama_cpp_version()
@@ -142,7 +160,7 @@ class LlamaModel:
             engine = await asyncio.to_thread(build)
         except (ValueError, RuntimeError, OSError) as e:
             raise ModelLoadError(f"failed to load model {name!r} from {path}: {e}") from None
-        model = cls(name, path, engine, options)
+        model = cls(name, path, engine, options, observer)
         model._start(asyncio.get_running_loop())
         return model
 
@@ -155,6 +173,8 @@ class LlamaModel:
             q = self._queues.get(ev[0])
             if q is not None:
                 q.put_nowait(ev)
+            if ev[4] is not None and self.observer is not None and isinstance(ev[5], dict):
+                self.observer.observe_finish(self.name, ev[4], ev[5])
 
     def _finish(self, request_id: int) -> None:
         if self._queues.pop(request_id, None) is not None:

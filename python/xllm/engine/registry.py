@@ -8,7 +8,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from xllm.engine.llama import EngineOptions, LlamaModel
+from xllm.engine.llama import EngineOptions, LlamaModel, Observer
 from xllm.errors import ModelNotFound
 from xllm.models import names
 
@@ -24,8 +24,9 @@ class LoadState:
 class ModelRegistry:
     """Resolves model names and keeps the loaded ones."""
 
-    def __init__(self, options: EngineOptions) -> None:
+    def __init__(self, options: EngineOptions, observer: Observer | None = None) -> None:
         self.options = options
+        self.observer = observer
         self._paths: dict[str, Path] = {}
         self._loaded: dict[str, LlamaModel] = {}
         self._loading: dict[str, asyncio.Task[LlamaModel]] = {}
@@ -75,12 +76,15 @@ class ModelRegistry:
         log.info("loading model %s from %s", key, path)
         t0 = time.perf_counter()
         try:
-            model = await LlamaModel.load(key, path, self.options)
+            model = await LlamaModel.load(key, path, self.options, self.observer)
         finally:
             self._loading.pop(key, None)
             self._load_started.pop(key, None)
         self._loaded[key] = model
-        log.info("loaded model %s in %.2f s", key, time.perf_counter() - t0)
+        elapsed = time.perf_counter() - t0
+        if self.observer is not None:
+            self.observer.observe_load(key, elapsed)
+        log.info("loaded model %s in %.2f s", key, elapsed)
         return model
 
     async def close(self) -> None:

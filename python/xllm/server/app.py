@@ -15,9 +15,10 @@ from xllm.config import Settings
 from xllm.engine.llama import EngineOptions
 from xllm.engine.registry import ModelRegistry
 from xllm.errors import XllmError
+from xllm.metrics import Metrics
 from xllm.server import guard, middleware
 from xllm.server.routes import add_routes
-from xllm.server.state import REGISTRY, SETTINGS, STARTED
+from xllm.server.state import METRICS, REGISTRY, SETTINGS, STARTED
 
 log = logging.getLogger("xllm.server")
 
@@ -40,13 +41,22 @@ def engine_options(settings: Settings) -> EngineOptions:
 def create_app(settings: Settings, registry: ModelRegistry | None = None) -> web.Application:
     app = web.Application(
         client_max_size=MAX_BODY,
-        middlewares=[middleware.request_id, guard.guard(settings), middleware.errors],
+        middlewares=[
+            middleware.request_id,
+            middleware.count_requests,
+            guard.guard(settings),
+            middleware.errors,
+        ],
     )
     app[guard.DRAINING] = [False]
     app.on_response_prepare.append(middleware.echo_request_id)
     app.on_response_prepare.append(guard.add_cors_headers)
     app[SETTINGS] = settings
-    app[REGISTRY] = registry or ModelRegistry(engine_options(settings))
+    registry = registry or ModelRegistry(engine_options(settings))
+    metrics = Metrics(lambda: registry.loaded)
+    registry.observer = metrics
+    app[REGISTRY] = registry
+    app[METRICS] = metrics
     app[STARTED] = time.time()
     add_routes(app)
     app.cleanup_ctx.append(_models)

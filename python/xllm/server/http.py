@@ -8,10 +8,20 @@ import orjson
 from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
+from xllm.engine.llama import LlamaModel
 from xllm.errors import InvalidRequest
 from xllm.server.openai.wire import error_param
+from xllm.server.state import REGISTRY
 
 M = TypeVar("M", bound=BaseModel)
+MODEL_NAME = web.RequestKey("model_name", str)
+"""The model a request asked for, for logs and metrics."""
+
+
+async def load_model(request: web.Request, name: str) -> LlamaModel:
+    """The loaded model `name` (loading it on demand); remembers it on the request."""
+    request[MODEL_NAME] = name
+    return await request.app[REGISTRY].get(name)
 
 
 async def parse_body(request: web.Request, model: type[M]) -> M:

@@ -10,7 +10,8 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 
 from xllm.errors import NotFound, Overloaded, PayloadTooLarge, XllmError
-from xllm.server.http import json_response
+from xllm.server.http import MODEL_NAME, json_response
+from xllm.server.state import METRICS
 
 log = logging.getLogger("xllm.server")
 
@@ -71,3 +72,22 @@ async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         resp = error_response(request, err)
         resp.headers["Allow"] = ",".join(sorted(e.allowed_methods))
         return resp
+
+
+@web.middleware
+async def count_requests(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """xllm_requests_total{endpoint, model, status}."""
+    status = 500
+    try:
+        response = await handler(request)
+        status = response.status
+        return response
+    except web.HTTPException as e:
+        status = e.status
+        raise
+    finally:
+        resource = request.match_info.route.resource
+        endpoint = resource.canonical if resource is not None else "unmatched"
+        request.app[METRICS].requests.labels(
+            endpoint, request.get(MODEL_NAME, ""), str(status)
+        ).inc()

@@ -9,6 +9,8 @@ from xllm.server.openai.completions import completions
 from xllm.server.openai.embeddings import embeddings
 from xllm.server.openai.models import get_model, list_models
 from xllm.server.v0.health import health
+from xllm.server.v0.metrics import metrics
+from xllm.server.v0.system import system
 
 
 def add_routes(app: web.Application) -> None:
@@ -20,5 +22,7 @@ def add_routes(app: web.Application) -> None:
             web.get("/v1/models", list_models),
             web.get("/v1/models/{model:.+}", get_model),
             web.get("/v0/health", health),
+            web.get("/v0/metrics", metrics),
+            web.get("/v0/system", system),
         ]
     )

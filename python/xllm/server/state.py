@@ -6,7 +6,9 @@ from aiohttp import web
 
 from xllm.config import Settings
 from xllm.engine.registry import ModelRegistry
+from xllm.metrics import Metrics
 
 SETTINGS = web.AppKey("settings", Settings)
 REGISTRY = web.AppKey("registry", ModelRegistry)
 STARTED = web.AppKey("started", float)
+METRICS = web.AppKey("metrics", Metrics)

@@ -10,18 +10,17 @@ from aiohttp import web
 
 from xllm import serving
 from xllm.errors import InvalidRequest
-from xllm.server.http import json_response, parse_body, peer_gone
+from xllm.server.http import json_response, load_model, parse_body, peer_gone
 from xllm.server.openai.logprobs import chat_logprobs
 from xllm.server.openai.stream import Entries, sse_chunk, stream
 from xllm.server.openai.wire import ChatCompletionRequest
-from xllm.server.state import REGISTRY
 
 FINGERPRINT = "xllm"
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     body = await parse_body(request, ChatCompletionRequest)
-    model = await request.app[REGISTRY].get(body.model)
+    model = await load_model(request, body.model)
     if any(m.has_images() for m in body.messages):
         raise InvalidRequest(f"model {body.model!r} does not support images", param="messages")
     messages = [_template_message(m.model_dump(exclude_none=True), m.text()) for m in body.messages]

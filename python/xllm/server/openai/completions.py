@@ -12,11 +12,10 @@ from aiohttp import web
 from xllm import serving
 from xllm.engine.llama import LlamaModel
 from xllm.errors import InvalidRequest
-from xllm.server.http import json_response, parse_body, peer_gone
+from xllm.server.http import json_response, load_model, parse_body, peer_gone
 from xllm.server.openai.logprobs import completion_logprobs
 from xllm.server.openai.stream import Entries, sse_chunk, stream
 from xllm.server.openai.wire import CompletionRequest
-from xllm.server.state import REGISTRY
 
 
 def _prompts(model: LlamaModel, prompt: str | list[int] | list[str]) -> list[list[int]]:
@@ -35,7 +34,7 @@ def _prompts(model: LlamaModel, prompt: str | list[int] | list[str]) -> list[lis
 
 async def completions(request: web.Request) -> web.StreamResponse:
     body = await parse_body(request, CompletionRequest)
-    model = await request.app[REGISTRY].get(body.model)
+    model = await load_model(request, body.model)
     prompts = _prompts(model, body.prompt)
     if body.stream and len(prompts) > 1:
         raise InvalidRequest("streaming takes a single prompt per request", param="prompt")

@@ -8,14 +8,13 @@ from array import array
 from aiohttp import web
 
 from xllm.errors import InvalidRequest
-from xllm.server.http import json_response, parse_body
+from xllm.server.http import json_response, load_model, parse_body
 from xllm.server.openai.wire import EmbeddingRequest
-from xllm.server.state import REGISTRY
 
 
 async def embeddings(request: web.Request) -> web.Response:
     body = await parse_body(request, EmbeddingRequest)
-    model = await request.app[REGISTRY].get(body.model)
+    model = await load_model(request, body.model)
     if body.dimensions is not None and body.dimensions != model.info.embedding_length:
         raise InvalidRequest(
             f"dimensions: this model's embeddings have {model.info.embedding_length} dimensions",

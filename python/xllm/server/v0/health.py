@@ -6,6 +6,7 @@ import time
 
 from aiohttp import web
 
+from xllm.memory.probe import gpus
 from xllm.server.http import json_response
 from xllm.server.state import REGISTRY
 
@@ -29,6 +30,6 @@ async def health(request: web.Request) -> web.Response:
                 }
                 for name, m in registry.loaded.items()
             ],
-            "gpus": [],
+            "gpus": [g.as_dict() for g in gpus()],
         }
     )

@@ -1,0 +1,1 @@
+"""Memory: probes of RAM and GPUs (and later the load planner)."""

@@ -1,0 +1,137 @@
+"""Prometheus metrics (prefix `xllm_`), from the real counters.
+
+Request counts and latency histograms are recorded as things happen; token counters, queue
+depth, running sequences and cache hits are read from each model's Rust engine at scrape time,
+so they cannot drift from what the engine did.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+)
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+# `_created` samples double the output for nothing a dashboard uses.
+disable_created_metrics()
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+_TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28)
+
+# engine stats key -> (metric name, help, counter?)
+_ENGINE_STATS: dict[str, tuple[str, str, bool]] = {
+    "requests_total": ("engine_requests", "Generations the engine accepted", True),
+    "tokens_prompt_total": ("prompt_tokens", "Prompt tokens processed or reused", True),
+    "tokens_cached_total": ("prefix_cache_hit_tokens", "Prompt tokens served from cache", True),
+    "tokens_generated_total": ("generated_tokens", "Tokens generated", True),
+    "decode_steps_total": ("decode_steps", "llama_decode calls of the batching loop", True),
+    "queue_depth": ("queue_depth", "Requests waiting for a free sequence", False),
+    "running": ("running_sequences", "Sequences being decoded", False),
+    "parallel": ("batch_slots", "Sequences a model can decode together", False),
+}
+
+
+class _EngineCollector(Collector):
+    def __init__(self, models: Callable[[], Mapping[str, Any]]) -> None:
+        self._models = models
+
+    def collect(self) -> Iterator[Metric]:
+        models = self._models()
+        families: dict[str, CounterMetricFamily | GaugeMetricFamily] = {}
+        for key, (name, doc, counter) in _ENGINE_STATS.items():
+            cls = CounterMetricFamily if counter else GaugeMetricFamily
+            families[key] = cls(f"xllm_{name}", doc, labels=["model"])
+        loaded = GaugeMetricFamily("xllm_loaded_models", "Models loaded now")
+        loaded.add_metric([], len(models))
+        ram = GaugeMetricFamily("xllm_model_ram_bytes", "Model weights in RAM", labels=["model"])
+        vram = GaugeMetricFamily(
+            "xllm_model_vram_bytes", "Model weights in GPU memory", labels=["model"]
+        )
+        for name, model in models.items():
+            stats = model.stats()
+            for key, family in families.items():
+                if key in stats:
+                    family.add_metric([name], float(stats[key]))
+            ram.add_metric([name], float(model.info.size))
+            vram.add_metric([name], 0.0)
+        yield from families.values()
+        yield from (loaded, ram, vram)
+        rss = GaugeMetricFamily("xllm_process_ram_bytes", "Resident memory of the server")
+        rss.add_metric([], float(_rss_bytes()))
+        yield rss
+
+
+def _rss_bytes() -> int:
+    try:
+        with open(f"/proc/{os.getpid()}/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:  # not Linux: peak instead of current
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+class Metrics:
+    """One server's metrics; a registry of its own keeps in-process test servers apart."""
+
+    def __init__(self, models: Callable[[], Mapping[str, Any]]) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "xllm_requests",
+            "HTTP requests by endpoint, model and status",
+            ["endpoint", "model", "status"],
+            registry=self.registry,
+        )
+        self.ttft = Histogram(
+            "xllm_time_to_first_token_seconds",
+            "Time from admission to the first generated token",
+            ["model"],
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.itl = Histogram(
+            "xllm_inter_token_latency_seconds",
+            "Mean time between generated tokens, per request",
+            ["model"],
+            buckets=_TOKEN_BUCKETS,
+            registry=self.registry,
+        )
+        self.finished = Counter(
+            "xllm_generations",
+            "Finished generations (choices) by finish reason",
+            ["model", "finish_reason"],
+            registry=self.registry,
+        )
+        self.load_seconds = Histogram(
+            "xllm_model_load_seconds",
+            "Time to load a model",
+            ["model"],
+            buckets=(0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300),
+            registry=self.registry,
+        )
+        self.registry.register(_EngineCollector(models))
+
+    def observe_finish(self, model: str, finish: str, extra: Mapping[str, Any]) -> None:
+        self.finished.labels(model, finish).inc()
+        ttft = extra.get("ttft_ms")
+        if ttft is not None and extra.get("completion_tokens"):
+            self.ttft.labels(model).observe(float(ttft) / 1000)
+        tokens = int(extra.get("completion_tokens", 0))
+        if tokens > 1 and extra.get("gen_ms") is not None:
+            self.itl.labels(model).observe(float(extra["gen_ms"]) / 1000 / (tokens - 1))
+
+    def observe_load(self, model: str, seconds: float) -> None:
+        self.load_seconds.labels(model).observe(seconds)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
