@@ -79,7 +79,9 @@ def start_server(
         try:
             r = httpx.get(f"{server.url}/v0/health", timeout=1)
             body = r.json()
-            if r.status_code == 200 and (not wait_model or (body["models"] and body["status"] == "ok")):
+            if r.status_code == 200 and (
+                not wait_model or (body["models"] and body["status"] == "ok")
+            ):
                 return server
         except (httpx.HTTPError, ValueError):
             pass

@@ -32,7 +32,12 @@ def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
         ("inference:\n  parallel: 4\n", {"XLLM_PARALLEL": ""}, {}, {"parallel": 4}),
         ("models:\n  preload: [a, b]\n", {}, {}, {"preload": ("a", "b")}),
         ("", {"XLLM_PRELOAD": "a, b"}, {}, {"preload": ("a", "b")}),
-        ("inference:\n  idle_timeout: 300\n  request_timeout: 60\n", {}, {}, {"idle_timeout": 300.0}),
+        (
+            "inference:\n  idle_timeout: 300\n  request_timeout: 60\n",
+            {},
+            {},
+            {"idle_timeout": 300.0},
+        ),
     ],
 )
 def test_precedence(

@@ -68,5 +68,7 @@ def test_no_child_process_spawned() -> None:
         "    except Exception: pass\n"
         "print(len(seen))\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=os.environ)
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=os.environ
+    )
     assert out.stdout.strip() == "0", out.stderr

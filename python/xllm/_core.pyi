@@ -25,3 +25,14 @@ class DeltaFramer:
 
 def sse_event(data: str, event: str | None = None) -> bytes:
     """One SSE event with an optional event name."""
+
+class GzipStream:
+    """One gzip member written piece by piece; each write is flushed so nothing is held back."""
+
+    def __init__(self, level: int = 1) -> None: ...
+    def write(self, data: bytes) -> bytes: ...
+    def finish(self) -> bytes:
+        """The gzip trailer; later writes return nothing."""
+
+def gzip_compress(data: bytes, level: int = 6) -> bytes:
+    """gzip a whole body (runs without the GIL)."""

@@ -1,5 +1,6 @@
 //! xllm's hot paths. Everything here is plain Rust; the Python binding lives in `py/`.
 
+pub mod gzip;
 pub mod sse;
 pub mod stop;
 

@@ -37,15 +37,37 @@ CASES = [
     ("/v1/chat/completions", _with(CHAT, stream="yes"), 400, None, "stream"),
     ("/v1/chat/completions", _with(CHAT, messages=[]), 400, None, "messages"),
     ("/v1/chat/completions", _with(CHAT, messages="hi"), 400, None, "messages"),
-    ("/v1/chat/completions", _with(CHAT, messages=[{"role": "wizard", "content": "x"}]), 400, None, "messages[0].role"),
+    (
+        "/v1/chat/completions",
+        _with(CHAT, messages=[{"role": "wizard", "content": "x"}]),
+        400,
+        None,
+        "messages[0].role",
+    ),
     ("/v1/chat/completions", _with(CHAT, messages=[{"role": "user"}]), 400, None, "messages[0]"),
     ("/v1/chat/completions", _with(CHAT, stop=["x"] * 10_000), 400, None, "stop"),
     ("/v1/chat/completions", _with(CHAT, logit_bias={"-1": 5}), 400, None, "logit_bias"),
     ("/v1/chat/completions", _with(CHAT, logit_bias={"99999999": 5}), 400, None, "logit_bias"),
-    ("/v1/chat/completions", _with(CHAT, top_logprobs=30, logprobs=True), 400, None, "top_logprobs"),
     (
         "/v1/chat/completions",
-        _with(CHAT, messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]}]),
+        _with(CHAT, top_logprobs=30, logprobs=True),
+        400,
+        None,
+        "top_logprobs",
+    ),
+    (
+        "/v1/chat/completions",
+        _with(
+            CHAT,
+            messages=[
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}
+                    ],
+                }
+            ],
+        ),
         400,
         None,
         "messages",
@@ -77,7 +99,15 @@ def test_bad_request(
 
 @pytest.mark.parametrize(
     "raw",
-    [b"", b"{", b"[]", b"null", b'{"model": "smollm2:135m", "messages": [], ', b"\xff\xfe", b'{"temperature": NaN}'],
+    [
+        b"",
+        b"{",
+        b"[]",
+        b"null",
+        b'{"model": "smollm2:135m", "messages": [], ',
+        b"\xff\xfe",
+        b'{"temperature": NaN}',
+    ],
 )
 def test_malformed_bodies(server: Server, raw: bytes) -> None:
     r = httpx.post(

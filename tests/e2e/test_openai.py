@@ -133,7 +133,11 @@ def test_stop_sequences(client: openai.OpenAI) -> None:
     ).choices[0]
     assert " 7" in base.text, base.text
     cut = client.completions.create(
-        model="smollm2:135m", prompt="1, 2, 3, 4, 5,", max_tokens=20, temperature=0, stop=[" 7", "xyz"]
+        model="smollm2:135m",
+        prompt="1, 2, 3, 4, 5,",
+        max_tokens=20,
+        temperature=0,
+        stop=[" 7", "xyz"],
     ).choices[0]
     assert cut.finish_reason == "stop"
     assert cut.text == base.text[: base.text.index(" 7")]
@@ -178,14 +182,14 @@ def test_logprobs(client: openai.OpenAI) -> None:
 
 
 def test_embeddings_batch(client: openai.OpenAI) -> None:
-    r = client.embeddings.create(model="smollm2:135m", input=["one", "two words", "three more words"])
+    r = client.embeddings.create(
+        model="smollm2:135m", input=["one", "two words", "three more words"]
+    )
     assert len(r.data) == 3
     assert [d.index for d in r.data] == [0, 1, 2]
     assert all(len(d.embedding) == 576 for d in r.data)
     assert r.data[0].embedding != r.data[1].embedding
-    single = client.embeddings.create(
-        model="smollm2:135m", input="one", encoding_format="float"
-    )
+    single = client.embeddings.create(model="smollm2:135m", input="one", encoding_format="float")
     assert single.data[0].embedding == pytest.approx(r.data[0].embedding, abs=1e-4)
 
 

@@ -17,13 +17,12 @@ from xllm.engine.registry import ModelRegistry
 from xllm.errors import XllmError
 from xllm.metrics import Metrics
 from xllm.server import guard, middleware
+from xllm.server.http import MAX_BODY
 from xllm.server.routes import add_routes
 from xllm.server.state import METRICS, REGISTRY, SETTINGS, STARTED
 
 log = logging.getLogger("xllm.server")
 
-MAX_BODY = 50 * 1024 * 1024
-"""Request bodies over 50 MB (images included) get 413, enforced while reading."""
 DRAIN_S = 30.0
 
 
@@ -46,6 +45,7 @@ def create_app(settings: Settings, registry: ModelRegistry | None = None) -> web
             middleware.count_requests,
             guard.guard(settings),
             middleware.errors,
+            middleware.compress,
         ],
     )
     app[guard.DRAINING] = [False]

@@ -17,7 +17,8 @@ from aiohttp import web
 from aiohttp.typedefs import Middleware
 
 from xllm.config import Settings
-from xllm.errors import Forbidden, Overloaded, Unauthorized
+from xllm.errors import Forbidden, Overloaded, PayloadTooLarge, Unauthorized
+from xllm.server.http import MAX_BODY
 from xllm.server.middleware import Handler, error_response
 
 DRAINING = web.AppKey("draining", list[bool])
@@ -77,6 +78,11 @@ def guard(settings: Settings) -> Middleware:
             request[CORS_ORIGIN] = origin
         if request.method == "OPTIONS" and "Access-Control-Request-Method" in request.headers:
             response: web.StreamResponse = web.Response(status=204 if cors else 403)
+        elif (request.content_length or 0) > MAX_BODY:
+            # refused before reading a byte of it; chunked bodies stop at the limit while read
+            response = error_response(
+                request, PayloadTooLarge("request body too large: the limit is 50 MB")
+            )
         elif keys and request.path not in OPEN_PATHS and not _authorized(request, keys):
             response = error_response(
                 request, Unauthorized("missing or invalid API key (Authorization: Bearer <key>)")

@@ -14,6 +14,8 @@ from xllm.server.openai.wire import error_param
 from xllm.server.state import REGISTRY
 
 M = TypeVar("M", bound=BaseModel)
+MAX_BODY = 50 * 1024 * 1024
+"""Request bodies over 50 MB (images included) get 413, enforced while reading."""
 MODEL_NAME = web.RequestKey("model_name", str)
 """The model a request asked for, for logs and metrics."""
 

@@ -2,11 +2,13 @@
 
 use pyo3::prelude::*;
 
+mod gzip;
 mod text;
 
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     text::register(m)?;
+    gzip::register(m)?;
     Ok(())
 }

@@ -80,7 +80,7 @@ async def stream(
         out += b"data: " + orjson.dumps({**head, "choices": [], "usage": usage.openai()})
         out += b"\n\n"
     out += _core.SSE_DONE
-    await streaming.write(response, bytes(out))
+    await streaming.finish(response, bytes(out))
     return response
 
 
