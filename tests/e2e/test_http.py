@@ -90,3 +90,12 @@ def test_metrics_parse(bare: Server) -> None:
     names = {f.name for f in text_string_to_metric_families(text)}
     assert {"xllm_requests", "xllm_loaded_models", "xllm_process_ram_bytes"} <= names
     assert 'xllm_requests_total{endpoint="/v1/models",model="",status="200"}' in text
+
+
+def test_logs_carry_request_id_and_cannot_be_forged(bare: Server) -> None:
+    httpx.get(f"{bare.url}/v1/models", headers={"X-Request-ID": "trace-42"})
+    httpx.get(f"{bare.url}/v1/models/x%0d%0aINFO%20forged%20line")
+    logs = bare.logs()
+    assert any("[trace-42]" in line and "/v1/models" in line for line in logs.splitlines())
+    assert not any(line.startswith("INFO forged") for line in logs.splitlines())
+    assert "\\r\\nINFO forged line" in logs

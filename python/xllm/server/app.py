@@ -42,7 +42,7 @@ def create_app(settings: Settings, registry: ModelRegistry | None = None) -> web
         client_max_size=MAX_BODY,
         middlewares=[
             middleware.request_id,
-            middleware.count_requests,
+            middleware.observe_requests,
             guard.guard(settings),
             middleware.errors,
             middleware.compress,

@@ -6,17 +6,20 @@ import asyncio
 import logging
 import re
 import secrets
+import time
 from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
 from xllm import _core
+from xllm import log as log_context
 from xllm.errors import NotFound, Overloaded, PayloadTooLarge, XllmError
 from xllm.server import streaming
 from xllm.server.http import MODEL_NAME, json_response
 from xllm.server.state import METRICS
 
 log = logging.getLogger("xllm.server")
+access = logging.getLogger("xllm.access")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 REQUEST_ID = web.RequestKey("request_id", str)
@@ -44,7 +47,11 @@ async def request_id(request: web.Request, handler: Handler) -> web.StreamRespon
     if not _SAFE_ID.match(rid):  # CR/LF or junk must not reach logs or headers
         rid = secrets.token_hex(8)
     request[REQUEST_ID] = rid
-    return await handler(request)
+    token = log_context.request_id.set(rid)
+    try:
+        return await handler(request)
+    finally:
+        log_context.request_id.reset(token)
 
 
 async def echo_request_id(request: web.Request, response: web.StreamResponse) -> None:
@@ -78,9 +85,10 @@ async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
 
 
 @web.middleware
-async def count_requests(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """xllm_requests_total{endpoint, model, status}."""
+async def observe_requests(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """An access-log line and xllm_requests_total{endpoint, model, status} per request."""
     status = 500
+    start = time.perf_counter()
     try:
         response = await handler(request)
         status = response.status
@@ -91,9 +99,16 @@ async def count_requests(request: web.Request, handler: Handler) -> web.StreamRe
     finally:
         resource = request.match_info.route.resource
         endpoint = resource.canonical if resource is not None else "unmatched"
-        request.app[METRICS].requests.labels(
-            endpoint, request.get(MODEL_NAME, ""), str(status)
-        ).inc()
+        model = request.get(MODEL_NAME, "")
+        request.app[METRICS].requests.labels(endpoint, model, str(status)).inc()
+        access.info(
+            "%s %s %d %.1f ms%s",
+            request.method,
+            request.path,
+            status,
+            (time.perf_counter() - start) * 1000,
+            f" model={model}" if model else "",
+        )
 
 
 @web.middleware
