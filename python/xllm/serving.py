@@ -60,25 +60,17 @@ class Prompt:
     """Stop strings the prompt format needs on top of the request's own."""
 
 
-def chat_prompt(model: LlamaModel, messages: Sequence[Mapping[str, Any]]) -> Prompt:
+async def chat_prompt(model: LlamaModel, messages: Sequence[Mapping[str, Any]]) -> Prompt:
     """Render messages with the model's own template (ChatML when it has none) and tokenize."""
     info = model.info
     template = info.chat_template or CHATML_TEMPLATE
-    bos = _special_text(model, "tokenizer.ggml.bos_token_id")
-    eos = _special_text(model, "tokenizer.ggml.eos_token_id")
-    text = render_chat(template, messages, bos_token=bos, eos_token=eos)
+    bos = info.bos_text
+    text = render_chat(template, messages, bos_token=bos, eos_token=info.eos_text)
     # The template may write BOS itself; tokenizing adds it again when the vocab wants one.
     if bos and text.startswith(bos):
         text = text[len(bos) :]
-    tokens = model.tokenize(text, special=True)
+    tokens = await model.tokenize(text, special=True)
     return Prompt(tokens, [] if info.chat_template else [CHATML_STOP])
-
-
-def _special_text(model: LlamaModel, key: str) -> str:
-    token = model.info.metadata.get(key)
-    if token is None or not token.isdigit():
-        return ""
-    return model.engine.token_piece(int(token)).decode("utf-8", "replace")
 
 
 def sampling_params(
@@ -119,7 +111,7 @@ def sampling_params(
         )
     bias = fields.get("logit_bias")
     if bias:
-        n_vocab = model.engine.n_vocab
+        n_vocab = model.info.n_vocab
         parsed = {int(k): float(v) for k, v in bias.items()}
         bad = [t for t in parsed if t >= n_vocab]
         if bad:

@@ -185,11 +185,13 @@ class LlamaModel:
 
     # --- text -----------------------------------------------------------------------------
 
-    def tokenize(self, text: str, *, special: bool) -> list[int]:
+    # Async because a model may live in another process (its runner).
+
+    async def tokenize(self, text: str, *, special: bool) -> list[int]:
         """Tokens of `text`; `special` parses control tokens and adds BOS as the vocab wants."""
         return self.engine.tokenize(text, special, special)
 
-    def detokenize(self, tokens: Sequence[int]) -> str:
+    async def detokenize(self, tokens: Sequence[int]) -> str:
         return self.engine.detokenize(list(tokens))
 
     # --- serving --------------------------------------------------------------------------

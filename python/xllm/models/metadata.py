@@ -25,8 +25,11 @@ class MetadataSource(Protocol):
     n_layer: int
     n_params: int
     model_size: int
+    n_vocab: int
 
     def metadata(self) -> dict[str, str]: ...
+
+    def token_piece(self, token: int) -> bytes: ...
 
 
 def _int(value: str | None) -> int | None:
@@ -34,6 +37,14 @@ def _int(value: str | None) -> int | None:
         return int(value) if value is not None else None
     except ValueError:
         return None
+
+
+def _piece(src: MetadataSource, token: str | None) -> str:
+    """Text of a special token (for templates' bos_token/eos_token)."""
+    tid = _int(token)
+    if tid is None or not 0 <= tid < src.n_vocab:
+        return ""
+    return src.token_piece(tid).decode("utf-8", "replace")
 
 
 @dataclass(frozen=True)
@@ -48,6 +59,9 @@ class ModelInfo:
     size: int
     quantization: str
     chat_template: str | None
+    n_vocab: int = 0
+    bos_text: str = ""
+    eos_text: str = ""
     head_count: int | None = None
     head_count_kv: int | None = None
     license: str | None = None
@@ -69,6 +83,9 @@ class ModelInfo:
             size=src.model_size,
             quantization=FILE_TYPES.get(ftype, "unknown") if ftype is not None else "unknown",
             chat_template=meta.get("tokenizer.chat_template") or None,
+            n_vocab=src.n_vocab,
+            bos_text=_piece(src, meta.get("tokenizer.ggml.bos_token_id")),
+            eos_text=_piece(src, meta.get("tokenizer.ggml.eos_token_id")),
             head_count=_int(meta.get(f"{arch}.attention.head_count")),
             head_count_kv=_int(meta.get(f"{arch}.attention.head_count_kv")),
             license=meta.get("general.license"),

@@ -24,7 +24,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     if any(m.has_images() for m in body.messages):
         raise InvalidRequest(f"model {body.model!r} does not support images", param="messages")
     messages = [_template_message(m.model_dump(exclude_none=True), m.text()) for m in body.messages]
-    prompt = serving.chat_prompt(model, messages)
+    prompt = await serving.chat_prompt(model, messages)
     fields: dict[str, Any] = body.model_dump(exclude_none=True)
     fields["stop"] = body.stop_list()
     fields["max_tokens"] = body.max_completion_tokens or body.max_tokens

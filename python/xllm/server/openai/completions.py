@@ -18,24 +18,24 @@ from xllm.server.openai.stream import Entries, sse_chunk, stream
 from xllm.server.openai.wire import CompletionRequest
 
 
-def _prompts(model: LlamaModel, prompt: str | list[int] | list[str]) -> list[list[int]]:
+async def _prompts(model: LlamaModel, prompt: str | list[int] | list[str]) -> list[list[int]]:
     if isinstance(prompt, str):
-        return [model.tokenize(prompt, special=True)]
+        return [await model.tokenize(prompt, special=True)]
     if prompt and isinstance(prompt[0], int):
-        n_vocab = model.engine.n_vocab
+        n_vocab = model.info.n_vocab
         tokens = [int(t) for t in prompt]
         if any(t >= n_vocab for t in tokens):
             raise InvalidRequest(
                 f"prompt token ids must be below the vocabulary size {n_vocab}", param="prompt"
             )
         return [tokens]
-    return [model.tokenize(str(p), special=True) for p in prompt]
+    return [await model.tokenize(str(p), special=True) for p in prompt]
 
 
 async def completions(request: web.Request) -> web.StreamResponse:
     body = await parse_body(request, CompletionRequest)
     model = await load_model(request, body.model)
-    prompts = _prompts(model, body.prompt)
+    prompts = await _prompts(model, body.prompt)
     if body.stream and len(prompts) > 1:
         raise InvalidRequest("streaming takes a single prompt per request", param="prompt")
     fields: dict[str, Any] = body.model_dump(exclude_none=True)
@@ -48,7 +48,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
         "model": body.model,
         "system_fingerprint": "xllm",
     }
-    echo = [model.detokenize(p) if body.echo else "" for p in prompts]
+    echo = [await model.detokenize(p) if body.echo else "" for p in prompts]
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         fmt = _TextChunks(head, echo[0], body.n)

@@ -22,11 +22,11 @@ async def embeddings(request: web.Request) -> web.Response:
         )
     raw = body.input
     if isinstance(raw, str):
-        inputs = [model.tokenize(raw, special=True)]
+        inputs = [await model.tokenize(raw, special=True)]
     elif raw and isinstance(raw[0], int):
         inputs = [[int(t) for t in raw]]
     else:
-        inputs = [model.tokenize(str(text), special=True) for text in raw]
+        inputs = [await model.tokenize(str(text), special=True) for text in raw]
     for i, tokens in enumerate(inputs):
         if len(tokens) > model.ctx_size:
             raise InvalidRequest(
