@@ -1,49 +1,42 @@
-"""The llama.cpp engine: one loaded GGUF model served by the Rust batching loop.
+"""The llama.cpp engine as the server sees it: one loaded GGUF model in its runner process.
 
-`xllm._core.Engine` owns the model, the llama.cpp context and the decode thread; this module
-finds the `libllama` that llama-cpp-python ships, loads the model off the event loop, and turns
-the engine's wake-ups into per-request asyncio queues (one `poll()` per wake-up, for all
-requests).
+`xllm._core.Engine` (the Rust batching loop over libllama) lives in the runner
+(`engine/runner.py`); this proxy sends it requests and turns its event frames into per-request
+asyncio queues. If the runner dies or stops making progress, every request in flight ends with
+an error event at once, and the registry drops the model so the next request reloads it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
-import importlib.util
 import itertools
-import os
+import json
+import logging
+import socket
+import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
-from dataclasses import dataclass, field
-from importlib.metadata import version
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from xllm import _core
+from xllm.engine import ipc
+from xllm.engine.options import EngineOptions
+from xllm.engine.runner import runner_command
 from xllm.errors import EngineError, InvalidRequest, ModelLoadError, Overloaded
 from xllm.models.metadata import ModelInfo
 
+log = logging.getLogger("xllm.engine")
+
 Event = tuple[int, int, str, bytes | None, str | None, Any]
-"""(request_id, choice_index, text, framed SSE bytes, finish_reason, extra) from the engine."""
+"""(request_id, choice_index, text, framed SSE bytes, finish_reason, extra) from the engine.
+A choice index of -1 with finish "error" ends every choice of the request (the runner died)."""
 
 # How often a request waiting for tokens checks whether its client is still there.
 _DISCONNECT_CHECK_S = 0.25
-
-
-def libllama_path() -> Path:
-    """The libllama shared library inside the installed llama-cpp-python."""
-    spec = importlib.util.find_spec("llama_cpp")
-    if spec is None or not spec.submodule_search_locations:
-        raise ModelLoadError("llama-cpp-python is not installed")
-    lib_dir = Path(next(iter(spec.submodule_search_locations))) / "lib"
-    for name in ("libllama.so", "libllama.dylib", "llama.dll"):
-        if (lib_dir / name).exists():
-            return lib_dir / name
-    raise ModelLoadError(f"libllama not found in {lib_dir}")
-
-
-def llama_cpp_version() -> str:
-    return version("llama_cpp_python")
+_STDERR_LINES = 30
+_CLOSE_S = 10.0
 
 
 class Observer(Protocol):
@@ -52,21 +45,6 @@ class Observer(Protocol):
     def observe_finish(self, model: str, finish: str, extra: Mapping[str, Any]) -> None: ...
 
     def observe_load(self, model: str, seconds: float) -> None: ...
-
-
-@dataclass(frozen=True)
-class EngineOptions:
-    """How a model is loaded: the knobs of `xllm serve` that reach llama.cpp."""
-
-    ctx_size: int = 4096
-    parallel: int = 16
-    threads: int = 0
-    batch_size: int = 512
-    gpu_layers: int = -1
-    max_queue: int = 1000
-
-    def resolved_threads(self) -> int:
-        return self.threads or (os.cpu_count() or 1)
 
 
 @dataclass
@@ -104,7 +82,9 @@ class Generation:
                 batch = [first]
                 while not self.queue.empty():
                     batch.append(self.queue.get_nowait())
-                remaining -= sum(1 for ev in batch if ev[4] is not None)
+                for ev in batch:
+                    if ev[4] is not None:
+                        remaining = 0 if ev[1] < 0 else remaining - 1
                 yield batch
         finally:
             if remaining:
@@ -114,89 +94,181 @@ class Generation:
 
 
 class LlamaModel:
-    """A loaded GGUF model with its batching engine."""
+    """A loaded GGUF model: the server's handle on its runner process."""
 
     def __init__(
         self,
         name: str,
         path: Path,
-        engine: _core.Engine,
         options: EngineOptions,
-        observer: Observer | None = None,
-    ):
+        info: ModelInfo,
+        proc: asyncio.subprocess.Process,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        observer: Observer | None,
+        stderr_tail: collections.deque[str],
+        stderr_task: asyncio.Task[None],
+    ) -> None:
         self.name = name
-        self.observer = observer
         self.path = path
-        self.engine = engine
         self.options = options
-        self.info = ModelInfo.from_engine(name, path, engine)
-        self.ctx_size = min(options.ctx_size, self.info.context_length or options.ctx_size)
+        self.info = info
+        self.observer = observer
+        self.ctx_size = min(options.ctx_size, info.context_length or options.ctx_size)
+        self.on_exit: Callable[[LlamaModel], None] | None = None
+        self._proc = proc
+        self._reader = reader
+        self._writer = writer
+        self._stderr_tail = stderr_tail
         self._ids = itertools.count(1)
         self._queues: dict[int, asyncio.Queue[Event]] = {}
-        self._loop: asyncio.AbstractEventLoop | None = None
+        self._calls: dict[int, asyncio.Future[Any]] = {}
+        self._stats: dict[str, int | float] = {}
+        self._progress = time.monotonic()
+        self._closing = False
+        self.alive = True
+        self._tasks = [
+            stderr_task,
+            asyncio.create_task(self._read_loop()),
+            asyncio.create_task(self._watchdog()),
+        ]
+
+    @property
+    def pid(self) -> int:
+        return self._proc.pid
 
     @classmethod
     async def load(
         cls, name: str, path: Path, options: EngineOptions, observer: Observer | None = None
     ) -> LlamaModel:
-        """Load off the event loop (the engine releases the GIL while llama.cpp loads)."""
-        lib = libllama_path()
-        lib_version = llama_cpp_version()
-
-        def build() -> _core.Engine:
-            return _core.Engine(
-                str(lib),
-                lib_version,
-                str(path),
-                ctx_size=options.ctx_size,
-                parallel=options.parallel,
-                threads=options.resolved_threads(),
-                batch_size=options.batch_size,
-                gpu_layers=options.gpu_layers,
-                max_queue=options.max_queue,
-            )
-
+        """Start a runner for `path` and wait until its engine has loaded the model."""
+        parent, child = socket.socketpair()
         try:
-            engine = await asyncio.to_thread(build)
-        except (ValueError, RuntimeError, OSError) as e:
-            raise ModelLoadError(f"failed to load model {name!r} from {path}: {e}") from None
-        model = cls(name, path, engine, options, observer)
-        model._start(asyncio.get_running_loop())
-        return model
+            proc = await asyncio.create_subprocess_exec(
+                *runner_command(),
+                "--fd", str(child.fileno()),
+                "--name", name,
+                "--model", str(path),
+                "--options", json.dumps(asdict(options)),
+                pass_fds=(child.fileno(),),
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.DEVNULL,
+                stderr=asyncio.subprocess.PIPE,
+            )  # fmt: skip
+        finally:
+            child.close()
+        tail: collections.deque[str] = collections.deque(maxlen=_STDERR_LINES)
+        stderr_task = asyncio.create_task(_pump_stderr(proc, name, tail))
+        reader, writer = await asyncio.open_connection(sock=parent)
+        msg = await ipc.read(reader)
+        if msg is None or msg[0] != ipc.READY:
+            writer.close()
+            code = await proc.wait()
+            await stderr_task
+            reason = msg[1] if msg is not None else _exit_reason(code)
+            detail = "\n".join(tail)
+            raise ModelLoadError(
+                f"failed to load model {name!r} from {path}: {reason}"
+                + (f"\nllama.cpp said:\n{detail}" if detail and msg is None else "")
+            )
+        return cls(name, path, options, msg[1], proc, reader, writer, observer, tail, stderr_task)
 
-    def _start(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._loop = loop
-        loop.add_reader(self.engine.fileno(), self._dispatch)
+    # --- event pump -----------------------------------------------------------------------
 
-    def _dispatch(self) -> None:
-        for ev in self.engine.poll():
-            q = self._queues.get(ev[0])
-            if q is not None:
-                q.put_nowait(ev)
-            if ev[4] is not None and self.observer is not None and isinstance(ev[5], dict):
-                self.observer.observe_finish(self.name, ev[4], ev[5])
+    async def _read_loop(self) -> None:
+        while (msg := await ipc.read(self._reader)) is not None:
+            op = msg[0]
+            if op == ipc.EVENTS:
+                self._progress = time.monotonic()
+                for ev in msg[1]:
+                    self._dispatch(ev)
+            elif op == ipc.BEAT:
+                if msg[1].get("decode_steps_total") != self._stats.get("decode_steps_total"):
+                    self._progress = time.monotonic()
+                self._stats = msg[1]
+            elif op == ipc.REPLY:
+                fut = self._calls.pop(msg[1], None)
+                if fut is not None and not fut.done():
+                    fut.set_result(msg[2:])
+        code = await self._proc.wait()
+        self._fail_all(f"the runner for model {self.name!r} {_exit_reason(code)}")
+
+    def _dispatch(self, ev: Event) -> None:
+        q = self._queues.get(ev[0])
+        if q is not None:
+            q.put_nowait(ev)
+        if ev[4] is not None and self.observer is not None and isinstance(ev[5], dict):
+            self.observer.observe_finish(self.name, ev[4], ev[5])
+
+    def _fail_all(self, reason: str) -> None:
+        """The runner is gone: end every request and call, and leave the registry."""
+        self.alive = False
+        if not self._closing:
+            log.error("%s", reason)
+            detail = "; ".join(list(self._stderr_tail)[-3:])
+            if detail:
+                reason = f"{reason} ({detail})"
+        for rid, q in self._queues.items():
+            q.put_nowait((rid, -1, "", None, "error", {"error": reason}))
+        self._queues.clear()
+        for fut in self._calls.values():
+            if not fut.done():
+                fut.set_result((ipc.ENGINE, reason))
+        self._calls.clear()
+        if self.on_exit is not None:
+            self.on_exit(self)
+
+    async def _watchdog(self) -> None:
+        """Kill a runner that has work but makes no progress (a hung llama_decode)."""
+        while self.alive:
+            await asyncio.sleep(1.0)
+            busy = self._queues or self._stats.get("running") or self._stats.get("queue_depth")
+            stalled = time.monotonic() - self._progress
+            if busy and stalled > self.options.watchdog_s:
+                log.error(
+                    "model %s made no progress for %.0f s with work pending: killing its runner",
+                    self.name,
+                    stalled,
+                )
+                with contextlib.suppress(ProcessLookupError):
+                    self._proc.kill()
+                return
+            if not busy:
+                self._progress = time.monotonic()
+
+    def _send(self, message: tuple[Any, ...]) -> None:
+        if not self.alive:
+            raise EngineError(f"model {self.name!r} is not running")
+        self._writer.write(ipc.encode(message))
+
+    async def _call(self, method: str, *args: Any) -> Any:
+        cid = next(self._ids)
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._calls[cid] = fut
+        self._send((ipc.CALL, cid, method, args))
+        kind, value = await fut
+        _raise_for(kind, value, self.name)
+        return value
 
     def _finish(self, request_id: int) -> None:
-        if self._queues.pop(request_id, None) is not None:
-            self.engine.cancel(request_id)
+        if self._queues.pop(request_id, None) is not None and self.alive:
+            self._writer.write(ipc.encode((ipc.CANCEL, request_id)))
 
     def _forget(self, request_id: int) -> None:
         self._queues.pop(request_id, None)
 
-    # --- text -----------------------------------------------------------------------------
-
-    # Async because a model may live in another process (its runner).
+    # --- what handlers use ------------------------------------------------------------------
 
     async def tokenize(self, text: str, *, special: bool) -> list[int]:
         """Tokens of `text`; `special` parses control tokens and adds BOS as the vocab wants."""
-        return self.engine.tokenize(text, special, special)
+        tokens: list[int] = await self._call("tokenize", text, special, special)
+        return tokens
 
     async def detokenize(self, tokens: Sequence[int]) -> str:
-        return self.engine.detokenize(list(tokens))
+        text: str = await self._call("detokenize", list(tokens))
+        return text
 
-    # --- serving --------------------------------------------------------------------------
-
-    def start(
+    async def start(
         self,
         prompt: list[int],
         params: Mapping[str, Any],
@@ -206,39 +278,81 @@ class LlamaModel:
         rid = next(self._ids)
         gen = Generation(self, rid, int(params.get("n", 1)))
         self._queues[rid] = gen.queue
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._calls[rid] = fut
         try:
-            self.engine.submit(rid, prompt, dict(params), frames)
-        except _core.QueueFull:
+            self._send((ipc.SUBMIT, rid, rid, prompt, dict(params), frames))
+            kind, value = await fut
+            _raise_for(kind, value, self.name)
+        except BaseException:
             self._queues.pop(rid, None)
-            raise Overloaded(
-                f"model {self.name!r} has {self.options.max_queue} requests waiting; try again"
-            ) from None
-        except ValueError as e:
-            self._queues.pop(rid, None)
-            raise InvalidRequest(str(e)) from None
-        except RuntimeError as e:
-            self._queues.pop(rid, None)
-            raise EngineError(f"model {self.name!r}: {e}") from None
+            self._calls.pop(rid, None)
+            raise
         return gen
 
     async def embed(self, inputs: list[list[int]], normalize: bool = True) -> list[list[float]]:
-        try:
-            return await asyncio.to_thread(self.engine.embed, inputs, normalize)
-        except ValueError as e:
-            raise InvalidRequest(str(e)) from None
-        except RuntimeError as e:
-            raise EngineError(f"model {self.name!r}: embedding failed: {e}") from None
+        vectors: list[list[float]] = await self._call("embed", inputs, normalize)
+        return vectors
 
     def stats(self) -> dict[str, int | float]:
-        return self.engine.stats()
+        """The engine's counters as of its last report (at most 0.25 s old)."""
+        return dict(self._stats)
+
+    @property
+    def busy(self) -> bool:
+        return bool(self._queues)
 
     async def close(self) -> None:
-        if self._loop is not None:
-            with contextlib.suppress(ValueError, OSError):
-                self._loop.remove_reader(self.engine.fileno())
-        await asyncio.to_thread(self.engine.close)
-        self._dispatch_closed()
+        """Stop the runner: running requests end as cancelled; killed if it does not exit."""
+        self._closing = True
+        if self.alive:
+            with contextlib.suppress(ConnectionError):
+                self._writer.write(ipc.encode((ipc.CLOSE,)))
+        try:
+            await asyncio.wait_for(self._proc.wait(), _CLOSE_S)
+        except TimeoutError:
+            log.warning("runner of %s did not exit in %.0f s: killing it", self.name, _CLOSE_S)
+            with contextlib.suppress(ProcessLookupError):
+                self._proc.kill()
+            await self._proc.wait()
+        for task in self._tasks:
+            if task is not asyncio.current_task():
+                with contextlib.suppress(asyncio.CancelledError):
+                    await asyncio.wait_for(task, 2.0)
+        self._writer.close()
 
-    def _dispatch_closed(self) -> None:
-        with contextlib.suppress(Exception):
-            self._dispatch()
+
+def _raise_for(kind: str | None, value: Any, name: str) -> None:
+    if kind is None:
+        return
+    if kind == ipc.QUEUE_FULL:
+        raise Overloaded(f"model {name!r} has too many requests waiting; try again") from None
+    if kind == ipc.BAD_REQUEST:
+        raise InvalidRequest(str(value))
+    raise EngineError(f"model {name!r}: {value}")
+
+
+def _exit_reason(code: int | None) -> str:
+    if code is None:
+        return "stopped"
+    if code < 0:
+        import signal
+
+        try:
+            return f"was killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"was killed by signal {-code}"
+    return f"exited with status {code}"
+
+
+async def _pump_stderr(
+    proc: asyncio.subprocess.Process, name: str, tail: collections.deque[str]
+) -> None:
+    """llama.cpp's own log lines: kept for error messages, logged at debug level."""
+    assert proc.stderr is not None
+    runner_log = logging.getLogger(f"xllm.runner.{name}")
+    async for raw in proc.stderr:
+        line = raw.decode("utf-8", "replace").rstrip()
+        if line:
+            tail.append(line)
+            runner_log.debug("%s", line)

@@ -8,7 +8,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from xllm.engine.llama import EngineOptions, LlamaModel, Observer
+from xllm.engine.llama import LlamaModel, Observer
+from xllm.engine.options import EngineOptions
 from xllm.errors import ModelNotFound
 from xllm.models import names
 
@@ -80,12 +81,27 @@ class ModelRegistry:
         finally:
             self._loading.pop(key, None)
             self._load_started.pop(key, None)
+        model.on_exit = self._on_exit
         self._loaded[key] = model
         elapsed = time.perf_counter() - t0
         if self.observer is not None:
             self.observer.observe_load(key, elapsed)
         log.info("loaded model %s in %.2f s", key, elapsed)
         return model
+
+    def _on_exit(self, model: LlamaModel) -> None:
+        """A runner ended (crash, kill, unload): the next request loads the model afresh."""
+        if self._loaded.get(model.name) is model:
+            del self._loaded[model.name]
+
+    async def unload(self, name: str) -> bool:
+        """Stop a loaded model's runner; False if it was not loaded."""
+        key = names.canonical(name)
+        model = self._loaded.pop(key, None)
+        if model is None:
+            return False
+        await model.close()
+        return True
 
     async def close(self) -> None:
         for task in list(self._loading.values()):

@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 
 from xllm.config import Settings
-from xllm.engine.llama import EngineOptions
+from xllm.engine.options import EngineOptions
 from xllm.engine.registry import ModelRegistry
 from xllm.errors import XllmError
 from xllm.metrics import Metrics

@@ -43,7 +43,8 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         fmt = _ChatChunks(head)
         return await stream(request, model, prompt.tokens, params, fmt, fmt.head, include_usage)
 
-    result = await serving.collect(model.start(prompt.tokens, params), lambda: peer_gone(request))
+    gen = await model.start(prompt.tokens, params)
+    result = await serving.collect(gen, lambda: peer_gone(request))
     return json_response(
         {
             **head,

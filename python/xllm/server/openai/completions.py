@@ -54,7 +54,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
         fmt = _TextChunks(head, echo[0], body.n)
         return await stream(request, model, prompts[0], params[0], fmt, head, include_usage)
 
-    gens = [model.start(p, pp) for p, pp in zip(prompts, params, strict=True)]
+    gens = [await model.start(p, pp) for p, pp in zip(prompts, params, strict=True)]
     results = await asyncio.gather(*(serving.collect(g, lambda: peer_gone(request)) for g in gens))
     usage = serving.Usage()
     choices = []

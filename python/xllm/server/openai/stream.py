@@ -51,7 +51,7 @@ async def stream(
     """Run a generation as an SSE stream; usage rides on the last chunk always."""
     want_logprobs = params.get("logprobs") is not None
     n = int(params.get("n", 1))
-    gen = model.start(prompt, params, None if want_logprobs else frames_for(fmt, n))
+    gen = await model.start(prompt, params, None if want_logprobs else frames_for(fmt, n))
     response = await streaming.open_sse(request)
     out = bytearray(fmt.preamble(n))
     usage = serving.Usage()

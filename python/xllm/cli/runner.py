@@ -1,0 +1,22 @@
+"""`xllm runner`: internal, started by the server to host one model (not listed in --help)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+
+def add_parser(commands: Any) -> None:
+    p = commands.add_parser("runner", add_help=False)
+    p.add_argument("--fd", type=int, required=True)
+    p.add_argument("--name", required=True)
+    p.add_argument("--model", type=Path, required=True)
+    p.add_argument("--options", required=True)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from xllm.engine.runner import main
+
+    return main(args.fd, args.name, args.model, args.options)

@@ -1,0 +1,44 @@
+"""How a model is loaded, and where llama-cpp-python's libllama is."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from dataclasses import dataclass
+from importlib.metadata import version
+from pathlib import Path
+
+from xllm.errors import ModelLoadError
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    """The knobs of `xllm serve` that reach llama.cpp."""
+
+    ctx_size: int = 4096
+    parallel: int = 16
+    threads: int = 0
+    batch_size: int = 512
+    gpu_layers: int = -1
+    max_queue: int = 1000
+    watchdog_s: float = 120.0
+    """A runner with work that makes no progress for this long is killed."""
+
+    def resolved_threads(self) -> int:
+        return self.threads or (os.cpu_count() or 1)
+
+
+def libllama_path() -> Path:
+    """The libllama shared library inside the installed llama-cpp-python."""
+    spec = importlib.util.find_spec("llama_cpp")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError("llama-cpp-python is not installed")
+    lib_dir = Path(next(iter(spec.submodule_search_locations))) / "lib"
+    for name in ("libllama.so", "libllama.dylib", "llama.dll"):
+        if (lib_dir / name).exists():
+            return lib_dir / name
+    raise ModelLoadError(f"libllama not found in {lib_dir}")
+
+
+def llama_cpp_version() -> str:
+    return version("llama_cpp_python")

@@ -1,0 +1,153 @@
+"""The runner: a child process that hosts one model's engine (`xllm runner`, not for users).
+
+A crash or hang of llama.cpp then takes down this process only; the server fails that model's
+requests with a clear error and reloads it on the next request. The runner exits when the
+server goes away (socket closed, or the parent-death signal on Linux).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import json
+import logging
+import signal
+import socket
+import sys
+from pathlib import Path
+from typing import Any
+
+from xllm import _core
+from xllm.engine import ipc
+from xllm.engine.options import EngineOptions, libllama_path, llama_cpp_version
+from xllm.models.metadata import ModelInfo
+
+log = logging.getLogger("xllm.runner")
+
+BEAT_S = 0.25
+"""How often the runner reports its counters (the server's stats and watchdog read them)."""
+
+
+def runner_command() -> list[str]:
+    """How the server starts a runner, from a source install or a frozen binary alike."""
+    if getattr(sys, "frozen", False):
+        return [sys.executable, "runner"]
+    return [sys.executable, "-m", "xllm", "runner"]
+
+
+def _die_with_parent() -> None:
+    if sys.platform.startswith("linux"):
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+
+
+def build_engine(path: Path, options: EngineOptions) -> _core.Engine:
+    return _core.Engine(
+        str(libllama_path()),
+        llama_cpp_version(),
+        str(path),
+        ctx_size=options.ctx_size,
+        parallel=options.parallel,
+        threads=options.resolved_threads(),
+        batch_size=options.batch_size,
+        gpu_layers=options.gpu_layers,
+        max_queue=options.max_queue,
+    )
+
+
+def main(fd: int, name: str, path: Path, options_json: str) -> int:
+    _die_with_parent()
+    # Ctrl-C in a terminal reaches the whole process group; the server decides when we stop.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    options = EngineOptions(**json.loads(options_json))
+    import uvloop
+
+    uvloop.run(_serve(socket.socket(fileno=fd), name, path, options))
+    return 0
+
+
+async def _serve(sock: socket.socket, name: str, path: Path, options: EngineOptions) -> None:
+    reader, writer = await asyncio.open_connection(sock=sock)
+    try:
+        engine = await asyncio.to_thread(build_engine, path, options)
+        info = ModelInfo.from_engine(name, path, engine)
+    except (ValueError, RuntimeError, OSError) as e:
+        writer.write(ipc.encode((ipc.FAILED, str(e))))
+        await writer.drain()
+        return
+    writer.write(ipc.encode((ipc.READY, info)))
+    loop = asyncio.get_running_loop()
+
+    def forward_events() -> None:
+        batch = engine.poll()
+        if batch:
+            writer.write(ipc.encode((ipc.EVENTS, batch)))
+
+    loop.add_reader(engine.fileno(), forward_events)
+    beat = asyncio.create_task(_beat(engine, writer))
+    calls: set[asyncio.Task[None]] = set()
+    try:
+        while (msg := await ipc.read(reader)) is not None:
+            op = msg[0]
+            if op == ipc.SUBMIT:
+                _, cid, rid, prompt, params, frames = msg
+                writer.write(ipc.encode(_submit(engine, cid, rid, prompt, params, frames)))
+            elif op == ipc.CANCEL:
+                engine.cancel(msg[1])
+            elif op == ipc.CALL:
+                task = asyncio.create_task(_call(engine, writer, msg[1], msg[2], msg[3]))
+                calls.add(task)
+                task.add_done_callback(calls.discard)
+            elif op == ipc.CLOSE:
+                break
+    finally:
+        beat.cancel()
+        loop.remove_reader(engine.fileno())
+        await asyncio.to_thread(engine.close)
+        forward_events()  # the cancellations close() produced
+        writer.close()
+
+
+def _submit(
+    engine: _core.Engine,
+    cid: int,
+    rid: int,
+    prompt: list[int],
+    params: dict[str, Any],
+    frames: list[tuple[bytes, bytes]] | None,
+) -> tuple[Any, ...]:
+    try:
+        engine.submit(rid, prompt, params, frames)
+    except _core.QueueFull as e:
+        return (ipc.REPLY, cid, ipc.QUEUE_FULL, str(e))
+    except ValueError as e:
+        return (ipc.REPLY, cid, ipc.BAD_REQUEST, str(e))
+    except RuntimeError as e:
+        return (ipc.REPLY, cid, ipc.ENGINE, str(e))
+    return (ipc.REPLY, cid, None, None)
+
+
+async def _call(
+    engine: _core.Engine, writer: asyncio.StreamWriter, cid: int, method: str, args: tuple[Any, ...]
+) -> None:
+    try:
+        if method == "embed":
+            value: Any = await asyncio.to_thread(engine.embed, *args)
+        elif method == "tokenize":
+            value = engine.tokenize(*args)
+        elif method == "detokenize":
+            value = engine.detokenize(*args)
+        else:
+            raise RuntimeError(f"unknown runner call {method!r}")
+        reply: tuple[Any, ...] = (ipc.REPLY, cid, None, value)
+    except ValueError as e:
+        reply = (ipc.REPLY, cid, ipc.BAD_REQUEST, str(e))
+    except RuntimeError as e:
+        reply = (ipc.REPLY, cid, ipc.ENGINE, str(e))
+    writer.write(ipc.encode(reply))
+
+
+async def _beat(engine: _core.Engine, writer: asyncio.StreamWriter) -> None:
+    while True:
+        writer.write(ipc.encode((ipc.BEAT, engine.stats())))
+        await asyncio.sleep(BEAT_S)
