@@ -127,6 +127,9 @@ class LlamaModel:
         self._progress = time.monotonic()
         self._closing = False
         self.alive = True
+        self.keep_alive = options.keep_alive_s
+        """Seconds to stay loaded once idle (Ollama's keep_alive); negative = forever."""
+        self.last_active = time.monotonic()
         self._tasks = [
             stderr_task,
             asyncio.create_task(self._read_loop()),
@@ -251,10 +254,12 @@ class LlamaModel:
         return value
 
     def _finish(self, request_id: int) -> None:
+        self.last_active = time.monotonic()
         if self._queues.pop(request_id, None) is not None and self.alive:
             self._writer.write(ipc.encode((ipc.CANCEL, request_id)))
 
     def _forget(self, request_id: int) -> None:
+        self.last_active = time.monotonic()
         self._queues.pop(request_id, None)
 
     # --- what handlers use ------------------------------------------------------------------
@@ -276,6 +281,7 @@ class LlamaModel:
     ) -> Generation:
         """Queue a generation; raises Overloaded when the queue is full."""
         rid = next(self._ids)
+        self.last_active = time.monotonic()
         gen = Generation(self, rid, int(params.get("n", 1)))
         self._queues[rid] = gen.queue
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
@@ -301,6 +307,13 @@ class LlamaModel:
     @property
     def busy(self) -> bool:
         return bool(self._queues)
+
+    def expires_at(self) -> float | None:
+        """Wall-clock time this model unloads if nothing uses it; None = never."""
+        if self.keep_alive < 0:
+            return None
+        idle_since = time.monotonic() if self.busy else self.last_active
+        return time.time() + (idle_since + self.keep_alive - time.monotonic())
 
     async def close(self) -> None:
         """Stop the runner: running requests end as cancelled; killed if it does not exit."""

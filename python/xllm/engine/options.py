@@ -23,6 +23,8 @@ class EngineOptions:
     max_queue: int = 1000
     watchdog_s: float = 120.0
     """A runner with work that makes no progress for this long is killed."""
+    keep_alive_s: float = 300.0
+    """How long an idle model stays loaded unless a request says otherwise."""
 
     def resolved_threads(self) -> int:
         return self.threads or (os.cpu_count() or 1)

@@ -15,6 +15,8 @@ from xllm.models import names
 
 log = logging.getLogger("xllm.models")
 
+REAP_INTERVAL_S = 0.5
+
 
 @dataclass(frozen=True)
 class LoadState:
@@ -32,6 +34,7 @@ class ModelRegistry:
         self._loaded: dict[str, LlamaModel] = {}
         self._loading: dict[str, asyncio.Task[LlamaModel]] = {}
         self._load_started: dict[str, float] = {}
+        self._reaper: asyncio.Task[None] | None = None
 
     def add_path(self, path: Path) -> str:
         """Make a model file (given on the command line) servable; returns its name."""
@@ -59,12 +62,22 @@ class ModelRegistry:
     def loading(self) -> list[LoadState]:
         return [LoadState(n, self._load_started[n]) for n in self._loading]
 
-    async def get(self, name: str) -> LlamaModel:
-        """The loaded model for `name`, loading it first if needed (concurrent callers share it)."""
+    async def get(self, name: str, keep_alive: float | None = None) -> LlamaModel:
+        """The loaded model for `name`, loading it first if needed (concurrent callers share it).
+
+        `keep_alive` (seconds, negative = forever) replaces how long it stays loaded once idle.
+        """
         key, path = self.resolve(name)
         model = self._loaded.get(key)
-        if model is not None:
-            return model
+        if model is None:
+            model = await self._get_loading(key, path)
+        if keep_alive is not None:
+            model.keep_alive = keep_alive
+        if self._reaper is None or self._reaper.done():
+            self._reaper = asyncio.create_task(self._reap())
+        return model
+
+    async def _get_loading(self, key: str, path: Path) -> LlamaModel:
         task = self._loading.get(key)
         if task is None:
             task = asyncio.create_task(self._load(key, path))
@@ -89,6 +102,18 @@ class ModelRegistry:
         log.info("loaded model %s in %.2f s", key, elapsed)
         return model
 
+    async def _reap(self) -> None:
+        """Unload models idle for longer than their keep_alive."""
+        while self._loaded or self._loading:
+            await asyncio.sleep(REAP_INTERVAL_S)
+            now = time.monotonic()
+            for name, model in list(self._loaded.items()):
+                idle = now - model.last_active
+                # the grace keeps a model that a handler just got from vanishing before use
+                if not model.busy and 0 <= model.keep_alive and idle >= max(model.keep_alive, 1.0):
+                    log.info("unloading %s: idle for %.0f s", name, idle)
+                    await self.unload(name)
+
     def _on_exit(self, model: LlamaModel) -> None:
         """A runner ended (crash, kill, unload): the next request loads the model afresh."""
         if self._loaded.get(model.name) is model:
@@ -104,6 +129,8 @@ class ModelRegistry:
         return True
 
     async def close(self) -> None:
+        if self._reaper is not None:
+            self._reaper.cancel()
         for task in list(self._loading.values()):
             task.cancel()
         models, self._loaded = list(self._loaded.values()), {}
