@@ -110,7 +110,7 @@ class ModelRegistry:
             for name, model in list(self._loaded.items()):
                 idle = now - model.last_active
                 # the grace keeps a model that a handler just got from vanishing before use
-                if not model.busy and 0 <= model.keep_alive and idle >= max(model.keep_alive, 1.0):
+                if not model.busy and model.keep_alive >= 0 and idle >= max(model.keep_alive, 1.0):
                     log.info("unloading %s: idle for %.0f s", name, idle)
                     await self.unload(name)
 
