@@ -26,6 +26,9 @@ async def health(request: web.Request) -> web.Response:
                     "size": m.info.size,
                     "context_length": m.ctx_size,
                     "parallel": m.options.parallel,
+                    "runner_pid": m.pid,
+                    "busy": m.busy,
+                    "expires_at": m.expires_at(),
                     "stats": m.stats(),
                 }
                 for name, m in registry.loaded.items()
