@@ -76,6 +76,9 @@ def start_server(
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"xllm serve exited with {proc.returncode}:\n{server.logs()}")
+        if "preloading" in server.logs() and " failed: " in server.logs():
+            stop_server(server)
+            raise RuntimeError(f"xllm serve could not load its model:\n{server.logs()}")
         try:
             r = httpx.get(f"{server.url}/v0/health", timeout=1)
             body = r.json()

@@ -117,6 +117,8 @@ def test_idle_timeout_unloads(tmp_path: Path) -> None:
         while _health(s)["models"] and time.monotonic() < deadline:
             time.sleep(0.1)
         assert _health(s)["models"] == []
+        while _children(s.proc.pid) and time.monotonic() < deadline + 5:
+            time.sleep(0.1)
         assert _children(s.proc.pid) == set()
     finally:
         stop_server(s)

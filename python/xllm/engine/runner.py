@@ -42,6 +42,20 @@ def _die_with_parent() -> None:
 
 
 def build_engine(path: Path, options: EngineOptions) -> _core.Engine:
+    if not hasattr(_core, "Engine"):  # interim: extension built without the batching engine
+        from xllm.engine.pyengine import PyEngine
+
+        return PyEngine(  # type: ignore[return-value]
+            str(libllama_path()),
+            llama_cpp_version(),
+            str(path),
+            ctx_size=options.ctx_size,
+            parallel=options.parallel,
+            threads=options.resolved_threads(),
+            batch_size=options.batch_size,
+            gpu_layers=options.gpu_layers,
+            max_queue=options.max_queue,
+        )
     return _core.Engine(
         str(libllama_path()),
         llama_cpp_version(),
@@ -118,7 +132,7 @@ def _submit(
 ) -> tuple[Any, ...]:
     try:
         engine.submit(rid, prompt, params, frames)
-    except _core.QueueFull as e:
+    except getattr(_core, "QueueFull", RuntimeError) as e:
         return (ipc.REPLY, cid, ipc.QUEUE_FULL, str(e))
     except ValueError as e:
         return (ipc.REPLY, cid, ipc.BAD_REQUEST, str(e))

@@ -22,7 +22,9 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     body = await parse_body(request, ChatCompletionRequest)
     model = await load_model(request, body.model)
     if any(m.has_images() for m in body.messages):
-        raise InvalidRequest(f"model {body.model!r} does not support images", param="messages")
+        raise InvalidRequest(
+            f"messages: model {body.model!r} does not support images", param="messages"
+        )
     messages = [_template_message(m.model_dump(exclude_none=True), m.text()) for m in body.messages]
     prompt = await serving.chat_prompt(model, messages)
     fields: dict[str, Any] = body.model_dump(exclude_none=True)
