@@ -1,14 +1,27 @@
 """Type stub of the Rust extension `xllm._core` (checked by `mypy.stubtest xllm._core`)."""
 
-from typing import Final
+from typing import Any, Final, Self, final
+
+__all__ = [
+    "SSE_DONE",
+    "DeltaFramer",
+    "Engine",
+    "GzipStream",
+    "QueueFull",
+    "StopMatcher",
+    "__version__",
+    "gzip_compress",
+    "sse_event",
+]
 
 __version__: Final[str]
 SSE_DONE: Final[bytes]
 
+@final
 class StopMatcher:
     """Streaming stop-sequence matcher: releases text once it cannot start a stop string."""
 
-    def __init__(self, stops: list[str]) -> None: ...
+    def __new__(cls, stops: list[str]) -> Self: ...
     def push(self, piece: bytes) -> tuple[str, bool]:
         """Feed token bytes; returns (text safe to send, stopped)."""
     def push_str(self, text: str) -> tuple[str, bool]: ...
@@ -17,22 +30,70 @@ class StopMatcher:
     @property
     def stopped(self) -> bool: ...
 
+@final
 class DeltaFramer:
     """Frames one streamed token as `data: <prefix><json text><suffix>\\n\\n`."""
 
-    def __init__(self, prefix: bytes, suffix: bytes) -> None: ...
+    def __new__(cls, prefix: bytes, suffix: bytes) -> Self: ...
     def frame(self, text: str) -> bytes: ...
 
 def sse_event(data: str, event: str | None = None) -> bytes:
     """One SSE event with an optional event name."""
 
+@final
 class GzipStream:
     """One gzip member written piece by piece; each write is flushed so nothing is held back."""
 
-    def __init__(self, level: int = 1) -> None: ...
+    def __new__(cls, level: int = 1) -> Self: ...
     def write(self, data: bytes) -> bytes: ...
     def finish(self) -> bytes:
         """The gzip trailer; later writes return nothing."""
 
 def gzip_compress(data: bytes, level: int = 6) -> bytes:
     """gzip a whole body (runs without the GIL)."""
+
+class QueueFull(RuntimeError):
+    """Too many requests are waiting for this model."""
+
+_Event = tuple[int, int, str, bytes | None, str | None, Any]
+
+@final
+class Engine:
+    """Continuous-batching engine over one llama context made by llama-cpp-python.
+
+    `ctx` and `vocab` are integer addresses that must stay valid until `close()`.
+    """
+
+    def __new__(
+        cls,
+        lib_path: str,
+        lib_version: str,
+        ctx: int,
+        vocab: int,
+        *,
+        n_vocab: int,
+        ctx_size: int,
+        parallel: int,
+        batch_size: int,
+        max_queue: int,
+    ) -> Self: ...
+    def submit(
+        self,
+        request_id: int,
+        prompt: list[int],
+        params: dict[str, Any],
+        frames: list[tuple[bytes, bytes]] | None = None,
+    ) -> None:
+        """Queue a generation; QueueFull when the queue is full, ValueError for bad input."""
+    def cancel(self, request_id: int) -> None: ...
+    def fileno(self) -> int:
+        """Readable when `poll()` has events."""
+    def poll(self) -> list[_Event]:
+        """All events since the last call: (request_id, choice, text, framed, finish, extra)."""
+    def stats(self) -> dict[str, int]: ...
+    def embed(
+        self, ctx: int, inputs: list[list[int]], n_embd: int, normalize: bool
+    ) -> list[list[float]]:
+        """Pooled embeddings through a second context made with embeddings on."""
+    def close(self) -> None:
+        """Stop the loop; waiting and running requests end as "cancelled"."""

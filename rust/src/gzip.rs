@@ -8,7 +8,10 @@ use flate2::Compression;
 
 /// Compresses a whole body.
 pub fn compress(data: &[u8], level: u32) -> Vec<u8> {
-    let mut enc = GzEncoder::new(Vec::with_capacity(data.len() / 3 + 64), Compression::new(level));
+    let mut enc = GzEncoder::new(
+        Vec::with_capacity(data.len() / 3 + 64),
+        Compression::new(level),
+    );
     enc.write_all(data).expect("writing to a Vec cannot fail");
     enc.finish().expect("writing to a Vec cannot fail")
 }

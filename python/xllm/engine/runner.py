@@ -19,7 +19,8 @@ from typing import Any
 
 from xllm import _core
 from xllm.engine import ipc
-from xllm.engine.options import EngineOptions, libllama_path, llama_cpp_version
+from xllm.engine.llamacpp import LlamaCppEngine
+from xllm.engine.options import EngineOptions
 from xllm.models.metadata import ModelInfo
 
 log = logging.getLogger("xllm.runner")
@@ -41,34 +42,6 @@ def _die_with_parent() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
 
 
-def build_engine(path: Path, options: EngineOptions) -> _core.Engine:
-    if not hasattr(_core, "Engine"):  # interim: extension built without the batching engine
-        from xllm.engine.pyengine import PyEngine
-
-        return PyEngine(  # type: ignore[return-value]
-            str(libllama_path()),
-            llama_cpp_version(),
-            str(path),
-            ctx_size=options.ctx_size,
-            parallel=options.parallel,
-            threads=options.resolved_threads(),
-            batch_size=options.batch_size,
-            gpu_layers=options.gpu_layers,
-            max_queue=options.max_queue,
-        )
-    return _core.Engine(
-        str(libllama_path()),
-        llama_cpp_version(),
-        str(path),
-        ctx_size=options.ctx_size,
-        parallel=options.parallel,
-        threads=options.resolved_threads(),
-        batch_size=options.batch_size,
-        gpu_layers=options.gpu_layers,
-        max_queue=options.max_queue,
-    )
-
-
 def main(fd: int, name: str, path: Path, options_json: str) -> int:
     _die_with_parent()
     # Ctrl-C in a terminal reaches the whole process group; the server decides when we stop.
@@ -83,7 +56,7 @@ def main(fd: int, name: str, path: Path, options_json: str) -> int:
 async def _serve(sock: socket.socket, name: str, path: Path, options: EngineOptions) -> None:
     reader, writer = await asyncio.open_connection(sock=sock)
     try:
-        engine = await asyncio.to_thread(build_engine, path, options)
+        engine = await asyncio.to_thread(LlamaCppEngine, path, options)
         info = ModelInfo.from_engine(name, path, engine)
     except (ValueError, RuntimeError, OSError) as e:
         writer.write(ipc.encode((ipc.FAILED, str(e))))
@@ -123,7 +96,7 @@ async def _serve(sock: socket.socket, name: str, path: Path, options: EngineOpti
 
 
 def _submit(
-    engine: _core.Engine,
+    engine: LlamaCppEngine,
     cid: int,
     rid: int,
     prompt: list[int],
@@ -132,7 +105,7 @@ def _submit(
 ) -> tuple[Any, ...]:
     try:
         engine.submit(rid, prompt, params, frames)
-    except getattr(_core, "QueueFull", RuntimeError) as e:
+    except _core.QueueFull as e:
         return (ipc.REPLY, cid, ipc.QUEUE_FULL, str(e))
     except ValueError as e:
         return (ipc.REPLY, cid, ipc.BAD_REQUEST, str(e))
@@ -142,7 +115,11 @@ def _submit(
 
 
 async def _call(
-    engine: _core.Engine, writer: asyncio.StreamWriter, cid: int, method: str, args: tuple[Any, ...]
+    engine: LlamaCppEngine,
+    writer: asyncio.StreamWriter,
+    cid: int,
+    method: str,
+    args: tuple[Any, ...],
 ) -> None:
     try:
         if method == "embed":
@@ -161,7 +138,7 @@ async def _call(
     writer.write(ipc.encode(reply))
 
 
-async def _beat(engine: _core.Engine, writer: asyncio.StreamWriter) -> None:
+async def _beat(engine: LlamaCppEngine, writer: asyncio.StreamWriter) -> None:
     while True:
         writer.write(ipc.encode((ipc.BEAT, engine.stats())))
         await asyncio.sleep(BEAT_S)

@@ -2,6 +2,7 @@
 
 use pyo3::prelude::*;
 
+mod engine;
 mod gzip;
 mod text;
 
@@ -10,5 +11,6 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     text::register(m)?;
     gzip::register(m)?;
+    engine::register(m)?;
     Ok(())
 }

@@ -1,0 +1,176 @@
+"""One model in llama.cpp, as the runner hosts it.
+
+llama-cpp-python loads the model and creates the contexts (its ctypes structs track llama.h's
+parameter structs exactly); `xllm._core.Engine` then drives the batching loop on that context
+from a Rust thread, through the same libllama. Tokenizing and metadata stay here: they are
+cheap calls made once per request.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import threading
+from pathlib import Path
+from typing import Any
+
+import llama_cpp as lc
+
+from xllm import _core
+from xllm.engine.options import EngineOptions, libllama_path, llama_cpp_version
+
+
+class LlamaCppEngine:
+    """A loaded model with its batching engine; the runner's only handle on llama.cpp."""
+
+    def __init__(self, path: Path, options: EngineOptions) -> None:
+        lc.llama_backend_init()
+        mparams = lc.llama_model_default_params()
+        mparams.n_gpu_layers = options.gpu_layers
+        model = lc.llama_model_load_from_file(str(path).encode(), mparams)
+        if not model:
+            raise ValueError(f"llama.cpp could not load {path} (see its log above)")
+        self._model = model
+        self._vocab = lc.llama_model_get_vocab(model)
+        self._path = path
+        self._options = options
+        self.n_ctx_train = int(lc.llama_model_n_ctx_train(model))
+        self.n_embd = int(lc.llama_model_n_embd(model))
+        self.n_layer = int(lc.llama_model_n_layer(model))
+        self.n_params = int(lc.llama_model_n_params(model))
+        self.model_size = int(lc.llama_model_size(model))
+        self.n_vocab = int(lc.llama_vocab_n_tokens(self._vocab))
+        self._metadata = self._read_metadata()
+        ctx_size = min(options.ctx_size, self.n_ctx_train or options.ctx_size)
+        batch = max(options.batch_size, options.parallel)
+        cparams = lc.llama_context_default_params()
+        cparams.n_ctx = ctx_size * options.parallel
+        cparams.n_seq_max = options.parallel
+        cparams.n_batch = cparams.n_ubatch = batch
+        cparams.n_threads = cparams.n_threads_batch = options.resolved_threads()
+        cparams.kv_unified = False  # each sequence owns ctx_size cells: no starvation
+        cparams.no_perf = True
+        ctx = lc.llama_init_from_model(model, cparams)
+        if not ctx:
+            lc.llama_model_free(model)
+            raise RuntimeError(
+                f"llama.cpp could not create a context of {ctx_size} tokens x "
+                f"{options.parallel} sequences for {path} (out of memory?)"
+            )
+        self._ctx = ctx
+        self.ctx_size = min(ctx_size, int(lc.llama_n_ctx_seq(ctx)))
+        self._embed_ctx: Any = None
+        self._embed_lock = threading.Lock()
+        self._core = _core.Engine(
+            str(libllama_path()),
+            llama_cpp_version(),
+            _address(ctx),
+            _address(self._vocab),
+            n_vocab=self.n_vocab,
+            ctx_size=self.ctx_size,
+            parallel=options.parallel,
+            batch_size=batch,
+            max_queue=options.max_queue,
+        )
+        # the batching loop's surface, unchanged
+        self.submit = self._core.submit
+        self.cancel = self._core.cancel
+        self.fileno = self._core.fileno
+        self.poll = self._core.poll
+        self.stats = self._core.stats
+
+    def _read_metadata(self) -> dict[str, str]:
+        out: dict[str, str] = {}
+        buf = ctypes.create_string_buffer(1 << 16)
+        for i in range(lc.llama_model_meta_count(self._model)):
+            n = lc.llama_model_meta_key_by_index(self._model, i, buf, len(buf))
+            if n < 0:
+                continue
+            key = buf.value.decode("utf-8", "replace")
+            n = lc.llama_model_meta_val_str_by_index(self._model, i, buf, len(buf))
+            if n >= len(buf):  # long values (chat templates) need a bigger buffer
+                big = ctypes.create_string_buffer(n + 1)
+                lc.llama_model_meta_val_str_by_index(self._model, i, big, len(big))
+                out[key] = big.value.decode("utf-8", "replace")
+            elif n >= 0:
+                out[key] = buf.value.decode("utf-8", "replace")
+        return out
+
+    def metadata(self) -> dict[str, str]:
+        return dict(self._metadata)
+
+    def token_piece(self, token: int) -> bytes:
+        buf = ctypes.create_string_buffer(256)
+        n = lc.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, True)
+        return buf.raw[: max(n, 0)]
+
+    def tokenize(self, text: str, add_special: bool, parse_special: bool) -> list[int]:
+        raw = text.encode("utf-8")
+        size = len(raw) + 8
+        while True:
+            tokens = (lc.llama_token * size)()
+            n = lc.llama_tokenize(
+                self._vocab, raw, len(raw), tokens, size, add_special, parse_special
+            )
+            if n >= 0:
+                return list(tokens[:n])
+            size = -n
+
+    def detokenize(self, tokens: list[int]) -> str:
+        arr = (lc.llama_token * len(tokens))(*tokens)
+        size = len(tokens) * 8 + 16
+        while True:
+            buf = ctypes.create_string_buffer(size)
+            n = lc.llama_detokenize(self._vocab, arr, len(tokens), buf, size, False, False)
+            if n >= 0:
+                return buf.raw[:n].decode("utf-8", "replace")
+            size = -n
+
+    def embed(self, inputs: list[list[int]], normalize: bool = True) -> list[list[float]]:
+        for i, tokens in enumerate(inputs):
+            if not tokens:
+                raise ValueError(f"input {i} is empty")
+            if len(tokens) > self.ctx_size:
+                raise ValueError(
+                    f"input {i} is {len(tokens)} tokens, more than the context ({self.ctx_size})"
+                )
+        with self._embed_lock:
+            if self._embed_ctx is None:
+                self._embed_ctx = self._new_embed_ctx()
+            return self._core.embed(_address(self._embed_ctx), inputs, self.n_embd, normalize)
+
+    def _new_embed_ctx(self) -> Any:
+        arch = self._metadata.get("general.architecture", "")
+        cparams = lc.llama_context_default_params()
+        cparams.n_ctx = cparams.n_batch = cparams.n_ubatch = self.ctx_size
+        cparams.n_seq_max = 1
+        cparams.n_threads = cparams.n_threads_batch = self._options.resolved_threads()
+        cparams.embeddings = True
+        # Embedding models declare their pooling; generative ones get the mean of their states.
+        declared = f"{arch}.pooling_type" in self._metadata
+        cparams.pooling_type = (
+            lc.LLAMA_POOLING_TYPE_UNSPECIFIED if declared else lc.LLAMA_POOLING_TYPE_MEAN
+        )
+        ctx = lc.llama_init_from_model(self._model, cparams)
+        if not ctx:
+            raise RuntimeError("llama.cpp could not create an embeddings context")
+        return ctx
+
+    def close(self) -> None:
+        """Stop the loop, then free contexts and model (the loop must not touch them after)."""
+        self._core.close()
+        with self._embed_lock:
+            if self._embed_ctx is not None:
+                lc.llama_free(self._embed_ctx)
+                self._embed_ctx = None
+        if self._ctx is not None:
+            lc.llama_free(self._ctx)
+            self._ctx = None
+            lc.llama_model_free(self._model)
+
+
+def _address(ptr: Any) -> int:
+    """The integer address of a ctypes pointer from llama-cpp-python."""
+    value = ctypes.cast(ptr, ctypes.c_void_p).value
+    if not value:
+        raise RuntimeError("null llama.cpp handle")
+    return int(value)

@@ -1,0 +1,312 @@
+//! The batcher's backend over libllama: decode a batch, sample with llama.cpp's sampler chain.
+
+use std::sync::Arc;
+
+use super::batcher::{Backend, BatchItem};
+use super::types::{Params, TokenLogprob};
+use crate::llama::{c_string, Api, Ctx, LogitBias, Memory, RawBatch, Sampler, Vocab};
+
+/// `LLAMA_DEFAULT_SEED`: the dist sampler picks a random seed.
+const RANDOM_SEED: u32 = 0xFFFF_FFFF;
+
+pub struct LlamaBackend {
+    api: Arc<Api>,
+    ctx: Ctx,
+    vocab: Vocab,
+    mem: Memory,
+    n_vocab: i32,
+    batch: RawBatch,
+    capacity: usize,
+}
+
+// SAFETY: the context is used by the engine thread only; llama.cpp contexts may move threads.
+unsafe impl Send for LlamaBackend {}
+
+/// A llama.cpp sampler chain, freed with the sequence.
+pub struct Chain {
+    api: Arc<Api>,
+    ptr: Sampler,
+}
+
+impl Drop for Chain {
+    fn drop(&mut self) {
+        // SAFETY: the chain owns its samplers and is freed once.
+        unsafe { (self.api.llama_sampler_free)(self.ptr) }
+    }
+}
+
+// SAFETY: a chain is only touched by the thread that owns its sequence.
+unsafe impl Send for Chain {}
+
+impl LlamaBackend {
+    /// # Safety
+    /// `ctx` and `vocab` must be a live llama context and its model's vocabulary (made by
+    /// llama-cpp-python) that outlive the backend and are used by no one else meanwhile.
+    pub unsafe fn new(
+        api: Arc<Api>,
+        ctx: Ctx,
+        vocab: Vocab,
+        n_vocab: i32,
+        capacity: usize,
+    ) -> Self {
+        let batch = (api.llama_batch_init)(capacity as i32, 0, 1);
+        let mem = (api.llama_get_memory)(ctx);
+        Self {
+            api,
+            ctx,
+            vocab,
+            mem,
+            n_vocab,
+            batch,
+            capacity,
+        }
+    }
+
+    fn add(&self, chain: Sampler, sampler: Sampler) {
+        // SAFETY: the chain takes ownership of the sampler.
+        unsafe { (self.api.llama_sampler_chain_add)(chain, sampler) }
+    }
+
+    fn logits(&self, index: i32) -> &[f32] {
+        // SAFETY: batch item `index` of the last decode had its logits computed (n_vocab floats).
+        unsafe {
+            let ptr = (self.api.llama_get_logits_ith)(self.ctx, index);
+            std::slice::from_raw_parts(ptr, self.n_vocab as usize)
+        }
+    }
+
+    fn text(&self, token: i32) -> (String, Vec<u8>) {
+        // SAFETY: vocab is valid while the model lives.
+        let bytes = unsafe { self.api.piece(self.vocab, token) };
+        (String::from_utf8_lossy(&bytes).into_owned(), bytes)
+    }
+
+    /// OpenAI logprobs: log-softmax of the raw logits for the chosen token and the top `k`.
+    fn logprob(&self, index: i32, token: i32, k: u32) -> TokenLogprob {
+        let logits = self.logits(index);
+        let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let log_sum = logits.iter().map(|l| (l - max).exp()).sum::<f32>().ln() + max;
+        let mut top: Vec<(i32, f32)> = Vec::with_capacity(k as usize + 1);
+        if k > 0 {
+            for (i, &l) in logits.iter().enumerate() {
+                if top.len() < k as usize || l > top[top.len() - 1].1 {
+                    let at = top.partition_point(|&(_, v)| v >= l);
+                    top.insert(at, (i as i32, l));
+                    top.truncate(k as usize);
+                }
+            }
+        }
+        let (text, bytes) = self.text(token);
+        TokenLogprob {
+            text,
+            bytes,
+            logprob: logits[token as usize] - log_sum,
+            top: top
+                .into_iter()
+                .map(|(t, l)| {
+                    let (text, bytes) = self.text(t);
+                    (text, bytes, l - log_sum)
+                })
+                .collect(),
+        }
+    }
+
+    fn argmax(&self, index: i32) -> i32 {
+        let logits = self.logits(index);
+        let mut best = 0;
+        for (i, &l) in logits.iter().enumerate() {
+            if l > logits[best] {
+                best = i;
+            }
+        }
+        best as i32
+    }
+}
+
+impl Drop for LlamaBackend {
+    fn drop(&mut self) {
+        // SAFETY: allocated by llama_batch_init in new().
+        unsafe { (self.api.llama_batch_free)(self.batch) }
+    }
+}
+
+impl Backend for LlamaBackend {
+    type Sampler = Chain;
+
+    fn new_sampler(&mut self, p: &Params) -> Result<Option<Chain>, String> {
+        if p.is_plain_greedy() {
+            return Ok(None); // argmax over raw logits: no candidate array per token
+        }
+        let api = &self.api;
+        // SAFETY: building a chain from llama.cpp's constructors; the chain owns them all.
+        let chain = Chain {
+            api: api.clone(),
+            ptr: unsafe {
+                (api.llama_sampler_chain_init)((api.llama_sampler_chain_default_params)())
+            },
+        };
+        unsafe {
+            if !p.logit_bias.is_empty() {
+                let bias: Vec<LogitBias> = p
+                    .logit_bias
+                    .iter()
+                    .map(|&(token, bias)| LogitBias { token, bias })
+                    .collect();
+                let s = (api.llama_sampler_init_logit_bias)(
+                    self.n_vocab,
+                    bias.len() as i32,
+                    bias.as_ptr(),
+                );
+                self.add(chain.ptr, s);
+            }
+            if let Some(grammar) = &p.grammar {
+                let g = c_string(grammar)?;
+                let root = c_string("root")?;
+                let s = (api.llama_sampler_init_grammar)(self.vocab, g.as_ptr(), root.as_ptr());
+                if s.is_null() {
+                    return Err("the grammar does not parse (llama.cpp rejected it)".into());
+                }
+                self.add(chain.ptr, s);
+            }
+            if p.has_penalties() {
+                let s = (api.llama_sampler_init_penalties)(
+                    self.n_vocab,
+                    p.repeat_last_n,
+                    p.repeat_penalty,
+                    p.frequency_penalty,
+                    p.presence_penalty,
+                );
+                self.add(chain.ptr, s);
+            }
+            if p.temperature <= 0.0 {
+                self.add(chain.ptr, (api.llama_sampler_init_greedy)());
+            } else {
+                if p.top_k > 0 {
+                    self.add(chain.ptr, (api.llama_sampler_init_top_k)(p.top_k));
+                }
+                if p.top_p < 1.0 {
+                    self.add(chain.ptr, (api.llama_sampler_init_top_p)(p.top_p, 1));
+                }
+                if p.min_p > 0.0 {
+                    self.add(chain.ptr, (api.llama_sampler_init_min_p)(p.min_p, 1));
+                }
+                self.add(chain.ptr, (api.llama_sampler_init_temp)(p.temperature));
+                self.add(
+                    chain.ptr,
+                    (api.llama_sampler_init_dist)(p.seed.unwrap_or(RANDOM_SEED)),
+                );
+            }
+        }
+        Ok(Some(chain))
+    }
+
+    fn seq_rm(&mut self, seq: i32, from: i32) -> bool {
+        // SAFETY: valid memory handle of our context.
+        unsafe { (self.api.llama_memory_seq_rm)(self.mem, seq, from, -1) }
+    }
+
+    fn seq_cp(&mut self, src: i32, dst: i32, _len: i32) {
+        // Sequences live in separate KV streams (kv_unified off), and llama.cpp copies across
+        // streams only whole: the source holds exactly the prompt when this is called.
+        // SAFETY: as above.
+        unsafe { (self.api.llama_memory_seq_cp)(self.mem, src, dst, -1, -1) }
+    }
+
+    fn decode(&mut self, items: &[BatchItem]) -> Result<(), String> {
+        assert!(items.len() <= self.capacity, "batch larger than allocated");
+        let b = &mut self.batch;
+        // SAFETY: the arrays were allocated for `capacity` tokens with one seq id each.
+        unsafe {
+            for (i, item) in items.iter().enumerate() {
+                *b.token.add(i) = item.token;
+                *b.pos.add(i) = item.pos;
+                *b.n_seq_id.add(i) = 1;
+                *(*b.seq_id.add(i)) = item.seq;
+                *b.logits.add(i) = i8::from(item.output);
+            }
+            b.n_tokens = items.len() as i32;
+            match (self.api.llama_decode)(self.ctx, *b) {
+                0 => Ok(()),
+                1 => Err("no room left in the KV cache".into()),
+                2 => Err("aborted".into()),
+                code => Err(format!("error {code}")),
+            }
+        }
+    }
+
+    fn sample(
+        &mut self,
+        sampler: Option<&mut Chain>,
+        index: i32,
+        logprobs: Option<u32>,
+    ) -> (i32, Option<TokenLogprob>) {
+        let token = match sampler {
+            // SAFETY: sampling from the logits of the last decode's output row.
+            Some(chain) => unsafe { (self.api.llama_sampler_sample)(chain.ptr, self.ctx, index) },
+            None => self.argmax(index),
+        };
+        (token, logprobs.map(|k| self.logprob(index, token, k)))
+    }
+
+    fn is_eog(&self, token: i32) -> bool {
+        // SAFETY: vocab valid while the model lives.
+        unsafe { (self.api.llama_vocab_is_eog)(self.vocab, token) }
+    }
+
+    fn piece(&self, token: i32) -> Vec<u8> {
+        // SAFETY: vocab is valid while the model lives.
+        unsafe { self.api.piece(self.vocab, token) }
+    }
+}
+
+/// Pooled embeddings of each input, decoded one sequence at a time in its own context.
+///
+/// # Safety
+/// `ctx` must be a live llama context created with embeddings on, `n_embd` its model's
+/// embedding size, its batch size at least the longest input, and not used concurrently.
+pub unsafe fn embed(
+    api: &Api,
+    ctx: Ctx,
+    inputs: &[Vec<i32>],
+    n_embd: usize,
+    normalize: bool,
+) -> Result<Vec<Vec<f32>>, String> {
+    let capacity = inputs.iter().map(Vec::len).max().unwrap_or(0).max(1);
+    let mut batch = (api.llama_batch_init)(capacity as i32, 0, 1);
+    let mem = (api.llama_get_memory)(ctx);
+    let mut out = Vec::with_capacity(inputs.len());
+    let mut result = Ok(());
+    for tokens in inputs {
+        unsafe {
+            (api.llama_memory_clear)(mem, true);
+            for (i, &t) in tokens.iter().enumerate() {
+                *batch.token.add(i) = t;
+                *batch.pos.add(i) = i as i32;
+                *batch.n_seq_id.add(i) = 1;
+                *(*batch.seq_id.add(i)) = 0;
+                *batch.logits.add(i) = 1;
+            }
+            batch.n_tokens = tokens.len() as i32;
+            let code = (api.llama_decode)(ctx, batch);
+            if code != 0 {
+                result = Err(format!("llama_decode failed with {code} while embedding"));
+                break;
+            }
+            let ptr = (api.llama_get_embeddings_seq)(ctx, 0);
+            if ptr.is_null() {
+                result = Err("the embeddings context has no pooled output".into());
+                break;
+            }
+            let mut v = std::slice::from_raw_parts(ptr, n_embd).to_vec();
+            if normalize {
+                let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt();
+                if norm > 0.0 {
+                    v.iter_mut().for_each(|x| *x /= norm);
+                }
+            }
+            out.push(v);
+        }
+    }
+    (api.llama_batch_free)(batch);
+    result.map(|()| out)
+}

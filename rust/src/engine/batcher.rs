@@ -1,0 +1,764 @@
+//! Continuous batching: which sequences go into each decode step, and what their results mean.
+//!
+//! Up to `slots.len()` sequences run at once, one llama_decode per step for all of them.
+//! Requests are admitted strictly in order; generating sequences always get their next token
+//! into the step first, and prompts fill what is left of the batch in chunks, so a long new
+//! prompt never stalls running streams. A slot remembers the tokens in its KV cache, and a new
+//! request takes the free slot sharing the longest prefix with its prompt (prefix caching).
+//! The backend (llama.cpp, or a fake in tests) does the decoding and sampling.
+
+use std::cmp::Reverse;
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::Instant;
+
+use super::types::{Event, Finish, Params, Request, TokenLogprob, Usage};
+use crate::sse::DeltaFramer;
+use crate::stop::StopMatcher;
+
+pub struct BatchItem {
+    pub token: i32,
+    pub pos: i32,
+    pub seq: i32,
+    pub output: bool,
+}
+
+/// What the batcher needs from an inference library.
+pub trait Backend {
+    type Sampler;
+    /// A sampler for these parameters; None when plain greedy decoding needs none.
+    fn new_sampler(&mut self, params: &Params) -> Result<Option<Self::Sampler>, String>;
+    /// Drop positions `from..` of a sequence; false if the cache cannot cut there.
+    fn seq_rm(&mut self, seq: i32, from: i32) -> bool;
+    /// Share the first `len` positions of `src` with `dst` (same prompt, other choice).
+    fn seq_cp(&mut self, src: i32, dst: i32, len: i32);
+    fn decode(&mut self, items: &[BatchItem]) -> Result<(), String>;
+    /// Pick the next token from the logits of batch item `index` of the last decode.
+    fn sample(
+        &mut self,
+        sampler: Option<&mut Self::Sampler>,
+        index: i32,
+        logprobs: Option<u32>,
+    ) -> (i32, Option<TokenLogprob>);
+    fn is_eog(&self, token: i32) -> bool;
+    fn piece(&self, token: i32) -> Vec<u8>;
+}
+
+struct Active<S> {
+    request: u64,
+    choice: u32,
+    prompt: Arc<Vec<i32>>,
+    /// Tokens of this sequence already in the KV cache.
+    n_past: usize,
+    /// Sampled token to feed in the next step.
+    next: Option<i32>,
+    generated: u32,
+    max_tokens: u32,
+    sampler: Option<S>,
+    matcher: StopMatcher,
+    framer: Option<DeltaFramer>,
+    logprobs: Option<u32>,
+    ignore_eos: bool,
+    /// For choices after the first: the slot whose prompt KV this one copies once computed.
+    follows: Option<usize>,
+    submitted: Instant,
+    first_token: Option<Instant>,
+    last_token: Option<Instant>,
+    cached: u32,
+    order: u64,
+}
+
+struct Slot<S> {
+    seq: i32,
+    /// Tokens in this sequence's KV cache (what a next request can reuse).
+    cached: Vec<i32>,
+    active: Option<Active<S>>,
+}
+
+struct Waiting {
+    request: Request,
+    submitted: Instant,
+}
+
+/// Counters the engine reports.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct Counters {
+    pub requests: u64,
+    pub prompt_tokens: u64,
+    pub cached_tokens: u64,
+    pub generated_tokens: u64,
+    pub decode_steps: u64,
+}
+
+pub struct Batcher<B: Backend> {
+    pub backend: B,
+    slots: Vec<Slot<B::Sampler>>,
+    waiting: VecDeque<Waiting>,
+    ctx_size: usize,
+    batch_size: usize,
+    admitted: u64,
+    pub counters: Counters,
+}
+
+fn common_prefix(a: &[i32], b: &[i32]) -> usize {
+    a.iter().zip(b).take_while(|(x, y)| x == y).count()
+}
+
+impl<B: Backend> Batcher<B> {
+    pub fn new(backend: B, parallel: usize, ctx_size: usize, batch_size: usize) -> Self {
+        let slots = (0..parallel)
+            .map(|i| Slot {
+                seq: i as i32,
+                cached: Vec::new(),
+                active: None,
+            })
+            .collect();
+        Self {
+            backend,
+            slots,
+            waiting: VecDeque::new(),
+            ctx_size,
+            batch_size: batch_size.max(1),
+            admitted: 0,
+            counters: Counters::default(),
+        }
+    }
+
+    pub fn waiting(&self) -> usize {
+        self.waiting.len()
+    }
+
+    pub fn running(&self) -> usize {
+        self.slots.iter().filter(|s| s.active.is_some()).count()
+    }
+
+    pub fn is_idle(&self) -> bool {
+        self.waiting.is_empty() && self.running() == 0
+    }
+
+    pub fn submit(&mut self, request: Request, now: Instant) {
+        self.waiting.push_back(Waiting {
+            request,
+            submitted: now,
+        });
+    }
+
+    /// End a request wherever it is; its choices report "cancelled".
+    pub fn cancel(&mut self, id: u64, events: &mut Vec<Event>) {
+        if let Some(pos) = self.waiting.iter().position(|w| w.request.id == id) {
+            let w = self.waiting.remove(pos).expect("position is in range");
+            for choice in 0..w.request.params.n {
+                events.push(finish_event(
+                    id,
+                    choice,
+                    Finish::Cancelled,
+                    Usage::default(),
+                ));
+            }
+        }
+        for i in 0..self.slots.len() {
+            if self.slots[i]
+                .active
+                .as_ref()
+                .is_some_and(|a| a.request == id)
+            {
+                self.finish(i, Finish::Cancelled, events);
+            }
+        }
+    }
+
+    /// Fail everything (the engine is stopping or broke).
+    pub fn fail_all(&mut self, finish: Finish, events: &mut Vec<Event>) {
+        while let Some(w) = self.waiting.pop_front() {
+            for choice in 0..w.request.params.n {
+                events.push(finish_event(
+                    w.request.id,
+                    choice,
+                    finish.clone(),
+                    Usage::default(),
+                ));
+            }
+        }
+        for i in 0..self.slots.len() {
+            if self.slots[i].active.is_some() {
+                self.finish(i, finish.clone(), events);
+            }
+        }
+    }
+
+    /// Admit waiting requests, decode one batch, turn its outputs into events.
+    /// Returns false when there was nothing to do.
+    pub fn step(&mut self, now: Instant, events: &mut Vec<Event>) -> bool {
+        self.admit(events);
+        let (items, owners) = self.build_batch();
+        if items.is_empty() {
+            return false;
+        }
+        if let Err(e) = self.backend.decode(&items) {
+            let mut failed = owners.clone();
+            failed.sort_unstable();
+            failed.dedup();
+            for slot in failed {
+                self.finish(
+                    slot,
+                    Finish::Error(format!("llama_decode failed: {e}")),
+                    events,
+                );
+                self.slots[slot].cached.clear();
+                self.backend.seq_rm(self.slots[slot].seq, 0);
+            }
+            return true;
+        }
+        self.counters.decode_steps += 1;
+        // Account what went into the cache before sampling what comes next.
+        for (item, &slot) in items.iter().zip(&owners) {
+            let s = &mut self.slots[slot];
+            s.cached.push(item.token);
+            if let Some(a) = s.active.as_mut() {
+                a.n_past += 1;
+            }
+        }
+        for (index, (item, &slot)) in items.iter().zip(&owners).enumerate() {
+            if !item.output {
+                continue;
+            }
+            self.copy_to_followers(slot);
+            for target in self.sharing_output(slot) {
+                self.sample_and_emit(target, index as i32, now, events);
+            }
+        }
+        true
+    }
+
+    fn admit(&mut self, events: &mut Vec<Event>) {
+        while let Some(front) = self.waiting.front() {
+            let n = front.request.params.n as usize;
+            let free: Vec<usize> = (0..self.slots.len())
+                .filter(|&i| self.slots[i].active.is_none())
+                .collect();
+            if free.len() < n {
+                break; // strictly FIFO: a request never overtakes an earlier one
+            }
+            let w = self.waiting.pop_front().expect("front exists");
+            let prompt = Arc::new(w.request.prompt);
+            let primary = *free
+                .iter()
+                .max_by_key(|&&i| (common_prefix(&self.slots[i].cached, &prompt), Reverse(i)))
+                .expect("n >= 1 free slot");
+            let others: Vec<usize> = free.into_iter().filter(|&i| i != primary).collect();
+            let mut samplers = Vec::with_capacity(n);
+            for _ in 0..n {
+                match self.backend.new_sampler(&w.request.params) {
+                    Ok(s) => samplers.push(s),
+                    Err(e) => {
+                        for choice in 0..n as u32 {
+                            events.push(finish_event(
+                                w.request.id,
+                                choice,
+                                Finish::Error(e.clone()),
+                                Usage::default(),
+                            ));
+                        }
+                        samplers.clear();
+                        break;
+                    }
+                }
+            }
+            if samplers.is_empty() {
+                continue;
+            }
+            self.counters.requests += 1;
+            self.counters.prompt_tokens += prompt.len() as u64;
+            let room = (self.ctx_size - prompt.len()) as u32;
+            let max_tokens = w.request.params.max_tokens.map_or(room, |m| m.min(room));
+            let targets = std::iter::once(primary).chain(others.into_iter().take(n - 1));
+            for (choice, (slot, sampler)) in targets.zip(samplers).enumerate() {
+                let mut cached = 0;
+                let follows = if choice == 0 {
+                    cached = self.reuse_prefix(slot, &prompt);
+                    self.counters.cached_tokens += cached as u64;
+                    None
+                } else {
+                    self.slots[slot].cached.clear();
+                    self.backend.seq_rm(self.slots[slot].seq, 0);
+                    Some(primary)
+                };
+                self.admitted += 1;
+                self.slots[slot].active = Some(Active {
+                    request: w.request.id,
+                    choice: choice as u32,
+                    prompt: prompt.clone(),
+                    n_past: if choice == 0 { cached } else { 0 },
+                    next: None,
+                    generated: 0,
+                    max_tokens,
+                    sampler,
+                    matcher: StopMatcher::new(w.request.params.stop.iter().cloned()),
+                    framer: w
+                        .request
+                        .frames
+                        .get(choice)
+                        .map(|(p, s)| DeltaFramer::new(p, s)),
+                    logprobs: w.request.params.logprobs,
+                    ignore_eos: w.request.params.ignore_eos,
+                    follows,
+                    submitted: w.submitted,
+                    first_token: None,
+                    last_token: None,
+                    cached: cached as u32,
+                    order: self.admitted,
+                });
+            }
+        }
+    }
+
+    /// Keep the longest usable prefix of the slot's cache; returns its length.
+    fn reuse_prefix(&mut self, slot: usize, prompt: &[i32]) -> usize {
+        let s = &mut self.slots[slot];
+        // The last prompt token is always decoded again: its logits give the first token.
+        let mut keep = common_prefix(&s.cached, prompt).min(prompt.len() - 1);
+        if !self.backend.seq_rm(s.seq, keep as i32) {
+            self.backend.seq_rm(s.seq, 0);
+            keep = 0;
+        }
+        s.cached.truncate(keep);
+        keep
+    }
+
+    /// The tokens of this step: every generating sequence's next token, then prompt chunks.
+    fn build_batch(&self) -> (Vec<BatchItem>, Vec<usize>) {
+        let mut order: Vec<usize> = (0..self.slots.len())
+            .filter(|&i| self.slots[i].active.is_some())
+            .collect();
+        order.sort_by_key(|&i| self.slots[i].active.as_ref().map(|a| a.order));
+        let mut items = Vec::new();
+        let mut owners = Vec::new();
+        for &i in &order {
+            let a = self.slots[i].active.as_ref().expect("active");
+            if let Some(token) = a.next {
+                items.push(BatchItem {
+                    token,
+                    pos: a.n_past as i32,
+                    seq: self.slots[i].seq,
+                    output: true,
+                });
+                owners.push(i);
+            }
+        }
+        let mut budget = self.batch_size.saturating_sub(items.len());
+        for &i in &order {
+            if budget == 0 {
+                break;
+            }
+            let a = self.slots[i].active.as_ref().expect("active");
+            if a.next.is_some() || a.follows.is_some() || a.n_past >= a.prompt.len() {
+                continue;
+            }
+            let take = budget.min(a.prompt.len() - a.n_past);
+            for k in 0..take {
+                let pos = a.n_past + k;
+                items.push(BatchItem {
+                    token: a.prompt[pos],
+                    pos: pos as i32,
+                    seq: self.slots[i].seq,
+                    output: pos + 1 == a.prompt.len(),
+                });
+                owners.push(i);
+            }
+            budget -= take;
+        }
+        (items, owners)
+    }
+
+    /// A primary choice finished its prompt: give its KV to the other choices of the request.
+    fn copy_to_followers(&mut self, primary: usize) {
+        let Some(a) = self.slots[primary].active.as_ref() else {
+            return;
+        };
+        if a.next.is_some() || a.n_past != a.prompt.len() {
+            return;
+        }
+        let (len, src, prompt) = (a.n_past, self.slots[primary].seq, a.prompt.clone());
+        for i in 0..self.slots.len() {
+            let follows = self.slots[i]
+                .active
+                .as_ref()
+                .is_some_and(|f| f.follows == Some(primary));
+            if follows {
+                self.backend.seq_cp(src, self.slots[i].seq, len as i32);
+                let s = &mut self.slots[i];
+                s.cached = prompt.to_vec();
+                let f = s.active.as_mut().expect("active");
+                f.n_past = len;
+                f.follows = None;
+                f.cached = 0;
+            }
+        }
+    }
+
+    /// Slots sampling from `slot`'s output: itself, plus choices that just copied its prompt.
+    fn sharing_output(&self, slot: usize) -> Vec<usize> {
+        let Some(a) = self.slots[slot].active.as_ref() else {
+            return Vec::new();
+        };
+        if a.next.is_some() {
+            return vec![slot];
+        }
+        (0..self.slots.len())
+            .filter(|&i| {
+                self.slots[i].active.as_ref().is_some_and(|b| {
+                    b.request == a.request && b.next.is_none() && b.n_past == a.n_past
+                })
+            })
+            .collect()
+    }
+
+    fn sample_and_emit(&mut self, slot: usize, index: i32, now: Instant, events: &mut Vec<Event>) {
+        let a = self.slots[slot].active.as_mut().expect("active");
+        let (token, lp) = self.backend.sample(a.sampler.as_mut(), index, a.logprobs);
+        a.first_token.get_or_insert(now);
+        a.last_token = Some(now);
+        if !a.ignore_eos && self.backend.is_eog(token) {
+            self.emit_text(slot, events);
+            self.finish(slot, Finish::Stop, events);
+            return;
+        }
+        self.counters.generated_tokens += 1;
+        let piece = self.backend.piece(token);
+        let a = self.slots[slot].active.as_mut().expect("active");
+        a.generated += 1;
+        let step = a.matcher.push(&piece);
+        let (request, choice) = (a.request, a.choice);
+        let framed = a
+            .framer
+            .as_ref()
+            .filter(|_| !step.text.is_empty())
+            .map(|f| f.frame(&step.text));
+        if !step.text.is_empty() || lp.is_some() {
+            events.push(Event {
+                request,
+                choice,
+                text: step.text,
+                framed,
+                finish: None,
+                logprobs: lp.into_iter().collect(),
+                usage: None,
+            });
+        }
+        let a = self.slots[slot].active.as_mut().expect("active");
+        if step.stopped {
+            self.finish(slot, Finish::Stop, events);
+        } else if a.generated >= a.max_tokens {
+            self.emit_text(slot, events);
+            self.finish(slot, Finish::Length, events);
+        } else {
+            a.next = Some(token);
+        }
+    }
+
+    /// Release text the stop matcher still holds (generation ended without a stop string).
+    fn emit_text(&mut self, slot: usize, events: &mut Vec<Event>) {
+        let a = self.slots[slot].active.as_mut().expect("active");
+        let text = a.matcher.flush();
+        if !text.is_empty() {
+            let framed = a.framer.as_ref().map(|f| f.frame(&text));
+            events.push(Event {
+                request: a.request,
+                choice: a.choice,
+                text,
+                framed,
+                finish: None,
+                logprobs: Vec::new(),
+                usage: None,
+            });
+        }
+    }
+
+    fn finish(&mut self, slot: usize, finish: Finish, events: &mut Vec<Event>) {
+        let a = self.slots[slot].active.take().expect("active");
+        let ms = |from: Instant, to: Instant| to.duration_since(from).as_secs_f64() * 1000.0;
+        let usage = Usage {
+            prompt_tokens: a.prompt.len() as u32,
+            cached_tokens: a.cached,
+            completion_tokens: a.generated,
+            ttft_ms: a.first_token.map_or(0.0, |t| ms(a.submitted, t)),
+            gen_ms: match (a.first_token, a.last_token) {
+                (Some(f), Some(l)) => ms(f, l),
+                _ => 0.0,
+            },
+        };
+        events.push(finish_event(a.request, a.choice, finish, usage));
+    }
+}
+
+fn finish_event(request: u64, choice: u32, finish: Finish, usage: Usage) -> Event {
+    Event {
+        request,
+        choice,
+        text: String::new(),
+        framed: None,
+        finish: Some(finish),
+        logprobs: Vec::new(),
+        usage: Some(usage),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Next token = last input token + 1 (mod 100); token 99 is end-of-generation.
+    #[derive(Default)]
+    struct Fake {
+        steps: Vec<Vec<(i32, i32, i32, bool)>>,
+        last_outputs: Vec<i32>,
+        removed: Vec<(i32, i32)>,
+        copied: Vec<(i32, i32, i32)>,
+    }
+
+    impl Backend for Fake {
+        type Sampler = ();
+        fn new_sampler(&mut self, p: &Params) -> Result<Option<()>, String> {
+            match &p.grammar {
+                Some(g) if g == "bad" => Err("bad grammar".into()),
+                _ => Ok(None),
+            }
+        }
+        fn seq_rm(&mut self, seq: i32, from: i32) -> bool {
+            self.removed.push((seq, from));
+            true
+        }
+        fn seq_cp(&mut self, src: i32, dst: i32, len: i32) {
+            self.copied.push((src, dst, len));
+        }
+        fn decode(&mut self, items: &[BatchItem]) -> Result<(), String> {
+            self.steps.push(
+                items
+                    .iter()
+                    .map(|i| (i.token, i.pos, i.seq, i.output))
+                    .collect(),
+            );
+            self.last_outputs = items.iter().map(|i| i.token).collect();
+            Ok(())
+        }
+        fn sample(
+            &mut self,
+            _: Option<&mut ()>,
+            index: i32,
+            _: Option<u32>,
+        ) -> (i32, Option<TokenLogprob>) {
+            ((self.last_outputs[index as usize] + 1) % 100, None)
+        }
+        fn is_eog(&self, token: i32) -> bool {
+            token == 99
+        }
+        fn piece(&self, token: i32) -> Vec<u8> {
+            format!("<{token}>").into_bytes()
+        }
+    }
+
+    fn req(id: u64, prompt: Vec<i32>, max_tokens: u32) -> Request {
+        Request {
+            id,
+            prompt,
+            params: Params {
+                max_tokens: Some(max_tokens),
+                ..Params::default()
+            },
+            frames: Vec::new(),
+        }
+    }
+
+    fn run(b: &mut Batcher<Fake>) -> Vec<Event> {
+        let mut events = Vec::new();
+        let now = Instant::now();
+        for _ in 0..1000 {
+            if !b.step(now, &mut events) {
+                break;
+            }
+        }
+        events
+    }
+
+    fn text_of(events: &[Event], id: u64, choice: u32) -> String {
+        events
+            .iter()
+            .filter(|e| e.request == id && e.choice == choice)
+            .map(|e| e.text.as_str())
+            .collect()
+    }
+
+    fn finish_of(events: &[Event], id: u64) -> Vec<(u32, Finish)> {
+        events
+            .iter()
+            .filter(|e| e.request == id)
+            .filter_map(|e| e.finish.clone().map(|f| (e.choice, f)))
+            .collect()
+    }
+
+    #[test]
+    fn generates_until_max_tokens() {
+        let mut b = Batcher::new(Fake::default(), 2, 64, 16);
+        b.submit(req(1, vec![10, 11, 12], 3), Instant::now());
+        let ev = run(&mut b);
+        assert_eq!(text_of(&ev, 1, 0), "<13><14><15>");
+        assert_eq!(finish_of(&ev, 1), vec![(0, Finish::Length)]);
+        let usage = ev.last().unwrap().usage.clone().unwrap();
+        assert_eq!((usage.prompt_tokens, usage.completion_tokens), (3, 3));
+        assert!(b.is_idle());
+    }
+
+    #[test]
+    fn eog_stops_and_ignore_eos_does_not() {
+        let mut b = Batcher::new(Fake::default(), 1, 64, 16);
+        b.submit(req(1, vec![97], 10), Instant::now());
+        let ev = run(&mut b);
+        assert_eq!(text_of(&ev, 1, 0), "<98>");
+        assert_eq!(finish_of(&ev, 1), vec![(0, Finish::Stop)]);
+        let mut r = req(2, vec![97], 3);
+        r.params.ignore_eos = true;
+        b.submit(r, Instant::now());
+        let ev = run(&mut b);
+        assert_eq!(text_of(&ev, 2, 0), "<98><99><0>");
+    }
+
+    #[test]
+    fn stop_string_across_tokens() {
+        let mut b = Batcher::new(Fake::default(), 1, 64, 16);
+        let mut r = req(1, vec![1], 10);
+        r.params.stop = vec!["3><4".into()];
+        b.submit(r, Instant::now());
+        let ev = run(&mut b);
+        assert_eq!(text_of(&ev, 1, 0), "<2><");
+        assert_eq!(finish_of(&ev, 1), vec![(0, Finish::Stop)]);
+    }
+
+    #[test]
+    fn never_more_than_parallel_and_fifo() {
+        let mut b = Batcher::new(Fake::default(), 2, 64, 64);
+        for id in 1..=5 {
+            b.submit(req(id, vec![id as i32 * 10], 2), Instant::now());
+        }
+        let mut events = Vec::new();
+        let mut first_token_order = Vec::new();
+        while b.step(Instant::now(), &mut events) {
+            assert!(b.running() <= 2);
+            for e in &events {
+                if !e.text.is_empty() && !first_token_order.contains(&e.request) {
+                    first_token_order.push(e.request);
+                }
+            }
+        }
+        assert_eq!(first_token_order, vec![1, 2, 3, 4, 5]);
+        for step in &b.backend.steps {
+            let seqs: std::collections::HashSet<i32> = step.iter().map(|s| s.2).collect();
+            assert!(seqs.len() <= 2);
+        }
+    }
+
+    #[test]
+    fn batch_budget_and_chunked_prefill_interleave() {
+        let mut b = Batcher::new(Fake::default(), 2, 256, 8);
+        b.submit(req(1, vec![1, 2], 50), Instant::now());
+        let mut events = Vec::new();
+        b.step(Instant::now(), &mut events); // request 1's prompt
+        b.submit(req(2, (0..30).collect(), 2), Instant::now());
+        for _ in 0..4 {
+            b.step(Instant::now(), &mut events);
+        }
+        for step in &b.backend.steps {
+            assert!(step.len() <= 8, "budget exceeded: {}", step.len());
+        }
+        // while request 2's 30-token prompt was processed in chunks, request 1 kept decoding
+        for step in &b.backend.steps[1..5] {
+            assert!(
+                step.iter().any(|s| s.2 == 0 && s.3),
+                "stream 1 stalled: {step:?}"
+            );
+            assert!(step.iter().filter(|s| s.2 == 1).count() <= 7);
+        }
+    }
+
+    #[test]
+    fn cancel_removes_in_next_step() {
+        let mut b = Batcher::new(Fake::default(), 2, 256, 16);
+        b.submit(req(1, vec![1], 100), Instant::now());
+        b.submit(req(2, vec![1], 100), Instant::now());
+        let mut events = Vec::new();
+        b.step(Instant::now(), &mut events);
+        b.cancel(1, &mut events);
+        assert_eq!(finish_of(&events, 1), vec![(0, Finish::Cancelled)]);
+        let before = b.backend.steps.len();
+        b.step(Instant::now(), &mut events);
+        assert!(b.backend.steps[before].iter().all(|s| s.2 != 0));
+        assert_eq!(b.running(), 1);
+        // cancelling a queued request
+        b.submit(req(3, vec![1], 5), Instant::now());
+        b.submit(req(4, vec![1], 5), Instant::now());
+        b.cancel(4, &mut events);
+        assert_eq!(finish_of(&events, 4), vec![(0, Finish::Cancelled)]);
+        assert_eq!(b.waiting(), 1); // request 3 still waits for the next step
+    }
+
+    #[test]
+    fn prefix_cache_reuses_the_longest_match() {
+        let mut b = Batcher::new(Fake::default(), 2, 256, 64);
+        b.submit(req(1, vec![5, 6, 7, 8], 1), Instant::now());
+        run(&mut b);
+        b.submit(req(2, vec![5, 6, 7, 8, 9, 10], 1), Instant::now());
+        let ev = run(&mut b);
+        let usage = ev.last().unwrap().usage.clone().unwrap();
+        assert_eq!(usage.cached_tokens, 4);
+        let last = b.backend.steps.last().unwrap();
+        assert_eq!(last.iter().map(|s| s.1).collect::<Vec<_>>(), vec![4, 5]);
+        assert_eq!(b.counters.cached_tokens, 4);
+        // an identical prompt still re-decodes its last token
+        b.submit(req(3, vec![5, 6, 7, 8, 9, 10], 1), Instant::now());
+        let ev = run(&mut b);
+        assert_eq!(ev.last().unwrap().usage.as_ref().unwrap().cached_tokens, 5);
+    }
+
+    #[test]
+    fn n_choices_share_the_prompt() {
+        let mut b = Batcher::new(Fake::default(), 3, 64, 64);
+        let mut r = req(1, vec![1, 2, 3], 2);
+        r.params.n = 3;
+        b.submit(r, Instant::now());
+        let ev = run(&mut b);
+        for choice in 0..3 {
+            assert_eq!(text_of(&ev, 1, choice), "<4><5>");
+        }
+        assert_eq!(b.backend.copied.len(), 2);
+        // the prompt was decoded once
+        let prompt_tokens: usize = b.backend.steps.iter().flatten().filter(|s| s.1 < 3).count();
+        assert_eq!(prompt_tokens, 3);
+    }
+
+    #[test]
+    fn bad_sampler_fails_only_that_request() {
+        let mut b = Batcher::new(Fake::default(), 2, 64, 64);
+        let mut r = req(1, vec![1], 2);
+        r.params.grammar = Some("bad".into());
+        b.submit(r, Instant::now());
+        b.submit(req(2, vec![1], 2), Instant::now());
+        let ev = run(&mut b);
+        assert_eq!(
+            finish_of(&ev, 1),
+            vec![(0, Finish::Error("bad grammar".into()))]
+        );
+        assert_eq!(finish_of(&ev, 2), vec![(0, Finish::Length)]);
+    }
+
+    #[test]
+    fn fail_all_ends_everything() {
+        let mut b = Batcher::new(Fake::default(), 1, 64, 64);
+        b.submit(req(1, vec![1], 50), Instant::now());
+        b.submit(req(2, vec![1], 50), Instant::now());
+        let mut events = Vec::new();
+        b.step(Instant::now(), &mut events);
+        b.fail_all(Finish::Cancelled, &mut events);
+        assert_eq!(finish_of(&events, 1), vec![(0, Finish::Cancelled)]);
+        assert_eq!(finish_of(&events, 2), vec![(0, Finish::Cancelled)]);
+        assert!(b.is_idle());
+    }
+}

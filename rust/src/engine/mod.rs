@@ -1,0 +1,229 @@
+//! The engine: a batcher on its own thread, fed through a command queue, reporting events.
+//!
+//! Callers (the Python binding) never wait for the decode loop: `submit` and `cancel` enqueue
+//! and return, and the loop wakes its reader through a socket after each step that produced
+//! events, so one `poll()` collects everything every sequence produced.
+
+pub mod backend;
+pub mod batcher;
+pub mod types;
+
+use std::collections::VecDeque;
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+use batcher::{Backend, Batcher, Counters};
+use types::{Event, Finish, Request};
+
+enum Command {
+    Submit(Request, Instant),
+    Cancel(u64),
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum SubmitError {
+    QueueFull(usize),
+    Invalid(String),
+}
+
+/// Numbers for metrics, readable from any thread.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct Stats {
+    pub queue_depth: u64,
+    pub running: u64,
+    pub counters: Counters,
+}
+
+#[derive(Default)]
+struct Shared {
+    commands: Mutex<VecDeque<Command>>,
+    wake: Condvar,
+    events: Mutex<Vec<Event>>,
+    stop: AtomicBool,
+    /// Requests submitted and not yet admitted (the queue limit counts these).
+    queued: AtomicU64,
+    stats: Mutex<Stats>,
+}
+
+pub struct Limits {
+    pub ctx_size: usize,
+    pub parallel: usize,
+    pub max_queue: usize,
+    pub n_vocab: i32,
+}
+
+pub struct Engine {
+    shared: Arc<Shared>,
+    limits: Limits,
+    thread: Option<JoinHandle<()>>,
+    reader: UnixStream,
+}
+
+impl Engine {
+    pub fn start<B>(backend: B, limits: Limits, batch_size: usize) -> std::io::Result<Self>
+    where
+        B: Backend + Send + 'static,
+        B::Sampler: Send,
+    {
+        let (reader, writer) = UnixStream::pair()?;
+        reader.set_nonblocking(true)?;
+        writer.set_nonblocking(true)?;
+        let shared = Arc::new(Shared::default());
+        let batcher = Batcher::new(backend, limits.parallel, limits.ctx_size, batch_size);
+        let thread_shared = shared.clone();
+        let thread = std::thread::Builder::new()
+            .name("xllm-batch".into())
+            .spawn(move || run(batcher, &thread_shared, writer))?;
+        Ok(Self {
+            shared,
+            limits,
+            thread: Some(thread),
+            reader,
+        })
+    }
+
+    pub fn submit(&self, request: Request) -> Result<(), SubmitError> {
+        if self.thread.is_none() {
+            return Err(SubmitError::Invalid("the engine is closed".into()));
+        }
+        let l = &self.limits;
+        let p = &request.params;
+        if request.prompt.is_empty() {
+            return Err(SubmitError::Invalid("the prompt is empty".into()));
+        }
+        if request.prompt.len() >= l.ctx_size {
+            return Err(SubmitError::Invalid(format!(
+                "the prompt is {} tokens, the context holds {}",
+                request.prompt.len(),
+                l.ctx_size
+            )));
+        }
+        if let Some(bad) = request.prompt.iter().find(|&&t| t < 0 || t >= l.n_vocab) {
+            return Err(SubmitError::Invalid(format!(
+                "token id {bad} is outside the vocabulary (0..{})",
+                l.n_vocab
+            )));
+        }
+        if p.n == 0 || p.n as usize > l.parallel {
+            return Err(SubmitError::Invalid(format!(
+                "n must be between 1 and {} (parallel sequences)",
+                l.parallel
+            )));
+        }
+        if let Some(&(bad, _)) = p.logit_bias.iter().find(|(t, _)| *t < 0 || *t >= l.n_vocab) {
+            return Err(SubmitError::Invalid(format!(
+                "logit_bias token id {bad} is outside the vocabulary"
+            )));
+        }
+        let mut commands = self.shared.commands.lock().expect("poisoned");
+        if self.shared.queued.load(Ordering::SeqCst) as usize >= l.max_queue {
+            return Err(SubmitError::QueueFull(l.max_queue));
+        }
+        self.shared.queued.fetch_add(1, Ordering::SeqCst);
+        commands.push_back(Command::Submit(request, Instant::now()));
+        self.shared.wake.notify_one();
+        Ok(())
+    }
+
+    pub fn cancel(&self, id: u64) {
+        self.shared
+            .commands
+            .lock()
+            .expect("poisoned")
+            .push_back(Command::Cancel(id));
+        self.shared.wake.notify_one();
+    }
+
+    /// Everything produced since the last call.
+    pub fn poll(&self) -> Vec<Event> {
+        let mut sink = [0u8; 256];
+        while matches!((&self.reader).read(&mut sink), Ok(n) if n > 0) {}
+        std::mem::take(&mut *self.shared.events.lock().expect("poisoned"))
+    }
+
+    /// Readable when `poll` has something.
+    pub fn wake_fd(&self) -> &UnixStream {
+        &self.reader
+    }
+
+    pub fn stats(&self) -> Stats {
+        self.shared.stats.lock().expect("poisoned").clone()
+    }
+
+    /// Stop the loop: waiting and running requests end as cancelled.
+    pub fn close(&mut self) {
+        self.shared.stop.store(true, Ordering::SeqCst);
+        self.shared.wake.notify_all();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+fn run<B: Backend>(mut batcher: Batcher<B>, shared: &Shared, mut notify: UnixStream) {
+    let mut events = Vec::new();
+    loop {
+        let commands: Vec<Command> = {
+            let mut queue = shared.commands.lock().expect("poisoned");
+            while queue.is_empty() && batcher.is_idle() && !shared.stop.load(Ordering::SeqCst) {
+                queue = shared.wake.wait(queue).expect("poisoned");
+            }
+            queue.drain(..).collect()
+        };
+        let stopping = shared.stop.load(Ordering::SeqCst);
+        let waiting_before = batcher.waiting() as u64;
+        let mut submitted = 0;
+        let outcome = catch_unwind(AssertUnwindSafe(|| {
+            for command in commands {
+                match command {
+                    Command::Submit(request, at) => {
+                        submitted += 1;
+                        batcher.submit(request, at);
+                    }
+                    Command::Cancel(id) => batcher.cancel(id, &mut events),
+                }
+            }
+            if stopping {
+                batcher.fail_all(Finish::Cancelled, &mut events);
+            } else {
+                batcher.step(Instant::now(), &mut events);
+            }
+        }));
+        if let Err(panic) = outcome {
+            let what = panic
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_else(|| "unknown panic".into());
+            let reason = Finish::Error(format!("internal error in the batching loop: {what}"));
+            let _ = catch_unwind(AssertUnwindSafe(|| batcher.fail_all(reason, &mut events)));
+        }
+        {
+            let mut stats = shared.stats.lock().expect("poisoned");
+            stats.queue_depth = batcher.waiting() as u64;
+            stats.running = batcher.running() as u64;
+            stats.counters = batcher.counters.clone();
+            // admitted or cancelled while waiting: no longer counts against max_queue
+            let left = (waiting_before + submitted).saturating_sub(stats.queue_depth);
+            shared.queued.fetch_sub(left, Ordering::SeqCst);
+        }
+        if !events.is_empty() {
+            shared.events.lock().expect("poisoned").append(&mut events);
+            let _ = notify.write(&[1]); // a full socket already means "readable"
+        }
+        if stopping {
+            return;
+        }
+    }
+}

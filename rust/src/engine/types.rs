@@ -1,0 +1,122 @@
+//! What goes into and comes out of the batching engine.
+
+/// Per-request sampling and stopping parameters (already validated by the server).
+#[derive(Debug, Clone)]
+pub struct Params {
+    pub max_tokens: Option<u32>,
+    pub temperature: f32,
+    pub top_p: f32,
+    pub top_k: i32,
+    pub min_p: f32,
+    pub seed: Option<u32>,
+    pub repeat_penalty: f32,
+    pub repeat_last_n: i32,
+    pub frequency_penalty: f32,
+    pub presence_penalty: f32,
+    pub ignore_eos: bool,
+    pub stop: Vec<String>,
+    pub n: u32,
+    pub logprobs: Option<u32>,
+    pub logit_bias: Vec<(i32, f32)>,
+    pub grammar: Option<String>,
+}
+
+impl Default for Params {
+    /// llama-server's defaults.
+    fn default() -> Self {
+        Self {
+            max_tokens: None,
+            temperature: 0.8,
+            top_p: 0.95,
+            top_k: 40,
+            min_p: 0.05,
+            seed: None,
+            repeat_penalty: 1.0,
+            repeat_last_n: 64,
+            frequency_penalty: 0.0,
+            presence_penalty: 0.0,
+            ignore_eos: false,
+            stop: Vec::new(),
+            n: 1,
+            logprobs: None,
+            logit_bias: Vec::new(),
+            grammar: None,
+        }
+    }
+}
+
+impl Params {
+    /// Nothing but the most likely token: no sampler chain needed.
+    pub fn is_plain_greedy(&self) -> bool {
+        self.temperature <= 0.0
+            && self.logit_bias.is_empty()
+            && self.grammar.is_none()
+            && !self.has_penalties()
+    }
+
+    pub fn has_penalties(&self) -> bool {
+        self.repeat_last_n != 0
+            && (self.repeat_penalty != 1.0
+                || self.frequency_penalty != 0.0
+                || self.presence_penalty != 0.0)
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Request {
+    pub id: u64,
+    pub prompt: Vec<i32>,
+    pub params: Params,
+    /// Per choice: JSON before and after the token text, for ready-framed SSE events.
+    pub frames: Vec<(Vec<u8>, Vec<u8>)>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Finish {
+    Stop,
+    Length,
+    Cancelled,
+    Error(String),
+}
+
+impl Finish {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Finish::Stop => "stop",
+            Finish::Length => "length",
+            Finish::Cancelled => "cancelled",
+            Finish::Error(_) => "error",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Usage {
+    pub prompt_tokens: u32,
+    pub cached_tokens: u32,
+    pub completion_tokens: u32,
+    /// From submission to the first generated token.
+    pub ttft_ms: f64,
+    /// From the first to the last generated token.
+    pub gen_ms: f64,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenLogprob {
+    pub text: String,
+    pub bytes: Vec<u8>,
+    pub logprob: f32,
+    pub top: Vec<(String, Vec<u8>, f32)>,
+}
+
+/// One thing that happened to one choice of one request.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Event {
+    pub request: u64,
+    pub choice: u32,
+    pub text: String,
+    pub framed: Option<Vec<u8>>,
+    pub finish: Option<Finish>,
+    pub logprobs: Vec<TokenLogprob>,
+    pub usage: Option<Usage>,
+}

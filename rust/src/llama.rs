@@ -1,0 +1,135 @@
+//! The slice of libllama's C API the batching loop uses, resolved at run time from the library
+//! llama-cpp-python ships, so xllm always drives the exact llama.cpp that package was built with.
+//!
+//! The model and its contexts are created on the Python side (llama-cpp-python's ctypes mirror
+//! of the big parameter structs is maintained with the header); this side only takes their
+//! pointers and calls functions whose arguments are scalars, pointers and `llama_batch`.
+
+use std::ffi::{c_char, c_void};
+use std::sync::Arc;
+
+use libloading::Library;
+
+/// llama-cpp-python version whose `llama.h` these declarations were written against.
+pub const SUPPORTED_LLAMA_CPP_PYTHON: &str = "0.3.36";
+
+pub type Token = i32;
+pub type Ctx = *mut c_void;
+pub type Vocab = *const c_void;
+pub type Memory = *mut c_void;
+pub type Sampler = *mut c_void;
+
+/// `struct llama_batch` (llama.h): unchanged since the batch API was introduced.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct RawBatch {
+    pub n_tokens: i32,
+    pub token: *mut Token,
+    pub embd: *mut f32,
+    pub pos: *mut i32,
+    pub n_seq_id: *mut i32,
+    pub seq_id: *mut *mut i32,
+    pub logits: *mut i8,
+}
+
+#[repr(C)]
+pub struct LogitBias {
+    pub token: Token,
+    pub bias: f32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct ChainParams {
+    pub no_perf: bool,
+}
+
+macro_rules! api {
+    ($($name:ident: fn($($arg:ty),*) $(-> $ret:ty)?;)*) => {
+        /// Function pointers into libllama; the `Library` stays loaded as long as this lives.
+        pub struct Api {
+            _lib: Library,
+            $(pub $name: unsafe extern "C" fn($($arg),*) $(-> $ret)?,)*
+        }
+
+        impl Api {
+            /// Resolves every symbol up front: a library that lacks one is not the one we bind.
+            pub fn load(path: &str) -> Result<Arc<Api>, String> {
+                // SAFETY: loading libllama runs its initializers, as importing llama_cpp does.
+                let lib = unsafe { Library::new(path) }
+                    .map_err(|e| format!("cannot load {path}: {e}"))?;
+                $(
+                    // SAFETY: the signature is the one declared in llama.h of the bound version.
+                    let $name = unsafe {
+                        *lib.get::<unsafe extern "C" fn($($arg),*) $(-> $ret)?>(
+                            concat!(stringify!($name), "\0").as_bytes(),
+                        )
+                        .map_err(|e| format!(
+                            "{path} has no symbol {}: not the libllama of llama-cpp-python {} ({e})",
+                            stringify!($name), SUPPORTED_LLAMA_CPP_PYTHON,
+                        ))?
+                    };
+                )*
+                Ok(Arc::new(Api { _lib: lib, $($name,)* }))
+            }
+        }
+    };
+}
+
+api! {
+    llama_batch_init: fn(i32, i32, i32) -> RawBatch;
+    llama_batch_free: fn(RawBatch);
+    llama_decode: fn(Ctx, RawBatch) -> i32;
+    llama_get_logits_ith: fn(Ctx, i32) -> *mut f32;
+    llama_get_embeddings_seq: fn(Ctx, i32) -> *mut f32;
+    llama_get_memory: fn(Ctx) -> Memory;
+    llama_memory_seq_rm: fn(Memory, i32, i32, i32) -> bool;
+    llama_memory_seq_cp: fn(Memory, i32, i32, i32, i32);
+    llama_memory_clear: fn(Memory, bool);
+    llama_vocab_is_eog: fn(Vocab, Token) -> bool;
+    llama_token_to_piece: fn(Vocab, Token, *mut c_char, i32, i32, bool) -> i32;
+    llama_sampler_chain_default_params: fn() -> ChainParams;
+    llama_sampler_chain_init: fn(ChainParams) -> Sampler;
+    llama_sampler_chain_add: fn(Sampler, Sampler);
+    llama_sampler_init_greedy: fn() -> Sampler;
+    llama_sampler_init_dist: fn(u32) -> Sampler;
+    llama_sampler_init_top_k: fn(i32) -> Sampler;
+    llama_sampler_init_top_p: fn(f32, usize) -> Sampler;
+    llama_sampler_init_min_p: fn(f32, usize) -> Sampler;
+    llama_sampler_init_temp: fn(f32) -> Sampler;
+    llama_sampler_init_penalties: fn(i32, i32, f32, f32, f32) -> Sampler;
+    llama_sampler_init_logit_bias: fn(i32, i32, *const LogitBias) -> Sampler;
+    llama_sampler_init_grammar: fn(Vocab, *const c_char, *const c_char) -> Sampler;
+    llama_sampler_sample: fn(Sampler, Ctx, i32) -> Token;
+    llama_sampler_free: fn(Sampler);
+}
+
+impl Api {
+    /// The bytes a token renders as (control tokens render as nothing).
+    ///
+    /// # Safety
+    /// `vocab` must be the vocabulary of a loaded model.
+    pub unsafe fn piece(&self, vocab: Vocab, token: Token) -> Vec<u8> {
+        let mut buf = vec![0u8; 64];
+        loop {
+            let n = (self.llama_token_to_piece)(
+                vocab,
+                token,
+                buf.as_mut_ptr().cast(),
+                buf.len() as i32,
+                0,
+                false,
+            );
+            if n >= 0 {
+                buf.truncate(n as usize);
+                return buf;
+            }
+            buf.resize((-n) as usize, 0);
+        }
+    }
+}
+
+/// A C string for llama.cpp, refusing interior NULs.
+pub fn c_string(s: &str) -> Result<std::ffi::CString, String> {
+    std::ffi::CString::new(s).map_err(|_| "text contains a NUL byte".to_string())
+}
