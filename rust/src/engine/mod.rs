@@ -8,7 +8,7 @@ pub mod backend;
 pub mod batcher;
 pub mod types;
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -45,8 +45,8 @@ struct Shared {
     wake: Condvar,
     events: Mutex<Vec<Event>>,
     stop: AtomicBool,
-    /// Requests submitted and not yet admitted (the queue limit counts these).
-    queued: AtomicU64,
+    /// Requests submitted and not finished: at most `parallel` run, `max_queue` more may wait.
+    outstanding: AtomicU64,
     stats: Mutex<Stats>,
 }
 
@@ -121,10 +121,10 @@ impl Engine {
             )));
         }
         let mut commands = self.shared.commands.lock().expect("poisoned");
-        if self.shared.queued.load(Ordering::SeqCst) as usize >= l.max_queue {
+        if self.shared.outstanding.load(Ordering::SeqCst) as usize >= l.parallel + l.max_queue {
             return Err(SubmitError::QueueFull(l.max_queue));
         }
-        self.shared.queued.fetch_add(1, Ordering::SeqCst);
+        self.shared.outstanding.fetch_add(1, Ordering::SeqCst);
         commands.push_back(Command::Submit(request, Instant::now()));
         self.shared.wake.notify_one();
         Ok(())
@@ -173,6 +173,8 @@ impl Drop for Engine {
 
 fn run<B: Backend>(mut batcher: Batcher<B>, shared: &Shared, mut notify: UnixStream) {
     let mut events = Vec::new();
+    // choices still running per request, to know when a request stops counting as outstanding
+    let mut open: HashMap<u64, u32> = HashMap::new();
     loop {
         let commands: Vec<Command> = {
             let mut queue = shared.commands.lock().expect("poisoned");
@@ -182,13 +184,11 @@ fn run<B: Backend>(mut batcher: Batcher<B>, shared: &Shared, mut notify: UnixStr
             queue.drain(..).collect()
         };
         let stopping = shared.stop.load(Ordering::SeqCst);
-        let waiting_before = batcher.waiting() as u64;
-        let mut submitted = 0;
         let outcome = catch_unwind(AssertUnwindSafe(|| {
             for command in commands {
                 match command {
                     Command::Submit(request, at) => {
-                        submitted += 1;
+                        open.insert(request.id, request.params.n);
                         batcher.submit(request, at);
                     }
                     Command::Cancel(id) => batcher.cancel(id, &mut events),
@@ -214,9 +214,15 @@ fn run<B: Backend>(mut batcher: Batcher<B>, shared: &Shared, mut notify: UnixStr
             stats.queue_depth = batcher.waiting() as u64;
             stats.running = batcher.running() as u64;
             stats.counters = batcher.counters.clone();
-            // admitted or cancelled while waiting: no longer counts against max_queue
-            let left = (waiting_before + submitted).saturating_sub(stats.queue_depth);
-            shared.queued.fetch_sub(left, Ordering::SeqCst);
+        }
+        for e in events.iter().filter(|e| e.finish.is_some()) {
+            if let Some(left) = open.get_mut(&e.request) {
+                *left -= 1;
+                if *left == 0 {
+                    open.remove(&e.request);
+                    shared.outstanding.fetch_sub(1, Ordering::SeqCst);
+                }
+            }
         }
         if !events.is_empty() {
             shared.events.lock().expect("poisoned").append(&mut events);
