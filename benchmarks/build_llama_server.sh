@@ -10,14 +10,19 @@ bin="$cache/build/bin/llama-server"
 if [ ! -x "$bin" ]; then
     mkdir -p "$cache"
     if [ ! -d "$cache/src" ]; then
-        python3 -m pip download --quiet --no-binary :all: --no-deps \
+        python3 -m pip download --quiet --no-binary llama-cpp-python --no-deps \
             "llama-cpp-python==$version" -d "$cache/sdist" >&2
         mkdir -p "$cache/src"
         tar -xzf "$cache"/sdist/llama_cpp_python-"$version".tar.gz -C "$cache/src" --strip-components=1
     fi
-    cmake -S "$cache/src/vendor/llama.cpp" -B "$cache/build" -DCMAKE_BUILD_TYPE=Release \
+    cmake=$(command -v cmake || true)
+    if [ -z "$cmake" ]; then  # no system cmake: the PyPI wheel, in a venv of its own
+        python3 -m venv "$cache/tools" && "$cache/tools/bin/pip" install --quiet cmake >&2
+        cmake="$cache/tools/bin/cmake"
+    fi
+    "$cmake" -S "$cache/src/vendor/llama.cpp" -B "$cache/build" -DCMAKE_BUILD_TYPE=Release \
         -DLLAMA_BUILD_SERVER=ON -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
         -DLLAMA_CURL=OFF -DBUILD_SHARED_LIBS=OFF >&2
-    cmake --build "$cache/build" --target llama-server -j "$(nproc)" >&2
+    "$cmake" --build "$cache/build" --target llama-server -j "$(nproc)" >&2
 fi
 echo "$bin"

@@ -121,11 +121,13 @@ class Result:
     tokens: int = 0
     wall: float = 0.0
     ttfts: list[float] = field(default_factory=list)
+    broken: int = 0
+    """Streams the server cut off before max_tokens."""
 
 
 async def one_stream(
     session: aiohttp.ClientSession, server: Server, max_tokens: int, t_start: float
-) -> tuple[int, float]:
+) -> tuple[int, float, bool]:
     body = {
         "model": "m",
         "prompt": PROMPT,
@@ -137,20 +139,25 @@ async def one_stream(
     if server.name == "xllm":
         body["model"] = Path(server.argv[server.argv.index("--model") + 1]).stem
     tokens, ttft = 0, 0.0
-    async with session.post(server.url + "/v1/completions", json=body) as r:
-        if r.status != 200:
-            raise RuntimeError(f"{server.name}: HTTP {r.status}: {await r.text()}")
-        async for raw in r.content:
-            line = raw.strip()
-            if not line.startswith(b"data: ") or line == b"data: [DONE]":
-                continue
-            chunk = json.loads(line[6:])
-            choices = chunk.get("choices") or []
-            if choices and choices[0].get("text"):
-                if tokens == 0:
-                    ttft = time.monotonic() - t_start
-                tokens += 1
-    return tokens, ttft
+    try:
+        async with session.post(server.url + "/v1/completions", json=body) as r:
+            if r.status != 200:
+                raise RuntimeError(f"{server.name}: HTTP {r.status}: {await r.text()}")
+            async for raw in r.content:
+                line = raw.strip()
+                if not line.startswith(b"data: ") or line == b"data: [DONE]":
+                    continue
+                chunk = json.loads(line[6:])
+                choices = chunk.get("choices") or []
+                if choices and choices[0].get("text"):
+                    if tokens == 0:
+                        ttft = time.monotonic() - t_start
+                    tokens += 1
+    except aiohttp.ClientPayloadError:
+        # llama-cpp-python's server drops a running stream when another request arrives
+        # (its default interrupt_requests): count what arrived, report the break.
+        return tokens, ttft, True
+    return tokens, ttft, False
 
 
 async def measure(
@@ -160,7 +167,12 @@ async def measure(
     done = await asyncio.gather(
         *(one_stream(session, server, max_tokens, t0) for _ in range(concurrency))
     )
-    return Result(sum(t for t, _ in done), time.monotonic() - t0, [f for _, f in done])
+    return Result(
+        sum(d[0] for d in done),
+        time.monotonic() - t0,
+        [d[1] for d in done if d[0]],
+        sum(1 for d in done if d[2]),
+    )
 
 
 async def run(args: argparse.Namespace) -> dict[str, dict[int, Result]]:
@@ -185,6 +197,7 @@ async def run(args: argparse.Namespace) -> dict[str, dict[int, Result]]:
                         acc.tokens += r.tokens
                         acc.wall += r.wall
                         acc.ttfts += r.ttfts
+                        acc.broken += r.broken
     return results
 
 
@@ -226,6 +239,10 @@ def report(results: dict[str, dict[int, Result]], args: argparse.Namespace) -> N
                 tratio = p50_ms(x) / p50_ms(y) if p50_ms(y) else float("nan")
                 row += f" | {ratio:.2f} | {tratio:.2f}"
         print(row)
+    for n in names:
+        broken = {c: r.broken for c, r in results[n].items() if r.broken}
+        if broken:
+            print(f"{n}: streams cut off before max_tokens, per concurrency: {broken}")
 
 
 def default_model() -> str:
@@ -253,7 +270,12 @@ def main() -> None:
             json.dumps(
                 {
                     n: {
-                        str(c): {"tok_s": rate(r), "ttft_p50_ms": p50_ms(r), "tokens": r.tokens}
+                        str(c): {
+                            "tok_s": rate(r),
+                            "ttft_p50_ms": p50_ms(r),
+                            "tokens": r.tokens,
+                            "broken_streams": r.broken,
+                        }
                         for c, r in per.items()
                     }
                     for n, per in results.items()

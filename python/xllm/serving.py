@@ -5,6 +5,7 @@ Handlers translate their wire format into these calls; nothing here knows about 
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,6 +20,8 @@ class Usage:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cached_tokens: int = 0
+    ttft_ms: float = 0.0
+    gen_ms: float = 0.0
 
     @property
     def total_tokens(self) -> int:
@@ -29,6 +32,8 @@ class Usage:
         self.prompt_tokens = int(extra.get("prompt_tokens", self.prompt_tokens))
         self.cached_tokens = max(self.cached_tokens, int(extra.get("cached_tokens", 0)))
         self.completion_tokens += int(extra.get("completion_tokens", 0))
+        self.ttft_ms = max(self.ttft_ms, float(extra.get("ttft_ms", 0.0)))
+        self.gen_ms = max(self.gen_ms, float(extra.get("gen_ms", 0.0)))
 
     def openai(self) -> dict[str, Any]:
         return {
@@ -60,12 +65,16 @@ class Prompt:
     """Stop strings the prompt format needs on top of the request's own."""
 
 
-async def chat_prompt(model: LlamaModel, messages: Sequence[Mapping[str, Any]]) -> Prompt:
+async def chat_prompt(
+    model: LlamaModel,
+    messages: Sequence[Mapping[str, Any]],
+    tools: Sequence[Mapping[str, Any]] | None = None,
+) -> Prompt:
     """Render messages with the model's own template (ChatML when it has none) and tokenize."""
     info = model.info
     template = info.chat_template or CHATML_TEMPLATE
     bos = info.bos_text
-    text = render_chat(template, messages, bos_token=bos, eos_token=info.eos_text)
+    text = render_chat(template, messages, bos_token=bos, eos_token=info.eos_text, tools=tools)
     # The template may write BOS itself; tokenizing adds it again when the vocab wants one.
     if bos and text.startswith(bos):
         text = text[len(bos) :]
@@ -121,6 +130,24 @@ def sampling_params(
             )
         params["logit_bias"] = parsed
     return params
+
+
+def grammar_for(format_: str | dict[str, Any] | None, param: str) -> str | None:
+    """A GBNF grammar forcing JSON output: any JSON for "json", else one matching a schema."""
+    if not format_:
+        return None
+    from llama_cpp.llama_grammar import JSON_GBNF, json_schema_to_gbnf
+
+    if format_ == "json":
+        return str(JSON_GBNF)
+    if not isinstance(format_, dict):
+        raise InvalidRequest(f'{param}: expected "json" or a JSON schema', param=param)
+    try:
+        return str(json_schema_to_gbnf(json.dumps(format_)))
+    except Exception as e:  # the converter raises assorted errors for schemas it cannot map
+        raise InvalidRequest(
+            f"{param}: unsupported or invalid JSON schema: {e}", param=param
+        ) from None
 
 
 async def collect(gen: Generation, is_disconnected: Callable[[], bool] | None) -> Result:

@@ -85,7 +85,16 @@ def test_queue_overflow_gets_503_at_once(tmp_path: Path) -> None:
     parallel, queue = 2, 3
     s = start_server(
         tmp_path,
-        ["--model", MODEL, "--ctx-size", "512", "--parallel", str(parallel), "--max-queue", str(queue)],
+        [
+            "--model",
+            MODEL,
+            "--ctx-size",
+            "512",
+            "--parallel",
+            str(parallel),
+            "--max-queue",
+            str(queue),
+        ],
     )
     try:
         body = {"model": MODEL, "prompt": "Count:", "max_tokens": 60, "ignore_eos": True}

@@ -20,10 +20,12 @@ MODEL_NAME = web.RequestKey("model_name", str)
 """The model a request asked for, for logs and metrics."""
 
 
-async def load_model(request: web.Request, name: str) -> LlamaModel:
+async def load_model(
+    request: web.Request, name: str, keep_alive: float | None = None
+) -> LlamaModel:
     """The loaded model `name` (loading it on demand); remembers it on the request."""
     request[MODEL_NAME] = name
-    return await request.app[REGISTRY].get(name)
+    return await request.app[REGISTRY].get(name, keep_alive)
 
 
 async def parse_body(request: web.Request, model: type[M]) -> M:

@@ -11,6 +11,15 @@ from dataclasses import dataclass
 from aiohttp import web
 from pydantic import BaseModel
 
+from xllm.server.ollama import generate as ollama
+from xllm.server.ollama import models as ollama_models
+from xllm.server.ollama.wire import (
+    ChatRequest,
+    EmbeddingsRequest,
+    EmbedRequest,
+    GenerateRequest,
+    ShowRequest,
+)
 from xllm.server.openai.chat import chat_completions
 from xllm.server.openai.completions import completions
 from xllm.server.openai.embeddings import embeddings
@@ -40,6 +49,16 @@ ROUTES: tuple[Route, ...] = (
     Route("POST", "/v1/embeddings", embeddings, "Embeddings (OpenAI)", EmbeddingRequest),
     Route("GET", "/v1/models", list_models, "List models (OpenAI)"),
     Route("GET", "/v1/models/{model:.+}", get_model, "One model (OpenAI)"),
+    Route("POST", "/api/generate", ollama.generate, "Generate (Ollama)", GenerateRequest),
+    Route("POST", "/api/chat", ollama.chat, "Chat (Ollama)", ChatRequest),
+    Route("POST", "/api/embed", ollama_models.embed, "Embeddings (Ollama)", EmbedRequest),
+    Route("POST", "/api/embeddings", ollama_models.embeddings, "Legacy embeddings (Ollama)",
+          EmbeddingsRequest),
+    Route("GET", "/api/tags", ollama_models.tags, "Local models (Ollama)"),
+    Route("POST", "/api/show", ollama_models.show, "Model details (Ollama)", ShowRequest),
+    Route("GET", "/api/ps", ollama_models.ps, "Loaded models (Ollama)"),
+    Route("GET", "/api/version", ollama_models.version, "Version (Ollama)"),
+    Route("GET", "/", ollama_models.root, "Ollama is running"),
     Route("GET", "/v0/health", health, "Liveness, loading progress, loaded models"),
     Route("GET", "/v0/metrics", metrics, "Prometheus metrics"),
     Route("GET", "/v0/system", system, "Versions, CPU, RAM, GPUs"),
@@ -49,4 +68,7 @@ ROUTES: tuple[Route, ...] = (
 
 def add_routes(app: web.Application) -> None:
     for r in ROUTES:
-        app.router.add_route(r.method, r.path, r.handler)
+        if r.method == "GET":
+            app.router.add_get(r.path, r.handler)  # answers HEAD too, as Ollama's does
+        else:
+            app.router.add_route(r.method, r.path, r.handler)

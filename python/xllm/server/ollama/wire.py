@@ -1,0 +1,133 @@
+"""Wire models of Ollama's API, with Ollama's field names; validated once, here."""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from xllm.server.openai.wire import MAX_SEED, MAX_STOP_LEN, MAX_STOPS
+
+
+class Wire(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore", allow_inf_nan=False)
+
+
+StopList = Annotated[
+    list[Annotated[str, Field(max_length=MAX_STOP_LEN)]], Field(max_length=MAX_STOPS)
+]
+
+
+class Options(Wire):
+    """Ollama's `options` (runtime knobs it accepts but llama.cpp here ignores are dropped)."""
+
+    num_ctx: Annotated[int, Field(ge=1, le=2**31 - 1)] | None = None
+    num_predict: Annotated[int, Field(ge=-2, le=2**31 - 1)] | None = None
+    num_keep: Annotated[int, Field(ge=-1, le=2**31 - 1)] | None = None
+    temperature: Annotated[float, Field(ge=0.0, le=100.0)] | None = None
+    top_k: Annotated[int, Field(ge=0, le=2**31 - 1)] | None = None
+    top_p: Annotated[float, Field(ge=0.0, le=1.0)] | None = None
+    min_p: Annotated[float, Field(ge=0.0, le=1.0)] | None = None
+    seed: Annotated[int, Field(ge=-1, le=MAX_SEED)] | None = None
+    stop: (
+        Annotated[list[Annotated[str, Field(max_length=MAX_STOP_LEN)]], Field(max_length=MAX_STOPS)]
+        | None
+    ) = None
+    repeat_penalty: Annotated[float, Field(gt=0.0, le=10.0)] | None = None
+    repeat_last_n: Annotated[int, Field(ge=-1, le=2**20)] | None = None
+    presence_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] | None = None
+    frequency_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] | None = None
+
+
+KeepAlive = str | int | float
+
+
+def keep_alive_seconds(value: KeepAlive | None) -> float | None:
+    """Ollama's keep_alive: seconds as a number, or a Go duration ("5m", "1h30m", "-1")."""
+    if value is None:
+        return None
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    text = str(value).strip()
+    if re.fullmatch(r"-?\d+(\.\d+)?", text):
+        return float(text)
+    units = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1, "m": 60, "h": 3600}
+    parts = re.findall(r"(\d+(?:\.\d+)?)(ns|us|µs|ms|s|m|h)", text)
+    sign = -1.0 if text.startswith("-") else 1.0
+    if not parts or "".join(n + u for n, u in parts) != text.lstrip("-"):
+        raise ValueError(f"keep_alive: invalid duration {value!r}")
+    return sign * sum(float(n) * units[u] for n, u in parts)
+
+
+class _WithKeepAlive(Wire):
+    keep_alive: KeepAlive | None = None
+
+    @field_validator("keep_alive")
+    @classmethod
+    def _duration(cls, v: KeepAlive | None) -> KeepAlive | None:
+        keep_alive_seconds(v)
+        return v
+
+
+class _Inference(_WithKeepAlive):
+    model: Annotated[str, Field(min_length=1, max_length=400)]
+    stream: bool = True
+    format: Literal["json", ""] | dict[str, Any] | None = None
+    options: Options | None = None
+    think: bool | str | None = None
+
+
+class ToolFunctionCall(Wire):
+    name: str
+    arguments: dict[str, Any]
+
+
+class ToolCall(Wire):
+    function: ToolFunctionCall
+
+
+class Message(Wire):
+    role: Literal["system", "user", "assistant", "tool"]
+    content: str = ""
+    images: list[str] | None = None
+    tool_calls: list[ToolCall] | None = None
+    thinking: str | None = None
+
+
+class GenerateRequest(_Inference):
+    prompt: str = ""
+    suffix: str | None = None
+    system: str | None = None
+    template: str | None = None
+    context: list[Annotated[int, Field(ge=0)]] | None = None
+    raw: bool = False
+    images: list[str] | None = None
+
+
+class ChatRequest(_Inference):
+    messages: list[Message] = Field(default_factory=list)
+    tools: list[dict[str, Any]] | None = None
+
+
+class EmbedRequest(_WithKeepAlive):
+    model: Annotated[str, Field(min_length=1, max_length=400)]
+    input: str | list[str] = ""
+    truncate: bool = True
+    options: Options | None = None
+    dimensions: Annotated[int, Field(ge=1)] | None = None
+
+
+class EmbeddingsRequest(_WithKeepAlive):
+    model: Annotated[str, Field(min_length=1, max_length=400)]
+    prompt: str = ""
+    options: Options | None = None
+
+
+class ShowRequest(Wire):
+    model: Annotated[str, Field(max_length=400)] = ""
+    name: Annotated[str, Field(max_length=400)] = ""  # older clients
+    verbose: bool = False
+
+    def target(self) -> str:
+        return self.model or self.name

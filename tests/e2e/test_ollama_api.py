@@ -1,0 +1,177 @@
+"""Ollama's API through the official `ollama` Python client, unchanged, against xllm."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import httpx
+import ollama
+import pytest
+
+from tests.conftest import Server
+
+MODEL = "smollm2:135m"
+
+
+@pytest.fixture(scope="module")
+def client(server: Server) -> ollama.Client:
+    return ollama.Client(host=server.url)
+
+
+def test_generate(client: ollama.Client) -> None:
+    r = client.generate(
+        model=MODEL,
+        prompt="What is the capital of France?",
+        options={"temperature": 0, "num_predict": 24},
+    )
+    assert "Paris" in r.response
+    assert r.done and r.done_reason in ("stop", "length")
+    assert r.eval_count and 0 < r.eval_count <= 24
+    assert r.prompt_eval_count and r.prompt_eval_count > 5
+    assert isinstance(r.total_duration, int) and r.total_duration > 0
+    assert r.eval_duration is not None and r.load_duration is not None
+    assert r.context and len(r.context) >= r.prompt_eval_count
+
+
+def test_generate_stream_matches(client: ollama.Client) -> None:
+    opts = {"temperature": 0, "num_predict": 16}
+    full = client.generate(model=MODEL, prompt="Tell me about cats.", options=opts)
+    parts = list(
+        client.generate(model=MODEL, prompt="Tell me about cats.", options=opts, stream=True)
+    )
+    assert "".join(p.response for p in parts) == full.response
+    assert parts[-1].done and not any(p.done for p in parts[:-1])
+    assert parts[-1].eval_count == full.eval_count
+
+
+def test_generate_raw_and_context(client: ollama.Client) -> None:
+    r = client.generate(
+        model=MODEL, prompt="1, 2, 3,", raw=True, options={"temperature": 0, "num_predict": 4}
+    )
+    assert r.response.strip().startswith("4")
+
+
+def test_chat_and_stream(client: ollama.Client) -> None:
+    msgs = [{"role": "user", "content": "What is the capital of France?"}]
+    r = client.chat(model=MODEL, messages=msgs, options={"temperature": 0, "num_predict": 24})
+    assert r.message.role == "assistant" and "Paris" in (r.message.content or "")
+    chunks = list(
+        client.chat(
+            model=MODEL, messages=msgs, options={"temperature": 0, "num_predict": 24}, stream=True
+        )
+    )
+    assert all(c.message.role == "assistant" for c in chunks)
+    assert "".join(c.message.content or "" for c in chunks) == r.message.content
+    assert chunks[-1].done and chunks[-1].done_reason
+
+
+def test_chat_format_json_schema(client: ollama.Client) -> None:
+    schema = {
+        "type": "object",
+        "properties": {"city": {"type": "string"}, "population": {"type": "integer"}},
+        "required": ["city", "population"],
+    }
+    r = client.chat(
+        model=MODEL,
+        messages=[
+            {"role": "user", "content": "Give the capital of France and its population as JSON."}
+        ],
+        format=schema,
+        options={"temperature": 0, "num_predict": 64},
+    )
+    data = json.loads(r.message.content or "")
+    assert isinstance(data["city"], str) and isinstance(data["population"], int)
+    r = client.generate(
+        model=MODEL,
+        prompt="Reply with a JSON object with one key, name, set to Bob.",
+        format="json",
+        options={"temperature": 0, "num_predict": 200},
+    )
+    json.loads(r.response)
+
+
+def test_stop_option(client: ollama.Client) -> None:
+    r = client.generate(
+        model=MODEL,
+        prompt="1, 2, 3, 4,",
+        raw=True,
+        options={"temperature": 0, "num_predict": 20, "stop": [" 7"]},
+    )
+    assert " 7" not in r.response and r.done_reason == "stop"
+
+
+def test_embed_and_legacy(client: ollama.Client) -> None:
+    r = client.embed(model=MODEL, input=["one", "two", "three"])
+    assert len(r.embeddings) == 3 and all(len(v) == 576 for v in r.embeddings)
+    single = client.embed(model=MODEL, input="one")
+    assert single.embeddings[0] == pytest.approx(r.embeddings[0], abs=1e-4)
+    legacy = client.embeddings(model=MODEL, prompt="one")
+    assert len(legacy.embedding) == 576
+
+
+def test_tags_show_ps_version(client: ollama.Client, server: Server) -> None:
+    names = [m.model for m in client.list().models]
+    assert MODEL in names
+    shown = client.show(MODEL)
+    assert shown.modelinfo is not None and shown.modelinfo["general.architecture"] == "llama"
+    assert shown.capabilities and "completion" in shown.capabilities
+    assert shown.details is not None and shown.details.quantization_level == "Q4_1"
+    assert "im_start" in (shown.template or "")
+    running = client.ps().models
+    assert [m.model for m in running] == [MODEL]
+    assert running[0].context_length == 1024 and running[0].size_vram == 0
+    assert running[0].expires_at is not None
+    assert httpx.get(f"{server.url}/api/version").json()["version"]
+    assert httpx.get(f"{server.url}/").text == "Ollama is running"
+    assert httpx.head(f"{server.url}/").status_code == 200
+    assert httpx.head(f"{server.url}/api/tags").status_code == 200
+
+
+def test_load_and_unload_with_keep_alive(client: ollama.Client, server: Server) -> None:
+    r = client.generate(model=MODEL, prompt="", keep_alive=0)
+    assert r.done and r.done_reason == "unload"
+    assert client.ps().models == []
+    r = client.generate(model=MODEL, prompt="")
+    assert r.done_reason == "load"
+    assert [m.model for m in client.ps().models] == [MODEL]
+    r2 = client.chat(model=MODEL, messages=[], keep_alive="10m")
+    assert r2.done_reason == "load"
+    expires = client.ps().models[0].expires_at
+    assert expires is not None and expires.timestamp() > time.time() + 9 * 60
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "status"),
+    [
+        ("/api/generate", {"model": "nope", "prompt": "x"}, 404),
+        ("/api/chat", {"model": "nope", "messages": [{"role": "user", "content": "x"}]}, 404),
+        ("/api/generate", {"model": MODEL, "prompt": 5}, 400),
+        ("/api/generate", {"model": MODEL, "prompt": "x", "options": {"temperature": -1}}, 400),
+        ("/api/generate", {"model": MODEL, "prompt": "x", "options": {"top_p": 2}}, 400),
+        ("/api/generate", {"model": MODEL, "prompt": "x", "keep_alive": "soon"}, 400),
+        ("/api/generate", {"model": MODEL, "prompt": "x", "images": ["aGVsbG8="]}, 400),
+        (
+            "/api/generate",
+            {"model": MODEL, "prompt": "x", "format": {"type": "nonsense-type"}},
+            400,
+        ),
+        ("/api/chat", {"model": MODEL, "messages": [{"role": "wizard", "content": "x"}]}, 400),
+        ("/api/chat", {"model": MODEL, "messages": "hi"}, 400),
+        ("/api/embed", {"model": MODEL, "input": 3}, 400),
+        ("/api/show", {"model": "nope"}, 404),
+        ("/api/show", {}, 400),
+    ],
+)
+def test_errors_in_ollama_shape(
+    server: Server, path: str, body: dict[str, object], status: int
+) -> None:
+    r = httpx.post(server.url + path, json=body, timeout=30)
+    assert r.status_code == status, r.text
+    assert isinstance(r.json()["error"], str) and r.json()["error"]
+
+
+def test_client_raises_response_error(client: ollama.Client) -> None:
+    with pytest.raises(ollama.ResponseError) as e:
+        client.generate(model="missing-model", prompt="x")
+    assert e.value.status_code == 404
