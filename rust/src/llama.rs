@@ -38,6 +38,23 @@ pub struct LogitBias {
     pub bias: f32,
 }
 
+/// `llama_token_data` / `llama_token_data_array` (llama.h).
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct TokenData {
+    pub id: Token,
+    pub logit: f32,
+    pub p: f32,
+}
+
+#[repr(C)]
+pub struct TokenDataArray {
+    pub data: *mut TokenData,
+    pub size: usize,
+    pub selected: i64,
+    pub sorted: bool,
+}
+
 #[repr(C)]
 #[derive(Clone, Copy)]
 pub struct ChainParams {
@@ -101,6 +118,8 @@ api! {
     llama_sampler_init_logit_bias: fn(i32, i32, *const LogitBias) -> Sampler;
     llama_sampler_init_grammar: fn(Vocab, *const c_char, *const c_char) -> Sampler;
     llama_sampler_sample: fn(Sampler, Ctx, i32) -> Token;
+    llama_sampler_apply: fn(Sampler, *mut TokenDataArray);
+    llama_sampler_accept: fn(Sampler, Token);
     llama_sampler_free: fn(Sampler);
 }
 

@@ -233,3 +233,51 @@ def test_disconnect_stops_generation(server: Server) -> None:
     before = _stats(server)["tokens_generated_total"]
     time.sleep(0.5)
     assert _stats(server)["tokens_generated_total"] == before
+
+
+def test_response_format_json_schema(client: openai.OpenAI) -> None:
+    import json
+
+    import jsonschema
+
+    schema = {
+        "type": "object",
+        "properties": {
+            "name": {"type": "string", "maxLength": 24},
+            "age": {"type": "integer", "minimum": 0},
+            "tags": {"type": "array", "items": {"type": "string", "maxLength": 12}, "maxItems": 3},
+        },
+        "required": ["name", "age", "tags"],
+        "additionalProperties": False,
+    }
+    r = client.chat.completions.create(
+        model="smollm2:135m",
+        messages=[{"role": "user", "content": "Describe a person as JSON."}],
+        response_format={
+            "type": "json_schema",
+            "json_schema": {"name": "person", "schema": schema, "strict": True},
+        },
+        temperature=0,
+        max_tokens=200,
+    )
+    jsonschema.validate(json.loads(r.choices[0].message.content or ""), schema)
+    r = client.chat.completions.create(
+        model="smollm2:135m",
+        messages=[
+            {"role": "user", "content": 'Return a JSON object with the key "city" set to Paris.'}
+        ],
+        response_format={"type": "json_object"},
+        temperature=0,
+        max_tokens=200,
+    )
+    assert isinstance(json.loads(r.choices[0].message.content or ""), dict)
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(
+            model="smollm2:135m",
+            messages=FRANCE,
+            response_format={
+                "type": "json_schema",
+                "json_schema": {"name": "x", "schema": {"type": "nonsense-type"}},
+            },
+        )
+    assert "response_format" in str(e.value)

@@ -4,7 +4,9 @@ use std::sync::Arc;
 
 use super::batcher::{Backend, BatchItem};
 use super::types::{Params, TokenLogprob};
-use crate::llama::{c_string, Api, Ctx, LogitBias, Memory, RawBatch, Sampler, Vocab};
+use crate::llama::{
+    c_string, Api, Ctx, LogitBias, Memory, RawBatch, Sampler, TokenData, TokenDataArray, Vocab,
+};
 
 /// `LLAMA_DEFAULT_SEED`: the dist sampler picks a random seed.
 const RANDOM_SEED: u32 = 0xFFFF_FFFF;
@@ -22,16 +24,22 @@ pub struct LlamaBackend {
 // SAFETY: the context is used by the engine thread only; llama.cpp contexts may move threads.
 unsafe impl Send for LlamaBackend {}
 
-/// A llama.cpp sampler chain, freed with the sequence.
+/// A llama.cpp sampler chain, plus the grammar kept apart from it (see `sample`).
 pub struct Chain {
     api: Arc<Api>,
     ptr: Sampler,
+    grammar: Option<Sampler>,
 }
 
 impl Drop for Chain {
     fn drop(&mut self) {
-        // SAFETY: the chain owns its samplers and is freed once.
-        unsafe { (self.api.llama_sampler_free)(self.ptr) }
+        // SAFETY: the chain owns its samplers; each pointer is freed once.
+        unsafe {
+            (self.api.llama_sampler_free)(self.ptr);
+            if let Some(g) = self.grammar {
+                (self.api.llama_sampler_free)(g);
+            }
+        }
     }
 }
 
@@ -111,6 +119,64 @@ impl LlamaBackend {
         }
     }
 
+    /// llama.cpp's own trick (common_sampler): sample without the grammar, and only when the
+    /// grammar rejects that token run it over the whole vocabulary and sample again. Checking
+    /// one token is cheap; constraining 50k-260k candidates every step is not.
+    fn sample_with_grammar(&self, chain: Sampler, grammar: Sampler, index: i32) -> i32 {
+        let api = &self.api;
+        let candidates = |logits: &[f32]| -> Vec<TokenData> {
+            logits
+                .iter()
+                .enumerate()
+                .map(|(i, &logit)| TokenData {
+                    id: i as i32,
+                    logit,
+                    p: 0.0,
+                })
+                .collect()
+        };
+        let mut cur = candidates(self.logits(index));
+        let pick = |cur: &mut Vec<TokenData>, samplers: &[Sampler]| -> i32 {
+            let mut arr = TokenDataArray {
+                data: cur.as_mut_ptr(),
+                size: cur.len(),
+                selected: -1,
+                sorted: false,
+            };
+            // SAFETY: arr points at `cur`, alive for these calls; samplers may shrink it.
+            unsafe {
+                for &s in samplers {
+                    (api.llama_sampler_apply)(s, &mut arr);
+                }
+                (*arr.data.add(arr.selected.max(0) as usize)).id
+            }
+        };
+        let mut token = pick(&mut cur, &[chain]);
+        let mut single = [TokenData {
+            id: token,
+            logit: 1.0,
+            p: 0.0,
+        }];
+        let mut one = TokenDataArray {
+            data: single.as_mut_ptr(),
+            size: 1,
+            selected: -1,
+            sorted: false,
+        };
+        // SAFETY: `one` points at `single`; the grammar only rewrites logits.
+        unsafe { (api.llama_sampler_apply)(grammar, &mut one) };
+        if single[0].logit == f32::NEG_INFINITY {
+            let mut cur = candidates(self.logits(index));
+            token = pick(&mut cur, &[grammar, chain]);
+        }
+        // SAFETY: both samplers are alive; accepting advances grammar state and penalties.
+        unsafe {
+            (api.llama_sampler_accept)(grammar, token);
+            (api.llama_sampler_accept)(chain, token);
+        }
+        token
+    }
+
     fn argmax(&self, index: i32) -> i32 {
         let logits = self.logits(index);
         let mut best = 0;
@@ -139,11 +205,12 @@ impl Backend for LlamaBackend {
         }
         let api = &self.api;
         // SAFETY: building a chain from llama.cpp's constructors; the chain owns them all.
-        let chain = Chain {
+        let mut chain = Chain {
             api: api.clone(),
             ptr: unsafe {
                 (api.llama_sampler_chain_init)((api.llama_sampler_chain_default_params)())
             },
+            grammar: None,
         };
         unsafe {
             if !p.logit_bias.is_empty() {
@@ -166,7 +233,7 @@ impl Backend for LlamaBackend {
                 if s.is_null() {
                     return Err("the grammar does not parse (llama.cpp rejected it)".into());
                 }
-                self.add(chain.ptr, s);
+                chain.grammar = Some(s);
             }
             if p.has_penalties() {
                 let s = (api.llama_sampler_init_penalties)(
@@ -242,7 +309,14 @@ impl Backend for LlamaBackend {
     ) -> (i32, Option<TokenLogprob>) {
         let token = match sampler {
             // SAFETY: sampling from the logits of the last decode's output row.
-            Some(chain) => unsafe { (self.api.llama_sampler_sample)(chain.ptr, self.ctx, index) },
+            Some(Chain {
+                ptr, grammar: None, ..
+            }) => unsafe { (self.api.llama_sampler_sample)(*ptr, self.ctx, index) },
+            Some(Chain {
+                ptr,
+                grammar: Some(g),
+                ..
+            }) => self.sample_with_grammar(*ptr, *g, index),
             None => self.argmax(index),
         };
         (token, logprobs.map(|k| self.logprob(index, token, k)))

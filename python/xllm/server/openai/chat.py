@@ -31,6 +31,10 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     fields["stop"] = body.stop_list()
     fields["max_tokens"] = body.max_completion_tokens or body.max_tokens
     fields["logprobs"] = (body.top_logprobs or 0) if body.logprobs else None
+    if body.response_format is not None:
+        fields["grammar"] = serving.grammar_for(
+            body.response_format.grammar_format(), "response_format"
+        )
     params = serving.sampling_params(
         model, fields, prompt_len=len(prompt.tokens), extra_stops=prompt.stops
     )

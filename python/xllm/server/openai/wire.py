@@ -121,8 +121,35 @@ class SamplingFields(Wire):
         return [self.stop] if isinstance(self.stop, str) else list(self.stop)
 
 
+class JSONSchemaFormat(Wire):
+    name: Annotated[str, Field(min_length=1, max_length=64)] = "response"
+    schema_: dict[str, Any] = Field(default_factory=dict, alias="schema")
+    strict: bool | None = None
+    description: str | None = None
+
+
+class ResponseFormat(Wire):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_given(self) -> ResponseFormat:
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError("json_schema is required when type is json_schema")
+        return self
+
+    def grammar_format(self) -> str | dict[str, Any] | None:
+        """What serving.grammar_for takes: "json", a schema, or None for plain text."""
+        if self.type == "json_object":
+            return "json"
+        if self.type == "json_schema" and self.json_schema is not None:
+            return self.json_schema.schema_ or "json"
+        return None
+
+
 class ChatCompletionRequest(SamplingFields):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    response_format: ResponseFormat | None = None
     max_completion_tokens: Annotated[int, Field(ge=1, le=2**31 - 1)] | None = None
     logprobs: bool = False
     top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
