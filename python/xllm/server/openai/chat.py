@@ -8,8 +8,9 @@ from typing import Any
 
 from aiohttp import web
 
-from xllm import serving
+from xllm import _core, serving, tools
 from xllm.errors import InvalidRequest
+from xllm.server import streaming
 from xllm.server.http import json_response, load_model, parse_body, peer_gone
 from xllm.server.openai.logprobs import chat_logprobs
 from xllm.server.openai.stream import Entries, sse_chunk, stream
@@ -25,8 +26,17 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         raise InvalidRequest(
             f"messages: model {body.model!r} does not support images", param="messages"
         )
-    messages = [_template_message(m.model_dump(exclude_none=True), m.text()) for m in body.messages]
-    prompt = await serving.chat_prompt(model, messages)
+    messages = tools.template_messages(
+        [_template_message(m.model_dump(exclude_none=True), m.text()) for m in body.messages]
+    )
+    functions = body.functions()
+    template_tools = None
+    if functions:
+        if model.info.chat_template and "tools" in model.info.chat_template:
+            template_tools = [{"type": "function", "function": f} for f in functions]
+        else:
+            messages.insert(0, {"role": "system", "content": tools.system_prompt(functions)})
+    prompt = await serving.chat_prompt(model, messages, tools=template_tools)
     fields: dict[str, Any] = body.model_dump(exclude_none=True)
     fields["stop"] = body.stop_list()
     fields["max_tokens"] = body.max_completion_tokens or body.max_tokens
@@ -35,6 +45,9 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         fields["grammar"] = serving.grammar_for(
             body.response_format.grammar_format(), "response_format"
         )
+    forced = body.forced_function()
+    if functions and forced is not None:
+        fields["grammar"] = tools.call_grammar(functions, forced or None, body.parallel_tool_calls)
     params = serving.sampling_params(
         model, fields, prompt_len=len(prompt.tokens), extra_stops=prompt.stops
     )
@@ -44,29 +57,68 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         "model": body.model,
         "system_fingerprint": FINGERPRINT,
     }
-    if body.stream:
-        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+    if body.stream and not functions:
         fmt = _ChatChunks(head)
         return await stream(request, model, prompt.tokens, params, fmt, fmt.head, include_usage)
 
     gen = await model.start(prompt.tokens, params)
     result = await serving.collect(gen, lambda: peer_gone(request))
-    return json_response(
-        {
-            **head,
-            "object": "chat.completion",
-            "choices": [
-                {
-                    "index": c.index,
-                    "message": {"role": "assistant", "content": c.text},
-                    "logprobs": chat_logprobs(c.logprobs) if body.logprobs else None,
-                    "finish_reason": c.finish_reason,
+    names = {f["name"] for f in functions}
+    choices = []
+    for c in result.choices:
+        message: dict[str, Any] = {"role": "assistant", "content": c.text}
+        finish = c.finish_reason
+        if functions:
+            text, calls = tools.parse(c.text, names)
+            if calls:
+                message = {
+                    "role": "assistant",
+                    "content": text or None,
+                    "tool_calls": [call.openai() for call in calls],
                 }
-                for c in result.choices
-            ],
-            "usage": result.usage.openai(),
-        }
+                finish = "tool_calls"
+        choices.append(
+            {
+                "index": c.index,
+                "message": message,
+                "logprobs": chat_logprobs(c.logprobs) if body.logprobs else None,
+                "finish_reason": finish,
+            }
+        )
+    if body.stream:
+        # With tools the whole answer is needed to tell a call from text: send it as deltas.
+        return await _replay(request, _ChatChunks(head), choices, result.usage, include_usage)
+    return json_response(
+        {**head, "object": "chat.completion", "choices": choices, "usage": result.usage.openai()}
     )
+
+
+async def _replay(
+    request: web.Request,
+    fmt: _ChatChunks,
+    choices: list[dict[str, Any]],
+    usage: serving.Usage,
+    include_usage: bool,
+) -> web.StreamResponse:
+    response = await streaming.open_sse(request)
+    out = bytearray(fmt.preamble(len(choices)))
+    for c in choices:
+        delta = {k: v for k, v in c["message"].items() if k != "role" and v is not None}
+        if "tool_calls" in delta:
+            delta["tool_calls"] = [{**t, "index": i} for i, t in enumerate(delta["tool_calls"])]
+        out += sse_chunk(fmt.head, {"index": c["index"], "delta": delta, "finish_reason": None})
+    for i, c in enumerate(choices):
+        top = {"usage": usage.openai()} if i == len(choices) - 1 else {}
+        out += sse_chunk(
+            fmt.head, {"index": c["index"], "delta": {}, "finish_reason": c["finish_reason"]}, **top
+        )
+    if include_usage:
+        out += sse_chunk(fmt.head, {}, usage=usage.openai()).replace(
+            b'"choices":[{}]', b'"choices":[]'
+        )
+    await streaming.finish(response, bytes(out) + _core.SSE_DONE)
+    return response
 
 
 def _template_message(dumped: dict[str, Any], text: str) -> dict[str, Any]:

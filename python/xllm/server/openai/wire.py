@@ -147,18 +147,64 @@ class ResponseFormat(Wire):
         return None
 
 
+class FunctionDef(Wire):
+    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class Tool(Wire):
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class FunctionName(Wire):
+    name: str
+
+
+class NamedToolChoice(Wire):
+    type: Literal["function"]
+    function: FunctionName
+
+
 class ChatCompletionRequest(SamplingFields):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
     response_format: ResponseFormat | None = None
+    tools: Annotated[list[Tool], Field(max_length=128)] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool = True
     max_completion_tokens: Annotated[int, Field(ge=1, le=2**31 - 1)] | None = None
     logprobs: bool = False
     top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
 
     @model_validator(mode="after")
-    def _logprobs_pair(self) -> ChatCompletionRequest:
+    def _consistent(self) -> ChatCompletionRequest:
         if self.top_logprobs is not None and not self.logprobs:
             raise ValueError("top_logprobs requires logprobs: true")
+        names = {t.function.name for t in self.tools or []}
+        if isinstance(self.tool_choice, NamedToolChoice):
+            if self.tool_choice.function.name not in names:
+                raise ValueError(
+                    f"tool_choice: function {self.tool_choice.function.name!r} is not in tools"
+                )
+        elif self.tool_choice == "required" and not names:
+            raise ValueError("tool_choice: required needs tools")
+        if self.forced_function() is not None and self.response_format is not None:
+            raise ValueError("a forced tool call and response_format cannot be combined")
         return self
+
+    def functions(self) -> list[dict[str, Any]]:
+        """The callable functions (none when tool_choice is "none")."""
+        if not self.tools or self.tool_choice == "none":
+            return []
+        return [t.function.model_dump(exclude_none=True) for t in self.tools]
+
+    def forced_function(self) -> str | None:
+        """ "" when some call is required, a name when one is, None when the model decides."""
+        if isinstance(self.tool_choice, NamedToolChoice):
+            return self.tool_choice.function.name
+        return "" if self.tool_choice == "required" else None
 
 
 class CompletionRequest(SamplingFields):

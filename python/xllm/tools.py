@@ -1,0 +1,139 @@
+"""Tool calling shared by both dialects: prompting, constraining and parsing tool calls.
+
+A model whose chat template knows tools gets them through the template (its own format).
+Otherwise a system message describes them. When a call is required (OpenAI `tool_choice`
+"required" or a named function) decoding is constrained by a grammar built from the tools'
+JSON schemas, so the output is always a well-formed call. With "auto" the model decides, and
+its output is parsed: Hermes/Qwen `<tool_call>{...}</tool_call>` blocks or a bare JSON call.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import re
+import secrets
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from xllm.errors import InvalidRequest
+
+
+@dataclass(frozen=True)
+class ToolCall:
+    name: str
+    arguments: dict[str, Any]
+    id: str
+
+    def openai(self, index: int | None = None) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "id": self.id,
+            "type": "function",
+            "function": {"name": self.name, "arguments": json.dumps(self.arguments)},
+        }
+        if index is not None:
+            out["index"] = index
+        return out
+
+
+def _call_schema(function: Mapping[str, Any]) -> dict[str, Any]:
+    params = function.get("parameters") or {"type": "object", "properties": {}}
+    return {
+        "type": "object",
+        "properties": {"name": {"const": function["name"]}, "arguments": params},
+        "required": ["name", "arguments"],
+    }
+
+
+def call_grammar(functions: Sequence[Mapping[str, Any]], only: str | None, parallel: bool) -> str:
+    """GBNF for one call (or a JSON array of calls) to the given functions."""
+    from llama_cpp.llama_grammar import json_schema_to_gbnf
+
+    chosen = [f for f in functions if only is None or f["name"] == only]
+    if not chosen:
+        raise InvalidRequest(f"tool_choice names an unknown function {only!r}", param="tool_choice")
+    one: dict[str, Any] = (
+        _call_schema(chosen[0])
+        if len(chosen) == 1
+        else {"anyOf": [_call_schema(f) for f in chosen]}
+    )
+    schema = {"type": "array", "items": one, "minItems": 1} if parallel and only is None else one
+    try:
+        return str(json_schema_to_gbnf(json.dumps(schema)))
+    except Exception as e:  # the converter raises assorted errors for schemas it cannot map
+        raise InvalidRequest(
+            f"tools: a function's parameters schema is unusable: {e}", param="tools"
+        ) from None
+
+
+def system_prompt(functions: Sequence[Mapping[str, Any]]) -> str:
+    """Tool instructions for chat templates that have no tool support of their own."""
+    listing = "\n".join(json.dumps(f, ensure_ascii=False) for f in functions)
+    return (
+        "You can call these functions:\n"
+        f"{listing}\n"
+        'To call one, reply with only a JSON object: {"name": <function name>, '
+        '"arguments": <arguments object>}. Otherwise, reply normally.'
+    )
+
+
+_TAGGED = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.DOTALL)
+
+
+def _as_calls(value: Any) -> list[ToolCall] | None:
+    items = value if isinstance(value, list) else [value]
+    calls = []
+    for item in items:
+        if not isinstance(item, dict) or not isinstance(item.get("name"), str):
+            return None
+        args = item.get("arguments", item.get("parameters", {}))
+        if isinstance(args, str):
+            try:
+                args = json.loads(args)
+            except json.JSONDecodeError:
+                return None
+        if not isinstance(args, dict):
+            return None
+        calls.append(ToolCall(item["name"], args, f"call_{secrets.token_hex(12)}"))
+    return calls or None
+
+
+def parse(text: str, names: set[str]) -> tuple[str, list[ToolCall]]:
+    """(remaining text, calls) from a model's output; calls to unknown functions are text."""
+    calls: list[ToolCall] = []
+    for block in _TAGGED.findall(text):
+        try:
+            found = _as_calls(json.loads(block))
+        except json.JSONDecodeError:
+            found = None
+        if found and all(c.name in names for c in found):
+            calls += found
+    if calls:
+        return _TAGGED.sub("", text).strip(), calls
+    stripped = text.strip()
+    if stripped[:1] in "{[":
+        try:
+            found = _as_calls(json.loads(stripped))
+        except json.JSONDecodeError:
+            found = None
+        if found and all(c.name in names for c in found):
+            return "", found
+    return text, []
+
+
+def template_messages(messages: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """OpenAI messages as chat templates expect them: tool-call arguments as objects."""
+    out = []
+    for m in messages:
+        m = dict(m)
+        if m.get("tool_calls"):
+            calls = []
+            for c in m["tool_calls"]:
+                fn = dict(c["function"])
+                with contextlib.suppress(json.JSONDecodeError, TypeError):
+                    fn["arguments"] = json.loads(fn["arguments"])
+                calls.append({**c, "function": fn})
+            m["tool_calls"] = calls
+        out.append(m)
+    return out
