@@ -10,6 +10,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from xllm import tools
 from xllm.engine.llama import Generation, LlamaModel
 from xllm.errors import EngineError, InvalidRequest
 from xllm.models.template import CHATML_STOP, CHATML_TEMPLATE, render_chat
@@ -80,6 +81,34 @@ async def chat_prompt(
         text = text[len(bos) :]
     tokens = await model.tokenize(text, special=True)
     return Prompt(tokens, [] if info.chat_template else [CHATML_STOP])
+
+
+async def prepare_chat(
+    model: LlamaModel,
+    messages: list[dict[str, Any]],
+    fields: dict[str, Any],
+    functions: Sequence[Mapping[str, Any]] = (),
+    forced: str | None = None,
+    parallel: bool = True,
+) -> tuple[Prompt, dict[str, Any]]:
+    """Prompt and engine parameters for a chat, tools included.
+
+    A template that knows tools gets them; otherwise a system message describes them. A forced
+    call (`forced` "" = any function, or a name) constrains decoding with a grammar.
+    """
+    template_tools = None
+    if functions:
+        if model.info.chat_template and "tools" in model.info.chat_template:
+            template_tools = [{"type": "function", "function": f} for f in functions]
+        else:
+            messages = [{"role": "system", "content": tools.system_prompt(functions)}, *messages]
+    if template_tools is None:
+        messages = [tools.as_text(m) for m in messages]
+        if forced is not None:
+            fields = {**fields, "grammar": tools.call_grammar(functions, forced or None, parallel)}
+    prompt = await chat_prompt(model, tools.template_messages(messages), tools=template_tools)
+    params = sampling_params(model, fields, prompt_len=len(prompt.tokens), extra_stops=prompt.stops)
+    return prompt, params
 
 
 def sampling_params(

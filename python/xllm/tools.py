@@ -137,3 +137,19 @@ def template_messages(messages: Sequence[Mapping[str, Any]]) -> list[dict[str, A
             m["tool_calls"] = calls
         out.append(m)
     return out
+
+
+def as_text(message: Mapping[str, Any]) -> dict[str, Any]:
+    """A message for a template without tool support: calls written as the JSON we ask for."""
+    m = dict(message)
+    calls = m.pop("tool_calls", None) or []
+    parts = [m.get("content") or ""]
+    for c in calls:
+        fn = c["function"]
+        args = fn.get("arguments")
+        if isinstance(args, str):
+            with contextlib.suppress(json.JSONDecodeError):
+                args = json.loads(args)
+        parts.append(json.dumps({"name": fn["name"], "arguments": args}, ensure_ascii=False))
+    m["content"] = "\n".join(p for p in parts if p)
+    return m

@@ -26,17 +26,8 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         raise InvalidRequest(
             f"messages: model {body.model!r} does not support images", param="messages"
         )
-    messages = tools.template_messages(
-        [_template_message(m.model_dump(exclude_none=True), m.text()) for m in body.messages]
-    )
+    messages = [_template_message(m.model_dump(exclude_none=True), m.text()) for m in body.messages]
     functions = body.functions()
-    template_tools = None
-    if functions:
-        if model.info.chat_template and "tools" in model.info.chat_template:
-            template_tools = [{"type": "function", "function": f} for f in functions]
-        else:
-            messages.insert(0, {"role": "system", "content": tools.system_prompt(functions)})
-    prompt = await serving.chat_prompt(model, messages, tools=template_tools)
     fields: dict[str, Any] = body.model_dump(exclude_none=True)
     fields["stop"] = body.stop_list()
     fields["max_tokens"] = body.max_completion_tokens or body.max_tokens
@@ -45,11 +36,8 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         fields["grammar"] = serving.grammar_for(
             body.response_format.grammar_format(), "response_format"
         )
-    forced = body.forced_function()
-    if functions and forced is not None:
-        fields["grammar"] = tools.call_grammar(functions, forced or None, body.parallel_tool_calls)
-    params = serving.sampling_params(
-        model, fields, prompt_len=len(prompt.tokens), extra_stops=prompt.stops
+    prompt, params = await serving.prepare_chat(
+        model, messages, fields, functions, body.forced_function(), body.parallel_tool_calls
     )
     head = {
         "id": f"chatcmpl-{secrets.token_hex(12)}",

@@ -1,0 +1,320 @@
+"""`POST /v1/responses`: OpenAI's Responses API over the same chat pipeline.
+
+Input (text or items) becomes chat messages; output is a message item or function-call items.
+Streaming sends the Responses event sequence: response.created, response.in_progress,
+output_item.added, content_part.added, output_text.delta..., output_text.done,
+content_part.done, output_item.done, response.completed.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from typing import Annotated, Any, Literal
+
+import orjson
+from aiohttp import web
+from pydantic import Field, model_validator
+
+from xllm import _core, serving, tools
+from xllm.errors import InvalidRequest, XllmError
+from xllm.server import streaming
+from xllm.server.http import json_response, load_model, parse_body, peer_gone
+from xllm.server.openai.wire import ResponseFormat, Wire
+
+
+class InputPart(Wire):
+    type: Literal["input_text", "output_text", "input_image", "input_file"]
+    text: str = ""
+
+
+class InputItem(Wire):
+    type: Literal["message", "function_call", "function_call_output"] = "message"
+    role: Literal["user", "system", "developer", "assistant"] | None = None
+    content: str | list[InputPart] | None = None
+    call_id: str | None = None
+    name: str | None = None
+    arguments: str | None = None
+    output: str | None = None
+
+    @model_validator(mode="after")
+    def _complete(self) -> InputItem:
+        if self.type == "message" and (self.role is None or self.content is None):
+            raise ValueError("a message item needs role and content")
+        if self.type == "function_call" and not (self.call_id and self.name):
+            raise ValueError("a function_call item needs call_id and name")
+        if self.type == "function_call_output" and self.call_id is None:
+            raise ValueError("a function_call_output item needs call_id")
+        return self
+
+
+class FunctionTool(Wire):
+    type: Literal["function"]
+    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class NamedFunction(Wire):
+    type: Literal["function"]
+    name: str
+
+
+class TextConfig(Wire):
+    format: dict[str, Any] | None = None
+
+
+class ResponsesRequest(Wire):
+    model: Annotated[str, Field(min_length=1, max_length=400)]
+    input: Annotated[str, Field(min_length=1)] | Annotated[list[InputItem], Field(min_length=1)]
+    instructions: str | None = None
+    tools: list[FunctionTool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedFunction | None = None
+    parallel_tool_calls: bool = True
+    stream: bool = False
+    temperature: Annotated[float, Field(ge=0.0, le=2.0)] | None = None
+    top_p: Annotated[float, Field(ge=0.0, le=1.0)] | None = None
+    max_output_tokens: Annotated[int, Field(ge=1, le=2**31 - 1)] | None = None
+    text: TextConfig | None = None
+    previous_response_id: str | None = None
+    store: bool | None = None
+    user: str | None = None
+
+    def messages(self) -> list[dict[str, Any]]:
+        out: list[dict[str, Any]] = []
+        if self.instructions:
+            out.append({"role": "system", "content": self.instructions})
+        if isinstance(self.input, str):
+            return [*out, {"role": "user", "content": self.input}]
+        for item in self.input:
+            if item.type == "function_call":
+                call = {"name": item.name, "arguments": item.arguments or "{}"}
+                out.append(
+                    {
+                        "role": "assistant",
+                        "content": None,
+                        "tool_calls": [{"id": item.call_id, "type": "function", "function": call}],
+                    }
+                )
+            elif item.type == "function_call_output":
+                out.append({"role": "tool", "tool_call_id": item.call_id, "content": item.output})
+            else:
+                if isinstance(item.content, list) and any(
+                    p.type in ("input_image", "input_file") for p in item.content
+                ):
+                    raise InvalidRequest(
+                        f"input: model {self.model!r} does not support images or files",
+                        param="input",
+                    )
+                text = (
+                    item.content
+                    if isinstance(item.content, str)
+                    else "".join(p.text for p in item.content or [])
+                )
+                role = "system" if item.role == "developer" else item.role
+                out.append({"role": role, "content": text})
+        return out
+
+    def functions(self) -> list[dict[str, Any]]:
+        if not self.tools or self.tool_choice == "none":
+            return []
+        return [t.model_dump(exclude_none=True, exclude={"type", "strict"}) for t in self.tools]
+
+    def forced(self) -> str | None:
+        if isinstance(self.tool_choice, NamedFunction):
+            return self.tool_choice.name
+        return "" if self.tool_choice == "required" else None
+
+
+def _usage(u: serving.Usage) -> dict[str, Any]:
+    return {
+        "input_tokens": u.prompt_tokens,
+        "input_tokens_details": {"cached_tokens": u.cached_tokens},
+        "output_tokens": u.completion_tokens,
+        "output_tokens_details": {"reasoning_tokens": 0},
+        "total_tokens": u.total_tokens,
+    }
+
+
+async def responses(request: web.Request) -> web.StreamResponse:
+    body = await parse_body(request, ResponsesRequest)
+    if body.previous_response_id:
+        raise InvalidRequest(
+            "previous_response_id: responses are not stored; send the whole conversation",
+            param="previous_response_id",
+        )
+    model = await load_model(request, body.model)
+    fields: dict[str, Any] = {
+        "temperature": body.temperature,
+        "top_p": body.top_p,
+        "max_tokens": body.max_output_tokens,
+    }
+    if body.text and body.text.format and body.text.format.get("type") != "text":
+        fmt = dict(body.text.format)
+        wrapped = (
+            {"type": "json_schema", "json_schema": {"schema": fmt.get("schema") or {}}}
+            if fmt.get("type") == "json_schema"
+            else {"type": fmt.get("type")}
+        )
+        try:
+            grammar_format = ResponseFormat.model_validate(wrapped).grammar_format()
+        except ValueError:
+            raise InvalidRequest("text.format: unsupported format", param="text.format") from None
+        fields["grammar"] = serving.grammar_for(grammar_format, "text.format")
+    functions = body.functions()
+    prompt, params = await serving.prepare_chat(
+        model,
+        body.messages(),
+        {k: v for k, v in fields.items() if v is not None},
+        functions,
+        body.forced(),
+        body.parallel_tool_calls,
+    )
+    rid = f"resp_{secrets.token_hex(12)}"
+    head: dict[str, Any] = {
+        "id": rid,
+        "object": "response",
+        "created_at": int(time.time()),
+        "model": body.model,
+        "instructions": body.instructions,
+        "max_output_tokens": body.max_output_tokens,
+        "temperature": body.temperature,
+        "top_p": body.top_p,
+        "tools": [t.model_dump(exclude_none=True) for t in body.tools or []],
+        "tool_choice": body.tool_choice
+        if isinstance(body.tool_choice, str)
+        else (body.tool_choice.model_dump() if body.tool_choice else "auto"),
+        "parallel_tool_calls": body.parallel_tool_calls,
+        "error": None,
+        "incomplete_details": None,
+        "metadata": {},
+    }
+    gen = await model.start(prompt.tokens, params)
+    if body.stream and not functions:
+        return await _stream(request, gen, head)
+    result = await serving.collect(gen, lambda: peer_gone(request))
+    choice = result.choices[0]
+    msg_id = f"msg_{secrets.token_hex(12)}"
+    output: list[dict[str, Any]] = []
+    text, calls = (
+        tools.parse(choice.text, {f["name"] for f in functions})
+        if functions
+        else (
+            choice.text,
+            [],
+        )
+    )
+    if text or not calls:
+        output.append(_message(msg_id, text, "completed"))
+    for call in calls:
+        output.append(
+            {
+                "type": "function_call",
+                "id": f"fc_{secrets.token_hex(12)}",
+                "call_id": call.id,
+                "name": call.name,
+                "arguments": orjson.dumps(call.arguments).decode(),
+                "status": "completed",
+            }
+        )
+    final = _final(head, output, result.usage, choice.finish_reason)
+    if body.stream:  # with tools: the whole answer was needed to tell calls from text
+        response = await streaming.open_sse(request)
+        seq = _Sequencer()
+        out = seq.event("response.created", response=_in_progress(head))
+        for i, item in enumerate(output):
+            out += seq.event("response.output_item.added", output_index=i, item=item)
+            out += seq.event("response.output_item.done", output_index=i, item=item)
+        out += seq.event("response.completed", response=final)
+        await streaming.finish(response, out)
+        return response
+    return json_response(final)
+
+
+def _message(msg_id: str, text: str, status: str) -> dict[str, Any]:
+    return {
+        "type": "message",
+        "id": msg_id,
+        "status": status,
+        "role": "assistant",
+        "content": [{"type": "output_text", "text": text, "annotations": [], "logprobs": []}],
+    }
+
+
+def _final(
+    head: dict[str, Any], output: list[dict[str, Any]], usage: serving.Usage, finish: str | None
+) -> dict[str, Any]:
+    incomplete = finish == "length"
+    return {
+        **head,
+        "status": "incomplete" if incomplete else "completed",
+        "incomplete_details": {"reason": "max_output_tokens"} if incomplete else None,
+        "output": output,
+        "usage": _usage(usage),
+    }
+
+
+def _in_progress(head: dict[str, Any]) -> dict[str, Any]:
+    return {**head, "status": "in_progress", "output": [], "usage": None}
+
+
+class _Sequencer:
+    """Numbers events as the Responses stream requires."""
+
+    def __init__(self) -> None:
+        self.n = 0
+
+    def event(self, kind: str, **data: Any) -> bytes:
+        payload = {"type": kind, "sequence_number": self.n, **data}
+        self.n += 1
+        return _core.sse_event(orjson.dumps(payload).decode(), kind)
+
+
+async def _stream(request: web.Request, gen: Any, head: dict[str, Any]) -> web.StreamResponse:
+    response = await streaming.open_sse(request)
+    seq = _Sequencer()
+    msg_id = f"msg_{secrets.token_hex(12)}"
+    where = {"item_id": msg_id, "output_index": 0, "content_index": 0}
+    out = seq.event("response.created", response=_in_progress(head))
+    out += seq.event("response.in_progress", response=_in_progress(head))
+    out += seq.event(
+        "response.output_item.added",
+        output_index=0,
+        item={**_message(msg_id, "", "in_progress"), "content": []},
+    )
+    out += seq.event(
+        "response.content_part.added",
+        **where,
+        part={"type": "output_text", "text": "", "annotations": [], "logprobs": []},
+    )
+    text, usage, finish = "", serving.Usage(), None
+    try:
+        async for batch in gen.events(lambda: peer_gone(request)):
+            for _, _, delta, _, fin, extra in batch:
+                if delta:
+                    text += delta
+                    out += seq.event(
+                        "response.output_text.delta", **where, delta=delta, logprobs=[]
+                    )
+                if fin is not None:
+                    serving.raise_if_failed(fin, extra)
+                    usage.add(extra)
+                    finish = fin
+            if not await streaming.write(response, bytes(out)):
+                gen.cancel()
+                return response
+            out = b""
+    except XllmError as e:
+        gen.cancel()
+        err = {"code": e.code or e.type, "message": e.message, "param": e.param}
+        await streaming.finish(response, seq.event("error", **err))
+        return response
+    part = {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
+    item = _message(msg_id, text, "completed")
+    out = seq.event("response.output_text.done", **where, text=text, logprobs=[])
+    out += seq.event("response.content_part.done", **where, part=part)
+    out += seq.event("response.output_item.done", output_index=0, item=item)
+    out += seq.event("response.completed", response=_final(head, [item], usage, finish))
+    await streaming.finish(response, out)
+    return response
