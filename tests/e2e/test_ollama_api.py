@@ -175,3 +175,36 @@ def test_client_raises_response_error(client: ollama.Client) -> None:
     with pytest.raises(ollama.ResponseError) as e:
         client.generate(model="missing-model", prompt="x")
     assert e.value.status_code == 404
+
+
+def test_chat_tools_parsed(client: ollama.Client) -> None:
+    def get_weather(city: str) -> str:
+        """Current weather in a city.
+
+        Args:
+          city: the city name
+        """
+        return "sunny"
+
+    r = client.chat(
+        model=MODEL,
+        messages=[{"role": "user", "content": "What is the weather in Paris? Use the tool."}],
+        tools=[get_weather],
+        options={"temperature": 0, "num_predict": 60},
+    )
+    assert r.message.role == "assistant"
+    assert r.message.content or r.message.tool_calls
+    for call in r.message.tool_calls or []:
+        assert call.function.name == "get_weather"
+        assert isinstance(call.function.arguments, dict)
+    streamed = list(
+        client.chat(
+            model=MODEL,
+            messages=[{"role": "user", "content": "What is the weather in Paris? Use the tool."}],
+            tools=[get_weather],
+            options={"temperature": 0, "num_predict": 60},
+            stream=True,
+        )
+    )
+    assert streamed[-1].done
+    assert (streamed[0].message.tool_calls is None) == (r.message.tool_calls is None)

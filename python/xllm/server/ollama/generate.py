@@ -10,7 +10,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from xllm import serving
+from xllm import serving, tools
 from xllm.engine.llama import Generation, LlamaModel
 from xllm.errors import InvalidRequest, XllmError
 from xllm.server import streaming
@@ -138,12 +138,12 @@ async def chat(request: web.Request) -> web.StreamResponse:
     for m in body.messages:
         _no_images(m.images, body.model)
     messages = [m.model_dump(exclude_none=True, exclude={"images"}) for m in body.messages]
-    prompt = await serving.chat_prompt(model, messages, tools=body.tools)
+    functions = [t["function"] for t in body.tools or [] if isinstance(t.get("function"), dict)]
     fields = engine_fields(body.options, body.format, model.ctx_size)
-    params = serving.sampling_params(
-        model, fields, prompt_len=len(prompt.tokens), extra_stops=prompt.stops
-    )
+    prompt, params = await serving.prepare_chat(model, messages, fields, functions)
     gen = await model.start(prompt.tokens, params)
+    if functions:
+        return await _tool_chat(request, gen, body, timer, {f["name"] for f in functions})
 
     def chunk(text: str) -> dict[str, Any]:
         return {
@@ -159,6 +159,28 @@ async def chat(request: web.Request) -> web.StreamResponse:
         return out
 
     return await _respond(request, gen, body.stream, chunk, final)
+
+
+async def _tool_chat(
+    request: web.Request, gen: Generation, body: ChatRequest, timer: _Timer, names: set[str]
+) -> web.StreamResponse:
+    """With tools the whole answer is needed to tell a call from text (as Ollama does)."""
+    result = await serving.collect(gen, lambda: peer_gone(request))
+    choice = result.choices[0]
+    text, calls = tools.parse(choice.text, names)
+    message: dict[str, Any] = {"role": "assistant", "content": text}
+    if calls:
+        message["tool_calls"] = [
+            {"function": {"name": c.name, "arguments": c.arguments}} for c in calls
+        ]
+    final = _final(body.model, timer, result.usage, choice.finish_reason)
+    if not body.stream:
+        return json_response({**final, "message": message})
+    response = await streaming.open_stream(request, "application/x-ndjson")
+    first = {"model": body.model, "created_at": now_rfc3339(), "message": message, "done": False}
+    last = {**final, "message": {"role": "assistant", "content": ""}}
+    await streaming.finish(response, orjson.dumps(first) + b"\n" + orjson.dumps(last) + b"\n")
+    return response
 
 
 def _final(name: str, timer: _Timer, usage: serving.Usage, finish: str | None) -> dict[str, Any]:
