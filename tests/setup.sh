@@ -3,6 +3,10 @@
 # llama-cpp-python (built from source; pip caches the wheel), test tools and the test models.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# systemd-analyze checks the service unit (tests/test_packaging.py)
+if ! command -v systemd-analyze >/dev/null; then
+    apt-get update -qq && apt-get install -y -qq systemd >/dev/null
+fi
 python3 -m venv .venv
 . .venv/bin/activate
 python -m pip install --quiet --upgrade pip

