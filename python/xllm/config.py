@@ -85,6 +85,10 @@ class Settings:
     """Port of the HTTP server."""
     log_file: str | None = None
     """Also log to this file, rotated daily."""
+    tls_cert: str | None = None
+    """Serve HTTPS with this certificate (PEM); needs tls_key."""
+    tls_key: str | None = None
+    """Private key (PEM) of tls_cert."""
     models_dir: Path = field(default_factory=lambda: _home() / "models")
     """Where pulled and created models are stored."""
     preload: tuple[str, ...] = ()
@@ -134,6 +138,8 @@ _KEYS: tuple[_Key, ...] = (
     _Key("host", "server.host", "XLLM_HOST", _str),
     _Key("port", "server.port", "XLLM_PORT", _positive_int),
     _Key("log_file", "server.log_file", "XLLM_LOG_FILE", _str),
+    _Key("tls_cert", "server.tls_cert", "XLLM_TLS_CERT", _str),
+    _Key("tls_key", "server.tls_key", "XLLM_TLS_KEY", _str),
     _Key("cors_origins", "server.cors.allowed_origins", "XLLM_ORIGINS", _str_list),
     _Key("api_keys", "server.api_keys", "XLLM_API_KEY", _str_list),
     _Key("log_level", "server.log_level", "XLLM_LOG", _str),

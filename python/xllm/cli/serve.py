@@ -38,6 +38,8 @@ def add_parser(commands: Any) -> None:
     p.add_argument("--batch-size", type=int, help="tokens per decode step (default 512)")
     p.add_argument("--gpu-layers", type=int, help="layers to offload to GPU (default -1: all)")
     p.add_argument("--log-file", help="also log to this file, rotated daily")
+    p.add_argument("--tls-cert", help="serve HTTPS with this PEM certificate (env XLLM_TLS_CERT)")
+    p.add_argument("--tls-key", help="PEM private key of --tls-cert (env XLLM_TLS_KEY)")
     p.set_defaults(func=run)
 
 
@@ -52,6 +54,8 @@ def run(args: argparse.Namespace) -> int:
         "batch_size": args.batch_size,
         "gpu_layers": args.gpu_layers,
         "log_file": args.log_file,
+        "tls_cert": args.tls_cert,
+        "tls_key": args.tls_key,
     }
     try:
         serve_forever(args.models or [], flags)

@@ -6,12 +6,13 @@ import asyncio
 import logging
 import os
 import signal
+import ssl
 import time
 from collections.abc import AsyncIterator
 
 from aiohttp import web
 
-from xllm.config import Settings
+from xllm.config import ConfigError, Settings
 from xllm.engine.options import EngineOptions
 from xllm.engine.registry import ModelRegistry
 from xllm.errors import XllmError
@@ -72,12 +73,14 @@ async def _models(app: web.Application) -> AsyncIterator[None]:
 
 async def serve(app: web.Application, host: str, port: int) -> None:
     """Serve until SIGINT/SIGTERM; the first drains for up to 30 s, a second exits at once."""
+    settings = app[SETTINGS]
+    tls = _tls_context(settings)
     runner = web.AppRunner(app, shutdown_timeout=DRAIN_S, access_log=None)
     await runner.setup()
-    site = web.TCPSite(runner, host, port)
+    site = web.TCPSite(runner, host, port, ssl_context=tls)
     await site.start()
-    log.info("xllm listening on http://%s:%d", host if ":" not in host else f"[{host}]", port)
-    settings = app[SETTINGS]
+    scheme = "https" if tls else "http"
+    log.info("xllm listening on %s://%s:%d", scheme, host if ":" not in host else f"[{host}]", port)
     if not guard.is_loopback(host) and not settings.api_keys:
         log.warning(
             "listening on %s without an API key: anyone who can reach this port can use and "
@@ -103,6 +106,19 @@ async def serve(app: web.Application, host: str, port: int) -> None:
     finally:
         preload.cancel()
         await runner.cleanup()
+
+
+def _tls_context(settings: Settings) -> ssl.SSLContext | None:
+    if not settings.tls_cert and not settings.tls_key:
+        return None
+    if not (settings.tls_cert and settings.tls_key):
+        raise ConfigError("TLS needs both --tls-cert and --tls-key")
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        ctx.load_cert_chain(settings.tls_cert, settings.tls_key)
+    except (OSError, ssl.SSLError) as e:
+        raise ConfigError(f"cannot load the TLS certificate or key: {e}") from None
+    return ctx
 
 
 async def _preload(registry: ModelRegistry, names: tuple[str, ...]) -> None:
