@@ -127,6 +127,9 @@ def test_bad_request(
         b'{"model": "smollm2:135m", "messages": [], ',
         b"\xff\xfe",
         b'{"temperature": NaN}',
+        b'{"model": "smollm2:135m", "messages": [{"role": "user", "content": "x"}], "temperature": Infinity}',
+        b'{"model": "smollm2:135m", "messages": [{"role": "user", "content": "x"}], "top_p": -Infinity}',
+        b'{"model": "smollm2:135m", "messages": [{"role": "user", "content": "x"}], "max_tokens": 1e400}',
     ],
 )
 def test_malformed_bodies(server: Server, raw: bytes) -> None:
