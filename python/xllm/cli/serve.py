@@ -9,11 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from xllm.config import load_settings
-from xllm.engine.registry import ModelRegistry
-from xllm.log import setup_logging
 from xllm.models.names import DEFAULT_MODEL
-from xllm.server.app import create_app, engine_options, serve
 
 log = logging.getLogger("xllm")
 
@@ -70,6 +66,12 @@ def run(args: argparse.Namespace) -> int:
 
 def serve_forever(models: list[str], flags: dict[str, Any]) -> None:
     """Run the server until SIGINT/SIGTERM; `models` are names or GGUF paths to preload."""
+    # imported here so that `xllm --version` and the other commands start fast
+    from xllm.config import load_settings
+    from xllm.engine.registry import ModelRegistry
+    from xllm.log import setup_logging
+    from xllm.server.app import create_app, engine_options, serve
+
     paths: list[Path] = []
     names: list[str] = []
     for m in models:

@@ -22,8 +22,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from xllm.engine import ipc
-from xllm.engine.options import EngineOptions
-from xllm.engine.runner import runner_command
+from xllm.engine.options import EngineOptions, runner_command
 from xllm.errors import EngineError, InvalidRequest, ModelLoadError, Overloaded
 from xllm.models.metadata import ModelInfo
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import sys
 from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
@@ -28,6 +29,13 @@ class EngineOptions:
 
     def resolved_threads(self) -> int:
         return self.threads or (os.cpu_count() or 1)
+
+
+def runner_command() -> list[str]:
+    """How the server starts a runner, from a source install or a frozen binary alike."""
+    if getattr(sys, "frozen", False):
+        return [sys.executable, "runner"]
+    return [sys.executable, "-m", "xllm", "runner"]
 
 
 def libllama_path() -> Path:

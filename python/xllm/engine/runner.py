@@ -29,13 +29,6 @@ BEAT_S = 0.25
 """How often the runner reports its counters (the server's stats and watchdog read them)."""
 
 
-def runner_command() -> list[str]:
-    """How the server starts a runner, from a source install or a frozen binary alike."""
-    if getattr(sys, "frozen", False):
-        return [sys.executable, "runner"]
-    return [sys.executable, "-m", "xllm", "runner"]
-
-
 def _die_with_parent() -> None:
     if sys.platform.startswith("linux"):
         pr_set_pdeathsig = 1
