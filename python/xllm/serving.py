@@ -13,7 +13,6 @@ from typing import Any
 from xllm import tools
 from xllm.engine.llama import Generation, LlamaModel
 from xllm.errors import EngineError, InvalidRequest
-from xllm.models.template import CHATML_STOP, CHATML_TEMPLATE, render_chat
 
 
 @dataclass
@@ -71,16 +70,14 @@ async def chat_prompt(
     messages: Sequence[Mapping[str, Any]],
     tools: Sequence[Mapping[str, Any]] | None = None,
 ) -> Prompt:
-    """Render messages with the model's own template (ChatML when it has none) and tokenize."""
-    info = model.info
-    template = info.chat_template or CHATML_TEMPLATE
-    bos = info.bos_text
-    text = render_chat(template, messages, bos_token=bos, eos_token=info.eos_text, tools=tools)
-    # The template may write BOS itself; tokenizing adds it again when the vocab wants one.
-    if bos and text.startswith(bos):
-        text = text[len(bos) :]
-    tokens = await model.tokenize(text, special=True)
-    return Prompt(tokens, [] if info.chat_template else [CHATML_STOP])
+    """Render messages with the model's own template (ChatML when it has none) and tokenize.
+
+    Rendering runs in the model's runner under a time limit: templates come from model files.
+    """
+    tokens, stops = await model.chat_prompt(
+        [dict(m) for m in messages], [dict(t) for t in tools] if tools else None
+    )
+    return Prompt(tokens, stops)
 
 
 async def prepare_chat(

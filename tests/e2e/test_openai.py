@@ -222,16 +222,20 @@ def test_disconnect_stops_generation(server: Server) -> None:
         "ignore_eos": True,
         "stream": True,
     }
+    seen = _stats(server).get("requests_total", 0)
     with httpx.stream("POST", f"{server.url}/v1/completions", json=body, timeout=30) as r:
         for line in r.iter_lines():
             if line.startswith("data: "):
                 break
+    # counters reach the server every 0.25 s: wait for a report that includes this request
     deadline = time.monotonic() + 2
-    while _stats(server)["running"] and time.monotonic() < deadline:
+    while time.monotonic() < deadline:
+        stats = _stats(server)
+        if stats["requests_total"] > seen and stats["running"] == 0:
+            break
         time.sleep(0.05)
-    assert _stats(server)["running"] == 0
-    # counters reach the server every 0.25 s: let the last report arrive, then check that
-    # nothing is being decoded any more
+    assert stats["requests_total"] > seen and stats["running"] == 0
+    # then nothing is decoded any more
     time.sleep(0.5)
     before = _stats(server)["tokens_generated_total"]
     time.sleep(0.6)

@@ -25,6 +25,7 @@ from xllm.engine import ipc
 from xllm.engine.options import EngineOptions, runner_command
 from xllm.errors import EngineError, InvalidRequest, ModelLoadError, Overloaded
 from xllm.models.metadata import ModelInfo
+from xllm.models.template import TemplateError
 
 log = logging.getLogger("xllm.engine")
 
@@ -36,6 +37,7 @@ A choice index of -1 with finish "error" ends every choice of the request (the r
 _DISCONNECT_CHECK_S = 0.25
 _STDERR_LINES = 30
 _CLOSE_S = 10.0
+TEMPLATE_TIMEOUT_S = 2.0
 
 
 class Observer(Protocol):
@@ -267,6 +269,32 @@ class LlamaModel:
         """Tokens of `text`; `special` parses control tokens and adds BOS as the vocab wants."""
         tokens: list[int] = await self._call("tokenize", text, special, special)
         return tokens
+
+    async def chat_prompt(
+        self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None
+    ) -> tuple[list[int], list[str]]:
+        """(prompt tokens, extra stops) rendered by the model's template in its runner.
+
+        A template is code from a model file: one that runs past the time limit gets its
+        runner killed (the event loop here never runs it) and the request a 400.
+        """
+        try:
+            async with asyncio.timeout(TEMPLATE_TIMEOUT_S):
+                result: tuple[list[int], list[str]] = await self._call(
+                    "chat_prompt", messages, tools
+                )
+        except TimeoutError:
+            log.error(
+                "model %s: chat template ran past %.0f s: killing its runner",
+                self.name,
+                TEMPLATE_TIMEOUT_S,
+            )
+            with contextlib.suppress(ProcessLookupError):
+                self._proc.kill()
+            raise TemplateError(
+                f"chat template error: rendering took longer than {TEMPLATE_TIMEOUT_S:.0f} s"
+            ) from None
+        return result
 
     async def detokenize(self, tokens: Sequence[int]) -> str:
         text: str = await self._call("detokenize", list(tokens))

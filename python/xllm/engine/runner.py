@@ -21,7 +21,9 @@ from xllm import _core
 from xllm.engine import ipc
 from xllm.engine.llamacpp import LlamaCppEngine
 from xllm.engine.options import EngineOptions
+from xllm.errors import XllmError
 from xllm.models.metadata import ModelInfo
+from xllm.models.template import build_prompt
 
 log = logging.getLogger("xllm.runner")
 
@@ -75,7 +77,7 @@ async def _serve(sock: socket.socket, name: str, path: Path, options: EngineOpti
             elif op == ipc.CANCEL:
                 engine.cancel(msg[1])
             elif op == ipc.CALL:
-                task = asyncio.create_task(_call(engine, writer, msg[1], msg[2], msg[3]))
+                task = asyncio.create_task(_call(engine, info, writer, msg[1], msg[2], msg[3]))
                 calls.add(task)
                 task.add_done_callback(calls.discard)
             elif op == ipc.CLOSE:
@@ -109,6 +111,7 @@ def _submit(
 
 async def _call(
     engine: LlamaCppEngine,
+    info: ModelInfo,
     writer: asyncio.StreamWriter,
     cid: int,
     method: str,
@@ -121,14 +124,30 @@ async def _call(
             value = engine.tokenize(*args)
         elif method == "detokenize":
             value = engine.detokenize(*args)
+        elif method == "chat_prompt":
+            value = _chat_prompt(engine, info, *args)
         else:
             raise RuntimeError(f"unknown runner call {method!r}")
         reply: tuple[Any, ...] = (ipc.REPLY, cid, None, value)
+    except XllmError as e:
+        reply = (ipc.REPLY, cid, ipc.BAD_REQUEST, e.message)
     except ValueError as e:
         reply = (ipc.REPLY, cid, ipc.BAD_REQUEST, str(e))
     except RuntimeError as e:
         reply = (ipc.REPLY, cid, ipc.ENGINE, str(e))
     writer.write(ipc.encode(reply))
+
+
+def _chat_prompt(
+    engine: LlamaCppEngine,
+    info: ModelInfo,
+    messages: list[dict[str, Any]],
+    tools: list[dict[str, Any]] | None,
+) -> tuple[list[int], list[str]]:
+    text, stops = build_prompt(
+        info.chat_template, messages, bos_token=info.bos_text, eos_token=info.eos_text, tools=tools
+    )
+    return engine.tokenize(text, True, True), stops
 
 
 async def _beat(engine: LlamaCppEngine, writer: asyncio.StreamWriter) -> None:

@@ -56,9 +56,29 @@ def _strftime_now(fmt: str) -> str:
     return datetime.now().strftime(fmt)
 
 
+MAX_OUTPUT = 1 << 20
+"""A rendered prompt larger than this (1 MiB) is refused; the runner's time limit does the rest."""
+
+
+class _LimitedEnvironment(ImmutableSandboxedEnvironment):
+    """The immutable sandbox, plus no `*`/`**` that would build huge values in one step."""
+
+    intercepted_binops = frozenset({"*", "**"})
+
+    def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
+        if operator == "**" and isinstance(right, int | float) and abs(right) > 64:
+            raise jinja2.exceptions.SecurityError("exponent too large")
+        if operator == "*":
+            for seq, n in ((left, right), (right, left)):
+                sized = isinstance(seq, str | list | tuple) and isinstance(n, int)
+                if sized and len(seq) * n > MAX_OUTPUT:
+                    raise jinja2.exceptions.SecurityError("repetition too large")
+        return super().call_binop(context, operator, left, right)
+
+
 @lru_cache(maxsize=64)
 def _compile(source: str) -> jinja2.Template:
-    env = ImmutableSandboxedEnvironment(
+    env = _LimitedEnvironment(
         trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"]
     )
     env.filters["tojson"] = _tojson
@@ -82,7 +102,7 @@ def render_chat(
     """Render `messages` into a prompt with the model's template."""
     template = _compile(source)
     try:
-        return template.render(
+        out = template.render(
             messages=list(messages),
             bos_token=bos_token,
             eos_token=eos_token,
@@ -95,3 +115,28 @@ def render_chat(
         raise TemplateError(f"chat template error: unsafe operation blocked: {e}") from None
     except Exception as e:  # a template is code from a file: any failure is its error
         raise TemplateError(f"chat template error: {type(e).__name__}: {e}") from None
+    if len(out) > MAX_OUTPUT:
+        raise TemplateError("chat template error: the rendered prompt exceeds 1 MiB")
+    return out
+
+
+def build_prompt(
+    chat_template: str | None,
+    messages: Sequence[Mapping[str, Any]],
+    *,
+    bos_token: str,
+    eos_token: str,
+    tools: Sequence[Mapping[str, Any]] | None = None,
+) -> tuple[str, list[str]]:
+    """(prompt text, extra stop strings) with the model's template, or ChatML without one."""
+    text = render_chat(
+        chat_template or CHATML_TEMPLATE,
+        messages,
+        bos_token=bos_token,
+        eos_token=eos_token,
+        tools=tools,
+    )
+    # The template may write BOS itself; tokenizing adds it again when the vocab wants one.
+    if bos_token and text.startswith(bos_token):
+        text = text[len(bos_token) :]
+    return text, [] if chat_template else [CHATML_STOP]
