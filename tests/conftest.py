@@ -76,7 +76,7 @@ def start_server(
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"xllm serve exited with {proc.returncode}:\n{server.logs()}")
-        if "preloading" in server.logs() and " failed: " in server.logs():
+        if wait_model and "preloading" in server.logs() and " failed: " in server.logs():
             stop_server(server)
             raise RuntimeError(f"xllm serve could not load its model:\n{server.logs()}")
         try:

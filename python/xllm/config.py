@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -75,6 +76,28 @@ def _bool(key: str, value: Any) -> bool:
     raise ConfigError(f"{key}: expected true or false, got {value!r}")
 
 
+def _bytes(key: str, value: Any) -> int:
+    """A size: bytes, or with a unit (`8GB`, `512MiB`)."""
+    units = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+             "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}  # fmt: skip
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", str(value))
+    if not m or m.group(2).lower() not in units:
+        raise ConfigError(f"{key}: expected a size like 8GB or 512MiB, got {value!r}")
+    return int(float(m.group(1)) * units[m.group(2).lower()])
+
+
+def _priorities(key: str, value: Any) -> tuple[tuple[str, str], ...]:
+    """`{model: high|normal|low}` in config.yaml, `model=high,other=low` in the environment."""
+    if isinstance(value, str):
+        value = dict(p.split("=", 1) for p in value.split(",") if "=" in p)
+    if not isinstance(value, dict):
+        raise ConfigError(f"{key}: expected a mapping of model to high/normal/low")
+    for name, level in value.items():
+        if level not in ("high", "normal", "low"):
+            raise ConfigError(f"{key}.{name}: expected high, normal or low, got {level!r}")
+    return tuple((str(k).strip(), str(v)) for k, v in value.items())
+
+
 @dataclass(frozen=True)
 class Settings:
     """Every setting xllm reads, with its default."""
@@ -107,6 +130,10 @@ class Settings:
     """Layers offloaded to the GPU; -1 = as many as the build supports and memory allows."""
     idle_timeout: float = 300.0
     """Seconds an unused model stays loaded."""
+    memory_budget: int | None = None
+    """Bytes all loaded models may use together (default: what the machine has free)."""
+    priorities: tuple[tuple[str, str], ...] = ()
+    """(model, high|normal|low): lower priorities are unloaded first when memory is needed."""
     cors_origins: tuple[str, ...] = ("*",)
     """Origins allowed by CORS."""
     api_keys: tuple[str, ...] = ()
@@ -152,6 +179,8 @@ _KEYS: tuple[_Key, ...] = (
     _Key("batch_size", "inference.batch_size", "XLLM_BATCH_SIZE", _positive_int),
     _Key("gpu_layers", "gpu.layers", "XLLM_GPU_LAYERS", _int),
     _Key("idle_timeout", "inference.idle_timeout", "XLLM_IDLE_TIMEOUT", _float),
+    _Key("memory_budget", "memory.budget", "XLLM_MEMORY_BUDGET", lambda k, v: _bytes(k, v)),
+    _Key("priorities", "models.priority", "XLLM_PRIORITY", lambda k, v: _priorities(k, v)),
 )
 
 # Keys of the seed's config.yaml that are accepted but not (yet) acted on, so a file written for
@@ -160,7 +189,6 @@ _KNOWN_SECTIONS = {
     "server.log_rotation",
     "server.cors.allowed_methods",
     "server.gzip",
-    "models.priority",
     "images",
     "gpu",
     "inference.request_timeout",

@@ -68,9 +68,8 @@ def serve_forever(models: list[str], flags: dict[str, Any]) -> None:
     """Run the server until SIGINT/SIGTERM; `models` are names or GGUF paths to preload."""
     # imported here so that `xllm --version` and the other commands start fast
     from xllm.config import load_settings
-    from xllm.engine.registry import ModelRegistry
     from xllm.log import setup_logging
-    from xllm.server.app import create_app, engine_options, serve
+    from xllm.server.app import create_app, make_registry, serve
 
     paths: list[Path] = []
     names: list[str] = []
@@ -83,7 +82,7 @@ def serve_forever(models: list[str], flags: dict[str, Any]) -> None:
             names.append(m)
     settings = load_settings(flags)
     setup_logging(settings.log_level, settings.log_file)
-    registry = ModelRegistry(engine_options(settings))
+    registry = make_registry(settings)
     preload = list(settings.preload) + names + [registry.add_path(p) for p in paths]
     settings = dataclasses.replace(settings, preload=tuple(preload))
     app = create_app(settings, registry)

@@ -24,6 +24,7 @@ from typing import Any, Protocol
 from xllm.engine import ipc
 from xllm.engine.options import EngineOptions, runner_command
 from xllm.errors import EngineError, InvalidRequest, ModelLoadError, Overloaded
+from xllm.memory.planner import Plan
 from xllm.models.metadata import ModelInfo
 from xllm.models.template import TemplateError
 
@@ -117,6 +118,7 @@ class LlamaModel:
         self.observer = observer
         self.ctx_size = min(options.ctx_size, info.context_length or options.ctx_size)
         self.on_exit: Callable[[LlamaModel], None] | None = None
+        self.plan: Plan | None = None
         self._proc = proc
         self._reader = reader
         self._writer = writer

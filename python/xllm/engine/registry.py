@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass
@@ -10,12 +11,15 @@ from pathlib import Path
 
 from xllm.engine.llama import LlamaModel, Observer
 from xllm.engine.options import EngineOptions
-from xllm.errors import ModelNotFound
-from xllm.models import names
+from xllm.errors import InsufficientMemory, ModelNotFound
+from xllm.memory import planner, probe
+from xllm.models import gguf, names
 
 log = logging.getLogger("xllm.models")
 
 REAP_INTERVAL_S = 0.5
+GRACE_S = 1.0
+"""A model handed to a request this recently is neither reaped nor evicted (it is about to run)."""
 
 
 @dataclass(frozen=True)
@@ -27,9 +31,17 @@ class LoadState:
 class ModelRegistry:
     """Resolves model names and keeps the loaded ones."""
 
-    def __init__(self, options: EngineOptions, observer: Observer | None = None) -> None:
+    def __init__(
+        self,
+        options: EngineOptions,
+        observer: Observer | None = None,
+        budget: int | None = None,
+        priorities: dict[str, str] | None = None,
+    ) -> None:
         self.options = options
         self.observer = observer
+        self.budget = budget
+        self.priorities = {names.canonical(k): v for k, v in (priorities or {}).items()}
         self._paths: dict[str, Path] = {}
         self._loaded: dict[str, LlamaModel] = {}
         self._loading: dict[str, asyncio.Task[LlamaModel]] = {}
@@ -71,6 +83,7 @@ class ModelRegistry:
         model = self._loaded.get(key)
         if model is None:
             model = await self._get_loading(key, path)
+        model.last_active = time.monotonic()
         if keep_alive is not None:
             model.keep_alive = keep_alive
         if self._reaper is None or self._reaper.done():
@@ -90,10 +103,22 @@ class ModelRegistry:
         log.info("loading model %s from %s", key, path)
         t0 = time.perf_counter()
         try:
-            model = await LlamaModel.load(key, path, self.options, self.observer)
+            # the header is checked before llama.cpp ever opens the file
+            header = await asyncio.to_thread(gguf.read, path)
+            o = self.options
+            plan = planner.estimate(
+                header, ctx_size=o.ctx_size, parallel=o.parallel, batch_size=o.batch_size,
+                gpus=probe.gpus(), gpu_layers=o.gpu_layers,
+            )  # fmt: skip
+            await self._make_room(key, plan)
+            if o.gpu_layers < 0:
+                o = dataclasses.replace(o, gpu_layers=plan.gpu_layers)
+            log.info("plan for %s: %s, %d GPU layers", key, plan.describe(), plan.gpu_layers)
+            model = await LlamaModel.load(key, path, o, self.observer)
         finally:
             self._loading.pop(key, None)
             self._load_started.pop(key, None)
+        model.plan = plan
         model.on_exit = self._on_exit
         self._loaded[key] = model
         elapsed = time.perf_counter() - t0
@@ -101,6 +126,38 @@ class ModelRegistry:
             self.observer.observe_load(key, elapsed)
         log.info("loaded model %s in %.2f s", key, elapsed)
         return model
+
+    def _available(self) -> int:
+        """RAM a new model may use: the budget minus loaded models' plans, or what is free."""
+        if self.budget is not None:
+            return self.budget - sum(m.plan.ram for m in self._loaded.values() if m.plan)
+        return int(probe.ram()[1] * (1 - planner.SAFETY))
+
+    async def _make_room(self, key: str, plan: planner.Plan) -> None:
+        """Unload idle models (lowest priority, then least recently used) until `plan` fits."""
+        rank = {"low": 0, "normal": 1, "high": 2}
+        deadline = time.monotonic() + 10
+        while plan.ram > self._available():
+            now = time.monotonic()
+            idle = [m for m in self._loaded.values() if not m.busy]
+            settled = [m for m in idle if now - m.last_active >= GRACE_S]
+            if idle and not settled and now < deadline:
+                await asyncio.sleep(0.1)  # just handed to a request: let it start first
+                continue
+            idle = settled
+            if not idle:
+                busy = ", ".join(self._loaded) or "none"
+                limit = f"budget {self.budget / planner.MiB:.0f} MiB" if self.budget else "free RAM"
+                raise InsufficientMemory(
+                    f"not enough memory to load {key}: it needs {plan.describe()}; "
+                    f"{max(self._available(), 0) / planner.MiB:.0f} MiB left of the {limit}; "
+                    f"models in use: {busy}"
+                )
+            victim = min(
+                idle, key=lambda m: (rank[self.priorities.get(m.name, "normal")], m.last_active)
+            )
+            log.info("unloading %s to make room for %s", victim.name, key)
+            await self.unload(victim.name)
 
     async def _reap(self) -> None:
         """Unload models idle for longer than their keep_alive."""
@@ -110,7 +167,11 @@ class ModelRegistry:
             for name, model in list(self._loaded.items()):
                 idle = now - model.last_active
                 # the grace keeps a model that a handler just got from vanishing before use
-                if not model.busy and model.keep_alive >= 0 and idle >= max(model.keep_alive, 1.0):
+                if (
+                    not model.busy
+                    and model.keep_alive >= 0
+                    and idle >= max(model.keep_alive, GRACE_S)
+                ):
                     log.info("unloading %s: idle for %.0f s", name, idle)
                     await self.unload(name)
 

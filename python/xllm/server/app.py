@@ -39,6 +39,14 @@ def engine_options(settings: Settings) -> EngineOptions:
     )
 
 
+def make_registry(settings: Settings) -> ModelRegistry:
+    return ModelRegistry(
+        engine_options(settings),
+        budget=settings.memory_budget,
+        priorities=dict(settings.priorities),
+    )
+
+
 def create_app(settings: Settings, registry: ModelRegistry | None = None) -> web.Application:
     app = web.Application(
         client_max_size=MAX_BODY,
@@ -54,7 +62,11 @@ def create_app(settings: Settings, registry: ModelRegistry | None = None) -> web
     app.on_response_prepare.append(middleware.echo_request_id)
     app.on_response_prepare.append(guard.add_cors_headers)
     app[SETTINGS] = settings
-    registry = registry or ModelRegistry(engine_options(settings))
+    registry = registry or ModelRegistry(
+        engine_options(settings),
+        budget=settings.memory_budget,
+        priorities=dict(settings.priorities),
+    )
     metrics = Metrics(lambda: registry.loaded)
     registry.observer = metrics
     app[REGISTRY] = registry
