@@ -36,3 +36,22 @@ def test_serve_missing_file() -> None:
     r = run("serve", "--model", "./does-not-exist.gguf")
     assert r.returncode == 1
     assert "not found" in r.stderr
+
+
+def test_plan_prints_the_memory_plan() -> None:
+    import json
+
+    r = run("plan", "smollm2:135m", "--ctx-size", "1024", "--parallel", "4", "--json")
+    assert r.returncode == 0, r.stderr
+    plan = json.loads(r.stdout)
+    assert plan["architecture"] == "llama" and plan["layers"] == 30
+    assert (
+        plan["total_bytes"]
+        == plan["weights_bytes"] + plan["kv_cache_bytes"] + plan["compute_bytes"]
+    )
+    assert plan["gpu_layers"] == 0 and plan["gpus"] == [] and plan["fits"] is True
+    assert set(plan["max_context_per_sequence"]) == {"f16", "q8_0", "q4_0"}
+    text = run("plan", "smollm2:135m")
+    assert "KV cache" in text.stdout and "CPU only" in text.stdout
+    missing = run("plan", "nope:1b")
+    assert missing.returncode == 1 and "not found" in missing.stderr

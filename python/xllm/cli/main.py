@@ -7,7 +7,7 @@ import sys
 from collections.abc import Sequence
 
 from xllm import __version__
-from xllm.cli import runner, running, serve
+from xllm.cli import plan, runner, running, serve
 from xllm.config import ConfigError
 
 
@@ -20,6 +20,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     serve.add_parser(commands)
     running.add_parsers(commands)
+    plan.add_parser(commands)
     runner.add_parser(commands)
     return parser
 
