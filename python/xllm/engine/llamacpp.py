@@ -26,6 +26,9 @@ class LlamaCppEngine:
         lc.llama_backend_init()
         mparams = lc.llama_model_default_params()
         mparams.n_gpu_layers = options.gpu_layers
+        if options.tensor_split:
+            split = (ctypes.c_float * len(options.tensor_split))(*options.tensor_split)
+            mparams.tensor_split = split  # kept alive by `split` until the load returns
         model = lc.llama_model_load_from_file(str(path).encode(), mparams)
         if not model:
             raise ValueError(f"llama.cpp could not load {path} (see its log above)")

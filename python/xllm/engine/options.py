@@ -24,6 +24,8 @@ class EngineOptions:
     max_queue: int = 1000
     watchdog_s: float = 120.0
     """A runner with work that makes no progress for this long is killed."""
+    tensor_split: tuple[float, ...] = ()
+    """Share of the offloaded layers per GPU (empty: llama.cpp's default)."""
     keep_alive_s: float = 300.0
     """How long an idle model stays loaded unless a request says otherwise."""
 

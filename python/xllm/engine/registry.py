@@ -106,13 +106,16 @@ class ModelRegistry:
             # the header is checked before llama.cpp ever opens the file
             header = await asyncio.to_thread(gguf.read, path)
             o = self.options
+            gpus = probe.gpus()
             plan = planner.estimate(
                 header, ctx_size=o.ctx_size, parallel=o.parallel, batch_size=o.batch_size,
-                gpus=probe.gpus(), gpu_layers=o.gpu_layers,
+                gpus=gpus, gpu_layers=o.gpu_layers,
             )  # fmt: skip
             await self._make_room(key, plan)
             if o.gpu_layers < 0:
                 o = dataclasses.replace(o, gpu_layers=plan.gpu_layers)
+            if len(gpus) > 1 and plan.gpu_layers:
+                o = dataclasses.replace(o, tensor_split=tuple(planner.split(gpus)))
             log.info("plan for %s: %s, %d GPU layers", key, plan.describe(), plan.gpu_layers)
             model = await LlamaModel.load(key, path, o, self.observer)
         finally:

@@ -41,7 +41,8 @@ def main(fd: int, name: str, path: Path, options_json: str) -> int:
     _die_with_parent()
     # Ctrl-C in a terminal reaches the whole process group; the server decides when we stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    options = EngineOptions(**json.loads(options_json))
+    raw = json.loads(options_json)
+    options = EngineOptions(**{**raw, "tensor_split": tuple(raw.get("tensor_split", ()))})
     import uvloop
 
     uvloop.run(_serve(socket.socket(fileno=fd), name, path, options))
