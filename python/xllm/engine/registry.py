@@ -141,13 +141,7 @@ class ModelRegistry:
         rank = {"low": 0, "normal": 1, "high": 2}
         deadline = time.monotonic() + 10
         while plan.ram > self._available():
-            now = time.monotonic()
             idle = [m for m in self._loaded.values() if not m.busy]
-            settled = [m for m in idle if now - m.last_active >= GRACE_S]
-            if idle and not settled and now < deadline:
-                await asyncio.sleep(0.1)  # just handed to a request: let it start first
-                continue
-            idle = settled
             if not idle:
                 busy = ", ".join(self._loaded) or "none"
                 limit = f"budget {self.budget / planner.MiB:.0f} MiB" if self.budget else "free RAM"
@@ -159,6 +153,9 @@ class ModelRegistry:
             victim = min(
                 idle, key=lambda m: (rank[self.priorities.get(m.name, "normal")], m.last_active)
             )
+            if time.monotonic() - victim.last_active < GRACE_S and time.monotonic() < deadline:
+                await asyncio.sleep(0.1)  # just handed to a request: let it start first
+                continue
             log.info("unloading %s to make room for %s", victim.name, key)
             await self.unload(victim.name)
 
