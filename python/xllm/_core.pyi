@@ -24,7 +24,6 @@ class StopMatcher:
     def __new__(cls, stops: list[str]) -> Self: ...
     def push(self, piece: bytes) -> tuple[str, bool]:
         """Feed token bytes; returns (text safe to send, stopped)."""
-    def push_str(self, text: str) -> tuple[str, bool]: ...
     def flush(self) -> str:
         """End of generation: the text still held back."""
     @property

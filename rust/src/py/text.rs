@@ -22,11 +22,6 @@ impl StopMatcher {
         (step.text, step.stopped)
     }
 
-    fn push_str(&mut self, text: &str) -> (String, bool) {
-        let step = self.0.push_str(text);
-        (step.text, step.stopped)
-    }
-
     /// End of generation: the text still held back.
     fn flush(&mut self) -> String {
         self.0.flush()

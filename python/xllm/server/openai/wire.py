@@ -254,7 +254,3 @@ def error_param(loc: tuple[int | str, ...]) -> str:
         else:
             out += f".{part}"
     return out
-
-
-def as_dict(model: BaseModel) -> dict[str, Any]:
-    return model.model_dump(exclude_none=True)
