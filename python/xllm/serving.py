@@ -80,6 +80,41 @@ async def chat_prompt(
     return Prompt(tokens, stops)
 
 
+_FEATURES = {
+    "completion": "generate",
+    "embedding": "embeddings",
+    "insert": "insert",
+    "vision": "images",
+    "thinking": "thinking",
+}
+
+
+def require(model: LlamaModel, name: str, capability: str, param: str | None = None) -> None:
+    """A 400 when the model lacks a capability (as Ollama words it: "does not support X")."""
+    if capability not in model.info.capabilities:
+        raise InvalidRequest(
+            f"model {name!r} does not support {_FEATURES[capability]}", param=param
+        )
+
+
+def check_images(model: LlamaModel, name: str, has_images: bool, param: str) -> None:
+    """Images go only to vision models; image input itself comes with the vision engine."""
+    if has_images:
+        require(model, name, "vision", param)
+        raise InvalidRequest("image input is not available yet in this xllm", param=param)
+
+
+async def infill_prompt(model: LlamaModel, name: str, prefix: str, suffix: str) -> Prompt:
+    """Fill-in-the-middle: the text before and after the gap around the model's FIM tokens."""
+    require(model, name, "insert", param="suffix")
+    assert model.info.fim_tokens is not None  # what "insert" means
+    pre, suf, mid = model.info.fim_tokens
+    bos = await model.tokenize("", special=True)  # BOS where the vocabulary wants one
+    head = await model.tokenize(prefix, special=False)
+    tail = await model.tokenize(suffix, special=False)
+    return Prompt([*bos, pre, *head, suf, *tail, mid], [])
+
+
 async def prepare_chat(
     model: LlamaModel,
     messages: list[dict[str, Any]],
@@ -93,16 +128,20 @@ async def prepare_chat(
     A template that knows tools gets them; otherwise a system message describes them. A forced
     call (`forced` "" = any function, or a name) constrains decoding with a grammar.
     """
+    template = model.info.chat_template or ""
     template_tools = None
     if functions:
-        if model.info.chat_template and "tools" in model.info.chat_template:
+        if "tools" in template:
             template_tools = [{"type": "function", "function": f} for f in functions]
         else:
             messages = [{"role": "system", "content": tools.system_prompt(functions)}, *messages]
     if template_tools is None:
         messages = [tools.as_text(m) for m in messages]
-        if forced is not None:
-            fields = {**fields, "grammar": tools.call_grammar(functions, forced or None, parallel)}
+    if forced is not None:
+        # the template's own call format when it has one (tags), else the JSON we asked for
+        tagged = template_tools is not None and tools.TAG_OPEN in template
+        grammar = tools.call_grammar(functions, forced or None, parallel, tagged)
+        fields = {**fields, "grammar": grammar}
     prompt = await chat_prompt(model, tools.template_messages(messages), tools=template_tools)
     params = sampling_params(model, fields, prompt_len=len(prompt.tokens), extra_stops=prompt.stops)
     return prompt, params

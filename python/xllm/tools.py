@@ -46,8 +46,18 @@ def _call_schema(function: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
-def call_grammar(functions: Sequence[Mapping[str, Any]], only: str | None, parallel: bool) -> str:
-    """GBNF for one call (or a JSON array of calls) to the given functions."""
+TAG_OPEN, TAG_CLOSE = "<tool_call>", "</tool_call>"
+"""How Hermes/Qwen-style chat templates ask the model to wrap each call."""
+
+
+def call_grammar(
+    functions: Sequence[Mapping[str, Any]], only: str | None, parallel: bool, tagged: bool = False
+) -> str:
+    """GBNF for one call (or, when parallel, several) to the given functions.
+
+    Untagged: a JSON object `{"name", "arguments"}`, several as a JSON array. Tagged (the
+    template's own format): each object inside `<tool_call>...</tool_call>`, one per line.
+    """
     from llama_cpp.llama_grammar import json_schema_to_gbnf
 
     chosen = [f for f in functions if only is None or f["name"] == only]
@@ -58,13 +68,21 @@ def call_grammar(functions: Sequence[Mapping[str, Any]], only: str | None, paral
         if len(chosen) == 1
         else {"anyOf": [_call_schema(f) for f in chosen]}
     )
-    schema = {"type": "array", "items": one, "minItems": 1} if parallel and only is None else one
+    several = parallel and only is None
+    schema = {"type": "array", "items": one, "minItems": 1} if several and not tagged else one
     try:
-        return str(json_schema_to_gbnf(json.dumps(schema)))
+        grammar = str(json_schema_to_gbnf(json.dumps(schema)))
     except Exception as e:  # the converter raises assorted errors for schemas it cannot map
         raise InvalidRequest(
             f"tools: a function's parameters schema is unusable: {e}", param="tools"
         ) from None
+    if not tagged:
+        return grammar
+    # the converter names its top rule `root`: it becomes one call inside the tags
+    body = re.sub(r"^root ::=", "tool-call-json ::=", grammar, count=1, flags=re.MULTILINE)
+    block = f'"{TAG_OPEN}\\n" tool-call-json "\\n{TAG_CLOSE}"'
+    root = 'root ::= tool-call ("\\n" tool-call)*' if several else "root ::= tool-call"
+    return f"{root}\ntool-call ::= {block}\n{body}"
 
 
 def system_prompt(functions: Sequence[Mapping[str, Any]]) -> str:
@@ -78,7 +96,8 @@ def system_prompt(functions: Sequence[Mapping[str, Any]]) -> str:
     )
 
 
-_TAGGED = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.DOTALL)
+_TAGGED = re.compile(rf"{TAG_OPEN}\s*(.*?)\s*{TAG_CLOSE}", re.DOTALL)
+_FENCED = re.compile(r"```(?:json)?\s*(.*?)\s*```", re.DOTALL)
 
 
 def _as_calls(value: Any) -> list[ToolCall] | None:
@@ -112,6 +131,9 @@ def parse(text: str, names: set[str]) -> tuple[str, list[ToolCall]]:
     if calls:
         return _TAGGED.sub("", text).strip(), calls
     stripped = text.strip()
+    fenced = _FENCED.fullmatch(stripped)
+    if fenced:  # small models often wrap the call they were asked for in a code block
+        stripped = fenced.group(1)
     if stripped[:1] in "{[":
         try:
             found = _as_calls(json.loads(stripped))
@@ -153,3 +175,66 @@ def as_text(message: Mapping[str, Any]) -> dict[str, Any]:
         parts.append(json.dumps({"name": fn["name"], "arguments": args}, ensure_ascii=False))
     m["content"] = "\n".join(p for p in parts if p)
     return m
+
+
+_HEAD = re.compile(r'\{\s*"name"\s*:\s*"((?:[^"\\]|\\.)*)"\s*,\s*"arguments"\s*:\s*')
+
+
+class CallStream:
+    """Tool calls out of a growing text, as they are generated: for output a grammar made a call.
+
+    `feed` returns ("call", name) when a call's name is complete, then ("arguments", text) for
+    each piece of its arguments object. Each call is a JSON object `{"name", "arguments"}`
+    (name first, as the grammar writes it); whatever surrounds the objects (an array, tags)
+    is skipped.
+    """
+
+    def __init__(self) -> None:
+        self._state = "outside"  # outside -> head -> arguments -> tail -> outside
+        self._head = ""
+        self._depth = 0
+        self._in_string = False
+        self._escaped = False
+
+    def feed(self, text: str) -> list[tuple[str, str]]:
+        events: list[tuple[str, str]] = []
+        arguments = ""
+        for ch in text:
+            if self._state == "outside":
+                if ch == "{":
+                    self._state, self._head, self._depth = "head", "{", 1
+                continue
+            self._track(ch)
+            if self._state == "head":
+                self._head += ch
+                m = _HEAD.fullmatch(self._head)
+                if m:
+                    events.append(("call", json.loads(f'"{m.group(1)}"')))
+                    self._state = "arguments"
+            elif self._state == "arguments":
+                if arguments or not ch.isspace():
+                    arguments += ch
+                if self._depth == 1 and not self._in_string and ch in "}]":
+                    events.append(("arguments", arguments))
+                    arguments, self._state = "", "tail"
+            elif self._depth == 0:
+                self._state = "outside"
+        if arguments:
+            events.append(("arguments", arguments))
+        return events
+
+    def _track(self, ch: str) -> None:
+        """JSON nesting depth and whether we are inside a string, one character at a time."""
+        if self._in_string:
+            if self._escaped:
+                self._escaped = False
+            elif ch == "\\":
+                self._escaped = True
+            elif ch == '"':
+                self._in_string = False
+        elif ch == '"':
+            self._in_string = True
+        elif ch in "{[":
+            self._depth += 1
+        elif ch in "}]":
+            self._depth -= 1

@@ -7,7 +7,7 @@ import sys
 from collections.abc import Sequence
 
 from xllm import __version__
-from xllm.cli import plan, runner, running, serve
+from xllm.cli import plan, run, runner, running, serve
 from xllm.config import ConfigError
 
 
@@ -19,6 +19,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--version", action="version", version=f"xllm {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     serve.add_parser(commands)
+    run.add_parser(commands)
     running.add_parsers(commands)
     plan.add_parser(commands)
     runner.add_parser(commands)

@@ -42,6 +42,7 @@ class LlamaCppEngine:
         self.n_params = int(lc.llama_model_n_params(model))
         self.model_size = int(lc.llama_model_size(model))
         self.n_vocab = int(lc.llama_vocab_n_tokens(self._vocab))
+        self.fim_tokens = _fim_tokens(self._vocab)
         self._metadata = self._read_metadata()
         ctx_size = min(options.ctx_size, self.n_ctx_train or options.ctx_size)
         batch = max(options.batch_size, options.parallel)
@@ -169,6 +170,16 @@ class LlamaCppEngine:
             lc.llama_free(self._ctx)
             self._ctx = None
             lc.llama_model_free(self._model)
+
+
+def _fim_tokens(vocab: Any) -> tuple[int, int, int] | None:
+    """llama.cpp's fill-in-the-middle (prefix, suffix, middle) tokens; None without all three."""
+    pre, suf, mid = (
+        int(lc.llama_vocab_fim_pre(vocab)),
+        int(lc.llama_vocab_fim_suf(vocab)),
+        int(lc.llama_vocab_fim_mid(vocab)),
+    )
+    return (pre, suf, mid) if min(pre, suf, mid) >= 0 else None
 
 
 def _address(ptr: Any) -> int:

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
+
+from xllm.models import gguf
 
 # llama.cpp's `llama_ftype` numbers, as GGUF stores them in `general.file_type`.
 FILE_TYPES: dict[int, str] = {
@@ -26,6 +30,8 @@ class MetadataSource(Protocol):
     n_params: int
     model_size: int
     n_vocab: int
+    fim_tokens: tuple[int, int, int] | None
+    """(prefix, suffix, middle) fill-in-the-middle tokens, when the vocabulary has them."""
 
     def metadata(self) -> dict[str, str]: ...
 
@@ -65,6 +71,7 @@ class ModelInfo:
     head_count: int | None = None
     head_count_kv: int | None = None
     license: str | None = None
+    fim_tokens: tuple[int, int, int] | None = None
     metadata: dict[str, str] = field(default_factory=dict, repr=False)
 
     @classmethod
@@ -89,17 +96,54 @@ class ModelInfo:
             head_count=_int(meta.get(f"{arch}.attention.head_count")),
             head_count_kv=_int(meta.get(f"{arch}.attention.head_count_kv")),
             license=meta.get("general.license"),
+            fim_tokens=src.fim_tokens,
             metadata=meta,
         )
 
     @property
     def capabilities(self) -> list[str]:
-        """Ollama's capability names for this model."""
-        if self.architecture in ("bert", "nomic-bert", "jina-bert-v2") or (
-            f"{self.architecture}.pooling_type" in self.metadata
-        ):
-            return ["embedding"]
-        caps = ["completion"]
-        if self.chat_template and "tools" in self.chat_template:
-            caps.append("tools")
-        return caps
+        return capabilities(self.metadata, infill=self.fim_tokens is not None)
+
+
+EMBEDDING_ARCHITECTURES = frozenset({"bert", "nomic-bert", "nomic-bert-moe", "jina-bert-v2"})
+FIM_PREFIX_TEXTS = frozenset({"<|fim_prefix|>", "<fim-prefix>", "<fim_prefix>", "<PRE>"})
+"""Vocabulary entries llama.cpp recognises as the fill-in-the-middle prefix token."""
+_THINKING_MARKS = ("<think>", "enable_thinking", "reasoning_content")
+
+
+def capabilities(metadata: Mapping[str, Any], *, infill: bool) -> list[str]:
+    """Ollama's capability names for a model, plus "chat" when it carries a chat template.
+
+    From GGUF metadata and the template: a pooling type means an embedding model; a template
+    that mentions tools means the model was trained to call them; `infill` (the vocabulary has
+    fill-in-the-middle tokens) means `insert`.
+    """
+    arch = str(metadata.get("general.architecture", ""))
+    if arch in EMBEDDING_ARCHITECTURES or f"{arch}.pooling_type" in metadata:
+        return ["embedding"]
+    template = str(metadata.get("tokenizer.chat_template") or "")
+    caps = ["completion"]
+    if template:
+        caps.append("chat")
+    if "tools" in template:
+        caps.append("tools")
+    if infill:
+        caps.append("insert")
+    if "clip.has_vision_encoder" in metadata or f"{arch}.vision.block_count" in metadata:
+        caps.append("vision")
+    if any(mark in template for mark in _THINKING_MARKS):
+        caps.append("thinking")
+    return caps
+
+
+def file_capabilities(path: Path) -> list[str]:
+    """The capabilities of a model file not loaded yet, from its header (cached per version)."""
+    st = path.stat()
+    return list(_file_capabilities(path, st.st_size, st.st_mtime_ns))
+
+
+@lru_cache(maxsize=256)
+def _file_capabilities(path: Path, size: int, mtime_ns: int) -> tuple[str, ...]:
+    header = gguf.read(path, keep_arrays=True)
+    tokens = header.metadata.get("tokenizer.ggml.tokens") or []
+    return tuple(capabilities(header.metadata, infill=not FIM_PREFIX_TEXTS.isdisjoint(tokens)))

@@ -11,8 +11,12 @@ from dataclasses import dataclass
 from aiohttp import web
 from pydantic import BaseModel
 
-from xllm.server.ollama import generate as ollama
 from xllm.server.ollama import models as ollama_models
+from xllm.server.ollama import runtime as ollama_runtime
+from xllm.server.ollama.chat import chat as ollama_chat
+from xllm.server.ollama.embed import embed as ollama_embed
+from xllm.server.ollama.embed import embeddings as ollama_embeddings
+from xllm.server.ollama.generate import generate as ollama_generate
 from xllm.server.ollama.wire import (
     ChatRequest,
     EmbeddingsRequest,
@@ -51,16 +55,16 @@ ROUTES: tuple[Route, ...] = (
     Route("POST", "/v1/responses", responses, "Responses (OpenAI)", ResponsesRequest),
     Route("GET", "/v1/models", list_models, "List models (OpenAI)"),
     Route("GET", "/v1/models/{model:.+}", get_model, "One model (OpenAI)"),
-    Route("POST", "/api/generate", ollama.generate, "Generate (Ollama)", GenerateRequest),
-    Route("POST", "/api/chat", ollama.chat, "Chat (Ollama)", ChatRequest),
-    Route("POST", "/api/embed", ollama_models.embed, "Embeddings (Ollama)", EmbedRequest),
-    Route("POST", "/api/embeddings", ollama_models.embeddings, "Legacy embeddings (Ollama)",
+    Route("POST", "/api/generate", ollama_generate, "Generate (Ollama)", GenerateRequest),
+    Route("POST", "/api/chat", ollama_chat, "Chat (Ollama)", ChatRequest),
+    Route("POST", "/api/embed", ollama_embed, "Embeddings (Ollama)", EmbedRequest),
+    Route("POST", "/api/embeddings", ollama_embeddings, "Legacy embeddings (Ollama)",
           EmbeddingsRequest),
     Route("GET", "/api/tags", ollama_models.tags, "Local models (Ollama)"),
     Route("POST", "/api/show", ollama_models.show, "Model details (Ollama)", ShowRequest),
-    Route("GET", "/api/ps", ollama_models.ps, "Loaded models (Ollama)"),
-    Route("GET", "/api/version", ollama_models.version, "Version (Ollama)"),
-    Route("GET", "/", ollama_models.root, "Ollama is running"),
+    Route("GET", "/api/ps", ollama_runtime.ps, "Loaded models (Ollama)"),
+    Route("GET", "/api/version", ollama_runtime.version, "Version (Ollama)"),
+    Route("GET", "/", ollama_runtime.root, "Ollama is running"),
     Route("GET", "/v0/health", health, "Liveness, loading progress, loaded models"),
     Route("GET", "/v0/metrics", metrics, "Prometheus metrics"),
     Route("GET", "/v0/system", system, "Versions, CPU, RAM, GPUs"),

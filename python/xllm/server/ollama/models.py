@@ -1,29 +1,23 @@
-"""Ollama's model and runtime endpoints: embed, embeddings, tags, show, ps, version, `/`."""
+"""Ollama's model endpoints: tags, show."""
 
 from __future__ import annotations
 
 import hashlib
-import os
-import time
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from aiohttp import web
 
-from xllm import __version__
-from xllm.engine.llama import LlamaModel
 from xllm.errors import InvalidRequest
 from xllm.models.metadata import ModelInfo
 from xllm.server.http import json_response, load_model, parse_body
-from xllm.server.ollama.wire import EmbeddingsRequest, EmbedRequest, ShowRequest, keep_alive_seconds
+from xllm.server.ollama.wire import ShowRequest
 from xllm.server.state import REGISTRY
 
-OLLAMA_API_VERSION = "0.12.6"
-"""The Ollama release whose API this mirrors (clients gate features on it)."""
 
-
-def _iso(ts: float) -> str:
+def iso_time(ts: float) -> str:
+    """A Unix time as Ollama writes times (RFC 3339, UTC)."""
     return datetime.fromtimestamp(ts, UTC).isoformat().replace("+00:00", "Z")
 
 
@@ -51,42 +45,6 @@ def file_digest(path: Path) -> str:
     return hashlib.sha256(f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()
 
 
-async def embed(request: web.Request) -> web.Response:
-    start = time.perf_counter()
-    body = await parse_body(request, EmbedRequest)
-    model = await load_model(request, body.model, keep_alive_seconds(body.keep_alive))
-    loaded = time.perf_counter()
-    texts = [body.input] if isinstance(body.input, str) else body.input
-    if not texts or any(not t for t in texts):
-        raise InvalidRequest("input: empty text cannot be embedded", param="input")
-    inputs = [await model.tokenize(t, special=True) for t in texts]
-    if body.truncate:
-        inputs = [t[: model.ctx_size] for t in inputs]
-    vectors = await model.embed(inputs)
-    if body.dimensions:
-        vectors = [v[: body.dimensions] for v in vectors]
-    return json_response(
-        {
-            "model": body.model,
-            "embeddings": vectors,
-            "total_duration": int((time.perf_counter() - start) * 1e9),
-            "load_duration": int((loaded - start) * 1e9),
-            "prompt_eval_count": sum(len(t) for t in inputs),
-        }
-    )
-
-
-async def embeddings(request: web.Request) -> web.Response:
-    """The legacy endpoint: one prompt, `{"embedding": [...]}`, not normalized."""
-    body = await parse_body(request, EmbeddingsRequest)
-    model = await load_model(request, body.model, keep_alive_seconds(body.keep_alive))
-    if not body.prompt:
-        return json_response({"embedding": []})
-    tokens = (await model.tokenize(body.prompt, special=True))[: model.ctx_size]
-    (vector,) = await model.embed([tokens], normalize=False)
-    return json_response({"embedding": vector})
-
-
 async def tags(request: web.Request) -> web.Response:
     registry = request.app[REGISTRY]
     models = []
@@ -97,7 +55,7 @@ async def tags(request: web.Request) -> web.Response:
         entry: dict[str, Any] = {
             "name": name,
             "model": name,
-            "modified_at": _iso(st.st_mtime),
+            "modified_at": iso_time(st.st_mtime),
             "size": st.st_size,
             "digest": file_digest(path),
             "details": details(loaded.info) if loaded else {"format": "gguf"},
@@ -127,7 +85,7 @@ async def show(request: web.Request) -> web.Response:
             "details": details(info),
             "model_info": model_info,
             "capabilities": info.capabilities,
-            "modified_at": _iso(info.path.stat().st_mtime),
+            "modified_at": iso_time(info.path.stat().st_mtime),
         }
     )
 
@@ -142,31 +100,3 @@ def _typed(value: str) -> Any:
         return float(value)
     except ValueError:
         return value
-
-
-def _ps_entry(name: str, model: LlamaModel) -> dict[str, Any]:
-    expires = model.expires_at()
-    return {
-        "name": name,
-        "model": name,
-        "size": model.info.size,
-        "digest": file_digest(model.path),
-        "details": details(model.info),
-        # Ollama shows a model that never unloads as expiring far in the future
-        "expires_at": _iso(expires if expires is not None else time.time() + 100 * 365 * 86400),
-        "size_vram": 0,
-        "context_length": model.ctx_size,
-    }
-
-
-async def ps(request: web.Request) -> web.Response:
-    loaded = request.app[REGISTRY].loaded
-    return json_response({"models": [_ps_entry(n, m) for n, m in loaded.items()]})
-
-
-async def version(request: web.Request) -> web.Response:
-    return json_response({"version": OLLAMA_API_VERSION, "xllm": __version__})
-
-
-async def root(request: web.Request) -> web.Response:
-    return web.Response(text="Ollama is running", headers={"X-Xllm-Pid": str(os.getpid())})

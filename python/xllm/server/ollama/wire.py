@@ -7,7 +7,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from xllm.server.openai.wire import MAX_SEED, MAX_STOP_LEN, MAX_STOPS
+from xllm.server.openai.wire import MAX_SEED, MAX_STOP_LEN, MAX_STOPS, Tool
 
 
 class Wire(BaseModel):
@@ -19,8 +19,12 @@ StopList = Annotated[
 ]
 
 
+Int32 = Annotated[int, Field(ge=-(2**31), le=2**31 - 1)]
+
+
 class Options(Wire):
-    """Ollama's `options` (runtime knobs it accepts but llama.cpp here ignores are dropped)."""
+    """Ollama's `options`, every name it knows, type-checked; knobs llama.cpp here has no use
+    for (GPU placement, mirostat, threads) are accepted and ignored, as newer Ollama does."""
 
     num_ctx: Annotated[int, Field(ge=1, le=2**31 - 1)] | None = None
     num_predict: Annotated[int, Field(ge=-2, le=2**31 - 1)] | None = None
@@ -29,15 +33,39 @@ class Options(Wire):
     top_k: Annotated[int, Field(ge=0, le=2**31 - 1)] | None = None
     top_p: Annotated[float, Field(ge=0.0, le=1.0)] | None = None
     min_p: Annotated[float, Field(ge=0.0, le=1.0)] | None = None
+    typical_p: Annotated[float, Field(ge=0.0, le=1.0)] | None = None
     seed: Annotated[int, Field(ge=-1, le=MAX_SEED)] | None = None
-    stop: (
-        Annotated[list[Annotated[str, Field(max_length=MAX_STOP_LEN)]], Field(max_length=MAX_STOPS)]
-        | None
-    ) = None
+    stop: StopList | None = None
     repeat_penalty: Annotated[float, Field(gt=0.0, le=10.0)] | None = None
     repeat_last_n: Annotated[int, Field(ge=-1, le=2**20)] | None = None
     presence_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] | None = None
     frequency_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] | None = None
+    penalize_newline: bool | None = None
+    mirostat: Annotated[int, Field(ge=0, le=2)] | None = None
+    mirostat_tau: Annotated[float, Field(ge=0.0)] | None = None
+    mirostat_eta: Annotated[float, Field(ge=0.0)] | None = None
+    tfs_z: Annotated[float, Field(ge=0.0)] | None = None
+    num_batch: Annotated[int, Field(ge=1, le=2**31 - 1)] | None = None
+    num_gpu: Int32 | None = None
+    main_gpu: Annotated[int, Field(ge=0, le=2**31 - 1)] | None = None
+    num_thread: Annotated[int, Field(ge=0, le=2**31 - 1)] | None = None
+    low_vram: bool | None = None
+    f16_kv: bool | None = None
+    logits_all: bool | None = None
+    vocab_only: bool | None = None
+    use_mmap: bool | None = None
+    use_mlock: bool | None = None
+    numa: bool | None = None
+
+    def engine_options(self) -> dict[str, Any]:
+        """The options generation uses, by the serving layer's names where they differ."""
+        return self.model_dump(exclude_none=True, include=_ENGINE_OPTIONS)
+
+
+_ENGINE_OPTIONS = {
+    "num_predict", "temperature", "top_k", "top_p", "min_p", "seed", "stop", "repeat_penalty",
+    "repeat_last_n", "presence_penalty", "frequency_penalty",
+}  # fmt: skip
 
 
 KeepAlive = str | int | float
@@ -75,12 +103,13 @@ class _Inference(_WithKeepAlive):
     stream: bool = True
     format: Literal["json", ""] | dict[str, Any] | None = None
     options: Options | None = None
-    think: bool | str | None = None
+    think: bool | Literal["high", "medium", "low"] | None = None
 
 
 class ToolFunctionCall(Wire):
-    name: str
-    arguments: dict[str, Any]
+    name: Annotated[str, Field(min_length=1)]
+    arguments: dict[str, Any] = Field(default_factory=dict)
+    index: int | None = None
 
 
 class ToolCall(Wire):
@@ -92,7 +121,23 @@ class Message(Wire):
     content: str = ""
     images: list[str] | None = None
     tool_calls: list[ToolCall] | None = None
+    tool_name: str | None = None
     thinking: str | None = None
+
+    def for_template(self) -> dict[str, Any]:
+        """The message as chat templates (and the tools prompt) expect it."""
+        out: dict[str, Any] = {"role": self.role, "content": self.content}
+        if self.tool_calls:
+            out["tool_calls"] = [
+                {
+                    "type": "function",
+                    "function": {"name": c.function.name, "arguments": c.function.arguments},
+                }
+                for c in self.tool_calls
+            ]
+        if self.tool_name:
+            out["name"] = self.tool_name
+        return out
 
 
 class GenerateRequest(_Inference):
@@ -107,7 +152,13 @@ class GenerateRequest(_Inference):
 
 class ChatRequest(_Inference):
     messages: list[Message] = Field(default_factory=list)
-    tools: list[dict[str, Any]] | None = None
+    tools: Annotated[list[Tool], Field(max_length=128)] | None = None
+
+    def functions(self) -> list[dict[str, Any]]:
+        return [t.function.model_dump(exclude_none=True) for t in self.tools or []]
+
+    def template_messages(self) -> list[dict[str, Any]]:
+        return [m.for_template() for m in self.messages]
 
 
 class EmbedRequest(_WithKeepAlive):

@@ -49,6 +49,18 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     if body.stream and not functions:
         fmt = _ChatChunks(head)
         return await stream(request, model, prompt.tokens, params, fmt, fmt.head, include_usage)
+    if body.stream and body.forced_function() is not None:
+        forced = _CallChunks(head, body.n)
+        return await stream(
+            request,
+            model,
+            prompt.tokens,
+            params,
+            forced,
+            forced.head,
+            include_usage,
+            in_frames=False,
+        )
 
     gen = await model.start(prompt.tokens, params)
     result = await serving.collect(gen, lambda: peer_gone(request))
@@ -140,3 +152,37 @@ class _ChatChunks:
             )
             for i in range(n)
         )
+
+
+class _CallChunks(_ChatChunks):
+    """A forced call streamed as OpenAI streams calls: its id and name, then argument pieces."""
+
+    def __init__(self, head: dict[str, Any], n: int) -> None:
+        super().__init__(head)
+        self.parsers = [tools.CallStream() for _ in range(n)]
+        self.calls = [0] * n
+
+    def chunk(
+        self, index: int, text: str, finish: str | None, logprobs: Entries, **top: Any
+    ) -> bytes:
+        out = b""
+        for kind, value in self.parsers[index].feed(text):
+            call: dict[str, Any]
+            if kind == "call":
+                call = {
+                    "index": self.calls[index],
+                    "id": f"call_{secrets.token_hex(12)}",
+                    "type": "function",
+                    "function": {"name": value, "arguments": ""},
+                }
+                self.calls[index] += 1
+            else:
+                call = {"index": self.calls[index] - 1, "function": {"arguments": value}}
+            delta = {"tool_calls": [call]}
+            choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": None}
+            out += sse_chunk(self.head, choice)
+        if finish is not None:
+            reason = "tool_calls" if finish == "stop" and self.calls[index] else finish
+            choice = {"index": index, "delta": {}, "logprobs": None, "finish_reason": reason}
+            out += sse_chunk(self.head, choice, **top)
+        return out

@@ -18,7 +18,15 @@ from xllm.server.openai.stream import Entries, sse_chunk, stream
 from xllm.server.openai.wire import CompletionRequest
 
 
-async def _prompts(model: LlamaModel, prompt: str | list[int] | list[str]) -> list[list[int]]:
+async def _prompts(model: LlamaModel, body: CompletionRequest) -> list[list[int]]:
+    prompt = body.prompt
+    if body.suffix:
+        if prompt and not isinstance(prompt, str) and isinstance(prompt[0], int):
+            raise InvalidRequest("suffix needs a text prompt, not token ids", param="suffix")
+        texts = [prompt] if isinstance(prompt, str) else [str(p) for p in prompt]
+        return [
+            (await serving.infill_prompt(model, body.model, t, body.suffix)).tokens for t in texts
+        ]
     if isinstance(prompt, str):
         return [await model.tokenize(prompt, special=True)]
     if prompt and isinstance(prompt[0], int):
@@ -35,7 +43,7 @@ async def _prompts(model: LlamaModel, prompt: str | list[int] | list[str]) -> li
 async def completions(request: web.Request) -> web.StreamResponse:
     body = await parse_body(request, CompletionRequest)
     model = await load_model(request, body.model)
-    prompts = await _prompts(model, body.prompt)
+    prompts = await _prompts(model, body)
     if body.stream and len(prompts) > 1:
         raise InvalidRequest("streaming takes a single prompt per request", param="prompt")
     fields: dict[str, Any] = body.model_dump(exclude_none=True)

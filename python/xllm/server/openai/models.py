@@ -1,24 +1,40 @@
-"""`GET /v1/models` and `GET /v1/models/{id}`."""
+"""`GET /v1/models` and `GET /v1/models/{id}`, each entry with the model's capabilities."""
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from aiohttp import web
 
 from xllm.errors import ModelNotFound, XllmError
+from xllm.models.metadata import file_capabilities
 from xllm.server.http import json_response
 from xllm.server.state import REGISTRY, STARTED
 
 
-def _entry(name: str, created: int) -> dict[str, Any]:
-    return {"id": name, "object": "model", "created": created, "owned_by": "xllm"}
+async def _entry(request: web.Request, name: str) -> dict[str, Any]:
+    registry = request.app[REGISTRY]
+    loaded = registry.loaded.get(name)
+    if loaded is not None:
+        caps = loaded.info.capabilities
+    else:
+        try:
+            caps = await asyncio.to_thread(file_capabilities, registry.resolve(name)[1])
+        except (XllmError, OSError):
+            caps = []  # an unreadable file still lists; loading it reports the defect
+    return {
+        "id": name,
+        "object": "model",
+        "created": int(request.app[STARTED]),
+        "owned_by": "xllm",
+        "capabilities": caps,
+    }
 
 
 async def list_models(request: web.Request) -> web.Response:
-    created = int(request.app[STARTED])
     names = request.app[REGISTRY].available()
-    return json_response({"object": "list", "data": [_entry(n, created) for n in names]})
+    return json_response({"object": "list", "data": [await _entry(request, n) for n in names]})
 
 
 async def get_model(request: web.Request) -> web.Response:
@@ -27,4 +43,4 @@ async def get_model(request: web.Request) -> web.Response:
         key, _ = request.app[REGISTRY].resolve(name)
     except XllmError:
         raise ModelNotFound(f"model {name!r} not found", param="model") from None
-    return json_response(_entry(key, int(request.app[STARTED])))
+    return json_response(await _entry(request, key))

@@ -47,11 +47,18 @@ async def stream(
     fmt: ChunkFormat,
     head: dict[str, Any],
     include_usage: bool,
+    *,
+    in_frames: bool = True,
 ) -> web.StreamResponse:
-    """Run a generation as an SSE stream; usage rides on the last chunk always."""
+    """Run a generation as an SSE stream; usage rides on the last chunk always.
+
+    `in_frames`: the engine may write each token's chunk itself from the format's frame (false
+    when a chunk is not simply the token's text in a fixed frame).
+    """
     want_logprobs = params.get("logprobs") is not None
     n = int(params.get("n", 1))
-    gen = await model.start(prompt, params, None if want_logprobs else frames_for(fmt, n))
+    frames = frames_for(fmt, n) if in_frames and not want_logprobs else None
+    gen = await model.start(prompt, params, frames)
     response = await streaming.open_sse(request)
     out = bytearray(fmt.preamble(n))
     usage = serving.Usage()

@@ -216,13 +216,7 @@ class CompletionRequest(SamplingFields):
     echo: bool = False
     logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
     suffix: str | None = None
-
-    @field_validator("suffix")
-    @classmethod
-    def _no_suffix(cls, v: str | None) -> str | None:
-        if v:
-            raise ValueError("suffix (fill-in-the-middle) is not supported")
-        return v
+    """Text after the gap: fill-in-the-middle, for models with the "insert" capability."""
 
 
 class EmbeddingRequest(Wire):

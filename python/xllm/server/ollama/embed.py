@@ -1,0 +1,53 @@
+"""`POST /api/embed` and the legacy `POST /api/embeddings`."""
+
+from __future__ import annotations
+
+import time
+
+from aiohttp import web
+
+from xllm.errors import InvalidRequest
+from xllm.server.http import json_response, load_model, parse_body
+from xllm.server.ollama.wire import EmbeddingsRequest, EmbedRequest, keep_alive_seconds
+
+
+async def embed(request: web.Request) -> web.Response:
+    start = time.perf_counter()
+    body = await parse_body(request, EmbedRequest)
+    model = await load_model(request, body.model, keep_alive_seconds(body.keep_alive))
+    loaded = time.perf_counter()
+    texts = [body.input] if isinstance(body.input, str) else body.input
+    if not texts or any(not t for t in texts):
+        raise InvalidRequest("input: empty text cannot be embedded", param="input")
+    inputs = [await model.tokenize(t, special=True) for t in texts]
+    if body.truncate:
+        inputs = [t[: model.ctx_size] for t in inputs]
+    elif any(len(t) > model.ctx_size for t in inputs):
+        raise InvalidRequest(
+            f"input: an input exceeds the context length of {model.ctx_size} tokens "
+            "(truncate is false)",
+            param="input",
+        )
+    vectors = await model.embed(inputs)
+    if body.dimensions:
+        vectors = [v[: body.dimensions] for v in vectors]
+    return json_response(
+        {
+            "model": body.model,
+            "embeddings": vectors,
+            "total_duration": int((time.perf_counter() - start) * 1e9),
+            "load_duration": int((loaded - start) * 1e9),
+            "prompt_eval_count": sum(len(t) for t in inputs),
+        }
+    )
+
+
+async def embeddings(request: web.Request) -> web.Response:
+    """The legacy endpoint: one prompt, `{"embedding": [...]}`, not normalized."""
+    body = await parse_body(request, EmbeddingsRequest)
+    model = await load_model(request, body.model, keep_alive_seconds(body.keep_alive))
+    if not body.prompt:
+        return json_response({"embedding": []})
+    tokens = (await model.tokenize(body.prompt, special=True))[: model.ctx_size]
+    (vector,) = await model.embed([tokens], normalize=False)
+    return json_response({"embedding": vector})

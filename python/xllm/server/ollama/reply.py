@@ -1,0 +1,161 @@
+"""What `/api/generate` and `/api/chat` share: options, timings, the final record, NDJSON streams.
+
+Both are translations over the serving layer; only the per-chunk shape differs between them.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from xllm import serving
+from xllm.engine.llama import Generation, LlamaModel
+from xllm.errors import XllmError
+from xllm.server import streaming
+from xllm.server.http import json_response, load_model, peer_gone
+from xllm.server.ollama.models import iso_time
+from xllm.server.ollama.wire import KeepAlive, Options, keep_alive_seconds
+from xllm.server.state import REGISTRY
+
+NDJSON = "application/x-ndjson"
+
+# Ollama's own defaults where a request leaves a knob out.
+OLLAMA_DEFAULTS: dict[str, Any] = {
+    "temperature": 0.8,
+    "top_k": 40,
+    "top_p": 0.9,
+    "min_p": 0.0,
+    "repeat_penalty": 1.1,
+    "repeat_last_n": 64,
+}
+
+Chunk = Callable[[str], dict[str, Any]]
+"""The record for one piece of streamed text."""
+Final = Callable[[str, bool, serving.Usage, str | None], Awaitable[dict[str, Any]]]
+"""The last record: (whole text, whether it was streamed, usage, finish reason) -> record."""
+
+
+def now_rfc3339() -> str:
+    return iso_time(time.time())
+
+
+def engine_fields(options: Options | None, fmt: Any, ctx_size: int) -> dict[str, Any]:
+    """Ollama options -> the serving layer's fields."""
+    o = options.engine_options() if options else {}
+    fields = {**OLLAMA_DEFAULTS, **o}
+    predict = o.get("num_predict")
+    fields["max_tokens"] = predict if predict and predict > 0 else None
+    if o.get("seed") == -1:
+        fields.pop("seed")
+    if o.get("repeat_last_n") == -1:
+        fields["repeat_last_n"] = ctx_size
+    fields["grammar"] = serving.grammar_for(fmt, "format")
+    return fields
+
+
+def check_think(model: LlamaModel, name: str, think: bool | str | None) -> None:
+    """Ollama refuses `think` on models that cannot think (false is always fine)."""
+    if think not in (None, False):
+        serving.require(model, name, "thinking", "think")
+
+
+class Timer:
+    """Ollama's durations: total, and how much of it went to loading the model."""
+
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+        self.loaded = self.start
+
+    def final(self, name: str, usage: serving.Usage, finish: str | None) -> dict[str, Any]:
+        """The fields of the last record, durations in integer nanoseconds."""
+        now = time.perf_counter()
+        return {
+            "model": name,
+            "created_at": now_rfc3339(),
+            "done": True,
+            "done_reason": finish or "stop",
+            "total_duration": int((now - self.start) * 1e9),
+            "load_duration": int((self.loaded - self.start) * 1e9),
+            "prompt_eval_count": usage.prompt_tokens,
+            "prompt_eval_duration": int(usage.ttft_ms * 1e6),
+            "eval_count": usage.completion_tokens,
+            "eval_duration": int(usage.gen_ms * 1e6),
+        }
+
+
+async def model_for(
+    request: web.Request, name: str, keep_alive: KeepAlive | None, timer: Timer
+) -> LlamaModel:
+    model = await load_model(request, name, keep_alive_seconds(keep_alive))
+    timer.loaded = time.perf_counter()
+    return model
+
+
+async def load_or_unload(
+    request: web.Request, name: str, keep_alive: KeepAlive | None, key: str, empty: Any
+) -> web.Response:
+    """Ollama: an empty prompt loads the model, and with keep_alive 0 unloads it."""
+    if keep_alive_seconds(keep_alive) == 0:
+        request.app[REGISTRY].resolve(name)  # unknown model: 404 as for any request
+        await request.app[REGISTRY].unload(name)
+        reason = "unload"
+    else:
+        await model_for(request, name, keep_alive, Timer())
+        reason = "load"
+    return json_response(
+        {
+            "model": name,
+            "created_at": now_rfc3339(),
+            key: empty,
+            "done": True,
+            "done_reason": reason,
+        }
+    )
+
+
+async def respond(
+    request: web.Request, gen: Generation, stream: bool, chunk: Chunk, final: Final
+) -> web.StreamResponse:
+    """The whole answer as one record, or NDJSON: a record per batch of text, then the last."""
+    if not stream:
+        result = await serving.collect(gen, lambda: peer_gone(request))
+        c = result.choices[0]
+        return json_response(await final(c.text, False, result.usage, c.finish_reason))
+    response = await streaming.open_stream(request, NDJSON)
+    usage = serving.Usage()
+    full = ""
+    try:
+        async for batch in gen.events(lambda: peer_gone(request)):
+            out = bytearray()
+            for _, _, text, _, finish, extra in batch:
+                if text:
+                    full += text
+                    out += orjson.dumps(chunk(text)) + b"\n"
+                if finish is not None:
+                    serving.raise_if_failed(finish, extra)
+                    usage.add(extra)
+                    out += orjson.dumps(await final(full, True, usage, finish)) + b"\n"
+            if out and not await streaming.write(response, bytes(out)):
+                gen.cancel()
+                return response
+    except XllmError as e:
+        gen.cancel()
+        await streaming.finish(response, orjson.dumps(e.ollama_body()) + b"\n")
+        return response
+    await streaming.finish(response)
+    return response
+
+
+async def send_records(
+    request: web.Request, records: list[dict[str, Any]], stream: bool
+) -> web.StreamResponse:
+    """Records already complete: the last one alone, or all of them as NDJSON."""
+    if not stream:
+        return json_response(records[-1])
+    response = await streaming.open_stream(request, NDJSON)
+    await streaming.finish(response, b"".join(orjson.dumps(r) + b"\n" for r in records))
+    return response

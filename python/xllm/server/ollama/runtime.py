@@ -1,0 +1,49 @@
+"""Ollama's runtime endpoints: `GET /api/ps`, `GET /api/version` and `GET /`."""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+from aiohttp import web
+
+from xllm import __version__
+from xllm.engine.llama import LlamaModel
+from xllm.server.http import json_response
+from xllm.server.ollama.models import details, file_digest, iso_time
+from xllm.server.state import REGISTRY
+
+OLLAMA_API_VERSION = "0.12.6"
+"""The Ollama release whose API this mirrors (clients gate features on it)."""
+_FOREVER_S = 100 * 365 * 86400
+
+
+def _ps_entry(name: str, model: LlamaModel) -> dict[str, Any]:
+    expires = model.expires_at()
+    plan = model.plan
+    return {
+        "name": name,
+        "model": name,
+        # what the model occupies (weights, KV cache, buffers), as Ollama reports it
+        "size": plan.total if plan is not None else model.info.size,
+        "digest": file_digest(model.path),
+        "details": details(model.info),
+        # Ollama shows a model that never unloads as expiring far in the future
+        "expires_at": iso_time(expires if expires is not None else time.time() + _FOREVER_S),
+        "size_vram": plan.vram if plan is not None else 0,
+        "context_length": model.ctx_size,
+    }
+
+
+async def ps(request: web.Request) -> web.Response:
+    loaded = request.app[REGISTRY].loaded
+    return json_response({"models": [_ps_entry(n, m) for n, m in loaded.items()]})
+
+
+async def version(request: web.Request) -> web.Response:
+    return json_response({"version": OLLAMA_API_VERSION, "xllm": __version__})
+
+
+async def root(request: web.Request) -> web.Response:
+    return web.Response(text="Ollama is running", headers={"X-Xllm-Pid": str(os.getpid())})
