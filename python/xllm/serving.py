@@ -5,12 +5,11 @@ Handlers translate their wire format into these calls; nothing here knows about 
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from xllm import tools
+from xllm import grammar, tools
 from xllm.engine.llama import Generation, LlamaModel
 from xllm.errors import EngineError, InvalidRequest
 
@@ -92,9 +91,8 @@ _FEATURES = {
 def require(model: LlamaModel, name: str, capability: str, param: str | None = None) -> None:
     """A 400 when the model lacks a capability (as Ollama words it: "does not support X")."""
     if capability not in model.info.capabilities:
-        raise InvalidRequest(
-            f"model {name!r} does not support {_FEATURES[capability]}", param=param
-        )
+        message = f"model {name!r} does not support {_FEATURES[capability]}"
+        raise InvalidRequest(f"{param}: {message}" if param else message, param=param)
 
 
 def check_images(model: LlamaModel, name: str, has_images: bool, param: str) -> None:
@@ -140,8 +138,8 @@ async def prepare_chat(
     if forced is not None:
         # the template's own call format when it has one (tags), else the JSON we asked for
         tagged = template_tools is not None and tools.TAG_OPEN in template
-        grammar = tools.call_grammar(functions, forced or None, parallel, tagged)
-        fields = {**fields, "grammar": grammar}
+        call = tools.call_grammar(functions, forced or None, parallel, tagged)
+        fields = {**fields, "grammar": call}
     prompt = await chat_prompt(model, tools.template_messages(messages), tools=template_tools)
     params = sampling_params(model, fields, prompt_len=len(prompt.tokens), extra_stops=prompt.stops)
     return prompt, params
@@ -201,18 +199,11 @@ def grammar_for(format_: str | dict[str, Any] | None, param: str) -> str | None:
     """A GBNF grammar forcing JSON output: any JSON for "json", else one matching a schema."""
     if not format_:
         return None
-    from llama_cpp.llama_grammar import JSON_GBNF, json_schema_to_gbnf
-
     if format_ == "json":
-        return str(JSON_GBNF)
+        return grammar.any_json()
     if not isinstance(format_, dict):
         raise InvalidRequest(f'{param}: expected "json" or a JSON schema', param=param)
-    try:
-        return str(json_schema_to_gbnf(json.dumps(format_)))
-    except Exception as e:  # the converter raises assorted errors for schemas it cannot map
-        raise InvalidRequest(
-            f"{param}: unsupported or invalid JSON schema: {e}", param=param
-        ) from None
+    return grammar.from_schema(format_, param)
 
 
 async def collect(gen: Generation, is_disconnected: Callable[[], bool] | None) -> Result:

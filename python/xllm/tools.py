@@ -17,6 +17,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from xllm import grammar
 from xllm.errors import InvalidRequest
 
 
@@ -58,8 +59,6 @@ def call_grammar(
     Untagged: a JSON object `{"name", "arguments"}`, several as a JSON array. Tagged (the
     template's own format): each object inside `<tool_call>...</tool_call>`, one per line.
     """
-    from llama_cpp.llama_grammar import json_schema_to_gbnf
-
     chosen = [f for f in functions if only is None or f["name"] == only]
     if not chosen:
         raise InvalidRequest(f"tool_choice names an unknown function {only!r}", param="tool_choice")
@@ -70,16 +69,11 @@ def call_grammar(
     )
     several = parallel and only is None
     schema = {"type": "array", "items": one, "minItems": 1} if several and not tagged else one
-    try:
-        grammar = str(json_schema_to_gbnf(json.dumps(schema)))
-    except Exception as e:  # the converter raises assorted errors for schemas it cannot map
-        raise InvalidRequest(
-            f"tools: a function's parameters schema is unusable: {e}", param="tools"
-        ) from None
+    gbnf = grammar.from_schema(schema, "tools")
     if not tagged:
-        return grammar
+        return gbnf
     # the converter names its top rule `root`: it becomes one call inside the tags
-    body = re.sub(r"^root ::=", "tool-call-json ::=", grammar, count=1, flags=re.MULTILINE)
+    body = re.sub(r"^root ::=", "tool-call-json ::=", gbnf, count=1, flags=re.MULTILINE)
     block = f'"{TAG_OPEN}\\n" tool-call-json "\\n{TAG_CLOSE}"'
     root = 'root ::= tool-call ("\\n" tool-call)*' if several else "root ::= tool-call"
     return f"{root}\ntool-call ::= {block}\n{body}"

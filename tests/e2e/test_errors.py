@@ -97,6 +97,19 @@ CASES = [
     ("/v1/completions", _with(COMPLETION, prompt=[]), 400, None, "prompt"),
     ("/v1/completions", _with(COMPLETION, prompt=[10**9]), 400, None, "prompt"),
     ("/v1/completions", _with(COMPLETION, prompt="x " * 3000), 400, None, "prompt"),
+    (
+        "/v1/chat/completions",
+        _with(
+            CHAT,
+            response_format={
+                "type": "json_schema",
+                "json_schema": {"name": "x", "schema": {"type": "string", "maxLength": 20000}},
+            },
+        ),
+        400,
+        None,
+        "response_format",
+    ),
     ("/v1/embeddings", {"model": "smollm2:135m", "input": ""}, 400, None, "input"),
     ("/v1/embeddings", {"model": "smollm2:135m", "input": []}, 400, None, "input"),
 ]

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import threading
 import time
+from pathlib import Path
 
 import httpx
 import ollama
 import pytest
 
-from tests.conftest import Server
+from tests.conftest import Server, start_server, stop_server
 
 MODEL = "smollm2:135m"
 
@@ -141,34 +145,111 @@ def test_load_and_unload_with_keep_alive(client: ollama.Client, server: Server) 
     assert expires is not None and expires.timestamp() > time.time() + 9 * 60
 
 
+ASK = [{"role": "user", "content": "x"}]
+FN = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+
+
 @pytest.mark.parametrize(
     ("path", "body", "status"),
     [
         ("/api/generate", {"model": "nope", "prompt": "x"}, 404),
-        ("/api/chat", {"model": "nope", "messages": [{"role": "user", "content": "x"}]}, 404),
+        ("/api/generate", {"model": "nope", "prompt": ""}, 404),
+        ("/api/generate", {"model": "nope", "prompt": "", "keep_alive": 0}, 404),
+        ("/api/generate", {"model": "../x", "prompt": "x"}, 400),
+        ("/api/generate", {"prompt": "x"}, 400),
         ("/api/generate", {"model": MODEL, "prompt": 5}, 400),
+        ("/api/generate", {"model": MODEL, "prompt": "x", "stream": "yes"}, 400),
+        ("/api/generate", {"model": MODEL, "prompt": "x", "raw": 1}, 400),
+        ("/api/generate", {"model": MODEL, "prompt": "x", "context": [-1]}, 400),
+        ("/api/generate", {"model": MODEL, "prompt": "x", "context": "abc"}, 400),
         ("/api/generate", {"model": MODEL, "prompt": "x", "options": {"temperature": -1}}, 400),
+        ("/api/generate", {"model": MODEL, "prompt": "x", "options": {"temperature": "hot"}}, 400),
         ("/api/generate", {"model": MODEL, "prompt": "x", "options": {"top_p": 2}}, 400),
+        ("/api/generate", {"model": MODEL, "prompt": "x", "options": {"top_k": -5}}, 400),
+        ("/api/generate", {"model": MODEL, "prompt": "x", "options": {"num_predict": "10"}}, 400),
+        ("/api/generate", {"model": MODEL, "prompt": "x", "options": {"num_ctx": 0}}, 400),
+        ("/api/generate", {"model": MODEL, "prompt": "x", "options": {"seed": 1.5}}, 400),
+        ("/api/generate", {"model": MODEL, "prompt": "x", "options": {"stop": "x"}}, 400),
+        ("/api/generate", {"model": MODEL, "prompt": "x", "options": {"repeat_penalty": 0}}, 400),
+        ("/api/generate", {"model": MODEL, "prompt": "x", "options": {"num_gpu": "all"}}, 400),
+        ("/api/generate", {"model": MODEL, "prompt": "x", "options": {"use_mmap": "no"}}, 400),
+        ("/api/generate", {"model": MODEL, "prompt": "x", "options": [1]}, 400),
         ("/api/generate", {"model": MODEL, "prompt": "x", "keep_alive": "soon"}, 400),
+        ("/api/generate", {"model": MODEL, "prompt": "x", "keep_alive": [5]}, 400),
         ("/api/generate", {"model": MODEL, "prompt": "x", "images": ["aGVsbG8="]}, 400),
-        (
-            "/api/generate",
-            {"model": MODEL, "prompt": "x", "format": {"type": "nonsense-type"}},
-            400,
-        ),
+        ("/api/generate", {"model": MODEL, "prompt": "x", "images": "aGVsbG8="}, 400),
+        ("/api/generate", {"model": MODEL, "prompt": "x", "think": True}, 400),
+        ("/api/generate", {"model": MODEL, "prompt": "x", "think": "extreme"}, 400),
+        ("/api/generate", {"model": MODEL, "prompt": "x", "suffix": "y"}, 400),
+        ("/api/generate", {"model": MODEL, "prompt": "x", "template": "{{ .Prompt }}"}, 400),
+        ("/api/generate", {"model": MODEL, "prompt": "x", "format": "yaml"}, 400),
+        ("/api/generate", {"model": MODEL, "prompt": "x", "format": {"type": "nonsense-type"}}, 400),
+        ("/api/generate", {"model": MODEL, "prompt": "x", "format": {"type": "string", "maxLength": 20000}}, 400),
+        ("/api/chat", {"model": MODEL, "messages": ASK, "format": {"type": "array", "maxItems": 10**9}}, 400),
+        ("/api/generate", {"model": MODEL, "prompt": "x " * 3000}, 400),
+        ("/api/chat", {"model": "nope", "messages": ASK}, 404),
         ("/api/chat", {"model": MODEL, "messages": [{"role": "wizard", "content": "x"}]}, 400),
+        ("/api/chat", {"model": MODEL, "messages": [{"role": "user", "content": 5}]}, 400),
         ("/api/chat", {"model": MODEL, "messages": "hi"}, 400),
+        ("/api/chat", {"model": MODEL, "messages": [{"role": "user", "content": "x", "images": ["aGk="]}]}, 400),
+        ("/api/chat", {"model": MODEL, "messages": ASK, "format": {"type": "nonsense-type"}}, 400),
+        ("/api/chat", {"model": MODEL, "messages": ASK, "think": True}, 400),
+        ("/api/chat", {"model": MODEL, "messages": ASK, "tools": [{"type": "function", "function": {"description": "no name"}}]}, 400),
+        ("/api/chat", {"model": MODEL, "messages": ASK, "tools": [{"type": "function", "function": {"name": "bad name!"}}]}, 400),
+        ("/api/chat", {"model": MODEL, "messages": ASK, "tools": [{"type": "retrieval"}]}, 400),
+        ("/api/chat", {"model": MODEL, "messages": ASK, "tools": FN}, 400),
+        ("/api/chat", {"model": MODEL, "messages": [{"role": "assistant", "content": "", "tool_calls": [{"function": {"name": "f", "arguments": "{}"}}]}]}, 400),
+        ("/api/embed", {"model": "nope", "input": "x"}, 404),
         ("/api/embed", {"model": MODEL, "input": 3}, 400),
+        ("/api/embed", {"model": MODEL, "input": [1, 2]}, 400),
+        ("/api/embed", {"model": MODEL, "input": ["ok", ""]}, 400),
+        ("/api/embed", {"model": MODEL, "input": "x " * 3000, "truncate": False}, 400),
+        ("/api/embed", {"model": MODEL, "input": "x", "dimensions": 0}, 400),
+        ("/api/embeddings", {"model": "nope", "prompt": "x"}, 404),
+        ("/api/embeddings", {"model": MODEL, "prompt": 5}, 400),
         ("/api/show", {"model": "nope"}, 404),
         ("/api/show", {}, 400),
+        ("/api/show", {"model": 5}, 400),
     ],
-)
+)  # fmt: skip
 def test_errors_in_ollama_shape(
     server: Server, path: str, body: dict[str, object], status: int
 ) -> None:
     r = httpx.post(server.url + path, json=body, timeout=30)
     assert r.status_code == status, r.text
-    assert isinstance(r.json()["error"], str) and r.json()["error"]
+    assert r.headers["Content-Type"].startswith("application/json")
+    error = r.json()["error"]
+    assert isinstance(error, str) and error
+    assert list(r.json()) == ["error"]
+
+
+@pytest.mark.parametrize(
+    ("path", "raw"),
+    [("/api/generate", b"{"), ("/api/chat", b"[]"), ("/api/embed", b"null"), ("/api/show", b"")],
+)
+def test_malformed_bodies(server: Server, path: str, raw: bytes) -> None:
+    r = httpx.post(server.url + path, content=raw, timeout=30)
+    assert r.status_code == 400 and isinstance(r.json()["error"], str)
+
+
+def test_capability_errors_name_the_feature(client: ollama.Client) -> None:
+    for kwargs, feature in (
+        ({"think": True}, "thinking"),
+        ({"suffix": "end"}, "insert"),
+        ({"images": ["aGVsbG8="]}, "images"),
+    ):
+        with pytest.raises(ollama.ResponseError) as e:
+            client.generate(model=MODEL, prompt="x", **kwargs)
+        assert e.value.status_code == 400 and f"does not support {feature}" in e.value.error
+    # think: false is fine on any model
+    r = client.generate(model=MODEL, prompt="Hi", think=False, options={"num_predict": 2})
+    assert r.done
+
+
+def test_server_alive_after_bad_inputs(client: ollama.Client, server: Server) -> None:
+    assert server.proc.poll() is None
+    r = client.generate(model=MODEL, prompt="Hi", options={"num_predict": 3, "temperature": 0})
+    assert r.done and r.eval_count
 
 
 def test_client_raises_response_error(client: ollama.Client) -> None:
@@ -208,3 +289,33 @@ def test_chat_tools_parsed(client: ollama.Client) -> None:
     )
     assert streamed[-1].done
     assert (streamed[0].message.tool_calls is None) == (r.message.tool_calls is None)
+
+
+def test_error_line_inside_a_started_stream(tmp_path: Path) -> None:
+    """Once NDJSON has started, a failure is an `{"error"}` line (the client raises it)."""
+    s = start_server(tmp_path, ["--model", MODEL, "--ctx-size", "1024", "--parallel", "2"])
+    try:
+        pid = httpx.get(f"{s.url}/v0/health").json()["models"][0]["runner_pid"]
+        parts: list[ollama.GenerateResponse] = []
+
+        def kill_after_first_part() -> None:
+            while not parts:
+                time.sleep(0.01)
+            os.kill(pid, signal.SIGKILL)
+
+        killer = threading.Thread(target=kill_after_first_part)
+        killer.start()
+        stream = ollama.Client(host=s.url).generate(
+            model=MODEL, prompt="1, 2, 3, 4,", raw=True, stream=True, options={"num_predict": 900}
+        )
+        with pytest.raises(ollama.ResponseError) as e:
+            for part in stream:
+                parts.append(part)
+        killer.join()
+        assert "runner" in e.value.error and not any(p.done for p in parts)
+        again = ollama.Client(host=s.url).generate(
+            model=MODEL, prompt="Hi", options={"num_predict": 2}
+        )
+        assert again.done
+    finally:
+        stop_server(s)

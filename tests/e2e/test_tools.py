@@ -158,6 +158,21 @@ def test_tool_result_fed_back(client: openai.OpenAI) -> None:
             ],
             "tool_choice": "required",
         },
+        {
+            "tools": [
+                {
+                    "type": "function",
+                    "function": {
+                        "name": "f",
+                        "parameters": {
+                            "type": "object",
+                            "properties": {"a": {"type": "string", "maxLength": 20000}},
+                        },
+                    },
+                }
+            ],
+            "tool_choice": "required",
+        },
         {"tools": [{"type": "retrieval"}]},
         {"tool_choice": "sometimes"},
     ],

@@ -26,13 +26,22 @@ async def chat(request: web.Request) -> web.StreamResponse:
     functions = body.functions()
     fields = reply.engine_fields(body.options, body.format, model.ctx_size)
     prompt, params = await serving.prepare_chat(model, body.template_messages(), fields, functions)
+    splitter = await reply.thinking_splitter(model, prompt.tokens, body.think)
     gen = await model.start(prompt.tokens, params)
+
+    def as_message(content: str, thinking: str) -> dict[str, Any]:
+        out = {"role": "assistant", "content": content}
+        if thinking and body.think:
+            out["thinking"] = thinking
+        return out
+
     if functions:
         # The whole answer is needed to tell a call from text (Ollama does the same).
         result = await serving.collect(gen, lambda: peer_gone(request))
         choice = result.choices[0]
-        text, calls = tools.parse(choice.text, {f["name"] for f in functions})
-        message: dict[str, Any] = {"role": "assistant", "content": text}
+        thinking, answer = splitter.whole(choice.text) if splitter else ("", choice.text)
+        text, calls = tools.parse(answer, {f["name"] for f in functions})
+        message = as_message(text, thinking)
         if calls:
             message["tool_calls"] = [
                 {"function": {"name": c.name, "arguments": c.arguments}} for c in calls
@@ -49,19 +58,21 @@ async def chat(request: web.Request) -> web.StreamResponse:
         last = {**final, "message": {"role": "assistant", "content": ""}}
         return await reply.send_records(request, [first, last], True)
 
-    def chunk(text: str) -> dict[str, Any]:
+    def chunk(part: reply.Answer) -> dict[str, Any]:
         return {
             "model": body.model,
             "created_at": reply.now_rfc3339(),
-            "message": {"role": "assistant", "content": text},
+            "message": as_message(part.content, part.thinking),
             "done": False,
         }
 
     async def final_record(
-        text: str, streamed: bool, usage: serving.Usage, finish: str | None
+        answer: reply.Answer, streamed: bool, usage: serving.Usage, finish: str | None
     ) -> Any:
         out = timer.final(body.model, usage, finish)
-        out["message"] = {"role": "assistant", "content": "" if streamed else text}
+        out["message"] = (
+            as_message("", "") if streamed else as_message(answer.content, answer.thinking)
+        )
         return out
 
-    return await reply.respond(request, gen, body.stream, chunk, final_record)
+    return await reply.respond(request, gen, body.stream, chunk, final_record, splitter)

@@ -40,20 +40,24 @@ async def generate(request: web.Request) -> web.StreamResponse:
     params = serving.sampling_params(
         model, fields, prompt_len=len(tokens), extra_stops=prompt.stops
     )
+    splitter = await reply.thinking_splitter(model, tokens, body.think)
     gen = await model.start(tokens, params)
 
-    def chunk(text: str) -> dict[str, Any]:
-        return {
-            "model": body.model,
-            "created_at": reply.now_rfc3339(),
-            "response": text,
-            "done": False,
-        }
+    def chunk(part: reply.Answer) -> dict[str, Any]:
+        out = {"model": body.model, "created_at": reply.now_rfc3339(), "response": part.content}
+        if part.thinking and body.think:
+            out["thinking"] = part.thinking
+        return {**out, "done": False}
 
-    async def final(text: str, streamed: bool, usage: serving.Usage, finish: str | None) -> Any:
+    async def final(
+        answer: reply.Answer, streamed: bool, usage: serving.Usage, finish: str | None
+    ) -> Any:
         out = timer.final(body.model, usage, finish)
-        out["response"] = "" if streamed else text
-        out["context"] = tokens + (await model.tokenize(text, special=False) if text else [])
+        out["response"] = "" if streamed else answer.content
+        if answer.thinking and body.think and not streamed:
+            out["thinking"] = answer.thinking
+        generated = await model.tokenize(answer.text, special=False) if answer.text else []
+        out["context"] = tokens + generated
         return out
 
-    return await reply.respond(request, gen, body.stream, chunk, final)
+    return await reply.respond(request, gen, body.stream, chunk, final, splitter)

@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
 from aiohttp import web
 
-from xllm import serving
+from xllm import reasoning, serving
 from xllm.engine.llama import Generation, LlamaModel
 from xllm.errors import XllmError
 from xllm.server import streaming
@@ -33,10 +34,25 @@ OLLAMA_DEFAULTS: dict[str, Any] = {
     "repeat_last_n": 64,
 }
 
-Chunk = Callable[[str], dict[str, Any]]
-"""The record for one piece of streamed text."""
-Final = Callable[[str, bool, serving.Usage, str | None], Awaitable[dict[str, Any]]]
-"""The last record: (whole text, whether it was streamed, usage, finish reason) -> record."""
+
+@dataclass
+class Answer:
+    """Generated text: all of it, and the answer and the reasoning apart."""
+
+    text: str = ""
+    content: str = ""
+    thinking: str = ""
+
+    def add(self, text: str, content: str, thinking: str) -> None:
+        self.text += text
+        self.content += content
+        self.thinking += thinking
+
+
+Chunk = Callable[[Answer], dict[str, Any]]
+"""The record for one streamed piece of the answer."""
+Final = Callable[[Answer, bool, serving.Usage, str | None], Awaitable[dict[str, Any]]]
+"""The last record: (whole answer, whether it was streamed, usage, finish reason) -> record."""
 
 
 def now_rfc3339() -> str:
@@ -61,6 +77,16 @@ def check_think(model: LlamaModel, name: str, think: bool | str | None) -> None:
     """Ollama refuses `think` on models that cannot think (false is always fine)."""
     if think not in (None, False):
         serving.require(model, name, "thinking", "think")
+
+
+async def thinking_splitter(
+    model: LlamaModel, prompt: list[int], think: bool | str | None
+) -> reasoning.ThinkSplitter | None:
+    """For a thinking model whose client said whether it wants the reasoning (`think`)."""
+    if think is None or "thinking" not in model.info.capabilities:
+        return None
+    tail = await model.detokenize(prompt[-4:])  # templates may open the block in the prompt
+    return reasoning.ThinkSplitter(inside=tail.rstrip().endswith(reasoning.OPEN))
 
 
 class Timer:
@@ -118,27 +144,54 @@ async def load_or_unload(
 
 
 async def respond(
-    request: web.Request, gen: Generation, stream: bool, chunk: Chunk, final: Final
+    request: web.Request,
+    gen: Generation,
+    stream: bool,
+    chunk: Chunk,
+    final: Final,
+    splitter: reasoning.ThinkSplitter | None = None,
 ) -> web.StreamResponse:
-    """The whole answer as one record, or NDJSON: a record per batch of text, then the last."""
+    """The whole answer as one record, or NDJSON: a record per batch of text, then the last.
+
+    With a splitter the reasoning goes apart from the answer (Ollama's `thinking`).
+    """
+
+    def piece(text: str) -> Answer:
+        if splitter is None:
+            return Answer(text, text)
+        thinking, content = splitter.feed(text)
+        return Answer(text, content, thinking)
+
+    def rest() -> Answer:
+        if splitter is None:
+            return Answer()
+        thinking, content = splitter.flush()
+        return Answer("", content, thinking)
+
     if not stream:
         result = await serving.collect(gen, lambda: peer_gone(request))
         c = result.choices[0]
-        return json_response(await final(c.text, False, result.usage, c.finish_reason))
+        thinking, content = splitter.whole(c.text) if splitter else ("", c.text)
+        whole = Answer(c.text, content, thinking)
+        return json_response(await final(whole, False, result.usage, c.finish_reason))
     response = await streaming.open_stream(request, NDJSON)
     usage = serving.Usage()
-    full = ""
+    whole = Answer()
     try:
         async for batch in gen.events(lambda: peer_gone(request)):
             out = bytearray()
             for _, _, text, _, finish, extra in batch:
-                if text:
-                    full += text
-                    out += orjson.dumps(chunk(text)) + b"\n"
+                parts = [piece(text)] if text else []
+                if finish is not None:
+                    parts.append(rest())
+                for part in parts:
+                    whole.add(part.text, part.content, part.thinking)
+                    if part.content or part.thinking:
+                        out += orjson.dumps(chunk(part)) + b"\n"
                 if finish is not None:
                     serving.raise_if_failed(finish, extra)
                     usage.add(extra)
-                    out += orjson.dumps(await final(full, True, usage, finish)) + b"\n"
+                    out += orjson.dumps(await final(whole, True, usage, finish)) + b"\n"
             if out and not await streaming.write(response, bytes(out)):
                 gen.cancel()
                 return response

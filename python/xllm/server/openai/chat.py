@@ -9,7 +9,6 @@ from typing import Any
 from aiohttp import web
 
 from xllm import _core, serving, tools
-from xllm.errors import InvalidRequest
 from xllm.server import streaming
 from xllm.server.http import json_response, load_model, parse_body, peer_gone
 from xllm.server.openai.logprobs import chat_logprobs
@@ -22,10 +21,7 @@ FINGERPRINT = "xllm"
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     body = await parse_body(request, ChatCompletionRequest)
     model = await load_model(request, body.model)
-    if any(m.has_images() for m in body.messages):
-        raise InvalidRequest(
-            f"messages: model {body.model!r} does not support images", param="messages"
-        )
+    serving.check_images(model, body.model, any(m.has_images() for m in body.messages), "messages")
     messages = [_template_message(m.model_dump(exclude_none=True), m.text()) for m in body.messages]
     functions = body.functions()
     fields: dict[str, Any] = body.model_dump(exclude_none=True)

@@ -17,6 +17,7 @@ from aiohttp import web
 from pydantic import Field, model_validator
 
 from xllm import _core, serving, tools
+from xllm.engine.llama import Generation
 from xllm.errors import InvalidRequest, XllmError
 from xllm.server import streaming
 from xllm.server.http import json_response, load_model, parse_body, peer_gone
@@ -171,9 +172,8 @@ async def responses(request: web.Request) -> web.StreamResponse:
         body.forced(),
         body.parallel_tool_calls,
     )
-    rid = f"resp_{secrets.token_hex(12)}"
     head: dict[str, Any] = {
-        "id": rid,
+        "id": f"resp_{secrets.token_hex(12)}",
         "object": "response",
         "created_at": int(time.time()),
         "model": body.model,
@@ -191,55 +191,28 @@ async def responses(request: web.Request) -> web.StreamResponse:
         "metadata": {},
     }
     gen = await model.start(prompt.tokens, params)
-    if body.stream and not functions:
-        return await _stream(request, gen, head)
+    if body.stream and (not functions or body.forced() is not None):
+        # text, or calls a grammar forces: both can be sent as they are generated
+        return await _stream(request, gen, _Writer(head), calls=bool(functions))
+    # with the model free to call or not, the whole answer tells which it did
     result = await serving.collect(gen, lambda: peer_gone(request))
     choice = result.choices[0]
-    msg_id = f"msg_{secrets.token_hex(12)}"
-    output: list[dict[str, Any]] = []
     text, calls = (
-        tools.parse(choice.text, {f["name"] for f in functions})
-        if functions
-        else (
-            choice.text,
-            [],
-        )
+        tools.parse(choice.text, {f["name"] for f in functions}) if functions else (choice.text, [])
     )
+    writer = _Writer(head)
+    out = writer.opening()
     if text or not calls:
-        output.append(_message(msg_id, text, "completed"))
+        out += writer.open_message() + writer.delta(text) + writer.close()
     for call in calls:
-        output.append(
-            {
-                "type": "function_call",
-                "id": f"fc_{secrets.token_hex(12)}",
-                "call_id": call.id,
-                "name": call.name,
-                "arguments": orjson.dumps(call.arguments).decode(),
-                "status": "completed",
-            }
-        )
-    final = _final(head, output, result.usage, choice.finish_reason)
-    if body.stream:  # with tools: the whole answer was needed to tell calls from text
-        response = await streaming.open_sse(request)
-        seq = _Sequencer()
-        out = seq.event("response.created", response=_in_progress(head))
-        for i, item in enumerate(output):
-            out += seq.event("response.output_item.added", output_index=i, item=item)
-            out += seq.event("response.output_item.done", output_index=i, item=item)
-        out += seq.event("response.completed", response=final)
-        await streaming.finish(response, out)
-        return response
-    return json_response(final)
-
-
-def _message(msg_id: str, text: str, status: str) -> dict[str, Any]:
-    return {
-        "type": "message",
-        "id": msg_id,
-        "status": status,
-        "role": "assistant",
-        "content": [{"type": "output_text", "text": text, "annotations": [], "logprobs": []}],
-    }
+        args = orjson.dumps(call.arguments).decode()
+        out += writer.open_call(call.name, call.id) + writer.delta(args) + writer.close()
+    out += writer.completed(result.usage, choice.finish_reason)
+    if not body.stream:
+        return json_response(writer.final(result.usage, choice.finish_reason))
+    response = await streaming.open_sse(request)
+    await streaming.finish(response, out)
+    return response
 
 
 def _final(
@@ -255,66 +228,149 @@ def _final(
     }
 
 
-def _in_progress(head: dict[str, Any]) -> dict[str, Any]:
-    return {**head, "status": "in_progress", "output": [], "usage": None}
+def _text_part(text: str) -> dict[str, Any]:
+    return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
 
 
-class _Sequencer:
-    """Numbers events as the Responses stream requires."""
+class _Writer:
+    """The Responses event sequence, item by item, numbered as the stream requires.
 
-    def __init__(self) -> None:
+    Each item opens (output_item.added), grows by deltas (output_text or
+    function_call_arguments), and closes (the matching .done events, output_item.done); the
+    closed items are the response's `output`.
+    """
+
+    def __init__(self, head: dict[str, Any]) -> None:
+        self.head = head
         self.n = 0
+        self.output: list[dict[str, Any]] = []
+        self.item: dict[str, Any] | None = None
+        self.text = ""
 
     def event(self, kind: str, **data: Any) -> bytes:
         payload = {"type": kind, "sequence_number": self.n, **data}
         self.n += 1
         return _core.sse_event(orjson.dumps(payload).decode(), kind)
 
+    def opening(self) -> bytes:
+        now = {**self.head, "status": "in_progress", "output": [], "usage": None}
+        return self.event("response.created", response=now) + self.event(
+            "response.in_progress", response=now
+        )
 
-async def _stream(request: web.Request, gen: Any, head: dict[str, Any]) -> web.StreamResponse:
+    def _where(self) -> dict[str, Any]:
+        assert self.item is not None
+        return {"item_id": self.item["id"], "output_index": len(self.output)}
+
+    def open_message(self) -> bytes:
+        self.item = {
+            "type": "message",
+            "id": f"msg_{secrets.token_hex(12)}",
+            "status": "in_progress",
+            "role": "assistant",
+            "content": [],
+        }
+        self.text = ""
+        added = self.event(
+            "response.output_item.added", output_index=len(self.output), item=self.item
+        )
+        return added + self.event(
+            "response.content_part.added", **self._where(), content_index=0, part=_text_part("")
+        )
+
+    def open_call(self, name: str, call_id: str | None = None) -> bytes:
+        self.item = {
+            "type": "function_call",
+            "id": f"fc_{secrets.token_hex(12)}",
+            "call_id": call_id or f"call_{secrets.token_hex(12)}",
+            "name": name,
+            "arguments": "",
+            "status": "in_progress",
+        }
+        return self.event(
+            "response.output_item.added", output_index=len(self.output), item=dict(self.item)
+        )
+
+    def delta(self, text: str) -> bytes:
+        assert self.item is not None
+        if not text:
+            return b""
+        if self.item["type"] == "message":
+            self.text += text
+            return self.event(
+                "response.output_text.delta",
+                **self._where(),
+                content_index=0,
+                delta=text,
+                logprobs=[],
+            )
+        self.item["arguments"] += text
+        return self.event("response.function_call_arguments.delta", **self._where(), delta=text)
+
+    def close(self) -> bytes:
+        item, where = self.item, self._where()
+        assert item is not None
+        if item["type"] == "message":
+            part = _text_part(self.text)
+            item = {**item, "status": "completed", "content": [part]}
+            out = self.event(
+                "response.output_text.done", **where, content_index=0, text=self.text, logprobs=[]
+            )
+            out += self.event("response.content_part.done", **where, content_index=0, part=part)
+        else:
+            item = {**item, "status": "completed"}
+            out = self.event(
+                "response.function_call_arguments.done",
+                **where,
+                name=item["name"],
+                arguments=item["arguments"],
+            )
+        out += self.event("response.output_item.done", output_index=len(self.output), item=item)
+        self.output.append(item)
+        self.item = None
+        return out
+
+    def final(self, usage: serving.Usage, finish: str | None) -> dict[str, Any]:
+        return _final(self.head, self.output, usage, finish)
+
+    def completed(self, usage: serving.Usage, finish: str | None) -> bytes:
+        return self.event("response.completed", response=self.final(usage, finish))
+
+
+async def _stream(
+    request: web.Request, gen: Generation, writer: _Writer, calls: bool
+) -> web.StreamResponse:
+    """Text as output_text deltas, or forced calls as function_call_arguments deltas."""
     response = await streaming.open_sse(request)
-    seq = _Sequencer()
-    msg_id = f"msg_{secrets.token_hex(12)}"
-    where = {"item_id": msg_id, "output_index": 0, "content_index": 0}
-    out = seq.event("response.created", response=_in_progress(head))
-    out += seq.event("response.in_progress", response=_in_progress(head))
-    out += seq.event(
-        "response.output_item.added",
-        output_index=0,
-        item={**_message(msg_id, "", "in_progress"), "content": []},
-    )
-    out += seq.event(
-        "response.content_part.added",
-        **where,
-        part={"type": "output_text", "text": "", "annotations": [], "logprobs": []},
-    )
-    text, usage, finish = "", serving.Usage(), None
+    parser = tools.CallStream() if calls else None
+    out = writer.opening() + (b"" if calls else writer.open_message())
+    usage, finish = serving.Usage(), None
     try:
         async for batch in gen.events(lambda: peer_gone(request)):
-            for _, _, delta, _, fin, extra in batch:
-                if delta:
-                    text += delta
-                    out += seq.event(
-                        "response.output_text.delta", **where, delta=delta, logprobs=[]
-                    )
+            for _, _, text, _, fin, extra in batch:
+                if parser is None:
+                    out += writer.delta(text)
+                else:
+                    for kind, value in parser.feed(text):
+                        if kind == "call":
+                            out += (writer.close() if writer.item else b"") + writer.open_call(
+                                value
+                            )
+                        else:
+                            out += writer.delta(value)
                 if fin is not None:
                     serving.raise_if_failed(fin, extra)
                     usage.add(extra)
                     finish = fin
-            if not await streaming.write(response, bytes(out)):
+            if not await streaming.write(response, out):
                 gen.cancel()
                 return response
             out = b""
     except XllmError as e:
         gen.cancel()
         err = {"code": e.code or e.type, "message": e.message, "param": e.param}
-        await streaming.finish(response, seq.event("error", **err))
+        await streaming.finish(response, writer.event("error", **err))
         return response
-    part = {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
-    item = _message(msg_id, text, "completed")
-    out = seq.event("response.output_text.done", **where, text=text, logprobs=[])
-    out += seq.event("response.content_part.done", **where, part=part)
-    out += seq.event("response.output_item.done", output_index=0, item=item)
-    out += seq.event("response.completed", response=_final(head, [item], usage, finish))
-    await streaming.finish(response, out)
+    out = writer.close() if writer.item else b""
+    await streaming.finish(response, out + writer.completed(usage, finish))
     return response
