@@ -79,3 +79,70 @@ def test_errors(
         monkeypatch.setenv(k, v)
     with pytest.raises(ConfigError, match=message):
         load_settings()
+
+
+OLLAMA_VARS = ("OLLAMA_HOST", "OLLAMA_MODELS", "OLLAMA_KEEP_ALIVE", "OLLAMA_NUM_PARALLEL",
+               "OLLAMA_MAX_QUEUE", "OLLAMA_ORIGINS", "OLLAMA_CONTEXT_LENGTH", "XLLM_MODELS_DIR",
+               "XLLM_IDLE_TIMEOUT", "XLLM_ORIGINS", "XLLM_MAX_QUEUE", "XLLM_REGISTRY",
+               "HF_ENDPOINT")  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("yaml_text", "env", "want"),
+    [
+        ("", {"OLLAMA_HOST": "0.0.0.0:11434"}, {"host": "0.0.0.0", "port": 11434}),
+        ("", {"OLLAMA_HOST": "h", "XLLM_HOST": "x:1"}, {"host": "x", "port": 1}),
+        ("", {"OLLAMA_MODELS": "/srv/ollama"}, {"models_dir": Path("/srv/ollama")}),
+        ("", {"OLLAMA_MODELS": "/o", "XLLM_MODELS_DIR": "/x"}, {"models_dir": Path("/x")}),
+        ("", {"OLLAMA_KEEP_ALIVE": "5m"}, {"idle_timeout": 300.0}),
+        ("", {"OLLAMA_KEEP_ALIVE": "1h30m"}, {"idle_timeout": 5400.0}),
+        ("", {"OLLAMA_KEEP_ALIVE": "-1"}, {"idle_timeout": -1.0}),
+        ("", {"XLLM_IDLE_TIMEOUT": "90s", "OLLAMA_KEEP_ALIVE": "1h"}, {"idle_timeout": 90.0}),
+        ("", {"OLLAMA_NUM_PARALLEL": "3"}, {"parallel": 3}),
+        ("", {"OLLAMA_MAX_QUEUE": "7"}, {"max_queue": 7}),
+        ("", {"OLLAMA_ORIGINS": "http://a,http://b"}, {"cors_origins": ("http://a", "http://b")}),
+        ("", {"OLLAMA_CONTEXT_LENGTH": "8192"}, {"ctx_size": 8192}),
+        ("inference:\n  ctx_size: 2048\n", {"OLLAMA_CONTEXT_LENGTH": "8192"}, {"ctx_size": 8192}),
+        ("", {}, {"registry": "https://registry.ollama.ai", "hf_endpoint": "https://huggingface.co"}),
+        ("models:\n  registry: http://r.lan:5000/\n", {}, {"registry": "http://r.lan:5000"}),
+        ("", {"XLLM_REGISTRY": "https://r.example", "HF_ENDPOINT": "http://127.0.0.1:9/"},
+         {"registry": "https://r.example", "hf_endpoint": "http://127.0.0.1:9"}),
+        ("", {"XLLM_HOME": "/h"}, {"models_dir": Path("/h/models")}),
+    ],
+)  # fmt: skip
+def test_ollama_variables_and_model_sources(
+    clean_env: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    yaml_text: str,
+    env: dict[str, str],
+    want: dict[str, object],
+) -> None:
+    for var in OLLAMA_VARS:
+        monkeypatch.delenv(var, raising=False)
+    clean_env.write_text(yaml_text)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    s = load_settings()
+    for k, v in want.items():
+        assert getattr(s, k) == v
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"OLLAMA_KEEP_ALIVE": "soon"}, "OLLAMA_KEEP_ALIVE: expected seconds or a duration"),
+        ({"OLLAMA_NUM_PARALLEL": "0"}, "OLLAMA_NUM_PARALLEL: must be at least 1"),
+        ({"OLLAMA_HOST": "h:port"}, "OLLAMA_HOST: expected an integer"),
+        ({"XLLM_REGISTRY": "ftp://x"}, "XLLM_REGISTRY: expected an http:// or https:// URL"),
+        ({"HF_ENDPOINT": "huggingface.co"}, "HF_ENDPOINT: expected an http"),
+    ],
+)
+def test_ollama_variable_errors(
+    clean_env: Path, monkeypatch: pytest.MonkeyPatch, env: dict[str, str], message: str
+) -> None:
+    for var in OLLAMA_VARS:
+        monkeypatch.delenv(var, raising=False)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    with pytest.raises(ConfigError, match=message):
+        load_settings()

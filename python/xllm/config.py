@@ -66,6 +66,13 @@ def _str_list(key: str, value: Any) -> tuple[str, ...]:
     return tuple(value)
 
 
+def _url(key: str, value: Any) -> str:
+    url = _str(key, value).strip().rstrip("/")
+    if not re.fullmatch(r"https?://[^\s/?#]+(/[^\s?#]*)?", url):
+        raise ConfigError(f"{key}: expected an http:// or https:// URL, got {value!r}")
+    return url
+
+
 def _bool(key: str, value: Any) -> bool:
     if isinstance(value, bool):
         return value
@@ -114,6 +121,10 @@ class Settings:
     """Private key (PEM) of tls_cert."""
     models_dir: Path = field(default_factory=lambda: _home() / "models")
     """Where pulled and created models are stored."""
+    registry: str = "https://registry.ollama.ai"
+    """The Ollama-protocol registry `pull`/`push` use for names without a host."""
+    hf_endpoint: str = "https://huggingface.co"
+    """The Hugging Face Hub (`HF_ENDPOINT`); its token comes from `HF_TOKEN` or `hf auth login`."""
     preload: tuple[str, ...] = ()
     """Models loaded when the server starts."""
     ctx_size: int = 4096
@@ -153,32 +164,71 @@ class Settings:
         return f"http://{host}:{self.port}"
 
 
+def _duration(key: str, value: Any) -> float:
+    """Seconds: a number, or a Go duration as Ollama's variables take (`5m`, `1h30m`, `-1`)."""
+    text = str(value).strip()
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    if re.fullmatch(r"-?\d+(\.\d+)?", text):
+        return float(text)
+    units = {"ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+    parts = re.findall(r"(\d+(?:\.\d+)?)(ms|s|m|h)", text)
+    if not parts or "".join(n + u for n, u in parts) != text.lstrip("-"):
+        raise ConfigError(f"{key}: expected seconds or a duration like 5m, got {value!r}")
+    sign = -1.0 if text.startswith("-") else 1.0
+    return sign * sum(float(n) * units[u] for n, u in parts)
+
+
 @dataclass(frozen=True)
 class _Key:
     attr: str
     path: str
     env: str
     parse: Callable[[str, Any], Any]
+    ollama: str | None = None
+    """Ollama's variable for the same setting, honoured when the XLLM_ one is unset."""
 
 
 _KEYS: tuple[_Key, ...] = (
-    _Key("host", "server.host", "XLLM_HOST", _str),
+    _Key("host", "server.host", "XLLM_HOST", _str, "OLLAMA_HOST"),
     _Key("port", "server.port", "XLLM_PORT", _positive_int),
     _Key("log_file", "server.log_file", "XLLM_LOG_FILE", _str),
     _Key("tls_cert", "server.tls_cert", "XLLM_TLS_CERT", _str),
     _Key("tls_key", "server.tls_key", "XLLM_TLS_KEY", _str),
-    _Key("cors_origins", "server.cors.allowed_origins", "XLLM_ORIGINS", _str_list),
+    _Key(
+        "cors_origins", "server.cors.allowed_origins", "XLLM_ORIGINS", _str_list, "OLLAMA_ORIGINS"
+    ),
     _Key("api_keys", "server.api_keys", "XLLM_API_KEY", _str_list),
     _Key("log_level", "server.log_level", "XLLM_LOG", _str),
-    _Key("models_dir", "models.directory", "XLLM_MODELS_DIR", lambda k, v: Path(_str(k, v))),
+    _Key(
+        "models_dir",
+        "models.directory",
+        "XLLM_MODELS_DIR",
+        lambda k, v: Path(_str(k, v)),
+        "OLLAMA_MODELS",
+    ),
+    _Key("registry", "models.registry", "XLLM_REGISTRY", _url),
+    _Key("hf_endpoint", "models.hf_endpoint", "HF_ENDPOINT", _url),
     _Key("preload", "models.preload", "XLLM_PRELOAD", _str_list),
-    _Key("ctx_size", "inference.ctx_size", "XLLM_CTX_SIZE", _positive_int),
-    _Key("parallel", "inference.parallel", "XLLM_PARALLEL", _positive_int),
-    _Key("max_queue", "inference.max_queue", "XLLM_MAX_QUEUE", lambda k, v: max(0, _int(k, v))),
+    _Key("ctx_size", "inference.ctx_size", "XLLM_CTX_SIZE", _positive_int, "OLLAMA_CONTEXT_LENGTH"),
+    _Key("parallel", "inference.parallel", "XLLM_PARALLEL", _positive_int, "OLLAMA_NUM_PARALLEL"),
+    _Key(
+        "max_queue",
+        "inference.max_queue",
+        "XLLM_MAX_QUEUE",
+        lambda k, v: max(0, _int(k, v)),
+        "OLLAMA_MAX_QUEUE",
+    ),
     _Key("threads", "inference.threads", "XLLM_THREADS", lambda k, v: max(0, _int(k, v))),
     _Key("batch_size", "inference.batch_size", "XLLM_BATCH_SIZE", _positive_int),
     _Key("gpu_layers", "gpu.layers", "XLLM_GPU_LAYERS", _int),
-    _Key("idle_timeout", "inference.idle_timeout", "XLLM_IDLE_TIMEOUT", _float),
+    _Key(
+        "idle_timeout",
+        "inference.idle_timeout",
+        "XLLM_IDLE_TIMEOUT",
+        _duration,
+        "OLLAMA_KEEP_ALIVE",
+    ),
     _Key("memory_budget", "memory.budget", "XLLM_MEMORY_BUDGET", lambda k, v: _bytes(k, v)),
     _Key("priorities", "models.priority", "XLLM_PRIORITY", lambda k, v: _priorities(k, v)),
 )
@@ -231,7 +281,7 @@ def _read_file(path: Path) -> dict[str, Any]:
     return flat
 
 
-def _split_host(value: str) -> tuple[str, int | None]:
+def _split_host(var: str, value: str) -> tuple[str, int | None]:
     """`XLLM_HOST` may be `host`, `host:port`, `[v6]:port` or a URL, as OLLAMA_HOST is."""
     value = value.strip()
     for scheme in ("http://", "https://"):
@@ -241,10 +291,10 @@ def _split_host(value: str) -> tuple[str, int | None]:
     if value.startswith("["):
         host, _, rest = value[1:].partition("]")
         port = rest.lstrip(":")
-        return host, (_positive_int("XLLM_HOST", port) if port else None)
+        return host, (_positive_int(var, port) if port else None)
     if value.count(":") == 1:
         host, port = value.split(":")
-        return host or DEFAULT_HOST, _positive_int("XLLM_HOST", port)
+        return host or DEFAULT_HOST, _positive_int(var, port)
     return value or DEFAULT_HOST, None
 
 
@@ -255,15 +305,16 @@ def load_settings(flags: Mapping[str, Any] | None = None) -> Settings:
     for key in _KEYS:
         if key.path in file_values:
             values[key.attr] = key.parse(key.path, file_values[key.path])
-        env = os.environ.get(key.env)
+        var = key.env if os.environ.get(key.env) or not key.ollama else key.ollama
+        env = os.environ.get(var)
         if env is not None and env != "":
             if key.attr == "host":
-                host, port = _split_host(env)
+                host, port = _split_host(var, env)
                 values["host"] = host
                 if port is not None:
                     values["port"] = port
             else:
-                values[key.attr] = key.parse(key.env, env)
+                values[key.attr] = key.parse(var, env)
     for attr, value in (flags or {}).items():
         if value is not None:
             values[attr] = value

@@ -90,6 +90,22 @@ class InsufficientMemory(XllmError):
     code = "insufficient_memory"
 
 
+class InsufficientStorage(XllmError):
+    """The disk is full (ENOSPC) while storing a model."""
+
+    status = 507
+    type = "server_error"
+    code = "insufficient_storage"
+
+
+class RegistryError(XllmError):
+    """A registry or the Hub failed us: unreachable, bad answer, or bytes that do not verify."""
+
+    status = 502
+    type = "server_error"
+    code = "registry_error"
+
+
 class ModelLoadError(XllmError):
     """llama.cpp could not load a model: the message carries its reason and the file."""
 

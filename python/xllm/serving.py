@@ -74,9 +74,41 @@ async def chat_prompt(
     Rendering runs in the model's runner under a time limit: templates come from model files.
     """
     tokens, stops = await model.chat_prompt(
-        [dict(m) for m in messages], [dict(t) for t in tools] if tools else None
+        with_modelfile(model, messages), [dict(t) for t in tools] if tools else None
     )
     return Prompt(tokens, stops)
+
+
+def with_modelfile(
+    model: LlamaModel, messages: Sequence[Mapping[str, Any]]
+) -> list[dict[str, Any]]:
+    """A stored model's Modelfile SYSTEM (unless the request has a system message) and
+    MESSAGEs go before the request's messages, as in Ollama."""
+    mf = model.modelfile
+    out = [{"role": m.role, "content": m.content} for m in mf.messages]
+    out += [dict(m) for m in messages]
+    if mf.system and not any(m.get("role") == "system" for m in messages):
+        out.insert(0, {"role": "system", "content": mf.system})
+    return out
+
+
+def modelfile_fields(model: LlamaModel) -> dict[str, Any]:
+    """A stored model's Modelfile PARAMETERs as request fields (its requests' defaults)."""
+    p = model.modelfile.parameters
+    fields = {k: p[k] for k in _SAMPLING if k in p}
+    if p.get("num_predict", 0) > 0:
+        fields["max_tokens"] = p["num_predict"]
+    if fields.get("seed") == -1:
+        del fields["seed"]
+    if fields.get("repeat_last_n") == -1:
+        fields["repeat_last_n"] = model.ctx_size
+    return fields
+
+
+_SAMPLING = (
+    "temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty",
+    "repeat_penalty", "repeat_last_n", "seed", "stop",
+)  # fmt: skip
 
 
 _FEATURES = {
@@ -152,7 +184,11 @@ def sampling_params(
     prompt_len: int,
     extra_stops: Sequence[str] = (),
 ) -> dict[str, Any]:
-    """Engine parameters from validated request fields; checks what depends on the model."""
+    """Engine parameters from validated request fields; checks what depends on the model.
+
+    Fields the request left out (None) come from the model's Modelfile, if it has one.
+    """
+    fields = {**modelfile_fields(model), **{k: v for k, v in fields.items() if v is not None}}
     if prompt_len == 0:
         raise InvalidRequest("the prompt is empty", param="prompt")
     room = model.ctx_size - prompt_len

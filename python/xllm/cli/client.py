@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import http.client
 import json
 import urllib.error
 import urllib.request
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 from xllm.config import load_settings
@@ -20,22 +23,73 @@ def base_url() -> str:
 
 def call(method: str, path: str, body: dict[str, Any] | None = None, timeout: float = 30) -> Any:
     """JSON request to the server; NoServer when none is up, RuntimeError with its message."""
-    url = base_url() + path
     data = json.dumps(body).encode() if body is not None else None
-    req = urllib.request.Request(url, data=data, method=method)
-    req.add_header("Content-Type", "application/json")
+    with _open(method, path, data, "application/json", timeout) as r:
+        return json.loads(r.read() or b"null")
+
+
+def stream(method: str, path: str, body: dict[str, Any], timeout: float = 600) -> Iterator[Any]:
+    """The records of an NDJSON stream; an `{"error"}` record raises RuntimeError."""
+    with _open(method, path, json.dumps(body).encode(), "application/json", timeout) as r:
+        try:
+            for line in r:
+                if line.strip():
+                    record = json.loads(line)
+                    if isinstance(record, dict) and "error" in record:
+                        raise RuntimeError(str(record["error"]))
+                    yield record
+        except (ConnectionError, http.client.HTTPException, TimeoutError):
+            raise RuntimeError("the server closed the connection in the middle of it") from None
+
+
+def status(method: str, path: str) -> int:
+    """Just the HTTP status of a request without a body (HEAD)."""
     try:
-        with urllib.request.urlopen(req, timeout=timeout) as r:
-            return json.loads(r.read() or b"null")
+        with _open(method, path, None, None, 30) as r:
+            return int(r.status)
+    except _HTTPStatus as e:
+        return e.status
+
+
+def upload(path: str, chunks: Iterable[bytes], size: int, timeout: float = 3600) -> None:
+    """POST a file's bytes (streamed, not read into memory)."""
+    req = urllib.request.Request(base_url() + path, data=chunks, method="POST")
+    req.add_header("Content-Type", "application/octet-stream")
+    req.add_header("Content-Length", str(size))
+    with _send(req, timeout):
+        pass
+
+
+class _HTTPStatus(RuntimeError):
+    def __init__(self, message: str, status: int) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def _open(
+    method: str, path: str, data: bytes | None, content_type: str | None, timeout: float
+) -> contextlib.AbstractContextManager[Any]:
+    req = urllib.request.Request(base_url() + path, data=data, method=method)
+    if content_type:
+        req.add_header("Content-Type", content_type)
+    return _send(req, timeout)
+
+
+@contextlib.contextmanager
+def _send(req: urllib.request.Request, timeout: float) -> Iterator[Any]:
+    try:
+        response = urllib.request.urlopen(req, timeout=timeout)
     except urllib.error.HTTPError as e:
         try:
             message = json.loads(e.read()).get("error", e.reason)
-        except ValueError:
+        except (ValueError, AttributeError):
             message = e.reason
         if isinstance(message, dict):
             message = message.get("message", str(message))
-        raise RuntimeError(str(message)) from None
+        raise _HTTPStatus(str(message), e.code) from None
     except (urllib.error.URLError, ConnectionError, TimeoutError):
         raise NoServer(
             f"no xllm server is running at {base_url()}; start one with `xllm serve`"
         ) from None
+    with response:
+        yield response

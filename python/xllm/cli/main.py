@@ -7,7 +7,7 @@ import sys
 from collections.abc import Sequence
 
 from xllm import __version__
-from xllm.cli import plan, run, runner, running, serve
+from xllm.cli import archive, models, plan, run, runner, running, serve
 from xllm.config import ConfigError
 
 
@@ -21,6 +21,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_parser(commands)
     run.add_parser(commands)
     running.add_parsers(commands)
+    models.add_parsers(commands)
+    archive.add_parsers(commands)
     plan.add_parser(commands)
     runner.add_parser(commands)
     return parser

@@ -18,6 +18,9 @@ def add_parsers(commands: Any) -> None:
     p.add_argument("model")
     p.set_defaults(func=stop)
     p = commands.add_parser("list", aliases=["ls"], help="list models the server can serve")
+    p.add_argument(
+        "--check-updates", action="store_true", help="ask the Hub whether newer revisions exist"
+    )
     p.set_defaults(func=list_models)
 
 
@@ -76,18 +79,28 @@ def stop(args: argparse.Namespace) -> int:
 
 def list_models(args: argparse.Namespace) -> int:
     def show() -> None:
-        rows = [["NAME", "ID", "SIZE", "MODIFIED"]]
+        rows = [["NAME", "ID", "SIZE", "MODIFIED"] + (["UPDATE"] if args.check_updates else [])]
         now = datetime.now().astimezone()
         for m in client.call("GET", "/api/tags")["models"]:
             modified = datetime.fromisoformat(m["modified_at"].replace("Z", "+00:00"))
-            rows.append(
-                [
-                    m["name"],
-                    m["digest"][:12],
-                    human_bytes(m["size"]),
-                    human_time((modified - now).total_seconds()),
-                ]
-            )
+            row = [
+                m["name"],
+                m["digest"][:12],
+                human_bytes(m["size"]),
+                human_time((modified - now).total_seconds()),
+            ]
+            if args.check_updates:
+                row.append(_update(m["name"]))
+            rows.append(row)
         print(table(rows))
 
     return _run(show)
+
+
+def _update(name: str) -> str:
+    """The Hub's answer for a model in the local store (`XLLM_MODELS_DIR`)."""
+    from xllm.config import load_settings
+    from xllm.models import updates
+    from xllm.models.store import Store
+
+    return updates.check(Store(load_settings().models_dir), name)

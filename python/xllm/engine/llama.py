@@ -26,6 +26,7 @@ from xllm.engine.options import EngineOptions, runner_command
 from xllm.errors import EngineError, InvalidRequest, ModelLoadError, Overloaded
 from xllm.memory.planner import Plan
 from xllm.models.metadata import ModelInfo
+from xllm.models.modelfile import Modelfile
 from xllm.models.template import TemplateError
 
 log = logging.getLogger("xllm.engine")
@@ -119,6 +120,8 @@ class LlamaModel:
         self.ctx_size = min(options.ctx_size, info.context_length or options.ctx_size)
         self.on_exit: Callable[[LlamaModel], None] | None = None
         self.plan: Plan | None = None
+        self.modelfile = Modelfile()
+        """A stored model's Modelfile: SYSTEM, MESSAGE and PARAMETER defaults for requests."""
         self._proc = proc
         self._reader = reader
         self._writer = writer

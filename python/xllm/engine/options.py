@@ -28,6 +28,8 @@ class EngineOptions:
     """Share of the offloaded layers per GPU (empty: llama.cpp's default)."""
     keep_alive_s: float = 300.0
     """How long an idle model stays loaded unless a request says otherwise."""
+    chat_template: str | None = None
+    """A stored model's Modelfile TEMPLATE (Jinja2), in place of the GGUF's own."""
 
     def resolved_threads(self) -> int:
         return self.threads or (os.cpu_count() or 1)

@@ -11,15 +11,25 @@ from pathlib import Path
 
 from xllm.engine.llama import LlamaModel, Observer
 from xllm.engine.options import EngineOptions
-from xllm.errors import InsufficientMemory, ModelNotFound
+from xllm.errors import InsufficientMemory, ModelLoadError, ModelNotFound
 from xllm.memory import planner, probe
-from xllm.models import gguf, names
+from xllm.models import gguf, gotemplate, names
+from xllm.models.modelfile import Modelfile, is_go_template
+from xllm.models.store import Store, StoredModel
 
 log = logging.getLogger("xllm.models")
 
 REAP_INTERVAL_S = 0.5
 GRACE_S = 1.0
 """A model handed to a request this recently is neither reaped nor evicted (it is about to run)."""
+
+
+@dataclass(frozen=True)
+class Resolved:
+    name: str
+    path: Path
+    stored: StoredModel | None = None
+    """Set for a model from the store: its manifest and Modelfile."""
 
 
 @dataclass(frozen=True)
@@ -37,12 +47,15 @@ class ModelRegistry:
         observer: Observer | None = None,
         budget: int | None = None,
         priorities: dict[str, str] | None = None,
+        store: Store | None = None,
     ) -> None:
         self.options = options
         self.observer = observer
         self.budget = budget
-        self.priorities = {names.canonical(k): v for k, v in (priorities or {}).items()}
+        self.store = store
+        """Pulled and created models; resolved after command-line paths, before bundled ones."""
         self._paths: dict[str, Path] = {}
+        self.priorities = {self.key(k): v for k, v in (priorities or {}).items()}
         self._loaded: dict[str, LlamaModel] = {}
         self._loading: dict[str, asyncio.Task[LlamaModel]] = {}
         self._load_started: dict[str, float] = {}
@@ -54,18 +67,44 @@ class ModelRegistry:
         self._paths[name] = path.resolve()
         return name
 
-    def resolve(self, name: str) -> tuple[str, Path]:
-        """(canonical name, file) for a requested name, or ModelNotFound."""
-        key = names.canonical(name)
-        path = self._paths.get(key) or names.bundled_path(key)
+    def stored(self, name: str) -> StoredModel | None:
+        """The store's model of that name (an invalid name is a 400)."""
+        return self.store.get(names.parse_name(name)) if self.store is not None else None
+
+    def key(self, name: str) -> str:
+        """The name a model is known by: `model` -> `model:latest`; aliases of bundled models
+        apply unless a model of that very name is served from a path or the store."""
+        key = names.parse_name(name).display
+        alias = names.ALIASES.get(key)
+        if alias is None or key in self._paths or self.stored(key) is not None:
+            return key
+        return alias
+
+    def find(self, name: str) -> Resolved:
+        """Where a requested name's model is: a command-line path, the store, or a bundled
+        model, in that order; ModelNotFound otherwise."""
+        key = self.key(name)
+        path = self._paths.get(key)
+        if path is not None:
+            return Resolved(key, path)
+        stored = self.stored(key)
+        if stored is not None:
+            return Resolved(key, stored.model_path, stored)
+        path = names.bundled_path(key)
         if path is None:
             raise ModelNotFound(f"model {name!r} not found", param="model")
-        return key, path
+        return Resolved(key, path)
+
+    def resolve(self, name: str) -> tuple[str, Path]:
+        """(canonical name, file) for a requested name, or ModelNotFound."""
+        found = self.find(name)
+        return found.name, found.path
 
     def available(self) -> list[str]:
         """Every name a request may use right now."""
         bundled = [n for n in names.BUNDLED if names.bundled_path(n) is not None]
-        return sorted(set(self._paths) | set(self._loaded) | set(bundled))
+        stored = [m.name.display for m in self.store.list()] if self.store is not None else []
+        return sorted(set(self._paths) | set(self._loaded) | set(bundled) | set(stored))
 
     @property
     def loaded(self) -> dict[str, LlamaModel]:
@@ -79,10 +118,10 @@ class ModelRegistry:
 
         `keep_alive` (seconds, negative = forever) replaces how long it stays loaded once idle.
         """
-        key, path = self.resolve(name)
-        model = self._loaded.get(key)
+        found = self.find(name)
+        model = self._loaded.get(found.name)
         if model is None:
-            model = await self._get_loading(key, path)
+            model = await self._get_loading(found)
         model.last_active = time.monotonic()
         if keep_alive is not None:
             model.keep_alive = keep_alive
@@ -90,22 +129,25 @@ class ModelRegistry:
             self._reaper = asyncio.create_task(self._reap())
         return model
 
-    async def _get_loading(self, key: str, path: Path) -> LlamaModel:
+    async def _get_loading(self, found: Resolved) -> LlamaModel:
+        key = found.name
         task = self._loading.get(key)
         if task is None:
-            task = asyncio.create_task(self._load(key, path))
+            task = asyncio.create_task(self._load(found))
             self._loading[key] = task
             self._load_started[key] = time.time()
         # shield: one impatient client leaving must not cancel a load others wait for
         return await asyncio.shield(task)
 
-    async def _load(self, key: str, path: Path) -> LlamaModel:
+    async def _load(self, found: Resolved) -> LlamaModel:
+        key, path = found.name, found.path
         log.info("loading model %s from %s", key, path)
         t0 = time.perf_counter()
+        modelfile = found.stored.modelfile if found.stored is not None else Modelfile()
         try:
             # the header is checked before llama.cpp ever opens the file
             header = await asyncio.to_thread(gguf.read, path)
-            o = self.options
+            o = _with_modelfile(self.options, key, modelfile)
             gpus = probe.gpus()
             plan = planner.estimate(
                 header, ctx_size=o.ctx_size, parallel=o.parallel, batch_size=o.batch_size,
@@ -118,10 +160,15 @@ class ModelRegistry:
                 o = dataclasses.replace(o, tensor_split=tuple(planner.split(gpus)))
             log.info("plan for %s: %s, %d GPU layers", key, plan.describe(), plan.gpu_layers)
             model = await LlamaModel.load(key, path, o, self.observer)
+        except (gguf.GGUFError, ModelLoadError):
+            if found.stored is not None and self.store is not None:
+                await self._check_blob(found.stored)
+            raise
         finally:
             self._loading.pop(key, None)
             self._load_started.pop(key, None)
         model.plan = plan
+        model.modelfile = modelfile
         model.on_exit = self._on_exit
         self._loaded[key] = model
         elapsed = time.perf_counter() - t0
@@ -129,6 +176,17 @@ class ModelRegistry:
             self.observer.observe_load(key, elapsed)
         log.info("loaded model %s in %.2f s", key, elapsed)
         return model
+
+    async def _check_blob(self, stored: StoredModel) -> None:
+        """After a stored model failed to load: is its file still what was downloaded?"""
+        assert self.store is not None
+        digest = stored.model_digest
+        if not await asyncio.to_thread(self.store.verify, digest):
+            raise ModelLoadError(
+                f"the file of model {stored.name.display!r} ({stored.model_path}) is corrupt: "
+                f"its SHA-256 no longer matches {digest}; remove it with "
+                f"`xllm rm {stored.name.display}` and pull it again"
+            )
 
     def _available(self) -> int:
         """RAM a new model may use: the budget minus loaded models' plans, or what is free."""
@@ -182,7 +240,7 @@ class ModelRegistry:
 
     async def unload(self, name: str) -> bool:
         """Stop a loaded model's runner; False if it was not loaded."""
-        key = names.canonical(name)
+        key = self.key(name)
         model = self._loaded.pop(key, None)
         if model is None:
             return False
@@ -197,3 +255,22 @@ class ModelRegistry:
         models, self._loaded = list(self._loaded.values()), {}
         for m in models:
             await m.close()
+
+
+def _with_modelfile(options: EngineOptions, name: str, modelfile: Modelfile) -> EngineOptions:
+    """A stored model's Modelfile at load: `num_ctx` sizes its context, its TEMPLATE (Jinja2,
+    or Ollama's Go syntax translated) replaces the GGUF's chat template (the rest applies per
+    request, in the serving layer)."""
+    num_ctx = modelfile.parameters.get("num_ctx")
+    if isinstance(num_ctx, int) and num_ctx > 0:
+        options = dataclasses.replace(options, ctx_size=num_ctx)
+    template = modelfile.template
+    if template and is_go_template(template):
+        try:
+            template = gotemplate.to_jinja(template)
+        except gotemplate.GoTemplateError as e:
+            log.warning("model %s: %s; the model's own chat template is used", name, e.message)
+            template = None
+    if template:
+        options = dataclasses.replace(options, chat_template=template)
+    return options

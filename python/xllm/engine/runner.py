@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import dataclasses
 import json
 import logging
 import signal
@@ -54,6 +55,8 @@ async def _serve(sock: socket.socket, name: str, path: Path, options: EngineOpti
     try:
         engine = await asyncio.to_thread(LlamaCppEngine, path, options)
         info = ModelInfo.from_engine(name, path, engine)
+        if options.chat_template is not None:  # a Modelfile TEMPLATE wins over the GGUF's
+            info = dataclasses.replace(info, chat_template=options.chat_template)
     except (ValueError, RuntimeError, OSError) as e:
         writer.write(ipc.encode((ipc.FAILED, str(e))))
         await writer.drain()

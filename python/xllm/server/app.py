@@ -17,6 +17,7 @@ from xllm.engine.options import EngineOptions
 from xllm.engine.registry import ModelRegistry
 from xllm.errors import XllmError
 from xllm.metrics import Metrics
+from xllm.models.store import Store
 from xllm.server import guard, middleware
 from xllm.server.http import MAX_BODY
 from xllm.server.routes import add_routes
@@ -44,6 +45,7 @@ def make_registry(settings: Settings) -> ModelRegistry:
         engine_options(settings),
         budget=settings.memory_budget,
         priorities=dict(settings.priorities),
+        store=Store(settings.models_dir),
     )
 
 
@@ -62,11 +64,7 @@ def create_app(settings: Settings, registry: ModelRegistry | None = None) -> web
     app.on_response_prepare.append(middleware.echo_request_id)
     app.on_response_prepare.append(guard.add_cors_headers)
     app[SETTINGS] = settings
-    registry = registry or ModelRegistry(
-        engine_options(settings),
-        budget=settings.memory_budget,
-        priorities=dict(settings.priorities),
-    )
+    registry = registry or make_registry(settings)
     metrics = Metrics(lambda: registry.loaded)
     registry.observer = metrics
     app[REGISTRY] = registry
@@ -79,6 +77,8 @@ def create_app(settings: Settings, registry: ModelRegistry | None = None) -> web
 
 async def _models(app: web.Application) -> AsyncIterator[None]:
     registry = app[REGISTRY]
+    if registry.store is not None:  # downloads a previous run left unfinished never show up
+        await asyncio.to_thread(registry.store.prune)
     yield
     await registry.close()
 

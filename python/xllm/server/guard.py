@@ -24,6 +24,8 @@ from xllm.server.middleware import Handler, error_response
 DRAINING = web.AppKey("draining", list[bool])
 CORS_ORIGIN = web.RequestKey("cors_origin", str)
 OPEN_PATHS = frozenset({"/v0/health"})
+BLOBS = "/api/blobs/"
+"""Model uploads: streamed to disk and verified, so the 50 MB body limit does not apply."""
 _LOCAL_NAMES = {"localhost", "127.0.0.1", "::1", "0.0.0.0", "::"}
 _LOCAL_SCHEMES = {"app", "file", "tauri", "vscode-webview"}
 ALLOW_HEADERS = "Authorization, Content-Type, X-Request-ID, User-Agent, Accept"
@@ -78,7 +80,7 @@ def guard(settings: Settings) -> Middleware:
             request[CORS_ORIGIN] = origin
         if request.method == "OPTIONS" and "Access-Control-Request-Method" in request.headers:
             response: web.StreamResponse = web.Response(status=204 if cors else 403)
-        elif (request.content_length or 0) > MAX_BODY:
+        elif (request.content_length or 0) > MAX_BODY and not request.path.startswith(BLOBS):
             # refused before reading a byte of it; chunked bodies stop at the limit while read
             response = error_response(
                 request, PayloadTooLarge("request body too large: the limit is 50 MB")

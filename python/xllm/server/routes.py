@@ -11,12 +11,20 @@ from dataclasses import dataclass
 from aiohttp import web
 from pydantic import BaseModel
 
+from xllm.server.ollama import create as ollama_create
 from xllm.server.ollama import models as ollama_models
 from xllm.server.ollama import runtime as ollama_runtime
 from xllm.server.ollama.chat import chat as ollama_chat
 from xllm.server.ollama.embed import embed as ollama_embed
 from xllm.server.ollama.embed import embeddings as ollama_embeddings
 from xllm.server.ollama.generate import generate as ollama_generate
+from xllm.server.ollama.models_wire import (
+    CopyRequest,
+    CreateRequest,
+    DeleteRequest,
+    PullRequest,
+    PushRequest,
+)
 from xllm.server.ollama.wire import (
     ChatRequest,
     EmbeddingsRequest,
@@ -62,6 +70,15 @@ ROUTES: tuple[Route, ...] = (
           EmbeddingsRequest),
     Route("GET", "/api/tags", ollama_models.tags, "Local models (Ollama)"),
     Route("POST", "/api/show", ollama_models.show, "Model details (Ollama)", ShowRequest),
+    Route("POST", "/api/pull", ollama_models.pull_model, "Download a model (Ollama)", PullRequest),
+    Route("POST", "/api/push", ollama_models.push_model, "Upload a model (Ollama)", PushRequest),
+    Route("POST", "/api/create", ollama_create.create, "Create a model (Ollama)", CreateRequest),
+    Route("POST", "/api/copy", ollama_create.copy, "Copy a model (Ollama)", CopyRequest),
+    Route("DELETE", "/api/delete", ollama_models.delete, "Delete a model (Ollama)",
+          DeleteRequest),
+    Route("HEAD", "/api/blobs/{digest}", ollama_models.blob_exists, "Is a blob present (Ollama)"),
+    Route("POST", "/api/blobs/{digest}", ollama_models.upload_blob,
+          "Upload a blob, verified against its digest (Ollama)"),
     Route("GET", "/api/ps", ollama_runtime.ps, "Loaded models (Ollama)"),
     Route("GET", "/api/version", ollama_runtime.version, "Version (Ollama)"),
     Route("GET", "/", ollama_runtime.root, "Ollama is running"),

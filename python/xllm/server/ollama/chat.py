@@ -24,7 +24,9 @@ async def chat(request: web.Request) -> web.StreamResponse:
     serving.check_images(model, body.model, has_images, "messages")
     reply.check_think(model, body.model, body.think)
     functions = body.functions()
-    fields = reply.engine_fields(body.options, body.format, model.ctx_size)
+    fields = reply.engine_fields(
+        body.options, body.format, model.ctx_size, model.modelfile.parameters
+    )
     prompt, params = await serving.prepare_chat(model, body.template_messages(), fields, functions)
     splitter = await reply.thinking_splitter(model, prompt.tokens, body.think)
     gen = await model.start(prompt.tokens, params)

@@ -36,7 +36,9 @@ async def generate(request: web.Request) -> web.StreamResponse:
         messages.append({"role": "user", "content": body.prompt})
         prompt = await serving.chat_prompt(model, messages)
     tokens = list(body.context or []) + prompt.tokens
-    fields = reply.engine_fields(body.options, body.format, model.ctx_size)
+    fields = reply.engine_fields(
+        body.options, body.format, model.ctx_size, model.modelfile.parameters
+    )
     params = serving.sampling_params(
         model, fields, prompt_len=len(tokens), extra_stops=prompt.stops
     )

@@ -6,7 +6,7 @@ Both are translations over the serving layer; only the per-chunk shape differs b
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -59,9 +59,12 @@ def now_rfc3339() -> str:
     return iso_time(time.time())
 
 
-def engine_fields(options: Options | None, fmt: Any, ctx_size: int) -> dict[str, Any]:
-    """Ollama options -> the serving layer's fields."""
-    o = options.engine_options() if options else {}
+def engine_fields(
+    options: Options | None, fmt: Any, ctx_size: int, defaults: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
+    """Ollama options -> the serving layer's fields; `defaults` (a stored model's Modelfile
+    PARAMETERs) fill in what the request leaves out, before Ollama's own defaults."""
+    o = {**(defaults or {}), **(options.engine_options() if options else {})}
     fields = {**OLLAMA_DEFAULTS, **o}
     predict = o.get("num_predict")
     fields["max_tokens"] = predict if predict and predict > 0 else None

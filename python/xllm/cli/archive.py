@@ -1,0 +1,60 @@
+"""`xllm export MODEL PATH` and `xllm import PATH`: one tar archive per model.
+
+They work on the local store (`XLLM_MODELS_DIR`) and need no server; a running server sees an
+imported model at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+
+def add_parsers(commands: Any) -> None:
+    p = commands.add_parser("export", help="write a model, its Modelfile and metadata to a tar")
+    p.add_argument("model")
+    p.add_argument("path", type=Path)
+    p.set_defaults(func=export)
+    p = commands.add_parser("import", help="add a model from an archive made by `xllm export`")
+    p.add_argument("path", type=Path)
+    p.add_argument("--name", help="store it under this name instead of the archive's")
+    p.set_defaults(func=import_)
+
+
+def export(args: argparse.Namespace) -> int:
+    from xllm.config import load_settings
+    from xllm.errors import XllmError
+    from xllm.models import archive
+    from xllm.models.names import parse_name
+    from xllm.models.store import Store
+
+    try:
+        model = archive.export(Store(load_settings().models_dir), parse_name(args.model), args.path)
+    except XllmError as e:
+        print(f"Error: {e.message}", file=sys.stderr)
+        return 1
+    except OSError as e:
+        print(f"Error: {args.path}: {e.strerror or e}", file=sys.stderr)
+        return 1
+    print(f"exported '{model.name}' to {args.path}")
+    return 0
+
+
+def import_(args: argparse.Namespace) -> int:
+    from xllm.config import load_settings
+    from xllm.errors import XllmError
+    from xllm.models import archive
+    from xllm.models.store import Store
+
+    try:
+        model = archive.import_sync(Store(load_settings().models_dir), args.path, args.name)
+    except XllmError as e:
+        print(f"Error: {e.message}", file=sys.stderr)
+        return 1
+    except OSError as e:
+        print(f"Error: {args.path}: {e.strerror or e}", file=sys.stderr)
+        return 1
+    print(f"imported '{model.name}'")
+    return 0

@@ -1,0 +1,245 @@
+"""`xllm pull`, `push`, `show`, `rm`, `cp` and `create`: model management through the server.
+
+As Ollama's CLI does, each talks to the server at `XLLM_HOST` and says so when none is up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from xllm.cli import client
+from xllm.cli.progress import Progress
+
+
+def add_parsers(commands: Any) -> None:
+    p = commands.add_parser("pull", help="download a model (Hugging Face Hub, Ollama registry)")
+    p.add_argument("model", help="name[:tag], org/repo[:quant] or hf.co/org/repo[:quant]")
+    p.add_argument("--insecure", action="store_true", help="allow plain HTTP to a registry")
+    p.set_defaults(func=pull)
+    p = commands.add_parser("push", help="upload a model to a registry")
+    p.add_argument("model")
+    p.add_argument("--insecure", action="store_true", help="allow plain HTTP to a registry")
+    p.set_defaults(func=push)
+    p = commands.add_parser("show", help="show a model's details, template, parameters...")
+    p.add_argument("model")
+    for flag, what in (
+        ("--modelfile", "the Modelfile"),
+        ("--parameters", "the parameters"),
+        ("--template", "the template"),
+        ("--system", "the system message"),
+        ("--license", "the license"),
+    ):
+        p.add_argument(flag, action="store_true", help=f"print only {what}")
+    p.add_argument("-v", "--verbose", action="store_true", help="all metadata")
+    p.set_defaults(func=show)
+    p = commands.add_parser("rm", help="delete models (refused while loaded without --force)")
+    p.add_argument("models", nargs="+", metavar="MODEL")
+    p.add_argument("-f", "--force", action="store_true", help="unload a loaded model first")
+    p.set_defaults(func=rm)
+    p = commands.add_parser("cp", help="copy a model under a new name")
+    p.add_argument("source")
+    p.add_argument("destination")
+    p.set_defaults(func=cp)
+    p = commands.add_parser("create", help="create a model from a Modelfile")
+    p.add_argument("model")
+    p.add_argument("-f", "--file", default="Modelfile", help="the Modelfile (default ./Modelfile)")
+    p.add_argument("-q", "--quantize", help="quantize to this type (not supported yet)")
+    p.set_defaults(func=create)
+
+
+def _run(fn: Callable[[], None]) -> int:
+    try:
+        fn()
+    except (client.NoServer, RuntimeError, OSError, ValueError) as e:
+        print(f"Error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _show_progress(records: Iterator[dict[str, Any]]) -> None:
+    progress = Progress()
+    try:
+        for record in records:
+            progress.update(record)
+    finally:
+        progress.finish()
+
+
+def pull(args: argparse.Namespace) -> int:
+    body = {"model": args.model, "insecure": args.insecure}
+    return _run(lambda: _show_progress(client.stream("POST", "/api/pull", body)))
+
+
+def push(args: argparse.Namespace) -> int:
+    body = {"model": args.model, "insecure": args.insecure}
+    return _run(lambda: _show_progress(client.stream("POST", "/api/push", body)))
+
+
+def _section(title: str, rows: list[tuple[str, str]]) -> str:
+    if not rows:
+        return ""
+    width = max(len(k) for k, _ in rows) + 4
+    body = "".join(f"    {k:<{width}}{v}".rstrip() + "\n" for k, v in rows)
+    return f"  {title}\n{body}\n"
+
+
+def _value(v: Any) -> str:
+    return json.dumps(v) if not isinstance(v, str) else v
+
+
+def show_text(info: dict[str, Any], verbose: bool) -> str:
+    """`ollama show`'s layout: Model, Capabilities, Parameters, System, License sections."""
+    d = info.get("details") or {}
+    meta = info.get("model_info") or {}
+    arch = meta.get("general.architecture", d.get("family", ""))
+    model = [("architecture", str(arch)), ("parameters", str(d.get("parameter_size", "")))]
+    for label, key in (("context length", "context_length"),
+                       ("embedding length", "embedding_length")):  # fmt: skip
+        if f"{arch}.{key}" in meta:
+            model.append((label, str(meta[f"{arch}.{key}"])))
+    model.append(("quantization", str(d.get("quantization_level", ""))))
+    out = "\n" + _section("Model", model)
+    out += _section("Capabilities", [(c, "") for c in info.get("capabilities") or []])
+    params = [tuple(line.split(None, 1)) for line in (info.get("parameters") or "").splitlines()]
+    out += _section("Parameters", [(p[0], p[1] if len(p) > 1 else "") for p in params])
+    if info.get("system"):
+        out += _section("System", [(line, "") for line in info["system"].splitlines()[:2]])
+    license_ = (info.get("license") or "").strip().splitlines()
+    if license_:
+        shown = license_[:2] + (["..."] if len(license_) > 2 else [])
+        out += _section("License", [(line, "") for line in shown])
+    if verbose:
+        rows = [(k, _value(v)[:200]) for k, v in sorted(meta.items())]
+        out += _section("Metadata", rows)
+    return out
+
+
+def show(args: argparse.Namespace) -> int:
+    def go() -> None:
+        info = client.call("POST", "/api/show", {"model": args.model, "verbose": args.verbose})
+        for key in ("modelfile", "parameters", "template", "system", "license"):
+            if getattr(args, key):
+                text = info.get(key) or ""
+                if not text and key != "modelfile":
+                    print(f"this model has no {key}", file=sys.stderr)
+                print(text.rstrip("\n"))
+                return
+        print(show_text(info, args.verbose), end="")
+
+    return _run(go)
+
+
+def rm(args: argparse.Namespace) -> int:
+    def go() -> None:
+        loaded = {m["name"] for m in client.call("GET", "/api/ps")["models"]}
+        for name in args.models:
+            full = name if ":" in name.rsplit("/", 1)[-1] else f"{name}:latest"
+            if full in loaded or name in loaded:
+                if not args.force:
+                    raise RuntimeError(
+                        f"model '{name}' is loaded; stop it with `xllm stop {name}` or use "
+                        "`xllm rm --force`"
+                    )
+                client.call("POST", "/api/generate", {"model": name, "keep_alive": 0})
+            client.call("DELETE", "/api/delete", {"model": name})
+            print(f"deleted '{name}'")
+
+    return _run(go)
+
+
+def cp(args: argparse.Namespace) -> int:
+    def go() -> None:
+        client.call("POST", "/api/copy", {"source": args.source, "destination": args.destination})
+        print(f"copied '{args.source}' to '{args.destination}'")
+
+    return _run(go)
+
+
+def _local_file(value: str, base: Path) -> Path | None:
+    """A FROM or ADAPTER value that names a file next to the Modelfile (or anywhere)."""
+    if not value.startswith(("/", "./", "../", "~")) and not value.lower().endswith(".gguf"):
+        return None
+    path = Path(value).expanduser()
+    path = path if path.is_absolute() else base / path
+    if not path.exists():
+        raise ValueError(f"{value}: no such file")
+    if path.is_dir():
+        raise ValueError(f"{value}: importing a directory (safetensors) is not supported yet")
+    return path
+
+
+def _upload(path: Path, progress: Progress) -> str:
+    """Send a local file to the server as a blob (skipped when it has it); its digest."""
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    digest = f"sha256:{h.hexdigest()}"
+    if client.status("HEAD", f"/api/blobs/{digest}") == 200:
+        return digest
+    size = path.stat().st_size
+    status = f"copying file {digest.removeprefix('sha256:')[:12]}"
+
+    def chunks() -> Iterator[bytes]:
+        sent = 0
+        with path.open("rb") as f:
+            while chunk := f.read(1 << 20):
+                sent += len(chunk)
+                progress.update({"status": status, "digest": digest, "total": size,
+                                 "completed": sent})  # fmt: skip
+                yield chunk
+
+    client.upload(f"/api/blobs/{digest}", chunks(), size)
+    progress.update({"status": status, "digest": digest, "total": size, "completed": size})
+    return digest
+
+
+def create(args: argparse.Namespace) -> int:
+    from xllm.models import modelfile
+
+    def go() -> None:
+        path = Path(args.file)
+        try:
+            mf = modelfile.parse(path.read_text())
+        except modelfile.ModelfileError as e:
+            raise ValueError(f"{path}: {e.message}") from None
+        if not mf.from_:
+            raise ValueError(f"{path}: no FROM line")
+        body: dict[str, Any] = {"model": args.model}
+        progress = Progress()
+        progress.update({"status": "gathering model components"})
+        local = _local_file(mf.from_, path.parent)
+        if local is not None:
+            body["files"] = {local.name: _upload(local, progress)}
+        else:
+            body["from"] = mf.from_
+        if mf.adapters:
+            adapters = {}
+            for a in mf.adapters:
+                file = _local_file(a, path.parent) or Path(a)
+                adapters[file.name] = _upload(file, progress)
+            body["adapters"] = adapters
+        for key, value in (("template", mf.template), ("system", mf.system)):
+            if value is not None:
+                body[key] = value
+        if mf.parameters:
+            body["parameters"] = mf.parameters
+        if mf.messages:
+            body["messages"] = [{"role": m.role, "content": m.content} for m in mf.messages]
+        if mf.license:
+            body["license"] = list(mf.license)
+        if args.quantize:
+            body["quantize"] = args.quantize
+        try:
+            for record in client.stream("POST", "/api/create", body):
+                progress.update(record)
+        finally:
+            progress.finish()
+
+    return _run(go)

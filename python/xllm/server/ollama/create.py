@@ -1,0 +1,201 @@
+"""`POST /api/create` and `POST /api/copy`: new models from stored, bundled or uploaded ones.
+
+`create` takes the current ollama client's structured fields (`from` or `files`, `template`,
+`system`, `parameters`, `messages`, `license`) or an older client's `modelfile` text; each
+becomes a layer of the new manifest, the rest is inherited from the base model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncGenerator
+from typing import Any
+
+from aiohttp import web
+from pydantic import ValidationError
+
+from xllm.engine.registry import ModelRegistry
+from xllm.errors import InvalidRequest, ModelNotFound
+from xllm.models import gotemplate, modelfile, store, summary
+from xllm.models.modelfile import is_go_template
+from xllm.models.names import ModelName, parse_digest
+from xllm.models.store import Layer, Manifest, Store, StoredModel
+from xllm.server.http import MODEL_NAME, parse_body
+from xllm.server.ollama.models import Record, model_name, progress_response, store_of
+from xllm.server.ollama.models_wire import CopyRequest, CreateRequest
+from xllm.server.ollama.wire import Options
+from xllm.server.state import REGISTRY
+
+
+async def _base(registry: ModelRegistry, name: str) -> Manifest:
+    """The manifest of model `name`; a bundled or command-line model's file is copied into
+    the store first (its manifest then has the model layer only)."""
+    found = registry.find(name)
+    if found.stored is not None:
+        return found.stored.manifest
+    assert registry.store is not None
+    digest = await registry.store.add_file(found.path)
+    size = registry.store.blob_path(digest).stat().st_size
+    layer = Layer(store.MODEL, digest, size)
+    return Manifest(layer, (layer,))
+
+
+async def copy(request: web.Request) -> web.Response:
+    body = await parse_body(request, CopyRequest)
+    source, dest = model_name(body.source, "source"), model_name(body.destination, "destination")
+    registry = request.app[REGISTRY]
+    s = store_of(request)
+    found = registry.find(source.display)
+    if found.stored is not None:
+        await asyncio.to_thread(s.copy, found.stored.name, dest)
+    else:
+        base = await _base(registry, source.display)
+        await _write_model(s, dest, base.layers)
+    await registry.unload(dest.display)  # a loaded model of that name is now stale
+    return web.Response(status=200)
+
+
+async def _write_model(
+    s: Store, name: ModelName, layers: tuple[Layer, ...], parent: str = ""
+) -> StoredModel:
+    """Publish a manifest of `layers` (blobs present, one model layer) with a config blob."""
+    model = next(x for x in layers if x.media_type == store.MODEL)
+    facts = await asyncio.to_thread(s.summary, model.digest)  # a 400 for a malformed GGUF
+    config = json.dumps(
+        {
+            "model_format": "gguf",
+            "model_family": facts.architecture,
+            "model_families": [facts.architecture],
+            "model_type": summary.params_label(facts.parameter_count),
+            "file_type": facts.quantization,
+            "parent_model": parent,
+            "rootfs": {"type": "layers", "diff_ids": [x.digest for x in layers]},
+        }
+    ).encode()
+    with s.pinned(x.digest for x in layers):
+        digest = await s.add_bytes(config)
+        manifest = Manifest(Layer(store.CONFIG_TYPE, digest, len(config)), layers)
+        with s.pinned([digest]):
+            return await asyncio.to_thread(s.write_manifest, name, manifest.to_bytes())
+
+
+def _merged(body: CreateRequest) -> CreateRequest:
+    """The legacy `modelfile` text folded into the structured fields (which win)."""
+    if body.modelfile is None:
+        return body
+    mf = modelfile.parse(body.modelfile)
+    legacy: dict[str, Any] = {"from": mf.from_, "template": mf.template, "system": mf.system}
+    if mf.parameters:
+        legacy["parameters"] = mf.parameters
+    if mf.messages:
+        legacy["messages"] = [{"role": m.role, "content": m.content} for m in mf.messages]
+    if mf.license:
+        legacy["license"] = list(mf.license)
+    if mf.adapters:
+        legacy["adapters"] = dict.fromkeys(mf.adapters, "")
+    given = body.model_dump(exclude_none=True, by_alias=True)
+    fields = {**{k: v for k, v in legacy.items() if v is not None}, **given}
+    return CreateRequest.model_validate(fields, strict=False)
+
+
+def _parameters(values: dict[str, Any]) -> dict[str, Any]:
+    """Typed as the Modelfile's, within the ranges a request's `options` must respect."""
+    try:
+        typed = modelfile.parameters(values)
+    except ValueError as e:
+        raise InvalidRequest(f"parameters: {e}", param="parameters") from None
+    try:
+        Options.model_validate(typed, strict=False)
+    except ValidationError as e:
+        err = e.errors(include_url=False)[0]
+        where = ".".join(str(x) for x in err["loc"])
+        raise InvalidRequest(f"parameters.{where}: {err['msg']}", param="parameters") from None
+    return typed
+
+
+async def _from(registry: ModelRegistry, s: Store, body: CreateRequest) -> Manifest:
+    """The manifest a new model starts from: an uploaded GGUF (`files`) or a model (`from`)."""
+    if body.files:
+        if len(body.files) != 1 or not next(iter(body.files)).lower().endswith(".gguf"):
+            raise InvalidRequest(
+                "files: give exactly one GGUF file (safetensors import is not supported yet)",
+                param="files",
+            )
+        digest = parse_digest(next(iter(body.files.values())))
+        if not s.has_blob(digest):
+            raise InvalidRequest(
+                f"files: blob {digest} not found; upload it with POST /api/blobs/{digest}",
+                param="files",
+            )
+        layer = Layer(store.MODEL, digest, s.blob_path(digest).stat().st_size)
+        return Manifest(layer, (layer,))
+    if not body.from_:
+        raise InvalidRequest("neither 'from' nor 'files' was given", param="from")
+    base = model_name(body.from_, "from")
+    try:
+        return await _base(registry, base.display)
+    except ModelNotFound:
+        raise ModelNotFound(
+            f"base model {base.display!r} not found; pull it first", param="from"
+        ) from None
+
+
+async def _create(registry: ModelRegistry, body: CreateRequest) -> list[Record]:
+    body = _merged(body)
+    name = model_name(body.target())
+    if body.quantize:
+        raise InvalidRequest(
+            "quantize: quantizing is not supported by xllm yet; create from a GGUF file "
+            "that is already quantized",
+            param="quantize",
+        )
+    if body.adapters:
+        raise InvalidRequest(
+            "adapters: LoRA adapters are not supported by xllm yet", param="adapters"
+        )
+    assert registry.store is not None
+    s = registry.store
+    records: list[Record] = [{"status": "gathering model components"}]
+    base = await _from(registry, s, body)
+    texts: dict[str, bytes] = {}
+    if body.template is not None:
+        if is_go_template(body.template):
+            gotemplate.to_jinja(body.template)  # a 400 now for what could not be rendered later
+        texts[store.TEMPLATE] = body.template.encode()
+    if body.system is not None:
+        texts[store.SYSTEM] = body.system.encode()
+    if body.parameters:
+        params = _parameters(body.parameters)
+        old = base.find(store.PARAMS)
+        if old is not None:  # the base's parameters stay unless given anew
+            params = {**json.loads(s.blob_path(old.digest).read_bytes()), **params}
+        texts[store.PARAMS] = json.dumps(params).encode()
+    if body.messages is not None:
+        texts[store.MESSAGES] = json.dumps([m.model_dump() for m in body.messages]).encode()
+    licenses = [body.license] if isinstance(body.license, str) else body.license
+    replaced = set(texts) | ({store.LICENSE} if licenses is not None else set())
+    layers = [x for x in base.layers if x.media_type not in replaced]
+    records += [{"status": f"using existing layer {x.digest}"} for x in layers]
+    for media, data in [*texts.items(), *((store.LICENSE, t.encode()) for t in licenses or [])]:
+        digest = await s.add_bytes(data)
+        records.append({"status": f"creating new layer {digest}"})
+        layers.append(Layer(media, digest, len(data)))
+    records.append({"status": "writing manifest"})
+    await _write_model(s, name, tuple(layers), body.from_ or "")
+    await registry.unload(name.display)  # a loaded model of that name is now stale
+    records.append({"status": "success"})
+    return records
+
+
+async def create(request: web.Request) -> web.StreamResponse:
+    body = await parse_body(request, CreateRequest)
+    request[MODEL_NAME] = body.target()
+    store_of(request)
+    records = await _create(request.app[REGISTRY], body)
+
+    async def replay() -> AsyncGenerator[Record, None]:
+        for r in records:
+            yield r
+
+    return await progress_response(request, replay(), body.stream)
