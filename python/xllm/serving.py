@@ -12,6 +12,8 @@ from typing import Any
 from xllm import grammar, tools
 from xllm.engine.llama import Generation, LlamaModel
 from xllm.errors import EngineError, InvalidRequest
+from xllm.models import gotemplate
+from xllm.models.modelfile import is_go_template
 
 
 @dataclass
@@ -68,13 +70,17 @@ async def chat_prompt(
     model: LlamaModel,
     messages: Sequence[Mapping[str, Any]],
     tools: Sequence[Mapping[str, Any]] | None = None,
+    template: str | None = None,
 ) -> Prompt:
-    """Render messages with the model's own template (ChatML when it has none) and tokenize.
+    """Render messages with the model's own template (ChatML when it has none), or with a
+    request's `template` (Jinja2, or Ollama's Go syntax translated), and tokenize.
 
     Rendering runs in the model's runner under a time limit: templates come from model files.
     """
+    if template is not None and is_go_template(template):
+        template = gotemplate.to_jinja(template)  # GoTemplateError: a 400 naming the construct
     tokens, stops = await model.chat_prompt(
-        with_modelfile(model, messages), [dict(t) for t in tools] if tools else None
+        with_modelfile(model, messages), [dict(t) for t in tools] if tools else None, template
     )
     return Prompt(tokens, stops)
 

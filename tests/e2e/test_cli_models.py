@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import pexpect
 import pytest
 
 from tests.conftest import Server, free_port, start_server, stop_server
@@ -25,6 +26,8 @@ def upstream(tiny_path: Path) -> Iterator[Upstream]:
     u = Upstream()
     u.add_model("tiny", tiny_path.read_bytes())
     u.add_model("slow", tiny_path.read_bytes() + b"\0" * PAD)
+    u.add_model("fresh", tiny_path.read_bytes() + b"\1" * 8)
+    u.add_model("mangled", tiny_path.read_bytes() + b"\2" * 8)
     u.add_hf_repo("org/Tiny-GGUF", {"tiny-Q4_K_M.gguf": tiny_path.read_bytes() + b"\3" * 8})
     u.start()
     yield u
@@ -126,6 +129,49 @@ def test_show(srv: Server) -> None:
     assert "  Metadata\n" in verbose and "llama.block_count" in verbose
     missing = xllm(srv.port, "show", "nope")
     assert missing.returncode == 1 and "not found" in missing.stderr
+
+
+def test_run_pulls_a_missing_model(srv: Server) -> None:
+    assert "fresh:latest" not in httpx.get(f"{srv.url}/api/tags").text
+    r = xllm(srv.port, "run", "fresh", "Say hi")
+    assert r.returncode == 0, r.stderr
+    assert "pulling manifest" in r.stderr and "success" in r.stderr
+    assert "fresh:latest" in [m["name"] for m in httpx.get(f"{srv.url}/api/ps").json()["models"]]
+
+
+def test_run_a_local_file(srv: Server, tmp_path: Path, tiny_path: Path) -> None:
+    (tmp_path / "my-model.gguf").write_bytes(tiny_path.read_bytes())
+    r = xllm(srv.port, "run", "./my-model.gguf", "Say hi", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "my-model:latest" in [row[0] for row in rows(xllm(srv.port, "list").stdout)]
+    missing = xllm(srv.port, "run", "./absent.gguf", "hi", cwd=tmp_path)
+    assert missing.returncode == 1 and "absent.gguf: no such file" in missing.stderr
+
+
+def test_run_offers_to_download_a_corrupt_model_again(srv: Server) -> None:
+    assert xllm(srv.port, "pull", "mangled").returncode == 0
+    info = httpx.post(f"{srv.url}/api/show", json={"model": "mangled"}).json()
+    digest = re.search(r"sha256-[0-9a-f]{64}", info["modelfile"])
+    assert digest is not None
+    blob = srv.home / "models" / "blobs" / digest.group(0)
+    blob.write_bytes(blob.read_bytes()[: blob.stat().st_size // 2])  # the disk lost half of it
+    env = {**os.environ, "XLLM_HOST": f"127.0.0.1:{srv.port}", "XLLM_HOME": str(srv.home)}
+    child = pexpect.spawn(
+        sys.executable, ["-m", "xllm", "run", "mangled"], env=env, encoding="utf-8", timeout=120
+    )
+    child.expect("is corrupt")
+    child.expect_exact("Download it again? [y/N] ")
+    child.sendline("y")
+    child.expect_exact("success")
+    child.expect_exact(">>> ")
+    child.sendline("/bye")
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0
+    assert (
+        blob.stat().st_size > len(b"GGUF")
+        and "mangled:latest" in httpx.get(f"{srv.url}/api/ps").text
+    )
 
 
 def test_create_from_a_modelfile_then_cp_and_rm(

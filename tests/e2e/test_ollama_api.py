@@ -49,6 +49,26 @@ def test_generate_stream_matches(client: ollama.Client) -> None:
     assert parts[-1].eval_count == full.eval_count
 
 
+def test_generate_with_a_request_template(client: ollama.Client) -> None:
+    """`template` (Ollama's Go syntax) replaces the model's own for this request: the prompt
+    it renders is exactly the raw text it spells out."""
+    opts = {"num_predict": 1, "temperature": 0}
+    templated = client.generate(
+        model=MODEL, prompt="Hello there", system="Be brief", options=opts,
+        template="{{ if .System }}[SYS]{{ .System }}[/SYS]{{ end }}{{ .Prompt }}",
+    )  # fmt: skip
+    raw = client.generate(
+        model=MODEL, prompt="[SYS]Be brief[/SYS]Hello there", raw=True, options=opts
+    )
+    own = client.generate(model=MODEL, prompt="Hello there", system="Be brief", options=opts)
+    assert templated.prompt_eval_count == raw.prompt_eval_count
+    assert templated.response == raw.response
+    assert own.prompt_eval_count != templated.prompt_eval_count  # ChatML adds its markers
+    with pytest.raises(ollama.ResponseError) as e:
+        client.generate(model=MODEL, prompt="x", template='{{ define "t" }}{{ end }}')
+    assert e.value.status_code == 400 and "define" in e.value.error
+
+
 def test_generate_raw_and_context(client: ollama.Client) -> None:
     r = client.generate(
         model=MODEL, prompt="1, 2, 3,", raw=True, options={"temperature": 0, "num_predict": 4}
@@ -181,7 +201,8 @@ FN = {"type": "function", "function": {"name": "f", "parameters": {"type": "obje
         ("/api/generate", {"model": MODEL, "prompt": "x", "think": True}, 400),
         ("/api/generate", {"model": MODEL, "prompt": "x", "think": "extreme"}, 400),
         ("/api/generate", {"model": MODEL, "prompt": "x", "suffix": "y"}, 400),
-        ("/api/generate", {"model": MODEL, "prompt": "x", "template": "{{ .Prompt }}"}, 400),
+        ("/api/generate", {"model": MODEL, "prompt": "x", "template": "{{ .Prompt | frob }}"}, 400),
+        ("/api/generate", {"model": MODEL, "prompt": "x", "template": 5}, 400),
         ("/api/generate", {"model": MODEL, "prompt": "x", "format": "yaml"}, 400),
         ("/api/generate", {"model": MODEL, "prompt": "x", "format": {"type": "nonsense-type"}}, 400),
         ("/api/generate", {"model": MODEL, "prompt": "x", "format": {"type": "string", "maxLength": 20000}}, 400),

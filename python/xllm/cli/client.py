@@ -47,7 +47,7 @@ def status(method: str, path: str) -> int:
     try:
         with _open(method, path, None, None, 30) as r:
             return int(r.status)
-    except _HTTPStatus as e:
+    except HTTPStatus as e:
         return e.status
 
 
@@ -60,7 +60,9 @@ def upload(path: str, chunks: Iterable[bytes], size: int, timeout: float = 3600)
         pass
 
 
-class _HTTPStatus(RuntimeError):
+class HTTPStatus(RuntimeError):
+    """The server answered with an error status; the message is its error text."""
+
     def __init__(self, message: str, status: int) -> None:
         super().__init__(message)
         self.status = status
@@ -86,7 +88,7 @@ def _send(req: urllib.request.Request, timeout: float) -> Iterator[Any]:
             message = e.reason
         if isinstance(message, dict):
             message = message.get("message", str(message))
-        raise _HTTPStatus(str(message), e.code) from None
+        raise HTTPStatus(str(message), e.code) from None
     except (urllib.error.URLError, ConnectionError, TimeoutError):
         raise NoServer(
             f"no xllm server is running at {base_url()}; start one with `xllm serve`"

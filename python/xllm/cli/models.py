@@ -62,7 +62,7 @@ def _run(fn: Callable[[], None]) -> int:
     return 0
 
 
-def _show_progress(records: Iterator[dict[str, Any]]) -> None:
+def show_progress(records: Iterator[dict[str, Any]]) -> None:
     progress = Progress()
     try:
         for record in records:
@@ -73,12 +73,12 @@ def _show_progress(records: Iterator[dict[str, Any]]) -> None:
 
 def pull(args: argparse.Namespace) -> int:
     body = {"model": args.model, "insecure": args.insecure}
-    return _run(lambda: _show_progress(client.stream("POST", "/api/pull", body)))
+    return _run(lambda: show_progress(client.stream("POST", "/api/pull", body)))
 
 
 def push(args: argparse.Namespace) -> int:
     body = {"model": args.model, "insecure": args.insecure}
-    return _run(lambda: _show_progress(client.stream("POST", "/api/push", body)))
+    return _run(lambda: show_progress(client.stream("POST", "/api/push", body)))
 
 
 def _section(title: str, rows: list[tuple[str, str]]) -> str:
@@ -174,7 +174,7 @@ def _local_file(value: str, base: Path) -> Path | None:
     return path
 
 
-def _upload(path: Path, progress: Progress) -> str:
+def upload(path: Path, progress: Progress) -> str:
     """Send a local file to the server as a blob (skipped when it has it); its digest."""
     h = hashlib.sha256()
     with path.open("rb") as f:
@@ -216,14 +216,14 @@ def create(args: argparse.Namespace) -> int:
         progress.update({"status": "gathering model components"})
         local = _local_file(mf.from_, path.parent)
         if local is not None:
-            body["files"] = {local.name: _upload(local, progress)}
+            body["files"] = {local.name: upload(local, progress)}
         else:
             body["from"] = mf.from_
         if mf.adapters:
             adapters = {}
             for a in mf.adapters:
                 file = _local_file(a, path.parent) or Path(a)
-                adapters[file.name] = _upload(file, progress)
+                adapters[file.name] = upload(file, progress)
             body["adapters"] = adapters
         for key, value in (("template", mf.template), ("system", mf.system)):
             if value is not None:

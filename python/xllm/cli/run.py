@@ -187,6 +187,69 @@ def _history() -> None:
     atexit.register(readline.write_history_file, path)
 
 
+def _is_path(model: str) -> bool:
+    return model.startswith(("/", "./", "../", "~")) or model.lower().endswith(".gguf")
+
+
+def _from_file(value: str) -> str:
+    """`xllm run ./m.gguf`: the file goes to the server as a blob (skipped when it has it) and
+    becomes a model named after the file, as `xllm create` with `FROM ./m.gguf` would make."""
+    from xllm.cli import models
+    from xllm.cli.progress import Progress
+    from xllm.models import names
+
+    path = Path(value).expanduser()
+    if not path.is_file():
+        raise RuntimeError(f"{value}: no such file")
+    name = names.name_for_path(path)
+    progress = Progress()
+    try:
+        digest = models.upload(path, progress)
+        body = {"model": name, "files": {path.name: digest}}
+        for record in client.stream("POST", "/api/create", body):
+            progress.update(record)
+    finally:
+        progress.finish()
+    return name
+
+
+def _pull(model: str) -> None:
+    from xllm.cli import models
+
+    models.show_progress(client.stream("POST", "/api/pull", {"model": model}))
+
+
+def _load(model: str) -> None:
+    client.call("POST", "/api/chat", {"model": model, "messages": []}, timeout=600)
+
+
+def prepare(model: str, interactive: bool) -> str:
+    """The name to chat with, loaded: a local file is imported first, a missing model pulled
+    (as `ollama run` does), and a stored model whose file is corrupt re-downloaded if the user
+    agrees."""
+    if _is_path(model):
+        model = _from_file(model)
+    try:
+        _load(model)
+    except client.HTTPStatus as e:
+        if e.status == 404:
+            _pull(model)
+        elif "is corrupt" in str(e) and interactive and _confirm(f"{e}\nDownload it again?"):
+            client.call("DELETE", "/api/delete", {"model": model})
+            _pull(model)
+        else:
+            raise
+        _load(model)
+    return model
+
+
+def _confirm(question: str) -> bool:
+    try:
+        return input(f"{question} [y/N] ").strip().lower() in ("y", "yes")
+    except EOFError:
+        return False
+
+
 def run(args: argparse.Namespace) -> int:
     session = Session(args.model)
     prompt = " ".join(args.prompt)
@@ -194,7 +257,7 @@ def run(args: argparse.Namespace) -> int:
         piped = sys.stdin.read()
         prompt = f"{prompt}\n{piped}".strip() if prompt else piped.strip()
     try:
-        client.call("POST", "/api/chat", {"model": args.model, "messages": []}, timeout=600)
+        session.model = prepare(args.model, interactive=sys.stdin.isatty())
         if prompt:
             session.ask(prompt)
             return 0

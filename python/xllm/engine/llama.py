@@ -276,9 +276,13 @@ class LlamaModel:
         return tokens
 
     async def chat_prompt(
-        self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None
+        self,
+        messages: list[dict[str, Any]],
+        tools: list[dict[str, Any]] | None,
+        template: str | None = None,
     ) -> tuple[list[int], list[str]]:
-        """(prompt tokens, extra stops) rendered by the model's template in its runner.
+        """(prompt tokens, extra stops) rendered by the model's template (or `template`, a
+        request's own Jinja2 one) in its runner.
 
         A template is code from a model file: one that runs past the time limit gets its
         runner killed (the event loop here never runs it) and the request a 400.
@@ -286,7 +290,7 @@ class LlamaModel:
         try:
             async with asyncio.timeout(TEMPLATE_TIMEOUT_S):
                 result: tuple[list[int], list[str]] = await self._call(
-                    "chat_prompt", messages, tools
+                    "chat_prompt", messages, tools, template
                 )
         except TimeoutError:
             log.error(

@@ -147,9 +147,15 @@ def _chat_prompt(
     info: ModelInfo,
     messages: list[dict[str, Any]],
     tools: list[dict[str, Any]] | None,
+    template: str | None = None,
 ) -> tuple[list[int], list[str]]:
+    """`template` (a request's own, Jinja2) replaces the model's chat template."""
     text, stops = build_prompt(
-        info.chat_template, messages, bos_token=info.bos_text, eos_token=info.eos_text, tools=tools
+        template if template is not None else info.chat_template,
+        messages,
+        bos_token=info.bos_text,
+        eos_token=info.eos_text,
+        tools=tools,
     )
     return engine.tokenize(text, True, True), stops
 

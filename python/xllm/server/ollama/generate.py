@@ -7,7 +7,6 @@ from typing import Any
 from aiohttp import web
 
 from xllm import serving
-from xllm.errors import InvalidRequest
 from xllm.server.http import parse_body
 from xllm.server.ollama import reply
 from xllm.server.ollama.wire import GenerateRequest
@@ -18,11 +17,6 @@ async def generate(request: web.Request) -> web.StreamResponse:
     body = await parse_body(request, GenerateRequest)
     if not body.prompt and not body.images and not body.suffix:
         return await reply.load_or_unload(request, body.model, body.keep_alive, "response", "")
-    if body.template:
-        raise InvalidRequest(
-            "template: per-request template overrides are not supported; use a Modelfile",
-            param="template",
-        )
     model = await reply.model_for(request, body.model, body.keep_alive, timer)
     serving.require(model, body.model, "completion")
     serving.check_images(model, body.model, bool(body.images), "images")
@@ -34,7 +28,7 @@ async def generate(request: web.Request) -> web.StreamResponse:
     else:
         messages = [{"role": "system", "content": body.system}] if body.system else []
         messages.append({"role": "user", "content": body.prompt})
-        prompt = await serving.chat_prompt(model, messages)
+        prompt = await serving.chat_prompt(model, messages, template=body.template or None)
     tokens = list(body.context or []) + prompt.tokens
     fields = reply.engine_fields(
         body.options, body.format, model.ctx_size, model.modelfile.parameters
