@@ -1,6 +1,7 @@
 """Type stub of the Rust extension `xllm._core` (checked by `mypy.stubtest xllm._core`)."""
 
-from typing import Any, Final, Self, final
+from os import PathLike
+from typing import Any, Final, Self, TypedDict, final
 
 __all__ = [
     "SSE_DONE",
@@ -11,6 +12,7 @@ __all__ = [
     "StopMatcher",
     "__version__",
     "gzip_compress",
+    "read_gguf",
     "sse_event",
 ]
 
@@ -55,6 +57,25 @@ class QueueFull(RuntimeError):
     """Too many requests are waiting for this model."""
 
 _Event = tuple[int, int, str, bytes | None, str | None, Any]
+
+class _GGUFHeader(TypedDict):
+    version: int
+    metadata: dict[str, Any]
+    """Every key except arrays longer than `max_array_len` (see `arrays`)."""
+    arrays: dict[str, tuple[str, int]]
+    """(item type name, length) of every array, kept or not."""
+    tensors: list[tuple[str, tuple[int, ...], int, int, int]]
+    """(name, dims innermost first, ggml type, offset from `data_offset`, bytes)."""
+    alignment: int
+    data_offset: int
+    file_size: int
+
+def read_gguf(path: str | PathLike[str], max_array_len: int | None = None) -> _GGUFHeader:
+    """Read and check a GGUF (v2/v3) header without reading tensor data or holding the GIL.
+
+    ValueError names the defect and its byte offset; OSError when the file cannot be read.
+    Arrays longer than `max_array_len` are checked but left out of `metadata`.
+    """
 
 @final
 class Engine:

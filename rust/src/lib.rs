@@ -1,6 +1,7 @@
 //! xllm's hot paths. Everything here is plain Rust; the Python binding lives in `py/`.
 
 pub mod engine;
+pub mod gguf;
 pub mod gzip;
 pub mod llama;
 pub mod sse;

@@ -6,9 +6,14 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from xllm.cli.humanize import human_bytes
+
+if TYPE_CHECKING:
+    from xllm.memory.planner import Plan
+
+KV_TYPES = ("f16", "q8_0", "q4_0")
 
 
 def add_parser(commands: Any) -> None:
@@ -16,55 +21,69 @@ def add_parser(commands: Any) -> None:
         "plan", help="memory plan for a model: weights, KV cache, compute vs free memory"
     )
     p.add_argument("model", help="a GGUF file or a bundled model name")
-    p.add_argument("-c", "--ctx-size", type=int, default=4096, help="context per sequence")
-    p.add_argument("-np", "--parallel", type=int, default=16, help="sequences batched together")
-    p.add_argument("--batch-size", type=int, default=512)
+    p.add_argument("-c", "--ctx-size", type=int, help="context per sequence (default 4096)")
+    p.add_argument("-np", "--parallel", type=int, help="sequences batched together (default 16)")
+    p.add_argument("--batch-size", type=int, help="tokens per decode step (default 512)")
+    p.add_argument("--gpu-layers", type=int, help="layers to offload (default -1: as many as fit)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=run)
 
 
+def _model_path(model: str) -> Path:
+    from xllm.errors import ModelNotFound
+    from xllm.models import names
+
+    path = Path(model)
+    if path.is_file():
+        return path
+    found = names.bundled_path(names.canonical(model))
+    if found is None:
+        raise ModelNotFound(f"model {model!r} not found")
+    return found
+
+
 def run(args: argparse.Namespace) -> int:
+    from xllm.config import load_settings
     from xllm.errors import XllmError
     from xllm.memory import planner, probe
-    from xllm.models import gguf, names
+    from xllm.models import gguf
 
-    path = Path(args.model)
-    if not path.is_file():
-        try:
-            found = names.bundled_path(names.canonical(args.model))
-        except XllmError as e:
-            print(f"Error: {e.message}", file=sys.stderr)
-            return 1
-        if found is None:
-            print(f"Error: model {args.model!r} not found", file=sys.stderr)
-            return 1
-        path = found
+    s = load_settings(
+        {
+            "ctx_size": args.ctx_size,
+            "parallel": args.parallel,
+            "batch_size": args.batch_size,
+            "gpu_layers": args.gpu_layers,
+        }
+    )
     try:
+        path = _model_path(args.model)
         header = gguf.read(path)
     except XllmError as e:
         print(f"Error: {e.message}", file=sys.stderr)
         return 1
     gpus = probe.gpus()
     total_ram, free_ram = probe.ram()
+    usable_ram = int(free_ram * (1 - planner.SAFETY))
+    if s.memory_budget is not None:
+        usable_ram = min(usable_ram, s.memory_budget)
     plan = planner.estimate(
-        header,
-        ctx_size=args.ctx_size,
-        parallel=args.parallel,
-        batch_size=args.batch_size,
-        gpus=gpus,
-    )
-    available = int(free_ram * (1 - planner.SAFETY)) + sum(g.free_bytes for g in gpus)
+        header, ctx_size=s.ctx_size, parallel=s.parallel, batch_size=s.batch_size, gpus=gpus,
+        gpu_layers=s.gpu_layers,
+    )  # fmt: skip
+    available = usable_ram + int(sum(g.free_bytes for g in gpus) * (1 - planner.SAFETY))
     max_ctx = {
         kv: planner.max_context(
-            header, available=available, parallel=args.parallel, batch_size=args.batch_size,
-            kv_type=kv,
+            header, available=available, parallel=s.parallel, batch_size=s.batch_size, kv_type=kv
         )
-        for kv in ("f16", "q8_0", "q4_0")
-    }  # fmt: skip
+        for kv in KV_TYPES
+    }
     report = {
         "model": str(path),
         "architecture": header.architecture,
         "layers": plan.layers,
+        "ctx_size": min(s.ctx_size, header.arch_int("context_length") or s.ctx_size),
+        "parallel": s.parallel,
         "weights_bytes": plan.weights,
         "kv_cache_bytes": plan.kv,
         "compute_bytes": plan.compute + plan.output,
@@ -73,25 +92,38 @@ def run(args: argparse.Namespace) -> int:
         "vram_bytes": plan.vram,
         "ram_bytes": plan.ram,
         "free_ram_bytes": free_ram,
+        "memory_budget_bytes": s.memory_budget,
         "gpus": [g.as_dict() for g in gpus],
-        "fits": plan.ram <= int(free_ram * (1 - planner.SAFETY)),
+        "fits": plan.ram <= usable_ram,
         "max_context_per_sequence": max_ctx,
     }
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
+    _print(path, header.architecture, plan, report, total_ram)
+    return 0
+
+
+def _print(path: Path, arch: str, plan: Plan, report: dict[str, Any], total_ram: int) -> None:
+    gpus = report["gpus"]
     where = (
         "CPU only (no GPU found)"
         if not gpus
-        else f"{plan.gpu_layers}/{plan.layers + 1} layers on GPU"
+        else f"{plan.gpu_layers}/{plan.layers + 1} layers on {len(gpus)} GPU(s)"
     )
-    print(f"{path.name}  ({header.architecture}, {plan.layers} layers)")
-    print(f"  context {args.ctx_size} x {args.parallel} sequences, batch {args.batch_size}")
+    print(f"{path.name}  ({arch}, {plan.layers} layers)")
+    print(f"  context      {report['ctx_size']} x {report['parallel']} sequences")
     print(f"  weights      {human_bytes(plan.weights)}")
     print(f"  KV cache     {human_bytes(plan.kv)}  (f16)")
     print(f"  compute      {human_bytes(plan.compute + plan.output)}")
     print(f"  total        {human_bytes(plan.total)}   {where}")
-    print(f"  free RAM     {human_bytes(free_ram)} of {human_bytes(total_ram)}")
+    for g in gpus:
+        print(f"  GPU {g['index']}        {human_bytes(g['free_bytes'])} free  {g['name']}")
+    if gpus:
+        print(f"  on GPUs      {human_bytes(plan.vram)}, in RAM {human_bytes(plan.ram)}")
+    print(f"  free RAM     {human_bytes(report['free_ram_bytes'])} of {human_bytes(total_ram)}")
+    if report["memory_budget_bytes"] is not None:
+        print(f"  budget       {human_bytes(report['memory_budget_bytes'])}")
     print(f"  fits         {'yes' if report['fits'] else 'NO'}")
-    print("  max context per sequence: " + ", ".join(f"{k} {v}" for k, v in max_ctx.items()))
-    return 0
+    sizes = ", ".join(f"{k} {v}" for k, v in report["max_context_per_sequence"].items())
+    print(f"  max context per sequence: {sizes}")

@@ -1,14 +1,22 @@
 """The memory plan made before every load: weights + KV cache + compute buffers vs free memory.
 
 Pure arithmetic over a GGUF header (`models/gguf.py`), so it is table-testable and the same
-numbers serve the loader and `/v0/health`. The formulas follow what llama.cpp allocates:
-KV = layers x KV heads x (K + V head size) x cells x bytes per element (cells = context per
-sequence x sequences); compute = logits for a whole micro-batch (n_ubatch x n_vocab floats)
-plus a few MiB of activations; output = one logits row per sequence.
+numbers serve the loader, `/v0/health` and `xllm plan`. The formulas follow what llama.cpp
+allocates (checked against its load log in tests/test_planner.py):
+
+- weights: the tensors of each block `blk.N.*`, so a partial offload is counted per layer. The
+  input embeddings always stay on the CPU; the output layer goes to the GPU only with every block.
+  On the CPU, llama.cpp keeps a second, repacked copy of q4_0/q4_K/iq4_nl matrices (its
+  CPU_REPACK buffer); an output layer tied to the embeddings is copied to the GPU.
+- KV cache, per layer: KV heads x (K + V head size) x cells x bytes per element of the KV type,
+  cells = context per sequence x sequences (GQA: KV heads, not query heads).
+- compute: logits for a whole micro-batch (n_ubatch x n_vocab floats) plus a few MiB of
+  activations; output: one logits row per sequence, in host memory.
 """
 
 from __future__ import annotations
 
+import platform
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -23,6 +31,10 @@ KV_TYPE_BYTES = {"f32": 4.0, "f16": 2.0, "bf16": 2.0, "q8_0": 34 / 32, "q5_1": 2
 ACTIVATIONS = 4 * MiB
 SAFETY = 0.10
 """Keep this fraction of free memory unused (allocator slack, the OS, other processes)."""
+REPACKED_TYPES = frozenset({2, 12, 20})
+"""ggml types (q4_0, q4_K, iq4_nl) whose matrices ggml's CPU backend also keeps repacked."""
+CPU_REPACK = platform.machine().lower() in {"x86_64", "amd64", "aarch64", "arm64"}
+INPUT = "token_embd."
 _LAYER = re.compile(r"^blk\.(\d+)\.")
 
 
@@ -34,7 +46,7 @@ class Plan:
     output: int
     layers: int
     gpu_layers: int
-    """Layers to offload; 0 on a machine without a usable GPU."""
+    """Layers to offload (blocks, plus one for the output layer); 0 without a usable GPU."""
     vram: int
     """Of `total`, what goes to GPU memory."""
 
@@ -53,14 +65,74 @@ class Plan:
         )
 
 
-def kv_bytes(g: GGUF, cells: int, kv_type: str = "f16") -> int:
+@dataclass(frozen=True)
+class Weights:
+    """A model's tensor bytes by where llama.cpp places them."""
+
+    blocks: list[int]
+    repack: list[int]
+    """Per block: the extra repacked copy made while the block stays on the CPU."""
+    input: int
+    output: int
+    output_repack: int
+    tied_output: int
+    """Bytes of the embeddings that double as the output layer (0 with an own output tensor)."""
+
+
+def weights(g: GGUF, cpu_repack: bool = CPU_REPACK) -> Weights:
+    n = g.arch_int("block_count")
+    blocks, repack = [0] * n, [0] * n
+    inp = out = out_repack = 0
+    names = set()
+    for t in g.tensors:
+        names.add(t.name)
+        extra = (
+            t.nbytes
+            if cpu_repack
+            and t.type in REPACKED_TYPES
+            and len(t.dims) >= 2
+            and t.dims[1] % 8 == 0
+            and not t.name.startswith(INPUT)  # read by row lookups, never multiplied
+            else 0
+        )
+        m = _LAYER.match(t.name)
+        if m and int(m.group(1)) < n:
+            blocks[int(m.group(1))] += t.nbytes
+            repack[int(m.group(1))] += extra
+        elif t.name.startswith(INPUT):
+            inp += t.nbytes
+        else:
+            out += t.nbytes
+            out_repack += extra
+    tied = inp if "output.weight" not in names else 0
+    return Weights(blocks, repack, inp, out, out_repack, tied)
+
+
+def _per_layer(g: GGUF, key: str, n_layer: int, default: int) -> list[int]:
+    """An architecture key that may hold one value or one per layer."""
+    value = g.metadata.get(f"{g.architecture}.{key}")
+    if isinstance(value, list) and len(value) == n_layer:
+        return [int(v) for v in value]
+    return [g.arch_int(key, default)] * n_layer
+
+
+def kv_per_layer(g: GGUF, cells: int, kv_type: str = "f16") -> list[int]:
+    """KV cache bytes of each layer for `cells` tokens (all sequences together)."""
     n_layer = g.arch_int("block_count")
-    n_head = max(g.arch_int("attention.head_count"), 1)
-    n_head_kv = g.arch_int("attention.head_count_kv") or n_head
-    head = g.arch_int("embedding_length") // n_head
-    k = g.arch_int("attention.key_length") or head
-    v = g.arch_int("attention.value_length") or head
-    return int(n_layer * n_head_kv * (k + v) * cells * KV_TYPE_BYTES[kv_type])
+    heads = _per_layer(g, "attention.head_count", n_layer, 1)
+    has_kv_heads = f"{g.architecture}.attention.head_count_kv" in g.metadata
+    kv_heads = _per_layer(g, "attention.head_count_kv", n_layer, 0) if has_kv_heads else heads
+    embd = g.arch_int("embedding_length")
+    out = []
+    for h, h_kv in zip(heads, kv_heads, strict=True):
+        k = g.arch_int("attention.key_length") or embd // max(h, 1)
+        v = g.arch_int("attention.value_length") or embd // max(h, 1)
+        out.append(int(h_kv * (k + v) * cells * KV_TYPE_BYTES[kv_type]))
+    return out
+
+
+def kv_bytes(g: GGUF, cells: int, kv_type: str = "f16") -> int:
+    return sum(kv_per_layer(g, cells, kv_type))
 
 
 def n_vocab(g: GGUF) -> int:
@@ -77,44 +149,50 @@ def estimate(
     gpus: Sequence[GPU] = (),
     gpu_layers: int = -1,
     kv_type: str = "f16",
+    cpu_repack: bool = CPU_REPACK,
 ) -> Plan:
     """What loading `g` with these settings will take, and how many layers go to the GPUs."""
     ctx = min(ctx_size, g.arch_int("context_length") or ctx_size)
-    layers = g.arch_int("block_count")
-    per_layer = [0] * layers
-    other = 0
-    for t in g.tensors:
-        m = _LAYER.match(t.name)
-        if m and int(m.group(1)) < layers:
-            per_layer[int(m.group(1))] += t.nbytes
-        else:
-            other += t.nbytes
-    weights = sum(per_layer) + other
-    kv = kv_bytes(g, ctx * parallel, kv_type)
+    w = weights(g, cpu_repack)
+    kv = kv_per_layer(g, ctx * parallel, kv_type)
     vocab = n_vocab(g)
     compute = max(batch_size, parallel) * vocab * 4 + ACTIVATIONS
     output = parallel * vocab * 4
-    offload, vram = _offload(per_layer, other, kv, compute, gpus, gpu_layers)
-    return Plan(weights, kv, compute, output, layers, offload, vram)
+    offload, vram = _offload(w, kv, compute, gpus, gpu_layers)
+    n_layer = len(w.blocks)
+    on_gpu = range(n_layer - min(offload, n_layer), n_layer)  # llama.cpp offloads the last ones
+    cpu_repack_bytes = sum(r for i, r in enumerate(w.repack) if i not in on_gpu)
+    output_on_gpu = offload > n_layer
+    total_weights = (
+        sum(w.blocks)
+        + w.input
+        + w.output
+        + cpu_repack_bytes
+        + (w.tied_output if output_on_gpu else w.output_repack)
+    )
+    return Plan(total_weights, sum(kv), compute, output, n_layer, offload, vram)
 
 
 def _offload(
-    per_layer: list[int], other: int, kv: int, compute: int, gpus: Sequence[GPU], wanted: int
+    w: Weights, kv: list[int], compute: int, gpus: Sequence[GPU], wanted: int
 ) -> tuple[int, int]:
-    """As many layers as fit in the GPUs' free memory (the rest stays on the CPU)."""
+    """(layers, VRAM bytes): as many of the last blocks as fit in the GPUs' free memory, then
+    the output layer. The layers are split in proportion to free memory (`split`), so the
+    GPUs' free memory pools; the compute buffer goes to the GPU too."""
     free = int(sum(g.free_bytes for g in gpus) * (1 - SAFETY)) - compute
     if not gpus or wanted == 0 or free <= 0:
         return 0, 0
-    kv_layer = kv // max(len(per_layer), 1)
-    limit = len(per_layer) if wanted < 0 else min(wanted, len(per_layer))
+    n_layer = len(w.blocks)
+    limit = n_layer + 1 if wanted < 0 else min(wanted, n_layer + 1)
     used = n = 0
-    for size in per_layer[:limit]:
-        if used + size + kv_layer > free:
+    for i in reversed(range(n_layer)):
+        if n == limit or used + w.blocks[i] + kv[i] > free:
             break
-        used += size + kv_layer
+        used += w.blocks[i] + kv[i]
         n += 1
-    if n == len(per_layer) and used + other <= free:  # output layer too: "all layers"
-        return n + 1, used + other + compute
+    output = w.output + w.tied_output
+    if n == n_layer and limit > n_layer and used + output <= free:
+        return n + 1, used + output + compute
     return n, used + (compute if n else 0)
 
 

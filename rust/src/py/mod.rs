@@ -3,6 +3,7 @@
 use pyo3::prelude::*;
 
 mod engine;
+mod gguf;
 mod gzip;
 mod text;
 
@@ -12,5 +13,6 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     text::register(m)?;
     gzip::register(m)?;
     engine::register(m)?;
+    gguf::register(m)?;
     Ok(())
 }
