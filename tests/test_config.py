@@ -32,6 +32,13 @@ def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
         ("inference:\n  parallel: 4\n", {"XLLM_PARALLEL": ""}, {}, {"parallel": 4}),
         ("models:\n  preload: [a, b]\n", {}, {}, {"preload": ("a", "b")}),
         ("", {"XLLM_PRELOAD": "a, b"}, {}, {"preload": ("a", "b")}),
+        ("", {}, {}, {"log_max_files": 10, "log_max_size": 100 * 10**6}),
+        (
+            "server:\n  log_rotation:\n    max_size: 100MB\n    max_files: 3\n",
+            {"XLLM_LOG_MAX_SIZE": "1MiB"},
+            {},
+            {"log_max_files": 3, "log_max_size": 2**20},
+        ),
         (
             "inference:\n  idle_timeout: 300\n  request_timeout: 60\n",
             {},
@@ -64,6 +71,8 @@ def test_precedence(
         ("inference:\n  parallel: 0\n", {}, "inference.parallel: must be at least 1"),
         ("- a\n", {}, "expected a mapping"),
         ("server: [\n", {}, "not valid YAML"),
+        ("server:\n  log_rotation:\n    max_files: 0\n", {}, "max_files: must be at least 1"),
+        ("server:\n  log_rotation:\n    keep: 2\n", {}, "unknown key 'server.log_rotation.keep'"),
         ("", {"XLLM_PORT": "x"}, "XLLM_PORT: expected an integer"),
     ],
 )

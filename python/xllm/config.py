@@ -114,7 +114,11 @@ class Settings:
     port: int = DEFAULT_PORT
     """Port of the HTTP server."""
     log_file: str | None = None
-    """Also log to this file, rotated daily."""
+    """Also log to this file, rotated daily and when it grows past log_max_size."""
+    log_max_files: int = 10
+    """Rotated log files kept (older ones are deleted)."""
+    log_max_size: int = 100 * 10**6
+    """A log file past this size is rotated before the day ends."""
     tls_cert: str | None = None
     """Serve HTTPS with this certificate (PEM); needs tls_key."""
     tls_key: str | None = None
@@ -193,6 +197,8 @@ _KEYS: tuple[_Key, ...] = (
     _Key("host", "server.host", "XLLM_HOST", _str, "OLLAMA_HOST"),
     _Key("port", "server.port", "XLLM_PORT", _positive_int),
     _Key("log_file", "server.log_file", "XLLM_LOG_FILE", _str),
+    _Key("log_max_files", "server.log_rotation.max_files", "XLLM_LOG_MAX_FILES", _positive_int),
+    _Key("log_max_size", "server.log_rotation.max_size", "XLLM_LOG_MAX_SIZE", _bytes),
     _Key("tls_cert", "server.tls_cert", "XLLM_TLS_CERT", _str),
     _Key("tls_key", "server.tls_key", "XLLM_TLS_KEY", _str),
     _Key(
@@ -236,7 +242,6 @@ _KEYS: tuple[_Key, ...] = (
 # Keys of the seed's config.yaml that are accepted but not (yet) acted on, so a file written for
 # the documented schema loads without "unknown key" errors.
 _KNOWN_SECTIONS = {
-    "server.log_rotation",
     "server.cors.allowed_methods",
     "server.gzip",
     "images",

@@ -1,4 +1,4 @@
-"""Logging setup: stderr always, optionally a file rotated daily.
+"""Logging setup: stderr always, optionally a file rotated daily and by size.
 
 Every line logged while a request is handled carries its X-Request-ID (a context variable the
 request middleware sets), and control characters in messages are escaped so text from a client
@@ -25,7 +25,35 @@ class _Formatter(logging.Formatter):
         return super().formatMessage(record)
 
 
-def setup_logging(level: str = "info", log_file: str | None = None, keep_files: int = 10) -> None:
+class RotatingFileHandler(logging.handlers.TimedRotatingFileHandler):
+    """Rotated at midnight, and also as soon as the file grows past `max_bytes`; keeps
+    `backupCount` old files (the stdlib has one handler per trigger, not both)."""
+
+    def __init__(self, path: Path, max_bytes: int, backup_count: int) -> None:
+        super().__init__(path, when="midnight", backupCount=backup_count, encoding="utf-8")
+        self.max_bytes = max_bytes
+
+    def shouldRollover(self, record: logging.LogRecord) -> bool:
+        if self.stream is not None and self.max_bytes > 0:
+            size = self.stream.tell() + len(self.format(record)) + 1
+            if size > self.max_bytes:
+                return True
+        return bool(super().shouldRollover(record))
+
+    def rotation_filename(self, default_name: str) -> str:
+        # two rotations within one second (size-triggered) must not overwrite each other
+        name, n = default_name, 1
+        while Path(name).exists():
+            name, n = f"{default_name}.{n:03d}", n + 1
+        return name
+
+
+def setup_logging(
+    level: str = "info",
+    log_file: str | None = None,
+    keep_files: int = 10,
+    max_bytes: int = 100 * 10**6,
+) -> None:
     root = logging.getLogger()
     root.handlers.clear()
     numeric = logging.getLevelName(level.upper())
@@ -34,9 +62,7 @@ def setup_logging(level: str = "info", log_file: str | None = None, keep_files: 
     if log_file:
         path = Path(log_file).expanduser()
         path.parent.mkdir(parents=True, exist_ok=True)
-        handlers.append(
-            logging.handlers.TimedRotatingFileHandler(path, when="midnight", backupCount=keep_files)
-        )
+        handlers.append(RotatingFileHandler(path, max_bytes, keep_files))
     for h in handlers:
         h.setFormatter(_Formatter(FORMAT))
         root.addHandler(h)

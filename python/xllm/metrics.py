@@ -22,6 +22,8 @@ from prometheus_client import (
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from xllm.memory import probe
+
 # `_created` samples double the output for nothing a dashboard uses.
 disable_created_metrics()  # type: ignore[no-untyped-call]
 
@@ -55,22 +57,33 @@ class _EngineCollector(Collector):
             families[key] = cls(f"xllm_{name}", doc, labels=["model"])
         loaded = GaugeMetricFamily("xllm_loaded_models", "Models loaded now")
         loaded.add_metric([], len(models))
-        ram = GaugeMetricFamily("xllm_model_ram_bytes", "Model weights in RAM", labels=["model"])
+        ram = GaugeMetricFamily(
+            "xllm_model_ram_bytes", "Host memory of a model (weights, KV cache)", labels=["model"]
+        )
         vram = GaugeMetricFamily(
-            "xllm_model_vram_bytes", "Model weights in GPU memory", labels=["model"]
+            "xllm_model_vram_bytes", "GPU memory of a model (offloaded layers)", labels=["model"]
         )
         for name, model in models.items():
             stats = model.stats()
             for key, family in families.items():
                 if key in stats:
                     family.add_metric([name], float(stats[key]))
-            ram.add_metric([name], float(model.info.size))
-            vram.add_metric([name], 0.0)
+            plan = getattr(model, "plan", None)  # the memory plan it was loaded with
+            ram.add_metric([name], float(plan.ram if plan else model.info.size))
+            vram.add_metric([name], float(plan.vram if plan else 0))
         yield from families.values()
         yield from (loaded, ram, vram)
         rss = GaugeMetricFamily("xllm_process_ram_bytes", "Resident memory of the server")
         rss.add_metric([], float(_rss_bytes()))
-        yield rss
+        total, free = probe.ram()
+        host = GaugeMetricFamily("xllm_ram_bytes", "Host RAM", labels=["kind"])
+        host.add_metric(["total"], float(total))
+        host.add_metric(["free"], float(free))
+        gpu = GaugeMetricFamily("xllm_gpu_vram_bytes", "GPU memory", labels=["gpu", "kind"])
+        for g in probe.gpus():
+            gpu.add_metric([str(g.index), "total"], float(g.total_bytes))
+            gpu.add_metric([str(g.index), "free"], float(g.free_bytes))
+        yield from (rss, host, gpu)
 
 
 def _rss_bytes() -> int:

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -123,5 +124,99 @@ def test_queue_overflow_gets_503_at_once(tmp_path: Path) -> None:
         assert len(rejected) == 10
         assert all(r[2] is not None for r in rejected)
         assert max(r[1] for r in rejected) < 1.0, "a rejected request waited"
+    finally:
+        stop_server(s)
+
+
+def _stats(s: Server) -> dict[str, float]:
+    stats: dict[str, float] = httpx.get(f"{s.url}/v0/health").json()["models"][0]["stats"]
+    return stats
+
+
+def _settled(s: Server, requests: float) -> dict[str, float]:
+    """Stats once the runner reported `requests` accepted and nothing running or queued."""
+    deadline = time.monotonic() + 5
+    while True:
+        stats = _stats(s)
+        done = stats["requests_total"] >= requests and stats["running"] == 0
+        if (done and stats["queue_depth"] == 0) or time.monotonic() > deadline:
+            return stats
+        time.sleep(0.02)
+
+
+async def _until(done: Callable[[], bool]) -> bool:
+    """Whether `done()` turns true within 3 s (polled, as the runner reports every 0.25 s)."""
+    deadline = time.monotonic() + 3
+    while time.monotonic() < deadline:
+        if done():
+            return True
+        await asyncio.sleep(0.02)
+    return done()
+
+
+def _loads(s: Server) -> float:
+    m = re.search(
+        r"^xllm_model_load_seconds_count\{[^}]*\} (\S+)$",
+        httpx.get(f"{s.url}/v0/metrics").text,
+        re.M,
+    )
+    return float(m.group(1)) if m else 0.0
+
+
+def test_disconnect_stops_decoding_within_a_few_tokens(tmp_path: Path) -> None:
+    """RELIABILITY 21: a client that goes away after the first token stops its sequence within
+    ≤ 8 more decoded tokens (≤ 500 ms); one that leaves the queue frees its place at once and
+    nothing is reloaded."""
+    s = start_server(tmp_path, ["--model", MODEL, "--ctx-size", "512", "--parallel", "1"])
+    try:
+        body = {"model": MODEL, "prompt": "Count:", "max_tokens": 1024, "ignore_eos": True}
+        start = _settled(s, 0)
+        with httpx.stream(
+            "POST", f"{s.url}/v1/completions", json={**body, "stream": True}, timeout=30
+        ) as r:
+            for line in r.iter_lines():
+                if line.startswith("data: "):
+                    break
+        stats = _settled(s, start["requests_total"] + 1)
+        decoded = stats["tokens_generated_total"] - start["tokens_generated_total"]
+        # per-token time from an uninterrupted run, to express the overrun in milliseconds
+        t0 = time.monotonic()
+        full = httpx.post(
+            f"{s.url}/v1/completions", json={**body, "max_tokens": 32}, timeout=60
+        ).json()
+        per_token_ms = (time.monotonic() - t0) * 1000 / full["usage"]["completion_tokens"]
+        extra = decoded - 1
+        print(
+            f"disconnect: {extra:.0f} tokens decoded after the first, ~{extra * per_token_ms:.0f} ms"
+        )
+        assert extra <= 8 and extra * per_token_ms <= 500
+
+        # a queued client that leaves: its place is freed while the running one goes on
+        loads = _loads(s)
+        pid = httpx.get(f"{s.url}/v0/health").json()["models"][0]["runner_pid"]
+
+        async def main() -> tuple[float, int]:
+            async with httpx.AsyncClient(timeout=60) as client:
+                running = asyncio.create_task(
+                    client.post(f"{s.url}/v1/completions", json={**body, "max_tokens": 200})
+                )
+                await asyncio.sleep(0.3)
+                queued = asyncio.create_task(
+                    client.post(f"{s.url}/v1/completions", json={**body, "max_tokens": 5})
+                )
+                assert await _until(lambda: _stats(s)["queue_depth"] == 1)
+                queued.cancel()  # the client goes away while waiting
+                left = time.monotonic()
+                assert await _until(lambda: _stats(s)["queue_depth"] == 0)
+                gone_s = time.monotonic() - left
+                assert _stats(s)["running"] == 1  # the running request is untouched
+                result = (await running).json()
+                return gone_s, int(result["usage"]["completion_tokens"])
+
+        gone_s, tokens = asyncio.run(main())
+        assert gone_s < 1.0  # within one stats report (0.25 s) plus the cancellation
+        assert tokens == 200
+        assert httpx.get(f"{s.url}/v0/health").json()["models"][0]["runner_pid"] == pid
+        assert _loads(s) == loads
     finally:
         stop_server(s)

@@ -81,7 +81,9 @@ def serve_forever(models: list[str], flags: dict[str, Any]) -> None:
         else:
             names.append(m)
     settings = load_settings(flags)
-    setup_logging(settings.log_level, settings.log_file)
+    setup_logging(
+        settings.log_level, settings.log_file, settings.log_max_files, settings.log_max_size
+    )
     registry = make_registry(settings)
     preload = list(settings.preload) + names + [registry.add_path(p) for p in paths]
     settings = dataclasses.replace(settings, preload=tuple(preload))

@@ -18,6 +18,7 @@ from pydantic import ValidationError
 from xllm.engine.registry import ModelRegistry
 from xllm.errors import InvalidRequest, ModelNotFound
 from xllm.models import gotemplate, modelfile, store, summary
+from xllm.models.gguf import GGUFError
 from xllm.models.modelfile import is_go_template
 from xllm.models.names import ModelName, parse_digest
 from xllm.models.store import Layer, Manifest, Store, StoredModel
@@ -61,7 +62,11 @@ async def _write_model(
 ) -> StoredModel:
     """Publish a manifest of `layers` (blobs present, one model layer) with a config blob."""
     model = next(x for x in layers if x.media_type == store.MODEL)
-    facts = await asyncio.to_thread(s.summary, model.digest)  # a 400 for a malformed GGUF
+    try:
+        facts = await asyncio.to_thread(s.summary, model.digest)
+    except GGUFError:  # a 400; an uploaded file no model uses is not kept
+        await asyncio.to_thread(s.remove_unused, [model.digest])
+        raise
     config = json.dumps(
         {
             "model_format": "gguf",
