@@ -93,6 +93,33 @@ def _bytes(key: str, value: Any) -> int:
     return int(float(m.group(1)) * units[m.group(2).lower()])
 
 
+def _fraction(key: str, value: Any) -> float:
+    """A share of memory: `0.9` or `90%`."""
+    text = str(value).strip()
+    try:
+        x = float(text[:-1]) / 100 if text.endswith("%") else float(text)
+    except ValueError:
+        raise ConfigError(f"{key}: expected a fraction like 0.9 or 90%, got {value!r}") from None
+    if not 0 < x <= 1:
+        raise ConfigError(f"{key}: must be above 0 and at most 1 (100%), got {value!r}")
+    return x
+
+
+def _replicas(key: str, value: Any) -> tuple[tuple[str, int], ...]:
+    """`{model: N}` in config.yaml, `model=2,other=3` in the environment."""
+    if isinstance(value, str):
+        value = dict(p.split("=", 1) for p in value.split(",") if "=" in p)
+    if not isinstance(value, dict):
+        raise ConfigError(f"{key}: expected a mapping of model to a number of replicas")
+    out = []
+    for name, n in value.items():
+        count = _positive_int(f"{key}.{name}", n)
+        if count > 64:
+            raise ConfigError(f"{key}.{name}: at most 64 replicas, got {n!r}")
+        out.append((str(name).strip(), count))
+    return tuple(out)
+
+
 def _priorities(key: str, value: Any) -> tuple[tuple[str, str], ...]:
     """`{model: high|normal|low}` in config.yaml, `model=high,other=low` in the environment."""
     if isinstance(value, str):
@@ -148,6 +175,10 @@ class Settings:
     memory_budget: int | None = None
     """Bytes all loaded models may use together (default: what the machine has free)."""
     priorities: tuple[tuple[str, str], ...] = ()
+    replicas: tuple[tuple[str, int], ...] = ()
+    """(model, N): load N runners of the model and hand them requests in turn."""
+    memory_high_watermark: float = 0.9
+    """Above this share of RAM or of a GPU's memory in use, idle models are unloaded."""
     """(model, high|normal|low): lower priorities are unloaded first when memory is needed."""
     cors_origins: tuple[str, ...] = ("*",)
     """Origins allowed by CORS."""
@@ -237,6 +268,13 @@ _KEYS: tuple[_Key, ...] = (
     ),
     _Key("memory_budget", "memory.budget", "XLLM_MEMORY_BUDGET", lambda k, v: _bytes(k, v)),
     _Key("priorities", "models.priority", "XLLM_PRIORITY", lambda k, v: _priorities(k, v)),
+    _Key("replicas", "models.replicas", "XLLM_REPLICAS", lambda k, v: _replicas(k, v)),
+    _Key(
+        "memory_high_watermark",
+        "memory.high_watermark",
+        "XLLM_MEMORY_HIGH_WATERMARK",
+        lambda k, v: _fraction(k, v),
+    ),
 )
 
 # Keys of the seed's config.yaml that are accepted but not (yet) acted on, so a file written for

@@ -113,6 +113,8 @@ class LlamaModel:
         stderr_task: asyncio.Task[None],
     ) -> None:
         self.name = name
+        self.key = name
+        """The registry's key for this instance: `name`, or `name#2`... for further replicas."""
         self.path = path
         self.options = options
         self.info = info
@@ -178,7 +180,7 @@ class LlamaModel:
             detail = "\n".join(tail)
             raise ModelLoadError(
                 f"failed to load model {name!r} from {path}: {reason}"
-                + (f"\nllama.cpp said:\n{detail}" if detail and msg is None else "")
+                + (f"\nllama.cpp said:\n{detail}" if detail else "")
             )
         return cls(name, path, options, msg[1], proc, reader, writer, observer, tail, stderr_task)
 

@@ -1,9 +1,16 @@
-"""Loaded models: which names resolve to which files, loading on demand, one load per model."""
+"""Loaded models: which names resolve to which files, loading on demand, one load per model.
+
+A model may run as several replicas (`models.replicas`), each its own runner, taking requests
+in turn; `loaded()` is keyed by instance: the name for the first, `name#2`, `name#3`... after.
+A watch task unloads idle models past their keep_alive and, while RAM or any GPU's memory is
+fuller than `memory.high_watermark`, the least valuable idle one each second.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import itertools
 import logging
 import time
 from dataclasses import dataclass
@@ -20,6 +27,10 @@ from xllm.models.store import Store, StoredModel
 log = logging.getLogger("xllm.models")
 
 REAP_INTERVAL_S = 0.5
+PRESSURE_INTERVAL_S = 1.0
+HIGH_WATERMARK = 0.9
+"""Above this fraction of RAM or of a GPU's memory in use, idle models are unloaded."""
+_RANK = {"low": 0, "normal": 1, "high": 2}
 GRACE_S = 1.0
 """A model handed to a request this recently is neither reaped nor evicted (it is about to run)."""
 
@@ -48,15 +59,21 @@ class ModelRegistry:
         budget: int | None = None,
         priorities: dict[str, str] | None = None,
         store: Store | None = None,
+        replicas: dict[str, int] | None = None,
+        high_watermark: float = HIGH_WATERMARK,
     ) -> None:
         self.options = options
         self.observer = observer
         self.budget = budget
+        self.high_watermark = high_watermark
         self.store = store
         """Pulled and created models; resolved after command-line paths, before bundled ones."""
         self._paths: dict[str, Path] = {}
         self.priorities = {self.key(k): v for k, v in (priorities or {}).items()}
+        self.replicas = {self.key(k): v for k, v in (replicas or {}).items()}
+        self._turns: dict[str, itertools.count[int]] = {}
         self._loaded: dict[str, LlamaModel] = {}
+        """Keyed by instance: the model's name, then `name#2`... for its further replicas."""
         self._loading: dict[str, asyncio.Task[LlamaModel]] = {}
         self._load_started: dict[str, float] = {}
         self._reaper: asyncio.Task[None] | None = None
@@ -104,7 +121,8 @@ class ModelRegistry:
         """Every name a request may use right now."""
         bundled = [n for n in names.BUNDLED if names.bundled_path(n) is not None]
         stored = [m.name.display for m in self.store.list()] if self.store is not None else []
-        return sorted(set(self._paths) | set(self._loaded) | set(bundled) | set(stored))
+        loaded = {m.name for m in self._loaded.values()}
+        return sorted(set(self._paths) | loaded | set(bundled) | set(stored))
 
     @property
     def loaded(self) -> dict[str, LlamaModel]:
@@ -119,35 +137,58 @@ class ModelRegistry:
         `keep_alive` (seconds, negative = forever) replaces how long it stays loaded once idle.
         """
         found = self.find(name)
-        model = self._loaded.get(found.name)
+        key = self._next_instance(found.name)
+        model = self._loaded.get(key)
         if model is None:
-            model = await self._get_loading(found)
+            model = await self._get_loading(found, key)
         model.last_active = time.monotonic()
         if keep_alive is not None:
-            model.keep_alive = keep_alive
+            for m in self.instances(found.name):
+                m.keep_alive = keep_alive
         if self._reaper is None or self._reaper.done():
-            self._reaper = asyncio.create_task(self._reap())
+            self._reaper = asyncio.create_task(self._watch())
         return model
 
-    async def _get_loading(self, found: Resolved) -> LlamaModel:
-        key = found.name
+    async def preload(self, name: str) -> None:
+        """Load a model and all its replicas."""
+        found = self.find(name)
+        for i in range(self.replicas.get(found.name, 1)):
+            key = instance_key(found.name, i)
+            if key not in self._loaded:
+                await self._get_loading(found, key)
+        if self._reaper is None or self._reaper.done():
+            self._reaper = asyncio.create_task(self._watch())
+
+    def _next_instance(self, name: str) -> str:
+        """Round-robin over a model's replicas (just `name` for a model with one)."""
+        n = self.replicas.get(name, 1)
+        if n <= 1:
+            return name
+        turn = self._turns.setdefault(name, itertools.count())
+        return instance_key(name, next(turn) % n)
+
+    def instances(self, name: str) -> list[LlamaModel]:
+        """Every loaded replica of model `name`."""
+        return [m for m in self._loaded.values() if m.name == name]
+
+    async def _get_loading(self, found: Resolved, key: str) -> LlamaModel:
         task = self._loading.get(key)
         if task is None:
-            task = asyncio.create_task(self._load(found))
+            task = asyncio.create_task(self._load(found, key))
             self._loading[key] = task
             self._load_started[key] = time.time()
         # shield: one impatient client leaving must not cancel a load others wait for
         return await asyncio.shield(task)
 
-    async def _load(self, found: Resolved) -> LlamaModel:
-        key, path = found.name, found.path
+    async def _load(self, found: Resolved, key: str) -> LlamaModel:
+        name, path = found.name, found.path
         log.info("loading model %s from %s", key, path)
         t0 = time.perf_counter()
         modelfile = found.stored.modelfile if found.stored is not None else Modelfile()
         try:
             # the header is checked before llama.cpp ever opens the file
             header = await asyncio.to_thread(gguf.read, path)
-            o = _with_modelfile(self.options, key, modelfile)
+            o = _with_modelfile(self.options, name, modelfile)
             gpus = probe.gpus()
             plan = planner.estimate(
                 header, ctx_size=o.ctx_size, parallel=o.parallel, batch_size=o.batch_size,
@@ -159,7 +200,7 @@ class ModelRegistry:
             if len(gpus) > 1 and plan.gpu_layers:
                 o = dataclasses.replace(o, tensor_split=tuple(planner.split(gpus)))
             log.info("plan for %s: %s, %d GPU layers", key, plan.describe(), plan.gpu_layers)
-            model = await LlamaModel.load(key, path, o, self.observer)
+            model = await self._start(name, path, o)
         except (gguf.GGUFError, ModelLoadError):
             if found.stored is not None and self.store is not None:
                 await self._check_blob(found.stored)
@@ -167,15 +208,33 @@ class ModelRegistry:
         finally:
             self._loading.pop(key, None)
             self._load_started.pop(key, None)
+        model.key = key
         model.plan = plan
         model.modelfile = modelfile
         model.on_exit = self._on_exit
         self._loaded[key] = model
         elapsed = time.perf_counter() - t0
         if self.observer is not None:
-            self.observer.observe_load(key, elapsed)
+            self.observer.observe_load(name, elapsed)
         log.info("loaded model %s in %.2f s", key, elapsed)
         return model
+
+    async def _start(self, name: str, path: Path, o: EngineOptions) -> LlamaModel:
+        """Start the runner; after an out-of-memory failure with layers on a GPU, once more
+        with half as many (as Ollama does) before giving up."""
+        try:
+            return await LlamaModel.load(name, path, o, self.observer)
+        except ModelLoadError as e:
+            if o.gpu_layers <= 0 or not is_out_of_memory(e.message):
+                raise
+            fewer = o.gpu_layers // 2
+            log.warning(
+                "loading %s with %d GPU layers ran out of memory; retrying with %d: %s",
+                name, o.gpu_layers, fewer, e.message,
+            )  # fmt: skip
+            return await LlamaModel.load(
+                name, path, dataclasses.replace(o, gpu_layers=fewer), self.observer
+            )
 
     async def _check_blob(self, stored: StoredModel) -> None:
         """After a stored model failed to load: is its file still what was downloaded?"""
@@ -194,9 +253,13 @@ class ModelRegistry:
             return self.budget - sum(m.plan.ram for m in self._loaded.values() if m.plan)
         return int(probe.ram()[1] * (1 - planner.SAFETY))
 
+    def _least_valuable(self, idle: list[LlamaModel]) -> LlamaModel:
+        """Lowest priority first, then least recently used."""
+        rank = self.priorities
+        return min(idle, key=lambda m: (_RANK[rank.get(m.name, "normal")], m.last_active))
+
     async def _make_room(self, key: str, plan: planner.Plan) -> None:
         """Unload idle models (lowest priority, then least recently used) until `plan` fits."""
-        rank = {"low": 0, "normal": 1, "high": 2}
         deadline = time.monotonic() + 10
         while plan.ram > self._available():
             idle = [m for m in self._loaded.values() if not m.busy]
@@ -208,21 +271,21 @@ class ModelRegistry:
                     f"{max(self._available(), 0) / planner.MiB:.0f} MiB left of the {limit}; "
                     f"models in use: {busy}"
                 )
-            victim = min(
-                idle, key=lambda m: (rank[self.priorities.get(m.name, "normal")], m.last_active)
-            )
+            victim = self._least_valuable(idle)
             if time.monotonic() - victim.last_active < GRACE_S and time.monotonic() < deadline:
                 await asyncio.sleep(0.1)  # just handed to a request: let it start first
                 continue
-            log.info("unloading %s to make room for %s", victim.name, key)
-            await self.unload(victim.name)
+            log.info("unloading %s to make room for %s", victim.key, key)
+            await self._unload_instance(victim.key)
 
-    async def _reap(self) -> None:
-        """Unload models idle for longer than their keep_alive."""
+    async def _watch(self) -> None:
+        """Unload models idle past their keep_alive; above the high watermark of RAM or GPU
+        memory, unload the least valuable idle model (one a second, so memory can settle)."""
+        last_pressure = 0.0
         while self._loaded or self._loading:
             await asyncio.sleep(REAP_INTERVAL_S)
             now = time.monotonic()
-            for name, model in list(self._loaded.items()):
+            for key, model in list(self._loaded.items()):
                 idle = now - model.last_active
                 # the grace keeps a model that a handler just got from vanishing before use
                 if (
@@ -230,22 +293,43 @@ class ModelRegistry:
                     and model.keep_alive >= 0
                     and idle >= max(model.keep_alive, GRACE_S)
                 ):
-                    log.info("unloading %s: idle for %.0f s", name, idle)
-                    await self.unload(name)
+                    log.info("unloading %s: idle for %.0f s", key, idle)
+                    await self._unload_instance(key)
+            if now - last_pressure >= PRESSURE_INTERVAL_S:
+                last_pressure = now
+                await self._relieve_pressure(now)
+
+    async def _relieve_pressure(self, now: float) -> None:
+        used, where = await asyncio.to_thread(memory_pressure)
+        if used <= self.high_watermark:
+            return
+        idle = [m for m in self._loaded.values() if not m.busy and now - m.last_active >= GRACE_S]
+        if not idle:
+            return
+        victim = self._least_valuable(idle)
+        log.warning(
+            "%s is %.0f%% full (above %.0f%%): unloading idle model %s",
+            where, used * 100, self.high_watermark * 100, victim.key,
+        )  # fmt: skip
+        await self._unload_instance(victim.key)
 
     def _on_exit(self, model: LlamaModel) -> None:
         """A runner ended (crash, kill, unload): the next request loads the model afresh."""
-        if self._loaded.get(model.name) is model:
-            del self._loaded[model.name]
+        if self._loaded.get(model.key) is model:
+            del self._loaded[model.key]
 
     async def unload(self, name: str) -> bool:
-        """Stop a loaded model's runner; False if it was not loaded."""
+        """Stop a loaded model's runners (every replica); False if it was not loaded."""
         key = self.key(name)
+        found = [k for k, m in self._loaded.items() if m.name == key]
+        for k in found:
+            await self._unload_instance(k)
+        return bool(found)
+
+    async def _unload_instance(self, key: str) -> None:
         model = self._loaded.pop(key, None)
-        if model is None:
-            return False
-        await model.close()
-        return True
+        if model is not None:
+            await model.close()
 
     async def close(self) -> None:
         if self._reaper is not None:
@@ -255,6 +339,31 @@ class ModelRegistry:
         models, self._loaded = list(self._loaded.values()), {}
         for m in models:
             await m.close()
+
+
+def instance_key(name: str, index: int) -> str:
+    """Replica `index` (from 0) of model `name`: `name`, `name#2`, `name#3`..."""
+    return name if index == 0 else f"{name}#{index + 1}"
+
+
+_OOM = ("out of memory", "outofmemory", "outofdevicememory", "failed to allocate", "cudamalloc")
+
+
+def is_out_of_memory(message: str) -> bool:
+    """Whether a failed load's message (llama.cpp's log lines included) is an allocation
+    failure, which fewer GPU layers may avoid."""
+    text = message.lower()
+    return any(words in text for words in _OOM)
+
+
+def memory_pressure() -> tuple[float, str]:
+    """The fullest of RAM and each GPU's memory: (fraction in use, which one)."""
+    total, free = probe.ram()
+    worst = (1 - free / total if total else 0.0, "RAM")
+    for g in probe.gpus():
+        if g.total_bytes:
+            worst = max(worst, (1 - g.free_bytes / g.total_bytes, f"GPU {g.index} memory"))
+    return worst
 
 
 def _with_modelfile(options: EngineOptions, name: str, modelfile: Modelfile) -> EngineOptions:

@@ -46,6 +46,8 @@ def make_registry(settings: Settings) -> ModelRegistry:
         budget=settings.memory_budget,
         priorities=dict(settings.priorities),
         store=Store(settings.models_dir),
+        replicas=dict(settings.replicas),
+        high_watermark=settings.memory_high_watermark,
     )
 
 
@@ -137,6 +139,6 @@ async def _preload(registry: ModelRegistry, names: tuple[str, ...]) -> None:
     """Load the preload list; a model that fails is logged and the server keeps serving."""
     for name in names:
         try:
-            await registry.get(name)
+            await registry.preload(name)
         except XllmError as e:
             log.error("preloading %s failed: %s", name, e.message)

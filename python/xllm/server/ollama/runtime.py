@@ -38,7 +38,8 @@ def _ps_entry(name: str, model: LlamaModel) -> dict[str, Any]:
 
 async def ps(request: web.Request) -> web.Response:
     loaded = request.app[REGISTRY].loaded
-    return json_response({"models": [_ps_entry(n, m) for n, m in loaded.items()]})
+    # replicas of one model are listed once each, under the model's name
+    return json_response({"models": [_ps_entry(m.name, m) for m in loaded.values()]})
 
 
 async def version(request: web.Request) -> web.Response:

@@ -21,7 +21,8 @@ async def health(request: web.Request) -> web.Response:
             "loading": [{"model": s.name, "elapsed_s": round(now - s.started, 3)} for s in loading],
             "models": [
                 {
-                    "name": name,
+                    "name": m.name,
+                    "instance": key,
                     "path": str(m.path),
                     "size": m.info.size,
                     "context_length": m.ctx_size,
@@ -34,7 +35,7 @@ async def health(request: web.Request) -> web.Response:
                     "expires_at": m.expires_at(),
                     "stats": m.stats(),
                 }
-                for name, m in registry.loaded.items()
+                for key, m in registry.loaded.items()
             ],
             "gpus": [g.as_dict() for g in gpus()],
         }
