@@ -25,6 +25,24 @@ class _Formatter(logging.Formatter):
         return super().formatMessage(record)
 
 
+class _MalformedRequests(logging.Filter):
+    """aiohttp logs a request it cannot parse (the client's fault, answered with a 400) as an
+    error with a traceback; one warning line says it, and clients cannot flood the log with
+    tracebacks."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from aiohttp.http_exceptions import HttpProcessingError
+
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, HttpProcessingError):
+            reason = " ".join(str(exc.message).split())
+            record.args = (record.getMessage(), reason)
+            record.msg = "%s: malformed HTTP request: %s"
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
 class RotatingFileHandler(logging.handlers.TimedRotatingFileHandler):
     """Rotated at midnight, and also as soon as the file grows past `max_bytes`; keeps
     `backupCount` old files (the stdlib has one handler per trigger, not both)."""
@@ -66,3 +84,6 @@ def setup_logging(
     for h in handlers:
         h.setFormatter(_Formatter(FORMAT))
         root.addHandler(h)
+    server_log = logging.getLogger("aiohttp.server")
+    if not any(isinstance(f, _MalformedRequests) for f in server_log.filters):
+        server_log.addFilter(_MalformedRequests())

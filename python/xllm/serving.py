@@ -9,7 +9,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from xllm import grammar, tools
+from xllm import grammar, reasoning, tools
 from xllm.engine.llama import Generation, LlamaModel
 from xllm.errors import EngineError, InvalidRequest
 from xllm.models import gotemplate
@@ -71,6 +71,7 @@ async def chat_prompt(
     messages: Sequence[Mapping[str, Any]],
     tools: Sequence[Mapping[str, Any]] | None = None,
     template: str | None = None,
+    enable_thinking: bool | None = None,
 ) -> Prompt:
     """Render messages with the model's own template (ChatML when it has none), or with a
     request's `template` (Jinja2, or Ollama's Go syntax translated), and tokenize.
@@ -80,7 +81,10 @@ async def chat_prompt(
     if template is not None and is_go_template(template):
         template = gotemplate.to_jinja(template)  # GoTemplateError: a 400 naming the construct
     tokens, stops = await model.chat_prompt(
-        with_modelfile(model, messages), [dict(t) for t in tools] if tools else None, template
+        with_modelfile(model, messages),
+        [dict(t) for t in tools] if tools else None,
+        template,
+        enable_thinking,
     )
     return Prompt(tokens, stops)
 
@@ -133,6 +137,16 @@ def require(model: LlamaModel, name: str, capability: str, param: str | None = N
         raise InvalidRequest(f"{param}: {message}" if param else message, param=param)
 
 
+def check_token_ids(model: LlamaModel, tokens: Sequence[int], param: str) -> None:
+    """Token ids given by a client must be in the model's vocabulary."""
+    n_vocab = model.info.n_vocab
+    bad = next((t for t in tokens if not 0 <= t < n_vocab), None)
+    if bad is not None:
+        raise InvalidRequest(
+            f"{param}: token id {bad} is outside the vocabulary (0..{n_vocab})", param=param
+        )
+
+
 def check_images(model: LlamaModel, name: str, has_images: bool, param: str) -> None:
     """Images go only to vision models; image input itself comes with the vision engine."""
     if has_images:
@@ -158,6 +172,7 @@ async def prepare_chat(
     functions: Sequence[Mapping[str, Any]] = (),
     forced: str | None = None,
     parallel: bool = True,
+    enable_thinking: bool | None = None,
 ) -> tuple[Prompt, dict[str, Any]]:
     """Prompt and engine parameters for a chat, tools included.
 
@@ -178,7 +193,12 @@ async def prepare_chat(
         tagged = template_tools is not None and tools.TAG_OPEN in template
         call = tools.call_grammar(functions, forced or None, parallel, tagged)
         fields = {**fields, "grammar": call}
-    prompt = await chat_prompt(model, tools.template_messages(messages), tools=template_tools)
+    prompt = await chat_prompt(
+        model,
+        tools.template_messages(messages),
+        tools=template_tools,
+        enable_thinking=enable_thinking,
+    )
     params = sampling_params(model, fields, prompt_len=len(prompt.tokens), extra_stops=prompt.stops)
     return prompt, params
 
@@ -246,6 +266,17 @@ def grammar_for(format_: str | dict[str, Any] | None, param: str) -> str | None:
     if not isinstance(format_, dict):
         raise InvalidRequest(f'{param}: expected "json" or a JSON schema', param=param)
     return grammar.from_schema(format_, param)
+
+
+async def thinking_splitters(
+    model: LlamaModel, prompt: list[int], n: int = 1
+) -> list[reasoning.ThinkSplitter] | None:
+    """Splitters of reasoning from answer, one per choice, for a model that can think."""
+    if "thinking" not in model.info.capabilities:
+        return None
+    tail = await model.detokenize(prompt[-4:])  # templates may open the block in the prompt
+    inside = tail.rstrip().endswith(reasoning.OPEN)
+    return [reasoning.ThinkSplitter(inside=inside) for _ in range(n)]
 
 
 async def collect(gen: Generation, is_disconnected: Callable[[], bool] | None) -> Result:

@@ -112,6 +112,8 @@ CASES = [
     ),
     ("/v1/embeddings", {"model": "smollm2:135m", "input": ""}, 400, None, "input"),
     ("/v1/embeddings", {"model": "smollm2:135m", "input": []}, 400, None, "input"),
+    ("/v1/embeddings", {"model": "smollm2:135m", "input": [20468, 60697]}, 400, None, "input"),
+    ("/v1/embeddings", {"model": "smollm2:135m", "input": [-1]}, 400, None, "input"),
 ]
 
 

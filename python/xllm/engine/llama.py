@@ -282,6 +282,7 @@ class LlamaModel:
         messages: list[dict[str, Any]],
         tools: list[dict[str, Any]] | None,
         template: str | None = None,
+        enable_thinking: bool | None = None,
     ) -> tuple[list[int], list[str]]:
         """(prompt tokens, extra stops) rendered by the model's template (or `template`, a
         request's own Jinja2 one) in its runner.
@@ -292,7 +293,7 @@ class LlamaModel:
         try:
             async with asyncio.timeout(TEMPLATE_TIMEOUT_S):
                 result: tuple[list[int], list[str]] = await self._call(
-                    "chat_prompt", messages, tools, template
+                    "chat_prompt", messages, tools, template, enable_thinking
                 )
         except TimeoutError:
             log.error(

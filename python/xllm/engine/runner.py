@@ -148,6 +148,7 @@ def _chat_prompt(
     messages: list[dict[str, Any]],
     tools: list[dict[str, Any]] | None,
     template: str | None = None,
+    enable_thinking: bool | None = None,
 ) -> tuple[list[int], list[str]]:
     """`template` (a request's own, Jinja2) replaces the model's chat template."""
     text, stops = build_prompt(
@@ -156,6 +157,7 @@ def _chat_prompt(
         bos_token=info.bos_text,
         eos_token=info.eos_text,
         tools=tools,
+        enable_thinking=enable_thinking,
     )
     return engine.tokenize(text, True, True), stops
 

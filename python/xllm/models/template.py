@@ -98,9 +98,14 @@ def render_chat(
     eos_token: str = "",
     add_generation_prompt: bool = True,
     tools: Sequence[Mapping[str, Any]] | None = None,
+    enable_thinking: bool | None = None,
 ) -> str:
-    """Render `messages` into a prompt with the model's template."""
+    """Render `messages` into a prompt with the model's template.
+
+    `enable_thinking` (Qwen3-style templates read it) is passed only when a request set it.
+    """
     template = _compile(source)
+    extra = {} if enable_thinking is None else {"enable_thinking": enable_thinking}
     try:
         out = template.render(
             messages=list(messages),
@@ -108,6 +113,7 @@ def render_chat(
             eos_token=eos_token,
             add_generation_prompt=add_generation_prompt,
             tools=list(tools) if tools else None,
+            **extra,
         )
     except TemplateError:
         raise
@@ -127,6 +133,7 @@ def build_prompt(
     bos_token: str,
     eos_token: str,
     tools: Sequence[Mapping[str, Any]] | None = None,
+    enable_thinking: bool | None = None,
 ) -> tuple[str, list[str]]:
     """(prompt text, extra stop strings) with the model's template, or ChatML without one."""
     text = render_chat(
@@ -135,6 +142,7 @@ def build_prompt(
         bos_token=bos_token,
         eos_token=eos_token,
         tools=tools,
+        enable_thinking=enable_thinking,
     )
     # The template may write BOS itself; tokenizing adds it again when the vocab wants one.
     if bos_token and text.startswith(bos_token):

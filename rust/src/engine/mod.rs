@@ -87,6 +87,21 @@ impl Engine {
         })
     }
 
+    /// Why `tokens` cannot go to llama_decode: empty, or an id outside the vocabulary (which
+    /// llama.cpp would refuse with a bare -1).
+    pub fn check_tokens(&self, tokens: &[i32]) -> Result<(), String> {
+        let n_vocab = self.limits.n_vocab;
+        if tokens.is_empty() {
+            return Err("no tokens to decode".into());
+        }
+        match tokens.iter().find(|&&t| t < 0 || t >= n_vocab) {
+            Some(bad) => Err(format!(
+                "token id {bad} is outside the vocabulary (0..{n_vocab})"
+            )),
+            None => Ok(()),
+        }
+    }
+
     pub fn submit(&self, request: Request) -> Result<(), SubmitError> {
         if self.thread.is_none() {
             return Err(SubmitError::Invalid("the engine is closed".into()));
@@ -103,12 +118,8 @@ impl Engine {
                 l.ctx_size
             )));
         }
-        if let Some(bad) = request.prompt.iter().find(|&&t| t < 0 || t >= l.n_vocab) {
-            return Err(SubmitError::Invalid(format!(
-                "token id {bad} is outside the vocabulary (0..{})",
-                l.n_vocab
-            )));
-        }
+        self.check_tokens(&request.prompt)
+            .map_err(SubmitError::Invalid)?;
         if p.n == 0 || p.n as usize > l.parallel {
             return Err(SubmitError::Invalid(format!(
                 "n must be between 1 and {} (parallel sequences)",

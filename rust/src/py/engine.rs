@@ -216,6 +216,11 @@ impl Engine {
         n_embd: usize,
         normalize: bool,
     ) -> PyResult<Vec<Vec<f32>>> {
+        for (i, tokens) in inputs.iter().enumerate() {
+            self.inner
+                .check_tokens(tokens)
+                .map_err(|e| PyValueError::new_err(format!("input[{i}]: {e}")))?;
+        }
         let api = self.api.clone();
         // SAFETY: the caller's embeddings context is alive and used by this call only.
         py.detach(move || unsafe { embed(&api, ctx as Ctx, &inputs, n_embd, normalize) })

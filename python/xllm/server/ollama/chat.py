@@ -27,7 +27,13 @@ async def chat(request: web.Request) -> web.StreamResponse:
     fields = reply.engine_fields(
         body.options, body.format, model.ctx_size, model.modelfile.parameters
     )
-    prompt, params = await serving.prepare_chat(model, body.template_messages(), fields, functions)
+    prompt, params = await serving.prepare_chat(
+        model,
+        body.template_messages(),
+        fields,
+        functions,
+        enable_thinking=reply.enable_thinking(body.think),
+    )
     splitter = await reply.thinking_splitter(model, prompt.tokens, body.think)
     gen = await model.start(prompt.tokens, params)
 

@@ -28,7 +28,12 @@ async def generate(request: web.Request) -> web.StreamResponse:
     else:
         messages = [{"role": "system", "content": body.system}] if body.system else []
         messages.append({"role": "user", "content": body.prompt})
-        prompt = await serving.chat_prompt(model, messages, template=body.template or None)
+        prompt = await serving.chat_prompt(
+            model,
+            messages,
+            template=body.template or None,
+            enable_thinking=reply.enable_thinking(body.think),
+        )
     tokens = list(body.context or []) + prompt.tokens
     fields = reply.engine_fields(
         body.options, body.format, model.ctx_size, model.modelfile.parameters

@@ -86,10 +86,14 @@ async def thinking_splitter(
     model: LlamaModel, prompt: list[int], think: bool | str | None
 ) -> reasoning.ThinkSplitter | None:
     """For a thinking model whose client said whether it wants the reasoning (`think`)."""
-    if think is None or "thinking" not in model.info.capabilities:
-        return None
-    tail = await model.detokenize(prompt[-4:])  # templates may open the block in the prompt
-    return reasoning.ThinkSplitter(inside=tail.rstrip().endswith(reasoning.OPEN))
+    splitters = None if think is None else await serving.thinking_splitters(model, prompt)
+    return splitters[0] if splitters else None
+
+
+def enable_thinking(think: bool | str | None) -> bool | None:
+    """`think` as templates take it: false turns reasoning off (Qwen3's `enable_thinking`);
+    a level (`"high"`, for gpt-oss) or true turns it on; unset leaves the template's default."""
+    return None if think is None else think is not False
 
 
 class Timer:

@@ -8,7 +8,7 @@ from typing import Any
 
 from aiohttp import web
 
-from xllm import _core, serving, tools
+from xllm import _core, reasoning, serving, tools
 from xllm.server import streaming
 from xllm.server.http import json_response, load_model, parse_body, peer_gone
 from xllm.server.openai.logprobs import chat_logprobs
@@ -33,8 +33,17 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
             body.response_format.grammar_format(), "response_format"
         )
     prompt, params = await serving.prepare_chat(
-        model, messages, fields, functions, body.forced_function(), body.parallel_tool_calls
+        model,
+        messages,
+        fields,
+        functions,
+        body.forced_function(),
+        body.parallel_tool_calls,
+        body.enable_thinking(),
     )
+    splitters = None
+    if body.reasoning_format != "none" and body.forced_function() is None:
+        splitters = await serving.thinking_splitters(model, prompt.tokens, body.n)
     head = {
         "id": f"chatcmpl-{secrets.token_hex(12)}",
         "created": int(time.time()),
@@ -43,6 +52,12 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     }
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     if body.stream and not functions:
+        if splitters:
+            split = _ReasoningChunks(head, splitters)
+            return await stream(
+                request, model, prompt.tokens, params, split, split.head, include_usage,
+                in_frames=False,
+            )  # fmt: skip
         fmt = _ChatChunks(head)
         return await stream(request, model, prompt.tokens, params, fmt, fmt.head, include_usage)
     if body.stream and body.forced_function() is not None:
@@ -63,10 +78,11 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     names = {f["name"] for f in functions}
     choices = []
     for c in result.choices:
-        message: dict[str, Any] = {"role": "assistant", "content": c.text}
+        thinking, answer = splitters[c.index].whole(c.text) if splitters else ("", c.text)
+        message: dict[str, Any] = {"role": "assistant", "content": answer}
         finish = c.finish_reason
         if functions:
-            text, calls = tools.parse(c.text, names)
+            text, calls = tools.parse(answer, names)
             if calls:
                 message = {
                     "role": "assistant",
@@ -74,6 +90,8 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
                     "tool_calls": [call.openai() for call in calls],
                 }
                 finish = "tool_calls"
+        if thinking:
+            message["reasoning_content"] = thinking
         choices.append(
             {
                 "index": c.index,
@@ -148,6 +166,33 @@ class _ChatChunks:
             )
             for i in range(n)
         )
+
+
+class _ReasoningChunks(_ChatChunks):
+    """A thinking model's stream: its reasoning as `reasoning_content` deltas (llama-server's
+    and vLLM's field), the answer as `content`."""
+
+    def __init__(self, head: dict[str, Any], splitters: list[reasoning.ThinkSplitter]) -> None:
+        super().__init__(head)
+        self.splitters = splitters
+
+    def chunk(
+        self, index: int, text: str, finish: str | None, logprobs: Entries, **top: Any
+    ) -> bytes:
+        if finish is None:
+            return self._delta(index, *self.splitters[index].feed(text), logprobs)
+        out = self._delta(index, *self.splitters[index].flush(), None)
+        return out + super().chunk(index, "", finish, logprobs, **top)
+
+    def _delta(self, index: int, thinking: str, content: str, logprobs: Entries) -> bytes:
+        delta = {"reasoning_content": thinking} if thinking else {}
+        if content:
+            delta["content"] = content
+        if not delta and logprobs is None:
+            return b""  # held back: a tag may be cut across pieces
+        lp = chat_logprobs(logprobs) if logprobs is not None else None
+        choice = {"index": index, "delta": delta, "logprobs": lp, "finish_reason": None}
+        return sse_chunk(self.head, choice)
 
 
 class _CallChunks(_ChatChunks):

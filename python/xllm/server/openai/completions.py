@@ -30,12 +30,8 @@ async def _prompts(model: LlamaModel, body: CompletionRequest) -> list[list[int]
     if isinstance(prompt, str):
         return [await model.tokenize(prompt, special=True)]
     if prompt and isinstance(prompt[0], int):
-        n_vocab = model.info.n_vocab
         tokens = [int(t) for t in prompt]
-        if any(t >= n_vocab for t in tokens):
-            raise InvalidRequest(
-                f"prompt token ids must be below the vocabulary size {n_vocab}", param="prompt"
-            )
+        serving.check_token_ids(model, tokens, "prompt")
         return [tokens]
     return [await model.tokenize(str(p), special=True) for p in prompt]
 

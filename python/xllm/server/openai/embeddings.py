@@ -7,6 +7,7 @@ from array import array
 
 from aiohttp import web
 
+from xllm import serving
 from xllm.errors import InvalidRequest
 from xllm.server.http import json_response, load_model, parse_body
 from xllm.server.openai.wire import EmbeddingRequest
@@ -25,9 +26,12 @@ async def embeddings(request: web.Request) -> web.Response:
         inputs = [await model.tokenize(raw, special=True)]
     elif raw and isinstance(raw[0], int):
         inputs = [[int(t) for t in raw]]
+        serving.check_token_ids(model, inputs[0], "input")
     else:
         inputs = [await model.tokenize(str(text), special=True) for text in raw]
     for i, tokens in enumerate(inputs):
+        if not tokens:
+            raise InvalidRequest(f"input[{i}] is empty", param="input")
         if len(tokens) > model.ctx_size:
             raise InvalidRequest(
                 f"input[{i}] is {len(tokens)} tokens, more than the context length "

@@ -168,6 +168,14 @@ class NamedToolChoice(Wire):
     function: FunctionName
 
 
+class ChatTemplateKwargs(Wire):
+    """The template variables a request may set; anything else is refused (templates are code
+    from model files, and their inputs stay allow-listed)."""
+
+    model_config = ConfigDict(strict=True, extra="forbid")
+    enable_thinking: bool | None = None
+
+
 class ChatCompletionRequest(SamplingFields):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
     response_format: ResponseFormat | None = None
@@ -177,6 +185,10 @@ class ChatCompletionRequest(SamplingFields):
     max_completion_tokens: Annotated[int, Field(ge=1, le=2**31 - 1)] | None = None
     logprobs: bool = False
     top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
+    reasoning_format: Literal["none", "auto", "deepseek"] | None = None
+    """As llama-server's: a thinking model's reasoning goes to `reasoning_content`, unless
+    "none" leaves it in `content`."""
+    chat_template_kwargs: ChatTemplateKwargs | None = None
 
     @model_validator(mode="after")
     def _consistent(self) -> ChatCompletionRequest:
@@ -199,6 +211,10 @@ class ChatCompletionRequest(SamplingFields):
         if not self.tools or self.tool_choice == "none":
             return []
         return [t.function.model_dump(exclude_none=True) for t in self.tools]
+
+    def enable_thinking(self) -> bool | None:
+        kwargs = self.chat_template_kwargs
+        return kwargs.enable_thinking if kwargs is not None else None
 
     def forced_function(self) -> str | None:
         """ "" when some call is required, a name when one is, None when the model decides."""
