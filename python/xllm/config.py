@@ -184,6 +184,8 @@ class Settings:
     """Origins allowed by CORS."""
     api_keys: tuple[str, ...] = ()
     """If set, requests need `Authorization: Bearer <key>`."""
+    model_management: bool = True
+    """Whether clients may pull, push, create, copy and delete models (and upload blobs)."""
     log_level: str = "info"
     """Log level: debug, info, warning, error."""
 
@@ -236,6 +238,7 @@ _KEYS: tuple[_Key, ...] = (
         "cors_origins", "server.cors.allowed_origins", "XLLM_ORIGINS", _str_list, "OLLAMA_ORIGINS"
     ),
     _Key("api_keys", "server.api_keys", "XLLM_API_KEY", _str_list),
+    _Key("model_management", "server.model_management", "XLLM_MODEL_MANAGEMENT", _bool),
     _Key("log_level", "server.log_level", "XLLM_LOG", _str),
     _Key(
         "models_dir",

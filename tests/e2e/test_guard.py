@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import ssl
 import subprocess
 import sys
@@ -14,6 +15,8 @@ import httpx
 import pytest
 
 from tests.conftest import Server, free_port, start_server, stop_server
+from xllm.server.guard import OPEN_PATHS
+from xllm.server.routes import ROUTES
 
 
 @pytest.fixture(scope="module")
@@ -103,6 +106,39 @@ def test_api_key_required(keyed: Server, path: str, method: str) -> None:
 
 def test_health_open_without_key(keyed: Server) -> None:
     assert httpx.get(f"{keyed.url}/v0/health").status_code == 200
+
+
+def test_every_other_route_needs_the_key(keyed: Server) -> None:
+    """RELIABILITY 16: 100% of the routes but /v0/health refuse a request without the key, in
+    the route's own dialect."""
+    checked = 0
+    for route in ROUTES:
+        if route.path in OPEN_PATHS:
+            continue
+        path = re.sub(r"\{(\w+)[^}]*\}", "x", route.path)
+        r = httpx.request(route.method, keyed.url + path, json={})
+        assert r.status_code == 401, (route.method, route.path, r.text)
+        if route.method != "HEAD":
+            error = r.json()["error"]
+            message = error if isinstance(error, str) else error["message"]
+            assert "API key" in message
+        checked += 1
+    assert checked >= 25
+
+
+def test_model_management_can_be_turned_off(tmp_path: Path) -> None:
+    s = start_server(tmp_path, [], env={"XLLM_MODEL_MANAGEMENT": "false"}, wait_model=False)
+    try:
+        for method, path in [
+            ("POST", "/api/pull"), ("POST", "/api/push"), ("POST", "/api/create"),
+            ("POST", "/api/copy"), ("DELETE", "/api/delete"), ("POST", f"/api/blobs/sha256:{'0' * 64}"),
+        ]:  # fmt: skip
+            r = httpx.request(method, s.url + path, json={"model": "x"})
+            assert r.status_code == 403, (path, r.text)
+            assert "model management is disabled" in r.json()["error"]
+        assert httpx.get(f"{s.url}/api/tags").status_code == 200  # using models still works
+    finally:
+        stop_server(s)
 
 
 def test_loopback_only_by_default(bare: Server) -> None:

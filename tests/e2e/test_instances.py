@@ -120,3 +120,41 @@ def test_memory_watch_unloads_idle_models_above_the_watermark(tmp_path: Path) ->
         assert "RAM is" in s.logs() and "above 1%" in s.logs()
     finally:
         stop_server(s)
+
+
+def test_num_ctx_reloads_with_that_context(tmp_path: Path) -> None:
+    """Ollama's `options.num_ctx`: the model is reloaded with that context (once its running
+    requests are done); requests without it take the model as loaded."""
+    tiny = package_file("tinycoder", "models/tiny.gguf")
+    s = start_server(tmp_path, ["--model", str(tiny), "--ctx-size", "256", "--parallel", "1"])
+    try:
+
+        def generate(**options: int) -> dict:  # type: ignore[type-arg]
+            body = {"model": "tiny", "prompt": "x " * 400, "stream": False, "raw": True,
+                    "options": {"num_predict": 2, **options}}  # fmt: skip
+            r = httpx.post(f"{s.url}/api/generate", json=body, timeout=120)
+            return {"status": r.status_code, **r.json()}
+
+        def loaded() -> tuple[int, int]:
+            m = _health(s.url)[0]
+            return m["context_length"], m["runner_pid"]
+
+        ctx, pid = loaded()
+        assert ctx == 256
+        assert generate()["status"] == 400  # 400 tokens do not fit in 256
+        busy = threading.Thread(target=_complete, args=(s.url, "tiny", 200))
+        busy.start()
+        time.sleep(0.2)
+        r = generate(num_ctx=1024)  # waits for the running request, then reloads
+        busy.join()
+        assert r["status"] == 200 and r["eval_count"] == 2
+        ctx2, pid2 = loaded()
+        assert ctx2 == 1024 and pid2 != pid
+        assert generate()["status"] == 200 and loaded() == (1024, pid2)  # no num_ctx: as loaded
+        assert generate(num_ctx=1024)["status"] == 200 and loaded() == (1024, pid2)
+        ps = httpx.get(f"{s.url}/api/ps").json()["models"][0]
+        assert ps["context_length"] == 1024
+        assert generate(num_ctx=99_999)["status"] == 200  # capped at the training context
+        assert loaded()[0] == 2048
+    finally:
+        stop_server(s)

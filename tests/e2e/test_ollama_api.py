@@ -163,6 +163,11 @@ def test_load_and_unload_with_keep_alive(client: ollama.Client, server: Server) 
     assert r2.done_reason == "load"
     expires = client.ps().models[0].expires_at
     assert expires is not None and expires.timestamp() > time.time() + 9 * 60
+    # a keep_alive past any date (schemathesis found it broke /api/ps) means forever
+    client.generate(model=MODEL, prompt="", keep_alive=1e20)  # type: ignore[arg-type]
+    expires = client.ps().models[0].expires_at
+    assert expires is not None and expires.year > 2100
+    client.generate(model=MODEL, prompt="", keep_alive="5m")
 
 
 ASK = [{"role": "user", "content": "x"}]

@@ -131,16 +131,30 @@ class ModelRegistry:
     def loading(self) -> list[LoadState]:
         return [LoadState(n, self._load_started[n]) for n in self._loading]
 
-    async def get(self, name: str, keep_alive: float | None = None) -> LlamaModel:
+    async def get(
+        self, name: str, keep_alive: float | None = None, ctx_size: int | None = None
+    ) -> LlamaModel:
         """The loaded model for `name`, loading it first if needed (concurrent callers share it).
 
         `keep_alive` (seconds, negative = forever) replaces how long it stays loaded once idle.
+        `ctx_size` (Ollama's `num_ctx`) reloads the model with that context per sequence if it
+        was loaded with another, once its running requests are done, as Ollama does; requests
+        that do not ask for a context take the model as it is.
         """
         found = self.find(name)
         key = self._next_instance(found.name)
         model = self._loaded.get(key)
+        if model is not None and ctx_size is not None and not _has_context(model, ctx_size):
+            log.info("reloading %s with a context of %d tokens", key, ctx_size)
+            while True:  # `busy` comes from the runner's reports: polled, not awaited
+                if not model.busy:
+                    break
+                await asyncio.sleep(0.05)
+            if self._loaded.get(key) is model:
+                await self._unload_instance(key)
+            model = None
         if model is None:
-            model = await self._get_loading(found, key)
+            model = await self._get_loading(found, key, ctx_size)
         model.last_active = time.monotonic()
         if keep_alive is not None:
             for m in self.instances(found.name):
@@ -171,16 +185,18 @@ class ModelRegistry:
         """Every loaded replica of model `name`."""
         return [m for m in self._loaded.values() if m.name == name]
 
-    async def _get_loading(self, found: Resolved, key: str) -> LlamaModel:
+    async def _get_loading(
+        self, found: Resolved, key: str, ctx_size: int | None = None
+    ) -> LlamaModel:
         task = self._loading.get(key)
         if task is None:
-            task = asyncio.create_task(self._load(found, key))
+            task = asyncio.create_task(self._load(found, key, ctx_size))
             self._loading[key] = task
             self._load_started[key] = time.time()
         # shield: one impatient client leaving must not cancel a load others wait for
         return await asyncio.shield(task)
 
-    async def _load(self, found: Resolved, key: str) -> LlamaModel:
+    async def _load(self, found: Resolved, key: str, ctx_size: int | None = None) -> LlamaModel:
         name, path = found.name, found.path
         log.info("loading model %s from %s", key, path)
         t0 = time.perf_counter()
@@ -189,6 +205,8 @@ class ModelRegistry:
             # the header is checked before llama.cpp ever opens the file
             header = await asyncio.to_thread(gguf.read, path)
             o = _with_modelfile(self.options, name, modelfile)
+            if ctx_size is not None:  # the request's, over the Modelfile's and the server's
+                o = dataclasses.replace(o, ctx_size=ctx_size)
             gpus = probe.gpus()
             plan = planner.estimate(
                 header, ctx_size=o.ctx_size, parallel=o.parallel, batch_size=o.batch_size,
@@ -339,6 +357,12 @@ class ModelRegistry:
         models, self._loaded = list(self._loaded.values()), {}
         for m in models:
             await m.close()
+
+
+def _has_context(model: LlamaModel, ctx_size: int) -> bool:
+    """Whether `model` was loaded with the context a request asks for (as capped by its
+    training context, which a reload could not exceed either)."""
+    return model.ctx_size == min(ctx_size, model.info.context_length or ctx_size)
 
 
 def instance_key(name: str, index: int) -> str:

@@ -26,6 +26,9 @@ CORS_ORIGIN = web.RequestKey("cors_origin", str)
 OPEN_PATHS = frozenset({"/v0/health"})
 BLOBS = "/api/blobs/"
 """Model uploads: streamed to disk and verified, so the 50 MB body limit does not apply."""
+MANAGEMENT = frozenset({"/api/pull", "/api/push", "/api/create", "/api/copy", "/api/delete"})
+"""What `server.model_management: false` turns off (with blob uploads): the endpoints that
+change the store, for servers exposed to clients that should only run models."""
 _LOCAL_NAMES = {"localhost", "127.0.0.1", "::1", "0.0.0.0", "::"}
 _LOCAL_SCHEMES = {"app", "file", "tauri", "vscode-webview"}
 ALLOW_HEADERS = "Authorization, Content-Type, X-Request-ID, User-Agent, Accept"
@@ -89,6 +92,11 @@ def guard(settings: Settings) -> Middleware:
             response = error_response(
                 request, Unauthorized("missing or invalid API key (Authorization: Bearer <key>)")
             )
+        elif not settings.model_management and _manages_models(request):
+            response = error_response(
+                request,
+                Forbidden(f"{request.path}: model management is disabled on this server"),
+            )
         elif request.app[DRAINING][0] and request.path not in OPEN_PATHS:
             response = error_response(request, Overloaded("the server is shutting down"))
         else:
@@ -109,6 +117,10 @@ async def add_cors_headers(request: web.Request, response: web.StreamResponse) -
         response.headers["Access-Control-Allow-Methods"] = ALLOW_METHODS
         response.headers["Access-Control-Allow-Headers"] = ALLOW_HEADERS
         response.headers["Access-Control-Max-Age"] = "600"
+
+
+def _manages_models(request: web.Request) -> bool:
+    return request.path in MANAGEMENT or request.path.startswith(BLOBS)
 
 
 def _authorized(request: web.Request, keys: list[bytes]) -> bool:

@@ -21,11 +21,11 @@ MODEL_NAME = web.RequestKey("model_name", str)
 
 
 async def load_model(
-    request: web.Request, name: str, keep_alive: float | None = None
+    request: web.Request, name: str, keep_alive: float | None = None, ctx_size: int | None = None
 ) -> LlamaModel:
     """The loaded model `name` (loading it on demand); remembers it on the request."""
     request[MODEL_NAME] = name
-    return await request.app[REGISTRY].get(name, keep_alive)
+    return await request.app[REGISTRY].get(name, keep_alive, ctx_size)
 
 
 async def parse_body(request: web.Request, model: type[M]) -> M:

@@ -82,6 +82,11 @@ async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         resp = error_response(request, err)
         resp.headers["Allow"] = ",".join(sorted(e.allowed_methods))
         return resp
+    except web.HTTPException:
+        raise
+    except Exception as e:  # a bug: logged with its traceback, the client gets the error shape
+        log.exception("%s %s -> 500: unexpected %s", request.method, request.path, type(e).__name__)
+        return error_response(request, XllmError(f"internal error ({type(e).__name__})"))
 
 
 @web.middleware

@@ -18,7 +18,7 @@ async def chat(request: web.Request) -> web.StreamResponse:
     if not body.messages:
         empty = {"role": "assistant", "content": ""}
         return await reply.load_or_unload(request, body.model, body.keep_alive, "message", empty)
-    model = await reply.model_for(request, body.model, body.keep_alive, timer)
+    model = await reply.model_for(request, body.model, body.keep_alive, timer, body.options)
     serving.require(model, body.model, "completion")
     has_images = any(m.images for m in body.messages)
     serving.check_images(model, body.model, has_images, "messages")

@@ -17,7 +17,7 @@ async def generate(request: web.Request) -> web.StreamResponse:
     body = await parse_body(request, GenerateRequest)
     if not body.prompt and not body.images and not body.suffix:
         return await reply.load_or_unload(request, body.model, body.keep_alive, "response", "")
-    model = await reply.model_for(request, body.model, body.keep_alive, timer)
+    model = await reply.model_for(request, body.model, body.keep_alive, timer, body.options)
     serving.require(model, body.model, "completion")
     serving.check_images(model, body.model, bool(body.images), "images")
     reply.check_think(model, body.model, body.think)

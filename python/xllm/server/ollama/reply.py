@@ -121,9 +121,15 @@ class Timer:
 
 
 async def model_for(
-    request: web.Request, name: str, keep_alive: KeepAlive | None, timer: Timer
+    request: web.Request,
+    name: str,
+    keep_alive: KeepAlive | None,
+    timer: Timer,
+    options: Options | None = None,
 ) -> LlamaModel:
-    model = await load_model(request, name, keep_alive_seconds(keep_alive))
+    """The model, loaded with the request's `num_ctx` if it gives one."""
+    ctx_size = options.num_ctx if options is not None else None
+    model = await load_model(request, name, keep_alive_seconds(keep_alive), ctx_size)
     timer.loaded = time.perf_counter()
     return model
 

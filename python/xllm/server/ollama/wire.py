@@ -76,16 +76,24 @@ def keep_alive_seconds(value: KeepAlive | None) -> float | None:
     if value is None:
         return None
     if isinstance(value, int | float) and not isinstance(value, bool):
-        return float(value)
+        return _forever_if_huge(float(value))
     text = str(value).strip()
     if re.fullmatch(r"-?\d+(\.\d+)?", text):
-        return float(text)
+        return _forever_if_huge(float(text))
     units = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1, "m": 60, "h": 3600}
     parts = re.findall(r"(\d+(?:\.\d+)?)(ns|us|µs|ms|s|m|h)", text)
     sign = -1.0 if text.startswith("-") else 1.0
     if not parts or "".join(n + u for n, u in parts) != text.lstrip("-"):
         raise ValueError(f"keep_alive: invalid duration {value!r}")
-    return sign * sum(float(n) * units[u] for n, u in parts)
+    return _forever_if_huge(sign * sum(float(n) * units[u] for n, u in parts))
+
+
+_MAX_KEEP_ALIVE_S = 100 * 365 * 86400
+
+
+def _forever_if_huge(seconds: float) -> float:
+    """Past a century (beyond what a timestamp can say, for the largest), it means forever."""
+    return -1.0 if seconds > _MAX_KEEP_ALIVE_S else seconds
 
 
 class _WithKeepAlive(Wire):
