@@ -3,6 +3,7 @@ while another tenant streams without an error; hostile schemas are a 400, fast."
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from pathlib import Path
@@ -50,14 +51,21 @@ def test_a_thousand_unique_schemas(tmp_path: Path, tiny_path: Path) -> None:
                 assert _ask(client, s.url, _schema(-1 - i)).status_code == 200
             before = _rss_mib(s.proc.pid) + _rss_mib(runner)
             errors: list[str] = []
+            finishes: list[str] = []
 
             def tenant() -> None:
                 body = {"model": MODEL, "prompt": "Hi", "max_tokens": 200, "ignore_eos": True}
                 with httpx.stream("POST", f"{s.url}/v1/completions", json={**body, "stream": True},
                                   timeout=120) as r:  # fmt: skip
                     for line in r.iter_lines():
-                        if "error" in line:
+                        if line.startswith("event: error"):
                             errors.append(line)
+                        elif line.startswith("data: {"):
+                            event = json.loads(line[6:])
+                            if "error" in event:
+                                errors.append(line)
+                            elif event["choices"][0]["finish_reason"]:
+                                finishes.append(event["choices"][0]["finish_reason"])
 
             other = threading.Thread(target=tenant)
             other.start()
@@ -69,7 +77,7 @@ def test_a_thousand_unique_schemas(tmp_path: Path, tiny_path: Path) -> None:
             other.join()
             grown = _rss_mib(s.proc.pid) + _rss_mib(runner) - before
         print(f"1000 unique schemas in {elapsed:.1f} s; server+runner RSS grew {grown:.0f} MiB")
-        assert errors == []
+        assert errors == [] and finishes == ["length"]  # the other tenant's stream completed
         assert grown < 200
         health = httpx.get(f"{s.url}/v0/health").json()["models"][0]
         assert health["runner_pid"] == runner  # the runner never died
