@@ -68,7 +68,7 @@ class _EngineCollector(Collector):
             for key, family in families.items():
                 if key in stats:
                     family.add_metric([name], float(stats[key]))
-            plan = getattr(model, "plan", None)  # the memory plan it was loaded with
+            plan = model.plan  # the memory plan it was loaded with
             ram.add_metric([name], float(plan.ram if plan else model.info.size))
             vram.add_metric([name], float(plan.vram if plan else 0))
         yield from families.values()

@@ -8,8 +8,12 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from xllm.models.store import Store, StoredModel
 
 
 def add_parsers(commands: Any) -> None:
@@ -23,38 +27,42 @@ def add_parsers(commands: Any) -> None:
     p.set_defaults(func=import_)
 
 
-def export(args: argparse.Namespace) -> int:
+def _with_store(
+    args: argparse.Namespace, work: Callable[[Store], StoredModel], done: Callable[[str], str]
+) -> int:
+    """Run `work` on the local store; its errors (and the archive file's) as one line."""
     from xllm.config import load_settings
     from xllm.errors import XllmError
-    from xllm.models import archive
-    from xllm.models.names import parse_name
     from xllm.models.store import Store
 
     try:
-        model = archive.export(Store(load_settings().models_dir), parse_name(args.model), args.path)
+        model = work(Store(load_settings().models_dir))
     except XllmError as e:
         print(f"Error: {e.message}", file=sys.stderr)
         return 1
     except OSError as e:
         print(f"Error: {args.path}: {e.strerror or e}", file=sys.stderr)
         return 1
-    print(f"exported '{model.name}' to {args.path}")
+    print(done(str(model.name)))
     return 0
+
+
+def export(args: argparse.Namespace) -> int:
+    from xllm.models import archive
+    from xllm.models.names import parse_name
+
+    return _with_store(
+        args,
+        lambda store: archive.export(store, parse_name(args.model), args.path),
+        lambda name: f"exported '{name}' to {args.path}",
+    )
 
 
 def import_(args: argparse.Namespace) -> int:
-    from xllm.config import load_settings
-    from xllm.errors import XllmError
     from xllm.models import archive
-    from xllm.models.store import Store
 
-    try:
-        model = archive.import_sync(Store(load_settings().models_dir), args.path, args.name)
-    except XllmError as e:
-        print(f"Error: {e.message}", file=sys.stderr)
-        return 1
-    except OSError as e:
-        print(f"Error: {args.path}: {e.strerror or e}", file=sys.stderr)
-        return 1
-    print(f"imported '{model.name}'")
-    return 0
+    return _with_store(
+        args,
+        lambda store: archive.import_sync(store, args.path, args.name),
+        lambda name: f"imported '{name}'",
+    )

@@ -159,8 +159,7 @@ class ModelRegistry:
         if keep_alive is not None:
             for m in self.instances(found.name):
                 m.keep_alive = keep_alive
-        if self._reaper is None or self._reaper.done():
-            self._reaper = asyncio.create_task(self._watch())
+        self._ensure_watch()
         return model
 
     async def preload(self, name: str) -> None:
@@ -170,6 +169,10 @@ class ModelRegistry:
             key = instance_key(found.name, i)
             if key not in self._loaded:
                 await self._get_loading(found, key)
+        self._ensure_watch()
+
+    def _ensure_watch(self) -> None:
+        """The watch runs while models are loaded (it ends when none are left)."""
         if self._reaper is None or self._reaper.done():
             self._reaper = asyncio.create_task(self._watch())
 
