@@ -99,9 +99,9 @@ def test_summary_is_cached_on_disk(tmp_path: Path, tiny_path: Path) -> None:
 def test_verify_detects_bit_rot(tmp_path: Path, tiny_path: Path) -> None:
     s = Store(tmp_path)
     digest = _model(s, tiny_path, "m").layers[0].digest
-    assert s.verify(digest)
+    assert s.verify([digest]) is None
     path = s.blob_path(digest)
     data = bytearray(path.read_bytes())
     data[100] ^= 1
     path.write_bytes(bytes(data))
-    assert not s.verify(digest)
+    assert s.verify([digest]) == digest

@@ -200,6 +200,17 @@ def upload(path: Path, progress: Progress) -> str:
     return digest
 
 
+def upload_model(path: Path, progress: Progress) -> dict[str, str]:
+    """Upload a GGUF (every file of a split one): `files` for /api/create."""
+    from xllm.models import gguf
+
+    try:
+        files = gguf.model_files(path)
+    except gguf.GGUFError as e:
+        raise ValueError(e.message) from None
+    return {f.name: upload(f, progress) for f in files}
+
+
 def create(args: argparse.Namespace) -> int:
     from xllm.models import modelfile
 
@@ -216,7 +227,7 @@ def create(args: argparse.Namespace) -> int:
         progress.update({"status": "gathering model components"})
         local = _local_file(mf.from_, path.parent)
         if local is not None:
-            body["files"] = {local.name: upload(local, progress)}
+            body["files"] = upload_model(local, progress)
         else:
             body["from"] = mf.from_
         if mf.adapters:

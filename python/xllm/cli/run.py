@@ -204,8 +204,7 @@ def _from_file(value: str) -> str:
     name = names.name_for_path(path)
     progress = Progress()
     try:
-        digest = models.upload(path, progress)
-        body = {"model": name, "files": {path.name: digest}}
+        body = {"model": name, "files": models.upload_model(path, progress)}
         for record in client.stream("POST", "/api/create", body):
             progress.update(record)
     finally:

@@ -29,10 +29,16 @@ class LlamaCppEngine:
         if options.tensor_split:
             split = (ctypes.c_float * len(options.tensor_split))(*options.tensor_split)
             mparams.tensor_split = split  # kept alive by `split` until the load returns
-        model = lc.llama_model_load_from_file(str(path).encode(), mparams)
+        if options.splits:  # blobs in the store are not named as llama.cpp finds shards
+            files = [str(path).encode(), *(s.encode() for s in options.splits)]
+            paths = (ctypes.c_char_p * len(files))(*files)
+            model = lc.llama_model_load_from_splits(paths, len(files), mparams)
+        else:
+            model = lc.llama_model_load_from_file(str(path).encode(), mparams)
         if not model:
             raise ValueError(f"llama.cpp could not load {path} (see its log above)")
         self._model = model
+        self._adapters = self._load_adapters(options.adapters)
         self._vocab = lc.llama_model_get_vocab(model)
         self._path = path
         self._options = options
@@ -61,6 +67,7 @@ class LlamaCppEngine:
                 f"{options.parallel} sequences for {path} (out of memory?)"
             )
         self._ctx = ctx
+        self._apply_adapters(ctx)
         self.ctx_size = min(ctx_size, int(lc.llama_n_ctx_seq(ctx)))
         self._embed_ctx: Any = None
         self._embed_lock = threading.Lock()
@@ -81,6 +88,26 @@ class LlamaCppEngine:
         self.fileno = self._core.fileno
         self.poll = self._core.poll
         self.stats = self._core.stats
+
+    def _load_adapters(self, paths: tuple[str, ...]) -> list[Any]:
+        """LoRA adapters over the model (freed with it); ValueError naming one that fails."""
+        adapters = []
+        for p in paths:
+            adapter = lc.llama_adapter_lora_init(self._model, p.encode())
+            if not adapter:
+                lc.llama_model_free(self._model)
+                raise ValueError(f"llama.cpp could not load the LoRA adapter {p} (see its log)")
+            adapters.append(adapter)
+        return adapters
+
+    def _apply_adapters(self, ctx: Any) -> None:
+        if not self._adapters:
+            return
+        n = len(self._adapters)
+        adapters = (lc.llama_adapter_lora_p_ctypes * n)(*self._adapters)
+        scales = (ctypes.c_float * n)(*([1.0] * n))
+        if lc.llama_set_adapters_lora(ctx, adapters, n, scales):
+            raise RuntimeError("llama.cpp could not apply the model's LoRA adapters")
 
     def _read_metadata(self) -> dict[str, str]:
         out: dict[str, str] = {}
@@ -157,6 +184,7 @@ class LlamaCppEngine:
         ctx = lc.llama_init_from_model(self._model, cparams)
         if not ctx:
             raise RuntimeError("llama.cpp could not create an embeddings context")
+        self._apply_adapters(ctx)
         return ctx
 
     def close(self) -> None:

@@ -30,6 +30,10 @@ class EngineOptions:
     """How long an idle model stays loaded unless a request says otherwise."""
     chat_template: str | None = None
     """A stored model's Modelfile TEMPLATE (Jinja2), in place of the GGUF's own."""
+    splits: tuple[str, ...] = ()
+    """The further files of a GGUF split into several, in order (the model path is the first)."""
+    adapters: tuple[str, ...] = ()
+    """LoRA adapter files applied over the weights (scale 1, as Ollama's ADAPTER)."""
 
     def resolved_threads(self) -> int:
         return self.threads or (os.cpu_count() or 1)

@@ -22,7 +22,7 @@ from xllm.errors import InsufficientMemory, ModelLoadError, ModelNotFound
 from xllm.memory import planner, probe
 from xllm.models import gguf, gotemplate, names
 from xllm.models.modelfile import Modelfile, is_go_template
-from xllm.models.store import Store, StoredModel
+from xllm.models.store import ADAPTER, Store, StoredModel
 
 log = logging.getLogger("xllm.models")
 
@@ -203,11 +203,17 @@ class ModelRegistry:
         name, path = found.name, found.path
         log.info("loading model %s from %s", key, path)
         t0 = time.perf_counter()
-        modelfile = found.stored.modelfile if found.stored is not None else Modelfile()
+        stored = found.stored
+        modelfile = stored.modelfile if stored is not None else Modelfile()
         try:
-            # the header is checked before llama.cpp ever opens the file
-            header = await asyncio.to_thread(gguf.read, path)
+            # every header is checked before llama.cpp ever opens a file
+            files = stored.files if stored else await asyncio.to_thread(gguf.model_files, path)
+            header = await asyncio.to_thread(gguf.read_model, files)
+            adapters = stored.adapter_paths if stored is not None else ()
             o = _with_modelfile(self.options, name, modelfile)
+            o = dataclasses.replace(
+                o, splits=tuple(map(str, files[1:])), adapters=tuple(map(str, adapters))
+            )
             if ctx_size is not None:  # the request's, over the Modelfile's and the server's
                 o = dataclasses.replace(o, ctx_size=ctx_size)
             gpus = probe.gpus()
@@ -215,6 +221,9 @@ class ModelRegistry:
                 header, ctx_size=o.ctx_size, parallel=o.parallel, batch_size=o.batch_size,
                 gpus=gpus, gpu_layers=o.gpu_layers,
             )  # fmt: skip
+            if adapters:  # llama.cpp keeps each adapter's tensors in memory beside the model
+                extra = sum(p.stat().st_size for p in adapters)
+                plan = dataclasses.replace(plan, weights=plan.weights + extra)
             await self._make_room(key, plan)
             if o.gpu_layers < 0:
                 o = dataclasses.replace(o, gpu_layers=plan.gpu_layers)
@@ -260,11 +269,13 @@ class ModelRegistry:
     async def _check_blob(self, stored: StoredModel) -> None:
         """After a stored model failed to load: is its file still what was downloaded?"""
         assert self.store is not None
-        digest = stored.model_digest
-        if not await asyncio.to_thread(self.store.verify, digest):
+        layers = [stored.model_digest, *stored.shard_digests]
+        layers += [x.digest for x in stored.manifest.all(ADAPTER)]
+        digest = await asyncio.to_thread(self.store.verify, layers)
+        if digest is not None:
             raise ModelLoadError(
-                f"the file of model {stored.name.display!r} ({stored.model_path}) is corrupt: "
-                f"its SHA-256 no longer matches {digest}; remove it with "
+                f"the file of model {stored.name.display!r} ({self.store.blob_path(digest)}) is "
+                f"corrupt: its SHA-256 no longer matches {digest}; remove it with "
                 f"`xllm rm {stored.name.display}` and pull it again"
             )
 

@@ -42,8 +42,9 @@ def main(fd: int, name: str, path: Path, options_json: str) -> int:
     _die_with_parent()
     # Ctrl-C in a terminal reaches the whole process group; the server decides when we stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    raw = json.loads(options_json)
-    options = EngineOptions(**{**raw, "tensor_split": tuple(raw.get("tensor_split", ()))})
+    raw: dict[str, Any] = json.loads(options_json)
+    fields: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()}
+    options = EngineOptions(**fields)
     import uvloop
 
     uvloop.run(_serve(socket.socket(fileno=fd), name, path, options))

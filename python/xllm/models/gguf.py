@@ -7,6 +7,9 @@ turns its result into typed values and its ValueError into a 400 that names the 
 
 from __future__ import annotations
 
+import dataclasses
+import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -14,6 +17,10 @@ from typing import Any
 from xllm._core import read_gguf
 from xllm.errors import InvalidRequest
 
+SPLIT_COUNT = "split.count"
+SPLIT_NO = "split.no"
+_SPLIT_NAME = re.compile(r"^(.+)-(\d{5})-of-(\d{5})\.gguf$")
+"""llama.cpp's names for the files of a split model (`llama_split_path`)."""
 SUMMARY_ARRAY_LEN = 1024
 """Without `keep_arrays`, arrays longer than this (vocabularies) are checked but not returned;
 per-layer values (one per block) stay."""
@@ -75,3 +82,61 @@ def read(path: Path, keep_arrays: bool = False) -> GGUF:
         data_offset=h["data_offset"],
         file_size=h["file_size"],
     )
+
+
+def split_count(g: GGUF) -> int:
+    """Into how many files the model of `g` is split (1: not split)."""
+    n = g.metadata.get(SPLIT_COUNT, 1)
+    return n if isinstance(n, int) and not isinstance(n, bool) and n > 0 else 1
+
+
+def model_files(path: Path) -> list[Path]:
+    """Every file of the model whose (first) file is `path`: just it, or for a split model its
+    siblings as llama.cpp names them, `<prefix>-00001-of-0000N.gguf` to `-0000N-of-0000N`."""
+    g = read(path)
+    n = split_count(g)
+    if n == 1:
+        return [path]
+    m = _SPLIT_NAME.match(path.name)
+    if g.metadata.get(SPLIT_NO, 0) != 0 or m is None or int(m.group(2)) != 1:
+        raise GGUFError(
+            f"{path.name} is part of a model split into {n} files: name its first file, "
+            f"<prefix>-00001-of-{n:05d}.gguf"
+        )
+    files = [path.with_name(f"{m.group(1)}-{i:05d}-of-{n:05d}.gguf") for i in range(1, n + 1)]
+    missing = [f.name for f in files if not f.is_file()]
+    if missing:
+        raise GGUFError(f"{path.name}: the split model's {', '.join(missing)} not found")
+    return files
+
+
+def read_model(files: Sequence[Path], keep_arrays: bool = False) -> GGUF:
+    """The header of a model in `files` (one, or every file of a split model in order): the
+    first file's metadata with the tensors of all of them."""
+    first = read(files[0], keep_arrays)
+    if len(files) == 1 and split_count(first) == 1:
+        return first
+    return merge([first, *(read(f) for f in files[1:])])
+
+
+def merge(shards: Sequence[GGUF]) -> GGUF:
+    """One view of the files of a split model, checked to be all of them, in order."""
+    first = shards[0]
+    n = split_count(first)
+    if n != len(shards):
+        raise GGUFError(
+            f"{first.path.name}: the model is split into {n} files, but {len(shards)} were given"
+        )
+    for i, shard in enumerate(shards):
+        if shard.metadata.get(SPLIT_NO, 0) != i or split_count(shard) != n:
+            raise GGUFError(f"{shard.path.name} is not file {i + 1} of {n} of the split model")
+    tensors = [t for shard in shards for t in shard.tensors]
+    declared = first.metadata.get("split.tensors.count")
+    if isinstance(declared, int) and declared != len(tensors):
+        raise GGUFError(
+            f"{first.path.name}: the split model declares {declared} tensors, its files hold "
+            f"{len(tensors)}"
+        )
+    if len({t.name for t in tensors}) != len(tensors):
+        raise GGUFError(f"{first.path.name}: a tensor appears in more than one file of the split")
+    return dataclasses.replace(first, tensors=tensors, file_size=sum(s.file_size for s in shards))

@@ -151,8 +151,9 @@ def bundled_path(name: str) -> Path | None:
 
 
 def name_for_path(path: Path) -> str:
-    """The name a model given by file path is served under: its file name without `.gguf`."""
-    stem = path.name.removesuffix(".gguf")
+    """The name a model given by file path is served under: its file name without `.gguf`
+    (and without `-00001-of-0000N` for the first file of a split model)."""
+    stem = re.sub(r"-\d{5}-of-\d{5}$", "", path.name.removesuffix(".gguf"))
     stem = re.sub(r"[^A-Za-z0-9_.-]", "-", stem).lstrip("-._") or "model"
     stem = re.sub(r"\.{2,}", ".", stem)[:MAX_PART].rstrip(".") or "model"
     return f"{stem}:latest"

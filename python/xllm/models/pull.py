@@ -28,7 +28,7 @@ from xllm.models.gguf import GGUFError
 from xllm.models.hub import NotOnHub, hub_remote
 from xllm.models.names import DEFAULT_HOST, DEFAULT_NAMESPACE, ModelName
 from xllm.models.remote import Remote, registry_base, registry_remote, repo_url
-from xllm.models.store import CHUNK, MANIFEST_TYPE, MODEL, Layer, Store
+from xllm.models.store import CHUNK, MANIFEST_TYPE, MODEL, SHARD, Layer, Store
 
 log = logging.getLogger("xllm.pull")
 
@@ -78,7 +78,8 @@ async def pull(
                         yield record
                 yield {"status": "verifying sha256 digest"}
                 try:
-                    await asyncio.to_thread(store.summary, model_layer.digest)
+                    shards = [x.digest for x in remote.manifest.all(SHARD)]
+                    await asyncio.to_thread(store.summary, model_layer.digest, shards)
                 except GGUFError as e:
                     raise RegistryError(
                         f"{remote.origin} sent a model file xllm refuses: {e.message}"

@@ -48,6 +48,9 @@ LICENSE = _IMAGE + "license"
 ADAPTER = _IMAGE + "adapter"
 MESSAGES = _IMAGE + "messages"
 PROJECTOR = _IMAGE + "projector"
+SHARD = "application/vnd.xllm.model.shard"
+"""The further files of a GGUF split into several, in order after the model layer (the
+first file, which holds the metadata). Ollama has no media type for them."""
 MAX_LAYERS = 64
 MAX_MANIFEST = 1 << 20
 """Manifests are a few hundred bytes; anything past 1 MiB is refused unread."""
@@ -80,7 +83,9 @@ class Layer:
             not isinstance(media, str)
             or not 0 < len(media) <= 100
             or not set(media) <= _MEDIA_TYPE_CHARS
-            or not media.startswith(("application/vnd.ollama.", "application/vnd.docker."))
+            or not media.startswith(
+                ("application/vnd.ollama.", "application/vnd.docker.", "application/vnd.xllm.")
+            )
         ):
             raise ManifestError(f"unsupported layer media type {str(media)[:100]!r}")
         if not isinstance(size, int) or isinstance(size, bool) or not 0 <= size <= MAX_BLOB:
@@ -133,6 +138,9 @@ class Manifest:
     def find(self, media_type: str) -> Layer | None:
         return next((x for x in self.layers if x.media_type == media_type), None)
 
+    def all(self, media_type: str) -> list[Layer]:
+        return [x for x in self.layers if x.media_type == media_type]
+
     @property
     def size(self) -> int:
         return sum(x.size for x in self.blobs())
@@ -147,6 +155,10 @@ class StoredModel:
     """sha256:<hex> of the manifest file (the ID `list` shows)."""
     manifest: Manifest
     model_path: Path
+    shard_paths: tuple[Path, ...]
+    """The further files of a split model, in order (none for one file)."""
+    adapter_paths: tuple[Path, ...]
+    """LoRA adapters applied over the model's weights."""
     size: int
     modified: float
     modelfile: Modelfile
@@ -157,6 +169,15 @@ class StoredModel:
         layer = self.manifest.find(MODEL)
         assert layer is not None  # a StoredModel always has one
         return layer.digest
+
+    @property
+    def shard_digests(self) -> list[str]:
+        return [x.digest for x in self.manifest.all(SHARD)]
+
+    @property
+    def files(self) -> list[Path]:
+        """The model's GGUF files: the first (metadata) and the shards of a split model."""
+        return [self.model_path, *self.shard_paths]
 
 
 class Partial:
@@ -305,6 +326,8 @@ class Store:
             digest="sha256:" + hashlib.sha256(raw).hexdigest(),
             manifest=manifest,
             model_path=self.blob_path(model_layer.digest),
+            shard_paths=tuple(self.blob_path(x.digest) for x in manifest.all(SHARD)),
+            adapter_paths=tuple(self.blob_path(x.digest) for x in manifest.all(ADAPTER)),
             size=manifest.size,
             modified=mtime,
             modelfile=self._modelfile(manifest),
@@ -530,8 +553,9 @@ class Store:
 
     # --- metadata ----------------------------------------------------------------------------
 
-    def summary(self, digest: str) -> summary.Summary:
-        """The GGUF facts of model blob `digest`, read once and kept beside the blobs.
+    def summary(self, digest: str, shards: Iterable[str] = ()) -> summary.Summary:
+        """The GGUF facts of model blob `digest` (with the `shards` of a split model, in
+        order), read once and kept beside the blobs.
 
         GGUFError (a 400) for a blob that is not a well-formed GGUF.
         """
@@ -543,19 +567,24 @@ class Store:
         with contextlib.suppress(OSError, ValueError):
             facts = summary.Summary.from_json(json.loads(path.read_bytes()))
         if facts is None:
-            facts = summary.summarize(self.blob_path(digest))
+            files = [self.blob_path(d) for d in (digest, *shards)]
+            facts = summary.summarize(files)
             with contextlib.suppress(OSError):
                 self.metadata_dir.mkdir(parents=True, exist_ok=True)
                 self._write_file(path, json.dumps(facts.to_json()).encode())
         self._summaries[digest] = facts
         return facts
 
-    def verify(self, digest: str) -> bool:
-        """Whether blob `digest` still hashes to its name (a full read of the file)."""
-        try:
-            return "sha256:" + file_sha256(self.blob_path(digest)) == parse_digest(digest)
-        except OSError:
-            return False
+    def verify(self, digests: Iterable[str]) -> str | None:
+        """The first of blobs `digests` that no longer hashes to its name (a full read of each
+        file), or None when all do."""
+        for digest in digests:
+            try:
+                if "sha256:" + file_sha256(self.blob_path(digest)) != parse_digest(digest):
+                    return digest
+            except OSError:
+                return digest
+        return None
 
     def free_bytes(self) -> int:
         self._ensure_dirs()

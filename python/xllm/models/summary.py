@@ -7,6 +7,7 @@ any other file it is cached in memory per (path, size, mtime).
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -49,9 +50,11 @@ class Summary:
             return None
 
 
-def summarize(path: Path) -> Summary:
-    """Read `path`'s header (GGUFError, a 400, for a malformed one)."""
-    header = gguf.read(path)
+def summarize(files: Sequence[Path]) -> Summary:
+    """Read the header of the model in `files` (one, or every file of a split model);
+    GGUFError, a 400, for a malformed one."""
+    header = gguf.read_model(files)
+    path = files[0]
     meta = header.metadata
     arch = header.architecture or "unknown"
     ftype = meta.get("general.file_type")
@@ -84,7 +87,7 @@ def of_file(path: Path) -> Summary:
 
 @lru_cache(maxsize=256)
 def _cached(path: Path, size: int, mtime_ns: int) -> Summary:
-    return summarize(path)
+    return summarize(gguf.model_files(path))
 
 
 def params_label(n: int) -> str:

@@ -1,8 +1,10 @@
 """`POST /api/create` and `POST /api/copy`: new models from stored, bundled or uploaded ones.
 
-`create` takes the current ollama client's structured fields (`from` or `files`, `template`,
-`system`, `parameters`, `messages`, `license`) or an older client's `modelfile` text; each
-becomes a layer of the new manifest, the rest is inherited from the base model.
+`create` takes the current ollama client's structured fields (`from` or `files`, `adapters`,
+`template`, `system`, `parameters`, `messages`, `license`) or an older client's `modelfile` text;
+each becomes a layer of the new manifest, the rest is inherited from the base model. `files`
+may be every file of a GGUF split into several; `adapters` are LoRA GGUFs, checked against the
+base model's tensors before they are kept.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from pydantic import ValidationError
 
 from xllm.engine.registry import ModelRegistry
 from xllm.errors import InvalidRequest, ModelNotFound
-from xllm.models import gotemplate, modelfile, store, summary
+from xllm.models import adapter, gguf, gotemplate, modelfile, store, summary
 from xllm.models.gguf import GGUFError
 from xllm.models.modelfile import is_go_template
 from xllm.models.names import ModelName, parse_digest
@@ -30,16 +32,18 @@ from xllm.server.state import REGISTRY
 
 
 async def _base(registry: ModelRegistry, name: str) -> Manifest:
-    """The manifest of model `name`; a bundled or command-line model's file is copied into
-    the store first (its manifest then has the model layer only)."""
+    """The manifest of model `name`; a bundled or command-line model's file (or files, split)
+    is copied into the store first (its manifest then has the model's layers only)."""
     found = registry.find(name)
     if found.stored is not None:
         return found.stored.manifest
-    assert registry.store is not None
-    digest = await registry.store.add_file(found.path)
-    size = registry.store.blob_path(digest).stat().st_size
-    layer = Layer(store.MODEL, digest, size)
-    return Manifest(layer, (layer,))
+    s = registry.store
+    assert s is not None
+    layers = []
+    for i, path in enumerate(await asyncio.to_thread(gguf.model_files, found.path)):
+        digest = await s.add_file(path)
+        layers.append(Layer(store.SHARD if i else store.MODEL, digest, path.stat().st_size))
+    return Manifest(layers[0], tuple(layers))
 
 
 async def copy(request: web.Request) -> web.Response:
@@ -62,10 +66,11 @@ async def _write_model(
 ) -> StoredModel:
     """Publish a manifest of `layers` (blobs present, one model layer) with a config blob."""
     model = next(x for x in layers if x.media_type == store.MODEL)
+    shards = [x.digest for x in layers if x.media_type == store.SHARD]
     try:
-        facts = await asyncio.to_thread(s.summary, model.digest)
+        facts = await asyncio.to_thread(s.summary, model.digest, shards)
     except GGUFError:  # a 400; an uploaded file no model uses is not kept
-        await asyncio.to_thread(s.remove_unused, [model.digest])
+        await asyncio.to_thread(s.remove_unused, [model.digest, *shards])
         raise
     config = json.dumps(
         {
@@ -98,10 +103,22 @@ def _merged(body: CreateRequest) -> CreateRequest:
     if mf.license:
         legacy["license"] = list(mf.license)
     if mf.adapters:
-        legacy["adapters"] = dict.fromkeys(mf.adapters, "")
+        legacy["adapters"] = {a: _uploaded(a) for a in mf.adapters}
     given = body.model_dump(exclude_none=True, by_alias=True)
     fields = {**{k: v for k, v in legacy.items() if v is not None}, **given}
     return CreateRequest.model_validate(fields, strict=False)
+
+
+def _uploaded(value: str) -> str:
+    """The digest an older client's Modelfile names an uploaded file by (`@sha256:<hex>`)."""
+    try:
+        return parse_digest(value.removeprefix("@"))
+    except InvalidRequest:
+        raise InvalidRequest(
+            f"ADAPTER {value[:100]}: upload the file with POST /api/blobs/<digest> and name it "
+            "by digest (ADAPTER @sha256:<hex>), or send `adapters`",
+            param="modelfile",
+        ) from None
 
 
 def _parameters(values: dict[str, Any]) -> dict[str, Any]:
@@ -122,19 +139,15 @@ def _parameters(values: dict[str, Any]) -> dict[str, Any]:
 async def _from(registry: ModelRegistry, s: Store, body: CreateRequest) -> Manifest:
     """The manifest a new model starts from: an uploaded GGUF (`files`) or a model (`from`)."""
     if body.files:
-        if len(body.files) != 1 or not next(iter(body.files)).lower().endswith(".gguf"):
+        if not all(f.lower().endswith(".gguf") for f in body.files):
             raise InvalidRequest(
-                "files: give exactly one GGUF file (safetensors import is not supported yet)",
+                "files: give one GGUF file, or every file of a split GGUF (safetensors import "
+                "is not supported yet)",
                 param="files",
             )
-        digest = parse_digest(next(iter(body.files.values())))
-        if not s.has_blob(digest):
-            raise InvalidRequest(
-                f"files: blob {digest} not found; upload it with POST /api/blobs/{digest}",
-                param="files",
-            )
-        layer = Layer(store.MODEL, digest, s.blob_path(digest).stat().st_size)
-        return Manifest(layer, (layer,))
+        digests = [_blob(s, d, "files") for d in body.files.values()]
+        layers = await asyncio.to_thread(_split_layers, s, digests)
+        return Manifest(layers[0], layers)
     if not body.from_:
         raise InvalidRequest("neither 'from' nor 'files' was given", param="from")
     base = model_name(body.from_, "from")
@@ -146,6 +159,49 @@ async def _from(registry: ModelRegistry, s: Store, body: CreateRequest) -> Manif
         ) from None
 
 
+def _blob(s: Store, digest: str, param: str) -> str:
+    digest = parse_digest(digest)
+    if not s.has_blob(digest):
+        raise InvalidRequest(
+            f"{param}: blob {digest} not found; upload it with POST /api/blobs/{digest}",
+            param=param,
+        )
+    return digest
+
+
+def _split_layers(s: Store, digests: list[str]) -> tuple[Layer, ...]:
+    """The model layer and, for the files of a split GGUF, its shards in their own order
+    (`split.no`, whatever the client called them); whether they are all of them is checked
+    with the model's summary."""
+    try:
+        order = {d: gguf.read(s.blob_path(d)).metadata.get(gguf.SPLIT_NO, 0) for d in digests}
+    except GGUFError:
+        s.remove_unused(digests)
+        raise
+    ranked = sorted(set(digests), key=lambda d: order[d] if isinstance(order[d], int) else -1)
+    return tuple(
+        Layer(store.SHARD if i else store.MODEL, d, s.blob_path(d).stat().st_size)
+        for i, d in enumerate(ranked)
+    )
+
+
+def _adapter_layers(s: Store, base: Manifest, files: dict[str, str]) -> list[Layer]:
+    """ADAPTER layers for uploaded LoRA files (name -> digest), each checked against the base
+    model's tensors; a refused file is not kept."""
+    paths = [s.blob_path(x.digest) for x in (*base.all(store.MODEL), *base.all(store.SHARD))]
+    model = gguf.read_model(paths)
+    layers = []
+    for name, d in files.items():
+        try:
+            adapter.check(gguf.read(s.blob_path(d)), model, name)
+        except GGUFError as e:
+            s.remove_unused(files.values())
+            message = e.message.replace(s.blob_path(d).name, name)
+            raise InvalidRequest(f"adapters: {message}", param="adapters") from None
+        layers.append(Layer(store.ADAPTER, d, s.blob_path(d).stat().st_size))
+    return layers
+
+
 async def _create(registry: ModelRegistry, body: CreateRequest) -> list[Record]:
     body = _merged(body)
     name = model_name(body.target())
@@ -154,10 +210,6 @@ async def _create(registry: ModelRegistry, body: CreateRequest) -> list[Record]:
             "quantize: quantizing is not supported by xllm yet; create from a GGUF file "
             "that is already quantized",
             param="quantize",
-        )
-    if body.adapters:
-        raise InvalidRequest(
-            "adapters: LoRA adapters are not supported by xllm yet", param="adapters"
         )
     assert registry.store is not None
     s = registry.store
@@ -182,6 +234,14 @@ async def _create(registry: ModelRegistry, body: CreateRequest) -> list[Record]:
     replaced = set(texts) | ({store.LICENSE} if licenses is not None else set())
     layers = [x for x in base.layers if x.media_type not in replaced]
     records += [{"status": f"using existing layer {x.digest}"} for x in layers]
+    if body.adapters:
+        known = {x.digest for x in layers}
+        wanted = {k: _blob(s, d, "adapters") for k, d in body.adapters.items()}
+        for layer in await asyncio.to_thread(_adapter_layers, s, base, wanted):
+            if layer.digest not in known:
+                known.add(layer.digest)
+                records.append({"status": f"creating new layer {layer.digest}"})
+                layers.append(layer)
     for media, data in [*texts.items(), *((store.LICENSE, t.encode()) for t in licenses or [])]:
         digest = await s.add_bytes(data)
         records.append({"status": f"creating new layer {digest}"})

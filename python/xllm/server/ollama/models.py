@@ -91,9 +91,17 @@ def model_name(text: str, param: str = "model") -> ModelName:
         raise InvalidRequest(e.message, param=param) from None
 
 
+def _files(path: Path) -> list[Path]:
+    """A model file and, when it is the first of a split model, the others."""
+    try:
+        return gguf.model_files(path)
+    except gguf.GGUFError:
+        return [path]
+
+
 def _facts(registry: ModelRegistry, found: Resolved) -> summary.Summary:
     if found.stored is not None and registry.store is not None:
-        return registry.store.summary(found.stored.model_digest)
+        return registry.store.summary(found.stored.model_digest, found.stored.shard_digests)
     return summary.of_file(found.path)
 
 
@@ -111,7 +119,8 @@ def _tag(registry: ModelRegistry, name: str) -> tuple[float, dict[str, Any]]:
         digest = found.stored.digest.removeprefix("sha256:")
     else:
         st = found.path.stat()
-        modified, size, digest = st.st_mtime, st.st_size, file_digest(found.path)
+        modified, digest = st.st_mtime, file_digest(found.path)
+        size = sum(f.stat().st_size for f in _files(found.path))
     entry = {
         "name": name,
         "model": name,
@@ -161,6 +170,7 @@ def _show(registry: ModelRegistry, name: str, verbose: bool) -> dict[str, Any]:
         template=template or None,
         system=mf.system,
         messages=mf.messages,
+        adapters=tuple(map(str, found.stored.adapter_paths)) if found.stored else (),
         license=licenses,
     )
     text = (
