@@ -7,6 +7,7 @@ Both are written by the `gguf` package, llama.cpp's own writer, and load in llam
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from gguf import GGUFReader, GGUFValueType, GGUFWriter
@@ -37,9 +38,16 @@ def split(source: Path, out_dir: Path, shards: int) -> list[Path]:
     return paths
 
 
-def lora(base: Path, out: Path, rank: int = 4, seed: int = 0, strength: float = 1.0) -> Path:
+def lora(
+    base: Path,
+    out: Path,
+    rank: int = 4,
+    seed: int = 0,
+    strength: float = 1.0,
+    dtype: type[np.floating[Any]] = np.float32,
+) -> Path:
     """A LoRA adapter for `base`'s attention projections, with random A and B scaled by
-    `strength` (0: an adapter that changes nothing)."""
+    `strength` (0: an adapter that changes nothing), stored as `dtype`."""
     reader = GGUFReader(base)
     arch = str(reader.fields["general.architecture"].contents())
     rng = np.random.default_rng(seed)
@@ -51,8 +59,8 @@ def lora(base: Path, out: Path, rank: int = 4, seed: int = 0, strength: float = 
         if not t.name.endswith(("attn_q.weight", "attn_v.weight")):
             continue
         n_in, n_out = int(t.shape[0]), int(t.shape[1])  # ggml order: ne[0] is the input
-        a = (rng.standard_normal((rank, n_in)) / np.sqrt(n_in)).astype(np.float32)
-        b = (rng.standard_normal((n_out, rank)) * strength).astype(np.float32)
+        a = (rng.standard_normal((rank, n_in)) / np.sqrt(n_in)).astype(dtype)
+        b = (rng.standard_normal((n_out, rank)) * strength).astype(dtype)
         writer.add_tensor(f"{t.name}.lora_a", a)
         writer.add_tensor(f"{t.name}.lora_b", b)
     writer.write_header_to_file()

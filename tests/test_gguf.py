@@ -176,3 +176,24 @@ def test_vocabulary_read_in_full_when_asked(qwen_tools_path: Path) -> None:
     assert len(tokens) == g.arrays["tokenizer.ggml.tokens"][1] == 151936
     assert "<|fim_prefix|>" in tokens
     assert len(g.metadata["tokenizer.ggml.merges"]) == g.arrays["tokenizer.ggml.merges"][1]
+
+
+def test_split_model_reads_as_one(tmp_path: Path) -> None:
+    from tests import gguf_make
+
+    tiny = package_file("tinycoder", "models/tiny.gguf")
+    shards = gguf_make.split(tiny, tmp_path, 3)
+    assert gguf.model_files(shards[0]) == shards
+    whole, merged = gguf.read(tiny), gguf.read_model(shards)
+    assert [t.name for t in merged.tensors] == [t.name for t in whole.tensors]
+    assert [t.dims for t in merged.tensors] == [t.dims for t in whole.tensors]
+    assert merged.file_size == sum(p.stat().st_size for p in shards)
+    with pytest.raises(gguf.GGUFError, match="split into 3 files, but 1 were given"):
+        gguf.read_model(shards[:1])
+    with pytest.raises(gguf.GGUFError, match="is not file 2 of 3"):
+        gguf.read_model([shards[0], shards[2], shards[1]])
+    with pytest.raises(gguf.GGUFError, match="name its first file"):
+        gguf.model_files(shards[1])
+    shards[2].unlink()
+    with pytest.raises(gguf.GGUFError, match=r"00003-of-00003\.gguf not found"):
+        gguf.model_files(shards[0])

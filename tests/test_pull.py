@@ -21,7 +21,7 @@ import pytest
 from tests.upstream import MODEL_TYPE, Upstream, manifest, sha
 from xllm.config import Settings
 from xllm.errors import InsufficientStorage, InvalidRequest, ModelNotFound, RegistryError
-from xllm.models import download, updates
+from xllm.models import download, hub, updates
 from xllm.models import pull as pulling
 from xllm.models import store as store_module
 from xllm.models.names import parse_name
@@ -394,3 +394,32 @@ async def test_check_updates(store: Store, upstream: Upstream) -> None:
     assert updates.check(store, "../x") == "-"
     upstream.stop()
     assert updates.check(store, "hf.co/org/Tiny-GGUF:Q8_0") == updates.UNKNOWN
+
+
+@pytest.mark.parametrize(
+    ("files", "tag", "chosen"),
+    [
+        (["m-Q4_K_M.gguf", "m-Q8_0.gguf"], "latest", ["m-Q4_K_M.gguf"]),
+        (["m-Q4_K_M.gguf", "m-Q8_0.gguf"], "q8_0", ["m-Q8_0.gguf"]),
+        (["only.gguf"], "latest", ["only.gguf"]),
+        (
+            ["Q4_K_M/m-Q4_K_M-00002-of-00002.gguf", "Q4_K_M/m-Q4_K_M-00001-of-00002.gguf",
+             "Q8_0/m-Q8_0-00001-of-00001.gguf"],
+            "latest",
+            ["Q4_K_M/m-Q4_K_M-00001-of-00002.gguf", "Q4_K_M/m-Q4_K_M-00002-of-00002.gguf"],
+        ),
+        (
+            ["m-00001-of-00002.gguf", "m-00002-of-00002.gguf", "mmproj-f16.gguf"],
+            "latest",
+            ["m-00001-of-00002.gguf", "m-00002-of-00002.gguf"],
+        ),
+    ],
+)  # fmt: skip
+def test_choose_files(files: list[str], tag: str, chosen: list[str]) -> None:
+    assert hub.choose_files(files, tag, "org/m") == chosen
+
+
+def test_choose_files_refuses_an_incomplete_split() -> None:
+    files = ["m-Q4_K_M-00001-of-00003.gguf", "m-Q4_K_M-00003-of-00003.gguf"]
+    with pytest.raises(RegistryError, match=r"lacks m-Q4_K_M-00002-of-00003\.gguf"):
+        hub.choose_files(files, "latest", "org/m")
