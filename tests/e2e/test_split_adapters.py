@@ -8,6 +8,7 @@ against the same file unsplit, and an adapted model against llama.cpp itself
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -266,3 +267,18 @@ def test_bad_adapters_are_refused_and_not_kept(
         assert httpx.head(f"{srv.url}/api/blobs/{sha(data)}").status_code == 404
     assert httpx.get(f"{srv.url}/v0/health").json()["status"] == "ok"
     assert "Paris" in generate(srv, "whole")
+
+
+def test_plan_counts_every_shard(srv: Server, client: ollama.Client, files: dict[str, Any]) -> None:
+    client.pull("hf.co/org/Smol-GGUF")
+
+    def weights(model: str) -> int:
+        r = xllm(srv, "plan", model, "--json", cwd=files["dir"])
+        assert r.returncode == 0, r.stderr
+        return int(json.loads(r.stdout)["weights_bytes"])
+
+    whole = weights(str(files["whole"]))
+    assert weights(str(files["shards"][0])) == whole
+    assert weights("hf.co/org/Smol-GGUF") == whole  # a stored model
+    r = xllm(srv, "plan", str(files["shards"][1]), cwd=files["dir"])
+    assert r.returncode == 1 and "name its first file" in r.stderr

@@ -29,17 +29,22 @@ def add_parser(commands: Any) -> None:
     p.set_defaults(func=run)
 
 
-def _model_path(model: str) -> Path:
+def _model_files(model: str, models_dir: Path) -> list[Path]:
+    """The GGUF files of a path (every file of a split model), a stored model or a bundled one."""
     from xllm.errors import ModelNotFound
-    from xllm.models import names
+    from xllm.models import gguf, names
+    from xllm.models.store import Store
 
     path = Path(model)
     if path.is_file():
-        return path
+        return gguf.model_files(path)
+    stored = Store(models_dir).get(names.parse_name(model))
+    if stored is not None:
+        return stored.files
     found = names.bundled_path(names.canonical(model))
     if found is None:
         raise ModelNotFound(f"model {model!r} not found")
-    return found
+    return [found]
 
 
 def run(args: argparse.Namespace) -> int:
@@ -57,8 +62,9 @@ def run(args: argparse.Namespace) -> int:
         }
     )
     try:
-        path = _model_path(args.model)
-        header = gguf.read(path)
+        files = _model_files(args.model, s.models_dir)
+        header = gguf.read_model(files)
+        label = str(files[0]) if Path(args.model).is_file() else args.model
     except XllmError as e:
         print(f"Error: {e.message}", file=sys.stderr)
         return 1
@@ -79,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
         for kv in KV_TYPES
     }
     report = {
-        "model": str(path),
+        "model": label,
         "architecture": header.architecture,
         "layers": plan.layers,
         "ctx_size": min(s.ctx_size, header.arch_int("context_length") or s.ctx_size),
@@ -100,18 +106,18 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
-    _print(path, header.architecture, plan, report, total_ram)
+    _print(label, header.architecture, plan, report, total_ram)
     return 0
 
 
-def _print(path: Path, arch: str, plan: Plan, report: dict[str, Any], total_ram: int) -> None:
+def _print(label: str, arch: str, plan: Plan, report: dict[str, Any], total_ram: int) -> None:
     gpus = report["gpus"]
     where = (
         "CPU only (no GPU found)"
         if not gpus
         else f"{plan.gpu_layers}/{plan.layers + 1} layers on {len(gpus)} GPU(s)"
     )
-    print(f"{path.name}  ({arch}, {plan.layers} layers)")
+    print(f"{Path(label).name}  ({arch}, {plan.layers} layers)")
     print(f"  context      {report['ctx_size']} x {report['parallel']} sequences")
     print(f"  weights      {human_bytes(plan.weights)}")
     print(f"  KV cache     {human_bytes(plan.kv)}  (f16)")
