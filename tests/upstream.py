@@ -267,12 +267,7 @@ class Upstream:
                 status=404,
                 headers={"X-Error-Code": "RepoNotFound"},
             )
-        siblings: list[dict[str, Any]] = []
-        for name, data in files.items():
-            entry: dict[str, Any] = {"rfilename": name, "size": len(data), "blobId": "0" * 40}
-            if name.endswith(".gguf"):
-                entry["lfs"] = {"sha256": sha(data)[7:], "size": len(data), "pointerSize": 134}
-            siblings.append(entry)
+        siblings = [hf_sibling(name, data) for name, data in files.items()]
         return web.json_response(
             {"id": repo, "sha": self.hf_sha, "private": False, "siblings": siblings}
         )
@@ -298,6 +293,29 @@ class Upstream:
     async def _cdn(self, request: web.Request) -> web.StreamResponse:
         self.auth_seen.append((request.path, request.headers.get("Authorization")))
         return await self._send(request, request.match_info["digest"])
+
+
+def git_blob_id(data: bytes) -> str:
+    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+
+
+LFS_SUFFIXES = (".gguf", ".safetensors", ".bin")
+"""What the Hub's default .gitattributes keeps in LFS (with anything of 10 MiB or more)."""
+
+
+def hf_sibling(name: str, data: bytes) -> dict[str, Any]:
+    """A file as the Hub's `model_info(files_metadata=True)` lists it: `blobId` is the git
+    blob id (of the LFS pointer for LFS files, which also carry `lfs` with their SHA-256)."""
+    if not name.endswith(LFS_SUFFIXES) and len(data) < 10 << 20:
+        return {"rfilename": name, "size": len(data), "blobId": git_blob_id(data)}
+    oid = sha(data)[7:]
+    pointer = f"version https://git-lfs.github.com/spec/v1\noid sha256:{oid}\nsize {len(data)}\n"
+    return {
+        "rfilename": name,
+        "size": len(data),
+        "blobId": git_blob_id(pointer.encode()),
+        "lfs": {"sha256": oid, "size": len(data), "pointerSize": len(pointer)},
+    }
 
 
 def store_files(root: Path) -> Iterator[Path]:

@@ -9,6 +9,7 @@ fuller than `memory.high_watermark`, the least valuable idle one each second.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import itertools
 import logging
@@ -18,11 +19,11 @@ from pathlib import Path
 
 from xllm.engine.llama import LlamaModel, Observer
 from xllm.engine.options import EngineOptions
-from xllm.errors import InsufficientMemory, ModelLoadError, ModelNotFound
+from xllm.errors import InsufficientMemory, InvalidRequest, ModelLoadError, ModelNotFound, XllmError
 from xllm.memory import planner, probe
 from xllm.models import gguf, gotemplate, names
 from xllm.models.modelfile import Modelfile, is_go_template
-from xllm.models.store import ADAPTER, Store, StoredModel
+from xllm.models.store import ADAPTER, GGUF, Store, StoredModel
 
 log = logging.getLogger("xllm.models")
 
@@ -193,6 +194,8 @@ class ModelRegistry:
     ) -> LlamaModel:
         task = self._loading.get(key)
         if task is None:
+            if found.stored is not None and found.stored.format != GGUF:
+                raise await asyncio.to_thread(self._unservable, found.stored)
             task = asyncio.create_task(self._load(found, key, ctx_size))
             self._loading[key] = task
             self._load_started[key] = time.time()
@@ -248,6 +251,20 @@ class ModelRegistry:
             self.observer.observe_load(name, elapsed)
         log.info("loaded model %s in %.2f s", key, elapsed)
         return model
+
+    def _unservable(self, stored: StoredModel) -> InvalidRequest:
+        """The 400 for a stored model no engine of xllm runs (a safetensors model): refused
+        before a runner starts."""
+        arch = "unknown architecture"
+        if self.store is not None:
+            with contextlib.suppress(XllmError, OSError):
+                arch = self.store.summary_of(stored.manifest).architecture
+        return InvalidRequest(
+            f"model {stored.name.display!r} is in {stored.format} format ({arch}); xllm serves "
+            "GGUF models only: convert it to GGUF (llama.cpp's convert_hf_to_gguf.py) and "
+            "import it with `xllm create`",
+            param="model",
+        )
 
     async def _start(self, name: str, path: Path, o: EngineOptions) -> LlamaModel:
         """Start the runner; after an out-of-memory failure with layers on a GPU, once more

@@ -3,7 +3,7 @@
     xllm-archive.json       {"format": 1, "name": "<model>"}
     manifest.json           the manifest, byte for byte (so the model keeps its ID)
     Modelfile               what `show --modelfile` prints (for people; import ignores it)
-    metadata.json           the GGUF facts (for people; import recomputes them)
+    metadata.json           the model's facts (for people; import recomputes them)
     blobs/sha256-<hex>      every blob the manifest names
 
 Import takes nothing on trust (RELIABILITY item 14): only regular-file entries with exactly
@@ -44,7 +44,7 @@ def export(store: Store, name: ModelName, dest: Path) -> StoredModel:
     raw = store.manifest_path(name).read_bytes()
     text = modelfile.to_text(model.modelfile, from_=name.display)
     try:
-        facts = json.dumps(store.summary(model.model_digest).to_json(), indent=2).encode()
+        facts = json.dumps(store.summary_of(model.manifest).to_json(), indent=2).encode()
     except InvalidRequest:
         facts = b"{}"
     index = json.dumps({"format": FORMAT, "name": name.display}).encode()
@@ -132,10 +132,9 @@ def _publish(store: Store, small: dict[str, bytes], name: str | None) -> StoredM
     target = parse_name(name or str(index.get("name", "")))
     raw = small["manifest.json"]
     manifest = Manifest.parse(raw)
-    model = manifest.find("application/vnd.ollama.image.model")
-    if model is None:
+    if manifest.format is None:
         raise ArchiveError("refusing the archive: the manifest has no model layer")
-    store.summary(model.digest)  # a malformed GGUF is refused before it becomes a model
+    store.summary_of(manifest)  # a malformed model is refused before it becomes one
     return store.write_manifest(target, raw)
 
 

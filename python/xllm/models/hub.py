@@ -1,4 +1,5 @@
-"""Models from the Hugging Face Hub: the GGUF file of a repo that matches the quant tag.
+"""Models from the Hugging Face Hub: the GGUF file of a repo that matches the quant tag, or
+the files of a safetensors model.
 
 `hf.co/<org>/<repo>[:<quant>]` (and `<org>/<repo>` before the registry is asked) names a repo;
 the tag picks the file (`Q4_K_M` when none is given), or the files of a GGUF split into several
@@ -6,6 +7,12 @@ the tag picks the file (`Q4_K_M` when none is given), or the files of a GGUF spl
 SHA-256 comes from the Hub's LFS metadata, so the bytes are verified like a registry blob; a
 small config blob made here records the repo, revision and file. `HF_ENDPOINT` (settings) and
 `HF_TOKEN` (read by huggingface_hub) are honoured; the token is sent to the Hub's host only.
+
+A repo without GGUF but with `*.safetensors` and config.json is a Hugging Face model folder:
+every file of it a model needs (xllm.models.safetensors.FILES, the top-level weights) becomes a
+layer. LFS files are verified by their SHA-256 like the GGUF; the small files the Hub keeps in
+git have only a git blob id (SHA-1), so they are fetched here, checked against it, and handed
+to the pull as inline blobs under their SHA-256: nothing becomes a model before all verified.
 """
 
 from __future__ import annotations
@@ -14,16 +21,33 @@ import asyncio
 import hashlib
 import json
 import re
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+import aiohttp
 
 from xllm.config import Settings
 from xllm.errors import ModelNotFound, RegistryError
+from xllm.models import download, safetensors
 from xllm.models.names import DEFAULT_TAG, ModelName
 from xllm.models.remote import Remote, Source
-from xllm.models.store import CONFIG_TYPE, MODEL, SHARD, Layer, Manifest, ManifestError
+from xllm.models.store import (
+    CONFIG_TYPE,
+    MODEL,
+    MODEL_FILE,
+    SAFETENSORS,
+    SHARD,
+    Layer,
+    Manifest,
+    ManifestError,
+)
+
+if TYPE_CHECKING:
+    from huggingface_hub.hf_api import ModelInfo, RepoSibling
 
 DEFAULT_QUANT = "Q4_K_M"
 _SPLIT = re.compile(r"-(\d{5})-of-(\d{5})\.gguf$")
+MAX_INLINE = 16 << 20
+"""Files the Hub keeps in git (no LFS, so no SHA-256) are read into memory up to this."""
 
 
 class NotOnHub(ModelNotFound):
@@ -67,19 +91,18 @@ def choose_files(files: list[str], tag: str, repo: str) -> list[str]:
     return shards
 
 
-def _hub_remote(settings: Settings, name: ModelName) -> Remote:
-    from huggingface_hub import HfApi, hf_hub_url
+def _model_info(settings: Settings, name: ModelName) -> ModelInfo:
+    from huggingface_hub import HfApi
     from huggingface_hub.errors import (
         GatedRepoError,
         HfHubHTTPError,
         RepositoryNotFoundError,
         RevisionNotFoundError,
     )
-    from huggingface_hub.utils._headers import build_hf_headers
 
     endpoint = settings.hf_endpoint
     try:
-        info = HfApi(endpoint=endpoint).model_info(name.repo, files_metadata=True)
+        return HfApi(endpoint=endpoint).model_info(name.repo, files_metadata=True)
     except GatedRepoError:
         raise RegistryError(
             f"{name.repo} is gated on the Hub: accept its terms and set HF_TOKEN"
@@ -90,25 +113,49 @@ def _hub_remote(settings: Settings, name: ModelName) -> Remote:
         raise RegistryError(f"the Hub at {endpoint}: {str(e).splitlines()[0]}") from None
     except Exception as e:  # httpx's connection errors and the like
         raise RegistryError(f"cannot reach the Hub at {endpoint}: {e}") from None
+
+
+def _lfs_layer(sibling: RepoSibling, media: str) -> Layer:
+    """The layer of a file the Hub keeps in LFS, by the SHA-256 it gives."""
+    lfs = sibling.lfs
+    if lfs is None or not lfs.sha256:
+        raise RegistryError(
+            f"the Hub gives no SHA-256 for {sibling.rfilename}, so it cannot be verified"
+        )
+    try:
+        return Layer.from_json({"mediaType": media, "digest": f"sha256:{lfs.sha256}",
+                                "size": lfs.size})  # fmt: skip
+    except ManifestError as e:
+        raise RegistryError(f"the Hub's metadata for {sibling.rfilename}: {e.message}") from None
+
+
+def _url(settings: Settings, name: ModelName, revision: str, filename: str) -> str:
+    from huggingface_hub import hf_hub_url
+
+    return hf_hub_url(name.repo, filename, revision=revision, endpoint=settings.hf_endpoint)
+
+
+def _headers() -> dict[str, str]:
+    """huggingface_hub's headers: HF_TOKEN's `Authorization` (download.request keeps it to
+    the Hub's host)."""
+    from huggingface_hub.utils._headers import build_hf_headers
+
+    return build_hf_headers()
+
+
+def _remote(settings: Settings, name: ModelName, info: ModelInfo) -> Remote | None:
+    """The GGUF remote, or None for a safetensors repo (fetched by `_safetensors_remote`)."""
     siblings = {s.rfilename: s for s in info.siblings or []}
+    if _is_safetensors_repo(list(siblings)):
+        return None
     filenames = choose_files(list(siblings), name.tag, name.repo)
     revision = info.sha or "main"
+    endpoint = settings.hf_endpoint
     layers, sources = [], {}
     for i, filename in enumerate(filenames):
-        lfs = siblings[filename].lfs
-        if lfs is None or not lfs.sha256:
-            raise RegistryError(
-                f"the Hub gives no SHA-256 for {filename}, so it cannot be verified"
-            )
-        media = MODEL if i == 0 else SHARD
-        try:
-            layer = Layer.from_json({"mediaType": media, "digest": f"sha256:{lfs.sha256}",
-                                     "size": lfs.size})  # fmt: skip
-        except ManifestError as e:
-            raise RegistryError(f"the Hub's metadata for {filename}: {e.message}") from None
+        layer = _lfs_layer(siblings[filename], MODEL if i == 0 else SHARD)
         layers.append(layer)
-        url = hf_hub_url(name.repo, filename, revision=revision, endpoint=endpoint)
-        sources[layer.digest] = Source(url, build_hf_headers())
+        sources[layer.digest] = Source(_url(settings, name, revision, filename), _headers())
     source: dict[str, Any] = {
         "hub": endpoint,
         "repo": name.repo,
@@ -136,6 +183,87 @@ def _hub_remote(settings: Settings, name: ModelName) -> Remote:
     )
 
 
+def _is_safetensors_repo(files: list[str]) -> bool:
+    """No GGUF, but weights in safetensors and a config.json: a Hugging Face model folder."""
+    return (
+        not any(f.endswith(".gguf") for f in files)
+        and "config.json" in files
+        and any(safetensors.is_weights(f) for f in files)
+    )
+
+
+def git_blob_id(data: bytes) -> str:
+    """What git (and the Hub's `blob_id`) names a file's content by."""
+    return hashlib.sha1(b"blob %d\0" % len(data) + data, usedforsecurity=False).hexdigest()
+
+
+async def _safetensors_remote(settings: Settings, name: ModelName, info: ModelInfo) -> Remote:
+    """Every file of the model folder as a layer (names outside FILES are not taken)."""
+    if name.tag != DEFAULT_TAG:
+        raise ModelNotFound(
+            f"{name.repo} has no GGUF files on the Hub (it is a safetensors model, which has no "
+            f"quant tags: pull hf.co/{name.repo})",
+            param="model",
+        )
+    endpoint = settings.hf_endpoint
+    revision = info.sha or "main"
+    siblings = [s for s in info.siblings or [] if safetensors.is_model_file(s.rfilename)]
+    wanted = sorted(siblings, key=lambda s: s.rfilename)
+    layers, sources, inline, files = [], {}, {}, {}
+    async with download.session() as http:
+        for sibling in wanted:
+            filename = sibling.rfilename
+            media = SAFETENSORS if safetensors.is_weights(filename) else MODEL_FILE
+            url = _url(settings, name, revision, filename)
+            if sibling.lfs is not None:
+                layer = _lfs_layer(sibling, media)
+                sources[layer.digest] = Source(url, _headers())
+            else:
+                data = await _git_file(http, sibling, url)
+                layer = Layer(media, "sha256:" + hashlib.sha256(data).hexdigest(), len(data))
+                inline[layer.digest] = data
+            layers.append(layer)
+            files[filename] = layer.digest
+    config = json.dumps(
+        {
+            "model_format": "safetensors",
+            "files": files,
+            "source": {"hub": endpoint, "repo": name.repo, "revision": revision},
+        }
+    ).encode()
+    config_layer = Layer(CONFIG_TYPE, "sha256:" + hashlib.sha256(config).hexdigest(), len(config))
+    manifest = Manifest(config_layer, tuple(layers))
+    return Remote(
+        origin=f"{endpoint}/{name.repo}",
+        manifest_bytes=manifest.to_bytes(),
+        manifest=manifest,
+        sources=sources,
+        inline={**inline, config_layer.digest: config},
+    )
+
+
+async def _git_file(http: aiohttp.ClientSession, sibling: RepoSibling, url: str) -> bytes:
+    """A small file the Hub keeps in git, checked against its git blob id."""
+    filename = sibling.rfilename
+    if not sibling.blob_id:
+        raise RegistryError(f"the Hub gives no blob id for {filename}, so it cannot be verified")
+    if sibling.size is not None and sibling.size > MAX_INLINE:
+        raise RegistryError(f"{filename} is not in LFS and larger than {MAX_INLINE} bytes")
+    headers = {**_headers(), "Accept-Encoding": "identity"}
+    async with download.request(http, "GET", url, headers) as response:
+        if response.status != 200:
+            raise RegistryError(f"fetching {filename} from the Hub: HTTP {response.status}")
+        data = await download.read_limited(response, MAX_INLINE, filename)
+    if git_blob_id(data) != sibling.blob_id:
+        raise RegistryError(
+            f"{filename} from the Hub does not match its git blob id {sibling.blob_id}"
+        )
+    return data
+
+
 async def hub_remote(settings: Settings, name: ModelName) -> Remote:
-    """The Hub's GGUF for `name` (huggingface_hub is synchronous: it runs in a thread)."""
-    return await asyncio.to_thread(_hub_remote, settings, name)
+    """The Hub's GGUF or safetensors model for `name` (huggingface_hub is synchronous: its
+    calls run in a thread)."""
+    info = await asyncio.to_thread(_model_info, settings, name)
+    remote = await asyncio.to_thread(_remote, settings, name, info)
+    return remote if remote is not None else await _safetensors_remote(settings, name, info)

@@ -28,7 +28,8 @@ from xllm.models.gguf import GGUFError
 from xllm.models.hub import NotOnHub, hub_remote
 from xllm.models.names import DEFAULT_HOST, DEFAULT_NAMESPACE, ModelName
 from xllm.models.remote import Remote, registry_base, registry_remote, repo_url
-from xllm.models.store import CHUNK, MANIFEST_TYPE, MODEL, SHARD, Layer, Store
+from xllm.models.safetensors import SafetensorsError
+from xllm.models.store import CHUNK, MANIFEST_TYPE, Layer, ManifestError, Store
 
 log = logging.getLogger("xllm.pull")
 
@@ -60,8 +61,7 @@ async def pull(
     yield {"status": "pulling manifest"}
     async with download.session() as http:
         remote = await find_remote(http, settings, name, insecure)
-        model_layer = remote.manifest.find(MODEL)
-        if model_layer is None:
+        if remote.manifest.format is None:
             raise RegistryError(f"{remote.origin}: the manifest of {name} has no model layer")
         blobs = remote.manifest.blobs()
         need = sum(b.size for b in blobs if not store.has_blob(b.digest, b.size))
@@ -78,9 +78,8 @@ async def pull(
                         yield record
                 yield {"status": "verifying sha256 digest"}
                 try:
-                    shards = [x.digest for x in remote.manifest.all(SHARD)]
-                    await asyncio.to_thread(store.summary, model_layer.digest, shards)
-                except GGUFError as e:
+                    await asyncio.to_thread(store.summary_of, remote.manifest)
+                except (GGUFError, SafetensorsError, ManifestError) as e:
                     raise RegistryError(
                         f"{remote.origin} sent a model file xllm refuses: {e.message}"
                     ) from None

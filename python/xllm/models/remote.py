@@ -43,7 +43,8 @@ class Remote:
     manifest: Manifest
     sources: dict[str, Source] = field(default_factory=dict)
     inline: dict[str, bytes] = field(default_factory=dict)
-    """Blobs made here rather than downloaded (the config of a Hub model)."""
+    """Blobs made or fetched here rather than downloaded by the pull (the config of a Hub model,
+    the small git files of a safetensors repo, already checked against their git blob id)."""
 
 
 def registry_base(settings: Settings, name: ModelName, insecure: bool = False) -> str:

@@ -3,8 +3,15 @@
     <models_dir>/blobs/sha256-<hex>                        one file per content, never twice
     <models_dir>/blobs/sha256-<hex>-partial                a download or upload in progress
     <models_dir>/manifests/<host>/<namespace>/<model>/<tag>  Ollama's manifest JSON
-    <models_dir>/metadata/sha256-<hex>.json                the GGUF facts of a model blob
+    <models_dir>/metadata/sha256-<hex>.json                the facts of a model blob (GGUF) or
+                                                           config blob (safetensors)
+    <models_dir>/safetensors/<manifest hex>/               a safetensors model as a folder: its
+                                                           files by name, hard links to blobs
     <models_dir>/tmp/                                      files being written, then renamed
+
+A safetensors model (a Hugging Face folder) keeps each file as a blob; its config blob records
+their names (`{"model_format": "safetensors", "files": {"config.json": "sha256:..."}}`), each
+one of a fixed list (xllm.models.safetensors), so the folder made of them never leaves the store.
 
 A blob becomes visible (renamed from its partial) only after its SHA-256 matched; a manifest is
 written only when every blob it names is present, so an interrupted pull never shows up as a
@@ -25,15 +32,16 @@ import os
 import secrets
 import shutil
 import time
-from collections.abc import AsyncIterator, Iterable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from xllm.errors import InsufficientStorage, InvalidRequest, ModelNotFound
-from xllm.models import modelfile, summary
+from xllm.models import modelfile, safetensors, summary
 from xllm.models.modelfile import Message, Modelfile
 from xllm.models.names import ModelName, parse_digest, parse_name
+from xllm.models.summary import Summary
 
 log = logging.getLogger("xllm.store")
 
@@ -51,6 +59,11 @@ PROJECTOR = _IMAGE + "projector"
 SHARD = "application/vnd.xllm.model.shard"
 """The further files of a GGUF split into several, in order after the model layer (the
 first file, which holds the metadata). Ollama has no media type for them."""
+SAFETENSORS = "application/vnd.xllm.safetensors"
+"""A safetensors weights file of a Hugging Face model folder."""
+MODEL_FILE = "application/vnd.xllm.model.file"
+"""Any other file of such a folder (config.json, the tokenizer's...), named in the config."""
+GGUF, SAFETENSORS_FORMAT = "gguf", "safetensors"
 MAX_LAYERS = 64
 MAX_MANIFEST = 1 << 20
 """Manifests are a few hundred bytes; anything past 1 MiB is refused unread."""
@@ -145,6 +158,15 @@ class Manifest:
     def size(self) -> int:
         return sum(x.size for x in self.blobs())
 
+    @property
+    def format(self) -> str | None:
+        """`gguf` (a model layer), `safetensors` (weights layers), or None: no model at all."""
+        if self.find(MODEL) is not None:
+            return GGUF
+        if self.find(SAFETENSORS) is not None:
+            return SAFETENSORS_FORMAT
+        return None
+
 
 @dataclass(frozen=True)
 class StoredModel:
@@ -163,11 +185,15 @@ class StoredModel:
     modified: float
     modelfile: Modelfile
     """TEMPLATE, SYSTEM, PARAMETER, MESSAGE, LICENSE and ADAPTER from its layers."""
+    format: str = GGUF
+    """`gguf`, or `safetensors`: then `model_path` is its folder (`Store.model_dir` makes it)."""
+    named_files: tuple[tuple[str, str], ...] = ()
+    """A safetensors model's files: (name in the folder, blob digest)."""
 
     @property
     def model_digest(self) -> str:
         layer = self.manifest.find(MODEL)
-        assert layer is not None  # a StoredModel always has one
+        assert layer is not None, "only a GGUF model has a model layer"
         return layer.digest
 
     @property
@@ -318,20 +344,78 @@ class Store:
     def _read(self, name: ModelName, path: Path, mtime: float) -> StoredModel:
         raw = _read_limited(path, MAX_MANIFEST)
         manifest = Manifest.parse(raw)
+        digest = "sha256:" + hashlib.sha256(raw).hexdigest()
         model_layer = manifest.find(MODEL)
-        if model_layer is None:
+        named: tuple[tuple[str, str], ...] = ()
+        if model_layer is not None:
+            model_path = self.blob_path(model_layer.digest)
+        elif manifest.format == SAFETENSORS_FORMAT:
+            named = tuple(self.named_files(manifest).items())
+            model_path = self.view_path(digest)
+        else:
             raise ManifestError("the manifest has no model layer")
         return StoredModel(
             name=name,
-            digest="sha256:" + hashlib.sha256(raw).hexdigest(),
+            digest=digest,
             manifest=manifest,
-            model_path=self.blob_path(model_layer.digest),
+            model_path=model_path,
             shard_paths=tuple(self.blob_path(x.digest) for x in manifest.all(SHARD)),
             adapter_paths=tuple(self.blob_path(x.digest) for x in manifest.all(ADAPTER)),
             size=manifest.size,
             modified=mtime,
             modelfile=self._modelfile(manifest),
+            format=manifest.format or GGUF,
+            named_files=named,
         )
+
+    def named_files(self, manifest: Manifest) -> dict[str, str]:
+        """A safetensors model's files (name -> digest) from its config blob, checked: every
+        name one a model folder may hold, every file one of the manifest's layers and back."""
+        try:
+            config = json.loads(_read_limited(self.blob_path(manifest.config.digest), MAX_MANIFEST))
+        except ValueError:
+            raise ManifestError("the config blob is not JSON") from None
+        files = config.get("files") if isinstance(config, dict) else None
+        if not isinstance(files, dict):
+            raise ManifestError("the config blob of a safetensors model lists no files")
+        layers = {x.digest for x in manifest.layers if x.media_type in (SAFETENSORS, MODEL_FILE)}
+        out: dict[str, str] = {}
+        for name, digest in files.items():
+            if not isinstance(name, str) or not safetensors.is_model_file(name):
+                raise ManifestError(f"{str(name)[:100]!r} is not a file a model folder holds")
+            if not isinstance(digest, str) or digest not in layers:
+                raise ManifestError(f"{name} names no layer of the manifest")
+            out[name] = digest
+        if set(out.values()) != layers or "config.json" not in out:
+            raise ManifestError("the config blob's files do not match the manifest's layers")
+        return out
+
+    def view_path(self, manifest_digest: str) -> Path:
+        return self.root / "safetensors" / parse_digest(manifest_digest).removeprefix("sha256:")
+
+    def model_dir(self, model: StoredModel) -> Path:
+        """A safetensors model as the folder an engine loads: its files under their names,
+        hard links to the blobs (symlinks where the filesystem has none), made once, whole."""
+        final = self.view_path(model.digest)
+        if final.is_dir():
+            return final
+        self._ensure_dirs()
+        tmp = self.tmp_dir / f"{os.getpid()}-{secrets.token_hex(8)}"
+        try:
+            for name, digest in model.named_files:
+                dest = tmp / name  # names are checked (is_model_file): no `..`, no absolute path
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                try:
+                    os.link(self.blob_path(digest), dest)
+                except OSError:  # no hard links here (another filesystem, a FAT volume...)
+                    os.symlink(self.blob_path(digest), dest)
+            final.parent.mkdir(parents=True, exist_ok=True)
+            os.rename(tmp, final)
+        except OSError:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if not final.is_dir():  # another process made it meanwhile: that is fine
+                raise
+        return final
 
     def _text(self, layer: Layer) -> str:
         return _read_limited(self.blob_path(layer.digest), MAX_TEXT_LAYER).decode("utf-8")
@@ -388,16 +472,21 @@ class Store:
     def write_manifest(self, name: ModelName, raw: bytes) -> StoredModel:
         """Publish a model: every blob must be present; the manifest appears atomically."""
         manifest = Manifest.parse(raw)
-        if manifest.find(MODEL) is None:
+        if manifest.format is None:
             raise ManifestError("the manifest has no model layer")
         for layer in manifest.blobs():
             if not self.has_blob(layer.digest, layer.size):
                 raise ManifestError(f"blob {layer.digest} is missing or has the wrong size")
+        if manifest.format == SAFETENSORS_FORMAT:
+            self.named_files(manifest)  # refused before it becomes a model
         path = self.manifest_path(name)
+        old = self.get(name)
         self._write_file(path, raw)
         model = self.get(name)
         if model is None:
             raise ManifestError(f"the manifest of {name} could not be read back")
+        if old is not None and old.digest != model.digest:  # replaced: its folder may go
+            self._drop_view(old)
         return model
 
     def _write_file(self, path: Path, data: bytes) -> None:
@@ -435,8 +524,17 @@ class Store:
             with contextlib.suppress(OSError):
                 parent.rmdir()  # only when empty
         if model is not None:
+            self._drop_view(model)
             self.remove_unused(layer.digest for layer in model.manifest.blobs())
         return True
+
+    def _drop_view(self, model: StoredModel) -> None:
+        """Remove a safetensors model's folder once no model of the same manifest (a copy)
+        is left."""
+        if model.format == SAFETENSORS_FORMAT and all(
+            m.digest != model.digest for m in self.list()
+        ):
+            shutil.rmtree(self.view_path(model.digest), ignore_errors=True)
 
     def remove_unused(self, digests: Iterable[str]) -> int:
         """Remove those of `digests` no manifest references and no pull or create holds."""
@@ -484,6 +582,10 @@ class Store:
             with contextlib.suppress(OSError):
                 if time.time() - path.stat().st_mtime > 3600:
                     path.unlink()
+        for path in _dirs(self.tmp_dir):  # a model folder whose making was interrupted
+            with contextlib.suppress(OSError):
+                if time.time() - path.stat().st_mtime > 3600:
+                    shutil.rmtree(path)
         if removed:
             log.info("removed %d partial download(s) from %s", removed, self.blobs_dir)
         return removed
@@ -559,6 +661,24 @@ class Store:
 
         GGUFError (a 400) for a blob that is not a well-formed GGUF.
         """
+        files = [self.blob_path(d) for d in (digest, *shards)]
+        return self._summary(digest, lambda: summary.summarize(files))
+
+    def summary_of(self, manifest: Manifest) -> Summary:
+        """The facts of a manifest's model, whatever its format: a GGUF model's (`summary`),
+        or a safetensors model's, kept under its config blob (which names all its files).
+
+        GGUFError or SafetensorsError (400s) for files that are not what they claim.
+        """
+        if manifest.format != SAFETENSORS_FORMAT:
+            model = manifest.find(MODEL)
+            if model is None:
+                raise ManifestError("the manifest has no model layer")
+            return self.summary(model.digest, [x.digest for x in manifest.all(SHARD)])
+        files = {n: self.blob_path(d) for n, d in self.named_files(manifest).items()}
+        return self._summary(manifest.config.digest, lambda: safetensors.summarize(files))
+
+    def _summary(self, digest: str, compute: Callable[[], Summary]) -> Summary:
         digest = parse_digest(digest)
         facts = self._summaries.get(digest)
         if facts is not None:
@@ -567,8 +687,7 @@ class Store:
         with contextlib.suppress(OSError, ValueError):
             facts = summary.Summary.from_json(json.loads(path.read_bytes()))
         if facts is None:
-            files = [self.blob_path(d) for d in (digest, *shards)]
-            facts = summary.summarize(files)
+            facts = compute()
             with contextlib.suppress(OSError):
                 self.metadata_dir.mkdir(parents=True, exist_ok=True)
                 self._write_file(path, json.dumps(facts.to_json()).encode())
@@ -611,6 +730,14 @@ def _read_limited(path: Path, limit: int) -> bytes:
     if len(data) > limit:
         raise ManifestError(f"{path.name} is larger than {limit} bytes")
     return data
+
+
+def _dirs(root: Path) -> Iterator[Path]:
+    """Directories right under `root` (not symlinks to them)."""
+    with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+        for entry in os.scandir(root):
+            if entry.is_dir(follow_symlinks=False):
+                yield Path(entry.path)
 
 
 def _files(root: Path, depth: int) -> Iterator[Path]:

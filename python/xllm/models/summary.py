@@ -1,4 +1,5 @@
-"""What `show` and `list` tell about a model file without loading it, read from its GGUF header.
+"""What `show` and `list` tell about a model file without loading it, read from its GGUF header
+(a safetensors model's: xllm.models.safetensors).
 
 Read once: for a stored blob (immutable, named by its digest) the store keeps it on disk; for
 any other file it is cached in memory per (path, size, mtime).
@@ -16,7 +17,7 @@ from typing import Any
 from xllm.models import gguf
 from xllm.models.metadata import FILE_TYPES, file_capabilities
 
-VERSION = 1
+VERSION = 2
 """Bumped when the fields change, so old cache files are recomputed."""
 
 
@@ -35,6 +36,8 @@ class Summary:
     head_count_kv: int | None = None
     model_info: dict[str, Any] = field(default_factory=dict)
     """The header's metadata without the tokenizer's big arrays (Ollama's `model_info`)."""
+    format: str = "gguf"
+    """`gguf`, or `safetensors` for a Hugging Face model folder (xllm.models.safetensors)."""
 
     def to_json(self) -> dict[str, Any]:
         return {"version": VERSION, **asdict(self)}

@@ -35,6 +35,12 @@ async def _base(registry: ModelRegistry, name: str) -> Manifest:
     """The manifest of model `name`; a bundled or command-line model's file (or files, split)
     is copied into the store first (its manifest then has the model's layers only)."""
     found = registry.find(name)
+    if found.stored is not None and found.stored.format != store.GGUF:
+        raise InvalidRequest(
+            f"model {name!r} is in {found.stored.format} format; xllm creates models from "
+            "GGUF only (convert it to GGUF first)",
+            param="from",
+        )
     if found.stored is not None:
         return found.stored.manifest
     s = registry.store

@@ -61,7 +61,7 @@ def iso_time(ts: float) -> str:
 def details(info: Facts, parent: str = "") -> dict[str, Any]:
     return {
         "parent_model": parent,
-        "format": "gguf",
+        "format": info.format if isinstance(info, summary.Summary) else "gguf",
         "family": info.architecture,
         "families": [info.architecture],
         "parameter_size": summary.params_label(info.parameter_count),
@@ -101,7 +101,7 @@ def _files(path: Path) -> list[Path]:
 
 def _facts(registry: ModelRegistry, found: Resolved) -> summary.Summary:
     if found.stored is not None and registry.store is not None:
-        return registry.store.summary(found.stored.model_digest, found.stored.shard_digests)
+        return registry.store.summary_of(found.stored.manifest)
     return summary.of_file(found.path)
 
 
@@ -160,7 +160,7 @@ def _show(registry: ModelRegistry, name: str, verbose: bool) -> dict[str, Any]:
     facts = _facts(registry, found)
     mf = found.stored.modelfile if found.stored is not None else Modelfile()
     info = dict(facts.model_info)
-    if verbose:
+    if verbose and facts.format == "gguf":  # the tokenizer's arrays are in the GGUF header
         header = gguf.read(found.path, keep_arrays=True)
         info.update({k: v for k, v in header.metadata.items() if k.startswith("tokenizer.")})
     template = mf.template if mf.template is not None else facts.chat_template or ""
