@@ -57,6 +57,8 @@ def test_listed_and_shown(client: ollama.Client, srv: Server) -> None:
     assert shown.modelinfo["hidden_size"] == 384
     verbose = httpx.post(f"{srv.url}/api/show", json={"model": NAME, "verbose": True})
     assert verbose.status_code == 200 and verbose.json()["details"]["format"] == "safetensors"
+    openai = httpx.get(f"{srv.url}/v1/models/{NAME}").json()
+    assert openai["id"] == NAME and openai["capabilities"] == ["embedding"]
 
 
 def test_cli_list_and_show(client: ollama.Client, srv: Server) -> None:
