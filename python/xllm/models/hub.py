@@ -164,22 +164,32 @@ def _remote(settings: Settings, name: ModelName, info: ModelInfo) -> Remote | No
     }
     if len(filenames) > 1:
         source["files"] = filenames
-    config = json.dumps(
-        {
-            "model_format": "gguf",
-            "file_type": _quant_of(filenames[0]),
-            "rootfs": {"type": "layers", "diff_ids": [x.digest for x in layers]},
-            "source": source,
-        }
-    ).encode()
-    config_layer = Layer(CONFIG_TYPE, "sha256:" + hashlib.sha256(config).hexdigest(), len(config))
+    config = {
+        "model_format": "gguf",
+        "file_type": _quant_of(filenames[0]),
+        "rootfs": {"type": "layers", "diff_ids": [x.digest for x in layers]},
+        "source": source,
+    }
+    return _with_config(f"{endpoint}/{name.repo}", config, layers, sources, {})
+
+
+def _with_config(
+    origin: str,
+    config: dict[str, Any],
+    layers: list[Layer],
+    sources: dict[str, Source],
+    inline: dict[str, bytes],
+) -> Remote:
+    """A Hub model as a remote: its layers, and a config blob made here that records them."""
+    raw = json.dumps(config).encode()
+    config_layer = Layer(CONFIG_TYPE, "sha256:" + hashlib.sha256(raw).hexdigest(), len(raw))
     manifest = Manifest(config_layer, tuple(layers))
     return Remote(
-        origin=f"{endpoint}/{name.repo}",
+        origin=origin,
         manifest_bytes=manifest.to_bytes(),
         manifest=manifest,
         sources=sources,
-        inline={config_layer.digest: config},
+        inline={**inline, config_layer.digest: raw},
     )
 
 
@@ -224,22 +234,12 @@ async def _safetensors_remote(settings: Settings, name: ModelName, info: ModelIn
                 inline[layer.digest] = data
             layers.append(layer)
             files[filename] = layer.digest
-    config = json.dumps(
-        {
-            "model_format": "safetensors",
-            "files": files,
-            "source": {"hub": endpoint, "repo": name.repo, "revision": revision},
-        }
-    ).encode()
-    config_layer = Layer(CONFIG_TYPE, "sha256:" + hashlib.sha256(config).hexdigest(), len(config))
-    manifest = Manifest(config_layer, tuple(layers))
-    return Remote(
-        origin=f"{endpoint}/{name.repo}",
-        manifest_bytes=manifest.to_bytes(),
-        manifest=manifest,
-        sources=sources,
-        inline={**inline, config_layer.digest: config},
-    )
+    config = {
+        "model_format": "safetensors",
+        "files": files,
+        "source": {"hub": endpoint, "repo": name.repo, "revision": revision},
+    }
+    return _with_config(f"{endpoint}/{name.repo}", config, layers, sources, inline)
 
 
 async def _git_file(http: aiohttp.ClientSession, sibling: RepoSibling, url: str) -> bytes:
