@@ -21,7 +21,7 @@ from xllm.engine.llama import LlamaModel, Observer
 from xllm.engine.options import EngineOptions
 from xllm.errors import InsufficientMemory, InvalidRequest, ModelLoadError, ModelNotFound, XllmError
 from xllm.memory import planner, probe
-from xllm.models import gguf, gotemplate, names
+from xllm.models import gguf, gotemplate, names, summary
 from xllm.models.modelfile import Modelfile, is_go_template
 from xllm.models.store import ADAPTER, GGUF, Store, StoredModel
 
@@ -112,6 +112,13 @@ class ModelRegistry:
         if path is None:
             raise ModelNotFound(f"model {name!r} not found", param="model")
         return Resolved(key, path)
+
+    def facts(self, found: Resolved) -> summary.Summary:
+        """What `show`, `list` and `/v1/models` tell of a model not loaded: a stored one's
+        cached facts (whatever its format), a file's from its GGUF header."""
+        if found.stored is not None and self.store is not None:
+            return self.store.summary_of(found.stored.manifest)
+        return summary.of_file(found.path)
 
     def resolve(self, name: str) -> tuple[str, Path]:
         """(canonical name, file) for a requested name, or ModelNotFound."""

@@ -20,7 +20,7 @@ from typing import Any, Protocol
 import orjson
 from aiohttp import web
 
-from xllm.engine.registry import ModelRegistry, Resolved
+from xllm.engine.registry import ModelRegistry
 from xllm.errors import InsufficientStorage, InvalidRequest, ModelNotFound, XllmError
 from xllm.models import gguf, modelfile, pull, store, summary
 from xllm.models.modelfile import Modelfile
@@ -99,19 +99,13 @@ def _files(path: Path) -> list[Path]:
         return [path]
 
 
-def _facts(registry: ModelRegistry, found: Resolved) -> summary.Summary:
-    if found.stored is not None and registry.store is not None:
-        return registry.store.summary_of(found.stored.manifest)
-    return summary.of_file(found.path)
-
-
 # --- tags, show -----------------------------------------------------------------------------
 
 
 def _tag(registry: ModelRegistry, name: str) -> tuple[float, dict[str, Any]]:
     found = registry.find(name)
     try:
-        facts: dict[str, Any] = details(_facts(registry, found))
+        facts: dict[str, Any] = details(registry.facts(found))
     except (XllmError, OSError):
         facts = {"format": "gguf"}  # listed even when its header cannot be read
     if found.stored is not None:
@@ -157,7 +151,7 @@ def _parameters_text(params: dict[str, Any]) -> str:
 
 def _show(registry: ModelRegistry, name: str, verbose: bool) -> dict[str, Any]:
     found = registry.find(name)
-    facts = _facts(registry, found)
+    facts = registry.facts(found)
     mf = found.stored.modelfile if found.stored is not None else Modelfile()
     info = dict(facts.model_info)
     if verbose and facts.format == "gguf":  # the tokenizer's arrays are in the GGUF header

@@ -7,20 +7,9 @@ from typing import Any
 
 from aiohttp import web
 
-from xllm.engine.registry import ModelRegistry
 from xllm.errors import ModelNotFound, XllmError
-from xllm.models.metadata import file_capabilities
 from xllm.server.http import json_response
 from xllm.server.state import REGISTRY, STARTED
-
-
-def _capabilities(registry: ModelRegistry, name: str) -> list[str]:
-    """A model's capabilities before it is loaded: a stored one's from its cached facts
-    (whatever its format), a file's from its GGUF header."""
-    found = registry.find(name)
-    if found.stored is not None and registry.store is not None:
-        return registry.store.summary_of(found.stored.manifest).capabilities
-    return file_capabilities(found.path)
 
 
 async def _entry(request: web.Request, name: str) -> dict[str, Any]:
@@ -30,7 +19,8 @@ async def _entry(request: web.Request, name: str) -> dict[str, Any]:
         caps = loaded.info.capabilities
     else:
         try:
-            caps = await asyncio.to_thread(_capabilities, registry, name)
+            facts = await asyncio.to_thread(registry.facts, registry.find(name))
+            caps = facts.capabilities
         except (XllmError, OSError):
             caps = []  # an unreadable file still lists; loading it reports the defect
     return {
