@@ -93,9 +93,9 @@ async def serve(app: web.Application, host: str, port: int) -> None:
         app,
         shutdown_timeout=DRAIN_S,
         access_log=None,
-        # aiohttp arms this timer when a connection opens and again when a response ends, and
-        # bytes arriving do not re-arm it: a request head that is not whole by then (slowloris,
-        # even trickling) gets the connection closed, as does an idle keep-alive connection.
+        # aiohttp (>= 3.14.5) arms this timer when a connection opens and again when a response
+        # ends, and bytes arriving do not re-arm it: a request head that is not whole by then
+        # (slowloris, even trickling) gets the connection closed, as does an idle keep-alive one.
         keepalive_timeout=settings.header_timeout,
         # bodies are read as sent: the guard refuses compressed ones (415) before inflating
         auto_decompress=False,

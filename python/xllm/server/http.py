@@ -33,7 +33,7 @@ async def load_model(
 
 async def parse_body(request: web.Request, model: type[M]) -> M:
     """The body validated as `model`; 400 naming the first bad field."""
-    raw = await read_body(request)
+    raw = await _read_body(request)
     if not raw:
         raise InvalidRequest("the request body is empty; send a JSON object")
     try:
@@ -51,7 +51,7 @@ async def parse_body(request: web.Request, model: type[M]) -> M:
         ) from None
 
 
-async def read_body(request: web.Request) -> bytes:
+async def _read_body(request: web.Request) -> bytes:
     """The whole body; 413 the moment it passes MAX_BODY, letting go of what was read."""
     limit = min(request.content_length or MAX_BODY, MAX_BODY)
     # An anonymous map takes memory page by page as the body arrives and hands every page back
