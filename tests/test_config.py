@@ -34,6 +34,14 @@ def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
         ("", {"XLLM_PRELOAD": "a, b"}, {}, {"preload": ("a", "b")}),
         ("", {}, {}, {"log_max_files": 10, "log_max_size": 100 * 10**6}),
         ("", {}, {}, {"replicas": (), "memory_high_watermark": 0.9}),
+        ("", {}, {}, {"header_timeout": 10.0}),
+        ("server:\n  header_timeout: 30s\n", {}, {}, {"header_timeout": 30.0}),
+        (
+            "server:\n  header_timeout: 30\n",
+            {"XLLM_HEADER_TIMEOUT": "2.5"},
+            {},
+            {"header_timeout": 2.5},
+        ),
         ("models:\n  replicas:\n    a: 2\n", {}, {}, {"replicas": (("a", 2),)}),
         ("", {"XLLM_REPLICAS": "a=2,b:q8=3"}, {}, {"replicas": (("a", 2), ("b:q8", 3))}),
         ("memory:\n  high_watermark: 0.8\n", {}, {}, {"memory_high_watermark": 0.8}),
@@ -83,6 +91,8 @@ def test_precedence(
         ("", {"XLLM_MEMORY_HIGH_WATERMARK": "lots"}, "expected a fraction"),
         ("server:\n  log_rotation:\n    keep: 2\n", {}, "unknown key 'server.log_rotation.keep'"),
         ("", {"XLLM_PORT": "x"}, "XLLM_PORT: expected an integer"),
+        ("", {"XLLM_HEADER_TIMEOUT": "0"}, "XLLM_HEADER_TIMEOUT: must be above 0 seconds"),
+        ("server:\n  header_timeout: soon\n", {}, "server.header_timeout: expected seconds"),
     ],
 )
 def test_errors(

@@ -188,6 +188,9 @@ class Settings:
     """Whether clients may pull, push, create, copy and delete models (and upload blobs)."""
     log_level: str = "info"
     """Log level: debug, info, warning, error."""
+    header_timeout: float = 10.0
+    """Seconds a connection has to send a whole request head, counted from when it opens or its
+    previous response ends; idle keep-alive connections are closed after it too."""
 
     @property
     def home(self) -> Path:
@@ -199,6 +202,13 @@ class Settings:
         if ":" in host:
             host = f"[{host}]"
         return f"http://{host}:{self.port}"
+
+
+def _timeout(key: str, value: Any) -> float:
+    seconds = _duration(key, value)
+    if seconds <= 0:
+        raise ConfigError(f"{key}: must be above 0 seconds, got {value!r}")
+    return seconds
 
 
 def _duration(key: str, value: Any) -> float:
@@ -240,6 +250,7 @@ _KEYS: tuple[_Key, ...] = (
     _Key("api_keys", "server.api_keys", "XLLM_API_KEY", _str_list),
     _Key("model_management", "server.model_management", "XLLM_MODEL_MANAGEMENT", _bool),
     _Key("log_level", "server.log_level", "XLLM_LOG", _str),
+    _Key("header_timeout", "server.header_timeout", "XLLM_HEADER_TIMEOUT", _timeout),
     _Key(
         "models_dir",
         "models.directory",

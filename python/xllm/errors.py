@@ -72,6 +72,14 @@ class PayloadTooLarge(XllmError):
     code = "payload_too_large"
 
 
+class UnsupportedEncoding(XllmError):
+    """A compressed request body (415): bodies are taken as sent, never inflated."""
+
+    status = 415
+    type = "invalid_request_error"
+    code = "unsupported_content_encoding"
+
+
 class Overloaded(XllmError):
     """The queue is full or the server is shutting down (503 with Retry-After)."""
 

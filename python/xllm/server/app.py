@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import resource
 import signal
 import ssl
 import time
@@ -19,7 +20,6 @@ from xllm.errors import XllmError
 from xllm.metrics import Metrics
 from xllm.models.store import Store
 from xllm.server import guard, middleware
-from xllm.server.http import MAX_BODY
 from xllm.server.routes import add_routes
 from xllm.server.state import METRICS, REGISTRY, SETTINGS, STARTED
 
@@ -53,7 +53,6 @@ def make_registry(settings: Settings) -> ModelRegistry:
 
 def create_app(settings: Settings, registry: ModelRegistry | None = None) -> web.Application:
     app = web.Application(
-        client_max_size=MAX_BODY,
         middlewares=[
             middleware.request_id,
             middleware.observe_requests,
@@ -89,7 +88,18 @@ async def serve(app: web.Application, host: str, port: int) -> None:
     """Serve until SIGINT/SIGTERM; the first drains for up to 30 s, a second exits at once."""
     settings = app[SETTINGS]
     tls = _tls_context(settings)
-    runner = web.AppRunner(app, shutdown_timeout=DRAIN_S, access_log=None)
+    _raise_open_files_limit()
+    runner = web.AppRunner(
+        app,
+        shutdown_timeout=DRAIN_S,
+        access_log=None,
+        # aiohttp (>= 3.14.5) arms this timer when a connection opens and again when a response
+        # ends, and bytes arriving do not re-arm it: a request head that is not whole by then
+        # (slowloris, even trickling) gets the connection closed, as does an idle keep-alive one.
+        keepalive_timeout=settings.header_timeout,
+        # bodies are read as sent: the guard refuses compressed ones (415) before inflating
+        auto_decompress=False,
+    )
     await runner.setup()
     site = web.TCPSite(runner, host, port, ssl_context=tls)
     await site.start()
@@ -120,6 +130,16 @@ async def serve(app: web.Application, host: str, port: int) -> None:
     finally:
         preload.cancel()
         await runner.cleanup()
+
+
+def _raise_open_files_limit() -> None:
+    """Soft RLIMIT_NOFILE up to the hard limit, as Go programs (Ollama) do at start: a shell's
+    soft 1024 would let a thousand idle connections lock everyone else out."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    except (ValueError, OSError) as e:  # macOS refuses an unlimited hard limit as the soft one
+        log.warning("cannot raise the open-files limit above %d: %s", soft, e)
 
 
 def _tls_context(settings: Settings) -> ssl.SSLContext | None:

@@ -17,8 +17,8 @@ from aiohttp import web
 from aiohttp.typedefs import Middleware
 
 from xllm.config import Settings
-from xllm.errors import Forbidden, Overloaded, PayloadTooLarge, Unauthorized
-from xllm.server.http import MAX_BODY
+from xllm.errors import Forbidden, Overloaded, PayloadTooLarge, Unauthorized, UnsupportedEncoding
+from xllm.server.http import MAX_BODY, TOO_LARGE
 from xllm.server.middleware import Handler, error_response
 
 DRAINING = web.AppKey("draining", list[bool])
@@ -85,9 +85,16 @@ def guard(settings: Settings) -> Middleware:
             response: web.StreamResponse = web.Response(status=204 if cors else 403)
         elif (request.content_length or 0) > MAX_BODY and not request.path.startswith(BLOBS):
             # refused before reading a byte of it; chunked bodies stop at the limit while read
+            response = error_response(request, PayloadTooLarge(TOO_LARGE))
+        elif request.body_exists and _compressed(request):
             response = error_response(
-                request, PayloadTooLarge("request body too large: the limit is 50 MB")
+                request,
+                UnsupportedEncoding(
+                    f"Content-Encoding {request.headers['Content-Encoding']!r} is not "
+                    "supported: send the request body uncompressed"
+                ),
             )
+            response.headers["Accept-Encoding"] = "identity"  # RFC 7694
         elif keys and request.path not in OPEN_PATHS and not _authorized(request, keys):
             response = error_response(
                 request, Unauthorized("missing or invalid API key (Authorization: Bearer <key>)")
@@ -117,6 +124,12 @@ async def add_cors_headers(request: web.Request, response: web.StreamResponse) -
         response.headers["Access-Control-Allow-Methods"] = ALLOW_METHODS
         response.headers["Access-Control-Allow-Headers"] = ALLOW_HEADERS
         response.headers["Access-Control-Max-Age"] = "600"
+
+
+def _compressed(request: web.Request) -> bool:
+    """Compressed bodies are refused unread (the server never inflates them): 1 MB of gzip can
+    inflate to gigabytes, and no OpenAI or Ollama client compresses what it sends."""
+    return request.headers.get("Content-Encoding", "identity").strip().lower() != "identity"
 
 
 def _manages_models(request: web.Request) -> bool:

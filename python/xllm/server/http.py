@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import mmap
 from typing import Any, TypeVar
 
 import orjson
@@ -9,13 +10,15 @@ from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
 from xllm.engine.llama import LlamaModel
-from xllm.errors import InvalidRequest
+from xllm.errors import InvalidRequest, PayloadTooLarge
 from xllm.server.openai.wire import error_param
 from xllm.server.state import REGISTRY
 
 M = TypeVar("M", bound=BaseModel)
 MAX_BODY = 50 * 1024 * 1024
-"""Request bodies over 50 MB (images included) get 413, enforced while reading."""
+"""Request bodies over 50 MB (images included) get 413: unread when Content-Length says so,
+else as soon as the body passes it."""
+TOO_LARGE = "request body too large: the limit is 50 MB"
 MODEL_NAME = web.RequestKey("model_name", str)
 """The model a request asked for, for logs and metrics."""
 
@@ -30,7 +33,7 @@ async def load_model(
 
 async def parse_body(request: web.Request, model: type[M]) -> M:
     """The body validated as `model`; 400 naming the first bad field."""
-    raw = await request.read()  # bounded by the app's client_max_size (413 beyond it)
+    raw = await _read_body(request)
     if not raw:
         raise InvalidRequest("the request body is empty; send a JSON object")
     try:
@@ -46,6 +49,20 @@ async def parse_body(request: web.Request, model: type[M]) -> M:
         raise InvalidRequest(
             f"{param}: {message}" if param else message, param=param or None
         ) from None
+
+
+async def _read_body(request: web.Request) -> bytes:
+    """The whole body; 413 the moment it passes MAX_BODY, letting go of what was read."""
+    limit = min(request.content_length or MAX_BODY, MAX_BODY)
+    # An anonymous map takes memory page by page as the body arrives and hands every page back
+    # to the OS when closed, so a refused body leaves nothing resident. A growing bytearray
+    # (aiohttp's `read`) reallocates and copies, and can leave tens of MB in malloc's heap.
+    with mmap.mmap(-1, limit) as buffer:
+        async for chunk in request.content.iter_any():
+            if len(chunk) > limit - buffer.tell():
+                raise PayloadTooLarge(TOO_LARGE)
+            buffer.write(chunk)
+        return buffer[: buffer.tell()]
 
 
 def json_response(data: Any, status: int = 200) -> web.Response:

@@ -13,7 +13,7 @@ from aiohttp import web
 
 from xllm import _core
 from xllm import log as log_context
-from xllm.errors import NotFound, Overloaded, PayloadTooLarge, XllmError
+from xllm.errors import NotFound, Overloaded, XllmError
 from xllm.server import streaming
 from xllm.server.http import MODEL_NAME, json_response
 from xllm.server.state import METRICS
@@ -63,15 +63,13 @@ async def echo_request_id(request: web.Request, response: web.StreamResponse) ->
 
 @web.middleware
 async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """XllmError (and aiohttp's own 404/405/413) in the dialect's error shape."""
+    """XllmError (and aiohttp's own 404/405) in the dialect's error shape."""
     try:
         return await handler(request)
     except XllmError as e:
         if e.status >= 500:
             log.error("%s %s -> %d: %s", request.method, request.path, e.status, e.message)
         return error_response(request, e)
-    except web.HTTPRequestEntityTooLarge as e:
-        return error_response(request, PayloadTooLarge(f"request body too large: {e.text}"))
     except web.HTTPNotFound:
         return error_response(
             request, NotFound(f"no such endpoint: {request.method} {request.path}")
