@@ -279,7 +279,7 @@ class ModelRegistry:
         try:
             return await LlamaModel.load(name, path, o, self.observer)
         except ModelLoadError as e:
-            if o.gpu_layers <= 0 or not is_out_of_memory(e.message):
+            if o.gpu_layers <= 0 or not is_out_of_memory(f"{e.message}\n{e.detail}"):
                 raise
             fewer = o.gpu_layers // 2
             log.warning(
