@@ -119,6 +119,15 @@ class ModelLoadError(XllmError):
         self.detail = detail
 
 
+class CorruptModel(XllmError):
+    """A stored model's file on disk is damaged (a blob that no longer matches its digest, a
+    manifest that cannot be read): the server's condition, whatever the request."""
+
+    status = 500
+    type = "server_error"
+    code = "model_corrupt"
+
+
 class EngineError(XllmError):
     """Generation failed inside the engine."""
 
