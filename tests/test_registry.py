@@ -16,10 +16,13 @@ from xllm.engine.registry import ModelRegistry, instance_key, is_out_of_memory, 
 from xllm.errors import ModelLoadError
 from xllm.memory.probe import GPU
 
+FAILED = (
+    "failed to load model 'm:latest' from /m.gguf: llama.cpp could not load /m.gguf (the "
+    "server's log has llama.cpp's messages)"
+)
 CUDA_OOM = (
-    "failed to load model 'm:latest' from /m.gguf: llama.cpp could not load /m.gguf\n"
-    "llama.cpp said:\nggml_backend_cuda_buffer_type_alloc_buffer: allocating 4096.00 MiB on "
-    "device 0: cudaMalloc failed: out of memory"
+    "ggml_backend_cuda_buffer_type_alloc_buffer: allocating 4096.00 MiB on device 0: "
+    "cudaMalloc failed: out of memory"
 )
 
 
@@ -27,7 +30,7 @@ def _fake_load(fits: int, calls: list[int]) -> Any:
     async def load(name: str, path: Path, options: EngineOptions, observer: Any = None) -> Any:
         calls.append(options.gpu_layers)
         if options.gpu_layers > fits:
-            raise ModelLoadError(CUDA_OOM)
+            raise ModelLoadError(FAILED, detail=CUDA_OOM)  # llama.cpp's log: not for clients
         return object()
 
     return load
@@ -48,8 +51,9 @@ async def test_out_of_memory_twice_gives_up(monkeypatch: pytest.MonkeyPatch) -> 
     calls: list[int] = []
     monkeypatch.setattr(LlamaModel, "load", _fake_load(3, calls))
     reg = ModelRegistry(EngineOptions())
-    with pytest.raises(ModelLoadError, match="out of memory"):
+    with pytest.raises(ModelLoadError) as e:
         await reg._start("m:latest", Path("/m.gguf"), EngineOptions(gpu_layers=32))
+    assert e.value.message == FAILED and e.value.detail == CUDA_OOM
     assert calls == [32, 16]  # one retry, not a search
 
 

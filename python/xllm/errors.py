@@ -87,8 +87,8 @@ class Overloaded(XllmError):
     type = "server_error"
     code = "overloaded"
 
-    def __init__(self, message: str, *, retry_after: int = 1) -> None:
-        super().__init__(message)
+    def __init__(self, message: str, *, param: str | None = None, retry_after: int = 1) -> None:
+        super().__init__(message, param=param)
         self.retry_after = retry_after
 
 
@@ -115,11 +115,25 @@ class RegistryError(XllmError):
 
 
 class ModelLoadError(XllmError):
-    """llama.cpp could not load a model: the message carries its reason and the file."""
+    """llama.cpp could not load a model: the message carries its reason and the file;
+    `detail` holds llama.cpp's own log lines, for the server's log and never for a client."""
 
     status = 500
     type = "server_error"
     code = "model_load_failed"
+
+    def __init__(self, message: str, *, param: str | None = None, detail: str = "") -> None:
+        super().__init__(message, param=param)
+        self.detail = detail
+
+
+class CorruptModel(XllmError):
+    """A stored model's file on disk is damaged (a blob that no longer matches its digest, a
+    manifest that cannot be read): the server's condition, whatever the request."""
+
+    status = 500
+    type = "server_error"
+    code = "model_corrupt"
 
 
 class EngineError(XllmError):
@@ -128,3 +142,12 @@ class EngineError(XllmError):
     status = 500
     type = "server_error"
     code = "engine_error"
+
+
+BY_NAME: dict[str, type[XllmError]] = {
+    cls.__name__: cls
+    for cls in list(globals().values())
+    if isinstance(cls, type) and issubclass(cls, XllmError)
+}
+"""The classes above by name: those an error may take when it crosses a process boundary
+(the runner's replies); a subclass defined elsewhere crosses as the nearest of them."""

@@ -166,6 +166,14 @@ def test_unknown_endpoint_and_method(server: Server) -> None:
     assert "POST" in r.headers["Allow"]
 
 
+def test_runner_error_keeps_its_status(server: Server) -> None:
+    """A template is rendered in the model's runner: its error is still the client's 400."""
+    template = "{% if true %}{{ raise_exception('no system role') }}{% endif %}"
+    body = {"model": "smollm2:135m", "prompt": "hi", "template": template, "stream": False}
+    r = httpx.post(f"{server.url}/api/generate", json=body, timeout=30)
+    assert r.status_code == 400 and r.json() == {"error": "chat template error: no system role"}
+
+
 def test_server_alive_after_all(server: Server) -> None:
     r = httpx.post(f"{server.url}/v1/chat/completions", json=CHAT, timeout=30)
     assert r.status_code == 200

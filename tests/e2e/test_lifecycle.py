@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import threading
 import time
@@ -12,9 +13,12 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests import gguf_corpus
 from tests.conftest import Server, start_server, stop_server
 
 MODEL = "smollm2:135m"
+LLAMA_CPP_LOG = re.compile(r"sched_reserve|llama_|load_tensors|ggml_|print_info|llm_load")
+"""What llama.cpp writes to a runner's stderr: for the server's log, never for a client."""
 
 
 def _children(pid: int) -> set[int]:
@@ -85,6 +89,11 @@ def test_kill_runner_mid_stream(fresh: Server) -> None:
     assert any('"error"' in line for line in lines), lines[-3:]
     error_at = next(i for i, line in enumerate(lines) if '"error"' in line)
     assert "runner" in lines[error_at] and "SIGKILL" in lines[error_at]
+    assert "the request was aborted" in lines[error_at]
+    assert not LLAMA_CPP_LOG.search(lines[error_at]), lines[error_at]
+    assert lines[error_at + 1 :] == ["data: [DONE]"]
+    _, after = fresh.logs().split("was killed by SIGKILL", 1)  # the runner's last output
+    assert LLAMA_CPP_LOG.search(after)
     # the model is gone from the loaded list, the server is fine, the next request reloads it
     deadline = time.monotonic() + 2
     while _health(fresh)["models"] and time.monotonic() < deadline:
@@ -100,6 +109,29 @@ def test_kill_runner_mid_stream(fresh: Server) -> None:
     new_pid = _health(fresh)["models"][0]["runner_pid"]
     assert new_pid != pid
     assert _children(fresh.proc.pid) == {new_pid}
+
+
+def test_failed_load_is_explained_without_llama_cpp_log(tmp_path: Path) -> None:
+    bad = gguf_corpus.write(tmp_path / "bad.gguf")  # passes xllm's checks, not llama.cpp's
+    s = start_server(tmp_path, ["--model", str(bad), "--ctx-size", "256"], wait_model=False)
+    try:
+        body = {"model": "bad", "prompt": "Hi", "max_tokens": 2}
+        for path, extra in (("/v1/completions", {}), ("/v1/completions", {"stream": True})):
+            r = httpx.post(f"{s.url}{path}", json=body | extra, timeout=60)
+            assert r.status_code == 500, r.text
+            err = r.json()["error"]
+            assert err["type"] == "server_error" and err["code"] == "model_load_failed"
+            assert err["message"] == (
+                f"failed to load model 'bad:latest' from {bad}: llama.cpp could not load {bad} "
+                "(the server's log has llama.cpp's messages)"
+            )
+        r = httpx.post(f"{s.url}/api/generate", json=body | {"stream": False}, timeout=60)
+        assert r.status_code == 500 and r.json()["error"] == err["message"]
+        # llama.cpp's reason, for the operator
+        assert "key not found in model: llama.attention.layer_norm_rms_epsilon" in s.logs()
+        assert s.proc.poll() is None
+    finally:
+        stop_server(s)
 
 
 def test_idle_timeout_unloads(tmp_path: Path) -> None:

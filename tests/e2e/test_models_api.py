@@ -258,12 +258,56 @@ def test_corrupt_stored_file_is_named_at_load(
     client.pull("fragile")
     blob = srv.home / "models" / "blobs" / sha(data).replace(":", "-")
     blob.write_bytes(b"XXXX" + data[4:])  # bit rot in the header
+    message = (
+        f"model 'fragile:latest' is corrupt on disk: its file {blob} no longer matches its "
+        f"digest {sha(data)}; remove it with `xllm rm fragile:latest` and download it again "
+        "with `xllm pull fragile:latest`"
+    )
+    # the server's disk is at fault, not the request: a 500 in each dialect, wherever it shows
     with pytest.raises(ollama.ResponseError) as e:
         _generate(client, "fragile", options={"num_predict": 1})
-    assert "is corrupt" in e.value.error and "xllm rm fragile:latest" in e.value.error
+    assert e.value.status_code == 500 and e.value.error == message
+    r = httpx.post(f"{srv.url}/api/show", json={"model": "fragile", "verbose": True})
+    assert r.status_code == 500 and r.json() == {"error": message}  # it reads the header
+    body = {"model": "fragile", "messages": [{"role": "user", "content": "hi"}]}
+    r = httpx.post(f"{srv.url}/v1/chat/completions", json=body, timeout=60)
+    assert r.status_code == 500
+    assert r.json()["error"] == {
+        "message": message, "type": "server_error", "param": None, "code": "model_corrupt"
+    }  # fmt: skip
     client.delete("fragile")
     client.pull("fragile")
     assert _generate(client, "fragile", options={"num_predict": 1}).eval_count == 1
+
+
+def test_unreadable_manifest_is_the_servers_500(client: ollama.Client, srv: Server) -> None:
+    client.pull("tiny")
+    client.copy("tiny", "scrawled")
+    manifest = srv.home / "models" / "manifests" / "registry.ollama.ai" / "library" / "scrawled"
+    (manifest / "latest").write_text('{"schemaVersion": 2, "layers": [')  # a torn write
+    start = f"the manifest of model 'scrawled:latest' ({manifest / 'latest'}) is corrupt: "
+    end = "`xllm pull scrawled:latest` or remove it with `xllm rm scrawled:latest`"
+    for call in (
+        lambda: _generate(client, "scrawled", options={"num_predict": 1}),
+        lambda: client.show("scrawled"),
+        lambda: client.create("other", from_="scrawled"),
+    ):
+        with pytest.raises(ollama.ResponseError) as e:
+            call()
+        assert e.value.status_code == 500, e.value.error
+        assert e.value.error.startswith(start) and e.value.error.endswith(end), e.value.error
+    body = {"model": "scrawled", "prompt": "hi", "max_tokens": 1}
+    r = httpx.post(f"{srv.url}/v1/completions", json=body, timeout=60)
+    assert r.status_code == 500 and r.json()["error"]["type"] == "server_error", r.text
+    assert r.json()["error"]["code"] == "model_corrupt"
+    with pytest.raises(ollama.ResponseError) as e:  # a model that is not there stays a 404
+        _generate(client, "never-was", options={"num_predict": 1})
+    assert e.value.status_code == 404
+    client.delete("scrawled")  # the repair the message names works
+    assert not manifest.exists()
+    with pytest.raises(ollama.ResponseError) as e:
+        client.show("scrawled")
+    assert e.value.status_code == 404
 
 
 HOSTILE = ["../../etc/passwd", "..%2f..%2fx", "/abs", "a/b/c/d", "x\0y", "C:\\x", "n" * 81,

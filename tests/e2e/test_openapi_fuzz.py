@@ -43,7 +43,7 @@ def test_no_server_errors_over_the_whole_api(tmp_path: Path, tiny_path: Path) ->
         assert s.proc.poll() is None and s.proc.pid == pid
         assert httpx.get(f"{s.url}/api/version", timeout=1).status_code == 200
         logs = s.logs()
-        assert "the runner for model" not in logs  # no runner died (crash or watchdog)
+        assert "the runner process for model" not in logs  # no runner died (crash or watchdog)
         assert "Traceback" not in logs
     finally:
         stop_server(s)

@@ -3,6 +3,10 @@
 Frames are a 4-byte big-endian length and a pickle. Pickle is safe here: both ends are xllm
 processes joined by a socketpair that nothing else can reach. One frame per decode step carries
 every event of every request, so the per-token cost of the process boundary stays small.
+
+An error crosses as a `WireError`, made from the exception in the runner and raised again in the
+server as the same class of `xllm.errors`, so a client sees the status, type and param it would
+have seen had the model run in the server.
 """
 
 from __future__ import annotations
@@ -10,7 +14,11 @@ from __future__ import annotations
 import asyncio
 import pickle
 import struct
+from dataclasses import dataclass
 from typing import Any
+
+from xllm import _core
+from xllm.errors import BY_NAME, EngineError, InvalidRequest, Overloaded, XllmError
 
 _HEADER = struct.Struct(">I")
 MAX_FRAME = 256 * 1024 * 1024  # a batch of embeddings can be large; anything bigger is a bug
@@ -24,13 +32,45 @@ CLOSE = "close"  # (CLOSE,)
 READY = "ready"  # (READY, ModelInfo)
 FAILED = "failed"  # (FAILED, message)
 EVENTS = "events"  # (EVENTS, [event, ...])
-REPLY = "reply"  # (REPLY, call_id, error_kind | None, value)
+REPLY = "reply"  # (REPLY, call_id, WireError | None, value)
 BEAT = "beat"  # (BEAT, stats)
 
-# error kinds a reply may carry, mapped back to exceptions by the server
-QUEUE_FULL = "queue_full"
-BAD_REQUEST = "bad_request"
-ENGINE = "engine"
+
+@dataclass(frozen=True)
+class WireError:
+    """An exception of the runner on its way to the server."""
+
+    kind: str
+    """The name of its class in `xllm.errors` (`BY_NAME`)."""
+    message: str
+    param: str | None = None
+
+
+def wire_error(e: Exception) -> WireError:
+    """The runner's side: what the server will raise for `e`. Beside xllm's own errors, the
+    engine's built-in ones mean: ValueError a bad request, QueueFull a full queue, RuntimeError
+    a failure of the engine; anything else is a bug, named by its class."""
+    if isinstance(e, XllmError):
+        err = e
+    elif isinstance(e, _core.QueueFull):
+        err = Overloaded(f"{e}; try again")
+    elif isinstance(e, ValueError):
+        err = InvalidRequest(str(e))
+    elif isinstance(e, RuntimeError):
+        err = EngineError(str(e))
+    else:
+        err = EngineError(f"{type(e).__name__}: {e}")
+    kind = next(c.__name__ for c in type(err).__mro__ if BY_NAME.get(c.__name__) is c)
+    return WireError(kind, err.message, err.param)
+
+
+def exception(wire: WireError, model: str) -> XllmError:
+    """The server's side: the error to raise for a runner's `wire`; a class it does not know
+    is a server error. A server error's message gets the model's name (for whoever reads the
+    log); a client's error is about the request and stays as it is."""
+    cls = BY_NAME.get(wire.kind, XllmError)
+    message = wire.message if cls.status < 500 else f"model {model!r}: {wire.message}"
+    return cls(message, param=wire.param)
 
 
 def encode(message: tuple[Any, ...]) -> bytes:

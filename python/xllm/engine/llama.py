@@ -23,7 +23,7 @@ from typing import Any, Protocol
 
 from xllm.engine import ipc
 from xllm.engine.options import EngineOptions, runner_command
-from xllm.errors import EngineError, InvalidRequest, ModelLoadError, Overloaded
+from xllm.errors import EngineError, ModelLoadError
 from xllm.memory.planner import Plan
 from xllm.models.metadata import ModelInfo
 from xllm.models.modelfile import Modelfile
@@ -176,11 +176,12 @@ class LlamaModel:
             writer.close()
             code = await proc.wait()
             await stderr_task
-            reason = msg[1] if msg is not None else _exit_reason(code)
+            reason = msg[1] if msg is not None else f"its runner process {_exit_reason(code)}"
             detail = "\n".join(tail)
+            log.error("model %s failed to load: %s; its runner said:\n%s", name, reason, detail)
+            hint = " (the server's log has llama.cpp's messages)" if detail else ""
             raise ModelLoadError(
-                f"failed to load model {name!r} from {path}: {reason}"
-                + (f"\nllama.cpp said:\n{detail}" if detail else "")
+                f"failed to load model {name!r} from {path}: {reason}{hint}", detail=detail
             )
         return cls(name, path, options, msg[1], proc, reader, writer, observer, tail, stderr_task)
 
@@ -202,7 +203,10 @@ class LlamaModel:
                 if fut is not None and not fut.done():
                     fut.set_result(msg[2:])
         code = await self._proc.wait()
-        self._fail_all(f"the runner for model {self.name!r} {_exit_reason(code)}")
+        self._fail_all(
+            f"the runner process for model {self.name!r} {_exit_reason(code)}; "
+            "the request was aborted"
+        )
 
     def _dispatch(self, ev: Event) -> None:
         q = self._queues.get(ev[0])
@@ -212,19 +216,17 @@ class LlamaModel:
             self.observer.observe_finish(self.name, ev[4], ev[5])
 
     def _fail_all(self, reason: str) -> None:
-        """The runner is gone: end every request and call, and leave the registry."""
+        """The runner is gone: end every request and call, and leave the registry. Clients
+        get `reason`; its last lines of output (llama.cpp's log) go to the server's log only."""
         self.alive = False
         if not self._closing:
-            log.error("%s", reason)
-            detail = "; ".join(list(self._stderr_tail)[-3:])
-            if detail:
-                reason = f"{reason} ({detail})"
+            log.error("%s; its last output:\n%s", reason, "\n".join(self._stderr_tail))
         for rid, q in self._queues.items():
             q.put_nowait((rid, -1, "", None, "error", {"error": reason}))
         self._queues.clear()
         for fut in self._calls.values():
             if not fut.done():
-                fut.set_result((ipc.ENGINE, reason))
+                fut.set_exception(EngineError(reason))
         self._calls.clear()
         if self.on_exit is not None:
             self.on_exit(self)
@@ -257,8 +259,9 @@ class LlamaModel:
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._calls[cid] = fut
         self._send((ipc.CALL, cid, method, args))
-        kind, value = await fut
-        _raise_for(kind, value, self.name)
+        error, value = await fut
+        if error is not None:
+            raise ipc.exception(error, self.name)
         return value
 
     def _finish(self, request_id: int) -> None:
@@ -327,8 +330,9 @@ class LlamaModel:
         self._calls[rid] = fut
         try:
             self._send((ipc.SUBMIT, rid, rid, prompt, dict(params), frames))
-            kind, value = await fut
-            _raise_for(kind, value, self.name)
+            error, _ = await fut
+            if error is not None:
+                raise ipc.exception(error, self.name)
         except BaseException:
             self._queues.pop(rid, None)
             self._calls.pop(rid, None)
@@ -372,16 +376,6 @@ class LlamaModel:
                 with contextlib.suppress(asyncio.CancelledError):
                     await asyncio.wait_for(task, 2.0)
         self._writer.close()
-
-
-def _raise_for(kind: str | None, value: Any, name: str) -> None:
-    if kind is None:
-        return
-    if kind == ipc.QUEUE_FULL:
-        raise Overloaded(f"model {name!r} has too many requests waiting; try again") from None
-    if kind == ipc.BAD_REQUEST:
-        raise InvalidRequest(str(value))
-    raise EngineError(f"model {name!r}: {value}")
 
 
 def _exit_reason(code: int | None) -> str:

@@ -36,7 +36,7 @@ class LlamaCppEngine:
         else:
             model = lc.llama_model_load_from_file(str(path).encode(), mparams)
         if not model:
-            raise ValueError(f"llama.cpp could not load {path} (see its log above)")
+            raise ValueError(f"llama.cpp could not load {path}")
         self._model = model
         self._adapters = self._load_adapters(options.adapters)
         self._vocab = lc.llama_model_get_vocab(model)
@@ -96,7 +96,7 @@ class LlamaCppEngine:
             adapter = lc.llama_adapter_lora_init(self._model, p.encode())
             if not adapter:
                 lc.llama_model_free(self._model)
-                raise ValueError(f"llama.cpp could not load the LoRA adapter {p} (see its log)")
+                raise ValueError(f"llama.cpp could not load the LoRA adapter {p}")
             adapters.append(adapter)
         return adapters
 

@@ -14,12 +14,20 @@ import dataclasses
 import itertools
 import logging
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from xllm.engine.llama import LlamaModel, Observer
 from xllm.engine.options import EngineOptions
-from xllm.errors import InsufficientMemory, InvalidRequest, ModelLoadError, ModelNotFound, XllmError
+from xllm.errors import (
+    CorruptModel,
+    InsufficientMemory,
+    InvalidRequest,
+    ModelLoadError,
+    ModelNotFound,
+    XllmError,
+)
 from xllm.memory import planner, probe
 from xllm.models import gguf, gotemplate, names, summary
 from xllm.models.modelfile import Modelfile, is_go_template
@@ -86,7 +94,8 @@ class ModelRegistry:
         return name
 
     def stored(self, name: str) -> StoredModel | None:
-        """The store's model of that name (an invalid name is a 400)."""
+        """The store's model of that name (an invalid name is a 400); None for a manifest that
+        cannot be read, which `find` reports."""
         return self.store.get(names.parse_name(name)) if self.store is not None else None
 
     def key(self, name: str) -> str:
@@ -105,7 +114,7 @@ class ModelRegistry:
         path = self._paths.get(key)
         if path is not None:
             return Resolved(key, path)
-        stored = self.stored(key)
+        stored = self.store.find(names.parse_name(key)) if self.store is not None else None
         if stored is not None:
             return Resolved(key, stored.model_path, stored)
         path = names.bundled_path(key)
@@ -117,8 +126,22 @@ class ModelRegistry:
         """What `show`, `list` and `/v1/models` tell of a model not loaded: a stored one's
         cached facts (whatever its format), a file's from its GGUF header."""
         if found.stored is not None and self.store is not None:
-            return self.store.summary_of(found.stored.manifest)
+            with self.reading(found):
+                return self.store.summary_of(found.stored.manifest)
         return summary.of_file(found.path)
+
+    @contextlib.contextmanager
+    def reading(self, found: Resolved) -> Iterator[None]:
+        """Around a read of a model's files (in a worker thread): a stored model's file that
+        fails to read and no longer matches its digest is the server's 500 (CorruptModel), not
+        the client's 400 of a malformed file."""
+        try:
+            yield
+        except (InvalidRequest, OSError):
+            corrupt = self.corruption(found.stored) if found.stored is not None else None
+            if corrupt is not None:
+                raise corrupt from None
+            raise
 
     def resolve(self, name: str) -> tuple[str, Path]:
         """(canonical name, file) for a requested name, or ModelNotFound."""
@@ -241,9 +264,11 @@ class ModelRegistry:
                 o = dataclasses.replace(o, tensor_split=tuple(planner.split(gpus)))
             log.info("plan for %s: %s, %d GPU layers", key, plan.describe(), plan.gpu_layers)
             model = await self._start(name, path, o)
-        except (gguf.GGUFError, ModelLoadError):
-            if found.stored is not None and self.store is not None:
-                await self._check_blob(found.stored)
+        except (gguf.GGUFError, ModelLoadError, OSError):
+            if found.stored is not None:
+                corrupt = await asyncio.to_thread(self.corruption, found.stored)
+                if corrupt is not None:
+                    raise corrupt from None
             raise
         finally:
             self._loading.pop(key, None)
@@ -279,7 +304,7 @@ class ModelRegistry:
         try:
             return await LlamaModel.load(name, path, o, self.observer)
         except ModelLoadError as e:
-            if o.gpu_layers <= 0 or not is_out_of_memory(e.message):
+            if o.gpu_layers <= 0 or not is_out_of_memory(f"{e.message}\n{e.detail}"):
                 raise
             fewer = o.gpu_layers // 2
             log.warning(
@@ -290,18 +315,24 @@ class ModelRegistry:
                 name, path, dataclasses.replace(o, gpu_layers=fewer), self.observer
             )
 
-    async def _check_blob(self, stored: StoredModel) -> None:
-        """After a stored model failed to load: is its file still what was downloaded?"""
-        assert self.store is not None
+    def corruption(self, stored: StoredModel) -> CorruptModel | None:
+        """After a stored model's file failed to read or load: the error to give instead when
+        a file is no longer what was downloaded (the server's disk, not the request, is at
+        fault), or None. Reads every file in full."""
+        if self.store is None:
+            return None
         layers = [stored.model_digest, *stored.shard_digests]
         layers += [x.digest for x in stored.manifest.all(ADAPTER)]
-        digest = await asyncio.to_thread(self.store.verify, layers)
-        if digest is not None:
-            raise ModelLoadError(
-                f"the file of model {stored.name.display!r} ({self.store.blob_path(digest)}) is "
-                f"corrupt: its SHA-256 no longer matches {digest}; remove it with "
-                f"`xllm rm {stored.name.display}` and pull it again"
-            )
+        digest = self.store.verify(layers)
+        if digest is None:
+            return None
+        path = self.store.blob_path(digest)
+        state = "no longer matches its digest" if path.exists() else "is missing; its digest is"
+        name = stored.name.display
+        return CorruptModel(
+            f"model {name!r} is corrupt on disk: its file {path} {state} {digest}; remove it "
+            f"with `xllm rm {name}` and download it again with `xllm pull {name}`"
+        )
 
     def _available(self) -> int:
         """RAM a new model may use: the budget minus loaded models' plans, or what is free."""

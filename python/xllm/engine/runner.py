@@ -18,11 +18,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from xllm import _core
 from xllm.engine import ipc
 from xllm.engine.llamacpp import LlamaCppEngine
 from xllm.engine.options import EngineOptions
-from xllm.errors import XllmError
 from xllm.models.metadata import ModelInfo
 from xllm.models.template import build_prompt
 
@@ -105,12 +103,8 @@ def _submit(
 ) -> tuple[Any, ...]:
     try:
         engine.submit(rid, prompt, params, frames)
-    except _core.QueueFull as e:
-        return (ipc.REPLY, cid, ipc.QUEUE_FULL, str(e))
-    except ValueError as e:
-        return (ipc.REPLY, cid, ipc.BAD_REQUEST, str(e))
-    except RuntimeError as e:
-        return (ipc.REPLY, cid, ipc.ENGINE, str(e))
+    except Exception as e:  # every failure reaches the server, which waits for this reply
+        return (ipc.REPLY, cid, ipc.wire_error(e), None)
     return (ipc.REPLY, cid, None, None)
 
 
@@ -134,12 +128,8 @@ async def _call(
         else:
             raise RuntimeError(f"unknown runner call {method!r}")
         reply: tuple[Any, ...] = (ipc.REPLY, cid, None, value)
-    except XllmError as e:
-        reply = (ipc.REPLY, cid, ipc.BAD_REQUEST, e.message)
-    except ValueError as e:
-        reply = (ipc.REPLY, cid, ipc.BAD_REQUEST, str(e))
-    except RuntimeError as e:
-        reply = (ipc.REPLY, cid, ipc.ENGINE, str(e))
+    except Exception as e:  # every failure reaches the server, which waits for this reply
+        reply = (ipc.REPLY, cid, ipc.wire_error(e), None)
     writer.write(ipc.encode(reply))
 
 

@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from xllm.errors import InsufficientStorage, InvalidRequest, ModelNotFound
+from xllm.errors import CorruptModel, InsufficientStorage, InvalidRequest, ModelNotFound
 from xllm.models import modelfile, safetensors, summary
 from xllm.models.modelfile import Message, Modelfile
 from xllm.models.names import ModelName, parse_digest, parse_name
@@ -298,7 +298,7 @@ class Store:
         """One per digest ever written here (a few bytes each; dropping them would race)."""
         self._writing: dict[str, Partial] = {}
         self._pinned: dict[str, int] = {}
-        self._models: dict[Path, tuple[tuple[int, int], StoredModel | None]] = {}
+        self._models: dict[Path, tuple[tuple[int, int], StoredModel | CorruptModel]] = {}
         self._summaries: dict[str, summary.Summary] = {}
 
     # --- paths: only ever built from parsed names and digests -------------------------------
@@ -324,6 +324,18 @@ class Store:
 
     def get(self, name: ModelName) -> StoredModel | None:
         """The stored model of that name, or None; a damaged manifest is logged and skipped."""
+        model = self._lookup(name)
+        return model if isinstance(model, StoredModel) else None
+
+    def find(self, name: ModelName) -> StoredModel | None:
+        """The stored model of that name, or None; CorruptModel (the server's 500, naming the
+        file) for a manifest that cannot be read."""
+        model = self._lookup(name)
+        if isinstance(model, CorruptModel):
+            raise CorruptModel(model.message)  # a new one: the cached one is shared by threads
+        return model
+
+    def _lookup(self, name: ModelName) -> StoredModel | CorruptModel | None:
         path = self.manifest_path(name)
         try:
             st = path.stat()
@@ -333,11 +345,18 @@ class Store:
         cached = self._models.get(path)
         if cached is not None and cached[0] == key:
             return cached[1]
-        model: StoredModel | None = None
+        model: StoredModel | CorruptModel
         try:
             model = self._read(name, path, st.st_mtime)
         except (InvalidRequest, OSError, ValueError) as e:  # said once per version of the file
-            log.warning("skipping model %s: %s", name, getattr(e, "message", e))
+            reason = getattr(e, "message", None) or str(e)
+            log.warning("skipping model %s: %s", name, reason)
+            state = "cannot be read" if isinstance(e, OSError) else "is corrupt"
+            model = CorruptModel(
+                f"the manifest of model {name.display!r} ({path}) {state}: {reason}; download "
+                f"the model again with `xllm pull {name.display}` or remove it with "
+                f"`xllm rm {name.display}`"
+            )
         self._models[path] = (key, model)
         return model
 

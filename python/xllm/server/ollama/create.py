@@ -42,6 +42,7 @@ async def _base(registry: ModelRegistry, name: str) -> Manifest:
             param="from",
         )
     if found.stored is not None:
+        await asyncio.to_thread(registry.facts, found)  # a file damaged on disk is a 500
         return found.stored.manifest
     s = registry.store
     assert s is not None

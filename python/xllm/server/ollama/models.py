@@ -155,7 +155,8 @@ def _show(registry: ModelRegistry, name: str, verbose: bool) -> dict[str, Any]:
     mf = found.stored.modelfile if found.stored is not None else Modelfile()
     info = dict(facts.model_info)
     if verbose and facts.format == "gguf":  # the tokenizer's arrays are in the GGUF header
-        header = gguf.read(found.path, keep_arrays=True)
+        with registry.reading(found):
+            header = gguf.read(found.path, keep_arrays=True)
         info.update({k: v for k, v in header.metadata.items() if k.startswith("tokenizer.")})
     template = mf.template if mf.template is not None else facts.chat_template or ""
     licenses = mf.license or ((facts.license,) if facts.license else ())
@@ -255,7 +256,7 @@ async def delete(request: web.Request) -> web.Response:
     name = model_name(body.target())
     request[MODEL_NAME] = name.display
     registry = request.app[REGISTRY]
-    if registry.stored(name.display) is None:
+    if not store_of(request).manifest_path(name).is_file():  # one that cannot be read goes too
         raise ModelNotFound(f"model {name.display!r} not found", param="model")
     await registry.unload(name.display)
     if not await asyncio.to_thread(store_of(request).delete, name):

@@ -7,7 +7,7 @@ from typing import Any
 
 from aiohttp import web
 
-from xllm.errors import ModelNotFound, XllmError
+from xllm.errors import InvalidRequest, ModelNotFound, XllmError
 from xllm.server.http import json_response
 from xllm.server.state import REGISTRY, STARTED
 
@@ -41,6 +41,6 @@ async def get_model(request: web.Request) -> web.Response:
     name = request.match_info["model"]
     try:
         key, _ = request.app[REGISTRY].resolve(name)
-    except XllmError:
+    except (InvalidRequest, ModelNotFound):  # a damaged store is not the client's: a 500
         raise ModelNotFound(f"model {name!r} not found", param="model") from None
     return json_response(await _entry(request, key))
