@@ -118,6 +118,39 @@ def test_parse(
     assert len({c.id for c in calls}) == len(calls)
 
 
+OSLO = '{"name": "get_weather", "arguments": {"city": "Oslo"}}'
+
+
+@pytest.mark.parametrize(
+    ("text", "streamed", "rest", "calls"),
+    [
+        ("Hello there, friend.", "Hello there, friend.", "", []),
+        (f"Sure.\n<tool_call>\n{OSLO}\n</tool_call>", "Sure.\n", "", ["get_weather"]),
+        (f"  {OSLO}", "", "", ["get_weather"]),
+        (f"[{OSLO}]", "", "", ["get_weather"]),
+        (f"```json\n{OSLO}\n```", "", "", ["get_weather"]),
+        ("```python\nprint(1)\n```", "```python\nprint(1)\n```", "", []),
+        ("a <b> then <tool_call> no call", "a <b> then ", "<tool_call> no call", []),
+        ('{"a": 1}', "", '{"a": 1}', []),
+        ('{"name": "unknown", "arguments": {}}', "", '{"name": "unknown", "arguments": {}}', []),
+        ("ends in <tool_ca", "ends in ", "<tool_ca", []),
+        ("\n ``", "", "\n ``", []),
+    ],
+)
+@pytest.mark.parametrize("step", [1, 2, 5, 10_000])
+def test_call_watch_holds_back_only_what_may_be_a_call(
+    text: str, streamed: str, rest: str, calls: list[str], step: int
+) -> None:
+    watch = tools.CallWatch({"get_weather"})
+    got = "".join(watch.feed(text[i : i + step]) for i in range(0, len(text), step))
+    got_rest, got_calls = watch.end()
+    assert (got, got_rest, [c.name for c in got_calls]) == (streamed, rest, calls)
+    parsed_text, parsed_calls = tools.parse(text, {"get_weather"})
+    assert [c.arguments for c in got_calls] == [c.arguments for c in parsed_calls]
+    if not calls:
+        assert got + got_rest == parsed_text == text
+
+
 def test_tagged_grammar_wraps_the_json_call() -> None:
     grammar = tools.call_grammar([WEATHER], None, parallel=True, tagged=True)
     assert grammar.startswith('root ::= tool-call ("\\n" tool-call)*\n')

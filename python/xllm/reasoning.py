@@ -39,7 +39,7 @@ class ThinkSplitter:
         if end >= 0:
             self._state = "after"
             return held[:end], self.feed(held[end + len(CLOSE) :])[1]
-        keep = _partial_suffix(held, CLOSE)
+        keep = partial_suffix(held, CLOSE)
         self._held = held[len(held) - keep :] if keep else ""
         return held[: len(held) - keep], ""
 
@@ -55,7 +55,7 @@ class ThinkSplitter:
         return (held, "") if self._state == "thinking" else ("", held)
 
 
-def _partial_suffix(text: str, tag: str) -> int:
+def partial_suffix(text: str, tag: str) -> int:
     """Length of the longest end of `text` that begins `tag`."""
     for n in range(min(len(tag) - 1, len(text)), 0, -1):
         if tag.startswith(text[-n:]):

@@ -177,8 +177,10 @@ async def prepare_chat(
     """Prompt and engine parameters for a chat, tools included.
 
     A template that knows tools gets them; otherwise a system message describes them. A forced
-    call (`forced` "" = any function, or a name) constrains decoding with a grammar.
+    call (`forced` "" = any function, or a name) constrains decoding with a grammar. OpenAI's
+    `developer` messages are what templates know as `system` ones.
     """
+    messages = [{**m, "role": "system"} if m.get("role") == "developer" else m for m in messages]
     template = model.info.chat_template or ""
     template_tools = None
     if functions:

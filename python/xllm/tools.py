@@ -17,7 +17,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from xllm import grammar
+from xllm import grammar, reasoning
 from xllm.errors import InvalidRequest
 
 
@@ -136,6 +136,56 @@ def parse(text: str, names: set[str]) -> tuple[str, list[ToolCall]]:
         if found and all(c.name in names for c in found):
             return "", found
     return text, []
+
+
+_BARE_CALL = re.compile(r"(?:```(?:json)?\s*)?[\[{]")
+"""How output that `parse` may take whole as one bare JSON call begins."""
+_BARE_CALL_PREFIX = re.compile(r"`{1,2}|```(?:j|js|jso)|```(?:json)?\s*")
+"""Beginnings too short to tell: an opening code fence not yet followed by the JSON."""
+
+
+class CallWatch:
+    """Output of a model free to call tools or not, as it is generated: the text that cannot
+    be part of a call goes out at once, the rest is held back and parsed when the output ends.
+
+    What `parse` may take as calls is held: everything from a `<tool_call>` tag on (and a
+    piece of text that may be the tag's start, until it is whole), and, for a bare JSON call,
+    the whole output when it opens with `{`, `[` or a code fence around them.
+    """
+
+    def __init__(self, names: set[str]) -> None:
+        self._names = names
+        self._held = ""
+        self._at_start = True  # only whitespace so far: a bare JSON call may still come
+        self._calling = False  # a call may have begun: the rest waits for the end
+
+    def feed(self, text: str) -> str:
+        """The part of the output so far that is text for sure and was not returned yet."""
+        held = self._held + text
+        if not self._calling and self._at_start:
+            begun = held.lstrip()
+            if _BARE_CALL.match(begun):
+                self._calling = True
+            elif not begun or _BARE_CALL_PREFIX.fullmatch(begun):
+                self._held = held
+                return ""
+            self._at_start = False
+        if self._calling:
+            self._held = held
+            return ""
+        tag = held.find(TAG_OPEN)
+        if tag >= 0:
+            self._calling = True
+            self._held = held[tag:]
+            return held[:tag]
+        keep = reasoning.partial_suffix(held, TAG_OPEN)
+        self._held = held[len(held) - keep :]
+        return held[: len(held) - keep]
+
+    def end(self) -> tuple[str, list[ToolCall]]:
+        """(the rest of the text, the calls) of what was held back."""
+        held, self._held = self._held, ""
+        return parse(held, self._names)
 
 
 def template_messages(messages: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:

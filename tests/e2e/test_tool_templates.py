@@ -7,6 +7,7 @@ stream as incremental deltas; both API dialects and the official clients see the
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -150,6 +151,86 @@ def test_streamed_call_arrives_in_pieces(oai: openai.OpenAI) -> None:
         _check_call(entry["name"], entry["arguments"])
 
 
+HAIKU = [{"role": "user", "content": "Write a haiku about the sea."}]  # text, not a call
+
+
+def _arrivals(events: Any) -> tuple[float, list[tuple[float, Any]]]:
+    """When the request went out, and each event with the time it arrived."""
+    start = time.monotonic()
+    return start, [(time.monotonic(), e) for e in events]
+
+
+def _spread(start: float, times: list[float]) -> None:
+    """Text streamed as it was generated: in several pieces, the first well before the end."""
+    assert len(times) > 3, times
+    assert times[0] - start < 0.5 * (times[-1] - start), (start, times)
+
+
+def test_auto_streams_text_as_generated(oai: openai.OpenAI) -> None:
+    """With tools the model may call, text goes out as it comes, not once generation ended."""
+    kw: dict[str, Any] = {"messages": HAIKU, "tools": [TIME], "tool_choice": "auto"}
+    whole = _create(oai, max_tokens=24, **kw).choices[0]  # also caches the prompt
+    assert whole.message.tool_calls is None and whole.message.content
+    start, events = _arrivals(_create(oai, max_tokens=24, stream=True, **kw))
+    pieces = [(t, c.choices[0]) for t, c in events if c.choices]
+    content = [(t, c.delta.content) for t, c in pieces if c.delta.content]
+    _spread(start, [t for t, _ in content])
+    assert "".join(text for _, text in content) == whole.message.content
+    assert [c.finish_reason for _, c in pieces if c.finish_reason] == [whole.finish_reason]
+    assert not any(c.delta.tool_calls for _, c in pieces)
+
+
+def test_auto_streamed_call(oai: openai.OpenAI) -> None:
+    """A call the model chooses to make is held back from the text and sent as tool_calls."""
+    whole = _create(oai, tools=[WEATHER], max_tokens=80).choices[0]
+    assert whole.finish_reason == "tool_calls" and whole.message.tool_calls
+    expected = [
+        (c.function.name, json.loads(c.function.arguments)) for c in whole.message.tool_calls
+    ]
+    calls: dict[int, dict[str, Any]] = {}
+    content, finish = "", None
+    for chunk in _create(oai, tools=[WEATHER], max_tokens=80, stream=True):
+        for c in chunk.choices:
+            content += c.delta.content or ""
+            for t in c.delta.tool_calls or []:
+                entry = calls.setdefault(t.index, {"id": "", "name": "", "arguments": ""})
+                entry["id"] += t.id or ""
+                entry["name"] += t.function.name or "" if t.function else ""
+                entry["arguments"] += t.function.arguments or "" if t.function else ""
+            finish = c.finish_reason or finish
+    assert finish == "tool_calls" and content.strip() == (whole.message.content or "")
+    assert [(e["name"], json.loads(e["arguments"])) for e in calls.values()] == expected
+    assert all(e["id"].startswith("call_") for e in calls.values())
+
+
+def test_responses_auto_streams_text_and_calls(oai: openai.OpenAI) -> None:
+    """The Responses API alike: text deltas as generated, a call as a function_call item."""
+    time_tool = {"type": "function", **TIME["function"]}
+    kw: dict[str, Any] = {"model": MODEL, "tools": [time_tool], "temperature": 0}
+    whole = oai.responses.create(input=HAIKU, max_output_tokens=24, **kw)
+    assert whole.output_text and not [o for o in whole.output if o.type == "function_call"]
+    start, timed = _arrivals(
+        oai.responses.create(input=HAIKU, max_output_tokens=24, stream=True, **kw)
+    )
+    deltas = [(t, e.delta) for t, e in timed if e.type == "response.output_text.delta"]
+    _spread(start, [t for t, _ in deltas])
+    assert "".join(d for _, d in deltas) == whole.output_text
+    assert timed[-1][1].type == "response.completed"
+
+    weather_tool = {"type": "function", **WEATHER["function"]}
+    ask = "What is the weather in Paris?"
+    kw = {**kw, "tools": [weather_tool], "max_output_tokens": 80}
+    whole = oai.responses.create(input=ask, **kw)
+    expected = [
+        (o.name, json.loads(o.arguments)) for o in whole.output if o.type == "function_call"
+    ]
+    assert expected
+    events = list(oai.responses.create(input=ask, stream=True, **kw))
+    (completed,) = [e.response for e in events if e.type == "response.completed"]
+    got = [(o.name, json.loads(o.arguments)) for o in completed.output if o.type == "function_call"]
+    assert got == expected
+
+
 def test_tool_results_through_the_template(oai: openai.OpenAI) -> None:
     first = _create(oai, tools=[WEATHER], tool_choice="required", parallel_tool_calls=False)
     call = first.choices[0].message.tool_calls[0]
@@ -158,7 +239,7 @@ def test_tool_results_through_the_template(oai: openai.OpenAI) -> None:
         {"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
         {"role": "tool", "tool_call_id": call.id, "content": '{"temperature": 21, "sky": "clear"}'},
     ]
-    r = _create(oai, messages=messages, tools=[WEATHER], tool_choice="none", max_tokens=40)
+    r = _create(oai, messages=messages, tools=[WEATHER], tool_choice="none", max_tokens=24)
     assert r.choices[0].message.content
 
 

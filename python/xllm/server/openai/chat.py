@@ -8,8 +8,7 @@ from typing import Any
 
 from aiohttp import web
 
-from xllm import _core, reasoning, serving, tools
-from xllm.server import streaming
+from xllm import reasoning, serving, tools
 from xllm.server.http import json_response, load_model, parse_body, peer_gone
 from xllm.server.openai.logprobs import chat_logprobs
 from xllm.server.openai.stream import Entries, sse_chunk, stream
@@ -51,31 +50,22 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         "system_fingerprint": FINGERPRINT,
     }
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
-    if body.stream and not functions:
-        if splitters:
-            split = _ReasoningChunks(head, splitters)
-            return await stream(
-                request, model, prompt.tokens, params, split, split.head, include_usage,
-                in_frames=False,
-            )  # fmt: skip
-        fmt = _ChatChunks(head)
-        return await stream(request, model, prompt.tokens, params, fmt, fmt.head, include_usage)
-    if body.stream and body.forced_function() is not None:
-        forced = _CallChunks(head, body.n)
+    names = {f["name"] for f in functions}
+    if body.stream:
+        fmt: _ChatChunks
+        if body.forced_function() is not None:
+            fmt = _CallChunks(head, body.n)
+        elif splitters or names:
+            fmt = _SplitChunks(head, body.n, splitters, names)
+        else:
+            fmt = _ChatChunks(head)
         return await stream(
-            request,
-            model,
-            prompt.tokens,
-            params,
-            forced,
-            forced.head,
-            include_usage,
-            in_frames=False,
-        )
+            request, model, prompt.tokens, params, fmt, fmt.head, include_usage,
+            in_frames=fmt.framed,
+        )  # fmt: skip
 
     gen = await model.start(prompt.tokens, params)
     result = await serving.collect(gen, lambda: peer_gone(request))
-    names = {f["name"] for f in functions}
     choices = []
     for c in result.choices:
         thinking, answer = splitters[c.index].whole(c.text) if splitters else ("", c.text)
@@ -100,39 +90,9 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
                 "finish_reason": finish,
             }
         )
-    if body.stream:
-        # With tools the whole answer is needed to tell a call from text: send it as deltas.
-        return await _replay(request, _ChatChunks(head), choices, result.usage, include_usage)
     return json_response(
         {**head, "object": "chat.completion", "choices": choices, "usage": result.usage.openai()}
     )
-
-
-async def _replay(
-    request: web.Request,
-    fmt: _ChatChunks,
-    choices: list[dict[str, Any]],
-    usage: serving.Usage,
-    include_usage: bool,
-) -> web.StreamResponse:
-    response = await streaming.open_sse(request)
-    out = bytearray(fmt.preamble(len(choices)))
-    for c in choices:
-        delta = {k: v for k, v in c["message"].items() if k != "role" and v is not None}
-        if "tool_calls" in delta:
-            delta["tool_calls"] = [{**t, "index": i} for i, t in enumerate(delta["tool_calls"])]
-        out += sse_chunk(fmt.head, {"index": c["index"], "delta": delta, "finish_reason": None})
-    for i, c in enumerate(choices):
-        top = {"usage": usage.openai()} if i == len(choices) - 1 else {}
-        out += sse_chunk(
-            fmt.head, {"index": c["index"], "delta": {}, "finish_reason": c["finish_reason"]}, **top
-        )
-    if include_usage:
-        out += sse_chunk(fmt.head, {}, usage=usage.openai()).replace(
-            b'"choices":[{}]', b'"choices":[]'
-        )
-    await streaming.finish(response, bytes(out) + _core.SSE_DONE)
-    return response
 
 
 def _template_message(dumped: dict[str, Any], text: str) -> dict[str, Any]:
@@ -142,6 +102,9 @@ def _template_message(dumped: dict[str, Any], text: str) -> dict[str, Any]:
 
 
 class _ChatChunks:
+    framed = True
+    """Each token's chunk is its text in a fixed frame (the engine may write it)."""
+
     def __init__(self, head: dict[str, Any]) -> None:
         self.head = {**head, "object": "chat.completion.chunk"}
 
@@ -168,28 +131,62 @@ class _ChatChunks:
         )
 
 
-class _ReasoningChunks(_ChatChunks):
-    """A thinking model's stream: its reasoning as `reasoning_content` deltas (llama-server's
-    and vLLM's field), the answer as `content`."""
+class _SplitChunks(_ChatChunks):
+    """A stream whose text is split before it goes out.
 
-    def __init__(self, head: dict[str, Any], splitters: list[reasoning.ThinkSplitter]) -> None:
+    A thinking model's reasoning goes as `reasoning_content` deltas (llama-server's and vLLM's
+    field), the answer as `content`. With tools the model may call (`names`), the answer
+    streams too, but from where a call may begin it is held back; at the end the calls go as
+    `tool_calls` deltas (and anything held that was no call after all, as content).
+    """
+
+    framed = False
+
+    def __init__(
+        self,
+        head: dict[str, Any],
+        n: int,
+        splitters: list[reasoning.ThinkSplitter] | None,
+        names: set[str],
+    ) -> None:
         super().__init__(head)
         self.splitters = splitters
+        self.watches = [tools.CallWatch(names) for _ in range(n)] if names else None
 
     def chunk(
         self, index: int, text: str, finish: str | None, logprobs: Entries, **top: Any
     ) -> bytes:
+        splitter = self.splitters[index] if self.splitters else None
+        watch = self.watches[index] if self.watches else None
         if finish is None:
-            return self._delta(index, *self.splitters[index].feed(text), logprobs)
-        out = self._delta(index, *self.splitters[index].flush(), None)
-        return out + super().chunk(index, "", finish, logprobs, **top)
+            thinking, content = splitter.feed(text) if splitter is not None else ("", text)
+            content = watch.feed(content) if watch is not None else content
+            return self._delta(index, thinking, content, logprobs)
+        thinking, content = splitter.flush() if splitter is not None else ("", "")
+        calls: list[tools.ToolCall] = []
+        if watch is not None:
+            content = watch.feed(content)
+            rest, calls = watch.end()
+            content += rest
+        out = self._delta(index, thinking, content, None, calls)
+        reason = "tool_calls" if calls else finish
+        return out + super().chunk(index, "", reason, logprobs, **top)
 
-    def _delta(self, index: int, thinking: str, content: str, logprobs: Entries) -> bytes:
-        delta = {"reasoning_content": thinking} if thinking else {}
+    def _delta(
+        self,
+        index: int,
+        thinking: str,
+        content: str,
+        logprobs: Entries,
+        calls: list[tools.ToolCall] | None = None,
+    ) -> bytes:
+        delta: dict[str, Any] = {"reasoning_content": thinking} if thinking else {}
         if content:
             delta["content"] = content
+        if calls:
+            delta["tool_calls"] = [call.openai(i) for i, call in enumerate(calls)]
         if not delta and logprobs is None:
-            return b""  # held back: a tag may be cut across pieces
+            return b""  # held back: a tag or a call may be cut across pieces
         lp = chat_logprobs(logprobs) if logprobs is not None else None
         choice = {"index": index, "delta": delta, "logprobs": lp, "finish_reason": None}
         return sse_chunk(self.head, choice)
@@ -197,6 +194,8 @@ class _ReasoningChunks(_ChatChunks):
 
 class _CallChunks(_ChatChunks):
     """A forced call streamed as OpenAI streams calls: its id and name, then argument pieces."""
+
+    framed = False
 
     def __init__(self, head: dict[str, Any], n: int) -> None:
         super().__init__(head)

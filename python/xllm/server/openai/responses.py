@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import secrets
 import time
+from collections.abc import Sequence
 from typing import Annotated, Any, Literal
 
 import orjson
@@ -113,8 +114,7 @@ class ResponsesRequest(Wire):
                     if isinstance(item.content, str)
                     else "".join(p.text for p in item.content or [])
                 )
-                role = "system" if item.role == "developer" else item.role
-                out.append({"role": role, "content": text})
+                out.append({"role": item.role, "content": text})
         return out
 
     def functions(self) -> list[dict[str, Any]]:
@@ -191,28 +191,15 @@ async def responses(request: web.Request) -> web.StreamResponse:
         "metadata": {},
     }
     gen = await model.start(prompt.tokens, params)
-    if body.stream and (not functions or body.forced() is not None):
-        # text, or calls a grammar forces: both can be sent as they are generated
-        return await _stream(request, gen, _Writer(head), calls=bool(functions))
-    # with the model free to call or not, the whole answer tells which it did
+    names = {f["name"] for f in functions}
+    if body.stream:
+        return await _stream(request, gen, _Writer(head), names, body.forced() is not None)
     result = await serving.collect(gen, lambda: peer_gone(request))
     choice = result.choices[0]
-    text, calls = (
-        tools.parse(choice.text, {f["name"] for f in functions}) if functions else (choice.text, [])
-    )
+    text, calls = tools.parse(choice.text, names) if names else (choice.text, [])
     writer = _Writer(head)
-    out = writer.opening()
-    if text or not calls:
-        out += writer.open_message() + writer.delta(text) + writer.close()
-    for call in calls:
-        args = orjson.dumps(call.arguments).decode()
-        out += writer.open_call(call.name, call.id) + writer.delta(args) + writer.close()
-    out += writer.completed(result.usage, choice.finish_reason)
-    if not body.stream:
-        return json_response(writer.final(result.usage, choice.finish_reason))
-    response = await streaming.open_sse(request)
-    await streaming.finish(response, out)
-    return response
+    writer.end(text, calls)  # the events go nowhere: the items they make are the output
+    return json_response(writer.final(result.usage, choice.finish_reason))
 
 
 def _final(
@@ -330,6 +317,24 @@ class _Writer:
         self.item = None
         return out
 
+    def message_text(self, text: str) -> bytes:
+        """Answer text: the message item opens with its first piece."""
+        if not text:
+            return b""
+        return (self.open_message() if self.item is None else b"") + self.delta(text)
+
+    def end(self, text: str, calls: Sequence[tools.ToolCall]) -> bytes:
+        """The end of the answer: its last text, then each call as an item of its own (with
+        neither, an empty message, so that the output is never empty)."""
+        out = self.message_text(text)
+        if self.item is None and not self.output and not calls:
+            out += self.open_message()
+        out += self.close() if self.item else b""
+        for call in calls:
+            args = orjson.dumps(call.arguments).decode()
+            out += self.open_call(call.name, call.id) + self.delta(args) + self.close()
+        return out
+
     def final(self, usage: serving.Usage, finish: str | None) -> dict[str, Any]:
         return _final(self.head, self.output, usage, finish)
 
@@ -338,19 +343,20 @@ class _Writer:
 
 
 async def _stream(
-    request: web.Request, gen: Generation, writer: _Writer, calls: bool
+    request: web.Request, gen: Generation, writer: _Writer, names: set[str], forced: bool
 ) -> web.StreamResponse:
-    """Text as output_text deltas, or forced calls as function_call_arguments deltas."""
+    """Text as output_text deltas, or forced calls as function_call_arguments deltas; with
+    calls the model is free to make, text as it comes but for what may be a call (held back,
+    then sent as function_call items)."""
     response = await streaming.open_sse(request)
-    parser = tools.CallStream() if calls else None
-    out = writer.opening() + (b"" if calls else writer.open_message())
+    parser = tools.CallStream() if forced else None
+    watch = tools.CallWatch(names) if names and not forced else None
+    out = writer.opening()
     usage, finish = serving.Usage(), None
     try:
         async for batch in gen.events(lambda: peer_gone(request)):
             for _, _, text, _, fin, extra in batch:
-                if parser is None:
-                    out += writer.delta(text)
-                else:
+                if parser is not None:
                     for kind, value in parser.feed(text):
                         if kind == "call":
                             out += (writer.close() if writer.item else b"") + writer.open_call(
@@ -358,6 +364,8 @@ async def _stream(
                             )
                         else:
                             out += writer.delta(value)
+                else:
+                    out += writer.message_text(watch.feed(text) if watch else text)
                 if fin is not None:
                     serving.raise_if_failed(fin, extra)
                     usage.add(extra)
@@ -371,6 +379,7 @@ async def _stream(
         err = {"code": e.code or e.type, "message": e.message, "param": e.param}
         await streaming.finish(response, writer.event("error", **err))
         return response
-    out = writer.close() if writer.item else b""
+    text, calls = watch.end() if watch else ("", [])
+    out = writer.end(text, calls)
     await streaming.finish(response, out + writer.completed(usage, finish))
     return response

@@ -50,7 +50,9 @@ async def stream(
     *,
     in_frames: bool = True,
 ) -> web.StreamResponse:
-    """Run a generation as an SSE stream; usage rides on the last chunk always.
+    """Run a generation as an SSE stream, with its usage: on a chunk of its own after the last
+    choice's when the client asks for that (`include_usage`, OpenAI's contract: then no other
+    chunk has usage, and clients that sum it over chunks count it once), else on the last.
 
     `in_frames`: the engine may write each token's chunk itself from the format's frame (false
     when a chunk is not simply the token's text in a fixed frame).
@@ -74,7 +76,7 @@ async def stream(
                     serving.raise_if_failed(finish, extra)
                     usage.add(extra)
                     running -= 1
-                    top = {"usage": usage.openai()} if running == 0 else {}
+                    top = {"usage": usage.openai()} if running == 0 and not include_usage else {}
                     lp = extra.get("logprobs") or [] if want_logprobs else None
                     out += fmt.chunk(index, "", finish, lp, **top)
             if not await _flush(response, out, gen):
