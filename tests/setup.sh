@@ -7,6 +7,10 @@ cd "$(dirname "$0")/.."
 if ! command -v systemd-analyze >/dev/null; then
     apt-get update -qq && apt-get install -y -qq systemd >/dev/null
 fi
+# headless Chromium drives the planner page (tests/e2e/test_plan.py)
+if ! command -v chromium >/dev/null; then
+    apt-get update -qq && apt-get install -y -qq chromium >/dev/null
+fi
 python3 -m venv .venv
 . .venv/bin/activate
 python -m pip install --quiet --upgrade pip

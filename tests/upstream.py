@@ -65,6 +65,8 @@ class Upstream:
     """Digests served as a gzip-encoded body that inflates far beyond the blob."""
     hf_token: str | None = None
     """Require `Authorization: Bearer <token>` on the Hub API and resolve URLs."""
+    hf_gated: dict[str, str] = field(default_factory=dict)
+    """Gated repos and their tokens: 403 `GatedRepo` without `Authorization: Bearer <token>`."""
     hf_redirect_to: str | None = None
     """Base URL (another origin) that Hub file downloads are redirected to, as the CDN."""
     drip_s: float = 0.0
@@ -187,7 +189,9 @@ class Upstream:
         self.hits["internal"] += 1
         return web.Response(body=b"internal secret " * 64)
 
-    async def _send(self, request: web.Request, digest: str) -> web.StreamResponse:
+    async def _send(
+        self, request: web.Request, digest: str, headers: dict[str, str] | None = None
+    ) -> web.StreamResponse:
         data = self.blobs.get(digest)
         if data is None:
             return web.json_response({"errors": [{"code": "BLOB_UNKNOWN"}]}, status=404)
@@ -200,7 +204,7 @@ class Upstream:
         rng = request.headers.get("Range", "")
         if rng.startswith("bytes=") and rng.endswith("-"):
             start = int(rng[6:-1])
-        resp = web.StreamResponse(status=206 if start else 200)
+        resp = web.StreamResponse(status=206 if start else 200, headers=headers)
         resp.content_length = len(data) - start
         if start:
             resp.headers["Content-Range"] = f"bytes {start}-{len(data) - 1}/{len(data)}"
@@ -250,15 +254,25 @@ class Upstream:
 
     # --- Hugging Face Hub -------------------------------------------------------------------
 
-    def _hf_denied(self, request: web.Request) -> bool:
-        self.auth_seen.append((request.path, request.headers.get("Authorization")))
-        return self.hf_token is not None and (
-            request.headers.get("Authorization") != f"Bearer {self.hf_token}"
-        )
+    def _hf_refusal(self, request: web.Request) -> web.Response | None:
+        """401 without `hf_token` (when set); 403 `GatedRepo` for a gated repo without its own."""
+        auth = request.headers.get("Authorization")
+        self.auth_seen.append((request.path, auth))
+        repo = f"{request.match_info['org']}/{request.match_info['repo']}"
+        if repo in self.hf_gated and auth != f"Bearer {self.hf_gated[repo]}":
+            return web.json_response(
+                {"error": f"Access to model {repo} is restricted."},
+                status=403,
+                headers={"X-Error-Code": "GatedRepo"},
+            )
+        if self.hf_token is not None and auth != f"Bearer {self.hf_token}":
+            return web.json_response({"error": "Invalid credentials"}, status=401)
+        return None
 
     async def _hf_info(self, request: web.Request) -> web.Response:
-        if self._hf_denied(request):
-            return web.json_response({"error": "Invalid credentials"}, status=401)
+        refusal = self._hf_refusal(request)
+        if refusal is not None:
+            return refusal
         repo = f"{request.match_info['org']}/{request.match_info['repo']}"
         files = self.hf_repos.get(repo)
         if files is None:
@@ -273,17 +287,30 @@ class Upstream:
         )
 
     async def _hf_file(self, request: web.Request) -> web.StreamResponse:
-        if self._hf_denied(request):
-            return web.json_response({"error": "Invalid credentials"}, status=401)
+        refusal = self._hf_refusal(request)
+        if refusal is not None:
+            return refusal
         repo = f"{request.match_info['org']}/{request.match_info['repo']}"
-        data = self.hf_repos.get(repo, {}).get(request.match_info["file"])
+        if repo not in self.hf_repos:
+            return web.json_response(
+                {"error": "Repository not found"},
+                status=404,
+                headers={"X-Error-Code": "RepoNotFound"},
+            )
+        data = self.hf_repos[repo].get(request.match_info["file"])
         if data is None:
-            return web.json_response({"error": "Entry not found"}, status=404)
+            return web.json_response(
+                {"error": "Entry not found"}, status=404, headers={"X-Error-Code": "EntryNotFound"}
+            )
         digest = sha(data)
+        # what hf_hub_download's metadata request reads: the commit and the file's ETag
+        meta = {"X-Repo-Commit": self.hf_sha, "ETag": f'"{git_blob_id(data)}"'}
+        if request.method == "HEAD":
+            return web.Response(headers={**meta, "Content-Length": str(len(data))})
         self.hits[digest] += 1
         if self.hf_redirect_to:
             raise web.HTTPFound(f"{self.hf_redirect_to}/cdn/{digest}")
-        return await self._send(request, digest)
+        return await self._send(request, digest, meta)
 
     async def _token(self, request: web.Request) -> web.Response:
         self.hits["token"] += 1

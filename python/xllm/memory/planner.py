@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import platform
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from xllm.memory.probe import GPU
@@ -184,16 +184,26 @@ def _offload(
         return 0, 0
     n_layer = len(w.blocks)
     limit = n_layer + 1 if wanted < 0 else min(wanted, n_layer + 1)
-    used = n = 0
-    for i in reversed(range(n_layer)):
-        if n == limit or used + w.blocks[i] + kv[i] > free:
-            break
-        used += w.blocks[i] + kv[i]
-        n += 1
+    n, used = layers_that_fit(w.blocks, kv, free, limit)
     output = w.output + w.tied_output
     if n == n_layer and limit > n_layer and used + output <= free:
         return n + 1, used + output + compute
     return n, used + (compute if n else 0)
+
+
+def layers_that_fit(
+    blocks: Sequence[float], kv: Sequence[float], room: float, limit: int | None = None
+) -> tuple[int, int]:
+    """(layers, bytes): how many of the last blocks, with their KV cache, fit in `room` bytes
+    (llama.cpp offloads the last ones first), at most `limit`."""
+    used = 0.0
+    n = 0
+    for i in reversed(range(len(blocks))):
+        if n == limit or used + blocks[i] + kv[i] > room:
+            break
+        used += blocks[i] + kv[i]
+        n += 1
+    return n, int(used)
 
 
 def split(gpus: Sequence[GPU]) -> list[float]:
@@ -206,11 +216,25 @@ def max_context(
     g: GGUF, *, available: int, parallel: int, batch_size: int, kv_type: str = "f16"
 ) -> int:
     """The largest context per sequence whose plan fits in `available` bytes (binary search)."""
-    lo, hi = 0, g.arch_int("context_length") or 131072
+    hi = g.arch_int("context_length") or 131072
+    return largest(
+        lambda ctx: (
+            estimate(
+                g, ctx_size=ctx, parallel=parallel, batch_size=batch_size, kv_type=kv_type
+            ).total
+            <= available
+        ),
+        hi,
+    )
+
+
+def largest(fits: Callable[[int], bool], hi: int) -> int:
+    """The largest n in 0..hi with fits(n), for a `fits` that is true up to a point (binary
+    search: about 20 tries for a million)."""
+    lo = 0
     while lo < hi:
         mid = (lo + hi + 1) // 2
-        p = estimate(g, ctx_size=mid, parallel=parallel, batch_size=batch_size, kv_type=kv_type)
-        if p.total <= available:
+        if fits(mid):
             lo = mid
         else:
             hi = mid - 1

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 import aiohttp
 
 from xllm.config import Settings
-from xllm.errors import ModelNotFound, RegistryError
+from xllm.errors import Forbidden, ModelNotFound, RegistryError
 from xllm.models import download, safetensors
 from xllm.models.names import DEFAULT_TAG, ModelName
 from xllm.models.remote import Remote, Source
@@ -267,3 +267,44 @@ async def hub_remote(settings: Settings, name: ModelName) -> Remote:
     info = await asyncio.to_thread(_model_info, settings, name)
     remote = await asyncio.to_thread(_remote, settings, name, info)
     return remote if remote is not None else await _safetensors_remote(settings, name, info)
+
+
+MAX_CONFIG = 1 << 20
+
+
+def config_json(settings: Settings, repo: str) -> dict[str, Any]:
+    """A repo's config.json, through huggingface_hub's cache (HF_TOKEN honoured; offline, the
+    cached copy)."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import (
+        EntryNotFoundError,
+        GatedRepoError,
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+    )
+
+    endpoint = settings.hf_endpoint
+    try:
+        path = hf_hub_download(repo, "config.json", endpoint=endpoint)
+    except GatedRepoError:
+        raise Forbidden(
+            f"{repo} is gated on the Hub: accept its terms and set HF_TOKEN", param="hf"
+        ) from None
+    except RepositoryNotFoundError:
+        raise NotOnHub(f"{repo} not found on the Hub at {endpoint}", param="hf") from None
+    except LocalEntryNotFoundError:  # before its base class EntryNotFoundError
+        raise RegistryError(f"cannot reach the Hub at {endpoint} (and no cached copy)") from None
+    except EntryNotFoundError:
+        raise NotOnHub(f"{repo} has no config.json on the Hub", param="hf") from None
+    except HfHubHTTPError as e:
+        raise RegistryError(f"the Hub at {endpoint}: {str(e).splitlines()[0]}") from None
+    with open(path, "rb") as f:
+        raw = f.read(MAX_CONFIG + 1)
+    try:
+        config = json.loads(raw) if len(raw) <= MAX_CONFIG else None
+    except ValueError:
+        config = None
+    if not isinstance(config, dict):
+        raise RegistryError(f"{repo}'s config.json is not a JSON object of at most 1 MiB")
+    return config

@@ -3,7 +3,7 @@
 Decisions (SPEC "Decisions" 1): while bound to loopback, a request whose `Host` is not this
 machine is refused (DNS rebinding, CVE-2024-28224), and the default CORS setting `*` is narrowed
 to local origins, as Ollama does; an explicit origin list is used as given. API keys protect
-every endpoint but `/v0/health`.
+every endpoint but `/v0/health` and the planner page's files.
 """
 
 from __future__ import annotations
@@ -24,6 +24,9 @@ from xllm.server.middleware import Handler, error_response
 DRAINING = web.AppKey("draining", list[bool])
 CORS_ORIGIN = web.RequestKey("cors_origin", str)
 OPEN_PATHS = frozenset({"/v0/health"})
+PAGES = "/v0/ui/"
+"""The planner page's files: open, since a browser cannot send a key when it navigates (they
+hold no data; the page sends the key the user types with each of its API calls)."""
 BLOBS = "/api/blobs/"
 """Model uploads: streamed to disk and verified, so the 50 MB body limit does not apply."""
 MANAGEMENT = frozenset({"/api/pull", "/api/push", "/api/create", "/api/copy", "/api/delete"})
@@ -95,7 +98,7 @@ def guard(settings: Settings) -> Middleware:
                 ),
             )
             response.headers["Accept-Encoding"] = "identity"  # RFC 7694
-        elif keys and request.path not in OPEN_PATHS and not _authorized(request, keys):
+        elif keys and not _open(request.path) and not _authorized(request, keys):
             response = error_response(
                 request, Unauthorized("missing or invalid API key (Authorization: Bearer <key>)")
             )
@@ -124,6 +127,10 @@ async def add_cors_headers(request: web.Request, response: web.StreamResponse) -
         response.headers["Access-Control-Allow-Methods"] = ALLOW_METHODS
         response.headers["Access-Control-Allow-Headers"] = ALLOW_HEADERS
         response.headers["Access-Control-Max-Age"] = "600"
+
+
+def _open(path: str) -> bool:
+    return path in OPEN_PATHS or (path.startswith(PAGES) and "/" not in path[len(PAGES) :])
 
 
 def _compressed(request: web.Request) -> bool:

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from aiohttp import web
 from pydantic import BaseModel
 
+from xllm.memory.advice import PlanRequest
 from xllm.server.ollama import create as ollama_create
 from xllm.server.ollama import models as ollama_models
 from xllm.server.ollama import runtime as ollama_runtime
@@ -41,6 +42,7 @@ from xllm.server.openai.wire import ChatCompletionRequest, CompletionRequest, Em
 from xllm.server.v0.health import health
 from xllm.server.v0.metrics import metrics
 from xllm.server.v0.openapi import openapi
+from xllm.server.v0.plan import plan, ui
 from xllm.server.v0.system import system
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -85,6 +87,10 @@ ROUTES: tuple[Route, ...] = (
     Route("GET", "/v0/health", health, "Liveness, loading progress, loaded models"),
     Route("GET", "/v0/metrics", metrics, "Prometheus metrics"),
     Route("GET", "/v0/system", system, "Versions, CPU, RAM, GPUs"),
+    Route("POST", "/v0/plan", plan,
+          "Memory plan: weights, KV cache, largest context per quantization, recommendation",
+          PlanRequest),
+    Route("GET", "/v0/ui/{asset}", ui, "The memory planner page (/v0/ui/plan) and its files"),
     Route("GET", "/openapi.json", openapi, "This document"),
 )  # fmt: skip
 

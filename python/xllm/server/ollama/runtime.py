@@ -46,5 +46,19 @@ async def version(request: web.Request) -> web.Response:
     return json_response({"version": OLLAMA_API_VERSION, "xllm": __version__})
 
 
+ROOT_PAGE = (
+    """<!doctype html><html lang="en"><head><meta charset="utf-8"><title>xllm</title>
+</head><body><p>Ollama is running (xllm """
+    + __version__
+    + """).</p>
+<p><a href="/v0/ui/plan">Memory planner</a>: the largest context that fits your GPUs, per
+quantization. <a href="/openapi.json">API</a></p></body></html>"""
+)
+
+
 async def root(request: web.Request) -> web.Response:
-    return web.Response(text="Ollama is running", headers={"X-Xllm-Pid": str(os.getpid())})
+    headers = {"X-Xllm-Pid": str(os.getpid())}
+    # a browser asks for HTML and gets a page with links; Ollama's clients get the plain text
+    if "text/html" in request.headers.get("Accept", ""):
+        return web.Response(text=ROOT_PAGE, content_type="text/html", headers=headers)
+    return web.Response(text="Ollama is running", headers=headers)

@@ -1,0 +1,1 @@
+"""The memory planner page: HTML, script and style served by `xllm serve` (no CDN)."""
