@@ -153,3 +153,40 @@ def test_unsupported_architecture_and_bad_input(tmp_path: Path) -> None:
     assert done.returncode == 1 and "no config.json" in done.stderr
     done = xllm("convert", str(tmp_path / "hf"), str(tmp_path / "x.gguf"), "--quantize", "Q9_Z")
     assert done.returncode == 1 and "Q4_K_M" in done.stderr
+
+
+@pytest.fixture(scope="module")
+def store_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    s = start_server(tmp_path_factory.mktemp("serve-create"), [], wait_model=False)
+    yield s
+    stop_server(s)
+
+
+def test_create_from_hf_folder_embeds(store_server: Server, minilm_dir: Path, tmp_path: Path, reference: Any) -> None:
+    (tmp_path / "Modelfile").write_text(f"FROM {minilm_dir}\n")
+    env = {"XLLM_HOST": f"127.0.0.1:{store_server.port}"}
+    done = xllm("create", "minilm", "-f", str(tmp_path / "Modelfile"), env=env)
+    assert done.returncode == 0, done.stderr
+    assert "converting model" in done.stderr and "success" in done.stderr
+    oa = openai.OpenAI(base_url=f"{store_server.url}/v1", api_key="x")
+    a = oa.embeddings.create(model="minilm", input=SENTENCES[0]).data[0].embedding
+    b = ollama.Client(host=store_server.url).embed(model="minilm", input=SENTENCES[0]).embeddings[0]
+    assert cosine(a, reference(SENTENCES[0])) >= 0.999 and cosine(b, reference(SENTENCES[0])) >= 0.999
+
+
+def test_create_from_hf_folder_quantized_chats(store_server: Server, tmp_path: Path) -> None:
+    tiny_causal(tmp_path / "hf", "qwen2")
+    (tmp_path / "Modelfile").write_text("FROM ./hf\nPARAMETER num_predict 8\n")
+    env = {"XLLM_HOST": f"127.0.0.1:{store_server.port}"}
+    done = xllm("create", "tiny-qwen", "-f", str(tmp_path / "Modelfile"), "-q", "Q4_K_M", env=env)
+    assert done.returncode == 0, done.stderr
+    client = ollama.Client(host=store_server.url)
+    shown = client.show("tiny-qwen")
+    assert shown.details is not None and shown.details.quantization_level == "Q4_K_M"
+    assert shown.modelinfo is not None and shown.modelinfo["general.architecture"] == "qwen2"
+    msgs = [{"role": "user", "content": "Hello world"}]
+    r = client.chat(model="tiny-qwen", messages=msgs, options={"temperature": 0})
+    assert r.eval_count and r.eval_count > 0
+    oa = openai.OpenAI(base_url=f"{store_server.url}/v1", api_key="x")
+    c = oa.chat.completions.create(model="tiny-qwen", messages=msgs, temperature=0, max_tokens=8)  # type: ignore[arg-type]
+    assert c.usage is not None and c.usage.completion_tokens > 0

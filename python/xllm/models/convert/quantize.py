@@ -16,15 +16,16 @@ from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 
-from xllm.errors import InvalidRequest, XllmError
+from xllm.errors import InvalidRequest
 
 _PREFIX = "LLAMA_FTYPE_MOSTLY_"
 _PROGRESS = re.compile(r"^\[\s*(\d+)/\s*(\d+)\]")
 """llama.cpp's line for each tensor it quantizes: `[  12/ 101] blk.1.attn_q.weight - ...`."""
 
 
-class QuantizeError(XllmError):
-    """llama.cpp could not quantize the model (its last log lines say why)."""
+class QuantizeError(InvalidRequest):
+    """llama.cpp could not quantize the model (its last log lines say why): the model given
+    was not one it quantizes (already quantized, an unsupported type for its shapes)."""
 
 
 def types() -> dict[str, int]:
@@ -68,7 +69,9 @@ def quantize(
                     progress(int(m[1]), int(m[2]))
         if child.returncode != 0 or not tmp.is_file():
             why = "\n".join(x for x in tail if x)
-            raise QuantizeError(f"llama.cpp could not quantize {src.name} to {kind}:\n{why}")
+            raise QuantizeError(
+                f"llama.cpp could not quantize the model to {kind}:\n{why}", param="quantize"
+            )
         os.replace(tmp, dst)
     finally:
         tmp.unlink(missing_ok=True)
