@@ -34,7 +34,11 @@ def write_safetensors(path: Path, tensors: dict[str, np.ndarray]) -> None:
     offset, blobs = 0, []
     for name, array in tensors.items():
         data = np.ascontiguousarray(array, dtype="<f4").tobytes()
-        header[name] = {"dtype": "F32", "shape": list(array.shape), "data_offsets": [offset, offset + len(data)]}
+        header[name] = {
+            "dtype": "F32",
+            "shape": list(array.shape),
+            "data_offsets": [offset, offset + len(data)],
+        }
         offset += len(data)
         blobs.append(data)
     head = json.dumps(header).encode()
@@ -70,13 +74,26 @@ def bert_embedding(w: dict[str, np.ndarray], config: dict[str, Any], ids: list[i
         def lin(name: str, v: np.ndarray, p: str = p) -> np.ndarray:
             return v @ w[p + name + ".weight"].T + w[p + name + ".bias"]
 
-        q, k, v = (lin(f"attention.self.{t}", x).reshape(n, heads, -1).transpose(1, 0, 2) for t in ("query", "key", "value"))
+        q, k, v = (
+            lin(f"attention.self.{t}", x).reshape(n, heads, -1).transpose(1, 0, 2)
+            for t in ("query", "key", "value")
+        )
         att = _softmax(q @ k.transpose(0, 2, 1) / math.sqrt(q.shape[-1])) @ v
         att = lin("attention.output.dense", att.transpose(1, 0, 2).reshape(n, -1))
-        x = _layer_norm(x + att, w[p + "attention.output.LayerNorm.weight"], w[p + "attention.output.LayerNorm.bias"], eps)
+        x = _layer_norm(
+            x + att,
+            w[p + "attention.output.LayerNorm.weight"],
+            w[p + "attention.output.LayerNorm.bias"],
+            eps,
+        )
         h = lin("intermediate.dense", x)
         h = 0.5 * h * (1 + _erf(h / math.sqrt(2)))
-        x = _layer_norm(x + lin("output.dense", h), w[p + "output.LayerNorm.weight"], w[p + "output.LayerNorm.bias"], eps)
+        x = _layer_norm(
+            x + lin("output.dense", h),
+            w[p + "output.LayerNorm.weight"],
+            w[p + "output.LayerNorm.bias"],
+            eps,
+        )
     pooled = x.mean(0)
     return pooled / np.linalg.norm(pooled)
 

@@ -41,7 +41,9 @@ def cosine(a: Any, b: Any) -> float:
 
 def meta(path: Path) -> dict[str, Any]:
     r = GGUFReader(path)
-    return {k: f.contents() for k, f in r.fields.items() if not k.startswith("tokenizer.ggml.token")}
+    return {
+        k: f.contents() for k, f in r.fields.items() if not k.startswith("tokenizer.ggml.token")
+    }
 
 
 @pytest.fixture(scope="module")
@@ -126,7 +128,10 @@ def test_tiny_causal_logits_match_numpy(arch: str, tmp_path: Path) -> None:
     got = np.array(model.scores[: len(ids)])
     want = causal_logits(read_safetensors(tmp_path / "hf" / "model.safetensors"), config, ids)
     assert np.abs(got - want).max() < 1e-3 * np.abs(want).max(), np.abs(got - want).max()
-    gen = [model.create_completion(text, max_tokens=8, temperature=0)["choices"][0]["text"] for _ in range(2)]
+    gen = [
+        model.create_completion(text, max_tokens=8, temperature=0)["choices"][0]["text"]
+        for _ in range(2)
+    ]
     assert gen[0] == gen[1]
 
 
@@ -144,10 +149,16 @@ def test_tiny_causal_q4_k_m_generates(arch: str, tmp_path: Path) -> None:
 def test_unsupported_architecture_and_bad_input(tmp_path: Path) -> None:
     tiny_causal(tmp_path / "hf", "llama")
     config = json.loads((tmp_path / "hf" / "config.json").read_text())
-    (tmp_path / "hf" / "config.json").write_text(json.dumps({**config, "architectures": ["MambaForCausalLM"]}))
+    (tmp_path / "hf" / "config.json").write_text(
+        json.dumps({**config, "architectures": ["MambaForCausalLM"]})
+    )
     done = xllm("convert", str(tmp_path / "hf"), str(tmp_path / "x.gguf"))
     assert done.returncode == 1 and "Traceback" not in done.stderr
-    assert "'MambaForCausalLM'" in done.stderr and "LlamaForCausalLM" in done.stderr and "BertModel" in done.stderr
+    assert (
+        "'MambaForCausalLM'" in done.stderr
+        and "LlamaForCausalLM" in done.stderr
+        and "BertModel" in done.stderr
+    )
     assert not (tmp_path / "x.gguf").exists()
     done = xllm("convert", str(tmp_path), str(tmp_path / "x.gguf"))
     assert done.returncode == 1 and "no config.json" in done.stderr
@@ -162,7 +173,9 @@ def store_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     stop_server(s)
 
 
-def test_create_from_hf_folder_embeds(store_server: Server, minilm_dir: Path, tmp_path: Path, reference: Any) -> None:
+def test_create_from_hf_folder_embeds(
+    store_server: Server, minilm_dir: Path, tmp_path: Path, reference: Any
+) -> None:
     (tmp_path / "Modelfile").write_text(f"FROM {minilm_dir}\n")
     env = {"XLLM_HOST": f"127.0.0.1:{store_server.port}"}
     done = xllm("create", "minilm", "-f", str(tmp_path / "Modelfile"), env=env)
@@ -171,7 +184,9 @@ def test_create_from_hf_folder_embeds(store_server: Server, minilm_dir: Path, tm
     oa = openai.OpenAI(base_url=f"{store_server.url}/v1", api_key="x")
     a = oa.embeddings.create(model="minilm", input=SENTENCES[0]).data[0].embedding
     b = ollama.Client(host=store_server.url).embed(model="minilm", input=SENTENCES[0]).embeddings[0]
-    assert cosine(a, reference(SENTENCES[0])) >= 0.999 and cosine(b, reference(SENTENCES[0])) >= 0.999
+    assert (
+        cosine(a, reference(SENTENCES[0])) >= 0.999 and cosine(b, reference(SENTENCES[0])) >= 0.999
+    )
 
 
 def test_create_from_hf_folder_quantized_chats(store_server: Server, tmp_path: Path) -> None:

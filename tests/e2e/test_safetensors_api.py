@@ -80,7 +80,10 @@ def test_cli_list_and_show(client: ollama.Client, srv: Server) -> None:
 def _says_safetensors(message: str) -> None:
     assert "safetensors format" in message and "BertModel" in message and "GGUF" in message
     # the exact commands that make a servable model of it
-    assert f"echo 'FROM {NAME}' > Modelfile && xllm create all-minilm-l6-v2-gguf -f Modelfile" in message
+    assert (
+        f"echo 'FROM {NAME}' > Modelfile && xllm create all-minilm-l6-v2-gguf -f Modelfile"
+        in message
+    )
     assert f"xllm convert {NAME} all-minilm-l6-v2.gguf" in message
 
 
@@ -107,13 +110,23 @@ def test_openai_embeddings_is_refused_clearly(client: ollama.Client, srv: Server
 def test_create_from_it_converts_and_embeds(client: ollama.Client, srv: Server) -> None:
     """What the 400 says to run: create converts the stored safetensors model to GGUF, and
     the new model embeds through both APIs; quantize works on the way."""
-    records = [r.status for r in client.create(model="all-minilm-l6-v2-gguf", from_=NAME, stream=True)]
+    records = [
+        r.status for r in client.create(model="all-minilm-l6-v2-gguf", from_=NAME, stream=True)
+    ]
     assert records[-1] == "success"
     shown = client.show("all-minilm-l6-v2-gguf")
-    assert shown.details is not None and shown.details.format == "gguf" and shown.details.family == "bert"
+    assert (
+        shown.details is not None
+        and shown.details.format == "gguf"
+        and shown.details.family == "bert"
+    )
     assert shown.capabilities == ["embedding"]
     a = client.embed(model="all-minilm-l6-v2-gguf", input=["hello", "world"]).embeddings
-    r = httpx.post(f"{srv.url}/v1/embeddings", json={"model": "all-minilm-l6-v2-gguf", "input": "hello"}, timeout=60)
+    r = httpx.post(
+        f"{srv.url}/v1/embeddings",
+        json={"model": "all-minilm-l6-v2-gguf", "input": "hello"},
+        timeout=60,
+    )
     assert r.status_code == 200 and len(a) == 2 and len(a[0]) == 384
     b = r.json()["data"][0]["embedding"]
     assert sum(x * y for x, y in zip(a[0], b, strict=True)) / (sum(x * x for x in b) ** 0.5) > 0.999

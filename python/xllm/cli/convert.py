@@ -24,8 +24,10 @@ def add_parser(commands: Any) -> None:
     p.add_argument("output", metavar="OUT", help="the GGUF file to write")
     p.add_argument("--outtype", default="f16", choices=["f32", "f16", "bf16", "q8_0"],
                    help="type of the weights (default f16; norms and biases stay f32)")  # fmt: skip
-    p.add_argument("-q", "--quantize", metavar="TYPE",
-                   help="then quantize with llama.cpp: Q4_K_M, Q5_K_M, Q8_0, Q4_0, ...")  # fmt: skip
+    p.add_argument(
+        "-q", "--quantize", metavar="TYPE",
+        help="then quantize with llama.cpp: Q4_K_M, Q5_K_M, Q8_0, Q4_0, ...",
+    )  # fmt: skip
     p.set_defaults(func=convert)
 
 
@@ -60,7 +62,8 @@ def run(folder: Path, out: Path, outtype: str, quantize: str | None) -> None:
     first = out.with_name(f".{out.name}.{outtype}.gguf") if quantize else out
     try:
         done = to_gguf(folder, first, outtype, lambda n, total: progress.update(
-            {"status": "converting", "digest": "convert", "total": total, "completed": n}))  # fmt: skip
+            {"status": "converting", "digest": "convert", "total": total,
+             "completed": n}))  # fmt: skip
         progress.finish()
         if quantize:
             size = first.stat().st_size

@@ -80,12 +80,12 @@ def quantize(
 def _child(src: str, dst: str, ftype: int, threads: int) -> int:
     import llama_cpp as lc
 
-    @lc.llama_log_callback
     def log(level: int, text: bytes, data: ctypes.c_void_p) -> None:
         sys.stdout.write(text.decode("utf-8", "replace"))
         sys.stdout.flush()
 
-    lc.llama_log_set(log, ctypes.c_void_p())
+    callback = lc.llama_log_callback(log)  # kept referenced while llama.cpp may call it
+    lc.llama_log_set(callback, ctypes.c_void_p())
     lc.llama_backend_init()
     params = lc.llama_model_quantize_default_params()
     params.ftype = ftype

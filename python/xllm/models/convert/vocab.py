@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 CHECK_TEXT = (
     "\n \n\n \n\n\n \t \t\t \t\n  \n   \n    \n     \n🚀 (normal) 😶\u200d🌫️ (multiple emojis "
     "concatenated) ✅ 🦙🦙 3 33 333 3333 33333 333333 3333333 33333333 3.3 3..3 3...3 "
-    "កាន់តែពិសេសអាច😁 ?我想在apple工作1314151天～ ------======= нещо на Български "
+    "កាន់តែពិសេសអាច😁 ?我想在apple工作1314151天\uff5e ------======= нещо на Български "
     "''''''```````\"\"\"\"......!!!!!!?????? I've been 'told he's there, 'RE you sure? 'M not "
     "sure I'll make it, 'D you like some tea? We'Ve a'lL"
 )
@@ -116,7 +116,7 @@ def _looks_special(token: str) -> bool:
     return (
         token in ("<pad>", "<mask>", "<2mass>", "[@BOS@]")
         or (token.startswith("<|") and token.endswith("|>"))
-        or (token.startswith("<｜") and token.endswith("｜>"))
+        or (token.startswith("<｜") and token.endswith("｜>"))  # noqa: RUF001 (deepseek)
         or (token.startswith("<unused") and token.endswith(">"))
     )
 
@@ -151,7 +151,8 @@ def load(folder: Path, vocab_size: int | None) -> Vocab:
     size = vocab_size or len(by_id)
     if by_id and max(by_id) >= size:
         raise SafetensorsError(f"{path}: token id {max(by_id)} is beyond vocab_size {size}")
-    tokens, types = [], []
+    tokens: list[str] = []
+    types: list[int] = []
     for i in range(size):
         token = by_id.get(i)
         if token is None:

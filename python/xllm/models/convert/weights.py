@@ -39,9 +39,10 @@ def _tensor(data: np.memmap[tuple[int, ...], np.dtype[np.uint8]], name: str,
     dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
     if dtype not in _DTYPES:
         raise SafetensorsError(f"tensor {name!r}: dtype {dtype!r} is not supported")
-    ok = isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)
-    if not ok or not isinstance(offsets, list) or len(offsets) != 2:
-        raise SafetensorsError(f"tensor {name!r}: bad shape or data_offsets")
+    if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
+        raise SafetensorsError(f"tensor {name!r}: bad shape")
+    if not isinstance(offsets, list) or len(offsets) != 2:
+        raise SafetensorsError(f"tensor {name!r}: bad data_offsets")
     start, end = base + offsets[0], base + offsets[1]
     width = np.dtype(_DTYPES[dtype]).itemsize
     if not 0 <= start <= end <= data.size or end - start != math.prod(shape) * width:

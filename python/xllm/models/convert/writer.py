@@ -18,8 +18,8 @@ import numpy as np
 import numpy.typing as npt
 from gguf import (
     GGML_QUANT_VERSION,
-    GGMLQuantizationType,
     MODEL_ARCH,
+    GGMLQuantizationType,
     GGUFWriter,
     LlamaFileType,
     PoolingType,
@@ -116,7 +116,9 @@ def pooling(w: GGUFWriter, folder: Path) -> None:
     raise SafetensorsError(f"{path}/config.json: only mean, CLS and last-token pooling convert")
 
 
-def tensor_type(name: str, array: npt.NDArray[Any], weights: GGMLQuantizationType) -> GGMLQuantizationType:
+def tensor_type(
+    name: str, array: npt.NDArray[Any], weights: GGMLQuantizationType
+) -> GGMLQuantizationType:
     if array.ndim <= 1 or name.endswith("_norm.weight") or not name.endswith(".weight"):
         return GGMLQuantizationType.F32
     if name in _ALWAYS_F32:
