@@ -176,7 +176,7 @@ def test_create_from_an_uploaded_gguf(client: ollama.Client, srv: Server, tiny_p
 @pytest.mark.parametrize(
     ("body", "status", "message"),
     [
-        ({"model": "x", "from": "tiny", "quantize": "q4_K_M"}, 400, "quantiz"),
+        ({"model": "x", "from": "tiny", "quantize": "q9_z"}, 400, "quantize: unknown type 'q9_z'"),
         ({"model": "x", "from": "tiny", "adapters": {"a.gguf": "sha256:" + "0" * 64}}, 400, "adapters: blob"),
         ({"model": "x", "from": "tiny", "parameters": {"temperature": "hot"}}, 400, "parameters: temperature"),
         ({"model": "x", "from": "tiny", "parameters": {"top_p": 7}}, 400, "parameters.top_p"),

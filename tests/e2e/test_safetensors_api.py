@@ -78,8 +78,13 @@ def test_cli_list_and_show(client: ollama.Client, srv: Server) -> None:
 
 
 def _says_safetensors(message: str) -> None:
-    assert "safetensors format" in message and "BertModel" in message
-    assert "GGUF" in message and "convert" in message
+    assert "safetensors format" in message and "BertModel" in message and "GGUF" in message
+    # the exact commands that make a servable model of it
+    assert (
+        f"echo 'FROM {NAME}' > Modelfile && xllm create all-minilm-l6-v2-gguf -f Modelfile"
+        in message
+    )
+    assert f"xllm convert {NAME} all-minilm-l6-v2.gguf" in message
 
 
 def test_embed_is_refused_clearly(client: ollama.Client, srv: Server) -> None:
@@ -102,9 +107,35 @@ def test_openai_embeddings_is_refused_clearly(client: ollama.Client, srv: Server
     assert "Traceback" not in srv.logs()
 
 
-def test_create_from_it_is_refused_and_delete_removes_it(client: ollama.Client) -> None:
-    with pytest.raises(ollama.ResponseError) as e:
-        client.create(model="derived", from_=NAME, system="x")
-    assert e.value.status_code == 400 and "safetensors format" in e.value.error
+def test_create_from_it_converts_and_embeds(client: ollama.Client, srv: Server) -> None:
+    """What the 400 says to run: create converts the stored safetensors model to GGUF, and
+    the new model embeds through both APIs; quantize works on the way."""
+    records = [
+        r.status for r in client.create(model="all-minilm-l6-v2-gguf", from_=NAME, stream=True)
+    ]
+    assert records[-1] == "success"
+    shown = client.show("all-minilm-l6-v2-gguf")
+    assert (
+        shown.details is not None
+        and shown.details.format == "gguf"
+        and shown.details.family == "bert"
+    )
+    assert shown.capabilities == ["embedding"]
+    a = client.embed(model="all-minilm-l6-v2-gguf", input=["hello", "world"]).embeddings
+    r = httpx.post(
+        f"{srv.url}/v1/embeddings",
+        json={"model": "all-minilm-l6-v2-gguf", "input": "hello"},
+        timeout=60,
+    )
+    assert r.status_code == 200 and len(a) == 2 and len(a[0]) == 384
+    b = r.json()["data"][0]["embedding"]
+    assert sum(x * y for x, y in zip(a[0], b, strict=True)) / (sum(x * x for x in b) ** 0.5) > 0.999
+    client.create(model="minilm-q8", from_=NAME, quantize="q8_0")
+    q = client.show("minilm-q8")
+    assert q.details is not None and q.details.quantization_level == "Q8_0"
+    assert len(client.embed(model="minilm-q8", input="hello").embeddings[0]) == 384
+
+
+def test_delete_removes_it(client: ollama.Client) -> None:
     client.delete(NAME)
     assert NAME not in [m.model for m in client.list().models]

@@ -49,7 +49,7 @@ def add_parsers(commands: Any) -> None:
     p = commands.add_parser("create", help="create a model from a Modelfile")
     p.add_argument("model")
     p.add_argument("-f", "--file", default="Modelfile", help="the Modelfile (default ./Modelfile)")
-    p.add_argument("-q", "--quantize", help="quantize to this type (not supported yet)")
+    p.add_argument("-q", "--quantize", help="quantize to this type (Q4_K_M, Q8_0, ...)")
     p.set_defaults(func=create)
 
 
@@ -162,15 +162,14 @@ def cp(args: argparse.Namespace) -> int:
 
 
 def _local_file(value: str, base: Path) -> Path | None:
-    """A FROM or ADAPTER value that names a file next to the Modelfile (or anywhere)."""
+    """A FROM or ADAPTER value that names a file (or a Hugging Face folder) next to the
+    Modelfile, or anywhere."""
     if not value.startswith(("/", "./", "../", "~")) and not value.lower().endswith(".gguf"):
         return None
     path = Path(value).expanduser()
     path = path if path.is_absolute() else base / path
     if not path.exists():
         raise ValueError(f"{value}: no such file")
-    if path.is_dir():
-        raise ValueError(f"{value}: importing a directory (safetensors) is not supported yet")
     return path
 
 
@@ -211,6 +210,25 @@ def upload_model(path: Path, progress: Progress) -> dict[str, str]:
     return {f.name: upload(f, progress) for f in files}
 
 
+def upload_converted(folder: Path, progress: Progress) -> dict[str, str]:
+    """A Hugging Face folder converted here to one GGUF (F16), uploaded: `files`."""
+    import tempfile
+
+    from xllm.models import convert
+    from xllm.models.safetensors import SafetensorsError
+
+    with tempfile.TemporaryDirectory(prefix="xllm-convert-") as tmp:
+        out = Path(tmp) / f"{folder.resolve().name}.gguf"
+        progress.update({"status": "converting model"})
+        try:
+            convert.convert(folder, out, "f16", lambda n, total: progress.update(
+                {"status": "converting model", "digest": "convert", "total": total,
+                 "completed": n}))  # fmt: skip
+        except SafetensorsError as e:
+            raise ValueError(e.message) from None
+        return {out.name: upload(out, progress)}
+
+
 def create(args: argparse.Namespace) -> int:
     from xllm.models import modelfile
 
@@ -226,7 +244,9 @@ def create(args: argparse.Namespace) -> int:
         progress = Progress()
         progress.update({"status": "gathering model components"})
         local = _local_file(mf.from_, path.parent)
-        if local is not None:
+        if local is not None and local.is_dir():
+            body["files"] = upload_converted(local, progress)
+        elif local is not None:
             body["files"] = upload_model(local, progress)
         else:
             body["from"] = mf.from_

@@ -291,10 +291,12 @@ class ModelRegistry:
         if self.store is not None:
             with contextlib.suppress(XllmError, OSError):
                 arch = self.store.summary_of(stored.manifest).architecture
+        name = stored.name.display
         return InvalidRequest(
-            f"model {stored.name.display!r} is in {stored.format} format ({arch}); xllm serves "
-            "GGUF models only: convert it to GGUF (llama.cpp's convert_hf_to_gguf.py) and "
-            "import it with `xllm create`",
+            f"model {name!r} is in {stored.format} format ({arch}); xllm serves GGUF models "
+            f"only: convert it once with `echo 'FROM {name}' > Modelfile && xllm create "
+            f"{stored.name.model.lower()}-gguf -f Modelfile` (or to a file: `xllm convert {name} "
+            f"{stored.name.model.lower()}.gguf`), then use that model",
             param="model",
         )
 

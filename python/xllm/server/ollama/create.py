@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncGenerator
+import os
+import secrets
+from collections.abc import AsyncGenerator, Callable
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
@@ -19,7 +22,8 @@ from pydantic import ValidationError
 
 from xllm.engine.registry import ModelRegistry
 from xllm.errors import InvalidRequest, ModelNotFound
-from xllm.models import adapter, gguf, gotemplate, modelfile, store, summary
+from xllm.models import adapter, convert, gguf, gotemplate, modelfile, store, summary
+from xllm.models.convert import quantize
 from xllm.models.gguf import GGUFError
 from xllm.models.modelfile import is_go_template
 from xllm.models.names import ModelName, parse_digest
@@ -33,24 +37,48 @@ from xllm.server.state import REGISTRY
 
 async def _base(registry: ModelRegistry, name: str) -> Manifest:
     """The manifest of model `name`; a bundled or command-line model's file (or files, split)
-    is copied into the store first (its manifest then has the model's layers only)."""
+    is copied into the store first (its manifest then has the model's layers only), a
+    safetensors model is converted to a GGUF one (as Ollama's create does)."""
     found = registry.find(name)
+    s = registry.store
+    assert s is not None
     if found.stored is not None and found.stored.format != store.GGUF:
-        raise InvalidRequest(
-            f"model {name!r} is in {found.stored.format} format; xllm creates models from "
-            "GGUF only (convert it to GGUF first)",
-            param="from",
-        )
+        folder = await asyncio.to_thread(s.model_dir, found.stored)
+        return await _made(s, lambda out: convert.convert(folder, out))
     if found.stored is not None:
         await asyncio.to_thread(registry.facts, found)  # a file damaged on disk is a 500
         return found.stored.manifest
-    s = registry.store
-    assert s is not None
     layers = []
     for i, path in enumerate(await asyncio.to_thread(gguf.model_files, found.path)):
         digest = await s.add_file(path)
         layers.append(Layer(store.SHARD if i else store.MODEL, digest, path.stat().st_size))
     return Manifest(layers[0], tuple(layers))
+
+
+async def _made(s: Store, make: Callable[[Path], object]) -> Manifest:
+    """A manifest of one GGUF that `make` writes (in a worker thread) to a file given."""
+    tmp = s.tmp_dir / f"{os.getpid()}-{secrets.token_hex(8)}.gguf"
+    s.tmp_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        await asyncio.to_thread(make, tmp)
+        digest = await s.add_file(tmp)
+        layer = Layer(store.MODEL, digest, tmp.stat().st_size)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return Manifest(layer, (layer,))
+
+
+async def _quantized(s: Store, base: Manifest, kind: str) -> Manifest:
+    """`base` with its GGUF quantized to `kind` by llama.cpp (its other layers kept)."""
+    if base.find(store.SHARD) is not None:
+        raise InvalidRequest("quantize: a split GGUF cannot be quantized", param="quantize")
+    quantize.file_type(kind)  # an unknown type is a 400 before any work
+    model = base.layers[[x.media_type for x in base.layers].index(store.MODEL)]
+    src = s.blob_path(model.digest)
+    with s.pinned([model.digest]):
+        made = await _made(s, lambda out: quantize.quantize(src, out, kind))
+    layers = tuple(made.layers[0] if x is model else x for x in base.layers)
+    return Manifest(base.config, layers)
 
 
 async def copy(request: web.Request) -> web.Response:
@@ -212,16 +240,13 @@ def _adapter_layers(s: Store, base: Manifest, files: dict[str, str]) -> list[Lay
 async def _create(registry: ModelRegistry, body: CreateRequest) -> list[Record]:
     body = _merged(body)
     name = model_name(body.target())
-    if body.quantize:
-        raise InvalidRequest(
-            "quantize: quantizing is not supported by xllm yet; create from a GGUF file "
-            "that is already quantized",
-            param="quantize",
-        )
     assert registry.store is not None
     s = registry.store
     records: list[Record] = [{"status": "gathering model components"}]
     base = await _from(registry, s, body)
+    if body.quantize:
+        records.append({"status": f"quantizing model to {body.quantize.upper()}"})
+        base = await _quantized(s, base, body.quantize)
     texts: dict[str, bytes] = {}
     if body.template is not None:
         if is_go_template(body.template):
