@@ -164,6 +164,15 @@ def test_unsupported_architecture_and_bad_input(tmp_path: Path) -> None:
     assert done.returncode == 1 and "no config.json" in done.stderr
     done = xllm("convert", str(tmp_path / "hf"), str(tmp_path / "x.gguf"), "--quantize", "Q9_Z")
     assert done.returncode == 1 and "Q4_K_M" in done.stderr
+    for broken in ({"num_attention_heads": None}, {"rope_theta": "fast"}):
+        key = next(iter(broken))
+        (tmp_path / "hf" / "config.json").write_text(
+            json.dumps({k: v for k, v in {**config, **broken}.items() if v is not None})
+        )
+        done = xllm("convert", str(tmp_path / "hf"), str(tmp_path / "x.gguf"))
+        assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+        assert "config.json" in done.stderr or key in done.stderr, done.stderr
+        assert not (tmp_path / "x.gguf").exists()
 
 
 @pytest.fixture(scope="module")

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import json
 import os
+import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gguf import MODEL_ARCH_NAMES, GGUFWriter
+from gguf import MODEL_ARCH_NAMES, GGMLQuantizationType, GGUFWriter, LlamaFileType
 
 from xllm.models.convert import bert, llama, weights, writer
 from xllm.models.convert.writer import OUTTYPES, Family
@@ -77,6 +78,26 @@ def convert(
     file_type, weight_type = OUTTYPES[outtype]
     config = read_config(folder)
     family = family_of(config)
+    try:
+        return _write(folder, out, config, family, file_type, weight_type, progress)
+    except KeyError as e:  # a config.json key or a tensor the family needs
+        raise SafetensorsError(
+            f"{folder}: {e.args[0]!r} is missing, and a {MODEL_ARCH_NAMES[family.arch]} "
+            "model needs it"
+        ) from None
+    except (TypeError, ValueError, struct.error) as e:  # struct: gguf packing a wrong type
+        raise SafetensorsError(f"{folder}: a value in config.json is malformed: {e}") from None
+
+
+def _write(
+    folder: Path,
+    out: Path,
+    config: dict[str, Any],
+    family: Family,
+    file_type: LlamaFileType,
+    weight_type: GGMLQuantizationType,
+    progress: Progress | None,
+) -> Converted:
     w = GGUFWriter(None, MODEL_ARCH_NAMES[family.arch])
     writer.header(w, folder.name, file_type)
     family.params(w, config, folder)
