@@ -192,7 +192,7 @@ async def prepare_chat(
         # the template's own call format when it has one (tags), else the JSON we asked for
         tagged = template_tools is not None and tools.TAG_OPEN in template
         call = tools.call_grammar(functions, forced or None, parallel, tagged)
-        fields = {**fields, "grammar": call}
+        fields = {**fields, "grammar": grammar.Grammar(call, "tools")}
     prompt = await chat_prompt(
         model,
         tools.template_messages(messages),
@@ -257,15 +257,15 @@ def sampling_params(
     return params
 
 
-def grammar_for(format_: str | dict[str, Any] | None, param: str) -> str | None:
+def grammar_for(format_: str | dict[str, Any] | None, param: str) -> grammar.Grammar | None:
     """A GBNF grammar forcing JSON output: any JSON for "json", else one matching a schema."""
     if not format_:
         return None
     if format_ == "json":
-        return grammar.any_json()
+        return grammar.Grammar(grammar.any_json(), param)
     if not isinstance(format_, dict):
         raise InvalidRequest(f'{param}: expected "json" or a JSON schema', param=param)
-    return grammar.from_schema(format_, param)
+    return grammar.Grammar(grammar.from_schema(format_, param), param)
 
 
 async def thinking_splitters(

@@ -7,6 +7,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from xllm import grammar
 from xllm.server.openai.wire import MAX_SEED, MAX_STOP_LEN, MAX_STOPS, Tool
 
 
@@ -112,6 +113,13 @@ class _Inference(_WithKeepAlive):
     format: Literal["json", ""] | dict[str, Any] | None = None
     options: Options | None = None
     think: bool | Literal["high", "medium", "low"] | None = None
+
+    @field_validator("format")
+    @classmethod
+    def _satisfiable(cls, v: str | dict[str, Any] | None) -> str | dict[str, Any] | None:
+        if isinstance(v, dict):  # checked past the union, whose other branch would be blamed
+            grammar.check_schema(v)
+        return v
 
 
 class ToolFunctionCall(Wire):

@@ -1,0 +1,164 @@
+"""Request fields that used to fail late: schemas no value satisfies (a 500 after the queue)."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.conftest import Server
+
+MODEL = "smollm2:135m"
+ASK = [{"role": "user", "content": "Give the value."}]
+
+BAD_SCHEMAS = [
+    # (schema, the keyword the error names)
+    ({"enum": []}, "enum"),
+    ({"type": "string", "enum": []}, "enum"),
+    ({"anyOf": []}, "anyOf"),
+    ({"oneOf": []}, "oneOf"),
+    ({"allOf": []}, "allOf"),
+    ({"type": []}, "type"),
+    ({"type": "string", "not": {}}, "not"),
+    ({"enum": "abc"}, "enum"),
+    ({"type": "object", "properties": {"a": {"enum": []}}, "required": ["a"]}, "properties.a.enum"),
+    ({"type": "array", "items": {"anyOf": []}}, "items.anyOf"),
+    ({"$defs": {"x": {"type": []}}, "$ref": "#/$defs/x"}, "$defs.x.type"),
+    ({"type": "string", "minLength": 5, "maxLength": 2}, "minLength"),
+    ({"type": "integer", "minimum": 10, "maximum": 1}, "minimum"),
+]  # fmt: skip
+
+
+def _function(schema: dict[str, Any]) -> dict[str, Any]:
+    return {"type": "function", "function": {"name": "f", "parameters": schema}}
+
+
+# (endpoint, body for a schema, the field the error names, whether the body is OpenAI-shaped)
+ENDPOINTS: list[tuple[str, Callable[[dict[str, Any]], dict[str, Any]], str, bool]] = [
+    (
+        "/v1/chat/completions",
+        lambda s: {"model": MODEL, "messages": ASK, "max_tokens": 3,
+                   "response_format": {"type": "json_schema",
+                                       "json_schema": {"name": "v", "schema": s}}},
+        "response_format.json_schema.schema",
+        True,
+    ),
+    (
+        "/v1/chat/completions",
+        lambda s: {"model": MODEL, "messages": ASK, "max_tokens": 3, "tools": [_function(s)],
+                   "tool_choice": "required"},
+        "tools[0].function.parameters",
+        True,
+    ),
+    (
+        "/v1/responses",
+        lambda s: {"model": MODEL, "input": "x", "max_output_tokens": 3,
+                   "text": {"format": {"type": "json_schema", "name": "v", "schema": s}}},
+        "text.format",
+        True,
+    ),
+    (
+        "/v1/responses",
+        lambda s: {"model": MODEL, "input": "x", "max_output_tokens": 3,
+                   "tools": [{"type": "function", "name": "f", "parameters": s}],
+                   "tool_choice": "required"},
+        "tools[0].parameters",
+        True,
+    ),
+    (
+        "/api/chat",
+        lambda s: {"model": MODEL, "messages": ASK, "stream": False, "format": s,
+                   "options": {"num_predict": 3}},
+        "format",
+        False,
+    ),
+    (
+        "/api/generate",
+        lambda s: {"model": MODEL, "prompt": "x", "stream": False, "format": s,
+                   "options": {"num_predict": 3}},
+        "format",
+        False,
+    ),
+    (
+        "/api/chat",
+        lambda s: {"model": MODEL, "messages": ASK, "stream": False, "tools": [_function(s)]},
+        "tools[0].function.parameters",
+        False,
+    ),
+]  # fmt: skip
+
+
+def _runner_pid(server: Server) -> int:
+    """The model's runner, loaded first if an earlier test unloaded it (an empty prompt loads)."""
+    httpx.post(f"{server.url}/api/generate", json={"model": MODEL}, timeout=60)
+    models = httpx.get(f"{server.url}/v0/health").json()["models"]
+    return int(next(m["runner_pid"] for m in models if m["name"] == MODEL))
+
+
+@pytest.mark.parametrize(
+    ("schema", "keyword"), BAD_SCHEMAS, ids=[json.dumps(s) for s, _ in BAD_SCHEMAS]
+)
+@pytest.mark.parametrize(
+    ("path", "body", "param", "openai_shape"), ENDPOINTS, ids=[f"{e[0]} {e[2]}" for e in ENDPOINTS]
+)
+def test_unsatisfiable_schemas_are_a_400_at_once(
+    server: Server,
+    path: str,
+    body: Callable[[dict[str, Any]], dict[str, Any]],
+    param: str,
+    openai_shape: bool,
+    schema: dict[str, Any],
+    keyword: str,
+) -> None:
+    """Empty `enum`/`anyOf`/`type` lists became grammar rules llama.cpp refused only when the
+    request's turn came: a 500 ("the grammar does not parse") seconds later."""
+    runner = _runner_pid(server)
+    t0 = time.monotonic()
+    r = httpx.post(server.url + path, json=body(schema), timeout=30)
+    elapsed = time.monotonic() - t0
+    assert r.status_code == 400, r.text
+    assert elapsed < 1.0
+    if openai_shape:
+        err = r.json()["error"]
+        assert err["type"] == "invalid_request_error" and err["param"] == param, err
+        message = err["message"]
+    else:
+        assert list(r.json()) == ["error"]
+        message = r.json()["error"]
+    assert message.startswith(f"{param}: ") and keyword in message, message
+    assert _runner_pid(server) == runner  # the model never saw it
+
+
+def test_a_grammar_llama_cpp_rejects_is_a_400(server: Server) -> None:
+    """Whatever else makes a grammar llama.cpp cannot parse (here an empty rule reached through
+    a `$ref` into a place no schema keyword names) is refused before the request is queued."""
+    runner = _runner_pid(server)
+    schema = {"$ref": "#/elsewhere/a", "elsewhere": {"a": {"enum": []}}}
+    for path, body, param, openai_shape in (ENDPOINTS[0], ENDPOINTS[4], ENDPOINTS[5]):
+        t0 = time.monotonic()
+        r = httpx.post(server.url + path, json=body(schema), timeout=30)
+        assert r.status_code == 400, (path, r.text)
+        assert time.monotonic() - t0 < 1.0
+        error = r.json()["error"]
+        message = error["message"] if openai_shape else error
+        assert "grammar" in message and message.startswith(param.split(".")[0]), message
+        if openai_shape:
+            assert error["param"] == param.split(".")[0]
+    assert _runner_pid(server) == runner
+
+
+def test_valid_schemas_still_constrain_output(server: Server) -> None:
+    schema = {"type": "object", "properties": {"v": {"enum": ["yes", "no"]}}, "required": ["v"]}
+    for path, body, _, openai_shape in (ENDPOINTS[0], ENDPOINTS[4]):
+        request = {**body(schema), "max_tokens": 20, "options": {"num_predict": 20}}
+        r = httpx.post(server.url + path, json=request, timeout=60)
+        assert r.status_code == 200, r.text
+        out = r.json()
+        text = (
+            out["choices"][0]["message"]["content"] if openai_shape else out["message"]["content"]
+        )
+        assert json.loads(text)["v"] in ("yes", "no")
