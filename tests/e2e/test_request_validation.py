@@ -1,8 +1,10 @@
-"""Request fields that used to fail late: schemas no value satisfies (a 500 after the queue)."""
+"""Request fields that used to fail late or slip through: schemas no value satisfies (a 500
+after the queue), and Ollama options of any type."""
 
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Callable
 from typing import Any
@@ -162,3 +164,64 @@ def test_valid_schemas_still_constrain_output(server: Server) -> None:
             out["choices"][0]["message"]["content"] if openai_shape else out["message"]["content"]
         )
         assert json.loads(text)["v"] in ("yes", "no")
+
+
+# Every option Ollama knows or knew, with a value of each wrong kind; `negative` is a value
+# below the option's range (None: every integer of the type is fine).
+INT, FLOAT, BOOL = "int", "float", "bool"
+OPTIONS: dict[str, tuple[str, float | None]] = {
+    "num_ctx": (INT, 0), "num_predict": (INT, -3), "num_keep": (INT, -2), "top_k": (INT, -1),
+    "seed": (INT, -2), "repeat_last_n": (INT, -2), "mirostat": (INT, -1), "num_batch": (INT, 0),
+    "num_gpu": (INT, None), "main_gpu": (INT, -1), "num_thread": (INT, -1), "num_gqa": (INT, 0),
+    "draft_num_predict": (INT, -1),
+    "temperature": (FLOAT, -0.1), "top_p": (FLOAT, -0.1), "min_p": (FLOAT, -0.1),
+    "typical_p": (FLOAT, -0.1), "repeat_penalty": (FLOAT, 0), "presence_penalty": (FLOAT, -3),
+    "frequency_penalty": (FLOAT, -3), "mirostat_tau": (FLOAT, -1), "mirostat_eta": (FLOAT, -1),
+    "tfs_z": (FLOAT, -1), "rope_frequency_base": (FLOAT, 0), "rope_frequency_scale": (FLOAT, 0),
+    "penalize_newline": (BOOL, None), "low_vram": (BOOL, None), "f16_kv": (BOOL, None),
+    "logits_all": (BOOL, None), "vocab_only": (BOOL, None), "use_mmap": (BOOL, None),
+    "use_mlock": (BOOL, None), "numa": (BOOL, None), "embedding_only": (BOOL, None),
+    "stop": ("list", None),
+}  # fmt: skip
+
+
+def _bad_values(kind: str, negative: float | None) -> list[Any]:
+    values: list[Any] = [math.nan, "str", 2**64, {"x": 1}]
+    if kind != BOOL:
+        values.append(True)
+    if kind == INT:
+        values.append(1.5)
+    if kind in (BOOL, "list"):
+        values.append(1)
+    if negative is not None:
+        values.append(negative)
+    return values
+
+
+BAD_OPTIONS = [
+    (name, value) for name, (kind, negative) in OPTIONS.items()
+    for value in _bad_values(kind, negative)
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("name", "value"), BAD_OPTIONS)
+def test_every_option_is_type_and_range_checked(server: Server, name: str, value: Any) -> None:
+    # json.dumps writes NaN as the bare literal, as Python clients (httpx, ollama) send it
+    body = json.dumps({"model": MODEL, "prompt": "x", "stream": False, "options": {name: value}})
+    r = httpx.post(f"{server.url}/api/generate", content=body, timeout=30)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"].startswith(f"options.{name}: "), r.text
+
+
+def test_unknown_options_are_logged_and_ignored(server: Server) -> None:
+    """As Ollama: `invalid option provided` in the server log, and the request goes through."""
+    options = {"num_predict": 2, "frobnicate": "yes", "temperature_typo": math.nan}
+    body = json.dumps({"model": MODEL, "prompt": "x", "stream": False, "options": options})
+    r = httpx.post(f"{server.url}/api/generate", content=body, timeout=60)
+    assert r.status_code == 200, r.text
+    assert r.json()["eval_count"] <= 2  # the known option was applied
+    deadline = time.monotonic() + 5
+    while "'frobnicate'" not in server.logs() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    warning = next(line for line in server.logs().splitlines() if "'frobnicate'" in line)
+    assert "invalid option provided" in warning and "'temperature_typo'" in warning
