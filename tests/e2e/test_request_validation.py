@@ -1,5 +1,5 @@
-"""Request fields that used to fail late or slip through: schemas no value satisfies (a 500
-after the queue), and Ollama options of any type."""
+"""Request fields that used to fail late or be ignored: schemas no value satisfies (a 500 after
+the queue), Ollama options of any type, and per-request chat templates on the chat endpoints."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from collections.abc import Callable
 from typing import Any
 
 import httpx
+import openai
 import pytest
 
 from tests.conftest import Server
@@ -225,3 +226,50 @@ def test_unknown_options_are_logged_and_ignored(server: Server) -> None:
         time.sleep(0.1)
     warning = next(line for line in server.logs().splitlines() if "'frobnicate'" in line)
     assert "invalid option provided" in warning and "'temperature_typo'" in warning
+
+
+TEMPLATE = "{% for m in messages %}[{{ m.role }}]{{ m.content }}\n{% endfor %}[assistant]"
+GO_TEMPLATE = "{{ range .Messages }}[{{ .Role }}]{{ .Content }}\n{{ end }}[assistant]"
+RENDERED = "[user]Hello there\n[assistant]"
+HELLO = [{"role": "user", "content": "Hello there"}]
+
+
+def _raw_prompt_tokens(server: Server, text: str) -> int:
+    body = {"model": MODEL, "prompt": text, "raw": True, "stream": False,
+            "options": {"num_predict": 1, "temperature": 0}}  # fmt: skip
+    r = httpx.post(f"{server.url}/api/generate", json=body, timeout=60)
+    return int(r.json()["prompt_eval_count"])
+
+
+def test_openai_chat_template_replaces_the_models(server: Server) -> None:
+    """vLLM's `chat_template` (sent by the openai client in extra_body) was ignored with a 200."""
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+    expected = _raw_prompt_tokens(server, RENDERED)
+    for template in (TEMPLATE, GO_TEMPLATE):
+        r = client.chat.completions.create(
+            model=MODEL, messages=HELLO, max_tokens=1, temperature=0,
+            extra_body={"chat_template": template},
+        )  # fmt: skip
+        assert r.usage is not None and r.usage.prompt_tokens == expected, template
+    own = client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=1, temperature=0)
+    assert own.usage is not None and own.usage.prompt_tokens != expected
+    with pytest.raises(openai.BadRequestError, match="define"):
+        client.chat.completions.create(
+            model=MODEL, messages=HELLO, max_tokens=1,
+            extra_body={"chat_template": '{{ define "t" }}{{ end }}'},
+        )  # fmt: skip
+
+
+def test_ollama_chat_template_replaces_the_models(server: Server) -> None:
+    """/api/chat took `template` as /api/generate does, then ignored it with a 200."""
+    expected = _raw_prompt_tokens(server, RENDERED)
+    base = {"model": MODEL, "messages": HELLO, "stream": False,
+            "options": {"num_predict": 1, "temperature": 0}}  # fmt: skip
+    for template in (TEMPLATE, GO_TEMPLATE):
+        r = httpx.post(f"{server.url}/api/chat", json={**base, "template": template}, timeout=60)
+        assert r.status_code == 200 and r.json()["prompt_eval_count"] == expected, r.text
+    own = httpx.post(f"{server.url}/api/chat", json=base, timeout=60).json()
+    assert own["prompt_eval_count"] != expected
+    bad = {**base, "template": '{{ define "t" }}{{ end }}'}
+    r = httpx.post(f"{server.url}/api/chat", json=bad, timeout=60)
+    assert r.status_code == 400 and "define" in r.json()["error"], r.text

@@ -192,6 +192,9 @@ class GenerateRequest(_Inference):
 class ChatRequest(_Inference):
     messages: list[Message] = Field(default_factory=list)
     tools: Annotated[list[Tool], Field(max_length=128)] | None = None
+    template: str | None = None
+    """Not in Ollama's chat API (which would ignore it): as /api/generate's `template`, this
+    request's chat template in place of the model's; empty means the model's."""
 
     def functions(self) -> list[dict[str, Any]]:
         return [t.function.model_dump(exclude_none=True) for t in self.tools or []]

@@ -195,6 +195,9 @@ class ChatCompletionRequest(SamplingFields):
     """As llama-server's: a thinking model's reasoning goes to `reasoning_content`, unless
     "none" leaves it in `content`."""
     chat_template_kwargs: ChatTemplateKwargs | None = None
+    chat_template: str | None = None
+    """vLLM's and llama-server's: this request's chat template (Jinja2, or Ollama's Go syntax)
+    in place of the model's; empty means the model's."""
 
     @model_validator(mode="after")
     def _consistent(self) -> ChatCompletionRequest:
