@@ -78,15 +78,21 @@ async def chat_prompt(
 
     Rendering runs in the model's runner under a time limit: templates come from model files.
     """
-    if template is not None and is_go_template(template):
-        template = gotemplate.to_jinja(template)  # GoTemplateError: a 400 naming the construct
     tokens, stops = await model.chat_prompt(
         with_modelfile(model, messages),
         [dict(t) for t in tools] if tools else None,
-        template,
+        _jinja(template),
         enable_thinking,
     )
     return Prompt(tokens, stops)
+
+
+def _jinja(template: str | None) -> str | None:
+    """A request's template as Jinja2: Ollama's Go syntax is translated (GoTemplateError: a
+    400 naming the construct)."""
+    if template is not None and is_go_template(template):
+        return gotemplate.to_jinja(template)
+    return template
 
 
 def with_modelfile(
@@ -173,18 +179,20 @@ async def prepare_chat(
     forced: str | None = None,
     parallel: bool = True,
     enable_thinking: bool | None = None,
+    template: str | None = None,
 ) -> tuple[Prompt, dict[str, Any]]:
-    """Prompt and engine parameters for a chat, tools included.
+    """Prompt and engine parameters for a chat, tools included; `template`, a request's own,
+    replaces the model's chat template as in `chat_prompt`.
 
     A template that knows tools gets them; otherwise a system message describes them. A forced
     call (`forced` "" = any function, or a name) constrains decoding with a grammar. OpenAI's
     `developer` messages are what templates know as `system` ones.
     """
     messages = [{**m, "role": "system"} if m.get("role") == "developer" else m for m in messages]
-    template = model.info.chat_template or ""
+    source = (_jinja(template) if template is not None else model.info.chat_template) or ""
     template_tools = None
     if functions:
-        if "tools" in template:
+        if "tools" in source:
             template_tools = [{"type": "function", "function": f} for f in functions]
         else:
             messages = [{"role": "system", "content": tools.system_prompt(functions)}, *messages]
@@ -192,13 +200,14 @@ async def prepare_chat(
         messages = [tools.as_text(m) for m in messages]
     if forced is not None:
         # the template's own call format when it has one (tags), else the JSON we asked for
-        tagged = template_tools is not None and tools.TAG_OPEN in template
+        tagged = template_tools is not None and tools.TAG_OPEN in source
         call = tools.call_grammar(functions, forced or None, parallel, tagged)
-        fields = {**fields, "grammar": call}
+        fields = {**fields, "grammar": grammar.Grammar(call, "tools")}
     prompt = await chat_prompt(
         model,
         tools.template_messages(messages),
         tools=template_tools,
+        template=template,
         enable_thinking=enable_thinking,
     )
     params = sampling_params(model, fields, prompt_len=len(prompt.tokens), extra_stops=prompt.stops)
@@ -259,15 +268,15 @@ def sampling_params(
     return params
 
 
-def grammar_for(format_: str | dict[str, Any] | None, param: str) -> str | None:
+def grammar_for(format_: str | dict[str, Any] | None, param: str) -> grammar.Grammar | None:
     """A GBNF grammar forcing JSON output: any JSON for "json", else one matching a schema."""
     if not format_:
         return None
     if format_ == "json":
-        return grammar.any_json()
+        return grammar.Grammar(grammar.any_json(), param)
     if not isinstance(format_, dict):
         raise InvalidRequest(f'{param}: expected "json" or a JSON schema', param=param)
-    return grammar.from_schema(format_, param)
+    return grammar.Grammar(grammar.from_schema(format_, param), param)
 
 
 async def thinking_splitters(

@@ -23,7 +23,8 @@ from typing import Any, Protocol
 
 from xllm.engine import ipc
 from xllm.engine.options import EngineOptions, runner_command
-from xllm.errors import EngineError, ModelLoadError
+from xllm.errors import EngineError, InvalidRequest, ModelLoadError
+from xllm.grammar import Grammar
 from xllm.memory.planner import Plan
 from xllm.models.metadata import ModelInfo
 from xllm.models.modelfile import Modelfile
@@ -321,7 +322,20 @@ class LlamaModel:
         params: Mapping[str, Any],
         frames: list[tuple[bytes, bytes]] | None = None,
     ) -> Generation:
-        """Queue a generation; raises Overloaded when the queue is full."""
+        """Queue a generation; raises Overloaded when the queue is full.
+
+        A grammar (`params["grammar"]`, a `Grammar`) is parsed by llama.cpp first: one it
+        rejects is a 400 naming the field it came from, not a generation failing in the queue.
+        """
+        constraint: Grammar | None = params.get("grammar")
+        if constraint is not None:
+            if not await self._call("grammar_parses", constraint.text):
+                raise InvalidRequest(
+                    f"{constraint.param}: llama.cpp rejected the grammar made from it (its "
+                    "parser's complaint is in the server log at debug level)",
+                    param=constraint.param,
+                )
+            params = {**params, "grammar": constraint.text}
         rid = next(self._ids)
         self.last_active = time.monotonic()
         gen = Generation(self, rid, int(params.get("n", 1)))

@@ -156,6 +156,15 @@ class LlamaCppEngine:
                 return buf.raw[:n].decode("utf-8", "replace")
             size = -n
 
+    def grammar_parses(self, grammar: str) -> bool:
+        """Whether llama.cpp accepts `grammar` (GBNF, top rule `root`), as the batching loop
+        will parse it once the request's turn comes."""
+        sampler = lc.llama_sampler_init_grammar(self._vocab, grammar.encode(), b"root")
+        if not sampler:
+            return False
+        lc.llama_sampler_free(sampler)
+        return True
+
     def embed(self, inputs: list[list[int]], normalize: bool = True) -> list[list[float]]:
         for i, tokens in enumerate(inputs):
             if not tokens:

@@ -123,6 +123,8 @@ async def _call(
             value = engine.tokenize(*args)
         elif method == "detokenize":
             value = engine.detokenize(*args)
+        elif method == "grammar_parses":
+            value = engine.grammar_parses(*args)
         elif method == "chat_prompt":
             value = _chat_prompt(engine, info, *args)
         else:

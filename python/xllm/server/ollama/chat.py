@@ -33,6 +33,7 @@ async def chat(request: web.Request) -> web.StreamResponse:
         fields,
         functions,
         enable_thinking=reply.enable_thinking(body.think),
+        template=body.template or None,
     )
     splitter = await reply.thinking_splitter(model, prompt.tokens, body.think)
     gen = await model.start(prompt.tokens, params)

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import logging
 import re
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from xllm import grammar
 from xllm.server.openai.wire import MAX_SEED, MAX_STOP_LEN, MAX_STOPS, Tool
+
+log = logging.getLogger("xllm.server")
 
 
 class Wire(BaseModel):
@@ -20,11 +24,15 @@ StopList = Annotated[
 
 
 Int32 = Annotated[int, Field(ge=-(2**31), le=2**31 - 1)]
+_MAX_NAMED = 10
+"""Unknown option names a warning lists (the rest are counted)."""
 
 
 class Options(Wire):
-    """Ollama's `options`, every name it knows, type-checked; knobs llama.cpp here has no use
-    for (GPU placement, mirostat, threads) are accepted and ignored, as newer Ollama does."""
+    """Ollama's `options`, every name it knows or knew, type-checked and range-checked; knobs
+    llama.cpp here has no use for (GPU placement, mirostat, threads, the RoPE and GQA settings
+    models now carry) are accepted and ignored, as newer Ollama does. Other names are logged
+    and ignored, as Ollama's `invalid option provided` warning does."""
 
     num_ctx: Annotated[int, Field(ge=1, le=2**31 - 1)] | None = None
     num_predict: Annotated[int, Field(ge=-2, le=2**31 - 1)] | None = None
@@ -42,13 +50,17 @@ class Options(Wire):
     frequency_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] | None = None
     penalize_newline: bool | None = None
     mirostat: Annotated[int, Field(ge=0, le=2)] | None = None
-    mirostat_tau: Annotated[float, Field(ge=0.0)] | None = None
-    mirostat_eta: Annotated[float, Field(ge=0.0)] | None = None
-    tfs_z: Annotated[float, Field(ge=0.0)] | None = None
+    mirostat_tau: Annotated[float, Field(ge=0.0, le=100.0)] | None = None
+    mirostat_eta: Annotated[float, Field(ge=0.0, le=1.0)] | None = None
+    tfs_z: Annotated[float, Field(ge=0.0, le=100.0)] | None = None
     num_batch: Annotated[int, Field(ge=1, le=2**31 - 1)] | None = None
     num_gpu: Int32 | None = None
     main_gpu: Annotated[int, Field(ge=0, le=2**31 - 1)] | None = None
     num_thread: Annotated[int, Field(ge=0, le=2**31 - 1)] | None = None
+    num_gqa: Annotated[int, Field(ge=1, le=2**31 - 1)] | None = None
+    rope_frequency_base: Annotated[float, Field(gt=0.0, le=1e12)] | None = None
+    rope_frequency_scale: Annotated[float, Field(gt=0.0, le=100.0)] | None = None
+    draft_num_predict: Annotated[int, Field(ge=0, le=2**31 - 1)] | None = None
     low_vram: bool | None = None
     f16_kv: bool | None = None
     logits_all: bool | None = None
@@ -56,6 +68,18 @@ class Options(Wire):
     use_mmap: bool | None = None
     use_mlock: bool | None = None
     numa: bool | None = None
+    embedding_only: bool | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _warn_unknown(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            unknown = [k for k in data if k not in cls.model_fields]
+            if unknown:
+                names = ", ".join(repr(k[:80]) for k in unknown[:_MAX_NAMED])
+                more = f" and {len(unknown) - _MAX_NAMED} more" if len(unknown) > _MAX_NAMED else ""
+                log.warning("invalid option provided: %s%s (ignored)", names, more)
+        return data
 
     def engine_options(self) -> dict[str, Any]:
         """The options generation uses, by the serving layer's names where they differ."""
@@ -113,6 +137,13 @@ class _Inference(_WithKeepAlive):
     options: Options | None = None
     think: bool | Literal["high", "medium", "low"] | None = None
 
+    @field_validator("format")
+    @classmethod
+    def _satisfiable(cls, v: str | dict[str, Any] | None) -> str | dict[str, Any] | None:
+        if isinstance(v, dict):  # checked past the union, whose other branch would be blamed
+            grammar.check_schema(v)
+        return v
+
 
 class ToolFunctionCall(Wire):
     name: Annotated[str, Field(min_length=1)]
@@ -161,6 +192,9 @@ class GenerateRequest(_Inference):
 class ChatRequest(_Inference):
     messages: list[Message] = Field(default_factory=list)
     tools: Annotated[list[Tool], Field(max_length=128)] | None = None
+    template: str | None = None
+    """Not in Ollama's chat API (which would ignore it): as /api/generate's `template`, this
+    request's chat template in place of the model's; empty means the model's."""
 
     def functions(self) -> list[dict[str, Any]]:
         return [t.function.model_dump(exclude_none=True) for t in self.tools or []]

@@ -39,6 +39,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         body.forced_function(),
         body.parallel_tool_calls,
         body.enable_thinking(),
+        body.chat_template or None,
     )
     splitters = None
     if body.reasoning_format != "none" and body.forced_function() is None:

@@ -15,14 +15,14 @@ from typing import Annotated, Any, Literal
 
 import orjson
 from aiohttp import web
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
-from xllm import _core, serving, tools
+from xllm import _core, grammar, serving, tools
 from xllm.engine.llama import Generation
 from xllm.errors import InvalidRequest, XllmError
 from xllm.server import streaming
 from xllm.server.http import json_response, load_model, parse_body, peer_gone
-from xllm.server.openai.wire import ResponseFormat, Wire
+from xllm.server.openai.wire import JSONSchema, ResponseFormat, Wire
 
 
 class InputPart(Wire):
@@ -54,7 +54,7 @@ class FunctionTool(Wire):
     type: Literal["function"]
     name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]
     description: str | None = None
-    parameters: dict[str, Any] | None = None
+    parameters: JSONSchema | None = None
     strict: bool | None = None
 
 
@@ -65,6 +65,13 @@ class NamedFunction(Wire):
 
 class TextConfig(Wire):
     format: dict[str, Any] | None = None
+
+    @field_validator("format")
+    @classmethod
+    def _satisfiable(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
+        if v is not None and v.get("type") == "json_schema":
+            grammar.check_schema(v.get("schema"), "schema.")
+        return v
 
 
 class ResponsesRequest(Wire):

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from xllm import grammar
 
 MAX_STOPS = 32
 MAX_STOP_LEN = 512
@@ -121,9 +123,13 @@ class SamplingFields(Wire):
         return [self.stop] if isinstance(self.stop, str) else list(self.stop)
 
 
+JSONSchema = Annotated[dict[str, Any], AfterValidator(grammar.checked_schema)]
+"""A JSON schema some value can satisfy (an empty `enum` or `anyOf` is a 400 naming it)."""
+
+
 class JSONSchemaFormat(Wire):
     name: Annotated[str, Field(min_length=1, max_length=64)] = "response"
-    schema_: dict[str, Any] = Field(default_factory=dict, alias="schema")
+    schema_: JSONSchema = Field(default_factory=dict, alias="schema")
     strict: bool | None = None
     description: str | None = None
 
@@ -150,7 +156,7 @@ class ResponseFormat(Wire):
 class FunctionDef(Wire):
     name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]
     description: str | None = None
-    parameters: dict[str, Any] | None = None
+    parameters: JSONSchema | None = None
     strict: bool | None = None
 
 
@@ -189,6 +195,9 @@ class ChatCompletionRequest(SamplingFields):
     """As llama-server's: a thinking model's reasoning goes to `reasoning_content`, unless
     "none" leaves it in `content`."""
     chat_template_kwargs: ChatTemplateKwargs | None = None
+    chat_template: str | None = None
+    """vLLM's and llama-server's: this request's chat template (Jinja2, or Ollama's Go syntax)
+    in place of the model's; empty means the model's."""
 
     @model_validator(mode="after")
     def _consistent(self) -> ChatCompletionRequest:
