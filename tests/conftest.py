@@ -76,6 +76,20 @@ def qwen_tools_path() -> Path:
     return out
 
 
+def child_pids(pid: int) -> set[int]:
+    """The processes whose parent is `pid`, from /proc."""
+    out = set()
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid:
+                out.add(int(entry.name))
+    return out
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

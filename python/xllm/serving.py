@@ -76,7 +76,8 @@ async def chat_prompt(
     """Render messages with the model's own template (ChatML when it has none), or with a
     request's `template` (Jinja2, or Ollama's Go syntax translated), and tokenize.
 
-    Rendering runs in the model's runner under a time limit: templates come from model files.
+    Rendering runs in the runner's render worker under time and memory limits: templates are
+    code from model files and requests.
     """
     tokens, stops = await model.chat_prompt(
         with_modelfile(model, messages),

@@ -14,24 +14,11 @@ import httpx
 import pytest
 
 from tests import gguf_corpus
-from tests.conftest import Server, start_server, stop_server
+from tests.conftest import Server, child_pids, start_server, stop_server
 
 MODEL = "smollm2:135m"
 LLAMA_CPP_LOG = re.compile(r"sched_reserve|llama_|load_tensors|ggml_|print_info|llm_load")
 """What llama.cpp writes to a runner's stderr: for the server's log, never for a client."""
-
-
-def _children(pid: int) -> set[int]:
-    out = set()
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[1]) == pid:
-                out.add(int(entry.name))
-    return out
 
 
 def _health(server: Server) -> dict:  # type: ignore[type-arg]
@@ -49,17 +36,27 @@ def fresh(tmp_path: Path) -> Iterator[Server]:
     )
     yield s
     stop_server(s)
-    assert _children(s.proc.pid) == set()
+    assert child_pids(s.proc.pid) == set()
 
 
 def test_runner_is_a_child_process(fresh: Server) -> None:
     pid = _health(fresh)["models"][0]["runner_pid"]
     assert pid != fresh.proc.pid
-    assert _children(fresh.proc.pid) == {pid}
+    assert child_pids(fresh.proc.pid) == {pid}
+
+
+def _running(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
 
 
 def test_kill_runner_mid_stream(fresh: Server) -> None:
     pid = _health(fresh)["models"][0]["runner_pid"]
+    workers = child_pids(pid)
+    assert len(workers) == 1  # its chat-template render worker
     body = {
         "model": MODEL,
         "prompt": "Count:",
@@ -100,6 +97,9 @@ def test_kill_runner_mid_stream(fresh: Server) -> None:
         time.sleep(0.05)
     assert _health(fresh)["models"] == []
     assert fresh.proc.poll() is None
+    while any(map(_running, workers)) and time.monotonic() < deadline + 2:
+        time.sleep(0.05)
+    assert not any(map(_running, workers))  # the render worker went with its runner
     r = httpx.post(
         f"{fresh.url}/v1/completions",
         json={"model": MODEL, "prompt": "Hi", "max_tokens": 3},
@@ -108,7 +108,7 @@ def test_kill_runner_mid_stream(fresh: Server) -> None:
     assert r.status_code == 200
     new_pid = _health(fresh)["models"][0]["runner_pid"]
     assert new_pid != pid
-    assert _children(fresh.proc.pid) == {new_pid}
+    assert child_pids(fresh.proc.pid) == {new_pid}
 
 
 def test_failed_load_is_explained_without_llama_cpp_log(tmp_path: Path) -> None:
@@ -149,9 +149,9 @@ def test_idle_timeout_unloads(tmp_path: Path) -> None:
         while _health(s)["models"] and time.monotonic() < deadline:
             time.sleep(0.1)
         assert _health(s)["models"] == []
-        while _children(s.proc.pid) and time.monotonic() < deadline + 5:
+        while child_pids(s.proc.pid) and time.monotonic() < deadline + 5:
             time.sleep(0.1)
-        assert _children(s.proc.pid) == set()
+        assert child_pids(s.proc.pid) == set()
     finally:
         stop_server(s)
 

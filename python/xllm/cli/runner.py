@@ -1,4 +1,5 @@
-"""`xllm runner`: internal, started by the server to host one model (not listed in --help)."""
+"""`xllm runner` and `xllm render`: internal, started by the server to host one model and by
+that model's runner to render its chat templates (not listed in --help)."""
 
 from __future__ import annotations
 
@@ -14,9 +15,16 @@ def add_parser(commands: Any) -> None:
     p.add_argument("--model", type=Path, required=True)
     p.add_argument("--options", required=True)
     p.set_defaults(func=run)
+    commands.add_parser("render", add_help=False).set_defaults(func=render)
 
 
 def run(args: argparse.Namespace) -> int:
     from xllm.engine.runner import main
 
     return main(args.fd, args.name, args.model, args.options)
+
+
+def render(_: argparse.Namespace) -> int:
+    from xllm.engine.render import main
+
+    return main()

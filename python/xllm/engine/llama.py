@@ -22,13 +22,12 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from xllm.engine import ipc
-from xllm.engine.options import EngineOptions, runner_command
+from xllm.engine.options import EngineOptions, child_command
 from xllm.errors import EngineError, InvalidRequest, ModelLoadError
 from xllm.grammar import Grammar
 from xllm.memory.planner import Plan
 from xllm.models.metadata import ModelInfo
 from xllm.models.modelfile import Modelfile
-from xllm.models.template import TemplateError
 
 log = logging.getLogger("xllm.engine")
 
@@ -40,7 +39,6 @@ A choice index of -1 with finish "error" ends every choice of the request (the r
 _DISCONNECT_CHECK_S = 0.25
 _STDERR_LINES = 30
 _CLOSE_S = 10.0
-TEMPLATE_TIMEOUT_S = 2.0
 
 
 class Observer(Protocol):
@@ -157,7 +155,7 @@ class LlamaModel:
         parent, child = socket.socketpair()
         try:
             proc = await asyncio.create_subprocess_exec(
-                *runner_command(),
+                *child_command("runner"),
                 "--fd", str(child.fileno()),
                 "--name", name,
                 "--model", str(path),
@@ -289,27 +287,15 @@ class LlamaModel:
         enable_thinking: bool | None = None,
     ) -> tuple[list[int], list[str]]:
         """(prompt tokens, extra stops) rendered by the model's template (or `template`, a
-        request's own Jinja2 one) in its runner.
+        request's own Jinja2 one).
 
-        A template is code from a model file: one that runs past the time limit gets its
-        runner killed (the event loop here never runs it) and the request a 400.
+        A template is code from a model file or a request: the runner has its render worker
+        run it under a time and memory limit (engine/render.py), so one that runs away fails
+        with a 400 and the runner, with every other request on the model, carries on.
         """
-        try:
-            async with asyncio.timeout(TEMPLATE_TIMEOUT_S):
-                result: tuple[list[int], list[str]] = await self._call(
-                    "chat_prompt", messages, tools, template, enable_thinking
-                )
-        except TimeoutError:
-            log.error(
-                "model %s: chat template ran past %.0f s: killing its runner",
-                self.name,
-                TEMPLATE_TIMEOUT_S,
-            )
-            with contextlib.suppress(ProcessLookupError):
-                self._proc.kill()
-            raise TemplateError(
-                f"chat template error: rendering took longer than {TEMPLATE_TIMEOUT_S:.0f} s"
-            ) from None
+        result: tuple[list[int], list[str]] = await self._call(
+            "chat_prompt", messages, tools, template, enable_thinking
+        )
         return result
 
     async def detokenize(self, tokens: Sequence[int]) -> str:

@@ -39,11 +39,12 @@ class EngineOptions:
         return self.threads or (os.cpu_count() or 1)
 
 
-def runner_command() -> list[str]:
-    """How the server starts a runner, from a source install or a frozen binary alike."""
+def child_command(command: str) -> list[str]:
+    """How xllm starts one of its internal commands (`runner`, `render`) as a child process,
+    from a source install or a frozen binary alike."""
     if getattr(sys, "frozen", False):
-        return [sys.executable, "runner"]
-    return [sys.executable, "-m", "xllm", "runner"]
+        return [sys.executable, command]
+    return [sys.executable, "-m", "xllm", command]
 
 
 def libllama_path() -> Path:

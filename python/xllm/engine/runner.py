@@ -8,21 +8,19 @@ server goes away (socket closed, or the parent-death signal on Linux).
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import dataclasses
 import json
 import logging
 import signal
 import socket
-import sys
 from pathlib import Path
 from typing import Any
 
 from xllm.engine import ipc
 from xllm.engine.llamacpp import LlamaCppEngine
 from xllm.engine.options import EngineOptions
+from xllm.engine.render import RenderWorker
 from xllm.models.metadata import ModelInfo
-from xllm.models.template import build_prompt
 
 log = logging.getLogger("xllm.runner")
 
@@ -30,14 +28,8 @@ BEAT_S = 0.25
 """How often the runner reports its counters (the server's stats and watchdog read them)."""
 
 
-def _die_with_parent() -> None:
-    if sys.platform.startswith("linux"):
-        pr_set_pdeathsig = 1
-        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
-
-
 def main(fd: int, name: str, path: Path, options_json: str) -> int:
-    _die_with_parent()
+    ipc.die_with_parent()
     # Ctrl-C in a terminal reaches the whole process group; the server decides when we stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     raw: dict[str, Any] = json.loads(options_json)
@@ -61,6 +53,8 @@ async def _serve(sock: socket.socket, name: str, path: Path, options: EngineOpti
         await writer.drain()
         return
     writer.write(ipc.encode((ipc.READY, info)))
+    renderer = RenderWorker()
+    await renderer.start()
     loop = asyncio.get_running_loop()
 
     def forward_events() -> None:
@@ -80,7 +74,8 @@ async def _serve(sock: socket.socket, name: str, path: Path, options: EngineOpti
             elif op == ipc.CANCEL:
                 engine.cancel(msg[1])
             elif op == ipc.CALL:
-                task = asyncio.create_task(_call(engine, info, writer, msg[1], msg[2], msg[3]))
+                call = _call(engine, info, renderer, writer, msg[1], msg[2], msg[3])
+                task = asyncio.create_task(call)
                 calls.add(task)
                 task.add_done_callback(calls.discard)
             elif op == ipc.CLOSE:
@@ -90,6 +85,7 @@ async def _serve(sock: socket.socket, name: str, path: Path, options: EngineOpti
         loop.remove_reader(engine.fileno())
         await asyncio.to_thread(engine.close)
         forward_events()  # the cancellations close() produced
+        await renderer.close()
         writer.close()
 
 
@@ -111,6 +107,7 @@ def _submit(
 async def _call(
     engine: LlamaCppEngine,
     info: ModelInfo,
+    renderer: RenderWorker,
     writer: asyncio.StreamWriter,
     cid: int,
     method: str,
@@ -126,7 +123,7 @@ async def _call(
         elif method == "grammar_parses":
             value = engine.grammar_parses(*args)
         elif method == "chat_prompt":
-            value = _chat_prompt(engine, info, *args)
+            value = await _chat_prompt(engine, info, renderer, *args)
         else:
             raise RuntimeError(f"unknown runner call {method!r}")
         reply: tuple[Any, ...] = (ipc.REPLY, cid, None, value)
@@ -135,16 +132,18 @@ async def _call(
     writer.write(ipc.encode(reply))
 
 
-def _chat_prompt(
+async def _chat_prompt(
     engine: LlamaCppEngine,
     info: ModelInfo,
+    renderer: RenderWorker,
     messages: list[dict[str, Any]],
     tools: list[dict[str, Any]] | None,
     template: str | None = None,
     enable_thinking: bool | None = None,
 ) -> tuple[list[int], list[str]]:
-    """`template` (a request's own, Jinja2) replaces the model's chat template."""
-    text, stops = build_prompt(
+    """Rendered by the render worker, tokenized here; `template` (a request's own, Jinja2)
+    replaces the model's chat template."""
+    text, stops = await renderer.prompt(
         template if template is not None else info.chat_template,
         messages,
         bos_token=info.bos_text,

@@ -8,7 +8,7 @@ the fallback llama.cpp uses too.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
 from functools import lru_cache
 from typing import Any
@@ -57,7 +57,8 @@ def _strftime_now(fmt: str) -> str:
 
 
 MAX_OUTPUT = 1 << 20
-"""A rendered prompt larger than this (1 MiB) is refused; the runner's time limit does the rest."""
+"""A rendered prompt larger than this (1 MiB) is refused as soon as rendering passes it; the
+render worker's time and memory limits do the rest (engine/render.py)."""
 
 
 class _LimitedEnvironment(ImmutableSandboxedEnvironment):
@@ -107,13 +108,15 @@ def render_chat(
     template = _compile(source)
     extra = {} if enable_thinking is None else {"enable_thinking": enable_thinking}
     try:
-        out = template.render(
-            messages=list(messages),
-            bos_token=bos_token,
-            eos_token=eos_token,
-            add_generation_prompt=add_generation_prompt,
-            tools=list(tools) if tools else None,
-            **extra,
+        out = _capped(
+            template.generate(
+                messages=list(messages),
+                bos_token=bos_token,
+                eos_token=eos_token,
+                add_generation_prompt=add_generation_prompt,
+                tools=list(tools) if tools else None,
+                **extra,
+            )
         )
     except TemplateError:
         raise
@@ -121,9 +124,20 @@ def render_chat(
         raise TemplateError(f"chat template error: unsafe operation blocked: {e}") from None
     except Exception as e:  # a template is code from a file: any failure is its error
         raise TemplateError(f"chat template error: {type(e).__name__}: {e}") from None
-    if len(out) > MAX_OUTPUT:
-        raise TemplateError("chat template error: the rendered prompt exceeds 1 MiB")
     return out
+
+
+def _capped(chunks: Iterable[str]) -> str:
+    """The output joined, refused as soon as it passes MAX_OUTPUT: a loop that writes a lot
+    stops there, it does not fill memory first."""
+    parts: list[str] = []
+    size = 0
+    for chunk in chunks:
+        size += len(chunk)
+        if size > MAX_OUTPUT:
+            raise TemplateError("chat template error: the rendered prompt exceeds 1 MiB")
+        parts.append(chunk)
+    return "".join(parts)
 
 
 def build_prompt(
