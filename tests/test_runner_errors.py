@@ -73,7 +73,7 @@ async def _runner(sock: socket.socket, engine: _Engine, proc: _Proc) -> None:
         if engine.error is None:
             continue
         if msg[0] == ipc.CALL:
-            await runner._call(engine, None, writer, msg[1], msg[2], msg[3])  # type: ignore[arg-type]
+            await runner._call(engine, None, None, writer, *msg[1:4])  # type: ignore[arg-type]
         elif msg[0] == ipc.SUBMIT:
             _, cid, rid, prompt, params, frames = msg
             writer.write(ipc.encode(runner._submit(engine, cid, rid, prompt, params, frames)))
