@@ -76,6 +76,19 @@ def qwen_tools_path() -> Path:
     return out
 
 
+def process_table() -> dict[int, tuple[str, int, int]]:
+    """Every process now: pid -> (state, parent pid, session id), from /proc."""
+    out = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            out[int(entry.name)] = (fields[0], int(fields[1]), int(fields[3]))
+    return out
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

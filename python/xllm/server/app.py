@@ -19,13 +19,15 @@ from xllm.errors import XllmError
 from xllm.metrics import Metrics
 from xllm.models.store import Store
 from xllm.server import guard, middleware
+from xllm.server.drain import DRAIN, Drain, drain
 from xllm.server.http import MAX_BODY
 from xllm.server.routes import add_routes
 from xllm.server.state import METRICS, REGISTRY, SETTINGS, STARTED
 
 log = logging.getLogger("xllm.server")
 
-DRAIN_S = 30.0
+CLOSE_S = 1.0
+"""After the drain: how long aiohttp waits for connections and handlers before closing them."""
 
 
 def engine_options(settings: Settings) -> EngineOptions:
@@ -62,7 +64,7 @@ def create_app(settings: Settings, registry: ModelRegistry | None = None) -> web
             middleware.compress,
         ],
     )
-    app[guard.DRAINING] = [False]
+    app[DRAIN] = Drain()
     app.on_response_prepare.append(middleware.echo_request_id)
     app.on_response_prepare.append(guard.add_cors_headers)
     app[SETTINGS] = settings
@@ -86,10 +88,11 @@ async def _models(app: web.Application) -> AsyncIterator[None]:
 
 
 async def serve(app: web.Application, host: str, port: int) -> None:
-    """Serve until SIGINT/SIGTERM; the first drains for up to 30 s, a second exits at once."""
+    """Serve until SIGINT/SIGTERM; the first drains for up to `shutdown_timeout` seconds (new
+    requests get 503 meanwhile), then cuts what is still running; a second exits at once."""
     settings = app[SETTINGS]
     tls = _tls_context(settings)
-    runner = web.AppRunner(app, shutdown_timeout=DRAIN_S, access_log=None)
+    runner = web.AppRunner(app, shutdown_timeout=CLOSE_S, access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, host, port, ssl_context=tls)
     await site.start()
@@ -108,8 +111,6 @@ async def serve(app: web.Application, host: str, port: int) -> None:
         if stop.is_set():
             log.warning("second signal: exiting now")
             os._exit(1)
-        log.info("shutting down: draining requests for up to %.0f s", DRAIN_S)
-        app[guard.DRAINING][0] = True
         stop.set()
 
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -117,8 +118,9 @@ async def serve(app: web.Application, host: str, port: int) -> None:
     preload = asyncio.create_task(_preload(app[REGISTRY], settings.preload))
     try:
         await stop.wait()
-    finally:
         preload.cancel()
+        await drain(app, settings.shutdown_timeout)
+    finally:
         await runner.cleanup()
 
 
