@@ -57,6 +57,7 @@ def create_app(settings: Settings, registry: ModelRegistry | None = None) -> web
     app = web.Application(
         client_max_size=MAX_BODY,
         middlewares=[
+            middleware.disconnects,
             middleware.request_id,
             middleware.observe_requests,
             guard.guard(settings),
@@ -92,7 +93,10 @@ async def serve(app: web.Application, host: str, port: int) -> None:
     requests get 503 meanwhile), then cuts what is still running; a second exits at once."""
     settings = app[SETTINGS]
     tls = _tls_context(settings)
-    runner = web.AppRunner(app, shutdown_timeout=CLOSE_S, access_log=None)
+    # handler_cancellation: see middleware.disconnects
+    runner = web.AppRunner(
+        app, shutdown_timeout=CLOSE_S, access_log=None, handler_cancellation=True
+    )
     await runner.setup()
     site = web.TCPSite(runner, host, port, ssl_context=tls)
     await site.start()

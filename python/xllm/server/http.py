@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, TypeVar
 
 import orjson
 from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
-from xllm.engine.llama import LlamaModel
+from xllm.engine.llama import Generation, LlamaModel
 from xllm.errors import InvalidRequest
 from xllm.server.openai.wire import error_param
 from xllm.server.state import REGISTRY
@@ -18,6 +19,8 @@ MAX_BODY = 50 * 1024 * 1024
 """Request bodies over 50 MB (images included) get 413, enforced while reading."""
 MODEL_NAME = web.RequestKey("model_name", str)
 """The model a request asked for, for logs and metrics."""
+GENERATIONS = web.RequestKey("generations", list[Generation])
+"""The generations a request started: they end with it (see `middleware.disconnects`)."""
 
 
 async def load_model(
@@ -26,6 +29,19 @@ async def load_model(
     """The loaded model `name` (loading it on demand); remembers it on the request."""
     request[MODEL_NAME] = name
     return await request.app[REGISTRY].get(name, keep_alive, ctx_size)
+
+
+async def start_generation(
+    request: web.Request,
+    model: LlamaModel,
+    prompt: list[int],
+    params: Mapping[str, Any],
+    frames: list[tuple[bytes, bytes]] | None = None,
+) -> Generation:
+    """Queue a generation for `request`; it is cancelled the moment its client disconnects."""
+    gen = await model.start(prompt, params, frames)
+    request.setdefault(GENERATIONS, []).append(gen)
+    return gen
 
 
 async def parse_body(request: web.Request, model: type[M]) -> M:

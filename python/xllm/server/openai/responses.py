@@ -20,7 +20,7 @@ from xllm import _core, serving, tools
 from xllm.engine.llama import Generation
 from xllm.errors import InvalidRequest, XllmError
 from xllm.server import streaming
-from xllm.server.http import json_response, load_model, parse_body, peer_gone
+from xllm.server.http import json_response, load_model, parse_body, peer_gone, start_generation
 from xllm.server.openai.wire import ResponseFormat, Wire
 
 
@@ -190,7 +190,7 @@ async def responses(request: web.Request) -> web.StreamResponse:
         "incomplete_details": None,
         "metadata": {},
     }
-    gen = await model.start(prompt.tokens, params)
+    gen = await start_generation(request, model, prompt.tokens, params)
     if body.stream and (not functions or body.forced() is not None):
         # text, or calls a grammar forces: both can be sent as they are generated
         return await _stream(request, gen, _Writer(head), calls=bool(functions))
