@@ -76,18 +76,22 @@ def qwen_tools_path() -> Path:
     return out
 
 
-def child_pids(pid: int) -> set[int]:
-    """The processes whose parent is `pid`, from /proc."""
-    out = set()
+def process_table() -> dict[int, tuple[str, int, int]]:
+    """Every process now: pid -> (state, parent pid, session id), from /proc."""
+    out = {}
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             try:
                 fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
             except OSError:
                 continue
-            if int(fields[1]) == pid:
-                out.add(int(entry.name))
+            out[int(entry.name)] = (fields[0], int(fields[1]), int(fields[3]))
     return out
+
+
+def child_pids(pid: int) -> set[int]:
+    """The processes whose parent is `pid`."""
+    return {p for p, (_, parent, _) in process_table().items() if parent == pid}
 
 
 def free_port() -> int:

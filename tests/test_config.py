@@ -45,6 +45,15 @@ def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
         ("models:\n  replicas:\n    a: 2\n", {}, {}, {"replicas": (("a", 2),)}),
         ("", {"XLLM_REPLICAS": "a=2,b:q8=3"}, {}, {"replicas": (("a", 2), ("b:q8", 3))}),
         ("memory:\n  high_watermark: 0.8\n", {}, {}, {"memory_high_watermark": 0.8}),
+        ("", {}, {}, {"shutdown_timeout": 30.0}),
+        ("server:\n  shutdown_timeout: 1m\n", {}, {}, {"shutdown_timeout": 60.0}),
+        (
+            "server:\n  shutdown_timeout: 10\n",
+            {"XLLM_SHUTDOWN_TIMEOUT": "5s"},
+            {},
+            {"shutdown_timeout": 5.0},
+        ),
+        ("", {"XLLM_SHUTDOWN_TIMEOUT": "5"}, {"shutdown_timeout": 2.5}, {"shutdown_timeout": 2.5}),
         ("", {"XLLM_MEMORY_HIGH_WATERMARK": "95%"}, {}, {"memory_high_watermark": 0.95}),
         (
             "server:\n  log_rotation:\n    max_size: 100MB\n    max_files: 3\n",
@@ -93,6 +102,8 @@ def test_precedence(
         ("", {"XLLM_PORT": "x"}, "XLLM_PORT: expected an integer"),
         ("", {"XLLM_HEADER_TIMEOUT": "0"}, "XLLM_HEADER_TIMEOUT: must be above 0 seconds"),
         ("server:\n  header_timeout: soon\n", {}, "server.header_timeout: expected seconds"),
+        ("", {"XLLM_SHUTDOWN_TIMEOUT": "-1"}, "XLLM_SHUTDOWN_TIMEOUT: must not be negative"),
+        ("server:\n  shutdown_timeout: soon\n", {}, "server.shutdown_timeout: expected seconds"),
     ],
 )
 def test_errors(

@@ -186,6 +186,8 @@ class Settings:
     """If set, requests need `Authorization: Bearer <key>`."""
     model_management: bool = True
     """Whether clients may pull, push, create, copy and delete models (and upload blobs)."""
+    shutdown_timeout: float = 30.0
+    """Seconds a first SIGINT/SIGTERM lets running requests finish before they are cut."""
     log_level: str = "info"
     """Log level: debug, info, warning, error."""
     header_timeout: float = 10.0
@@ -226,6 +228,13 @@ def _duration(key: str, value: Any) -> float:
     return sign * sum(float(n) * units[u] for n, u in parts)
 
 
+def _non_negative_duration(key: str, value: Any) -> float:
+    seconds = _duration(key, value)
+    if seconds < 0:
+        raise ConfigError(f"{key}: must not be negative, got {value!r}")
+    return seconds
+
+
 @dataclass(frozen=True)
 class _Key:
     attr: str
@@ -249,6 +258,12 @@ _KEYS: tuple[_Key, ...] = (
     ),
     _Key("api_keys", "server.api_keys", "XLLM_API_KEY", _str_list),
     _Key("model_management", "server.model_management", "XLLM_MODEL_MANAGEMENT", _bool),
+    _Key(
+        "shutdown_timeout",
+        "server.shutdown_timeout",
+        "XLLM_SHUTDOWN_TIMEOUT",
+        _non_negative_duration,
+    ),
     _Key("log_level", "server.log_level", "XLLM_LOG", _str),
     _Key("header_timeout", "server.header_timeout", "XLLM_HEADER_TIMEOUT", _timeout),
     _Key(

@@ -11,7 +11,7 @@ from typing import Any
 
 from xllm import grammar, reasoning, tools
 from xllm.engine.llama import Generation, LlamaModel
-from xllm.errors import EngineError, InvalidRequest
+from xllm.errors import EngineError, InvalidRequest, XllmError
 from xllm.models import gotemplate
 from xllm.models.modelfile import is_go_template
 
@@ -310,6 +310,8 @@ async def collect(gen: Generation, is_disconnected: Callable[[], bool] | None) -
 
 
 def raise_if_failed(finish: str, extra: Any) -> None:
+    if isinstance(extra, XllmError):  # the server cut the generation
+        raise extra
     if finish == "error":
         detail = extra.get("error") if isinstance(extra, dict) else None
         raise EngineError(f"generation failed: {detail or 'unknown engine error'}")

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import re
+import socket
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -219,4 +221,68 @@ def test_disconnect_stops_decoding_within_a_few_tokens(tmp_path: Path) -> None:
         assert httpx.get(f"{s.url}/v0/health").json()["models"][0]["runner_pid"] == pid
         assert _loads(s) == loads
     finally:
+        stop_server(s)
+
+
+def _open_stream(s: Server, body: dict[str, object]) -> tuple[socket.socket, int]:
+    """A streamed completion on a raw socket, read up to the end of its headers."""
+    data = json.dumps(body).encode()
+    sock = socket.create_connection(("127.0.0.1", s.port), timeout=10)
+    sock.sendall(
+        b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        + f"Content-Length: {len(data)}\r\n\r\n".encode()
+        + data
+    )
+    head = b""
+    while b"\r\n\r\n" not in head:
+        chunk = sock.recv(4096)
+        assert chunk, "the server closed the connection"
+        head += chunk
+    return sock, int(head.split(b" ", 2)[1])
+
+
+def test_queued_streams_that_leave_free_their_places_at_once(tmp_path: Path) -> None:
+    """A queued streaming client that disconnects leaves the queue at once: its place goes to
+    the next request right away instead of a 503, and the queue depth drops."""
+    s = start_server(
+        tmp_path, ["--model", MODEL, "--ctx-size", "4200", "--parallel", "1", "--max-queue", "2"]
+    )
+    body = {"model": MODEL, "prompt": "Count:", "max_tokens": 4000, "ignore_eos": True}
+    body["stream"] = True
+    socks: list[socket.socket] = []
+
+    def open_streams(n: int) -> list[int]:
+        opened = [_open_stream(s, body) for _ in range(n)]
+        socks.extend(sock for sock, _ in opened)
+        return [status for _, status in opened]
+
+    def queue_depth_becomes(n: int) -> float:
+        """Seconds until the reported depth is `n`: the engine counts after the decode step in
+        progress (milliseconds, or seconds on an overloaded CI machine), reported every 0.25 s."""
+        t0 = time.monotonic()
+        while _stats(s)["queue_depth"] != n and time.monotonic() < t0 + 10:
+            time.sleep(0.02)
+        assert _stats(s)["queue_depth"] == n
+        return time.monotonic() - t0
+
+    try:
+        assert open_streams(1) == [200]  # the one slot, busy for minutes
+        assert open_streams(2) == [200, 200]
+        queue_depth_becomes(2)
+        assert open_streams(1) == [503]  # the queue is full
+        for sock in socks[1:]:
+            sock.close()  # the three waiting clients go away...
+        del socks[1:]
+        # ...and two new requests right after them are queued, not turned away
+        assert open_streams(2) == [200, 200]
+        assert open_streams(1) == [503]
+        queue_depth_becomes(2)
+        for sock in socks[1:]:
+            sock.close()
+        del socks[1:]
+        print(f"queued clients left: queue depth 0 after {queue_depth_becomes(0) * 1000:.0f} ms")
+        assert _stats(s)["running"] == 1  # the slot is still busy
+    finally:
+        for sock in socks:
+            sock.close()
         stop_server(s)

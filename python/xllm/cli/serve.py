@@ -33,6 +33,10 @@ def add_parser(commands: Any) -> None:
     p.add_argument("--max-queue", type=int, help="waiting requests before 503 (default 1000)")
     p.add_argument("--batch-size", type=int, help="tokens per decode step (default 512)")
     p.add_argument("--gpu-layers", type=int, help="layers to offload to GPU (default -1: all)")
+    p.add_argument(
+        "--shutdown-timeout", type=float, metavar="SECONDS",
+        help="seconds SIGTERM lets running requests finish before cutting them (default 30)",
+    )  # fmt: skip
     p.add_argument("--log-file", help="also log to this file, rotated daily")
     p.add_argument("--tls-cert", help="serve HTTPS with this PEM certificate (env XLLM_TLS_CERT)")
     p.add_argument("--tls-key", help="PEM private key of --tls-cert (env XLLM_TLS_KEY)")
@@ -49,6 +53,7 @@ def run(args: argparse.Namespace) -> int:
         "max_queue": args.max_queue,
         "batch_size": args.batch_size,
         "gpu_layers": args.gpu_layers,
+        "shutdown_timeout": args.shutdown_timeout,
         "log_file": args.log_file,
         "tls_cert": args.tls_cert,
         "tls_key": args.tls_key,

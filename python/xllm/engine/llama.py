@@ -23,7 +23,7 @@ from typing import Any, Protocol
 
 from xllm.engine import ipc
 from xllm.engine.options import EngineOptions, child_command
-from xllm.errors import EngineError, InvalidRequest, ModelLoadError
+from xllm.errors import EngineError, InvalidRequest, ModelLoadError, Overloaded
 from xllm.grammar import Grammar
 from xllm.memory.planner import Plan
 from xllm.models.metadata import ModelInfo
@@ -33,7 +33,8 @@ log = logging.getLogger("xllm.engine")
 
 Event = tuple[int, int, str, bytes | None, str | None, Any]
 """(request_id, choice_index, text, framed SSE bytes, finish_reason, extra) from the engine.
-A choice index of -1 with finish "error" ends every choice of the request (the runner died)."""
+A choice index of -1 with finish "error" ends every choice of the request (the runner died, or
+the server cut it while shutting down: then `extra` is the XllmError to report)."""
 
 # How often a request waiting for tokens checks whether its client is still there.
 _DISCONNECT_CHECK_S = 0.25
@@ -133,15 +134,13 @@ class LlamaModel:
         self._stats: dict[str, int | float] = {}
         self._progress = time.monotonic()
         self._closing = False
+        self._aborted: str | None = None
         self.alive = True
         self.keep_alive = options.keep_alive_s
         """Seconds to stay loaded once idle (Ollama's keep_alive); negative = forever."""
         self.last_active = time.monotonic()
-        self._tasks = [
-            stderr_task,
-            asyncio.create_task(self._read_loop()),
-            asyncio.create_task(self._watchdog()),
-        ]
+        self._watch = asyncio.create_task(self._watchdog())
+        self._tasks = [stderr_task, asyncio.create_task(self._read_loop()), self._watch]
 
     @property
     def pid(self) -> int:
@@ -313,6 +312,8 @@ class LlamaModel:
         A grammar (`params["grammar"]`, a `Grammar`) is parsed by llama.cpp first: one it
         rejects is a 400 naming the field it came from, not a generation failing in the queue.
         """
+        if self._aborted is not None:
+            raise Overloaded(self._aborted)
         constraint: Grammar | None = params.get("grammar")
         if constraint is not None:
             if not await self._call("grammar_parses", constraint.text):
@@ -358,6 +359,16 @@ class LlamaModel:
         idle_since = time.monotonic() if self.busy else self.last_active
         return time.time() + (idle_since + self.keep_alive - time.monotonic())
 
+    def abort(self, reason: str) -> None:
+        """End every running and queued request now with a 503 `reason` (the server is shutting
+        down), in each one's own stream; no new ones start."""
+        self._aborted = reason
+        for rid, q in self._queues.items():
+            if self.alive:
+                self._writer.write(ipc.encode((ipc.CANCEL, rid)))
+            q.put_nowait((rid, -1, "", None, "error", Overloaded(reason)))
+        self._queues.clear()
+
     async def close(self) -> None:
         """Stop the runner: running requests end as cancelled; killed if it does not exit."""
         self._closing = True
@@ -371,6 +382,7 @@ class LlamaModel:
             with contextlib.suppress(ProcessLookupError):
                 self._proc.kill()
             await self._proc.wait()
+        self._watch.cancel()  # rather than wait for its next tick
         for task in self._tasks:
             if task is not asyncio.current_task():
                 with contextlib.suppress(asyncio.CancelledError):

@@ -420,6 +420,11 @@ class ModelRegistry:
         if model is not None:
             await model.close()
 
+    def abort(self, reason: str) -> None:
+        """End every generation of every loaded model with a 503 `reason` (shutting down)."""
+        for model in self._loaded.values():
+            model.abort(reason)
+
     async def close(self) -> None:
         if self._reaper is not None:
             self._reaper.cancel()

@@ -20,12 +20,14 @@ from xllm.errors import XllmError
 from xllm.metrics import Metrics
 from xllm.models.store import Store
 from xllm.server import guard, middleware
+from xllm.server.drain import DRAIN, Drain, drain
 from xllm.server.routes import add_routes
 from xllm.server.state import METRICS, REGISTRY, SETTINGS, STARTED
 
 log = logging.getLogger("xllm.server")
 
-DRAIN_S = 30.0
+CLOSE_S = 1.0
+"""After the drain: how long aiohttp waits for connections and handlers before closing them."""
 
 
 def engine_options(settings: Settings) -> EngineOptions:
@@ -54,6 +56,7 @@ def make_registry(settings: Settings) -> ModelRegistry:
 def create_app(settings: Settings, registry: ModelRegistry | None = None) -> web.Application:
     app = web.Application(
         middlewares=[
+            middleware.disconnects,
             middleware.request_id,
             middleware.observe_requests,
             guard.guard(settings),
@@ -61,7 +64,7 @@ def create_app(settings: Settings, registry: ModelRegistry | None = None) -> web
             middleware.compress,
         ],
     )
-    app[guard.DRAINING] = [False]
+    app[DRAIN] = Drain()
     app.on_response_prepare.append(middleware.echo_request_id)
     app.on_response_prepare.append(guard.add_cors_headers)
     app[SETTINGS] = settings
@@ -85,13 +88,16 @@ async def _models(app: web.Application) -> AsyncIterator[None]:
 
 
 async def serve(app: web.Application, host: str, port: int) -> None:
-    """Serve until SIGINT/SIGTERM; the first drains for up to 30 s, a second exits at once."""
+    """Serve until SIGINT/SIGTERM; the first drains for up to `shutdown_timeout` seconds (new
+    requests get 503 meanwhile), then cuts what is still running; a second exits at once."""
     settings = app[SETTINGS]
     tls = _tls_context(settings)
     _raise_open_files_limit()
     runner = web.AppRunner(
         app,
-        shutdown_timeout=DRAIN_S,
+        shutdown_timeout=CLOSE_S,
+        # handler_cancellation: see middleware.disconnects
+        handler_cancellation=True,
         access_log=None,
         # aiohttp (>= 3.14.5) arms this timer when a connection opens and again when a response
         # ends, and bytes arriving do not re-arm it: a request head that is not whole by then
@@ -118,8 +124,6 @@ async def serve(app: web.Application, host: str, port: int) -> None:
         if stop.is_set():
             log.warning("second signal: exiting now")
             os._exit(1)
-        log.info("shutting down: draining requests for up to %.0f s", DRAIN_S)
-        app[guard.DRAINING][0] = True
         stop.set()
 
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -127,8 +131,9 @@ async def serve(app: web.Application, host: str, port: int) -> None:
     preload = asyncio.create_task(_preload(app[REGISTRY], settings.preload))
     try:
         await stop.wait()
-    finally:
         preload.cancel()
+        await drain(app, settings.shutdown_timeout)
+    finally:
         await runner.cleanup()
 
 

@@ -18,10 +18,10 @@ from aiohttp.typedefs import Middleware
 
 from xllm.config import Settings
 from xllm.errors import Forbidden, Overloaded, PayloadTooLarge, Unauthorized, UnsupportedEncoding
+from xllm.server.drain import DRAIN, SHUTTING_DOWN
 from xllm.server.http import MAX_BODY, TOO_LARGE
 from xllm.server.middleware import Handler, error_response
 
-DRAINING = web.AppKey("draining", list[bool])
 CORS_ORIGIN = web.RequestKey("cors_origin", str)
 OPEN_PATHS = frozenset({"/v0/health"})
 PAGES = "/v0/ui/"
@@ -107,10 +107,12 @@ def guard(settings: Settings) -> Middleware:
                 request,
                 Forbidden(f"{request.path}: model management is disabled on this server"),
             )
-        elif request.app[DRAINING][0] and request.path not in OPEN_PATHS:
-            response = error_response(request, Overloaded("the server is shutting down"))
+        elif request.app[DRAIN].draining and request.path not in OPEN_PATHS:
+            response = error_response(request, Overloaded(SHUTTING_DOWN))
+            response.force_close()  # the client should find another server, not wait here
         else:
-            response = await handler(request)
+            with request.app[DRAIN].track():
+                response = await handler(request)
         return response
 
     return middleware

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import mmap
+from collections.abc import Mapping
 from typing import Any, TypeVar
 
 import orjson
 from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
-from xllm.engine.llama import LlamaModel
+from xllm.engine.llama import Generation, LlamaModel
 from xllm.errors import InvalidRequest, PayloadTooLarge
 from xllm.server.openai.wire import error_param
 from xllm.server.state import REGISTRY
@@ -21,6 +22,8 @@ else as soon as the body passes it."""
 TOO_LARGE = "request body too large: the limit is 50 MB"
 MODEL_NAME = web.RequestKey("model_name", str)
 """The model a request asked for, for logs and metrics."""
+GENERATIONS = web.RequestKey("generations", list[Generation])
+"""The generations a request started: they end with it (see `middleware.disconnects`)."""
 
 
 async def load_model(
@@ -29,6 +32,19 @@ async def load_model(
     """The loaded model `name` (loading it on demand); remembers it on the request."""
     request[MODEL_NAME] = name
     return await request.app[REGISTRY].get(name, keep_alive, ctx_size)
+
+
+async def start_generation(
+    request: web.Request,
+    model: LlamaModel,
+    prompt: list[int],
+    params: Mapping[str, Any],
+    frames: list[tuple[bytes, bytes]] | None = None,
+) -> Generation:
+    """Queue a generation for `request`; it is cancelled the moment its client disconnects."""
+    gen = await model.start(prompt, params, frames)
+    request.setdefault(GENERATIONS, []).append(gen)
+    return gen
 
 
 async def parse_body(request: web.Request, model: type[M]) -> M:

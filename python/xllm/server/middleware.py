@@ -15,7 +15,7 @@ from xllm import _core
 from xllm import log as log_context
 from xllm.errors import NotFound, Overloaded, XllmError
 from xllm.server import streaming
-from xllm.server.http import MODEL_NAME, json_response
+from xllm.server.http import GENERATIONS, MODEL_NAME, json_response
 from xllm.server.state import METRICS
 
 log = logging.getLogger("xllm.server")
@@ -38,6 +38,22 @@ def error_response(request: web.Request, err: XllmError) -> web.Response:
     if isinstance(err, Overloaded):
         response.headers["Retry-After"] = str(err.retry_after)
     return response
+
+
+@web.middleware
+async def disconnects(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """A request's generations end with it, and at once when its client disconnects.
+
+    The app runs with aiohttp's `handler_cancellation`, which cancels the handler of a client
+    that went away. The handler itself is shielded and runs on as before (it notices the gone
+    peer when it next writes or checks), but its generations are cancelled right then: a
+    queued one leaves the queue and frees its place immediately.
+    """
+    try:
+        return await asyncio.shield(handler(request))
+    finally:
+        for gen in request.get(GENERATIONS, ()):
+            gen.cancel()
 
 
 @web.middleware

@@ -12,7 +12,7 @@ use std::collections::{HashMap, VecDeque};
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::Instant;
@@ -45,8 +45,9 @@ struct Shared {
     wake: Condvar,
     events: Mutex<Vec<Event>>,
     stop: AtomicBool,
-    /// Requests submitted and not finished: at most `parallel` run, `max_queue` more may wait.
-    outstanding: AtomicU64,
+    /// Requests submitted and neither finished nor cancelled, with their choices still running:
+    /// at most `parallel` run, `max_queue` more may wait.
+    outstanding: Mutex<HashMap<u64, u32>>,
     stats: Mutex<Stats>,
 }
 
@@ -132,16 +133,25 @@ impl Engine {
             )));
         }
         let mut commands = self.shared.commands.lock().expect("poisoned");
-        if self.shared.outstanding.load(Ordering::SeqCst) as usize >= l.parallel + l.max_queue {
+        let mut outstanding = self.shared.outstanding.lock().expect("poisoned");
+        if outstanding.len() >= l.parallel + l.max_queue {
             return Err(SubmitError::QueueFull(l.max_queue));
         }
-        self.shared.outstanding.fetch_add(1, Ordering::SeqCst);
+        outstanding.insert(request.id, p.n);
+        drop(outstanding);
         commands.push_back(Command::Submit(request, Instant::now()));
         self.shared.wake.notify_one();
         Ok(())
     }
 
+    /// End a request. Its place counts as free at once, not when the loop gets to it after the
+    /// step in progress: a client that leaves the queue must not cause a 503 for the next one.
     pub fn cancel(&self, id: u64) {
+        self.shared
+            .outstanding
+            .lock()
+            .expect("poisoned")
+            .remove(&id);
         self.shared
             .commands
             .lock()
@@ -184,8 +194,6 @@ impl Drop for Engine {
 
 fn run<B: Backend>(mut batcher: Batcher<B>, shared: &Shared, mut notify: UnixStream) {
     let mut events = Vec::new();
-    // choices still running per request, to know when a request stops counting as outstanding
-    let mut open: HashMap<u64, u32> = HashMap::new();
     loop {
         let commands: Vec<Command> = {
             let mut queue = shared.commands.lock().expect("poisoned");
@@ -198,10 +206,7 @@ fn run<B: Backend>(mut batcher: Batcher<B>, shared: &Shared, mut notify: UnixStr
         let outcome = catch_unwind(AssertUnwindSafe(|| {
             for command in commands {
                 match command {
-                    Command::Submit(request, at) => {
-                        open.insert(request.id, request.params.n);
-                        batcher.submit(request, at);
-                    }
+                    Command::Submit(request, at) => batcher.submit(request, at),
                     Command::Cancel(id) => batcher.cancel(id, &mut events),
                 }
             }
@@ -226,12 +231,14 @@ fn run<B: Backend>(mut batcher: Batcher<B>, shared: &Shared, mut notify: UnixStr
             stats.running = batcher.running() as u64;
             stats.counters = batcher.counters.clone();
         }
-        for e in events.iter().filter(|e| e.finish.is_some()) {
-            if let Some(left) = open.get_mut(&e.request) {
-                *left -= 1;
-                if *left == 0 {
-                    open.remove(&e.request);
-                    shared.outstanding.fetch_sub(1, Ordering::SeqCst);
+        {
+            let mut outstanding = shared.outstanding.lock().expect("poisoned");
+            for e in events.iter().filter(|e| e.finish.is_some()) {
+                if let Some(left) = outstanding.get_mut(&e.request) {
+                    *left -= 1;
+                    if *left == 0 {
+                        outstanding.remove(&e.request);
+                    }
                 }
             }
         }
@@ -242,5 +249,86 @@ fn run<B: Backend>(mut batcher: Batcher<B>, shared: &Shared, mut notify: UnixStr
         if stopping {
             return;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::batcher::BatchItem;
+    use super::types::{Params, TokenLogprob};
+    use super::*;
+    use std::time::Duration;
+
+    /// A step takes 20 ms and no sequence ends by itself: a request stays running for seconds.
+    struct Slow;
+
+    impl Backend for Slow {
+        type Sampler = ();
+        fn new_sampler(&mut self, _: &Params) -> Result<Option<()>, String> {
+            Ok(None)
+        }
+        fn seq_rm(&mut self, _: i32, _: i32) -> bool {
+            true
+        }
+        fn seq_cp(&mut self, _: i32, _: i32, _: i32) {}
+        fn decode(&mut self, _: &[BatchItem]) -> Result<(), String> {
+            std::thread::sleep(Duration::from_millis(20));
+            Ok(())
+        }
+        fn sample(
+            &mut self,
+            _: Option<&mut ()>,
+            _: i32,
+            _: Option<u32>,
+        ) -> (i32, Option<TokenLogprob>) {
+            (1, None)
+        }
+        fn is_eog(&self, _: i32) -> bool {
+            false
+        }
+        fn piece(&self, _: i32) -> Vec<u8> {
+            b"x".to_vec()
+        }
+    }
+
+    fn request(id: u64) -> Request {
+        Request {
+            id,
+            prompt: vec![1, 2],
+            params: Params {
+                max_tokens: Some(500),
+                ..Params::default()
+            },
+            frames: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn a_cancelled_request_frees_its_place_at_once() {
+        let limits = Limits {
+            ctx_size: 1000,
+            parallel: 1,
+            max_queue: 1,
+            n_vocab: 10,
+        };
+        let engine = Engine::start(Slow, limits, 8).expect("engine");
+        engine.submit(request(1)).expect("runs");
+        engine.submit(request(2)).expect("waits");
+        assert_eq!(engine.submit(request(3)), Err(SubmitError::QueueFull(1)));
+        // the loop is inside a 20 ms step: the place must not wait for it
+        engine.cancel(2);
+        engine.submit(request(3)).expect("takes the place of 2");
+        assert_eq!(engine.submit(request(4)), Err(SubmitError::QueueFull(1)));
+        // once the loop has ended request 2, its finish does not free a second place
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !engine
+            .poll()
+            .iter()
+            .any(|e| e.request == 2 && e.finish == Some(Finish::Cancelled))
+        {
+            assert!(Instant::now() < deadline, "request 2 never ended");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert_eq!(engine.submit(request(4)), Err(SubmitError::QueueFull(1)));
     }
 }

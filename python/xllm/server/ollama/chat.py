@@ -7,7 +7,7 @@ from typing import Any
 from aiohttp import web
 
 from xllm import serving, tools
-from xllm.server.http import parse_body, peer_gone
+from xllm.server.http import parse_body, peer_gone, start_generation
 from xllm.server.ollama import reply
 from xllm.server.ollama.wire import ChatRequest
 
@@ -36,7 +36,7 @@ async def chat(request: web.Request) -> web.StreamResponse:
         template=body.template or None,
     )
     splitter = await reply.thinking_splitter(model, prompt.tokens, body.think)
-    gen = await model.start(prompt.tokens, params)
+    gen = await start_generation(request, model, prompt.tokens, params)
 
     def as_message(content: str, thinking: str) -> dict[str, Any]:
         out = {"role": "assistant", "content": content}

@@ -7,7 +7,7 @@ from typing import Any
 from aiohttp import web
 
 from xllm import serving
-from xllm.server.http import parse_body
+from xllm.server.http import parse_body, start_generation
 from xllm.server.ollama import reply
 from xllm.server.ollama.wire import GenerateRequest
 
@@ -42,7 +42,7 @@ async def generate(request: web.Request) -> web.StreamResponse:
         model, fields, prompt_len=len(tokens), extra_stops=prompt.stops
     )
     splitter = await reply.thinking_splitter(model, tokens, body.think)
-    gen = await model.start(tokens, params)
+    gen = await start_generation(request, model, tokens, params)
 
     def chunk(part: reply.Answer) -> dict[str, Any]:
         out = {"model": body.model, "created_at": reply.now_rfc3339(), "response": part.content}

@@ -9,7 +9,7 @@ from typing import Any
 from aiohttp import web
 
 from xllm import reasoning, serving, tools
-from xllm.server.http import json_response, load_model, parse_body, peer_gone
+from xllm.server.http import json_response, load_model, parse_body, peer_gone, start_generation
 from xllm.server.openai.logprobs import chat_logprobs
 from xllm.server.openai.stream import Entries, sse_chunk, stream
 from xllm.server.openai.wire import ChatCompletionRequest
@@ -65,7 +65,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
             in_frames=fmt.framed,
         )  # fmt: skip
 
-    gen = await model.start(prompt.tokens, params)
+    gen = await start_generation(request, model, prompt.tokens, params)
     result = await serving.collect(gen, lambda: peer_gone(request))
     choices = []
     for c in result.choices:

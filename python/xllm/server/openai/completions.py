@@ -12,7 +12,7 @@ from aiohttp import web
 from xllm import serving
 from xllm.engine.llama import LlamaModel
 from xllm.errors import InvalidRequest
-from xllm.server.http import json_response, load_model, parse_body, peer_gone
+from xllm.server.http import json_response, load_model, parse_body, peer_gone, start_generation
 from xllm.server.openai.logprobs import completion_logprobs
 from xllm.server.openai.stream import Entries, sse_chunk, stream
 from xllm.server.openai.wire import CompletionRequest
@@ -58,7 +58,9 @@ async def completions(request: web.Request) -> web.StreamResponse:
         fmt = _TextChunks(head, echo[0], body.n)
         return await stream(request, model, prompts[0], params[0], fmt, head, include_usage)
 
-    gens = [await model.start(p, pp) for p, pp in zip(prompts, params, strict=True)]
+    gens = [
+        await start_generation(request, model, p, pp) for p, pp in zip(prompts, params, strict=True)
+    ]
     results = await asyncio.gather(*(serving.collect(g, lambda: peer_gone(request)) for g in gens))
     usage = serving.Usage()
     choices = []

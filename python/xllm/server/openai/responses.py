@@ -21,7 +21,7 @@ from xllm import _core, grammar, serving, tools
 from xllm.engine.llama import Generation
 from xllm.errors import InvalidRequest, XllmError
 from xllm.server import streaming
-from xllm.server.http import json_response, load_model, parse_body, peer_gone
+from xllm.server.http import json_response, load_model, parse_body, peer_gone, start_generation
 from xllm.server.openai.wire import JSONSchema, ResponseFormat, Wire
 
 
@@ -197,7 +197,7 @@ async def responses(request: web.Request) -> web.StreamResponse:
         "incomplete_details": None,
         "metadata": {},
     }
-    gen = await model.start(prompt.tokens, params)
+    gen = await start_generation(request, model, prompt.tokens, params)
     names = {f["name"] for f in functions}
     if body.stream:
         return await _stream(request, gen, _Writer(head), names, body.forced() is not None)

@@ -11,7 +11,7 @@ from xllm import _core, serving
 from xllm.engine.llama import Generation, LlamaModel
 from xllm.errors import XllmError
 from xllm.server import streaming
-from xllm.server.http import peer_gone
+from xllm.server.http import peer_gone, start_generation
 
 Entries = list[Any] | None
 
@@ -60,7 +60,7 @@ async def stream(
     want_logprobs = params.get("logprobs") is not None
     n = int(params.get("n", 1))
     frames = frames_for(fmt, n) if in_frames and not want_logprobs else None
-    gen = await model.start(prompt, params, frames)
+    gen = await start_generation(request, model, prompt, params, frames)
     response = await streaming.open_sse(request)
     out = bytearray(fmt.preamble(n))
     usage = serving.Usage()
