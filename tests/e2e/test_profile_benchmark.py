@@ -271,3 +271,10 @@ def test_help() -> None:
         assert r.returncode == 0
         for flag in flags:
             assert flag in r.stdout
+
+
+def test_prompt_longer_than_the_context_is_the_servers_error(server: Server) -> None:
+    r = xllm(server.port, "benchmark", MODEL, "--concurrency", "1", "--prompt-tokens", "2000")
+    assert r.returncode == 1
+    assert "Traceback" not in r.stderr
+    assert "exceeds the context length of 1024 tokens" in r.stderr.splitlines()[-1]
