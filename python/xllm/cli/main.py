@@ -7,7 +7,7 @@ import sys
 from collections.abc import Sequence
 
 from xllm import __version__
-from xllm.cli import archive, convert, models, plan, run, runner, running, serve
+from xllm.cli import archive, convert, measure, models, plan, run, runner, running, serve
 from xllm.config import ConfigError
 
 
@@ -25,6 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     archive.add_parsers(commands)
     convert.add_parser(commands)
     plan.add_parser(commands)
+    measure.add_parsers(commands)
     runner.add_parser(commands)
     return parser
 
