@@ -163,10 +163,13 @@ def report(
 ) -> dict[str, Any]:
     request = {
         "models": [
-            {"path": str(m.files[0]), "splits": [str(f) for f in m.files[1:]],
-             "gpu_layers": m.gpu_layers}
+            {
+                "path": str(m.files[0]),
+                "splits": [str(f) for f in m.files[1:]],
+                "gpu_layers": m.gpu_layers,
+            }
             for m in models
-        ],  # fmt: skip
+        ],
         "text": _text(args.text)[1],
         "ctx": args.ctx,
         "chunks": args.chunks,
@@ -178,8 +181,13 @@ def report(
     a_out = r["models"][0]["generation"]["outputs"]
     b_out = r["models"][1]["generation"]["outputs"]
     return {
-        "text": {"source": text_label, "tokens": r["tokens"], "ctx": args.ctx,
-                 "chunks": r["chunks"], "shared_vocab": r["shared_vocab"]},  # fmt: skip
+        "text": {
+            "source": text_label,
+            "tokens": r["tokens"],
+            "ctx": args.ctx,
+            "chunks": r["chunks"],
+            "shared_vocab": r["shared_vocab"],
+        },
         "models": [
             {
                 "name": m.name,
@@ -249,8 +257,10 @@ def _print(r: dict[str, Any]) -> None:
         ("model", a["name"], b["name"]),
         ("file size", human_bytes(a["file_bytes"]), human_bytes(b["file_bytes"])),
         ("planned memory", human_bytes(a["planned_bytes"]), human_bytes(b["planned_bytes"])),
-        ("perplexity", *(f"{m['perplexity']['ppl']:.4f} ± {m['perplexity']['ppl_error']:.4f}"
-                         for m in (a, b))),  # fmt: skip
+        (
+            "perplexity",
+            *(f"{m['perplexity']['ppl']:.4f} ± {m['perplexity']['ppl_error']:.4f}" for m in (a, b)),
+        ),
         ("prompt tokens/s", *(f"{m['perplexity']['tokens_per_s']:.1f}" for m in (a, b))),
         ("generation tokens/s", *(f"{m['generation']['tokens_per_s']:.1f}" for m in (a, b))),
     ]

@@ -157,7 +157,9 @@ class Model:
             out.append(token)
             if len(out) == budget:
                 break
-            logits = self.decode(np.array([token], np.int32), len(tokens) + len(out) - 1, slice(0, 1))
+            logits = self.decode(
+                np.array([token], np.int32), len(tokens) + len(out) - 1, slice(0, 1)
+            )
         seconds = time.perf_counter() - t0
         text = b"".join(token_piece(self.vocab, t) for t in out).decode("utf-8", "replace")
         return text, len(out), seconds
@@ -222,18 +224,12 @@ def evaluate(req: Request, progress: Callable[[int, int], None]) -> dict[str, An
         for spec in req.models:
             models.append(Model(spec, req.ctx, req.threads))
         result = perplexity(models, req.text, req.chunks, progress)
-        outputs: list[list[str]] = [[] for _ in models]
-        generated = [[0, 0.0] for _ in models]
-        for prompt in req.prompts:
-            for k, m in enumerate(models):
-                text, n, seconds = m.generate(prompt, req.max_tokens)
-                outputs[k].append(text)
-                generated[k][0] += n
-                generated[k][1] += seconds
-        for k, m in enumerate(models):
-            n, seconds = generated[k]
-            result["models"][k]["generation"] = {
-                "outputs": outputs[k],
+        for m, report in zip(models, result["models"], strict=True):
+            runs = [m.generate(prompt, req.max_tokens) for prompt in req.prompts]
+            n = sum(r[1] for r in runs)
+            seconds = sum(r[2] for r in runs)
+            report["generation"] = {
+                "outputs": [r[0] for r in runs],
                 "tokens": n,
                 "seconds": seconds,
                 "tokens_per_s": n / seconds if seconds > 0 else 0.0,
@@ -257,4 +253,3 @@ def main() -> int:
         return 1
     emit({"result": result})
     return 0
-

@@ -23,7 +23,8 @@ def log_softmax(logits: Logits) -> Logits:
     """Row-wise log-probabilities (float32 rows, each row's sum in float64 like llama.cpp)."""
     shifted = logits - logits.max(axis=1, keepdims=True)
     total = np.exp(shifted).sum(axis=1, dtype=np.float64, keepdims=True)
-    return shifted - np.log(total).astype(np.float32)
+    out: Logits = shifted - np.log(total).astype(np.float32)
+    return out
 
 
 def token_nll(logprobs: Logits, next_tokens: npt.NDArray[np.int32]) -> npt.NDArray[np.float64]:
