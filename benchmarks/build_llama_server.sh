@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
-# Builds llama-server from the llama.cpp that the pinned llama-cpp-python vendors, so the
-# benchmark compares xllm with exactly the same llama.cpp. Cached outside the repository;
-# a no-op when the binary exists. Prints the binary's path.
+# Builds llama-server and llama-perplexity from the llama.cpp that the pinned llama-cpp-python
+# vendors, so the benchmarks compare xllm with exactly the same llama.cpp. Cached outside the
+# repository; a no-op when the binaries exist. Prints llama-server's path (llama-perplexity is
+# beside it).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 version=$(sed -n 's/.*"llama-cpp-python==\([0-9.]*\)".*/\1/p' pyproject.toml)
 cache="${XLLM_BENCH_CACHE:-$HOME/.cache/xllm-bench}/llama-cpp-python-$version"
 bin="$cache/build/bin/llama-server"
-if [ ! -x "$bin" ]; then
+if [ ! -x "$bin" ] || [ ! -x "$cache/build/bin/llama-perplexity" ]; then
     mkdir -p "$cache"
     if [ ! -d "$cache/src" ]; then
         python3 -m pip download --quiet --no-binary llama-cpp-python --no-deps \
@@ -23,6 +24,6 @@ if [ ! -x "$bin" ]; then
     "$cmake" -S "$cache/src/vendor/llama.cpp" -B "$cache/build" -DCMAKE_BUILD_TYPE=Release \
         -DLLAMA_BUILD_SERVER=ON -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
         -DLLAMA_CURL=OFF -DBUILD_SHARED_LIBS=OFF >&2
-    "$cmake" --build "$cache/build" --target llama-server -j "$(nproc)" >&2
+    "$cmake" --build "$cache/build" --target llama-server llama-perplexity -j "$(nproc)" >&2
 fi
 echo "$bin"

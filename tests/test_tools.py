@@ -162,6 +162,33 @@ def test_tagged_grammar_wraps_the_json_call() -> None:
     assert "tool_call" not in untagged and untagged.count("root ::=") == 1
 
 
+PYDANTIC_TOOL = {  # what pydantic's model_json_schema() writes for a nested model
+    "name": "book",
+    "parameters": {
+        "type": "object",
+        "properties": {"where": {"$ref": "#/$defs/Place"}, "when": {"type": "string"}},
+        "required": ["where", "when"],
+        "$defs": {
+            "Place": {
+                "type": "object",
+                "properties": {"city": {"type": "string"}, "near": {"$ref": "#/$defs/Place"}},
+                "required": ["city"],
+            }
+        },
+    },
+}
+
+
+@pytest.mark.parametrize("tagged", [False, True])
+@pytest.mark.parametrize("parallel", [False, True])
+def test_call_grammar_resolves_refs_inside_parameters(tagged: bool, parallel: bool) -> None:
+    from llama_cpp import LlamaGrammar
+
+    gbnf = tools.call_grammar([PYDANTIC_TOOL, WEATHER], None, parallel, tagged)
+    assert "city" in gbnf  # the referenced definition made it into the grammar
+    LlamaGrammar.from_string(gbnf, verbose=False)  # and llama.cpp's parser takes it
+
+
 def test_grammar_errors() -> None:
     with pytest.raises(InvalidRequest, match="unknown function"):
         tools.call_grammar([WEATHER], "nope", parallel=False)

@@ -38,13 +38,33 @@ class ToolCall:
         return out
 
 
-def _call_schema(function: Mapping[str, Any]) -> dict[str, Any]:
+def _call_schema(function: Mapping[str, Any], defs: dict[str, Any]) -> dict[str, Any]:
+    """A call's schema; its parameters go into `defs` (the root's `$defs`) under a name of
+    their own, their local `$ref`s rebased there: a `#/$defs/X` (what pydantic writes) means the
+    parameters' own root, not the call's."""
     params = function.get("parameters") or {"type": "object", "properties": {}}
+    key = f"call{len(defs)}"
+    defs[key] = _rebase_refs(params, f"#/$defs/{key}")
     return {
         "type": "object",
-        "properties": {"name": {"const": function["name"]}, "arguments": params},
+        "properties": {
+            "name": {"const": function["name"]},
+            "arguments": {"$ref": f"#/$defs/{key}"},
+        },
         "required": ["name", "arguments"],
     }
+
+
+def _rebase_refs(node: Any, root: str) -> Any:
+    if isinstance(node, list):
+        return [_rebase_refs(n, root) for n in node]
+    if not isinstance(node, dict):
+        return node
+    out = {k: _rebase_refs(v, root) for k, v in node.items()}
+    ref = node.get("$ref")
+    if isinstance(ref, str) and (ref == "#" or ref.startswith("#/")):
+        out["$ref"] = root + ref[1:]
+    return out
 
 
 TAG_OPEN, TAG_CLOSE = "<tool_call>", "</tool_call>"
@@ -62,13 +82,12 @@ def call_grammar(
     chosen = [f for f in functions if only is None or f["name"] == only]
     if not chosen:
         raise InvalidRequest(f"tool_choice names an unknown function {only!r}", param="tool_choice")
-    one: dict[str, Any] = (
-        _call_schema(chosen[0])
-        if len(chosen) == 1
-        else {"anyOf": [_call_schema(f) for f in chosen]}
-    )
+    defs: dict[str, Any] = {}
+    calls = [_call_schema(f, defs) for f in chosen]
+    one: dict[str, Any] = calls[0] if len(calls) == 1 else {"anyOf": calls}
     several = parallel and only is None
     schema = {"type": "array", "items": one, "minItems": 1} if several and not tagged else one
+    schema = {**schema, "$defs": defs}
     gbnf = grammar.from_schema(schema, "tools")
     if not tagged:
         return gbnf

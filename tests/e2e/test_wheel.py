@@ -77,6 +77,11 @@ def test_wheel_in_fresh_venv(tmp_path: Path) -> None:
             temperature=0,
         )
         assert "Paris" in (r.choices[0].message.content or "")
+        # package data travels in the wheel: the planner page's files
+        for asset, kind in (("plan", "text/html"), ("plan.js", "javascript"), ("plan.css", "css")):
+            page = httpx.get(f"http://127.0.0.1:{port}/v0/ui/{asset}")
+            assert page.status_code == 200 and kind in page.headers["Content-Type"], asset
+            assert len(page.content) > 500
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=40)

@@ -7,7 +7,7 @@ import sys
 from collections.abc import Sequence
 
 from xllm import __version__
-from xllm.cli import archive, convert, models, plan, run, runner, running, serve
+from xllm.cli import archive, compare, convert, measure, models, plan, run, runner, running, serve
 from xllm.config import ConfigError
 
 
@@ -24,7 +24,9 @@ def build_parser() -> argparse.ArgumentParser:
     models.add_parsers(commands)
     archive.add_parsers(commands)
     convert.add_parser(commands)
+    compare.add_parser(commands)
     plan.add_parser(commands)
+    measure.add_parsers(commands)
     runner.add_parser(commands)
     return parser
 

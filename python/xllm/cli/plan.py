@@ -50,7 +50,7 @@ def add_parser(commands: Any) -> None:
     p.set_defaults(func=run)
 
 
-def _model_files(model: str, models_dir: Path) -> list[Path]:
+def model_files(model: str, models_dir: Path) -> list[Path]:
     """The GGUF files of a path (every file of a split model), a stored model or a bundled one."""
     from xllm.errors import ModelNotFound
     from xllm.models import gguf, names
@@ -137,7 +137,7 @@ def _load_plan(model: str, s: Settings, what_if: dict[str, Any]) -> dict[str, An
     from xllm.memory import planner, probe
     from xllm.models import gguf
 
-    files = _model_files(model, s.models_dir)
+    files = model_files(model, s.models_dir)
     header = gguf.read_model(files)
     label = str(files[0]) if Path(model).is_file() else model
     gpus = probe.gpus()

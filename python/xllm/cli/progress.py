@@ -13,6 +13,7 @@ from __future__ import annotations
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from typing import Any, TextIO
 
 from xllm.cli.humanize import human_bytes
@@ -34,17 +35,25 @@ def eta(seconds: float) -> str:
 
 
 def bar_line(
-    status: str, completed: int, total: int, rate: float, width: int, done: bool = False
+    status: str,
+    completed: int,
+    total: int,
+    rate: float,
+    width: int,
+    done: bool = False,
+    amount: Callable[[int], str] = human_bytes,
 ) -> str:
-    """One bar the way Ollama lays it out: message, percent, bar, bytes, rate, time left."""
+    """One bar the way Ollama lays it out: message, percent, bar, amounts, rate, time left.
+
+    `amount` writes a quantity: bytes by default, plain counts (`str`) for requests."""
     percent = 100.0 * completed / total if total > 0 else 100.0
     pre = f"{status} {percent:3.0f}%"
     if done:
-        suffix = f"{human_bytes(total):>6}" + " " * 7 + " " * 10 + " " * 8
+        suffix = f"{amount(total):>6}" + " " * 7 + " " * 10 + " " * 8
     else:
-        suffix = f"{human_bytes(completed):>6}/{human_bytes(total):<6}"
-        if rate > 0:
-            suffix += f"  {human_bytes(int(rate)):>6}/s  {eta((total - completed) / rate):>6}"
+        suffix = f"{amount(completed):>6}/{amount(total):<6}"
+        if rate >= 1:  # below one unit a second the rate would print as 0
+            suffix += f"  {amount(int(rate)):>6}/s  {eta((total - completed) / rate):>6}"
         else:
             suffix += " " * 18
     room = max(width - len(pre) - len(suffix) - 5, 10)
@@ -55,8 +64,11 @@ def bar_line(
 class Progress:
     """Feeds on Ollama's progress records and draws them."""
 
-    def __init__(self, out: TextIO | None = None) -> None:
+    def __init__(
+        self, out: TextIO | None = None, amount: Callable[[int], str] = human_bytes
+    ) -> None:
         self.out = out or sys.stderr
+        self.amount = amount
         self.tty = self.out.isatty()
         self.width = shutil.get_terminal_size((80, 24)).columns if self.tty else 80
         self._digest: str | None = None
@@ -98,7 +110,9 @@ class Progress:
         self._drawn = now
         completed, total = self._last
         done = completed >= total
-        line = bar_line(self._status + ":", completed, total, self._rate(), self.width, done)
+        line = bar_line(
+            self._status + ":", completed, total, self._rate(), self.width, done, self.amount
+        )
         if self.tty:
             self._write("\r\x1b[K" + line)
         elif not done:
@@ -108,7 +122,8 @@ class Progress:
         if self._digest is None:
             return
         completed, total = self._last
-        line = bar_line(self._status + ":", completed, total, 0.0, self.width, completed >= total)
+        done = completed >= total
+        line = bar_line(self._status + ":", completed, total, 0.0, self.width, done, self.amount)
         self._write(("\r\x1b[K" if self.tty else "") + line + "\n")
         self._digest = None
 

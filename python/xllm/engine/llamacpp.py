@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import threading
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,14 +30,7 @@ class LlamaCppEngine:
         if options.tensor_split:
             split = (ctypes.c_float * len(options.tensor_split))(*options.tensor_split)
             mparams.tensor_split = split  # kept alive by `split` until the load returns
-        if options.splits:  # blobs in the store are not named as llama.cpp finds shards
-            files = [str(path).encode(), *(s.encode() for s in options.splits)]
-            paths = (ctypes.c_char_p * len(files))(*files)
-            model = lc.llama_model_load_from_splits(paths, len(files), mparams)
-        else:
-            model = lc.llama_model_load_from_file(str(path).encode(), mparams)
-        if not model:
-            raise ValueError(f"llama.cpp could not load {path}")
+        model = load_model(path, options.splits, mparams)
         self._model = model
         self._adapters = self._load_adapters(options.adapters)
         self._vocab = lc.llama_model_get_vocab(model)
@@ -130,21 +124,10 @@ class LlamaCppEngine:
         return dict(self._metadata)
 
     def token_piece(self, token: int) -> bytes:
-        buf = ctypes.create_string_buffer(256)
-        n = lc.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, True)
-        return buf.raw[: max(n, 0)]
+        return token_piece(self._vocab, token)
 
     def tokenize(self, text: str, add_special: bool, parse_special: bool) -> list[int]:
-        raw = text.encode("utf-8")
-        size = len(raw) + 8
-        while True:
-            tokens = (lc.llama_token * size)()
-            n = lc.llama_tokenize(
-                self._vocab, raw, len(raw), tokens, size, add_special, parse_special
-            )
-            if n >= 0:
-                return list(tokens[:n])
-            size = -n
+        return tokenize(self._vocab, text, add_special, parse_special)
 
     def detokenize(self, tokens: list[int]) -> str:
         arr = (lc.llama_token * len(tokens))(*tokens)
@@ -207,6 +190,37 @@ class LlamaCppEngine:
             lc.llama_free(self._ctx)
             self._ctx = None
             lc.llama_model_free(self._model)
+
+
+def load_model(path: Path, splits: Sequence[str], mparams: Any) -> Any:
+    """A llama.cpp model from `path` (and the further files of a split model, in order, named
+    explicitly: blobs in the store are not named as llama.cpp finds shards)."""
+    if splits:
+        files = [str(path).encode(), *(s.encode() for s in splits)]
+        paths = (ctypes.c_char_p * len(files))(*files)
+        model = lc.llama_model_load_from_splits(paths, len(files), mparams)
+    else:
+        model = lc.llama_model_load_from_file(str(path).encode(), mparams)
+    if not model:
+        raise ValueError(f"llama.cpp could not load {path}")
+    return model
+
+
+def tokenize(vocab: Any, text: str, add_special: bool, parse_special: bool) -> list[int]:
+    raw = text.encode("utf-8")
+    size = len(raw) + 8
+    while True:
+        tokens = (lc.llama_token * size)()
+        n = lc.llama_tokenize(vocab, raw, len(raw), tokens, size, add_special, parse_special)
+        if n >= 0:
+            return list(tokens[:n])
+        size = -n
+
+
+def token_piece(vocab: Any, token: int) -> bytes:
+    buf = ctypes.create_string_buffer(256)
+    n = lc.llama_token_to_piece(vocab, token, buf, len(buf), 0, True)
+    return buf.raw[: max(n, 0)]
 
 
 def _fim_tokens(vocab: Any) -> tuple[int, int, int] | None:

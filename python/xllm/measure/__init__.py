@@ -1,0 +1,1 @@
+"""Measuring a model as clients experience it: `xllm profile` and `xllm benchmark`."""
