@@ -228,8 +228,9 @@ def test_create_errors(srv: Server, tmp_path: Path) -> None:
     (tmp_path / "Modelfile").write_text("FROM ./missing.gguf\n")
     assert "no such file" in xllm(srv.port, "create", "x", cwd=tmp_path).stderr
     (tmp_path / "Modelfile").write_text("FROM tiny\n")
-    r = xllm(srv.port, "create", "x", "-q", "q4_K_M", cwd=tmp_path)
-    assert r.returncode == 1 and "not supported" in r.stderr
+    xllm(srv.port, "pull", "tiny")
+    r = xllm(srv.port, "create", "x", "-q", "q9_z", cwd=tmp_path)
+    assert r.returncode == 1 and "unknown type 'q9_z'" in r.stderr
 
 
 def test_export_rm_import_round_trip(srv: Server, tmp_path: Path) -> None:

@@ -178,6 +178,8 @@ def test_gated_repo_with_a_token(tmp_path: Path, upstream: Upstream) -> None:
         ({}, "model"),
         ({**MANUAL, "hf": "org/llama3"}, "params"),  # two sources: the second is named
         ({"hf": "not a repo"}, "hf"),
+        ({"hf": "0/" + "0" * 197}, "hf"),  # found by schemathesis: huggingface_hub refuses it
+        ({"hf": "org/a..b"}, "hf"),
         ({"model": "/etc/passwd"}, "model"),  # paths are never read over HTTP
         ({"model": str(Path(__file__))}, "model"),
         ({**MANUAL, "typo": 1}, "typo"),

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 import aiohttp
 
 from xllm.config import Settings
-from xllm.errors import Forbidden, ModelNotFound, RegistryError
+from xllm.errors import Forbidden, InvalidRequest, ModelNotFound, RegistryError
 from xllm.models import download, safetensors
 from xllm.models.names import DEFAULT_TAG, ModelName
 from xllm.models.remote import Remote, Source
@@ -280,6 +280,7 @@ def config_json(settings: Settings, repo: str) -> dict[str, Any]:
         EntryNotFoundError,
         GatedRepoError,
         HfHubHTTPError,
+        HFValidationError,
         LocalEntryNotFoundError,
         RepositoryNotFoundError,
     )
@@ -287,6 +288,10 @@ def config_json(settings: Settings, repo: str) -> dict[str, Any]:
     endpoint = settings.hf_endpoint
     try:
         path = hf_hub_download(repo, "config.json", endpoint=endpoint)
+    except HFValidationError as e:  # the Hub's rules for ids: parts of 96, no `..` or `--`
+        raise InvalidRequest(
+            f"hf: {repo!r} is not a Hugging Face repo id: {str(e).splitlines()[0]}", param="hf"
+        ) from None
     except GatedRepoError:
         raise Forbidden(
             f"{repo} is gated on the Hub: accept its terms and set HF_TOKEN", param="hf"
