@@ -89,6 +89,14 @@ def process_table() -> dict[int, tuple[str, int, int]]:
     return out
 
 
+def proc_status_bytes(pid: int, field: str) -> int:
+    """A memory line of /proc/PID/status (`VmRSS`, `VmHWM`...), in bytes."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError(f"no {field} for {pid}")
+
+
 def child_pids(pid: int) -> set[int]:
     """The processes whose parent is `pid`."""
     return {p for p, (_, parent, _) in process_table().items() if parent == pid}

@@ -15,7 +15,7 @@ import pytest
 from openapi_spec_validator import validate
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import Server, start_server, stop_server
+from tests.conftest import Server, proc_status_bytes, start_server, stop_server
 
 
 @pytest.fixture(scope="module")
@@ -50,9 +50,7 @@ def test_gzip_only_when_accepted_and_large(bare: Server) -> None:
 
 def _memory_mib(pid: int) -> dict[str, float]:
     """VmRSS (resident now) and VmHWM (its peak since `_reset_peak`) of a process, in MiB."""
-    with open(f"/proc/{pid}/status") as f:
-        fields = dict(line.split(":", 1) for line in f)
-    return {k: int(fields[k].split()[0]) / 1024 for k in ("VmRSS", "VmHWM")}
+    return {k: proc_status_bytes(pid, k) / (1 << 20) for k in ("VmRSS", "VmHWM")}
 
 
 def _reset_peak(pid: int) -> None:

@@ -10,16 +10,13 @@ from pathlib import Path
 
 import httpx
 
-from tests.conftest import start_server, stop_server
+from tests.conftest import proc_status_bytes, start_server, stop_server
 
 MODEL = "tiny"
 
 
 def _rss_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    raise AssertionError("no VmRSS")
+    return proc_status_bytes(pid, "VmRSS") / (1 << 20)
 
 
 def _schema(i: int) -> dict[str, object]:

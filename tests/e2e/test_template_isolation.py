@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import Server, child_pids, start_server, stop_server
+from tests.conftest import Server, child_pids, proc_status_bytes, start_server, stop_server
 
 MODEL = "smollm2:135m"
 SILENT_LOOP = "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}"
@@ -59,13 +59,6 @@ def srv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
 def _runner_pid(server: Server, model: str) -> int:
     models = httpx.get(f"{server.url}/v0/health", timeout=5).json()["models"]
     return int(next(m["runner_pid"] for m in models if m["name"] == model))
-
-
-def _status_bytes(pid: int, field: str) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(f"{field}:"):
-            return int(line.split()[1]) * 1024
-    raise AssertionError(f"no {field} for {pid}")
 
 
 def _complete(model: str, max_tokens: int, stream: bool) -> dict[str, object]:
@@ -131,11 +124,12 @@ class _Watch(threading.Thread):
         super().__init__()
         self.url = server.url
         self.pids = {"server": server.proc.pid, "runner": runner}
-        self.base = {k: _status_bytes(p, "VmRSS") for k, p in self.pids.items()}
+        self.base = {k: proc_status_bytes(p, "VmRSS") for k, p in self.pids.items()}
         httpx.get(f"{self.url}/api/tags", timeout=30)  # its first answer reads the model files
         self.peak = dict(self.base)
         self.latencies: list[float] = []
         self.done = threading.Event()
+        self.sampled = threading.Event()  # set after the first listing: the attack waits for it
 
     def run(self) -> None:
         with httpx.Client(timeout=5) as c:
@@ -144,7 +138,8 @@ class _Watch(threading.Thread):
                 assert c.get(f"{self.url}/api/tags").status_code == 200
                 self.latencies.append(time.monotonic() - t0)
                 for k, pid in self.pids.items():
-                    self.peak[k] = max(self.peak[k], _status_bytes(pid, "VmRSS"))
+                    self.peak[k] = max(self.peak[k], proc_status_bytes(pid, "VmRSS"))
+                self.sampled.set()
                 time.sleep(0.02)
 
     def growth(self) -> dict[str, float]:
@@ -162,6 +157,7 @@ def _attack_during_stream(
     assert stream.first.wait(120)
     watch = _Watch(server, runner)
     watch.start()
+    assert watch.sampled.wait(30)
     t0 = time.monotonic()
     r = attack()
     elapsed = time.monotonic() - t0
@@ -202,7 +198,7 @@ def test_runaway_request_template_fails_alone(
     if killed is not None:
         assert (after != worker) is killed
     if killed is False:  # its peak: a little over its 256 MiB cap at most
-        assert _status_bytes(after, "VmHWM") < 400 * MiB
+        assert proc_status_bytes(after, "VmHWM") < 400 * MiB
     ok = _generate(srv, MODEL)
     assert ok.status_code == 200 and ok.json()["done"], ok.text
 
