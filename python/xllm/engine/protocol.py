@@ -1,0 +1,229 @@
+"""The engine seam: what every engine offers the server, whatever kind of model it runs.
+
+An engine is one loaded model (llama.cpp on a GGUF, a speech model, a toy plugin...). Handlers
+translate their wire format into a `Request`, call `generate` and hand the `Generation` to the
+stream pump (`server/pump.py`); they never reach into an engine's internals. The scheduler
+(`engine/scheduler.py`) loads, keeps and unloads engines through the same protocol.
+
+A request is request-level, not token-level: messages or prompt parts go in, and the engine
+renders templates, tokenizes and samples as its kind requires. Operations only some engines
+have (tokenizing for `/api/generate`'s `context` and `/v1/completions` echo) are optional
+protocols, checked with `isinstance`.
+
+Engines are found through plugins (`engine/plugins.py`); `ABI_VERSION` is what a plugin's
+manifest must declare: it changes whenever this module changes incompatibly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from dataclasses import dataclass, field, fields, replace
+from enum import StrEnum
+from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
+
+if TYPE_CHECKING:
+    from xllm.grammar import Grammar
+    from xllm.memory.planner import Plan
+    from xllm.models.metadata import ModelInfo
+    from xllm.models.modelfile import Modelfile
+
+__all__ = [
+    "ABI_VERSION",
+    "Capability",
+    "Delta",
+    "Embedder",
+    "Engine",
+    "Generation",
+    "Part",
+    "Request",
+    "Sampling",
+    "Tokenizer",
+]
+
+ABI_VERSION = 1
+
+# Until the Rust loop's `_core.Delta` lands (one typed event from `poll()` up to the handlers),
+# the name stands for it; see the spec in that class's docstring.
+Delta = Any
+
+
+class Capability(StrEnum):
+    """What an engine can do with its model; `/api/show` and `/v1/models` list them."""
+
+    COMPLETION = "completion"
+    CHAT = "chat"
+    EMBEDDING = "embedding"
+    TOOLS = "tools"
+    VISION = "vision"
+    INSERT = "insert"
+    THINKING = "thinking"
+    TRANSCRIPTION = "transcription"
+    SPEECH = "speech"
+    IMAGE_GENERATION = "image_generation"
+
+
+@dataclass(frozen=True, slots=True)
+class Part:
+    """One piece of a prompt: text, token ids (for engines that tokenize), an image or audio."""
+
+    kind: Literal["text", "tokens", "image", "audio"]
+    text: str = ""
+    tokens: tuple[int, ...] = ()
+    data: bytes = b""
+
+
+@dataclass(frozen=True, slots=True)
+class Sampling:
+    """Sampling parameters, validated by the wire models; None leaves a knob to the defaults
+    (the model's Modelfile, then the dialect's, then the engine's)."""
+
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    repeat_penalty: float | None = None
+    repeat_last_n: int | None = None
+    seed: int | None = None
+    stop: tuple[str, ...] | None = None
+    max_tokens: int | None = None
+    n: int = 1
+    logprobs: int | None = None
+    """None: no log-probabilities; k >= 0: the chosen token's and the k likeliest."""
+    logit_bias: Mapping[int, float] | None = None
+    ignore_eos: bool | None = None
+    grammar: Grammar | None = None
+
+    def over(self, defaults: Sampling) -> Sampling:
+        """These parameters, with what they leave unset taken from `defaults`."""
+        mine = {f.name: getattr(self, f.name) for f in fields(self)}
+        return replace(defaults, **{k: v for k, v in mine.items() if v is not None})
+
+    @classmethod
+    def of(cls, values: Mapping[str, Any]) -> Sampling:
+        """From a mapping of field names (others are ignored)."""
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in known and v is not None})
+
+
+@dataclass(frozen=True)
+class Request:
+    """One generation request, in no API's terms.
+
+    A chat has `messages` (OpenAI's shape: role, content, tool_calls...); a completion has
+    `prompt` parts. `defaults` are the dialect's own sampling defaults (Ollama's temperature
+    0.8...), below the model's Modelfile and above the engine's.
+    """
+
+    messages: Sequence[Mapping[str, Any]] | None = None
+    prompt: Sequence[Part] = ()
+    suffix: str | None = None
+    """Fill-in-the-middle: the text after the gap (`insert` capability)."""
+    sampling: Sampling = field(default_factory=Sampling)
+    defaults: Sampling = field(default_factory=Sampling)
+    tools: Sequence[Mapping[str, Any]] = ()
+    """Function specs (name, description, parameters) the model may call."""
+    forced_tool: str | None = None
+    """A call the model must make: a function's name, or "" for any of `tools`."""
+    parallel_tools: bool = True
+    template: str | None = None
+    """A request's own chat template (Jinja2, or Ollama's Go syntax)."""
+    enable_thinking: bool | None = None
+    raw: bool = False
+    """The prompt goes to the model as it is, without the Modelfile's SYSTEM or template."""
+    param: str = "prompt"
+    """The request field the prompt came from, for errors about it (`messages`, `prompt`)."""
+
+    @property
+    def is_chat(self) -> bool:
+        return self.messages is not None
+
+
+@runtime_checkable
+class Generation(Protocol):
+    """A running request: its deltas until every choice has finished."""
+
+    @property
+    def n(self) -> int:
+        """How many choices run (the request's `n`)."""
+
+    @property
+    def prompt_tokens(self) -> Sequence[int]:
+        """The prompt as the model saw it, where the engine tokenizes (else empty)."""
+
+    @property
+    def opens_thinking(self) -> bool | None:
+        """None when the model does not think; else whether the prompt itself opened the
+        reasoning block (so generated text starts inside it)."""
+
+    def deltas(
+        self, is_disconnected: Callable[[], bool] | None = None
+    ) -> AsyncIterator[list[Delta]]:
+        """Batches of deltas (all that are ready) until every choice has finished. A delta with
+        `finish` ends its choice (`choice` -1: every choice); `error` is set when it failed.
+        Stops early, cancelling the generation, once `is_disconnected()` turns true."""
+
+    def cancel(self) -> None:
+        """Stop now and free what the generation holds; idempotent."""
+
+
+@runtime_checkable
+class Engine(Protocol):
+    """One loaded model, as the server and the scheduler see it."""
+
+    name: str
+    """The model's name (`smollm2:135m`)."""
+    key: str
+    """The scheduler's key for this instance: `name`, then `name#2`... for replicas."""
+    kind: str
+    """The engine's manifest name (`llama.cpp`)."""
+    info: ModelInfo
+    ctx_size: int
+    plan: Plan | None
+    modelfile: Modelfile
+    keep_alive: float
+    """Seconds to stay loaded once idle (Ollama's keep_alive); negative = forever."""
+    last_active: float
+    on_exit: Callable[[Any], None] | None
+
+    @property
+    def capabilities(self) -> frozenset[Capability]: ...
+
+    @property
+    def pid(self) -> int | None:
+        """The process the model runs in (None: in the server's own)."""
+
+    @property
+    def busy(self) -> bool: ...
+
+    async def generate(self, request: Request) -> Generation:
+        """Queue a request; errors about it (a 400 naming the field, a full queue's 503) are
+        raised here, before anything streams."""
+
+    def stats(self) -> dict[str, int | float]: ...
+
+    def expires_at(self) -> float | None:
+        """Wall-clock time this model unloads if nothing uses it; None = never."""
+
+    def abort(self, reason: str) -> None:
+        """End every running and queued request with a 503 `reason`; no new ones start."""
+
+    async def close(self) -> None: ...
+
+
+@runtime_checkable
+class Tokenizer(Protocol):
+    """An engine whose prompts are tokens the client may see and send."""
+
+    async def tokenize(self, text: str, *, special: bool) -> list[int]: ...
+
+    async def detokenize(self, tokens: Sequence[int]) -> str: ...
+
+
+@runtime_checkable
+class Embedder(Protocol):
+    """An engine with the `embedding` capability."""
+
+    async def embed(self, inputs: list[list[int]], normalize: bool = True) -> list[list[float]]:
+        """Pooled vectors of tokenized inputs."""
