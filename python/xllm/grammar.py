@@ -171,3 +171,15 @@ def _subschemas(node: Any, where: str) -> Iterator[tuple[str, dict[str, Any]]]:
         for key in _MAPS:
             if isinstance(node.get(key), dict):
                 stack.extend((f"{where}{key}.{k}.", s) for k, s in node[key].items())
+
+
+def for_format(format_: str | dict[str, Any] | None, param: str) -> Grammar | None:
+    """A grammar forcing JSON output: any JSON for "json", else JSON matching a schema (a
+    request's `format`, `response_format`...; `param` names it in errors)."""
+    if not format_:
+        return None
+    if format_ == "json":
+        return Grammar(any_json(), param)
+    if not isinstance(format_, dict):
+        raise InvalidRequest(f'{param}: expected "json" or a JSON schema', param=param)
+    return Grammar(from_schema(format_, param), param)

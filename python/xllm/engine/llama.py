@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import dataclasses
 import itertools
 import json
 import logging
@@ -19,13 +20,18 @@ import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
-from xllm.engine import ipc
-from xllm.engine.options import EngineOptions, child_command
+from xllm.engine import ipc, llama_prompt
+from xllm.engine.llamacpp_archs import ARCHITECTURES
+from xllm.engine.options import EngineOptions, child_command, llama_cpp_version
+from xllm.engine.plugins import LoadSpec, Manifest
+from xllm.engine.protocol import ABI_VERSION, Capability, Observer, Request
 from xllm.errors import EngineError, InvalidRequest, ModelLoadError, Overloaded
 from xllm.grammar import Grammar
+from xllm.memory import planner, probe
 from xllm.memory.planner import Plan
+from xllm.models import gguf
 from xllm.models.metadata import ModelInfo
 from xllm.models.modelfile import Modelfile
 
@@ -42,14 +48,6 @@ _STDERR_LINES = 30
 _CLOSE_S = 10.0
 
 
-class Observer(Protocol):
-    """Told about finished generations and loads (the metrics)."""
-
-    def observe_finish(self, model: str, finish: str, extra: Mapping[str, Any]) -> None: ...
-
-    def observe_load(self, model: str, seconds: float) -> None: ...
-
-
 @dataclass
 class Generation:
     """One request's stream of engine events; `cancel()` frees its sequences."""
@@ -58,6 +56,8 @@ class Generation:
     request_id: int
     n: int
     queue: asyncio.Queue[Event] = field(default_factory=asyncio.Queue)
+    prompt_tokens: list[int] = field(default_factory=list)
+    opens_thinking: bool | None = None
 
     def cancel(self) -> None:
         self.model._finish(self.request_id)
@@ -97,7 +97,9 @@ class Generation:
 
 
 class LlamaModel:
-    """A loaded GGUF model: the server's handle on its runner process."""
+    """A loaded GGUF model: the server's handle on its runner process (a `protocol.Engine`)."""
+
+    kind = "llama.cpp"
 
     def __init__(
         self,
@@ -271,7 +273,20 @@ class LlamaModel:
         self.last_active = time.monotonic()
         self._queues.pop(request_id, None)
 
-    # --- what handlers use ------------------------------------------------------------------
+    # --- the engine protocol ----------------------------------------------------------------
+
+    @property
+    def capabilities(self) -> frozenset[Capability]:
+        known = {c.value for c in Capability}
+        return frozenset(Capability(c) for c in self.info.capabilities if c in known)
+
+    async def generate(self, request: Request) -> Generation:
+        """Render, tokenize and check `request` (engine/llama_prompt.py), then queue it."""
+        prepared = await llama_prompt.prepare(self, request)
+        gen = await self.start(prepared.tokens, prepared.params)
+        gen.prompt_tokens = prepared.tokens
+        gen.opens_thinking = prepared.opens_thinking
+        return gen
 
     async def tokenize(self, text: str, *, special: bool) -> list[int]:
         """Tokens of `text`; `special` parses control tokens and adds BOS as the vocab wants."""
@@ -414,3 +429,55 @@ async def _pump_stderr(
         if line:
             tail.append(line)
             runner_log.debug("%s", line)
+
+
+def _estimate(spec: LoadSpec) -> Plan:
+    """The memory plan from the GGUF header (every header is checked before llama.cpp ever
+    opens a file), LoRA adapters on top."""
+    header = gguf.read_model(spec.files or (spec.path,))
+    o = spec.options
+    plan = planner.estimate(
+        header, ctx_size=o.ctx_size, parallel=o.parallel, batch_size=o.batch_size,
+        gpus=probe.gpus(), gpu_layers=o.gpu_layers,
+    )  # fmt: skip
+    if spec.adapters:  # llama.cpp keeps each adapter's tensors in memory beside the model
+        extra = sum(p.stat().st_size for p in spec.adapters)
+        plan = dataclasses.replace(plan, weights=plan.weights + extra)
+    return plan
+
+
+async def _load(spec: LoadSpec) -> LlamaModel:
+    """Start a runner with the plan's GPU layers (spread over several GPUs by free memory)."""
+    o = dataclasses.replace(
+        spec.options,
+        splits=tuple(map(str, spec.files[1:])),
+        adapters=tuple(map(str, spec.adapters)),
+    )
+    plan = spec.plan
+    if plan is not None:
+        if o.gpu_layers < 0:
+            o = dataclasses.replace(o, gpu_layers=plan.gpu_layers)
+        gpus = probe.gpus()
+        if len(gpus) > 1 and plan.gpu_layers:
+            o = dataclasses.replace(o, tensor_split=tuple(planner.split(gpus)))
+    model = await LlamaModel.load(spec.name, spec.path, o, spec.observer)
+    model.plan = plan
+    model.modelfile = spec.modelfile
+    return model
+
+
+_CAPABILITIES = ("completion", "chat", "embedding", "tools", "insert", "thinking")
+
+MANIFEST = Manifest(
+    name="llama.cpp",
+    version=llama_cpp_version(),
+    abi=ABI_VERSION,
+    formats=("gguf",),
+    architectures=ARCHITECTURES,
+    capabilities=frozenset(
+        Capability(c) for c in ("completion", "chat", "embedding", "tools", "insert", "thinking")
+    ),
+    load=_load,
+    estimate=_estimate,
+)
+"""The built-in engine: GGUF models on llama.cpp, each in its own runner process."""

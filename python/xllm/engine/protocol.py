@@ -34,6 +34,7 @@ __all__ = [
     "Embedder",
     "Engine",
     "Generation",
+    "Observer",
     "Part",
     "Request",
     "Sampling",
@@ -85,9 +86,12 @@ class Sampling:
     frequency_penalty: float | None = None
     repeat_penalty: float | None = None
     repeat_last_n: int | None = None
+    """-1: the whole context."""
     seed: int | None = None
+    """-1: a random one."""
     stop: tuple[str, ...] | None = None
     max_tokens: int | None = None
+    """0: no limit but the context."""
     n: int = 1
     logprobs: int | None = None
     """None: no log-probabilities; k >= 0: the chosen token's and the k likeliest."""
@@ -118,6 +122,8 @@ class Request:
 
     messages: Sequence[Mapping[str, Any]] | None = None
     prompt: Sequence[Part] = ()
+    """A completion's prompt, as it is (no template); for a chat, images of the messages are
+    in each message's `images`."""
     suffix: str | None = None
     """Fill-in-the-middle: the text after the gap (`insert` capability)."""
     sampling: Sampling = field(default_factory=Sampling)
@@ -130,14 +136,25 @@ class Request:
     template: str | None = None
     """A request's own chat template (Jinja2, or Ollama's Go syntax)."""
     enable_thinking: bool | None = None
-    raw: bool = False
-    """The prompt goes to the model as it is, without the Modelfile's SYSTEM or template."""
+    split_thinking: bool = False
+    """The client wants the reasoning apart from the answer: the generation then says whether
+    its prompt opened the reasoning block (`opens_thinking`)."""
+    context: Sequence[int] = ()
+    """Tokens of an earlier exchange that go before the prompt (Ollama's `context`)."""
     param: str = "prompt"
     """The request field the prompt came from, for errors about it (`messages`, `prompt`)."""
 
     @property
     def is_chat(self) -> bool:
         return self.messages is not None
+
+
+class Observer(Protocol):
+    """Told about finished generations and loads (the metrics)."""
+
+    def observe_finish(self, model: str, finish: str, extra: Mapping[str, Any]) -> None: ...
+
+    def observe_load(self, model: str, seconds: float) -> None: ...
 
 
 @runtime_checkable

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import mmap
-from collections.abc import Mapping
 from typing import Any, TypeVar
 
 import orjson
 from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
-from xllm.engine.llama import Generation, LlamaModel
+from xllm.engine.protocol import Engine, Generation, Request
 from xllm.errors import InvalidRequest, PayloadTooLarge
 from xllm.server.openai.wire import error_param
 from xllm.server.state import REGISTRY
@@ -28,21 +27,15 @@ GENERATIONS = web.RequestKey("generations", list[Generation])
 
 async def load_model(
     request: web.Request, name: str, keep_alive: float | None = None, ctx_size: int | None = None
-) -> LlamaModel:
+) -> Engine:
     """The loaded model `name` (loading it on demand); remembers it on the request."""
     request[MODEL_NAME] = name
     return await request.app[REGISTRY].get(name, keep_alive, ctx_size)
 
 
-async def start_generation(
-    request: web.Request,
-    model: LlamaModel,
-    prompt: list[int],
-    params: Mapping[str, Any],
-    frames: list[tuple[bytes, bytes]] | None = None,
-) -> Generation:
+async def start_generation(request: web.Request, engine: Engine, req: Request) -> Generation:
     """Queue a generation for `request`; it is cancelled the moment its client disconnects."""
-    gen = await model.start(prompt, params, frames)
+    gen = await engine.generate(req)
     request.setdefault(GENERATIONS, []).append(gen)
     return gen
 

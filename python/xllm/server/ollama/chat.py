@@ -6,7 +6,9 @@ from typing import Any
 
 from aiohttp import web
 
-from xllm import serving, tools
+from xllm import grammar, tools
+from xllm.engine.protocol import Request
+from xllm.server import pump
 from xllm.server.http import parse_body, peer_gone, start_generation
 from xllm.server.ollama import reply
 from xllm.server.ollama.wire import ChatRequest
@@ -19,24 +21,23 @@ async def chat(request: web.Request) -> web.StreamResponse:
         empty = {"role": "assistant", "content": ""}
         return await reply.load_or_unload(request, body.model, body.keep_alive, "message", empty)
     model = await reply.model_for(request, body.model, body.keep_alive, timer, body.options)
-    serving.require(model, body.model, "completion")
-    has_images = any(m.images for m in body.messages)
-    serving.check_images(model, body.model, has_images, "messages")
     reply.check_think(model, body.model, body.think)
     functions = body.functions()
-    fields = reply.engine_fields(
-        body.options, body.format, model.ctx_size, model.modelfile.parameters
-    )
-    prompt, params = await serving.prepare_chat(
+    gen = await start_generation(
+        request,
         model,
-        body.template_messages(),
-        fields,
-        functions,
-        enable_thinking=reply.enable_thinking(body.think),
-        template=body.template or None,
+        Request(
+            messages=body.template_messages(),
+            sampling=reply.sampling(body.options, grammar.for_format(body.format, "format")),
+            defaults=reply.OLLAMA_DEFAULTS,
+            tools=functions,
+            template=body.template or None,
+            enable_thinking=reply.enable_thinking(body.think),
+            split_thinking=body.think is not None,
+            param="messages",
+        ),
     )
-    splitter = await reply.thinking_splitter(model, prompt.tokens, body.think)
-    gen = await start_generation(request, model, prompt.tokens, params)
+    splitter = reply.splitter(gen)
 
     def as_message(content: str, thinking: str) -> dict[str, Any]:
         out = {"role": "assistant", "content": content}
@@ -46,7 +47,7 @@ async def chat(request: web.Request) -> web.StreamResponse:
 
     if functions:
         # The whole answer is needed to tell a call from text (Ollama does the same).
-        result = await serving.collect(gen, lambda: peer_gone(request))
+        result = await pump.collect(gen, lambda: peer_gone(request))
         choice = result.choices[0]
         thinking, answer = splitter.whole(choice.text) if splitter else ("", choice.text)
         text, calls = tools.parse(answer, {f["name"] for f in functions})
@@ -76,7 +77,7 @@ async def chat(request: web.Request) -> web.StreamResponse:
         }
 
     async def final_record(
-        answer: reply.Answer, streamed: bool, usage: serving.Usage, finish: str | None
+        answer: reply.Answer, streamed: bool, usage: pump.Usage, finish: str | None
     ) -> Any:
         out = timer.final(body.model, usage, finish)
         out["message"] = (

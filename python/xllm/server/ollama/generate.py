@@ -6,7 +6,9 @@ from typing import Any
 
 from aiohttp import web
 
-from xllm import serving
+from xllm import grammar
+from xllm.engine.protocol import Part, Request, Tokenizer
+from xllm.server import pump
 from xllm.server.http import parse_body, start_generation
 from xllm.server.ollama import reply
 from xllm.server.ollama.wire import GenerateRequest
@@ -18,31 +20,29 @@ async def generate(request: web.Request) -> web.StreamResponse:
     if not body.prompt and not body.images and not body.suffix:
         return await reply.load_or_unload(request, body.model, body.keep_alive, "response", "")
     model = await reply.model_for(request, body.model, body.keep_alive, timer, body.options)
-    serving.require(model, body.model, "completion")
-    serving.check_images(model, body.model, bool(body.images), "images")
     reply.check_think(model, body.model, body.think)
-    if body.suffix:
-        prompt = await serving.infill_prompt(model, body.model, body.prompt, body.suffix)
-    elif body.raw:
-        prompt = serving.Prompt(await model.tokenize(body.prompt, special=True), [])
-    else:
+    images = [Part("image", text=i) for i in body.images or ()]
+    messages: list[dict[str, Any]] | None = None
+    if not body.raw and body.suffix is None:
         messages = [{"role": "system", "content": body.system}] if body.system else []
-        messages.append({"role": "user", "content": body.prompt})
-        prompt = await serving.chat_prompt(
-            model,
-            messages,
+        messages.append({"role": "user", "content": body.prompt, "images": body.images or []})
+    gen = await start_generation(
+        request,
+        model,
+        Request(
+            messages=messages,
+            prompt=[Part("text", body.prompt), *images] if messages is None else (),
+            suffix=body.suffix,
+            context=body.context or (),
+            sampling=reply.sampling(body.options, grammar.for_format(body.format, "format")),
+            defaults=reply.OLLAMA_DEFAULTS,
             template=body.template or None,
             enable_thinking=reply.enable_thinking(body.think),
-        )
-    tokens = list(body.context or []) + prompt.tokens
-    fields = reply.engine_fields(
-        body.options, body.format, model.ctx_size, model.modelfile.parameters
+            split_thinking=body.think is not None,
+        ),
     )
-    params = serving.sampling_params(
-        model, fields, prompt_len=len(tokens), extra_stops=prompt.stops
-    )
-    splitter = await reply.thinking_splitter(model, tokens, body.think)
-    gen = await start_generation(request, model, tokens, params)
+    splitter = reply.splitter(gen)
+    tokens = list(gen.prompt_tokens)
 
     def chunk(part: reply.Answer) -> dict[str, Any]:
         out = {"model": body.model, "created_at": reply.now_rfc3339(), "response": part.content}
@@ -51,14 +51,15 @@ async def generate(request: web.Request) -> web.StreamResponse:
         return {**out, "done": False}
 
     async def final(
-        answer: reply.Answer, streamed: bool, usage: serving.Usage, finish: str | None
+        answer: reply.Answer, streamed: bool, usage: pump.Usage, finish: str | None
     ) -> Any:
         out = timer.final(body.model, usage, finish)
         out["response"] = "" if streamed else answer.content
         if answer.thinking and body.think and not streamed:
             out["thinking"] = answer.thinking
-        generated = await model.tokenize(answer.text, special=False) if answer.text else []
-        out["context"] = tokens + generated
+        if isinstance(model, Tokenizer):
+            generated = await model.tokenize(answer.text, special=False) if answer.text else []
+            out["context"] = tokens + generated
         return out
 
     return await reply.respond(request, gen, body.stream, chunk, final, splitter)

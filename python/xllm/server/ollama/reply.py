@@ -6,17 +6,17 @@ Both are translations over the serving layer; only the per-chunk shape differs b
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, replace
 from typing import Any
 
 import orjson
 from aiohttp import web
 
-from xllm import reasoning, serving
-from xllm.engine.llama import Generation, LlamaModel
-from xllm.errors import XllmError
-from xllm.server import streaming
+from xllm import grammar, reasoning
+from xllm.engine.protocol import Capability, Delta, Engine, Generation, Sampling
+from xllm.errors import InvalidRequest, XllmError
+from xllm.server import pump, streaming
 from xllm.server.http import json_response, load_model, peer_gone
 from xllm.server.ollama.models import iso_time
 from xllm.server.ollama.wire import KeepAlive, Options, keep_alive_seconds
@@ -24,15 +24,10 @@ from xllm.server.state import REGISTRY
 
 NDJSON = "application/x-ndjson"
 
-# Ollama's own defaults where a request leaves a knob out.
-OLLAMA_DEFAULTS: dict[str, Any] = {
-    "temperature": 0.8,
-    "top_k": 40,
-    "top_p": 0.9,
-    "min_p": 0.0,
-    "repeat_penalty": 1.1,
-    "repeat_last_n": 64,
-}
+OLLAMA_DEFAULTS = Sampling(
+    temperature=0.8, top_k=40, top_p=0.9, min_p=0.0, repeat_penalty=1.1, repeat_last_n=64
+)
+"""Ollama's own defaults where neither a request nor the model's Modelfile sets a knob."""
 
 
 @dataclass
@@ -51,7 +46,7 @@ class Answer:
 
 Chunk = Callable[[Answer], dict[str, Any]]
 """The record for one streamed piece of the answer."""
-Final = Callable[[Answer, bool, serving.Usage, str | None], Awaitable[dict[str, Any]]]
+Final = Callable[[Answer, bool, pump.Usage, str | None], Awaitable[dict[str, Any]]]
 """The last record: (whole answer, whether it was streamed, usage, finish reason) -> record."""
 
 
@@ -59,35 +54,23 @@ def now_rfc3339() -> str:
     return iso_time(time.time())
 
 
-def engine_fields(
-    options: Options | None, fmt: Any, ctx_size: int, defaults: Mapping[str, Any] | None = None
-) -> dict[str, Any]:
-    """Ollama options -> the serving layer's fields; `defaults` (a stored model's Modelfile
-    PARAMETERs) fill in what the request leaves out, before Ollama's own defaults."""
-    o = {**(defaults or {}), **(options.engine_options() if options else {})}
-    fields = {**OLLAMA_DEFAULTS, **o}
-    predict = o.get("num_predict")
-    fields["max_tokens"] = predict if predict and predict > 0 else None
-    if o.get("seed") == -1:
-        fields.pop("seed")
-    if o.get("repeat_last_n") == -1:
-        fields["repeat_last_n"] = ctx_size
-    fields["grammar"] = serving.grammar_for(fmt, "format")
-    return fields
-
-
-def check_think(model: LlamaModel, name: str, think: bool | str | None) -> None:
+def check_think(model: Engine, name: str, think: bool | str | None) -> None:
     """Ollama refuses `think` on models that cannot think (false is always fine)."""
-    if think not in (None, False):
-        serving.require(model, name, "thinking", "think")
+    if think not in (None, False) and Capability.THINKING not in model.capabilities:
+        raise InvalidRequest(f"think: model {name!r} does not support thinking", param="think")
 
 
-async def thinking_splitter(
-    model: LlamaModel, prompt: list[int], think: bool | str | None
-) -> reasoning.ThinkSplitter | None:
+def sampling(options: Options | None, constraint: grammar.Grammar | None) -> Sampling:
+    """A request's `options` and `format` as sampling parameters."""
+    s = options.sampling() if options is not None else Sampling()
+    return replace(s, grammar=constraint) if constraint is not None else s
+
+
+def splitter(gen: Generation) -> reasoning.ThinkSplitter | None:
     """For a thinking model whose client said whether it wants the reasoning (`think`)."""
-    splitters = None if think is None else await serving.thinking_splitters(model, prompt)
-    return splitters[0] if splitters else None
+    if gen.opens_thinking is None:
+        return None
+    return reasoning.ThinkSplitter(inside=gen.opens_thinking)
 
 
 def enable_thinking(think: bool | str | None) -> bool | None:
@@ -103,7 +86,7 @@ class Timer:
         self.start = time.perf_counter()
         self.loaded = self.start
 
-    def final(self, name: str, usage: serving.Usage, finish: str | None) -> dict[str, Any]:
+    def final(self, name: str, usage: pump.Usage, finish: str | None) -> dict[str, Any]:
         """The fields of the last record, durations in integer nanoseconds."""
         now = time.perf_counter()
         return {
@@ -126,7 +109,7 @@ async def model_for(
     keep_alive: KeepAlive | None,
     timer: Timer,
     options: Options | None = None,
-) -> LlamaModel:
+) -> Engine:
     """The model, loaded with the request's `num_ctx` if it gives one."""
     ctx_size = options.num_ctx if options is not None else None
     model = await load_model(request, name, keep_alive_seconds(keep_alive), ctx_size)
@@ -168,52 +151,55 @@ async def respond(
 
     With a splitter the reasoning goes apart from the answer (Ollama's `thinking`).
     """
+    if stream:
+        return await pump.stream(request, gen, _Records(chunk, final, splitter))
+    result = await pump.collect(gen, lambda: peer_gone(request))
+    c = result.choices[0]
+    thinking, content = splitter.whole(c.text) if splitter else ("", c.text)
+    whole = Answer(c.text, content, thinking)
+    return json_response(await final(whole, False, result.usage, c.finish_reason))
 
-    def piece(text: str) -> Answer:
-        if splitter is None:
-            return Answer(text, text)
-        thinking, content = splitter.feed(text)
-        return Answer(text, content, thinking)
 
-    def rest() -> Answer:
-        if splitter is None:
-            return Answer()
-        thinking, content = splitter.flush()
-        return Answer("", content, thinking)
+class _Records:
+    """Ollama's NDJSON stream (a `pump.Sink`)."""
 
-    if not stream:
-        result = await serving.collect(gen, lambda: peer_gone(request))
-        c = result.choices[0]
-        thinking, content = splitter.whole(c.text) if splitter else ("", c.text)
-        whole = Answer(c.text, content, thinking)
-        return json_response(await final(whole, False, result.usage, c.finish_reason))
-    response = await streaming.open_stream(request, NDJSON)
-    usage = serving.Usage()
-    whole = Answer()
-    try:
-        async for batch in gen.events(lambda: peer_gone(request)):
-            out = bytearray()
-            for _, _, text, _, finish, extra in batch:
-                parts = [piece(text)] if text else []
-                if finish is not None:
-                    parts.append(rest())
-                for part in parts:
-                    whole.add(part.text, part.content, part.thinking)
-                    if part.content or part.thinking:
-                        out += orjson.dumps(chunk(part)) + b"\n"
-                if finish is not None:
-                    serving.raise_if_failed(finish, extra)
-                    usage.add(extra)
-                    out += orjson.dumps(await final(whole, True, usage, finish)) + b"\n"
-            if out and not await streaming.write(response, bytes(out)):
-                gen.cancel()
-                return response
-    except XllmError as e:
-        gen.cancel()
-        await streaming.finish(response, orjson.dumps(e.ollama_body()) + b"\n")
-        return response
-    await streaming.finish(response)
-    return response
+    content_type = NDJSON
+
+    def __init__(
+        self, chunk: Chunk, final: Final, splitter: reasoning.ThinkSplitter | None
+    ) -> None:
+        self.chunk = chunk
+        self.final = final
+        self.splitter = splitter
+        self.whole = Answer()
+
+    def opening(self) -> bytes:
+        return b""
+
+    def _record(self, part: Answer) -> bytes:
+        self.whole.add(part.text, part.content, part.thinking)
+        if not (part.content or part.thinking):
+            return b""
+        return orjson.dumps(self.chunk(part)) + b"\n"
+
+    def delta(self, d: Delta) -> bytes:
+        if self.splitter is None:
+            return self._record(Answer(d.text, d.text))
+        thinking, content = self.splitter.feed(d.text)
+        return self._record(Answer(d.text, content, thinking))
+
+    async def finished(self, d: Delta, usage: pump.Usage, running: int) -> bytes:
+        out = b""
+        if self.splitter is not None:
+            thinking, content = self.splitter.flush()
+            out = self._record(Answer("", content, thinking))
+        return out + orjson.dumps(await self.final(self.whole, True, usage, d.finish)) + b"\n"
+
+    async def closing(self, usage: pump.Usage) -> bytes:
+        return b""
+
+    def error(self, e: XllmError) -> bytes:
+        return orjson.dumps(e.ollama_body()) + b"\n"
 
 
 async def send_records(

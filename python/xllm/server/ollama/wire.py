@@ -9,6 +9,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from xllm import grammar
+from xllm.engine.protocol import Sampling
 from xllm.server.openai.wire import MAX_SEED, MAX_STOP_LEN, MAX_STOPS, Tool
 
 log = logging.getLogger("xllm.server")
@@ -81,9 +82,16 @@ class Options(Wire):
                 log.warning("invalid option provided: %s%s (ignored)", names, more)
         return data
 
-    def engine_options(self) -> dict[str, Any]:
-        """The options generation uses, by the serving layer's names where they differ."""
-        return self.model_dump(exclude_none=True, include=_ENGINE_OPTIONS)
+    def sampling(self) -> Sampling:
+        """The options generation uses, as sampling parameters (`num_predict` <= 0, no limit,
+        and `seed` -1, a random one, override a Modelfile's limit and seed)."""
+        o = self.model_dump(exclude_none=True, include=_ENGINE_OPTIONS)
+        predict = o.pop("num_predict", None)
+        if predict is not None:
+            o["max_tokens"] = max(predict, 0)
+        if "stop" in o:
+            o["stop"] = tuple(o["stop"])
+        return Sampling.of(o)
 
 
 _ENGINE_OPTIONS = {

@@ -8,11 +8,13 @@ from typing import Any
 
 from aiohttp import web
 
-from xllm import reasoning, serving, tools
+from xllm import grammar, reasoning, tools
+from xllm.engine.protocol import Request
+from xllm.server import pump
 from xllm.server.http import json_response, load_model, parse_body, peer_gone, start_generation
 from xllm.server.openai.logprobs import chat_logprobs
-from xllm.server.openai.stream import Entries, sse_chunk, stream
-from xllm.server.openai.wire import ChatCompletionRequest
+from xllm.server.openai.stream import ChunkSink, Entries, FramedSink, sse_chunk
+from xllm.server.openai.wire import ChatCompletionRequest, ChatMessage
 
 FINGERPRINT = "xllm"
 
@@ -20,53 +22,52 @@ FINGERPRINT = "xllm"
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     body = await parse_body(request, ChatCompletionRequest)
     model = await load_model(request, body.model)
-    serving.check_images(model, body.model, any(m.has_images() for m in body.messages), "messages")
-    messages = [_template_message(m.model_dump(exclude_none=True), m.text()) for m in body.messages]
     functions = body.functions()
-    fields: dict[str, Any] = body.model_dump(exclude_none=True)
-    fields["stop"] = body.stop_list()
-    fields["max_tokens"] = body.max_completion_tokens or body.max_tokens
-    fields["logprobs"] = (body.top_logprobs or 0) if body.logprobs else None
+    forced = body.forced_function()
+    constraint = None
     if body.response_format is not None:
-        fields["grammar"] = serving.grammar_for(
-            body.response_format.grammar_format(), "response_format"
-        )
-    prompt, params = await serving.prepare_chat(
+        constraint = grammar.for_format(body.response_format.grammar_format(), "response_format")
+    gen = await start_generation(
+        request,
         model,
-        messages,
-        fields,
-        functions,
-        body.forced_function(),
-        body.parallel_tool_calls,
-        body.enable_thinking(),
-        body.chat_template or None,
+        Request(
+            messages=[_template_message(m) for m in body.messages],
+            sampling=body.sampling(
+                max_tokens=body.max_completion_tokens or body.max_tokens,
+                logprobs=(body.top_logprobs or 0) if body.logprobs else None,
+                grammar=constraint,
+            ),
+            tools=functions,
+            forced_tool=forced,
+            parallel_tools=body.parallel_tool_calls,
+            template=body.chat_template or None,
+            enable_thinking=body.enable_thinking(),
+            split_thinking=body.reasoning_format != "none" and forced is None,
+            param="messages",
+        ),
     )
     splitters = None
-    if body.reasoning_format != "none" and body.forced_function() is None:
-        splitters = await serving.thinking_splitters(model, prompt.tokens, body.n)
+    if gen.opens_thinking is not None:
+        splitters = [reasoning.ThinkSplitter(inside=gen.opens_thinking) for _ in range(gen.n)]
     head = {
         "id": f"chatcmpl-{secrets.token_hex(12)}",
         "created": int(time.time()),
         "model": body.model,
         "system_fingerprint": FINGERPRINT,
     }
-    include_usage = bool(body.stream_options and body.stream_options.include_usage)
     names = {f["name"] for f in functions}
     if body.stream:
-        fmt: _ChatChunks
-        if body.forced_function() is not None:
-            fmt = _CallChunks(head, body.n)
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        sink: ChunkSink
+        if forced is not None:
+            sink = _CallChunks(head, body.n, include_usage)
         elif splitters or names:
-            fmt = _SplitChunks(head, body.n, splitters, names)
+            sink = _SplitChunks(head, body.n, include_usage, body.logprobs, splitters, names)
         else:
-            fmt = _ChatChunks(head)
-        return await stream(
-            request, model, prompt.tokens, params, fmt, fmt.head, include_usage,
-            in_frames=fmt.framed,
-        )  # fmt: skip
+            sink = _ChatChunks(head, body.n, include_usage, body.logprobs)
+        return await pump.stream(request, gen, sink)
 
-    gen = await start_generation(request, model, prompt.tokens, params)
-    result = await serving.collect(gen, lambda: peer_gone(request))
+    result = await pump.collect(gen, lambda: peer_gone(request))
     choices = []
     for c in result.choices:
         thinking, answer = splitters[c.index].whole(c.text) if splitters else ("", c.text)
@@ -96,18 +97,20 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     )
 
 
-def _template_message(dumped: dict[str, Any], text: str) -> dict[str, Any]:
-    """A message as chat templates expect it: content as plain text."""
-    dumped["content"] = text
+def _template_message(m: ChatMessage) -> dict[str, Any]:
+    """A message as chat templates expect it: content as plain text (its images apart)."""
+    dumped = m.model_dump(exclude_none=True)
+    dumped["content"] = m.text()
+    if m.has_images():
+        dumped["images"] = m.image_urls()
     return dumped
 
 
-class _ChatChunks:
-    framed = True
-    """Each token's chunk is its text in a fixed frame (the engine may write it)."""
+class _ChatChunks(FramedSink):
+    """Each token's chunk is its text in a fixed frame."""
 
-    def __init__(self, head: dict[str, Any]) -> None:
-        self.head = {**head, "object": "chat.completion.chunk"}
+    def __init__(self, head: dict[str, Any], n: int, include_usage: bool, logprobs: bool) -> None:
+        super().__init__({**head, "object": "chat.completion.chunk"}, n, include_usage, logprobs)
 
     def chunk(
         self, index: int, text: str, finish: str | None, logprobs: Entries, **top: Any
@@ -117,7 +120,7 @@ class _ChatChunks:
         choice = {"index": index, "delta": delta, "logprobs": lp, "finish_reason": finish}
         return sse_chunk(self.head, choice, **top)
 
-    def preamble(self, n: int) -> bytes:
+    def opening(self) -> bytes:
         return b"".join(
             sse_chunk(
                 self.head,
@@ -128,12 +131,12 @@ class _ChatChunks:
                     "finish_reason": None,
                 },
             )
-            for i in range(n)
+            for i in range(self.n)
         )
 
 
 class _SplitChunks(_ChatChunks):
-    """A stream whose text is split before it goes out.
+    """A stream whose text is split before it goes out (so never framed as it comes).
 
     A thinking model's reasoning goes as `reasoning_content` deltas (llama-server's and vLLM's
     field), the answer as `content`. With tools the model may call (`names`), the answer
@@ -147,10 +150,12 @@ class _SplitChunks(_ChatChunks):
         self,
         head: dict[str, Any],
         n: int,
+        include_usage: bool,
+        logprobs: bool,
         splitters: list[reasoning.ThinkSplitter] | None,
         names: set[str],
     ) -> None:
-        super().__init__(head)
+        super().__init__(head, n, include_usage, logprobs)
         self.splitters = splitters
         self.watches = [tools.CallWatch(names) for _ in range(n)] if names else None
 
@@ -198,8 +203,8 @@ class _CallChunks(_ChatChunks):
 
     framed = False
 
-    def __init__(self, head: dict[str, Any], n: int) -> None:
-        super().__init__(head)
+    def __init__(self, head: dict[str, Any], n: int, include_usage: bool) -> None:
+        super().__init__(head, n, include_usage, False)
         self.parsers = [tools.CallStream() for _ in range(n)]
         self.calls = [0] * n
 

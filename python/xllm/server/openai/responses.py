@@ -17,12 +17,13 @@ import orjson
 from aiohttp import web
 from pydantic import Field, field_validator, model_validator
 
-from xllm import _core, grammar, serving, tools
-from xllm.engine.llama import Generation
+from xllm import _core, grammar, tools
+from xllm.engine.protocol import Delta, Request, Sampling
 from xllm.errors import InvalidRequest, XllmError
-from xllm.server import streaming
+from xllm.server import pump
 from xllm.server.http import json_response, load_model, parse_body, peer_gone, start_generation
 from xllm.server.openai.wire import JSONSchema, ResponseFormat, Wire
+from xllm.server.pump import Usage
 
 
 class InputPart(Wire):
@@ -135,7 +136,7 @@ class ResponsesRequest(Wire):
         return "" if self.tool_choice == "required" else None
 
 
-def _usage(u: serving.Usage) -> dict[str, Any]:
+def _usage(u: Usage) -> dict[str, Any]:
     return {
         "input_tokens": u.prompt_tokens,
         "input_tokens_details": {"cached_tokens": u.cached_tokens},
@@ -153,11 +154,7 @@ async def responses(request: web.Request) -> web.StreamResponse:
             param="previous_response_id",
         )
     model = await load_model(request, body.model)
-    fields: dict[str, Any] = {
-        "temperature": body.temperature,
-        "top_p": body.top_p,
-        "max_tokens": body.max_output_tokens,
-    }
+    constraint = None
     if body.text and body.text.format and body.text.format.get("type") != "text":
         fmt = dict(body.text.format)
         wrapped = (
@@ -169,15 +166,25 @@ async def responses(request: web.Request) -> web.StreamResponse:
             grammar_format = ResponseFormat.model_validate(wrapped).grammar_format()
         except ValueError:
             raise InvalidRequest("text.format: unsupported format", param="text.format") from None
-        fields["grammar"] = serving.grammar_for(grammar_format, "text.format")
+        constraint = grammar.for_format(grammar_format, "text.format")
     functions = body.functions()
-    prompt, params = await serving.prepare_chat(
+    sampling = Sampling(
+        temperature=body.temperature,
+        top_p=body.top_p,
+        max_tokens=body.max_output_tokens,
+        grammar=constraint,
+    )
+    gen = await start_generation(
+        request,
         model,
-        body.messages(),
-        {k: v for k, v in fields.items() if v is not None},
-        functions,
-        body.forced(),
-        body.parallel_tool_calls,
+        Request(
+            messages=body.messages(),
+            sampling=sampling,
+            tools=functions,
+            forced_tool=body.forced(),
+            parallel_tools=body.parallel_tool_calls,
+            param="input",
+        ),
     )
     head: dict[str, Any] = {
         "id": f"resp_{secrets.token_hex(12)}",
@@ -197,11 +204,11 @@ async def responses(request: web.Request) -> web.StreamResponse:
         "incomplete_details": None,
         "metadata": {},
     }
-    gen = await start_generation(request, model, prompt.tokens, params)
     names = {f["name"] for f in functions}
     if body.stream:
-        return await _stream(request, gen, _Writer(head), names, body.forced() is not None)
-    result = await serving.collect(gen, lambda: peer_gone(request))
+        sink = _Events(_Writer(head), names, body.forced() is not None)
+        return await pump.stream(request, gen, sink)
+    result = await pump.collect(gen, lambda: peer_gone(request))
     choice = result.choices[0]
     text, calls = tools.parse(choice.text, names) if names else (choice.text, [])
     writer = _Writer(head)
@@ -210,7 +217,7 @@ async def responses(request: web.Request) -> web.StreamResponse:
 
 
 def _final(
-    head: dict[str, Any], output: list[dict[str, Any]], usage: serving.Usage, finish: str | None
+    head: dict[str, Any], output: list[dict[str, Any]], usage: Usage, finish: str | None
 ) -> dict[str, Any]:
     incomplete = finish == "length"
     return {
@@ -342,51 +349,49 @@ class _Writer:
             out += self.open_call(call.name, call.id) + self.delta(args) + self.close()
         return out
 
-    def final(self, usage: serving.Usage, finish: str | None) -> dict[str, Any]:
+    def final(self, usage: Usage, finish: str | None) -> dict[str, Any]:
         return _final(self.head, self.output, usage, finish)
 
-    def completed(self, usage: serving.Usage, finish: str | None) -> bytes:
+    def completed(self, usage: Usage, finish: str | None) -> bytes:
         return self.event("response.completed", response=self.final(usage, finish))
 
 
-async def _stream(
-    request: web.Request, gen: Generation, writer: _Writer, names: set[str], forced: bool
-) -> web.StreamResponse:
-    """Text as output_text deltas, or forced calls as function_call_arguments deltas; with
-    calls the model is free to make, text as it comes but for what may be a call (held back,
-    then sent as function_call items)."""
-    response = await streaming.open_sse(request)
-    parser = tools.CallStream() if forced else None
-    watch = tools.CallWatch(names) if names and not forced else None
-    out = writer.opening()
-    usage, finish = serving.Usage(), None
-    try:
-        async for batch in gen.events(lambda: peer_gone(request)):
-            for _, _, text, _, fin, extra in batch:
-                if parser is not None:
-                    for kind, value in parser.feed(text):
-                        if kind == "call":
-                            out += (writer.close() if writer.item else b"") + writer.open_call(
-                                value
-                            )
-                        else:
-                            out += writer.delta(value)
-                else:
-                    out += writer.message_text(watch.feed(text) if watch else text)
-                if fin is not None:
-                    serving.raise_if_failed(fin, extra)
-                    usage.add(extra)
-                    finish = fin
-            if not await streaming.write(response, out):
-                gen.cancel()
-                return response
-            out = b""
-    except XllmError as e:
-        gen.cancel()
+class _Events:
+    """The Responses stream (a `pump.Sink`): text as output_text deltas, or forced calls as
+    function_call_arguments deltas; with calls the model is free to make, text as it comes but
+    for what may be a call (held back, then sent as function_call items)."""
+
+    content_type = "text/event-stream"
+
+    def __init__(self, writer: _Writer, names: set[str], forced: bool) -> None:
+        self.writer = writer
+        self.parser = tools.CallStream() if forced else None
+        self.watch = tools.CallWatch(names) if names and not forced else None
+        self.finish: str | None = None
+
+    def opening(self) -> bytes:
+        return self.writer.opening()
+
+    def delta(self, d: Delta) -> bytes:
+        writer = self.writer
+        if self.parser is None:
+            return writer.message_text(self.watch.feed(d.text) if self.watch else d.text)
+        out = b""
+        for kind, value in self.parser.feed(d.text):
+            if kind == "call":
+                out += (writer.close() if writer.item else b"") + writer.open_call(value)
+            else:
+                out += writer.delta(value)
+        return out
+
+    async def finished(self, d: Delta, usage: Usage, running: int) -> bytes:
+        self.finish = d.finish
+        return b""
+
+    async def closing(self, usage: Usage) -> bytes:
+        text, calls = self.watch.end() if self.watch else ("", [])
+        return self.writer.end(text, calls) + self.writer.completed(usage, self.finish)
+
+    def error(self, e: XllmError) -> bytes:
         err = {"code": e.code or e.type, "message": e.message, "param": e.param}
-        await streaming.finish(response, writer.event("error", **err))
-        return response
-    text, calls = watch.end() if watch else ("", [])
-    out = writer.end(text, calls)
-    await streaming.finish(response, out + writer.completed(usage, finish))
-    return response
+        return self.writer.event("error", **err)

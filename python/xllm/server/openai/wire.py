@@ -11,6 +11,7 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from xllm import grammar
+from xllm.engine.protocol import Sampling
 
 MAX_STOPS = 32
 MAX_STOP_LEN = 512
@@ -74,9 +75,13 @@ class ChatMessage(Wire):
         return "".join(p.text for p in self.content or [] if isinstance(p, TextPart))
 
     def has_images(self) -> bool:
-        return isinstance(self.content, list) and any(
-            isinstance(p, ImagePart) for p in self.content
-        )
+        return bool(self.image_urls())
+
+    def image_urls(self) -> list[str]:
+        """The message's images, as the client gave them (data: URIs or URLs)."""
+        if not isinstance(self.content, list):
+            return []
+        return [p.image_url.url for p in self.content if isinstance(p, ImagePart)]
 
 
 class SamplingFields(Wire):
@@ -121,6 +126,25 @@ class SamplingFields(Wire):
         if self.stop is None:
             return []
         return [self.stop] if isinstance(self.stop, str) else list(self.stop)
+
+    def sampling(self, **fields: Any) -> Sampling:
+        """The request's sampling parameters; `fields` are those an endpoint names otherwise."""
+        return Sampling.of(
+            {
+                **self.model_dump(exclude_none=True, include=_SAMPLING),
+                "stop": tuple(self.stop_list()) or None,
+                "logit_bias": {int(k): v for k, v in self.logit_bias.items()}
+                if self.logit_bias
+                else None,
+                **fields,
+            }
+        )
+
+
+_SAMPLING = {
+    "max_tokens", "temperature", "top_p", "top_k", "min_p", "seed", "presence_penalty",
+    "frequency_penalty", "repeat_penalty", "repeat_last_n", "ignore_eos", "n",
+}  # fmt: skip
 
 
 JSONSchema = Annotated[dict[str, Any], AfterValidator(grammar.checked_schema)]

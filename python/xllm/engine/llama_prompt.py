@@ -1,0 +1,256 @@
+"""How the llama.cpp engine turns a `Request` into prompt tokens and sampling parameters.
+
+Chat templates, tools, fill-in-the-middle, token prompts, the Modelfile's defaults and the
+checks that depend on the model (context room, vocabulary, parallel sequences) all live here:
+they are this engine's business, not the handlers'. Rendering and tokenizing run in the
+model's runner process (`LlamaModel.chat_prompt`, `tokenize`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from xllm import grammar, reasoning, tools
+from xllm.engine.protocol import Capability, Request, Sampling
+from xllm.errors import InvalidRequest
+from xllm.models import gotemplate
+from xllm.models.modelfile import Modelfile, is_go_template
+
+if TYPE_CHECKING:
+    from xllm.engine.llama import LlamaModel
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A request as the Rust loop takes it."""
+
+    tokens: list[int]
+    params: dict[str, Any]
+    opens_thinking: bool | None
+
+
+_FEATURES = {
+    Capability.COMPLETION: "generate",
+    Capability.EMBEDDING: "embeddings",
+    Capability.INSERT: "insert",
+    Capability.VISION: "images",
+    Capability.THINKING: "thinking",
+}
+
+
+def require(
+    capabilities: frozenset[Capability], name: str, capability: Capability, param: str | None
+) -> None:
+    """A 400 when the model lacks a capability (as Ollama words it: "does not support X")."""
+    if capability not in capabilities:
+        feature = _FEATURES.get(capability, capability.value)
+        message = f"model {name!r} does not support {feature}"
+        raise InvalidRequest(f"{param}: {message}" if param else message, param=param)
+
+
+def modelfile_defaults(modelfile: Modelfile) -> Sampling:
+    """A stored model's Modelfile PARAMETERs as sampling defaults: the one place they become
+    request defaults, for every dialect."""
+    p = modelfile.parameters
+    values = {k: p[k] for k in _SAMPLING if k in p}
+    if isinstance(p.get("num_predict"), int) and p["num_predict"] > 0:
+        values["max_tokens"] = p["num_predict"]
+    if values.get("seed") == -1:
+        del values["seed"]
+    if "stop" in values:
+        values["stop"] = tuple(values["stop"])
+    return Sampling.of(values)
+
+
+_SAMPLING = (
+    "temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty",
+    "repeat_penalty", "repeat_last_n", "seed", "stop",
+)  # fmt: skip
+
+
+async def prepare(model: LlamaModel, request: Request) -> Prepared:
+    """Prompt tokens and engine parameters for `request`; 400s name the field at fault."""
+    caps = model.capabilities
+    name = model.name
+    require(caps, name, Capability.COMPLETION, None)
+    _check_images(caps, name, request)
+    sampling = request.sampling
+    stops: list[str] = []
+    if request.suffix is not None:
+        tokens = await _infill(model, request)
+    elif request.messages is not None:
+        tokens, stops, constraint = await _chat(model, request)
+        if constraint is not None:
+            sampling = Sampling.of({**_fields(sampling), "grammar": constraint})
+    else:
+        tokens = await _raw(model, request)
+    tokens = [*request.context, *tokens]
+    if request.context:
+        check_token_ids(model, request.context, "context")
+    sampling = sampling.over(modelfile_defaults(model.modelfile)).over(request.defaults)
+    params = sampling_params(model, sampling, len(tokens), stops, request.param)
+    opens = None
+    if Capability.THINKING in caps and request.split_thinking:
+        tail = await model.detokenize(tokens[-4:])  # templates may open the block themselves
+        opens = tail.rstrip().endswith(reasoning.OPEN)
+    return Prepared(tokens, params, opens)
+
+
+def _fields(s: Sampling) -> dict[str, Any]:
+    return {k: getattr(s, k) for k in s.__dataclass_fields__}
+
+
+def _check_images(caps: frozenset[Capability], name: str, request: Request) -> None:
+    """Images go only to vision models; image input itself comes with the vision engine."""
+    in_prompt = any(p.kind == "image" for p in request.prompt)
+    in_messages = any(m.get("images") for m in request.messages or ())
+    if in_prompt or in_messages:
+        param = "images" if in_prompt else "messages"
+        require(caps, name, Capability.VISION, param)
+        raise InvalidRequest("image input is not available yet in this xllm", param=param)
+
+
+async def _raw(model: LlamaModel, request: Request) -> list[int]:
+    """A prompt of parts, as it is: text tokenized with its special tokens, token ids checked."""
+    tokens: list[int] = []
+    for part in request.prompt:
+        if part.kind == "tokens":
+            check_token_ids(model, part.tokens, request.param)
+            tokens += part.tokens
+        elif part.kind == "text":
+            tokens += await model.tokenize(part.text, special=True)
+    return tokens
+
+
+async def _infill(model: LlamaModel, request: Request) -> list[int]:
+    """Fill-in-the-middle: the text before and after the gap around the model's FIM tokens."""
+    require(model.capabilities, model.name, Capability.INSERT, "suffix")
+    if any(p.kind != "text" for p in request.prompt):
+        raise InvalidRequest("suffix needs a text prompt, not token ids", param="suffix")
+    assert model.info.fim_tokens is not None  # what "insert" means
+    pre, suf, mid = model.info.fim_tokens
+    prefix = "".join(p.text for p in request.prompt)
+    bos = await model.tokenize("", special=True)  # BOS where the vocabulary wants one
+    head = await model.tokenize(prefix, special=False)
+    tail = await model.tokenize(request.suffix or "", special=False)
+    return [*bos, pre, *head, suf, *tail, mid]
+
+
+def jinja(template: str | None) -> str | None:
+    """A request's template as Jinja2: Ollama's Go syntax is translated (GoTemplateError: a
+    400 naming the construct)."""
+    if template is not None and is_go_template(template):
+        return gotemplate.to_jinja(template)
+    return template
+
+
+def with_modelfile(
+    modelfile: Modelfile, messages: Sequence[Mapping[str, Any]]
+) -> list[dict[str, Any]]:
+    """A stored model's Modelfile SYSTEM (unless the request has a system message) and
+    MESSAGEs go before the request's messages, as in Ollama."""
+    out = [{"role": m.role, "content": m.content} for m in modelfile.messages]
+    out += [dict(m) for m in messages]
+    if modelfile.system and not any(m.get("role") == "system" for m in messages):
+        out.insert(0, {"role": "system", "content": modelfile.system})
+    return out
+
+
+async def _chat(
+    model: LlamaModel, request: Request
+) -> tuple[list[int], list[str], grammar.Grammar | None]:
+    """(tokens, the template's extra stops, a forced call's grammar) for a chat.
+
+    A template that knows tools gets them; otherwise a system message describes them. A forced
+    call (`forced_tool` "" = any function, or a name) constrains decoding with a grammar.
+    OpenAI's `developer` messages are what templates know as `system` ones.
+    """
+    assert request.messages is not None
+    messages = [
+        {**m, "role": "system"} if m.get("role") == "developer" else dict(m)
+        for m in request.messages
+    ]
+    template = jinja(request.template)
+    source = (template if template is not None else model.info.chat_template) or ""
+    functions = list(request.tools)
+    template_tools = None
+    if functions:
+        if "tools" in source:
+            template_tools = [{"type": "function", "function": dict(f)} for f in functions]
+        else:
+            messages = [{"role": "system", "content": tools.system_prompt(functions)}, *messages]
+    if template_tools is None:
+        messages = [tools.as_text(m) for m in messages]
+    constraint = None
+    if request.forced_tool is not None:
+        # the template's own call format when it has one (tags), else the JSON we asked for
+        tagged = template_tools is not None and tools.TAG_OPEN in source
+        call = tools.call_grammar(
+            functions, request.forced_tool or None, request.parallel_tools, tagged
+        )
+        constraint = grammar.Grammar(call, "tools")
+    tokens, stops = await model.chat_prompt(
+        with_modelfile(model.modelfile, tools.template_messages(messages)),
+        template_tools,
+        template,
+        request.enable_thinking,
+    )
+    return tokens, stops, constraint
+
+
+def check_token_ids(model: LlamaModel, tokens: Sequence[int], param: str) -> None:
+    """Token ids given by a client must be in the model's vocabulary."""
+    n_vocab = model.info.n_vocab
+    bad = next((t for t in tokens if not 0 <= t < n_vocab), None)
+    if bad is not None:
+        raise InvalidRequest(
+            f"{param}: token id {bad} is outside the vocabulary (0..{n_vocab})", param=param
+        )
+
+
+def sampling_params(
+    model: LlamaModel, s: Sampling, prompt_len: int, extra_stops: Sequence[str], param: str
+) -> dict[str, Any]:
+    """The Rust loop's parameters; checks what depends on the model."""
+    if prompt_len == 0:
+        raise InvalidRequest("the prompt is empty", param=param)
+    room = model.ctx_size - prompt_len
+    if room < 1:
+        raise InvalidRequest(
+            f"the prompt is {prompt_len} tokens, which exceeds the context length of "
+            f"{model.ctx_size} tokens",
+            param=param,
+        )
+    params: dict[str, Any] = {
+        k: getattr(s, k)
+        for k in (
+            "temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty",
+            "repeat_penalty", "ignore_eos", "n", "logprobs", "grammar",
+        )
+        if getattr(s, k) is not None
+    }  # fmt: skip
+    if s.repeat_last_n is not None:  # -1: the whole context (Ollama's meaning)
+        params["repeat_last_n"] = model.ctx_size if s.repeat_last_n == -1 else s.repeat_last_n
+    if s.seed is not None and s.seed != -1:
+        params["seed"] = int(s.seed) & 0xFFFFFFFF
+    params["max_tokens"] = min(int(s.max_tokens), room) if s.max_tokens else room
+    params["stop"] = [*(s.stop or ()), *extra_stops]
+    if s.n > model.options.parallel:
+        raise InvalidRequest(
+            f"n={s.n} exceeds the {model.options.parallel} parallel sequences of this model",
+            param="n",
+        )
+    if s.logit_bias:
+        n_vocab = model.info.n_vocab
+        bad = [t for t in s.logit_bias if t >= n_vocab]
+        if bad:
+            raise InvalidRequest(
+                f"logit_bias token id {bad[0]} is out of range (vocabulary size {n_vocab})",
+                param="logit_bias",
+            )
+        params["logit_bias"] = dict(s.logit_bias)
+    if s.grammar is not None:
+        params["grammar"] = s.grammar
+    return params
