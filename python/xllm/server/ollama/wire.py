@@ -10,7 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from xllm import grammar
 from xllm.engine.protocol import Sampling
-from xllm.server.openai.wire import MAX_SEED, MAX_STOP_LEN, MAX_STOPS, Tool
+from xllm.server.openai.wire import MAX_SEED, MAX_STOP_LEN, MAX_STOPS, EngineName, Tool
 
 log = logging.getLogger("xllm.server")
 
@@ -130,6 +130,7 @@ def _forever_if_huge(seconds: float) -> float:
 
 class _WithKeepAlive(Wire):
     keep_alive: KeepAlive | None = None
+    engine: EngineName | None = None
 
     @field_validator("keep_alive")
     @classmethod

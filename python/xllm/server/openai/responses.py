@@ -22,7 +22,7 @@ from xllm.engine.protocol import Delta, Request, Sampling
 from xllm.errors import InvalidRequest, XllmError
 from xllm.server import pump
 from xllm.server.http import json_response, load_model, parse_body, peer_gone, start_generation
-from xllm.server.openai.wire import JSONSchema, ResponseFormat, Wire
+from xllm.server.openai.wire import EngineName, JSONSchema, ResponseFormat, Wire
 from xllm.server.pump import Usage
 
 
@@ -77,6 +77,7 @@ class TextConfig(Wire):
 
 class ResponsesRequest(Wire):
     model: Annotated[str, Field(min_length=1, max_length=400)]
+    engine: EngineName | None = None
     input: Annotated[str, Field(min_length=1)] | Annotated[list[InputItem], Field(min_length=1)]
     instructions: str | None = None
     tools: list[FunctionTool] | None = None

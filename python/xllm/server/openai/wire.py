@@ -19,6 +19,10 @@ MAX_N = 16
 MAX_SEED = 2**63 - 1
 
 
+EngineName = Annotated[str, Field(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9._-]+$")]
+"""The request field `engine`: the engine that must serve the model, where several can."""
+
+
 class Wire(BaseModel):
     model_config = ConfigDict(strict=True, extra="ignore", allow_inf_nan=False)
 
@@ -88,6 +92,7 @@ class SamplingFields(Wire):
     """Fields shared by chat and text completions."""
 
     model: Annotated[str, Field(min_length=1, max_length=400)]
+    engine: EngineName | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     max_tokens: Annotated[int, Field(ge=1, le=2**31 - 1)] | None = None
@@ -270,6 +275,7 @@ class CompletionRequest(SamplingFields):
 
 class EmbeddingRequest(Wire):
     model: Annotated[str, Field(min_length=1, max_length=400)]
+    engine: EngineName | None = None
     input: (
         Annotated[str, Field(min_length=1)]
         | Annotated[list[Annotated[str, Field(min_length=1)]], Field(min_length=1, max_length=2048)]
