@@ -203,8 +203,9 @@ class Engines:
             )  # fmt: skip
         return engines
 
-    def serves(self, fmt: str, architecture: str) -> bool:
-        return any(m.serves(fmt, architecture) for m in self.manifests.values())
+    def serving(self, fmt: str, architecture: str) -> Manifest | None:
+        """The engine that serves a model of that format and architecture by default."""
+        return next((m for m in self.manifests.values() if m.serves(fmt, architecture)), None)
 
     def for_model(
         self, name: str, fmt: str, architecture: str, engine: str | None = None
@@ -226,9 +227,9 @@ class Engines:
                     param="engine",
                 )
             return chosen
-        for manifest in self.manifests.values():
-            if manifest.serves(fmt, architecture):
-                return manifest
+        manifest = self.serving(fmt, architecture)
+        if manifest is not None:
+            return manifest
         raise InvalidRequest(
             f"model {name!r} has architecture {architecture!r} ({FORMATS.get(fmt, fmt)}), "
             "which no engine of this server serves",

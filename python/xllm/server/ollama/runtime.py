@@ -27,7 +27,7 @@ def _ps_entry(name: str, model: LlamaModel) -> dict[str, Any]:
         "model": name,
         # what the model occupies (weights, KV cache, buffers), as Ollama reports it
         "size": plan.total if plan is not None else model.info.size,
-        "digest": file_digest(model.path),
+        "digest": file_digest(model.info.path),
         "details": details(model.info),
         # Ollama shows a model that never unloads as expiring far in the future
         "expires_at": iso_time(expires if expires is not None else time.time() + _FOREVER_S),

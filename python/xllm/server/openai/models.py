@@ -12,17 +12,23 @@ from xllm.server.http import json_response
 from xllm.server.state import REGISTRY, STARTED
 
 
-async def _entry(request: web.Request, name: str) -> dict[str, Any]:
+async def _entry(request: web.Request, name: str) -> dict[str, Any] | None:
+    """The model's entry; None for a model no engine of this server serves."""
     registry = request.app[REGISTRY]
     loaded = registry.loaded.get(name)
     if loaded is not None:
-        caps = loaded.info.capabilities
+        caps = sorted(loaded.capabilities)
     else:
         try:
             facts = await asyncio.to_thread(registry.facts, registry.find(name))
-            caps = facts.capabilities
         except (XllmError, OSError):
-            caps = []  # an unreadable file still lists; loading it reports the defect
+            facts = None  # an unreadable file still lists; loading it reports the defect
+        caps = []
+        if facts is not None:
+            manifest = registry.engines.serving(facts.format, facts.architecture)
+            if manifest is None:
+                return None
+            caps = sorted(set(facts.capabilities) & set(manifest.capabilities))
     return {
         "id": name,
         "object": "model",
@@ -33,8 +39,9 @@ async def _entry(request: web.Request, name: str) -> dict[str, Any]:
 
 
 async def list_models(request: web.Request) -> web.Response:
-    names = request.app[REGISTRY].available()
-    return json_response({"object": "list", "data": [await _entry(request, n) for n in names]})
+    """Every model some engine of this server serves."""
+    entries = [await _entry(request, n) for n in request.app[REGISTRY].available()]
+    return json_response({"object": "list", "data": [e for e in entries if e is not None]})
 
 
 async def get_model(request: web.Request) -> web.Response:
@@ -43,4 +50,7 @@ async def get_model(request: web.Request) -> web.Response:
         key, _ = request.app[REGISTRY].resolve(name)
     except (InvalidRequest, ModelNotFound):  # a damaged store is not the client's: a 500
         raise ModelNotFound(f"model {name!r} not found", param="model") from None
-    return json_response(await _entry(request, key))
+    entry = await _entry(request, key)
+    if entry is None:
+        raise ModelNotFound(f"model {name!r} is not served by any engine here", param="model")
+    return json_response(entry)

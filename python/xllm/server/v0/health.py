@@ -23,10 +23,10 @@ async def health(request: web.Request) -> web.Response:
                 {
                     "name": m.name,
                     "instance": key,
-                    "path": str(m.path),
+                    "engine": m.kind,
+                    "path": str(m.info.path),
                     "size": m.info.size,
                     "context_length": m.ctx_size,
-                    "parallel": m.options.parallel,
                     "runner_pid": m.pid,
                     "ram_bytes": m.plan.ram if m.plan else None,
                     "vram_bytes": m.plan.vram if m.plan else 0,
@@ -37,6 +37,9 @@ async def health(request: web.Request) -> web.Response:
                 }
                 for key, m in registry.loaded.items()
             ],
+            "engines": registry.engines.states(
+                [m.kind for m in registry.loaded.values()], registry.loading_kinds()
+            ),
             "gpus": [g.as_dict() for g in gpus()],
         }
     )
