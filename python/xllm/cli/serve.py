@@ -70,7 +70,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def serve_forever(models: list[str], flags: dict[str, Any]) -> None:
-    """Run the server until SIGINT/SIGTERM; `models` are names or GGUF paths to preload."""
+    """Run the server until SIGINT/SIGTERM; `models` are names, GGUF files or model folders
+    (config.json and weights, for the engines that serve them) to preload."""
     # imported here so that `xllm --version` and the other commands start fast
     from xllm.config import load_settings
     from xllm.log import setup_logging
@@ -80,7 +81,7 @@ def serve_forever(models: list[str], flags: dict[str, Any]) -> None:
     names: list[str] = []
     for m in models:
         if m.endswith(".gguf") or ("/" in m and Path(m).exists()):
-            if not Path(m).is_file():
+            if not Path(m).is_file() and not (Path(m) / "config.json").is_file():
                 raise FileNotFoundError(f"model file not found: {m}")
             paths.append(Path(m))
         else:

@@ -18,20 +18,20 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from xllm.engine.llama import LlamaModel, Observer
 from xllm.engine.options import EngineOptions
+from xllm.engine.plugins import Engines, LoadSpec, Manifest
+from xllm.engine.protocol import Engine, Observer
 from xllm.errors import (
     CorruptModel,
     InsufficientMemory,
     InvalidRequest,
     ModelLoadError,
     ModelNotFound,
-    XllmError,
 )
 from xllm.memory import planner, probe
 from xllm.models import gguf, gotemplate, names, summary
 from xllm.models.modelfile import Modelfile, is_go_template
-from xllm.models.store import ADAPTER, GGUF, Store, StoredModel
+from xllm.models.store import ADAPTER, GGUF, SAFETENSORS_FORMAT, Store, StoredModel
 
 log = logging.getLogger("xllm.models")
 
@@ -70,8 +70,11 @@ class ModelRegistry:
         store: Store | None = None,
         replicas: dict[str, int] | None = None,
         high_watermark: float = HIGH_WATERMARK,
+        engines: Engines | None = None,
     ) -> None:
         self.options = options
+        self.engines = engines if engines is not None else Engines.discover()
+        """The engines that serve models, by format and architecture (engine/plugins.py)."""
         self.observer = observer
         self.budget = budget
         self.high_watermark = high_watermark
@@ -81,14 +84,16 @@ class ModelRegistry:
         self.priorities = {self.key(k): v for k, v in (priorities or {}).items()}
         self.replicas = {self.key(k): v for k, v in (replicas or {}).items()}
         self._turns: dict[str, itertools.count[int]] = {}
-        self._loaded: dict[str, LlamaModel] = {}
+        self._loaded: dict[str, Engine] = {}
         """Keyed by instance: the model's name, then `name#2`... for its further replicas."""
-        self._loading: dict[str, asyncio.Task[LlamaModel]] = {}
+        self._loading: dict[str, asyncio.Task[Engine]] = {}
         self._load_started: dict[str, float] = {}
+        self._loading_kind: dict[str, str] = {}
         self._reaper: asyncio.Task[None] | None = None
 
     def add_path(self, path: Path) -> str:
-        """Make a model file (given on the command line) servable; returns its name."""
+        """Make a model file or folder (given on the command line) servable; returns its
+        name."""
         name = names.name_for_path(path)
         self._paths[name] = path.resolve()
         return name
@@ -156,27 +161,54 @@ class ModelRegistry:
         return sorted(set(self._paths) | loaded | set(bundled) | set(stored))
 
     @property
-    def loaded(self) -> dict[str, LlamaModel]:
+    def loaded(self) -> dict[str, Engine]:
         return dict(self._loaded)
 
     def loading(self) -> list[LoadState]:
         return [LoadState(n, self._load_started[n]) for n in self._loading]
 
+    def loading_kinds(self) -> list[str]:
+        """The engines loading a model now."""
+        return list(self._loading_kind.values())
+
+    def engine_for(self, found: Resolved, engine: str | None = None) -> tuple[Manifest, str]:
+        """(the engine for a model, its architecture); a 400 before anything loads when no
+        engine serves the model (naming its architecture) or the one asked for cannot."""
+        with self.reading(found):
+            facts = self.facts(found)
+        try:
+            return self.engines.for_model(
+                found.name, facts.format, facts.architecture, engine
+            ), facts.architecture
+        except InvalidRequest as e:
+            if facts.format == SAFETENSORS_FORMAT and found.stored is not None and engine is None:
+                raise self._unservable(found.stored, e.message) from None
+            raise
+
     async def get(
-        self, name: str, keep_alive: float | None = None, ctx_size: int | None = None
-    ) -> LlamaModel:
+        self,
+        name: str,
+        keep_alive: float | None = None,
+        ctx_size: int | None = None,
+        engine: str | None = None,
+    ) -> Engine:
         """The loaded model for `name`, loading it first if needed (concurrent callers share it).
 
         `keep_alive` (seconds, negative = forever) replaces how long it stays loaded once idle.
         `ctx_size` (Ollama's `num_ctx`) reloads the model with that context per sequence if it
         was loaded with another, once its running requests are done, as Ollama does; requests
-        that do not ask for a context take the model as it is.
+        that do not ask for a context take the model as it is. `engine` (a request's) forces
+        the engine kind, reloading a model loaded by another the same way.
         """
         found = self.find(name)
         key = self._next_instance(found.name)
         model = self._loaded.get(key)
-        if model is not None and ctx_size is not None and not _has_context(model, ctx_size):
-            log.info("reloading %s with a context of %d tokens", key, ctx_size)
+        if engine is not None:
+            self.engine_for(found, engine)  # a 400 for an engine that cannot serve it
+        other_engine = model is not None and engine is not None and model.kind != engine
+        other_ctx = model is not None and ctx_size is not None and not _has_context(model, ctx_size)
+        if model is not None and (other_ctx or other_engine):
+            log.info("reloading %s (context %s, engine %s)", key, ctx_size, engine or model.kind)
             while True:  # `busy` comes from the runner's reports: polled, not awaited
                 if not model.busy:
                     break
@@ -185,7 +217,7 @@ class ModelRegistry:
                 await self._unload_instance(key)
             model = None
         if model is None:
-            model = await self._get_loading(found, key, ctx_size)
+            model = await self._get_loading(found, key, ctx_size, engine)
         model.last_active = time.monotonic()
         if keep_alive is not None:
             for m in self.instances(found.name):
@@ -215,56 +247,62 @@ class ModelRegistry:
         turn = self._turns.setdefault(name, itertools.count())
         return instance_key(name, next(turn) % n)
 
-    def instances(self, name: str) -> list[LlamaModel]:
+    def instances(self, name: str) -> list[Engine]:
         """Every loaded replica of model `name`."""
         return [m for m in self._loaded.values() if m.name == name]
 
     async def _get_loading(
-        self, found: Resolved, key: str, ctx_size: int | None = None
-    ) -> LlamaModel:
+        self, found: Resolved, key: str, ctx_size: int | None = None, engine: str | None = None
+    ) -> Engine:
         task = self._loading.get(key)
         if task is None:
-            if found.stored is not None and found.stored.format != GGUF:
-                raise await asyncio.to_thread(self._unservable, found.stored)
-            task = asyncio.create_task(self._load(found, key, ctx_size))
+            manifest, arch = await asyncio.to_thread(self.engine_for, found, engine)
+            task = asyncio.create_task(self._load(found, key, manifest, arch, ctx_size))
             self._loading[key] = task
             self._load_started[key] = time.time()
+            self._loading_kind[key] = manifest.name
         # shield: one impatient client leaving must not cancel a load others wait for
         return await asyncio.shield(task)
 
-    async def _load(self, found: Resolved, key: str, ctx_size: int | None = None) -> LlamaModel:
+    async def _load(
+        self,
+        found: Resolved,
+        key: str,
+        manifest: Manifest,
+        architecture: str,
+        ctx_size: int | None = None,
+    ) -> Engine:
         name, path = found.name, found.path
-        log.info("loading model %s from %s", key, path)
+        log.info("loading model %s from %s with engine %s", key, path, manifest.name)
         t0 = time.perf_counter()
         stored = found.stored
         modelfile = stored.modelfile if stored is not None else Modelfile()
         try:
-            # every header is checked before llama.cpp ever opens a file
-            files = stored.files if stored else await asyncio.to_thread(gguf.model_files, path)
-            header = await asyncio.to_thread(gguf.read_model, files)
-            adapters = stored.adapter_paths if stored is not None else ()
-            o = _with_modelfile(self.options, name, modelfile)
-            o = dataclasses.replace(
-                o, splits=tuple(map(str, files[1:])), adapters=tuple(map(str, adapters))
+            fmt = (
+                stored.format if stored is not None else ("safetensors" if path.is_dir() else GGUF)
             )
+            files: tuple[Path, ...] = (path,)
+            if stored is not None and fmt == GGUF:
+                files = tuple(stored.files)
+            elif fmt == GGUF:
+                files = tuple(await asyncio.to_thread(gguf.model_files, path))
+            o = _with_modelfile(self.options, name, modelfile)
             if ctx_size is not None:  # the request's, over the Modelfile's and the server's
                 o = dataclasses.replace(o, ctx_size=ctx_size)
-            gpus = probe.gpus()
-            plan = planner.estimate(
-                header, ctx_size=o.ctx_size, parallel=o.parallel, batch_size=o.batch_size,
-                gpus=gpus, gpu_layers=o.gpu_layers,
+            spec = LoadSpec(
+                name=name, key=key, path=path, format=fmt, architecture=architecture,
+                options=o, modelfile=modelfile, files=files,
+                adapters=tuple(stored.adapter_paths) if stored is not None else (),
+                observer=self.observer,
             )  # fmt: skip
-            if adapters:  # llama.cpp keeps each adapter's tensors in memory beside the model
-                extra = sum(p.stat().st_size for p in adapters)
-                plan = dataclasses.replace(plan, weights=plan.weights + extra)
-            await self._make_room(key, plan)
-            if o.gpu_layers < 0:
-                o = dataclasses.replace(o, gpu_layers=plan.gpu_layers)
-            if len(gpus) > 1 and plan.gpu_layers:
-                o = dataclasses.replace(o, tensor_split=tuple(planner.split(gpus)))
-            log.info("plan for %s: %s, %d GPU layers", key, plan.describe(), plan.gpu_layers)
-            model = await self._start(name, path, o)
-        except (gguf.GGUFError, ModelLoadError, OSError):
+            if manifest.estimate is not None:
+                plan = await asyncio.to_thread(manifest.estimate, spec)
+                await self._make_room(key, plan)
+                log.info("plan for %s: %s, %d GPU layers", key, plan.describe(), plan.gpu_layers)
+                spec = dataclasses.replace(spec, plan=plan)
+            model = await self._start(manifest, spec)
+        except (gguf.GGUFError, ModelLoadError, OSError) as e:
+            self.engines.failures[manifest.name] = getattr(e, "message", str(e))
             if found.stored is not None:
                 corrupt = await asyncio.to_thread(self.corruption, found.stored)
                 if corrupt is not None:
@@ -273,9 +311,9 @@ class ModelRegistry:
         finally:
             self._loading.pop(key, None)
             self._load_started.pop(key, None)
+            self._loading_kind.pop(key, None)
+        self.engines.failures.pop(manifest.name, None)
         model.key = key
-        model.plan = plan
-        model.modelfile = modelfile
         model.on_exit = self._on_exit
         self._loaded[key] = model
         elapsed = time.perf_counter() - t0
@@ -284,37 +322,36 @@ class ModelRegistry:
         log.info("loaded model %s in %.2f s", key, elapsed)
         return model
 
-    def _unservable(self, stored: StoredModel) -> InvalidRequest:
-        """The 400 for a stored model no engine of xllm runs (a safetensors model): refused
-        before a runner starts."""
-        arch = "unknown architecture"
-        if self.store is not None:
-            with contextlib.suppress(XllmError, OSError):
-                arch = self.store.summary_of(stored.manifest).architecture
+    def _unservable(self, stored: StoredModel, why: str) -> InvalidRequest:
+        """The 400 for a stored Hugging Face model no engine serves (`why`), with the command
+        that converts it to a GGUF llama.cpp serves: refused before anything loads."""
         name = stored.name.display
         return InvalidRequest(
-            f"model {name!r} is in {stored.format} format ({arch}); xllm serves GGUF models "
-            f"only: convert it once with `echo 'FROM {name}' > Modelfile && xllm create "
+            f"{why}: convert it once with `echo 'FROM {name}' > Modelfile && xllm create "
             f"{stored.name.model.lower()}-gguf -f Modelfile` (or to a file: `xllm convert {name} "
             f"{stored.name.model.lower()}.gguf`), then use that model",
             param="model",
         )
 
-    async def _start(self, name: str, path: Path, o: EngineOptions) -> LlamaModel:
-        """Start the runner; after an out-of-memory failure with layers on a GPU, once more
+    async def _start(self, manifest: Manifest, spec: LoadSpec) -> Engine:
+        """Load with the engine; after an out-of-memory failure with layers on a GPU, once more
         with half as many (as Ollama does) before giving up."""
         try:
-            return await LlamaModel.load(name, path, o, self.observer)
+            return await manifest.load(spec)
         except ModelLoadError as e:
-            if o.gpu_layers <= 0 or not is_out_of_memory(f"{e.message}\n{e.detail}"):
+            o = spec.options
+            gpu_layers = (
+                spec.plan.gpu_layers if spec.plan is not None and o.gpu_layers < 0 else o.gpu_layers
+            )
+            if gpu_layers <= 0 or not is_out_of_memory(f"{e.message}\n{e.detail}"):
                 raise
-            fewer = o.gpu_layers // 2
+            fewer = gpu_layers // 2
             log.warning(
                 "loading %s with %d GPU layers ran out of memory; retrying with %d: %s",
-                name, o.gpu_layers, fewer, e.message,
+                spec.name, gpu_layers, fewer, e.message,
             )  # fmt: skip
-            return await LlamaModel.load(
-                name, path, dataclasses.replace(o, gpu_layers=fewer), self.observer
+            return await manifest.load(
+                dataclasses.replace(spec, options=dataclasses.replace(o, gpu_layers=fewer))
             )
 
     def corruption(self, stored: StoredModel) -> CorruptModel | None:
@@ -342,7 +379,7 @@ class ModelRegistry:
             return self.budget - sum(m.plan.ram for m in self._loaded.values() if m.plan)
         return int(probe.ram()[1] * (1 - planner.SAFETY))
 
-    def _least_valuable(self, idle: list[LlamaModel]) -> LlamaModel:
+    def _least_valuable(self, idle: list[Engine]) -> Engine:
         """Lowest priority first, then least recently used."""
         rank = self.priorities
         return min(idle, key=lambda m: (_RANK[rank.get(m.name, "normal")], m.last_active))
@@ -402,7 +439,7 @@ class ModelRegistry:
         )  # fmt: skip
         await self._unload_instance(victim.key)
 
-    def _on_exit(self, model: LlamaModel) -> None:
+    def _on_exit(self, model: Engine) -> None:
         """A runner ended (crash, kill, unload): the next request loads the model afresh."""
         if self._loaded.get(model.key) is model:
             del self._loaded[model.key]
@@ -435,7 +472,7 @@ class ModelRegistry:
             await m.close()
 
 
-def _has_context(model: LlamaModel, ctx_size: int) -> bool:
+def _has_context(model: Engine, ctx_size: int) -> bool:
     """Whether `model` was loaded with the context a request asks for (as capped by its
     training context, which a reload could not exceed either)."""
     return model.ctx_size == min(ctx_size, model.info.context_length or ctx_size)

@@ -83,7 +83,13 @@ def summarize(files: Sequence[Path]) -> Summary:
 
 
 def of_file(path: Path) -> Summary:
-    """The summary of a file outside the store, cached while it is unchanged."""
+    """The summary of a model outside the store (a GGUF file, or a Hugging Face model
+    folder), cached while it is unchanged."""
+    if path.is_dir():
+        from xllm.models import safetensors
+
+        files = {p.name: p for p in path.iterdir() if safetensors.is_model_file(p.name)}
+        return safetensors.summarize(files)
     st = path.stat()
     return _cached(path.resolve(), st.st_size, st.st_mtime_ns)
 

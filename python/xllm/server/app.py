@@ -15,6 +15,7 @@ from aiohttp import web
 
 from xllm.config import ConfigError, Settings
 from xllm.engine.options import EngineOptions
+from xllm.engine.plugins import Engines
 from xllm.engine.registry import ModelRegistry
 from xllm.errors import XllmError
 from xllm.metrics import Metrics
@@ -42,7 +43,8 @@ def engine_options(settings: Settings) -> EngineOptions:
     )
 
 
-def make_registry(settings: Settings) -> ModelRegistry:
+def make_registry(settings: Settings, engines: Engines | None = None) -> ModelRegistry:
+    """The registry of models; `engines` (tests') in place of the installed engine plugins."""
     return ModelRegistry(
         engine_options(settings),
         budget=settings.memory_budget,
@@ -50,6 +52,7 @@ def make_registry(settings: Settings) -> ModelRegistry:
         store=Store(settings.models_dir),
         replicas=dict(settings.replicas),
         high_watermark=settings.memory_high_watermark,
+        engines=engines,
     )
 
 

@@ -9,7 +9,7 @@ from typing import Any
 from aiohttp import web
 
 from xllm import __version__
-from xllm.engine.llama import LlamaModel
+from xllm.engine.protocol import Engine
 from xllm.server.http import json_response
 from xllm.server.ollama.models import details, file_digest, iso_time
 from xllm.server.state import REGISTRY
@@ -19,7 +19,7 @@ OLLAMA_API_VERSION = "0.12.6"
 _FOREVER_S = 100 * 365 * 86400
 
 
-def _ps_entry(name: str, model: LlamaModel) -> dict[str, Any]:
+def _ps_entry(name: str, model: Engine) -> dict[str, Any]:
     expires = model.expires_at()
     plan = model.plan
     return {

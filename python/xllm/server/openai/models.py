@@ -28,7 +28,7 @@ async def _entry(request: web.Request, name: str) -> dict[str, Any] | None:
             manifest = registry.engines.serving(facts.format, facts.architecture)
             if manifest is None:
                 return None
-            caps = sorted(set(facts.capabilities) & set(manifest.capabilities))
+            caps = sorted(set(facts.capabilities) & {str(c) for c in manifest.capabilities})
     return {
         "id": name,
         "object": "model",
