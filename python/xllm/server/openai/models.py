@@ -16,14 +16,15 @@ async def _entry(request: web.Request, name: str) -> dict[str, Any] | None:
     """The model's entry; None for a model no engine of this server serves."""
     registry = request.app[REGISTRY]
     loaded = registry.loaded.get(name)
+    caps: list[str]
     if loaded is not None:
-        caps = sorted(loaded.capabilities)
+        caps = sorted(str(c) for c in loaded.capabilities)
     else:
+        caps = []
         try:
             facts = await asyncio.to_thread(registry.facts, registry.find(name))
         except (XllmError, OSError):
             facts = None  # an unreadable file still lists; loading it reports the defect
-        caps = []
         if facts is not None:
             manifest = registry.engines.serving(facts.format, facts.architecture)
             if manifest is None:
