@@ -1,1 +1,1 @@
-"""The Ollama dialect (`/api/...`): a translation over the same serving layer as OpenAI's."""
+"""The Ollama dialect (`/api/...`): a translation over the same engine seam as OpenAI's."""

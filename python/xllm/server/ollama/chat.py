@@ -1,4 +1,4 @@
-"""`POST /api/chat`: Ollama's chat over the shared serving layer; `message.role` on every record."""
+"""`POST /api/chat`: Ollama's chat over the engine seam; `message.role` on every record."""
 
 from __future__ import annotations
 

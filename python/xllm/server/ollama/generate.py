@@ -1,4 +1,4 @@
-"""`POST /api/generate`: Ollama's completion over the shared serving layer."""
+"""`POST /api/generate`: Ollama's completion over the engine seam."""
 
 from __future__ import annotations
 
