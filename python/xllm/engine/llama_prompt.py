@@ -107,7 +107,8 @@ def _check_images(caps: frozenset[Capability], name: str, request: Request) -> N
     in_prompt = any(p.kind == "image" for p in request.prompt)
     in_messages = any(m.get("images") for m in request.messages or ())
     if in_prompt or in_messages:
-        param = "images" if in_prompt else "messages"
+        # a chat's images are in its messages; a completion's in its own field
+        param = "messages" if request.param == "messages" else "images"
         require(caps, name, Capability.VISION, param)
         raise InvalidRequest("image input is not available yet in this xllm", param=param)
 

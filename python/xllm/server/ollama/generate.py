@@ -23,7 +23,7 @@ async def generate(request: web.Request) -> web.StreamResponse:
     reply.check_think(model, body.model, body.think)
     images = [Part("image", text=i) for i in body.images or ()]
     messages: list[dict[str, Any]] | None = None
-    if not body.raw and body.suffix is None:
+    if not body.raw and not body.suffix:
         messages = [{"role": "system", "content": body.system}] if body.system else []
         messages.append({"role": "user", "content": body.prompt, "images": body.images or []})
     gen = await start_generation(
@@ -32,7 +32,7 @@ async def generate(request: web.Request) -> web.StreamResponse:
         Request(
             messages=messages,
             prompt=[Part("text", body.prompt), *images] if messages is None else (),
-            suffix=body.suffix,
+            suffix=body.suffix or None,
             context=body.context or (),
             sampling=reply.sampling(body.options, grammar.for_format(body.format, "format")),
             defaults=reply.OLLAMA_DEFAULTS,

@@ -1,6 +1,6 @@
 """What `/api/generate` and `/api/chat` share: options, timings, the final record, NDJSON streams.
 
-Both are translations over the engine seam and the stream pump; only the per-chunk shape differs between them.
+Both are translations over the engine seam and the stream pump; only the per-chunk shape differs.
 """
 
 from __future__ import annotations

@@ -185,6 +185,8 @@ class Message(Wire):
             ]
         if self.tool_name:
             out["name"] = self.tool_name
+        if self.images:
+            out["images"] = self.images
         return out
 
 
