@@ -229,3 +229,16 @@ async def test_the_fake_model_is_listed_and_its_engine_reported(
     engines = {e["name"]: e["state"] for e in health["engines"]}
     assert engines["fake"] == "loaded"
     assert [m["engine"] for m in health["models"]] == ["fake"]
+
+
+async def test_the_error_dialect_comes_from_the_route_table(client: TestClient[Any, Any]) -> None:
+    # `/` is Ollama's ("Ollama is running") though it is not under /api/
+    r = await client.post("/")
+    assert r.status == 405 and isinstance((await r.json())["error"], str)
+    r = await client.get("/v0/health/nope")
+    assert r.status == 404 and (await r.json())["error"]["code"] == "not_found"
+    # a path no route matches takes the dialect of the routes under its first segment
+    r = await client.get("/api/nope")
+    assert r.status == 404 and isinstance((await r.json())["error"], str)
+    r = await client.get("/v1/nope")
+    assert r.status == 404 and isinstance((await r.json())["error"], dict)

@@ -8,6 +8,7 @@ from aiohttp import web
 from aiohttp.test_utils import make_mocked_request
 
 from xllm.server.middleware import errors
+from xllm.server.routes import add_routes
 
 
 async def _broken(request: web.Request) -> web.StreamResponse:
@@ -15,8 +16,10 @@ async def _broken(request: web.Request) -> web.StreamResponse:
 
 
 async def test_unexpected_exception_is_a_json_500() -> None:
+    app = web.Application()
+    add_routes(app)
     for path, shape in (("/v1/models", dict), ("/api/ps", str)):
-        response = await errors(make_mocked_request("GET", path), _broken)
+        response = await errors(make_mocked_request("GET", path, app=app), _broken)
         assert isinstance(response, web.Response) and response.status == 500
         assert response.body is not None
         error = json.loads(bytes(response.body))["error"]  # type: ignore[arg-type]

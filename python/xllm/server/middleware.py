@@ -14,7 +14,7 @@ from aiohttp import web
 from xllm import _core
 from xllm import log as log_context
 from xllm.errors import NotFound, Overloaded, XllmError
-from xllm.server import streaming
+from xllm.server import routes, streaming
 from xllm.server.http import GENERATIONS, MODEL_NAME, json_response
 from xllm.server.state import METRICS
 
@@ -27,8 +27,8 @@ _SAFE_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
 
 def _body(request: web.Request, err: XllmError) -> dict[str, object]:
-    """Ollama's shape under /api/, OpenAI's everywhere else."""
-    if request.path.startswith("/api/"):
+    """The error in the shape of the route's dialect (the route table says which)."""
+    if routes.dialect(request) == "ollama":
         return err.ollama_body()
     return err.openai_body()
 

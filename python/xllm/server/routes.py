@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Literal
 
 from aiohttp import web
 from pydantic import BaseModel
@@ -46,6 +47,11 @@ from xllm.server.v0.plan import plan, ui
 from xllm.server.v0.system import system
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+Dialect = Literal["openai", "ollama"]
+"""Whose error shape a route answers with: OpenAI's `{"error": {...}}` (xllm's own /v0
+endpoints use it too) or Ollama's `{"error": "..."}`."""
+DIALECTS = web.AppKey("dialects", dict[str, Dialect])
+"""Each route's dialect by its path, for the error middleware."""
 
 
 @dataclass(frozen=True)
@@ -55,6 +61,7 @@ class Route:
     handler: Handler
     summary: str
     body: type[BaseModel] | None = None
+    dialect: Dialect = "openai"
 
 
 ROUTES: tuple[Route, ...] = (
@@ -65,25 +72,33 @@ ROUTES: tuple[Route, ...] = (
     Route("POST", "/v1/responses", responses, "Responses (OpenAI)", ResponsesRequest),
     Route("GET", "/v1/models", list_models, "List models (OpenAI)"),
     Route("GET", "/v1/models/{model:.+}", get_model, "One model (OpenAI)"),
-    Route("POST", "/api/generate", ollama_generate, "Generate (Ollama)", GenerateRequest),
-    Route("POST", "/api/chat", ollama_chat, "Chat (Ollama)", ChatRequest),
-    Route("POST", "/api/embed", ollama_embed, "Embeddings (Ollama)", EmbedRequest),
+    Route("POST", "/api/generate", ollama_generate, "Generate (Ollama)", GenerateRequest,
+          dialect="ollama"),
+    Route("POST", "/api/chat", ollama_chat, "Chat (Ollama)", ChatRequest, dialect="ollama"),
+    Route("POST", "/api/embed", ollama_embed, "Embeddings (Ollama)", EmbedRequest,
+          dialect="ollama"),
     Route("POST", "/api/embeddings", ollama_embeddings, "Legacy embeddings (Ollama)",
-          EmbeddingsRequest),
-    Route("GET", "/api/tags", ollama_models.tags, "Local models (Ollama)"),
-    Route("POST", "/api/show", ollama_models.show, "Model details (Ollama)", ShowRequest),
-    Route("POST", "/api/pull", ollama_models.pull_model, "Download a model (Ollama)", PullRequest),
-    Route("POST", "/api/push", ollama_models.push_model, "Upload a model (Ollama)", PushRequest),
-    Route("POST", "/api/create", ollama_create.create, "Create a model (Ollama)", CreateRequest),
-    Route("POST", "/api/copy", ollama_create.copy, "Copy a model (Ollama)", CopyRequest),
+          EmbeddingsRequest, dialect="ollama"),
+    Route("GET", "/api/tags", ollama_models.tags, "Local models (Ollama)", dialect="ollama"),
+    Route("POST", "/api/show", ollama_models.show, "Model details (Ollama)", ShowRequest,
+          dialect="ollama"),
+    Route("POST", "/api/pull", ollama_models.pull_model, "Download a model (Ollama)", PullRequest,
+          dialect="ollama"),
+    Route("POST", "/api/push", ollama_models.push_model, "Upload a model (Ollama)", PushRequest,
+          dialect="ollama"),
+    Route("POST", "/api/create", ollama_create.create, "Create a model (Ollama)", CreateRequest,
+          dialect="ollama"),
+    Route("POST", "/api/copy", ollama_create.copy, "Copy a model (Ollama)", CopyRequest,
+          dialect="ollama"),
     Route("DELETE", "/api/delete", ollama_models.delete, "Delete a model (Ollama)",
-          DeleteRequest),
-    Route("HEAD", "/api/blobs/{digest}", ollama_models.blob_exists, "Is a blob present (Ollama)"),
+          DeleteRequest, dialect="ollama"),
+    Route("HEAD", "/api/blobs/{digest}", ollama_models.blob_exists, "Is a blob present (Ollama)",
+          dialect="ollama"),
     Route("POST", "/api/blobs/{digest}", ollama_models.upload_blob,
-          "Upload a blob, verified against its digest (Ollama)"),
-    Route("GET", "/api/ps", ollama_runtime.ps, "Loaded models (Ollama)"),
-    Route("GET", "/api/version", ollama_runtime.version, "Version (Ollama)"),
-    Route("GET", "/", ollama_runtime.root, "Ollama is running"),
+          "Upload a blob, verified against its digest (Ollama)", dialect="ollama"),
+    Route("GET", "/api/ps", ollama_runtime.ps, "Loaded models (Ollama)", dialect="ollama"),
+    Route("GET", "/api/version", ollama_runtime.version, "Version (Ollama)", dialect="ollama"),
+    Route("GET", "/", ollama_runtime.root, "Ollama is running", dialect="ollama"),
     Route("GET", "/v0/health", health, "Liveness, loading progress, loaded models"),
     Route("GET", "/v0/metrics", metrics, "Prometheus metrics"),
     Route("GET", "/v0/system", system, "Versions, CPU, RAM, GPUs"),
@@ -96,8 +111,22 @@ ROUTES: tuple[Route, ...] = (
 
 
 def add_routes(app: web.Application) -> None:
+    dialects: dict[str, Dialect] = {}
     for r in ROUTES:
         if r.method == "GET":
-            app.router.add_get(r.path, r.handler)  # answers HEAD too, as Ollama's does
+            added = app.router.add_get(r.path, r.handler)  # answers HEAD too, as Ollama's does
         else:
-            app.router.add_route(r.method, r.path, r.handler)
+            added = app.router.add_route(r.method, r.path, r.handler)
+        dialects[added.resource.canonical if added.resource else r.path] = r.dialect
+    app[DIALECTS] = dialects
+
+
+def dialect(request: web.Request) -> Dialect:
+    """The dialect of the route a request matched; for a path no route matches, that of the
+    routes under its first segment (a mistyped `/api/...` gets Ollama's shape), else OpenAI's."""
+    dialects = request.app.get(DIALECTS, {})
+    resource = request.match_info.route.resource
+    if resource is not None and resource.canonical in dialects:
+        return dialects[resource.canonical]
+    head = "/" + request.path.lstrip("/").split("/", 1)[0] + "/"
+    return next((d for path, d in dialects.items() if path.startswith(head)), "openai")
