@@ -3,7 +3,9 @@
 Each server gets the same GGUF, threads, parallel slots and context per slot. For every
 concurrency level, N streaming completions (fixed prompt, greedy, ignore_eos, fixed max_tokens)
 run at once; rounds alternate between servers (ABAB...) so drift hits all alike. Prints
-aggregate decode tokens/s and TTFT p50 per server and the ratios.
+aggregate decode tokens/s and TTFT p50 per server and the ratios, and the CPU time per streamed
+token of each server's own process (for xllm: HTTP, SSE and the IPC; llama-server decodes in
+it too) and of its child processes (xllm's runner, which decodes).
 
     python benchmarks/serving.py                      # Gemma 3 270M, 2 threads, 1/4/16 streams
     python benchmarks/serving.py --servers xllm,llama-server --rounds 3 --json
@@ -29,6 +31,7 @@ from pathlib import Path
 import aiohttp
 
 ROOT = Path(__file__).resolve().parent.parent
+CLK_TCK = os.sysconf("SC_CLK_TCK")
 PROMPT = "The history of the printing press begins in"
 READY_S = 180.0
 
@@ -123,6 +126,42 @@ class Result:
     ttfts: list[float] = field(default_factory=list)
     broken: int = 0
     """Streams the server cut off before max_tokens."""
+    cpu_server: float = 0.0
+    """CPU seconds of the server's own process."""
+    cpu_children: float = 0.0
+    """CPU seconds of its child processes (xllm's runner and its render worker)."""
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of one process so far (0 once it is gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below `pid`, from /proc."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError, IndexError, ValueError):
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+                children.setdefault(ppid, []).append(int(entry.name))
+    out, todo = [], [pid]
+    while todo:
+        kids = children.get(todo.pop(), [])
+        out += kids
+        todo += kids
+    return out
+
+
+def cpu_now(server: Server) -> tuple[float, float]:
+    """CPU seconds so far of the server's process and of its children."""
+    assert server.proc is not None
+    pid = server.proc.pid
+    return cpu_seconds(pid), sum(cpu_seconds(c) for c in descendants(pid))
 
 
 async def one_stream(
@@ -192,8 +231,12 @@ async def run(args: argparse.Namespace) -> dict[str, dict[int, Result]]:
             for _ in range(args.rounds):
                 for c in levels:
                     for s in all_servers:  # alternate servers inside every round
+                        server0, children0 = cpu_now(s)
                         r = await measure(session, s, c, args.max_tokens)
+                        server1, children1 = cpu_now(s)
                         acc = results[s.name][c]
+                        acc.cpu_server += server1 - server0
+                        acc.cpu_children += children1 - children0
                         acc.tokens += r.tokens
                         acc.wall += r.wall
                         acc.ttfts += r.ttfts
@@ -215,6 +258,13 @@ def p50_ms(r: Result) -> float:
     return statistics.median(r.ttfts) * 1000 if r.ttfts else 0.0
 
 
+def cpu_ms_per_token(r: Result) -> tuple[float, float]:
+    """(server process, its children) CPU milliseconds per streamed token."""
+    if not r.tokens:
+        return 0.0, 0.0
+    return 1000 * r.cpu_server / r.tokens, 1000 * r.cpu_children / r.tokens
+
+
 def report(results: dict[str, dict[int, Result]], args: argparse.Namespace) -> None:
     names = list(results)
     print(
@@ -223,7 +273,7 @@ def report(results: dict[str, dict[int, Result]], args: argparse.Namespace) -> N
     )
     head = "streams"
     for n in names:
-        head += f" | {n} tok/s | {n} TTFT p50 ms"
+        head += f" | {n} tok/s | {n} TTFT p50 ms | {n} CPU ms/tok server | children"
     others = [n for n in names if n != "xllm"]
     for o in others:
         head += f" | tok/s xllm/{o} | TTFT xllm/{o}"
@@ -231,7 +281,9 @@ def report(results: dict[str, dict[int, Result]], args: argparse.Namespace) -> N
     for c in results[names[0]]:
         row = f"{c}"
         for n in names:
-            row += f" | {rate(results[n][c]):.1f} | {p50_ms(results[n][c]):.0f}"
+            r = results[n][c]
+            server, children = cpu_ms_per_token(r)
+            row += f" | {rate(r):.1f} | {p50_ms(r):.0f} | {server:.3f} | {children:.3f}"
         for o in others:
             if "xllm" in results:
                 x, y = results["xllm"][c], results[o][c]
@@ -275,6 +327,8 @@ def main() -> None:
                             "ttft_p50_ms": p50_ms(r),
                             "tokens": r.tokens,
                             "broken_streams": r.broken,
+                            "cpu_ms_per_token_server": cpu_ms_per_token(r)[0],
+                            "cpu_ms_per_token_children": cpu_ms_per_token(r)[1],
                         }
                         for c, r in per.items()
                     }

@@ -20,12 +20,13 @@ import pytest
 
 from xllm import _core
 from xllm.engine import ipc, runner
-from xllm.engine.llama import LlamaModel
+from xllm.engine.llama import Generation, LlamaModel
 from xllm.engine.options import EngineOptions
 from xllm.errors import EngineError, InsufficientMemory, InvalidRequest, Overloaded, XllmError
 from xllm.models.gguf import GGUFError
 from xllm.models.metadata import ModelInfo
 from xllm.models.template import TemplateError
+from xllm.server import pump
 
 MODEL = "m:latest"
 
@@ -75,8 +76,8 @@ async def _runner(sock: socket.socket, engine: _Engine, proc: _Proc) -> None:
         if msg[0] == ipc.CALL:
             await runner._call(engine, None, None, writer, *msg[1:4])  # type: ignore[arg-type]
         elif msg[0] == ipc.SUBMIT:
-            _, cid, rid, prompt, params, frames = msg
-            writer.write(ipc.encode(runner._submit(engine, cid, rid, prompt, params, frames)))
+            _, cid, rid, prompt, params = msg
+            writer.write(ipc.encode(runner._submit(engine, cid, rid, prompt, params)))
     writer.close()
     proc.ended.set()
 
@@ -188,3 +189,36 @@ async def test_a_dead_runner_fails_calls_without_its_log(caplog: pytest.LogCaptu
         f"the runner process for model {MODEL!r} was killed by SIGKILL; the request was aborted"
     )
     assert "sched_reserve: CPU compute buffer size" in caplog.text
+
+
+def _running(model: LlamaModel, rid: int, n: int) -> Generation:
+    """A generation the runner has accepted (the stand-in runner answers no submission)."""
+    gen = Generation(model, rid, n)
+    model._queues[rid] = gen.queue
+    return gen
+
+
+async def test_a_dead_runner_ends_running_generations_with_its_reason() -> None:
+    async with _model(None) as model:
+        gen = _running(model, 7, 2)
+        await asyncio.sleep(0.05)  # the stand-in runner is up
+        model._proc.kill()
+        with pytest.raises(EngineError) as caught:
+            async with asyncio.timeout(5):
+                await pump.collect(gen, None)
+    assert caught.value.message == (
+        f"generation failed: the runner process for model {MODEL!r} was killed by SIGKILL; "
+        "the request was aborted"
+    )
+
+
+async def test_abort_ends_every_choice_with_the_servers_error() -> None:
+    async with _model(None) as model:
+        gen = _running(model, 7, 2)
+        model.abort("the server is shutting down")
+        batches = [b async for b in gen.deltas()]
+        assert [(d.request, d.choice, d.finish) for b in batches for d in b] == [(7, -1, "error")]
+        error = batches[0][0].error
+        assert isinstance(error, Overloaded) and error.message == "the server is shutting down"
+        with pytest.raises(Overloaded):
+            await model.start([1], {})

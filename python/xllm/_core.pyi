@@ -1,10 +1,11 @@
 """Type stub of the Rust extension `xllm._core` (checked by `mypy.stubtest xllm._core`)."""
 
 from os import PathLike
-from typing import Any, Final, Self, TypedDict, final
+from typing import Any, Final, Self, TypeAlias, TypedDict, final
 
 __all__ = [
     "SSE_DONE",
+    "Delta",
     "DeltaFramer",
     "Engine",
     "GzipStream",
@@ -56,7 +57,59 @@ def gzip_compress(data: bytes, level: int = 6) -> bytes:
 class QueueFull(RuntimeError):
     """Too many requests are waiting for this model."""
 
-_Event = tuple[int, int, str, bytes | None, str | None, Any]
+_TokenLogprob: TypeAlias = tuple[str, float, bytes, list[tuple[str, float, bytes]]]
+"""A generated token's (text, logprob, bytes, [(text, logprob, bytes) of the likeliest])."""
+
+@final
+class Delta:
+    """What happened to one choice of one request since the last poll.
+
+    The Rust loop reports each generated token in `tokens` when it is sampled, and text when
+    the stop matcher releases it: text that could begin a stop string comes with a later
+    token's delta, and a stop string's tokens are reported though its text never is.
+    """
+
+    def __new__(
+        cls,
+        request: int = 0,
+        choice: int = 0,
+        text: str = "",
+        *,
+        tokens: list[int] | None = None,
+        logprobs: list[_TokenLogprob] | None = None,
+        tool_calls: list[dict[str, Any]] | None = None,
+        finish: str | None = None,
+        usage: dict[str, int | float] | None = None,
+        error: object = None,
+    ) -> Self: ...
+    @property
+    def request(self) -> int:
+        """The request id."""
+    @property
+    def choice(self) -> int:
+        """The choice index; -1 with `finish`: ends every choice of the request."""
+    @property
+    def text(self) -> str: ...
+    @property
+    def tokens(self) -> list[int]:
+        """The token ids generated (empty when none)."""
+    @property
+    def logprobs(self) -> list[_TokenLogprob] | None: ...
+    @property
+    def tool_calls(self) -> list[dict[str, Any]] | None:
+        """Tool-call pieces, for engines that emit calls natively (never the Rust loop)."""
+    @property
+    def finish(self) -> str | None:
+        """One of "stop", "length", "cancelled", "error"; None while the choice runs."""
+    @property
+    def usage(self) -> dict[str, int | float] | None:
+        """On the finishing delta: prompt_tokens, cached_tokens, completion_tokens, ttft_ms,
+        gen_ms."""
+    @property
+    def error(self) -> object:
+        """None, or why it failed: a str from the engine, or an `xllm.errors.XllmError` the
+        server put there."""
+    def __reduce__(self) -> tuple[Any, ...]: ...
 
 class _GGUFHeader(TypedDict):
     version: int
@@ -97,19 +150,13 @@ class Engine:
         batch_size: int,
         max_queue: int,
     ) -> Self: ...
-    def submit(
-        self,
-        request_id: int,
-        prompt: list[int],
-        params: dict[str, Any],
-        frames: list[tuple[bytes, bytes]] | None = None,
-    ) -> None:
+    def submit(self, request_id: int, prompt: list[int], params: dict[str, Any]) -> None:
         """Queue a generation; QueueFull when the queue is full, ValueError for bad input."""
     def cancel(self, request_id: int) -> None: ...
     def fileno(self) -> int:
         """Readable when `poll()` has events."""
-    def poll(self) -> list[_Event]:
-        """All events since the last call: (request_id, choice, text, framed, finish, extra)."""
+    def poll(self) -> list[Delta]:
+        """Every `Delta` since the last call."""
     def stats(self) -> dict[str, int]: ...
     def embed(
         self, ctx: int, inputs: list[list[int]], n_embd: int, normalize: bool

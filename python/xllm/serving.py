@@ -1,62 +1,19 @@
-"""The serving layer both API dialects share: prompts, sampling parameters, collecting results.
+"""The serving layer both API dialects share: prompts and sampling parameters.
 
 Handlers translate their wire format into these calls; nothing here knows about HTTP.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from xllm import grammar, reasoning, tools
-from xllm.engine.llama import Generation, LlamaModel
-from xllm.errors import EngineError, InvalidRequest, XllmError
+from xllm.engine.llama import LlamaModel
+from xllm.errors import InvalidRequest
 from xllm.models import gotemplate
 from xllm.models.modelfile import is_go_template
-
-
-@dataclass
-class Usage:
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    cached_tokens: int = 0
-    ttft_ms: float = 0.0
-    gen_ms: float = 0.0
-
-    @property
-    def total_tokens(self) -> int:
-        return self.prompt_tokens + self.completion_tokens
-
-    def add(self, extra: Mapping[str, Any]) -> None:
-        """Account one finished choice (the prompt is shared by all choices)."""
-        self.prompt_tokens = int(extra.get("prompt_tokens", self.prompt_tokens))
-        self.cached_tokens = max(self.cached_tokens, int(extra.get("cached_tokens", 0)))
-        self.completion_tokens += int(extra.get("completion_tokens", 0))
-        self.ttft_ms = max(self.ttft_ms, float(extra.get("ttft_ms", 0.0)))
-        self.gen_ms = max(self.gen_ms, float(extra.get("gen_ms", 0.0)))
-
-    def openai(self) -> dict[str, Any]:
-        return {
-            "prompt_tokens": self.prompt_tokens,
-            "completion_tokens": self.completion_tokens,
-            "total_tokens": self.total_tokens,
-            "prompt_tokens_details": {"cached_tokens": self.cached_tokens},
-        }
-
-
-@dataclass
-class Choice:
-    index: int
-    text: str = ""
-    finish_reason: str | None = None
-    logprobs: list[Any] = field(default_factory=list)
-
-
-@dataclass
-class Result:
-    choices: list[Choice]
-    usage: Usage
 
 
 @dataclass(frozen=True)
@@ -289,29 +246,3 @@ async def thinking_splitters(
     tail = await model.detokenize(prompt[-4:])  # templates may open the block in the prompt
     inside = tail.rstrip().endswith(reasoning.OPEN)
     return [reasoning.ThinkSplitter(inside=inside) for _ in range(n)]
-
-
-async def collect(gen: Generation, is_disconnected: Callable[[], bool] | None) -> Result:
-    """Run a generation to the end and gather its choices."""
-    choices = [Choice(i) for i in range(gen.n)]
-    usage = Usage()
-    async for batch in gen.events(is_disconnected):
-        for _, index, text, _, finish, extra in batch:
-            choice = choices[index]
-            choice.text += text
-            if isinstance(extra, list):
-                choice.logprobs.extend(extra)
-            if finish is not None:
-                raise_if_failed(finish, extra)
-                choice.finish_reason = finish
-                usage.add(extra)
-                choice.logprobs.extend(extra.get("logprobs") or [])
-    return Result(choices, usage)
-
-
-def raise_if_failed(finish: str, extra: Any) -> None:
-    if isinstance(extra, XllmError):  # the server cut the generation
-        raise extra
-    if finish == "error":
-        detail = extra.get("error") if isinstance(extra, dict) else None
-        raise EngineError(f"generation failed: {detail or 'unknown engine error'}")

@@ -3,7 +3,7 @@ worker (engine/render.py).
 
 Frames are a 4-byte big-endian length and a pickle. Pickle is safe here: both ends are xllm
 processes joined by a socketpair or pipes that nothing else can reach. One frame per decode step
-carries every event of every request, so the per-token cost of the process boundary stays small.
+carries every `Delta` of every request, so the per-token cost of the process boundary stays small.
 
 An error crosses as a `WireError`, made from the exception in the runner and raised again in the
 server as the same class of `xllm.errors`, so a client sees the status, type and param it would
@@ -28,14 +28,14 @@ _HEADER = struct.Struct(">I")
 MAX_FRAME = 256 * 1024 * 1024  # a batch of embeddings can be large; anything bigger is a bug
 
 # server -> runner
-SUBMIT = "submit"  # (SUBMIT, call_id, request_id, prompt, params, frames)
+SUBMIT = "submit"  # (SUBMIT, call_id, request_id, prompt, params)
 CANCEL = "cancel"  # (CANCEL, request_id)
 CALL = "call"  # (CALL, call_id, method, args)
 CLOSE = "close"  # (CLOSE,)
 # runner -> server
 READY = "ready"  # (READY, ModelInfo); a render worker sends (READY,)
 FAILED = "failed"  # (FAILED, message)
-EVENTS = "events"  # (EVENTS, [event, ...])
+DELTAS = "deltas"  # (DELTAS, [Delta, ...])
 REPLY = "reply"  # (REPLY, call_id, WireError | None, value)
 BEAT = "beat"  # (BEAT, stats)
 

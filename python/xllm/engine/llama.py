@@ -1,9 +1,10 @@
 """The llama.cpp engine as the server sees it: one loaded GGUF model in its runner process.
 
 `xllm._core.Engine` (the Rust batching loop over libllama) lives in the runner
-(`engine/runner.py`); this proxy sends it requests and turns its event frames into per-request
-asyncio queues. If the runner dies or stops making progress, every request in flight ends with
-an error event at once, and the registry drops the model so the next request reloads it.
+(`engine/runner.py`); this proxy sends it requests and turns its frames of deltas into
+per-request asyncio queues. If the runner dies or stops making progress, every request in flight
+ends with an error delta at once, and the registry drops the model so the next request reloads
+it.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from xllm.engine import ipc, llama_prompt
 from xllm.engine.llamacpp_archs import ARCHITECTURES
 from xllm.engine.options import EngineOptions, child_command, llama_cpp_version
 from xllm.engine.plugins import LoadSpec, Manifest
-from xllm.engine.protocol import ABI_VERSION, Capability, Observer, Request
+from xllm.engine.protocol import ABI_VERSION, Capability, Delta, Observer, Request
 from xllm.errors import EngineError, InvalidRequest, ModelLoadError, Overloaded
 from xllm.grammar import Grammar
 from xllm.memory import planner, probe
@@ -37,11 +38,6 @@ from xllm.models.modelfile import Modelfile
 
 log = logging.getLogger("xllm.engine")
 
-Event = tuple[int, int, str, bytes | None, str | None, Any]
-"""(request_id, choice_index, text, framed SSE bytes, finish_reason, extra) from the engine.
-A choice index of -1 with finish "error" ends every choice of the request (the runner died, or
-the server cut it while shutting down: then `extra` is the XllmError to report)."""
-
 # How often a request waiting for tokens checks whether its client is still there.
 _DISCONNECT_CHECK_S = 0.25
 _STDERR_LINES = 30
@@ -50,22 +46,25 @@ _CLOSE_S = 10.0
 
 @dataclass
 class Generation:
-    """One request's stream of engine events; `cancel()` frees its sequences."""
+    """One request's stream of deltas (a `protocol.Generation`); `cancel()` frees its
+    sequences. A delta of choice -1 with finish "error" ends every choice: the runner died, or
+    the server cut the request while shutting down (then its `error` is the XllmError to
+    report)."""
 
     model: LlamaModel
     request_id: int
     n: int
-    queue: asyncio.Queue[Event] = field(default_factory=asyncio.Queue)
+    queue: asyncio.Queue[Delta] = field(default_factory=asyncio.Queue)
     prompt_tokens: list[int] = field(default_factory=list)
     opens_thinking: bool | None = None
 
     def cancel(self) -> None:
         self.model._finish(self.request_id)
 
-    async def events(
+    async def deltas(
         self, is_disconnected: Callable[[], bool] | None = None
-    ) -> AsyncIterator[list[Event]]:
-        """Yields batches of events (all that are ready) until every choice has finished.
+    ) -> AsyncIterator[list[Delta]]:
+        """Yields batches of deltas (all that are ready) until every choice has finished.
 
         Stops early, cancelling the generation, when `is_disconnected()` turns true.
         """
@@ -85,9 +84,9 @@ class Generation:
                 batch = [first]
                 while not self.queue.empty():
                     batch.append(self.queue.get_nowait())
-                for ev in batch:
-                    if ev[4] is not None:
-                        remaining = 0 if ev[1] < 0 else remaining - 1
+                for d in batch:
+                    if d.finish is not None:
+                        remaining = 0 if d.choice < 0 else remaining - 1
                 yield batch
         finally:
             if remaining:
@@ -131,7 +130,7 @@ class LlamaModel:
         self._writer = writer
         self._stderr_tail = stderr_tail
         self._ids = itertools.count(1)
-        self._queues: dict[int, asyncio.Queue[Event]] = {}
+        self._queues: dict[int, asyncio.Queue[Delta]] = {}
         self._calls: dict[int, asyncio.Future[Any]] = {}
         self._stats: dict[str, int | float] = {}
         self._progress = time.monotonic()
@@ -185,15 +184,15 @@ class LlamaModel:
             )
         return cls(name, path, options, msg[1], proc, reader, writer, observer, tail, stderr_task)
 
-    # --- event pump -----------------------------------------------------------------------
+    # --- delta pump -----------------------------------------------------------------------
 
     async def _read_loop(self) -> None:
         while (msg := await ipc.read(self._reader)) is not None:
             op = msg[0]
-            if op == ipc.EVENTS:
+            if op == ipc.DELTAS:
                 self._progress = time.monotonic()
-                for ev in msg[1]:
-                    self._dispatch(ev)
+                for d in msg[1]:
+                    self._dispatch(d)
             elif op == ipc.BEAT:
                 if msg[1].get("decode_steps_total") != self._stats.get("decode_steps_total"):
                     self._progress = time.monotonic()
@@ -208,12 +207,12 @@ class LlamaModel:
             "the request was aborted"
         )
 
-    def _dispatch(self, ev: Event) -> None:
-        q = self._queues.get(ev[0])
+    def _dispatch(self, d: Delta) -> None:
+        q = self._queues.get(d.request)
         if q is not None:
-            q.put_nowait(ev)
-        if ev[4] is not None and self.observer is not None and isinstance(ev[5], dict):
-            self.observer.observe_finish(self.name, ev[4], ev[5])
+            q.put_nowait(d)
+        if d.finish is not None and self.observer is not None and d.usage is not None:
+            self.observer.observe_finish(self.name, d.finish, d.usage)
 
     def _fail_all(self, reason: str) -> None:
         """The runner is gone: end every request and call, and leave the registry. Clients
@@ -222,7 +221,7 @@ class LlamaModel:
         if not self._closing:
             log.error("%s; its last output:\n%s", reason, "\n".join(self._stderr_tail))
         for rid, q in self._queues.items():
-            q.put_nowait((rid, -1, "", None, "error", {"error": reason}))
+            q.put_nowait(Delta(rid, -1, finish="error", error=reason))
         self._queues.clear()
         for fut in self._calls.values():
             if not fut.done():
@@ -316,12 +315,7 @@ class LlamaModel:
         text: str = await self._call("detokenize", list(tokens))
         return text
 
-    async def start(
-        self,
-        prompt: list[int],
-        params: Mapping[str, Any],
-        frames: list[tuple[bytes, bytes]] | None = None,
-    ) -> Generation:
+    async def start(self, prompt: list[int], params: Mapping[str, Any]) -> Generation:
         """Queue a generation; raises Overloaded when the queue is full.
 
         A grammar (`params["grammar"]`, a `Grammar`) is parsed by llama.cpp first: one it
@@ -345,7 +339,7 @@ class LlamaModel:
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._calls[rid] = fut
         try:
-            self._send((ipc.SUBMIT, rid, rid, prompt, dict(params), frames))
+            self._send((ipc.SUBMIT, rid, rid, prompt, dict(params)))
             error, _ = await fut
             if error is not None:
                 raise ipc.exception(error, self.name)
@@ -381,7 +375,7 @@ class LlamaModel:
         for rid, q in self._queues.items():
             if self.alive:
                 self._writer.write(ipc.encode((ipc.CANCEL, rid)))
-            q.put_nowait((rid, -1, "", None, "error", Overloaded(reason)))
+            q.put_nowait(Delta(rid, -1, finish="error", error=Overloaded(reason)))
         self._queues.clear()
 
     async def close(self) -> None:

@@ -21,6 +21,8 @@ from dataclasses import dataclass, field, fields, replace
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
 
+from xllm._core import Delta
+
 if TYPE_CHECKING:
     from xllm.grammar import Grammar
     from xllm.memory.planner import Plan
@@ -42,10 +44,6 @@ __all__ = [
 ]
 
 ABI_VERSION = 1
-
-# Until the Rust loop's `_core.Delta` lands (one typed event from `poll()` up to the handlers),
-# the name stands for it; see the spec in that class's docstring.
-Delta = Any
 
 
 class Capability(StrEnum):

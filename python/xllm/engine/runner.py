@@ -57,20 +57,20 @@ async def _serve(sock: socket.socket, name: str, path: Path, options: EngineOpti
     await renderer.start()
     loop = asyncio.get_running_loop()
 
-    def forward_events() -> None:
+    def forward_deltas() -> None:
         batch = engine.poll()
         if batch:
-            writer.write(ipc.encode((ipc.EVENTS, batch)))
+            writer.write(ipc.encode((ipc.DELTAS, batch)))
 
-    loop.add_reader(engine.fileno(), forward_events)
+    loop.add_reader(engine.fileno(), forward_deltas)
     beat = asyncio.create_task(_beat(engine, writer))
     calls: set[asyncio.Task[None]] = set()
     try:
         while (msg := await ipc.read(reader)) is not None:
             op = msg[0]
             if op == ipc.SUBMIT:
-                _, cid, rid, prompt, params, frames = msg
-                writer.write(ipc.encode(_submit(engine, cid, rid, prompt, params, frames)))
+                _, cid, rid, prompt, params = msg
+                writer.write(ipc.encode(_submit(engine, cid, rid, prompt, params)))
             elif op == ipc.CANCEL:
                 engine.cancel(msg[1])
             elif op == ipc.CALL:
@@ -84,7 +84,7 @@ async def _serve(sock: socket.socket, name: str, path: Path, options: EngineOpti
         beat.cancel()
         loop.remove_reader(engine.fileno())
         await asyncio.to_thread(engine.close)
-        forward_events()  # the cancellations close() produced
+        forward_deltas()  # the cancellations close() produced
         await renderer.close()
         writer.close()
 
@@ -95,10 +95,9 @@ def _submit(
     rid: int,
     prompt: list[int],
     params: dict[str, Any],
-    frames: list[tuple[bytes, bytes]] | None,
 ) -> tuple[Any, ...]:
     try:
-        engine.submit(rid, prompt, params, frames)
+        engine.submit(rid, prompt, params)
     except Exception as e:  # every failure reaches the server, which waits for this reply
         return (ipc.REPLY, cid, ipc.wire_error(e), None)
     return (ipc.REPLY, cid, None, None)

@@ -13,7 +13,6 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use super::types::{Event, Finish, Params, Request, TokenLogprob, Usage};
-use crate::sse::DeltaFramer;
 use crate::stop::StopMatcher;
 
 pub struct BatchItem {
@@ -56,7 +55,6 @@ struct Active<S> {
     max_tokens: u32,
     sampler: Option<S>,
     matcher: StopMatcher,
-    framer: Option<DeltaFramer>,
     logprobs: Option<u32>,
     ignore_eos: bool,
     /// For choices after the first: the slot whose prompt KV this one copies once computed.
@@ -294,11 +292,6 @@ impl<B: Backend> Batcher<B> {
                     max_tokens,
                     sampler,
                     matcher: StopMatcher::new(w.request.params.stop.iter().cloned()),
-                    framer: w
-                        .request
-                        .frames
-                        .get(choice)
-                        .map(|(p, s)| DeltaFramer::new(p, s)),
                     logprobs: w.request.params.logprobs,
                     ignore_eos: w.request.params.ignore_eos,
                     follows,
@@ -428,23 +421,16 @@ impl<B: Backend> Batcher<B> {
         let a = self.slots[slot].active.as_mut().expect("active");
         a.generated += 1;
         let step = a.matcher.push(&piece);
-        let (request, choice) = (a.request, a.choice);
-        let framed = a
-            .framer
-            .as_ref()
-            .filter(|_| !step.text.is_empty())
-            .map(|f| f.frame(&step.text));
-        if !step.text.is_empty() || lp.is_some() {
-            events.push(Event {
-                request,
-                choice,
-                text: step.text,
-                framed,
-                finish: None,
-                logprobs: lp.into_iter().collect(),
-                usage: None,
-            });
-        }
+        // Every generated token is reported, with whatever text the stop matcher releases.
+        events.push(Event {
+            request: a.request,
+            choice: a.choice,
+            text: step.text,
+            tokens: vec![token],
+            finish: None,
+            logprobs: lp.into_iter().collect(),
+            usage: None,
+        });
         let a = self.slots[slot].active.as_mut().expect("active");
         if step.stopped {
             self.finish(slot, Finish::Stop, events);
@@ -461,12 +447,11 @@ impl<B: Backend> Batcher<B> {
         let a = self.slots[slot].active.as_mut().expect("active");
         let text = a.matcher.flush();
         if !text.is_empty() {
-            let framed = a.framer.as_ref().map(|f| f.frame(&text));
             events.push(Event {
                 request: a.request,
                 choice: a.choice,
                 text,
-                framed,
+                tokens: Vec::new(),
                 finish: None,
                 logprobs: Vec::new(),
                 usage: None,
@@ -496,7 +481,7 @@ fn finish_event(request: u64, choice: u32, finish: Finish, usage: Usage) -> Even
         request,
         choice,
         text: String::new(),
-        framed: None,
+        tokens: Vec::new(),
         finish: Some(finish),
         logprobs: Vec::new(),
         usage: Some(usage),
@@ -565,7 +550,6 @@ mod tests {
                 max_tokens: Some(max_tokens),
                 ..Params::default()
             },
-            frames: Vec::new(),
         }
     }
 
@@ -588,6 +572,14 @@ mod tests {
             .collect()
     }
 
+    fn tokens_of(events: &[Event], id: u64, choice: u32) -> Vec<i32> {
+        events
+            .iter()
+            .filter(|e| e.request == id && e.choice == choice)
+            .flat_map(|e| e.tokens.iter().copied())
+            .collect()
+    }
+
     fn finish_of(events: &[Event], id: u64) -> Vec<(u32, Finish)> {
         events
             .iter()
@@ -602,6 +594,7 @@ mod tests {
         b.submit(req(1, vec![10, 11, 12], 3), Instant::now());
         let ev = run(&mut b);
         assert_eq!(text_of(&ev, 1, 0), "<13><14><15>");
+        assert_eq!(tokens_of(&ev, 1, 0), vec![13, 14, 15]);
         assert_eq!(finish_of(&ev, 1), vec![(0, Finish::Length)]);
         let usage = ev.last().unwrap().usage.clone().unwrap();
         assert_eq!((usage.prompt_tokens, usage.completion_tokens), (3, 3));
@@ -614,6 +607,7 @@ mod tests {
         b.submit(req(1, vec![97], 10), Instant::now());
         let ev = run(&mut b);
         assert_eq!(text_of(&ev, 1, 0), "<98>");
+        assert_eq!(tokens_of(&ev, 1, 0), vec![98]); // not the end-of-generation token
         assert_eq!(finish_of(&ev, 1), vec![(0, Finish::Stop)]);
         let mut r = req(2, vec![97], 3);
         r.params.ignore_eos = true;
@@ -631,6 +625,16 @@ mod tests {
         let ev = run(&mut b);
         assert_eq!(text_of(&ev, 1, 0), "<2><");
         assert_eq!(finish_of(&ev, 1), vec![(0, Finish::Stop)]);
+        // tokens come as sampled: "3>" was held back with token 3, then token 4 completed
+        // the stop string, whose text never goes out
+        let steps: Vec<(&str, Vec<i32>)> = ev
+            .iter()
+            .filter(|e| e.finish.is_none())
+            .map(|e| (e.text.as_str(), e.tokens.clone()))
+            .collect();
+        assert_eq!(steps, vec![("<2>", vec![2]), ("<", vec![3]), ("", vec![4])]);
+        let usage = ev.last().unwrap().usage.clone().unwrap();
+        assert_eq!(usage.completion_tokens, 3);
     }
 
     #[test]

@@ -299,7 +299,6 @@ mod tests {
                 max_tokens: Some(500),
                 ..Params::default()
             },
-            frames: Vec::new(),
         }
     }
 

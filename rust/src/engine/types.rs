@@ -67,8 +67,6 @@ pub struct Request {
     pub id: u64,
     pub prompt: Vec<i32>,
     pub params: Params,
-    /// Per choice: JSON before and after the token text, for ready-framed SSE events.
-    pub frames: Vec<(Vec<u8>, Vec<u8>)>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -115,7 +113,11 @@ pub struct Event {
     pub request: u64,
     pub choice: u32,
     pub text: String,
-    pub framed: Option<Vec<u8>>,
+    /// The token sampled in this step (none for end-of-generation, flushed text and finishes).
+    /// Tokens are reported when sampled, text when the stop matcher releases it: text a
+    /// possible stop string holds back comes with a later token's event, and the tokens of a
+    /// stop string are reported though its text never is.
+    pub tokens: Vec<i32>,
     pub finish: Option<Finish>,
     pub logprobs: Vec<TokenLogprob>,
     pub usage: Option<Usage>,

@@ -6,10 +6,11 @@ use std::sync::Arc;
 use pyo3::create_exception;
 use pyo3::exceptions::{PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
-use pyo3::types::{PyBytes, PyDict, PyList, PyTuple};
+use pyo3::types::{PyDict, PyList};
 
+use super::delta::delta_list;
 use crate::engine::backend::{embed, LlamaBackend};
-use crate::engine::types::{Event, Params, Request};
+use crate::engine::types::{Params, Request};
 use crate::engine::{self, Limits, SubmitError};
 use crate::llama::{Api, Ctx, Vocab, SUPPORTED_LLAMA_CPP_PYTHON};
 
@@ -63,50 +64,6 @@ fn params(d: &Bound<'_, PyDict>) -> PyResult<Params> {
     Ok(p)
 }
 
-fn event_tuple<'py>(py: Python<'py>, e: Event) -> PyResult<Bound<'py, PyTuple>> {
-    let framed = e.framed.map(|f| PyBytes::new(py, &f));
-    let finish = e.finish.as_ref().map(|f| f.as_str());
-    let extra: Bound<'py, PyAny> = if let Some(u) = e.usage {
-        let d = PyDict::new(py);
-        d.set_item("prompt_tokens", u.prompt_tokens)?;
-        d.set_item("cached_tokens", u.cached_tokens)?;
-        d.set_item("completion_tokens", u.completion_tokens)?;
-        d.set_item("ttft_ms", u.ttft_ms)?;
-        d.set_item("gen_ms", u.gen_ms)?;
-        if let Some(engine::types::Finish::Error(msg)) = &e.finish {
-            d.set_item("error", msg)?;
-        }
-        d.into_any()
-    } else if !e.logprobs.is_empty() {
-        let items = e
-            .logprobs
-            .into_iter()
-            .map(|lp| {
-                let top = lp
-                    .top
-                    .into_iter()
-                    .map(|(t, b, l)| (t, l, PyBytes::new(py, &b)))
-                    .collect::<Vec<_>>();
-                (lp.text, lp.logprob, PyBytes::new(py, &lp.bytes), top)
-            })
-            .collect::<Vec<_>>();
-        PyList::new(py, items)?.into_any()
-    } else {
-        py.None().into_bound(py)
-    };
-    PyTuple::new(
-        py,
-        [
-            e.request.into_pyobject(py)?.into_any(),
-            e.choice.into_pyobject(py)?.into_any(),
-            e.text.into_pyobject(py)?.into_any(),
-            framed.into_pyobject(py)?.into_any(),
-            finish.into_pyobject(py)?.into_any(),
-            extra,
-        ],
-    )
-}
-
 #[pymethods]
 impl Engine {
     /// Takes a llama context and vocabulary made by llama-cpp-python (as integer addresses);
@@ -152,19 +109,16 @@ impl Engine {
     }
 
     /// Queue a generation. Raises QueueFull at once when the queue is full.
-    #[pyo3(signature = (request_id, prompt, params, frames=None))]
     fn submit(
         &self,
         request_id: u64,
         prompt: Vec<i32>,
         params: &Bound<'_, PyDict>,
-        frames: Option<Vec<(Vec<u8>, Vec<u8>)>>,
     ) -> PyResult<()> {
         let request = Request {
             id: request_id,
             prompt,
             params: self::params(params)?,
-            frames: frames.unwrap_or_default(),
         };
         self.inner.submit(request).map_err(|e| match e {
             SubmitError::QueueFull(n) => {
@@ -183,15 +137,9 @@ impl Engine {
         self.inner.wake_fd().as_raw_fd()
     }
 
-    /// All events since the last call: (request_id, choice, text, framed, finish, extra).
+    /// Every `Delta` since the last call.
     fn poll<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
-        let tuples = self
-            .inner
-            .poll()
-            .into_iter()
-            .map(|e| event_tuple(py, e))
-            .collect::<PyResult<Vec<_>>>()?;
-        PyList::new(py, tuples)
+        delta_list(py, self.inner.poll())
     }
 
     fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {

@@ -2,6 +2,7 @@
 
 use pyo3::prelude::*;
 
+mod delta;
 mod engine;
 mod gguf;
 mod gzip;
@@ -12,6 +13,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     text::register(m)?;
     gzip::register(m)?;
+    delta::register(m)?;
     engine::register(m)?;
     gguf::register(m)?;
     Ok(())
