@@ -168,7 +168,7 @@ async def test_a_full_engine_is_a_503_with_retry_after(client: TestClient[Any, A
         ("/v1/chat/completions", _chat("x", temperature=3), "temperature"),
         ("/v1/chat/completions", _chat("x", n=0), "n"),
         ("/v1/chat/completions", _chat("x", max_tokens=0), "max_tokens"),
-        ("/v1/chat/completions", _chat("x", stop=["s"] * 5), "stop"),
+        ("/v1/chat/completions", _chat("x", stop=["s"] * 33), "stop"),
         ("/v1/chat/completions", _chat("x", logit_bias={"a": 1}), "logit_bias"),
         ("/v1/chat/completions", _chat("x", engine="no/such"), "engine"),
         ("/v1/chat/completions", _chat("x", engine="llama.cpp"), "engine"),

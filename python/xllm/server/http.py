@@ -26,11 +26,16 @@ GENERATIONS = web.RequestKey("generations", list[Generation])
 
 
 async def load_model(
-    request: web.Request, name: str, keep_alive: float | None = None, ctx_size: int | None = None
+    request: web.Request,
+    name: str,
+    keep_alive: float | None = None,
+    ctx_size: int | None = None,
+    engine: str | None = None,
 ) -> Engine:
-    """The loaded model `name` (loading it on demand); remembers it on the request."""
+    """The loaded model `name` (loading it on demand, by the `engine` a request names if it
+    does); remembers it on the request."""
     request[MODEL_NAME] = name
-    return await request.app[REGISTRY].get(name, keep_alive, ctx_size)
+    return await request.app[REGISTRY].get(name, keep_alive, ctx_size, engine)
 
 
 async def start_generation(request: web.Request, engine: Engine, req: Request) -> Generation:

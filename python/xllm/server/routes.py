@@ -128,5 +128,7 @@ def dialect(request: web.Request) -> Dialect:
     resource = request.match_info.route.resource
     if resource is not None and resource.canonical in dialects:
         return dialects[resource.canonical]
+    if request.path in dialects:  # a route of another method (a 405)
+        return dialects[request.path]
     head = "/" + request.path.lstrip("/").split("/", 1)[0] + "/"
     return next((d for path, d in dialects.items() if path.startswith(head)), "openai")

@@ -20,7 +20,9 @@ async def chat(request: web.Request) -> web.StreamResponse:
     if not body.messages:
         empty = {"role": "assistant", "content": ""}
         return await reply.load_or_unload(request, body.model, body.keep_alive, "message", empty)
-    model = await reply.model_for(request, body.model, body.keep_alive, timer, body.options)
+    model = await reply.model_for(
+        request, body.model, body.keep_alive, timer, body.options, body.engine
+    )
     reply.check_think(model, body.model, body.think)
     functions = body.functions()
     gen = await start_generation(

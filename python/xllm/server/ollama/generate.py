@@ -19,7 +19,9 @@ async def generate(request: web.Request) -> web.StreamResponse:
     body = await parse_body(request, GenerateRequest)
     if not body.prompt and not body.images and not body.suffix:
         return await reply.load_or_unload(request, body.model, body.keep_alive, "response", "")
-    model = await reply.model_for(request, body.model, body.keep_alive, timer, body.options)
+    model = await reply.model_for(
+        request, body.model, body.keep_alive, timer, body.options, body.engine
+    )
     reply.check_think(model, body.model, body.think)
     images = [Part("image", text=i) for i in body.images or ()]
     messages: list[dict[str, Any]] | None = None

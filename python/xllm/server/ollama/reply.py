@@ -109,10 +109,11 @@ async def model_for(
     keep_alive: KeepAlive | None,
     timer: Timer,
     options: Options | None = None,
+    engine: str | None = None,
 ) -> Engine:
     """The model, loaded with the request's `num_ctx` if it gives one."""
     ctx_size = options.num_ctx if options is not None else None
-    model = await load_model(request, name, keep_alive_seconds(keep_alive), ctx_size)
+    model = await load_model(request, name, keep_alive_seconds(keep_alive), ctx_size, engine)
     timer.loaded = time.perf_counter()
     return model
 

@@ -21,7 +21,7 @@ FINGERPRINT = "xllm"
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     body = await parse_body(request, ChatCompletionRequest)
-    model = await load_model(request, body.model)
+    model = await load_model(request, body.model, engine=body.engine)
     functions = body.functions()
     forced = body.forced_function()
     constraint = None

@@ -30,7 +30,7 @@ def _prompts(body: CompletionRequest) -> list[list[Part]]:
 
 async def completions(request: web.Request) -> web.StreamResponse:
     body = await parse_body(request, CompletionRequest)
-    model = await load_model(request, body.model)
+    model = await load_model(request, body.model, engine=body.engine)
     prompts = _prompts(body)
     if body.stream and len(prompts) > 1:
         raise InvalidRequest("streaming takes a single prompt per request", param="prompt")

@@ -154,7 +154,7 @@ async def responses(request: web.Request) -> web.StreamResponse:
             "previous_response_id: responses are not stored; send the whole conversation",
             param="previous_response_id",
         )
-    model = await load_model(request, body.model)
+    model = await load_model(request, body.model, engine=body.engine)
     constraint = None
     if body.text and body.text.format and body.text.format.get("type") != "text":
         fmt = dict(body.text.format)
