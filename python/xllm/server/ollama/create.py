@@ -1,84 +1,28 @@
-"""`POST /api/create` and `POST /api/copy`: new models from stored, bundled or uploaded ones.
+"""`POST /api/create` and `POST /api/copy`: the wire side of making models (models/create.py).
 
 `create` takes the current ollama client's structured fields (`from` or `files`, `adapters`,
-`template`, `system`, `parameters`, `messages`, `license`) or an older client's `modelfile` text;
-each becomes a layer of the new manifest, the rest is inherited from the base model. `files`
-may be every file of a GGUF split into several; `adapters` are LoRA GGUFs, checked against the
-base model's tensors before they are kept.
+`template`, `system`, `parameters`, `messages`, `license`) or an older client's `modelfile` text
+(folded into those fields here), and streams the steps as Ollama's progress records.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
-import os
-import secrets
-from collections.abc import AsyncGenerator, Callable
-from pathlib import Path
+from collections.abc import AsyncGenerator
 from typing import Any
 
 from aiohttp import web
 from pydantic import ValidationError
 
-from xllm.engine.registry import ModelRegistry
-from xllm.errors import InvalidRequest, ModelNotFound
-from xllm.models import adapter, convert, gguf, gotemplate, modelfile, store, summary
-from xllm.models.convert import quantize
-from xllm.models.gguf import GGUFError
-from xllm.models.modelfile import is_go_template
-from xllm.models.names import ModelName, parse_digest
-from xllm.models.store import Layer, Manifest, Store, StoredModel
+from xllm.errors import InvalidRequest
+from xllm.models import create as models_create
+from xllm.models import modelfile
+from xllm.models.names import parse_digest
 from xllm.server.http import MODEL_NAME, parse_body
 from xllm.server.ollama.models import Record, model_name, progress_response, store_of
 from xllm.server.ollama.models_wire import CopyRequest, CreateRequest
 from xllm.server.ollama.wire import Options
 from xllm.server.state import REGISTRY
-
-
-async def _base(registry: ModelRegistry, name: str) -> Manifest:
-    """The manifest of model `name`; a bundled or command-line model's file (or files, split)
-    is copied into the store first (its manifest then has the model's layers only), a
-    safetensors model is converted to a GGUF one (as Ollama's create does)."""
-    found = registry.find(name)
-    s = registry.store
-    assert s is not None
-    if found.stored is not None and found.stored.format != store.GGUF:
-        folder = await asyncio.to_thread(s.model_dir, found.stored)
-        return await _made(s, lambda out: convert.convert(folder, out))
-    if found.stored is not None:
-        await asyncio.to_thread(registry.facts, found)  # a file damaged on disk is a 500
-        return found.stored.manifest
-    layers = []
-    for i, path in enumerate(await asyncio.to_thread(gguf.model_files, found.path)):
-        digest = await s.add_file(path)
-        layers.append(Layer(store.SHARD if i else store.MODEL, digest, path.stat().st_size))
-    return Manifest(layers[0], tuple(layers))
-
-
-async def _made(s: Store, make: Callable[[Path], object]) -> Manifest:
-    """A manifest of one GGUF that `make` writes (in a worker thread) to a file given."""
-    tmp = s.tmp_dir / f"{os.getpid()}-{secrets.token_hex(8)}.gguf"
-    s.tmp_dir.mkdir(parents=True, exist_ok=True)
-    try:
-        await asyncio.to_thread(make, tmp)
-        digest = await s.add_file(tmp)
-        layer = Layer(store.MODEL, digest, tmp.stat().st_size)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return Manifest(layer, (layer,))
-
-
-async def _quantized(s: Store, base: Manifest, kind: str) -> Manifest:
-    """`base` with its GGUF quantized to `kind` by llama.cpp (its other layers kept)."""
-    if base.find(store.SHARD) is not None:
-        raise InvalidRequest("quantize: a split GGUF cannot be quantized", param="quantize")
-    quantize.file_type(kind)  # an unknown type is a 400 before any work
-    model = base.layers[[x.media_type for x in base.layers].index(store.MODEL)]
-    src = s.blob_path(model.digest)
-    with s.pinned([model.digest]):
-        made = await _made(s, lambda out: quantize.quantize(src, out, kind))
-    layers = tuple(made.layers[0] if x is model else x for x in base.layers)
-    return Manifest(base.config, layers)
 
 
 async def copy(request: web.Request) -> web.Response:
@@ -90,39 +34,10 @@ async def copy(request: web.Request) -> web.Response:
     if found.stored is not None:
         await asyncio.to_thread(s.copy, found.stored.name, dest)
     else:
-        base = await _base(registry, source.display)
-        await _write_model(s, dest, base.layers)
+        base = await models_create.base(registry, source.display)
+        await models_create.write_model(s, dest, base.layers)
     await registry.unload(dest.display)  # a loaded model of that name is now stale
     return web.Response(status=200)
-
-
-async def _write_model(
-    s: Store, name: ModelName, layers: tuple[Layer, ...], parent: str = ""
-) -> StoredModel:
-    """Publish a manifest of `layers` (blobs present, one model layer) with a config blob."""
-    model = next(x for x in layers if x.media_type == store.MODEL)
-    shards = [x.digest for x in layers if x.media_type == store.SHARD]
-    try:
-        facts = await asyncio.to_thread(s.summary, model.digest, shards)
-    except GGUFError:  # a 400; an uploaded file no model uses is not kept
-        await asyncio.to_thread(s.remove_unused, [model.digest, *shards])
-        raise
-    config = json.dumps(
-        {
-            "model_format": "gguf",
-            "model_family": facts.architecture,
-            "model_families": [facts.architecture],
-            "model_type": summary.params_label(facts.parameter_count),
-            "file_type": facts.quantization,
-            "parent_model": parent,
-            "rootfs": {"type": "layers", "diff_ids": [x.digest for x in layers]},
-        }
-    ).encode()
-    with s.pinned(x.digest for x in layers):
-        digest = await s.add_bytes(config)
-        manifest = Manifest(Layer(store.CONFIG_TYPE, digest, len(config)), layers)
-        with s.pinned([digest]):
-            return await asyncio.to_thread(s.write_manifest, name, manifest.to_bytes())
 
 
 def _merged(body: CreateRequest) -> CreateRequest:
@@ -171,128 +86,27 @@ def _parameters(values: dict[str, Any]) -> dict[str, Any]:
     return typed
 
 
-async def _from(registry: ModelRegistry, s: Store, body: CreateRequest) -> Manifest:
-    """The manifest a new model starts from: an uploaded GGUF (`files`) or a model (`from`)."""
-    if body.files:
-        if not all(f.lower().endswith(".gguf") for f in body.files):
-            raise InvalidRequest(
-                "files: give one GGUF file, or every file of a split GGUF (safetensors import "
-                "is not supported yet)",
-                param="files",
-            )
-        digests = [_blob(s, d, "files") for d in body.files.values()]
-        layers = await asyncio.to_thread(_split_layers, s, digests)
-        return Manifest(layers[0], layers)
-    if not body.from_:
-        raise InvalidRequest("neither 'from' nor 'files' was given", param="from")
-    base = model_name(body.from_, "from")
-    try:
-        return await _base(registry, base.display)
-    except ModelNotFound:
-        raise ModelNotFound(
-            f"base model {base.display!r} not found; pull it first", param="from"
-        ) from None
-
-
-def _blob(s: Store, digest: str, param: str) -> str:
-    digest = parse_digest(digest)
-    if not s.has_blob(digest):
-        raise InvalidRequest(
-            f"{param}: blob {digest} not found; upload it with POST /api/blobs/{digest}",
-            param=param,
-        )
-    return digest
-
-
-def _split_layers(s: Store, digests: list[str]) -> tuple[Layer, ...]:
-    """The model layer and, for the files of a split GGUF, its shards in their own order
-    (`split.no`, whatever the client called them); whether they are all of them is checked
-    with the model's summary."""
-    try:
-        order = {d: gguf.read(s.blob_path(d)).metadata.get(gguf.SPLIT_NO, 0) for d in digests}
-    except GGUFError:
-        s.remove_unused(digests)
-        raise
-    ranked = sorted(set(digests), key=lambda d: order[d] if isinstance(order[d], int) else -1)
-    return tuple(
-        Layer(store.SHARD if i else store.MODEL, d, s.blob_path(d).stat().st_size)
-        for i, d in enumerate(ranked)
-    )
-
-
-def _adapter_layers(s: Store, base: Manifest, files: dict[str, str]) -> list[Layer]:
-    """ADAPTER layers for uploaded LoRA files (name -> digest), each checked against the base
-    model's tensors; a refused file is not kept."""
-    paths = [s.blob_path(x.digest) for x in (*base.all(store.MODEL), *base.all(store.SHARD))]
-    model = gguf.read_model(paths)
-    layers = []
-    for name, d in files.items():
-        try:
-            adapter.check(gguf.read(s.blob_path(d)), model, name)
-        except GGUFError as e:
-            s.remove_unused(files.values())
-            message = e.message.replace(s.blob_path(d).name, name)
-            raise InvalidRequest(f"adapters: {message}", param="adapters") from None
-        layers.append(Layer(store.ADAPTER, d, s.blob_path(d).stat().st_size))
-    return layers
-
-
-async def _create(registry: ModelRegistry, body: CreateRequest) -> list[Record]:
-    body = _merged(body)
-    name = model_name(body.target())
-    assert registry.store is not None
-    s = registry.store
-    records: list[Record] = [{"status": "gathering model components"}]
-    base = await _from(registry, s, body)
-    if body.quantize:
-        records.append({"status": f"quantizing model to {body.quantize.upper()}"})
-        base = await _quantized(s, base, body.quantize)
-    texts: dict[str, bytes] = {}
-    if body.template is not None:
-        if is_go_template(body.template):
-            gotemplate.to_jinja(body.template)  # a 400 now for what could not be rendered later
-        texts[store.TEMPLATE] = body.template.encode()
-    if body.system is not None:
-        texts[store.SYSTEM] = body.system.encode()
-    if body.parameters:
-        params = _parameters(body.parameters)
-        old = base.find(store.PARAMS)
-        if old is not None:  # the base's parameters stay unless given anew
-            params = {**json.loads(s.blob_path(old.digest).read_bytes()), **params}
-        texts[store.PARAMS] = json.dumps(params).encode()
-    if body.messages is not None:
-        texts[store.MESSAGES] = json.dumps([m.model_dump() for m in body.messages]).encode()
-    licenses = [body.license] if isinstance(body.license, str) else body.license
-    replaced = set(texts) | ({store.LICENSE} if licenses is not None else set())
-    layers = [x for x in base.layers if x.media_type not in replaced]
-    records += [{"status": f"using existing layer {x.digest}"} for x in layers]
-    if body.adapters:
-        known = {x.digest for x in layers}
-        wanted = {k: _blob(s, d, "adapters") for k, d in body.adapters.items()}
-        for layer in await asyncio.to_thread(_adapter_layers, s, base, wanted):
-            if layer.digest not in known:
-                known.add(layer.digest)
-                records.append({"status": f"creating new layer {layer.digest}"})
-                layers.append(layer)
-    for media, data in [*texts.items(), *((store.LICENSE, t.encode()) for t in licenses or [])]:
-        digest = await s.add_bytes(data)
-        records.append({"status": f"creating new layer {digest}"})
-        layers.append(Layer(media, digest, len(data)))
-    records.append({"status": "writing manifest"})
-    await _write_model(s, name, tuple(layers), body.from_ or "")
-    await registry.unload(name.display)  # a loaded model of that name is now stale
-    records.append({"status": "success"})
-    return records
-
-
 async def create(request: web.Request) -> web.StreamResponse:
     body = await parse_body(request, CreateRequest)
     request[MODEL_NAME] = body.target()
     store_of(request)
-    records = await _create(request.app[REGISTRY], body)
+    body = _merged(body)
+    recipe = models_create.Recipe(
+        name=model_name(body.target()),
+        from_=body.from_,
+        files=body.files,
+        adapters=body.adapters,
+        template=body.template,
+        system=body.system,
+        parameters=_parameters(body.parameters) if body.parameters else None,
+        messages=[m.model_dump() for m in body.messages] if body.messages is not None else None,
+        license=[body.license] if isinstance(body.license, str) else body.license,
+        quantize=body.quantize,
+    )
+    statuses = await models_create.create(request.app[REGISTRY], recipe)
 
     async def replay() -> AsyncGenerator[Record, None]:
-        for r in records:
-            yield r
+        for status in statuses:
+            yield {"status": status}
 
     return await progress_response(request, replay(), body.stream)
