@@ -61,12 +61,8 @@ def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
             {},
             {"log_max_files": 3, "log_max_size": 2**20},
         ),
-        (
-            "inference:\n  idle_timeout: 300\n  request_timeout: 60\n",
-            {},
-            {},
-            {"idle_timeout": 300.0},
-        ),
+        ("gpu:\n  layers: 10\n", {}, {}, {"gpu_layers": 10}),
+        ("gpu:\n  layers: 10\n", {"XLLM_GPU_LAYERS": "0"}, {}, {"gpu_layers": 0}),
     ],
 )
 def test_precedence(
@@ -89,6 +85,9 @@ def test_precedence(
     ("yaml_text", "env", "message"),
     [
         ("server:\n  prot: 1\n", {}, "unknown key 'server.prot'"),
+        ("inference:\n  request_timeout: 60\n", {}, "unknown key 'inference.request_timeout'"),
+        ("server:\n  gzip: true\n", {}, "unknown key 'server.gzip'"),
+        ("gpu:\n  devices: [0]\n", {}, "unknown key 'gpu.devices'"),
         ("server:\n  port: many\n", {}, "server.port: expected an integer"),
         ("inference:\n  parallel: 0\n", {}, "inference.parallel: must be at least 1"),
         ("- a\n", {}, "expected a mapping"),

@@ -10,27 +10,12 @@ __all__ = [
     "Engine",
     "GzipStream",
     "QueueFull",
-    "StopMatcher",
-    "__version__",
     "gzip_compress",
     "read_gguf",
     "sse_event",
 ]
 
-__version__: Final[str]
 SSE_DONE: Final[bytes]
-
-@final
-class StopMatcher:
-    """Streaming stop-sequence matcher: releases text once it cannot start a stop string."""
-
-    def __new__(cls, stops: list[str]) -> Self: ...
-    def push(self, piece: bytes) -> tuple[str, bool]:
-        """Feed token bytes; returns (text safe to send, stopped)."""
-    def flush(self) -> str:
-        """End of generation: the text still held back."""
-    @property
-    def stopped(self) -> bool: ...
 
 @final
 class DeltaFramer:

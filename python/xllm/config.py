@@ -175,11 +175,11 @@ class Settings:
     memory_budget: int | None = None
     """Bytes all loaded models may use together (default: what the machine has free)."""
     priorities: tuple[tuple[str, str], ...] = ()
+    """(model, high|normal|low): lower priorities are unloaded first when memory is needed."""
     replicas: tuple[tuple[str, int], ...] = ()
     """(model, N): load N runners of the model and hand them requests in turn."""
     memory_high_watermark: float = 0.9
     """Above this share of RAM or of a GPU's memory in use, idle models are unloaded."""
-    """(model, high|normal|low): lower priorities are unloaded first when memory is needed."""
     cors_origins: tuple[str, ...] = ("*",)
     """Origins allowed by CORS."""
     api_keys: tuple[str, ...] = ()
@@ -306,26 +306,12 @@ _KEYS: tuple[_Key, ...] = (
     ),
 )
 
-# Keys of the seed's config.yaml that are accepted but not (yet) acted on, so a file written for
-# the documented schema loads without "unknown key" errors.
-_KNOWN_SECTIONS = {
-    "server.cors.allowed_methods",
-    "server.gzip",
-    "images",
-    "gpu",
-    "inference.request_timeout",
-}
-
 
 def _flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     out: dict[str, Any] = {}
     for k, v in data.items():
         path = f"{prefix}{k}"
-        if (
-            isinstance(v, dict)
-            and path not in _KNOWN_SECTIONS
-            and not any(key.path == path for key in _KEYS)
-        ):
+        if isinstance(v, dict) and not any(key.path == path for key in _KEYS):
             out.update(_flatten(v, path + "."))
         else:
             out[path] = v
@@ -346,7 +332,7 @@ def _read_file(path: Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level")
     flat = _flatten(data)
-    known = {k.path for k in _KEYS} | _KNOWN_SECTIONS
+    known = {k.path for k in _KEYS}
     for key in flat:
         if key not in known:
             raise ConfigError(f"{path}: unknown key {key!r}")

@@ -41,7 +41,6 @@ _ENGINE_STATS: dict[str, tuple[str, str, bool]] = {
     "decode_steps_total": ("decode_steps", "llama_decode calls of the batching loop", True),
     "queue_depth": ("queue_depth", "Requests waiting for a free sequence", False),
     "running": ("running_sequences", "Sequences being decoded", False),
-    "parallel": ("batch_slots", "Sequences a model can decode together", False),
 }
 
 

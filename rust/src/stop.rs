@@ -44,10 +44,6 @@ impl StopMatcher {
         }
     }
 
-    pub fn is_stopped(&self) -> bool {
-        self.stopped
-    }
-
     /// Feed the bytes of the next token piece.
     pub fn push(&mut self, bytes: &[u8]) -> Step {
         if self.stopped {

@@ -10,7 +10,6 @@ mod text;
 
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
-    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     text::register(m)?;
     gzip::register(m)?;
     delta::register(m)?;
