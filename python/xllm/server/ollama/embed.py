@@ -6,6 +6,7 @@ import time
 
 from aiohttp import web
 
+from xllm import embedding
 from xllm.errors import InvalidRequest
 from xllm.server.http import json_response, load_model, parse_body
 from xllm.server.ollama.wire import EmbeddingsRequest, EmbedRequest, keep_alive_seconds
@@ -19,16 +20,8 @@ async def embed(request: web.Request) -> web.Response:
     texts = [body.input] if isinstance(body.input, str) else body.input
     if not texts or any(not t for t in texts):
         raise InvalidRequest("input: empty text cannot be embedded", param="input")
-    inputs = [await model.tokenize(t, special=True) for t in texts]
-    if body.truncate:
-        inputs = [t[: model.ctx_size] for t in inputs]
-    elif any(len(t) > model.ctx_size for t in inputs):
-        raise InvalidRequest(
-            f"input: an input exceeds the context length of {model.ctx_size} tokens "
-            "(truncate is false)",
-            param="input",
-        )
-    vectors = await model.embed(inputs)
+    result = await embedding.embed(model, texts, truncate=body.truncate)
+    vectors = result.vectors
     if body.dimensions:
         vectors = [v[: body.dimensions] for v in vectors]
     return json_response(
@@ -37,7 +30,7 @@ async def embed(request: web.Request) -> web.Response:
             "embeddings": vectors,
             "total_duration": int((time.perf_counter() - start) * 1e9),
             "load_duration": int((loaded - start) * 1e9),
-            "prompt_eval_count": sum(len(t) for t in inputs),
+            "prompt_eval_count": result.prompt_tokens,
         }
     )
 
@@ -48,6 +41,7 @@ async def embeddings(request: web.Request) -> web.Response:
     model = await load_model(request, body.model, keep_alive_seconds(body.keep_alive))
     if not body.prompt:
         return json_response({"embedding": []})
-    tokens = (await model.tokenize(body.prompt, special=True))[: model.ctx_size]
-    (vector,) = await model.embed([tokens], normalize=False)
-    return json_response({"embedding": vector})
+    result = await embedding.embed(
+        model, [body.prompt], truncate=True, normalize=False, param="prompt"
+    )
+    return json_response({"embedding": result.vectors[0]})

@@ -7,7 +7,7 @@ from array import array
 
 from aiohttp import web
 
-from xllm import serving
+from xllm import embedding
 from xllm.errors import InvalidRequest
 from xllm.server.http import json_response, load_model, parse_body
 from xllm.server.openai.wire import EmbeddingRequest
@@ -22,23 +22,14 @@ async def embeddings(request: web.Request) -> web.Response:
             param="dimensions",
         )
     raw = body.input
+    inputs: list[str | list[int]]
     if isinstance(raw, str):
-        inputs = [await model.tokenize(raw, special=True)]
-    elif raw and isinstance(raw[0], int):
+        inputs = [raw]
+    elif isinstance(raw[0], int):
         inputs = [[int(t) for t in raw]]
-        serving.check_token_ids(model, inputs[0], "input")
     else:
-        inputs = [await model.tokenize(str(text), special=True) for text in raw]
-    for i, tokens in enumerate(inputs):
-        if not tokens:
-            raise InvalidRequest(f"input[{i}] is empty", param="input")
-        if len(tokens) > model.ctx_size:
-            raise InvalidRequest(
-                f"input[{i}] is {len(tokens)} tokens, more than the context length "
-                f"{model.ctx_size}",
-                param="input",
-            )
-    vectors = await model.embed(inputs)
+        inputs = [str(text) for text in raw]
+    result = await embedding.embed(model, inputs, truncate=False)
     data = [
         {
             "object": "embedding",
@@ -48,14 +39,14 @@ async def embeddings(request: web.Request) -> web.Response:
             if body.encoding_format == "base64"
             else v,
         }
-        for i, v in enumerate(vectors)
+        for i, v in enumerate(result.vectors)
     ]
-    n_tokens = sum(len(t) for t in inputs)
+    n = result.prompt_tokens
     return json_response(
         {
             "object": "list",
             "data": data,
             "model": body.model,
-            "usage": {"prompt_tokens": n_tokens, "total_tokens": n_tokens},
+            "usage": {"prompt_tokens": n, "total_tokens": n},
         }
     )

@@ -1,0 +1,67 @@
+"""Embeddings: the serving function both dialects share (`/v1/embeddings`, `/api/embed` and the
+legacy `/api/embeddings`).
+
+Handlers translate their wire format into `embed`'s arguments and its `Embeddings` back; the
+work between (texts or token ids to tokens, the context-length rule, the engine call, the token
+count) is done here once. Nothing here knows about HTTP.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from xllm.engine.protocol import Embedder, Engine, Tokenizer
+from xllm.errors import InvalidRequest
+
+
+@dataclass(frozen=True)
+class Embeddings:
+    vectors: list[list[float]]
+    """One per input, in order."""
+    prompt_tokens: int
+    """Tokens embedded, all inputs together (after truncation)."""
+
+
+async def embed(
+    model: Engine,
+    inputs: Sequence[str | Sequence[int]],
+    *,
+    truncate: bool,
+    normalize: bool = True,
+    param: str = "input",
+) -> Embeddings:
+    """Embed each input (a text, or token ids the client tokenized) on `model`.
+
+    Texts are tokenized with special tokens, as the model saw them in training; token ids must be
+    in its vocabulary. An input longer than the context is cut to it when `truncate`, else
+    refused. Errors are 400s naming `param`, the request field the inputs came from.
+    """
+    if not (isinstance(model, Embedder) and isinstance(model, Tokenizer)):
+        raise InvalidRequest(f"model {model.name!r} does not support embeddings", param="model")
+    tokens = [
+        await model.tokenize(x, special=True)
+        if isinstance(x, str)
+        else _in_vocabulary(x, model.info.n_vocab, param)
+        for x in inputs
+    ]
+    for i, t in enumerate(tokens):
+        if not t:
+            raise InvalidRequest(f"{param}[{i}] is empty", param=param)
+        if len(t) > model.ctx_size and not truncate:
+            raise InvalidRequest(
+                f"{param}[{i}] is {len(t)} tokens, more than the context length {model.ctx_size}",
+                param=param,
+            )
+    tokens = [t[: model.ctx_size] for t in tokens]
+    vectors = await model.embed(tokens, normalize)
+    return Embeddings(vectors, sum(len(t) for t in tokens))
+
+
+def _in_vocabulary(ids: Sequence[int], n_vocab: int, param: str) -> list[int]:
+    bad = next((t for t in ids if not 0 <= t < n_vocab), None)
+    if bad is not None:
+        raise InvalidRequest(
+            f"{param}: token id {bad} is outside the vocabulary (0..{n_vocab})", param=param
+        )
+    return list(ids)
