@@ -180,9 +180,9 @@ class ModelRegistry:
             return self.engines.for_model(
                 found.name, facts.format, facts.architecture, engine
             ), facts.architecture
-        except InvalidRequest as e:
+        except InvalidRequest:
             if facts.format == SAFETENSORS_FORMAT and found.stored is not None and engine is None:
-                raise self._unservable(found.stored, e.message) from None
+                raise self._unservable(found.stored, facts.architecture) from None
             raise
 
     async def get(
@@ -322,12 +322,14 @@ class ModelRegistry:
         log.info("loaded model %s in %.2f s", key, elapsed)
         return model
 
-    def _unservable(self, stored: StoredModel, why: str) -> InvalidRequest:
-        """The 400 for a stored Hugging Face model no engine serves (`why`), with the command
-        that converts it to a GGUF llama.cpp serves: refused before anything loads."""
+    def _unservable(self, stored: StoredModel, architecture: str) -> InvalidRequest:
+        """The 400 for a stored Hugging Face model no engine serves, with the command that
+        converts it to a GGUF llama.cpp serves: refused before anything loads."""
         name = stored.name.display
         return InvalidRequest(
-            f"{why}: convert it once with `echo 'FROM {name}' > Modelfile && xllm create "
+            f"model {name!r} is in safetensors format ({architecture}), which no engine of this "
+            "server serves; llama.cpp serves GGUF models: convert it once with "
+            f"`echo 'FROM {name}' > Modelfile && xllm create "
             f"{stored.name.model.lower()}-gguf -f Modelfile` (or to a file: `xllm convert {name} "
             f"{stored.name.model.lower()}.gguf`), then use that model",
             param="model",
