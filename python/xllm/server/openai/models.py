@@ -7,6 +7,7 @@ from typing import Any
 
 from aiohttp import web
 
+from xllm.engine.protocol import Capability
 from xllm.errors import InvalidRequest, ModelNotFound, XllmError
 from xllm.server.http import json_response
 from xllm.server.state import REGISTRY, STARTED
@@ -18,7 +19,7 @@ async def _entry(request: web.Request, name: str) -> dict[str, Any] | None:
     loaded = registry.loaded.get(name)
     caps: list[str]
     if loaded is not None:
-        caps = sorted(str(c) for c in loaded.capabilities)
+        caps = [c.value for c in Capability if c in loaded.capabilities]
     else:
         caps = []
         try:
@@ -29,7 +30,7 @@ async def _entry(request: web.Request, name: str) -> dict[str, Any] | None:
             manifest = registry.engines.serving(facts.format, facts.architecture)
             if manifest is None:
                 return None
-            caps = sorted(set(facts.capabilities) & {str(c) for c in manifest.capabilities})
+            caps = [c for c in facts.capabilities if c in manifest.capabilities]
     return {
         "id": name,
         "object": "model",
