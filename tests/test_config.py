@@ -11,7 +11,8 @@ from xllm.config import ConfigError, load_settings
 
 @pytest.fixture(autouse=True)
 def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
-    for var in ("XLLM_HOST", "XLLM_PORT", "XLLM_PARALLEL", "XLLM_CTX_SIZE", "XLLM_PRELOAD"):
+    for var in ("XLLM_HOST", "XLLM_PORT", "XLLM_PARALLEL", "XLLM_CTX_SIZE", "XLLM_PRELOAD",
+                "XLLM_KEEP_ALIVE", "XLLM_IDLE_TIMEOUT", "OLLAMA_KEEP_ALIVE"):  # fmt: skip
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("XLLM_HOME", str(tmp_path))
     cfg = tmp_path / "config.yaml"
@@ -63,6 +64,17 @@ def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
         ),
         ("gpu:\n  layers: 10\n", {}, {}, {"gpu_layers": 10}),
         ("gpu:\n  layers: 10\n", {"XLLM_GPU_LAYERS": "0"}, {}, {"gpu_layers": 0}),
+        ("inference:\n  idle_timeout: 300\n", {}, {}, {"keep_alive": 300.0}),
+        ("inference:\n  keep_alive: 10m\n", {}, {}, {"keep_alive": 600.0}),
+        (  # the seed's spelling is an alias: the new one wins where both are given
+            "inference:\n  keep_alive: 10\n  idle_timeout: 20\n",
+            {},
+            {},
+            {"keep_alive": 10.0},
+        ),
+        ("inference:\n  idle_timeout: 20\n", {"XLLM_IDLE_TIMEOUT": "30"}, {}, {"keep_alive": 30.0}),
+        ("", {"XLLM_KEEP_ALIVE": "1m", "XLLM_IDLE_TIMEOUT": "30"}, {}, {"keep_alive": 60.0}),
+        ("", {"XLLM_KEEP_ALIVE": "-1"}, {"keep_alive": 5.0}, {"keep_alive": 5.0}),
     ],
 )
 def test_precedence(
@@ -103,6 +115,8 @@ def test_precedence(
         ("server:\n  header_timeout: soon\n", {}, "server.header_timeout: expected seconds"),
         ("", {"XLLM_SHUTDOWN_TIMEOUT": "-1"}, "XLLM_SHUTDOWN_TIMEOUT: must not be negative"),
         ("server:\n  shutdown_timeout: soon\n", {}, "server.shutdown_timeout: expected seconds"),
+        ("inference:\n  idle_timeout: soon\n", {}, "inference.idle_timeout: expected seconds"),
+        ("", {"XLLM_IDLE_TIMEOUT": "soon"}, "XLLM_IDLE_TIMEOUT: expected seconds"),
     ],
 )
 def test_errors(
@@ -121,7 +135,7 @@ def test_errors(
 
 OLLAMA_VARS = ("OLLAMA_HOST", "OLLAMA_MODELS", "OLLAMA_KEEP_ALIVE", "OLLAMA_NUM_PARALLEL",
                "OLLAMA_MAX_QUEUE", "OLLAMA_ORIGINS", "OLLAMA_CONTEXT_LENGTH", "XLLM_MODELS_DIR",
-               "XLLM_IDLE_TIMEOUT", "XLLM_ORIGINS", "XLLM_MAX_QUEUE", "XLLM_REGISTRY",
+               "XLLM_IDLE_TIMEOUT", "XLLM_KEEP_ALIVE", "XLLM_ORIGINS", "XLLM_MAX_QUEUE", "XLLM_REGISTRY",
                "HF_ENDPOINT")  # fmt: skip
 
 
@@ -132,10 +146,11 @@ OLLAMA_VARS = ("OLLAMA_HOST", "OLLAMA_MODELS", "OLLAMA_KEEP_ALIVE", "OLLAMA_NUM_
         ("", {"OLLAMA_HOST": "h", "XLLM_HOST": "x:1"}, {"host": "x", "port": 1}),
         ("", {"OLLAMA_MODELS": "/srv/ollama"}, {"models_dir": Path("/srv/ollama")}),
         ("", {"OLLAMA_MODELS": "/o", "XLLM_MODELS_DIR": "/x"}, {"models_dir": Path("/x")}),
-        ("", {"OLLAMA_KEEP_ALIVE": "5m"}, {"idle_timeout": 300.0}),
-        ("", {"OLLAMA_KEEP_ALIVE": "1h30m"}, {"idle_timeout": 5400.0}),
-        ("", {"OLLAMA_KEEP_ALIVE": "-1"}, {"idle_timeout": -1.0}),
-        ("", {"XLLM_IDLE_TIMEOUT": "90s", "OLLAMA_KEEP_ALIVE": "1h"}, {"idle_timeout": 90.0}),
+        ("", {"OLLAMA_KEEP_ALIVE": "5m"}, {"keep_alive": 300.0}),
+        ("", {"OLLAMA_KEEP_ALIVE": "1h30m"}, {"keep_alive": 5400.0}),
+        ("", {"OLLAMA_KEEP_ALIVE": "-1"}, {"keep_alive": -1.0}),
+        ("", {"XLLM_IDLE_TIMEOUT": "90s", "OLLAMA_KEEP_ALIVE": "1h"}, {"keep_alive": 90.0}),
+        ("", {"XLLM_KEEP_ALIVE": "2m", "OLLAMA_KEEP_ALIVE": "1h"}, {"keep_alive": 120.0}),
         ("", {"OLLAMA_NUM_PARALLEL": "3"}, {"parallel": 3}),
         ("", {"OLLAMA_MAX_QUEUE": "7"}, {"max_queue": 7}),
         ("", {"OLLAMA_ORIGINS": "http://a,http://b"}, {"cors_origins": ("http://a", "http://b")}),

@@ -1,98 +1,93 @@
-"""The registry's decisions that need a GPU to happen for real: after an out-of-memory failure
-at load with layers offloaded, one retry with half as many (this machine has no GPU, so the
-runner's failure is played by a stand-in for `LlamaModel.load`), and the memory reading."""
+"""The registry's side of a load, over the fake engine plugin: what a load takes (engine, files,
+options under the Modelfile and the request), errors before anything loads, failures kept for
+`/v0/health`, and loading through its scheduler. The scheduler's own decisions are in
+test_scheduler.py."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from xllm.engine import registry as registry_module
-from xllm.engine.llama import LlamaModel
+from tests import fake_engine
 from xllm.engine.options import EngineOptions
-from xllm.engine.registry import ModelRegistry, instance_key, is_out_of_memory, memory_pressure
-from xllm.errors import ModelLoadError
-from xllm.memory.probe import GPU
-
-FAILED = (
-    "failed to load model 'm:latest' from /m.gguf: llama.cpp could not load /m.gguf (the "
-    "server's log has llama.cpp's messages)"
-)
-CUDA_OOM = (
-    "ggml_backend_cuda_buffer_type_alloc_buffer: allocating 4096.00 MiB on device 0: "
-    "cudaMalloc failed: out of memory"
-)
+from xllm.engine.plugins import Engines, LoadSpec
+from xllm.engine.registry import ModelRegistry, _with_modelfile
+from xllm.errors import InvalidRequest, ModelLoadError, ModelNotFound
+from xllm.models.modelfile import Modelfile
 
 
-def _fake_load(fits: int, calls: list[int]) -> Any:
-    async def load(name: str, path: Path, options: EngineOptions, observer: Any = None) -> Any:
-        calls.append(options.gpu_layers)
-        if options.gpu_layers > fits:
-            raise ModelLoadError(FAILED, detail=CUDA_OOM)  # llama.cpp's log: not for clients
-        return object()
-
-    return load
+@pytest.fixture()
+def folder(tmp_path: Path) -> Path:
+    return fake_engine.model_folder(tmp_path / "fake")
 
 
-@pytest.mark.parametrize(("layers", "fits", "tries"), [(32, 16, [32, 16]), (32, 40, [32])])
-async def test_out_of_memory_retries_once_with_half_the_layers(
-    monkeypatch: pytest.MonkeyPatch, layers: int, fits: int, tries: list[int]
-) -> None:
-    calls: list[int] = []
-    monkeypatch.setattr(LlamaModel, "load", _fake_load(fits, calls))
-    reg = ModelRegistry(EngineOptions())
-    await reg._start("m:latest", Path("/m.gguf"), EngineOptions(gpu_layers=layers))
-    assert calls == tries
+def _registry(engines: Engines | None = None, ctx_size: int = 1024) -> ModelRegistry:
+    return ModelRegistry(EngineOptions(ctx_size=ctx_size), engines=engines or fake_engine.engines())
 
 
-async def test_out_of_memory_twice_gives_up(monkeypatch: pytest.MonkeyPatch) -> None:
-    calls: list[int] = []
-    monkeypatch.setattr(LlamaModel, "load", _fake_load(3, calls))
-    reg = ModelRegistry(EngineOptions())
-    with pytest.raises(ModelLoadError) as e:
-        await reg._start("m:latest", Path("/m.gguf"), EngineOptions(gpu_layers=32))
-    assert e.value.message == FAILED and e.value.detail == CUDA_OOM
-    assert calls == [32, 16]  # one retry, not a search
+async def test_what_a_load_takes(folder: Path) -> None:
+    reg = _registry()
+    name = reg.add_path(folder)
+    where = folder.resolve()  # noqa: ASYNC240
+    spec = await reg.prepare(name, f"{name}#2", ctx_size=None, engine=None)
+    assert (spec.name, spec.key, spec.engine) == (name, f"{name}#2", "fake")
+    assert (spec.format, spec.architecture) == ("safetensors", "FakeLM")
+    assert spec.path == where and spec.files == (where,)
+    assert spec.options.ctx_size == 1024 and spec.plan is not None  # the engine's estimate
+    spec = await reg.prepare(name, name, ctx_size=512, engine="fake")
+    assert spec.options.ctx_size == 512  # the request's context over the server's
 
 
-async def test_no_retry_on_cpu_or_for_other_errors(monkeypatch: pytest.MonkeyPatch) -> None:
-    calls: list[int] = []
-    monkeypatch.setattr(LlamaModel, "load", _fake_load(-1, calls))
-    reg = ModelRegistry(EngineOptions())
+async def test_loads_through_the_scheduler(folder: Path) -> None:
+    reg = _registry()
+    name = reg.add_path(folder)
+    model = await reg.get(name, keep_alive=-1)
+    assert isinstance(model, fake_engine.FakeEngine)
+    assert reg.loaded == {name: model} and model.keep_alive == -1
+    assert name in reg.available()
+    assert await reg.unload(name) is True and reg.loaded == {}
+    await reg.close()
+
+
+async def test_refused_before_anything_loads(folder: Path) -> None:
+    reg = _registry()
+    name = reg.add_path(folder)
+    with pytest.raises(ModelNotFound):
+        await reg.get("nothing-of-that-name")
+    with pytest.raises(InvalidRequest, match="no engine named 'vllm'") as e:
+        await reg.get(name, engine="vllm")
+    assert e.value.param == "engine"
+    assert reg.loaded == {} and reg.loading() == [] and reg.engines.failures == {}
+
+
+async def test_a_failed_load_is_the_engine_state_until_one_succeeds(folder: Path) -> None:
+    broken = True
+
+    async def load(spec: LoadSpec) -> fake_engine.FakeEngine:
+        if broken:
+            raise ModelLoadError("the fake engine could not load it")
+        return fake_engine.FakeEngine(spec)
+
+    reg = _registry(Engines([dataclasses.replace(fake_engine.MANIFEST, load=load)]))
+    name = reg.add_path(folder)
     with pytest.raises(ModelLoadError):
-        await reg._start("m:latest", Path("/m.gguf"), EngineOptions(gpu_layers=0))
-    assert calls == [0]
+        await reg.get(name)
+    assert reg.engines.failures == {"fake": "the fake engine could not load it"}
+    assert reg.engines.states([], [])[0]["state"] == "error"
+    broken = False
+    await reg.get(name)
+    assert reg.engines.failures == {}
+    await reg.close()
 
 
-@pytest.mark.parametrize(
-    ("message", "oom"),
-    [
-        (CUDA_OOM, True),
-        ("ggml_gallocr_reserve_n: failed to allocate CUDA0 buffer of size 2147483648", True),
-        ("ErrorOutOfDeviceMemory", True),
-        ("llama.cpp could not load /m.gguf: unknown model architecture 'foo'", False),
-        ("runner exited with SIGSEGV", False),
-    ],
-)
-def test_out_of_memory_messages(message: str, oom: bool) -> None:
-    assert is_out_of_memory(message) is oom
-
-
-def test_instance_keys() -> None:
-    assert [instance_key("m:latest", i) for i in range(3)] == [
-        "m:latest",
-        "m:latest#2",
-        "m:latest#3",
-    ]
-
-
-def test_memory_pressure_takes_the_fullest(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(registry_module.probe, "ram", lambda: (100, 40))
-    monkeypatch.setattr(registry_module.probe, "gpus", lambda: [])
-    assert memory_pressure() == (0.6, "RAM")
-    gpus = [GPU(0, "A", 100, 50, "x"), GPU(1, "B", 100, 5, "x")]
-    monkeypatch.setattr(registry_module.probe, "gpus", lambda: gpus)
-    used, where = memory_pressure()
-    assert where == "GPU 1 memory" and used == pytest.approx(0.95)
+def test_the_modelfile_at_load() -> None:
+    go = "{{ if .System }}{{ .System }}{{ end }}{{ .Prompt }}"
+    o = _with_modelfile(EngineOptions(ctx_size=4096), "m", Modelfile(parameters={"num_ctx": 2048}))
+    assert o.ctx_size == 2048 and o.chat_template is None
+    o = _with_modelfile(EngineOptions(), "m", Modelfile(template=go))
+    assert o.chat_template is not None and "{{" in o.chat_template
+    assert o.chat_template != go  # Go's syntax translated to Jinja2
+    broken = _with_modelfile(EngineOptions(), "m", Modelfile(template="{{ .Prompt"))
+    assert broken.chat_template is None  # the model's own template is used

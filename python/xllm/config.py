@@ -170,8 +170,8 @@ class Settings:
     """Tokens per decode step (prompt chunks are cut to fit)."""
     gpu_layers: int = -1
     """Layers offloaded to the GPU; -1 = as many as the build supports and memory allows."""
-    idle_timeout: float = 300.0
-    """Seconds an unused model stays loaded."""
+    keep_alive: float = 300.0
+    """Seconds an unused model stays loaded (negative: forever); `idle_timeout` is its alias."""
     memory_budget: int | None = None
     """Bytes all loaded models may use together (default: what the machine has free)."""
     priorities: tuple[tuple[str, str], ...] = ()
@@ -243,6 +243,8 @@ class _Key:
     parse: Callable[[str, Any], Any]
     ollama: str | None = None
     """Ollama's variable for the same setting, honoured when the XLLM_ one is unset."""
+    aliases: tuple[str, str] | None = None
+    """An older spelling (key path, variable), honoured when the new one is unset."""
 
 
 _KEYS: tuple[_Key, ...] = (
@@ -289,11 +291,12 @@ _KEYS: tuple[_Key, ...] = (
     _Key("batch_size", "inference.batch_size", "XLLM_BATCH_SIZE", _positive_int),
     _Key("gpu_layers", "gpu.layers", "XLLM_GPU_LAYERS", _int),
     _Key(
-        "idle_timeout",
-        "inference.idle_timeout",
-        "XLLM_IDLE_TIMEOUT",
+        "keep_alive",
+        "inference.keep_alive",
+        "XLLM_KEEP_ALIVE",
         _duration,
         "OLLAMA_KEEP_ALIVE",
+        ("inference.idle_timeout", "XLLM_IDLE_TIMEOUT"),  # the seed's name
     ),
     _Key("memory_budget", "memory.budget", "XLLM_MEMORY_BUDGET", lambda k, v: _bytes(k, v)),
     _Key("priorities", "models.priority", "XLLM_PRIORITY", lambda k, v: _priorities(k, v)),
@@ -332,7 +335,7 @@ def _read_file(path: Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level")
     flat = _flatten(data)
-    known = {k.path for k in _KEYS}
+    known = {k.path for k in _KEYS} | {k.aliases[0] for k in _KEYS if k.aliases}
     for key in flat:
         if key not in known:
             raise ConfigError(f"{path}: unknown key {key!r}")
@@ -361,9 +364,12 @@ def load_settings(flags: Mapping[str, Any] | None = None) -> Settings:
     values: dict[str, Any] = {}
     file_values = _read_file(config_path())
     for key in _KEYS:
-        if key.path in file_values:
-            values[key.attr] = key.parse(key.path, file_values[key.path])
-        var = key.env if os.environ.get(key.env) or not key.ollama else key.ollama
+        old_path, old_var = key.aliases or (None, None)
+        for path in (old_path, key.path):  # the new spelling last: it wins
+            if path is not None and path in file_values:
+                values[key.attr] = key.parse(path, file_values[path])
+        names = (key.env, old_var, key.ollama)
+        var = next((v for v in names if v and os.environ.get(v)), key.env)
         env = os.environ.get(var)
         if env is not None and env != "":
             if key.attr == "host":

@@ -134,9 +134,9 @@ def test_failed_load_is_explained_without_llama_cpp_log(tmp_path: Path) -> None:
         stop_server(s)
 
 
-def test_idle_timeout_unloads(tmp_path: Path) -> None:
+def test_keep_alive_unloads(tmp_path: Path) -> None:
     s = start_server(
-        tmp_path, ["--model", MODEL, "--ctx-size", "512"], env={"XLLM_IDLE_TIMEOUT": "1"}
+        tmp_path, ["--model", MODEL, "--ctx-size", "512"], env={"XLLM_KEEP_ALIVE": "1"}
     )
     try:
         r = httpx.post(

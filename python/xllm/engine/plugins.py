@@ -71,6 +71,8 @@ class LoadSpec:
     plan: Plan | None = None
     """The memory plan the engine's estimate made, once the scheduler made room for it."""
     observer: Observer | None = None
+    engine: str = ""
+    """The engine that loads it (its manifest's name)."""
 
 
 Load = Callable[[LoadSpec], Awaitable[Engine]]

@@ -39,7 +39,7 @@ def engine_options(settings: Settings) -> EngineOptions:
         batch_size=settings.batch_size,
         gpu_layers=settings.gpu_layers,
         max_queue=settings.max_queue,
-        keep_alive_s=settings.idle_timeout,
+        keep_alive_s=settings.keep_alive,
     )
 
 
