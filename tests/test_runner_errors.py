@@ -3,7 +3,7 @@ the same class, status, type, code and param.
 
 Each case raises an exception in the runner's real request handlers (`runner._call`,
 `runner._submit`) over a stand-in engine, sends the reply through the real IPC framing, and
-takes it from the server's real `LlamaModel`, as a handler would.
+takes it from the server's real `RunnerClient`, as a handler would.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import pytest
 
 from xllm import _core
 from xllm.engine import ipc, runner
-from xllm.engine.llama import Generation, LlamaModel
+from xllm.engine.llama import Generation, RunnerClient
 from xllm.engine.options import EngineOptions
 from xllm.errors import EngineError, InsufficientMemory, InvalidRequest, Overloaded, XllmError
 from xllm.models.gguf import GGUFError
@@ -47,7 +47,7 @@ class _Engine:
 
 
 class _Proc:
-    """The runner process as `LlamaModel` sees it: it ends when the stand-in runner does;
+    """The runner process as `RunnerClient` sees it: it ends when the stand-in runner does;
     `kill()` closes its end of the socket at once, as the death of a process does."""
 
     pid = 0
@@ -83,13 +83,13 @@ async def _runner(sock: socket.socket, engine: _Engine, proc: _Proc) -> None:
 
 
 @contextlib.asynccontextmanager
-async def _model(error: Exception | None) -> AsyncIterator[LlamaModel]:
+async def _model(error: Exception | None) -> AsyncIterator[RunnerClient]:
     server_end, runner_end = socket.socketpair()
     proc = _Proc()
     task = asyncio.create_task(_runner(runner_end, _Engine(error), proc))
     reader, writer = await asyncio.open_connection(sock=server_end)
     info = ModelInfo(MODEL, Path("/m.gguf"), "llama", 512, 8, 1, 1, 1, "F32", None)
-    model = LlamaModel(
+    model = RunnerClient(
         MODEL, Path("/m.gguf"), EngineOptions(ctx_size=512), info, proc,  # type: ignore[arg-type]
         reader, writer, None, collections.deque(), asyncio.create_task(asyncio.sleep(0)),
     )  # fmt: skip
@@ -100,14 +100,14 @@ async def _model(error: Exception | None) -> AsyncIterator[LlamaModel]:
         await task
 
 
-Call = Callable[[LlamaModel], Awaitable[Any]]
+Call = Callable[[RunnerClient], Awaitable[Any]]
 
 
-def _tokenize(model: LlamaModel) -> Awaitable[Any]:
+def _tokenize(model: RunnerClient) -> Awaitable[Any]:
     return model.tokenize("hello", special=True)
 
 
-def _start(model: LlamaModel) -> Awaitable[Any]:
+def _start(model: RunnerClient) -> Awaitable[Any]:
     return model.start([1, 2, 3], {"max_tokens": 1})
 
 
@@ -191,7 +191,7 @@ async def test_a_dead_runner_fails_calls_without_its_log(caplog: pytest.LogCaptu
     assert "sched_reserve: CPU compute buffer size" in caplog.text
 
 
-def _running(model: LlamaModel, rid: int, n: int) -> Generation:
+def _running(model: RunnerClient, rid: int, n: int) -> Generation:
     """A generation the runner has accepted (the stand-in runner answers no submission)."""
     gen = Generation(model, rid, n)
     model._queues[rid] = gen.queue

@@ -51,7 +51,7 @@ class Generation:
     the server cut the request while shutting down (then its `error` is the XllmError to
     report)."""
 
-    model: LlamaModel
+    model: RunnerClient
     request_id: int
     n: int
     queue: asyncio.Queue[Delta] = field(default_factory=asyncio.Queue)
@@ -95,8 +95,9 @@ class Generation:
                 self.model._forget(self.request_id)
 
 
-class LlamaModel:
-    """A loaded GGUF model: the server's handle on its runner process (a `protocol.Engine`)."""
+class RunnerClient:
+    """The llama.cpp engine for one loaded GGUF model: the server's client of the model's runner
+    process (a `protocol.Engine`)."""
 
     kind = "llama.cpp"
 
@@ -121,7 +122,7 @@ class LlamaModel:
         self.info = info
         self.observer = observer
         self.ctx_size = min(options.ctx_size, info.context_length or options.ctx_size)
-        self.on_exit: Callable[[LlamaModel], None] | None = None
+        self.on_exit: Callable[[RunnerClient], None] | None = None
         self.plan: Plan | None = None
         self.modelfile = Modelfile()
         """A stored model's Modelfile: SYSTEM, MESSAGE and PARAMETER defaults for requests."""
@@ -150,7 +151,7 @@ class LlamaModel:
     @classmethod
     async def load(
         cls, name: str, path: Path, options: EngineOptions, observer: Observer | None = None
-    ) -> LlamaModel:
+    ) -> RunnerClient:
         """Start a runner for `path` and wait until its engine has loaded the model."""
         parent, child = socket.socketpair()
         try:
@@ -440,7 +441,7 @@ def _estimate(spec: LoadSpec) -> Plan:
     return plan
 
 
-async def _load(spec: LoadSpec) -> LlamaModel:
+async def _load(spec: LoadSpec) -> RunnerClient:
     """Start a runner with the plan's GPU layers (spread over several GPUs by free memory)."""
     o = dataclasses.replace(
         spec.options,
@@ -454,7 +455,7 @@ async def _load(spec: LoadSpec) -> LlamaModel:
         gpus = probe.gpus()
         if len(gpus) > 1 and plan.gpu_layers:
             o = dataclasses.replace(o, tensor_split=tuple(planner.split(gpus)))
-    model = await LlamaModel.load(spec.name, spec.path, o, spec.observer)
+    model = await RunnerClient.load(spec.name, spec.path, o, spec.observer)
     model.plan = plan
     model.modelfile = spec.modelfile
     return model

@@ -3,7 +3,7 @@
 Chat templates, tools, fill-in-the-middle, token prompts, the Modelfile's defaults and the
 checks that depend on the model (context room, vocabulary, parallel sequences) all live here:
 they are this engine's business, not the handlers'. Rendering and tokenizing run in the
-model's runner process (`LlamaModel.chat_prompt`, `tokenize`).
+model's runner process (`RunnerClient.chat_prompt`, `tokenize`).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from xllm.models import gotemplate
 from xllm.models.modelfile import Modelfile, is_go_template
 
 if TYPE_CHECKING:
-    from xllm.engine.llama import LlamaModel
+    from xllm.engine.llama import RunnerClient
 
 
 @dataclass(frozen=True)
@@ -70,7 +70,7 @@ _SAMPLING = (
 )  # fmt: skip
 
 
-async def prepare(model: LlamaModel, request: Request) -> Prepared:
+async def prepare(model: RunnerClient, request: Request) -> Prepared:
     """Prompt tokens and engine parameters for `request`; 400s name the field at fault."""
     caps = model.capabilities
     name = model.name
@@ -113,7 +113,7 @@ def _check_images(caps: frozenset[Capability], name: str, request: Request) -> N
         raise InvalidRequest("image input is not available yet in this xllm", param=param)
 
 
-async def _raw(model: LlamaModel, request: Request) -> list[int]:
+async def _raw(model: RunnerClient, request: Request) -> list[int]:
     """A prompt of parts, as it is: text tokenized with its special tokens, token ids checked."""
     tokens: list[int] = []
     for part in request.prompt:
@@ -125,7 +125,7 @@ async def _raw(model: LlamaModel, request: Request) -> list[int]:
     return tokens
 
 
-async def _infill(model: LlamaModel, request: Request) -> list[int]:
+async def _infill(model: RunnerClient, request: Request) -> list[int]:
     """Fill-in-the-middle: the text before and after the gap around the model's FIM tokens."""
     require(model.capabilities, model.name, Capability.INSERT, "suffix")
     if any(p.kind != "text" for p in request.prompt):
@@ -160,7 +160,7 @@ def with_modelfile(
 
 
 async def _chat(
-    model: LlamaModel, request: Request
+    model: RunnerClient, request: Request
 ) -> tuple[list[int], list[str], grammar.Grammar | None]:
     """(tokens, the template's extra stops, a forced call's grammar) for a chat.
 
@@ -201,7 +201,7 @@ async def _chat(
     return tokens, stops, constraint
 
 
-def check_token_ids(model: LlamaModel, tokens: Sequence[int], param: str) -> None:
+def check_token_ids(model: RunnerClient, tokens: Sequence[int], param: str) -> None:
     """Token ids given by a client must be in the model's vocabulary."""
     n_vocab = model.info.n_vocab
     bad = next((t for t in tokens if not 0 <= t < n_vocab), None)
@@ -212,7 +212,7 @@ def check_token_ids(model: LlamaModel, tokens: Sequence[int], param: str) -> Non
 
 
 def sampling_params(
-    model: LlamaModel, s: Sampling, prompt_len: int, extra_stops: Sequence[str], param: str
+    model: RunnerClient, s: Sampling, prompt_len: int, extra_stops: Sequence[str], param: str
 ) -> dict[str, Any]:
     """The Rust loop's parameters; checks what depends on the model."""
     if prompt_len == 0:
