@@ -29,9 +29,21 @@ def value(samples: Samples, name: str, **labels: str) -> float:
     return sum(v for (n, ls), v in samples.items() if n == name and want <= ls)
 
 
+def settled(server: Server) -> Samples:
+    """A scrape once the runner has reported what earlier tests generated: its counters come
+    every 0.25 s, so a scrape right after another test's request may not count it yet."""
+    last = scrape(server)
+    while True:
+        time.sleep(0.6)
+        now = scrape(server)
+        if value(now, "xllm_generated_tokens_total") == value(last, "xllm_generated_tokens_total"):
+            return now
+        last = now
+
+
 def test_counters_move_by_the_request_mix(server: Server) -> None:
     client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="x")
-    before = scrape(server)
+    before = settled(server)
     prompt = completion = 0
     for n in (4, 6):
         r = client.chat.completions.create(
