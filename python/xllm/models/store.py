@@ -335,7 +335,8 @@ class Store:
 
     def find(self, name: ModelName) -> StoredModel | None:
         """The stored model of that name, or None; CorruptModel (the server's 500, naming the
-        file) for a manifest that cannot be read."""
+        file) for a manifest that cannot be read or names a blob not there whole. Blobs are
+        checked (a stat each) when the manifest is read; one lost later shows at load."""
         model = self._lookup(name)
         if isinstance(model, CorruptModel):
             raise CorruptModel(model.message)  # a new one: the cached one is shared by threads
