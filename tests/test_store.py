@@ -6,11 +6,14 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
+from xllm.errors import CorruptModel
 from xllm.models import store as st
 from xllm.models.modelfile import Message
 from xllm.models.names import parse_name
@@ -105,3 +108,103 @@ def test_verify_detects_bit_rot(tmp_path: Path, tiny_path: Path) -> None:
     data[100] ^= 1
     path.write_bytes(bytes(data))
     assert s.verify([digest]) == digest
+
+
+def _place(s: Store, name: str, model: bytes, *extra: tuple[str, bytes]) -> Manifest:
+    """A manifest written as it is, unchecked (as a damaged disk or a hand leaves one)."""
+    layers = [Layer(st.MODEL, asyncio.run(s.add_bytes(model)), len(model))]
+    layers += [Layer(m, asyncio.run(s.add_bytes(data)), len(data)) for m, data in extra]
+    config = asyncio.run(s.add_bytes(name.encode()))
+    manifest = Manifest(Layer(st.CONFIG_TYPE, config, len(name)), tuple(layers))
+    path = s.manifest_path(parse_name(name))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(manifest.to_bytes())
+    return manifest
+
+
+Damage = Callable[[Store, Manifest], str]
+"""Damages the model `bad` (model, system and messages layers); returns what its error says."""
+
+
+def _rewrite(text: str, says: str) -> Damage:
+    def damage(s: Store, m: Manifest) -> str:
+        s.manifest_path(parse_name("bad")).write_text(text)
+        return says
+
+    return damage
+
+
+def _blob(index: int, keep: int | None = None, data: bytes = b"") -> Damage:
+    """The blob of layer `index` removed, cut to its first `keep` bytes, or overwritten."""
+
+    def damage(s: Store, m: Manifest) -> str:
+        layer = m.layers[index]
+        path = s.blob_path(layer.digest)
+        if data:
+            path.write_bytes(data)
+            return ""
+        if keep is None:
+            path.unlink()
+            return f"its blob {layer.digest} ({path}) is missing; remove it with `xllm rm"
+        path.write_bytes(path.read_bytes()[:keep])
+        return f"its blob {layer.digest} ({path}) has {keep} bytes, not {layer.size}; remove"
+
+    return damage
+
+
+MESSAGES = b'[{"role": "user", "content": "hi"}]'
+DAMAGES: dict[str, tuple[Damage, str, bool]] = {
+    # name: (damage, what the error says, whether the manifest still tells its blobs)
+    "torn write": (_rewrite('{"schemaVersion": 2, "layers": [', ""), "not valid JSON", False),
+    "nested thousands deep": (_rewrite("[" * 100_000, ""), "not valid JSON", False),
+    "no layers": (
+        _rewrite('{"schemaVersion": 2, "config": {}, "layers": []}', ""),
+        "1 to 64 layers",
+        False,
+    ),
+    "model blob lost": (_blob(0), "", True),
+    "model blob cut short": (_blob(0, keep=10), "", True),
+    "system blob lost": (_blob(1), "", True),
+    "messages rotted": (
+        _blob(2, data=MESSAGES.replace(b"content", b"kontent")),
+        "the messages layer is not a list of {role, content}",
+        True,
+    ),
+}
+
+
+@pytest.mark.parametrize(("damage", "says", "parses"), DAMAGES.values(), ids=DAMAGES.keys())
+def test_a_damaged_model_is_the_servers_error_and_the_others_still_list(
+    tmp_path: Path,
+    tiny_path: Path,
+    damage: Damage,
+    says: str,
+    parses: bool,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    s = Store(tmp_path)
+    _model(s, tiny_path, "good")
+    extra = ((st.SYSTEM, b"only bad"), (st.MESSAGES, MESSAGES))
+    manifest = _place(s, "bad", b"GGUF" + b"\1" * 60, *extra)
+    assert s.find(parse_name("bad")) is not None
+    says = damage(s, manifest) or says
+    s = Store(tmp_path)  # as a server (re)started over the damaged store reads it
+    name = parse_name("bad")
+    with caplog.at_level(logging.WARNING, logger="xllm.store"):
+        assert [m.name.display for m in s.list()] == ["good:latest"]
+    assert "skipping model bad:latest: " in caplog.text
+    assert s.get(name) is None
+    with pytest.raises(CorruptModel) as e:
+        s.find(name)
+    assert e.value.status == 500 and e.value.code == "model_corrupt"
+    path = s.manifest_path(name)
+    assert e.value.message.startswith(f"the manifest of model 'bad:latest' ({path}) is corrupt: ")
+    assert says in e.value.message
+    with pytest.raises(CorruptModel):
+        s.copy(name, parse_name("other"))
+    # `xllm rm` is the repair: the manifest goes, with the blobs only it named when it tells them
+    assert s.delete(name) and s.find(name) is None
+    left = [x.digest for x in manifest.blobs() if s.has_blob(x.digest)]
+    assert left == [] if parses else len(left) == len(manifest.blobs())
+    good = s.find(parse_name("good"))
+    assert good is not None and good.model_path.is_file()

@@ -38,7 +38,7 @@ class ArchiveError(InvalidRequest):
 
 
 def export(store: Store, name: ModelName, dest: Path) -> StoredModel:
-    model = store.get(name)
+    model = store.find(name)
     if model is None:
         raise ModelNotFound(f"model {name.display!r} not found")
     raw = store.manifest_path(name).read_bytes()

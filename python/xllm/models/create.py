@@ -46,7 +46,7 @@ class Recipe:
     quantize: str | None = None
 
 
-async def base(registry: ModelRegistry, name: str) -> Manifest:
+async def _base(registry: ModelRegistry, name: str) -> Manifest:
     """The manifest of model `name`; a bundled or command-line model's file (or files, split)
     is copied into the store first (its manifest then has the model's layers only), a
     safetensors model is converted to a GGUF one (as Ollama's create does)."""
@@ -92,7 +92,7 @@ async def _quantized(s: Store, base: Manifest, kind: str) -> Manifest:
     return Manifest(base.config, layers)
 
 
-async def write_model(
+async def _write_model(
     s: Store, name: ModelName, layers: tuple[Layer, ...], parent: str = ""
 ) -> StoredModel:
     """Publish a manifest of `layers` (blobs present, one model layer) with a config blob."""
@@ -140,7 +140,7 @@ async def _from(registry: ModelRegistry, s: Store, body: Recipe) -> Manifest:
     except InvalidRequest as e:
         raise InvalidRequest(e.message, param="from") from None
     try:
-        return await base(registry, name.display)
+        return await _base(registry, name.display)
     except ModelNotFound:
         raise ModelNotFound(
             f"base model {name.display!r} not found; pull it first", param="from"
@@ -190,6 +190,20 @@ def _adapter_layers(s: Store, base: Manifest, files: dict[str, str]) -> list[Lay
     return layers
 
 
+async def copy(registry: ModelRegistry, source: ModelName, dest: ModelName) -> None:
+    """Model `source` under name `dest` too: a stored model's manifest copied, a bundled or
+    command-line model's file(s) stored first."""
+    s = registry.store
+    assert s is not None
+    found = registry.find(source.display)
+    if found.stored is not None:
+        await asyncio.to_thread(s.copy, found.stored.name, dest)
+    else:
+        manifest = await _base(registry, source.display)
+        await _write_model(s, dest, manifest.layers)
+    await registry.unload(dest.display)  # a loaded model of that name is now stale
+
+
 async def create(registry: ModelRegistry, body: Recipe) -> list[str]:
     """Make the model; returns what was done, step by step (Ollama's progress statuses)."""
     name = body.name
@@ -232,7 +246,7 @@ async def create(registry: ModelRegistry, body: Recipe) -> list[str]:
         records.append(f"creating new layer {digest}")
         layers.append(Layer(media, digest, len(data)))
     records.append("writing manifest")
-    await write_model(s, name, tuple(layers), body.from_ or "")
+    await _write_model(s, name, tuple(layers), body.from_ or "")
     await registry.unload(name.display)  # a loaded model of that name is now stale
     records.append("success")
     return records

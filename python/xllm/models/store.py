@@ -78,6 +78,15 @@ class ManifestError(InvalidRequest):
     """A manifest that is not what the store accepts."""
 
 
+class MissingBlob(ManifestError):
+    """A stored manifest names a blob that is not in the store whole: absent, or of another
+    size than its layer says (a disk that lost it, a copy cut short)."""
+
+    def __init__(self, layer: Layer, path: Path, size: int | None) -> None:
+        state = "is missing" if size is None else f"has {size} bytes, not {layer.size}"
+        super().__init__(f"its blob {layer.digest} ({path}) {state}")
+
+
 @dataclass(frozen=True)
 class Layer:
     media_type: str
@@ -130,10 +139,7 @@ class Manifest:
         """A checked manifest: every digest and size valid, a bounded number of layers."""
         if len(raw) > MAX_MANIFEST:
             raise ManifestError("the manifest is larger than 1 MiB")
-        try:
-            data = json.loads(raw)
-        except (ValueError, UnicodeDecodeError):
-            raise ManifestError("the manifest is not valid JSON") from None
+        data = _json(raw, "the manifest")
         if not isinstance(data, dict) or data.get("schemaVersion") != 2:
             raise ManifestError("not a schemaVersion 2 manifest")
         layers = data.get("layers")
@@ -329,7 +335,8 @@ class Store:
 
     def find(self, name: ModelName) -> StoredModel | None:
         """The stored model of that name, or None; CorruptModel (the server's 500, naming the
-        file) for a manifest that cannot be read."""
+        file) for a manifest that cannot be read or names a blob not there whole. Blobs are
+        checked (a stat each) when the manifest is read; one lost later shows at load."""
         model = self._lookup(name)
         if isinstance(model, CorruptModel):
             raise CorruptModel(model.message)  # a new one: the cached one is shared by threads
@@ -352,10 +359,14 @@ class Store:
             reason = getattr(e, "message", None) or str(e)
             log.warning("skipping model %s: %s", name, reason)
             state = "cannot be read" if isinstance(e, OSError) else "is corrupt"
+            pull, rm = f"`xllm pull {name.display}`", f"`xllm rm {name.display}`"
+            repair = (
+                f"remove it with {rm} and download it again with {pull}"
+                if isinstance(e, MissingBlob)  # a pull keeps the blobs the store has: rm first
+                else f"download the model again with {pull} or remove it with {rm}"
+            )
             model = CorruptModel(
-                f"the manifest of model {name.display!r} ({path}) {state}: {reason}; download "
-                f"the model again with `xllm pull {name.display}` or remove it with "
-                f"`xllm rm {name.display}`"
+                f"the manifest of model {name.display!r} ({path}) {state}: {reason}; {repair}"
             )
         self._models[path] = (key, model)
         return model
@@ -363,6 +374,8 @@ class Store:
     def _read(self, name: ModelName, path: Path, mtime: float) -> StoredModel:
         raw = _read_limited(path, MAX_MANIFEST)
         manifest = Manifest.parse(raw)
+        for layer in manifest.blobs():  # a stat each: a lost or cut blob shows before any load
+            self._check_blob(layer)
         digest = "sha256:" + hashlib.sha256(raw).hexdigest()
         model_layer = manifest.find(MODEL)
         named: tuple[tuple[str, str], ...] = ()
@@ -387,13 +400,20 @@ class Store:
             named_files=named,
         )
 
+    def _check_blob(self, layer: Layer) -> None:
+        path = self.blob_path(layer.digest)
+        try:
+            size: int | None = path.stat().st_size
+        except (FileNotFoundError, NotADirectoryError):
+            size = None
+        if size != layer.size:
+            raise MissingBlob(layer, path, size)
+
     def named_files(self, manifest: Manifest) -> dict[str, str]:
         """A safetensors model's files (name -> digest) from its config blob, checked: every
         name one a model folder may hold, every file one of the manifest's layers and back."""
-        try:
-            config = json.loads(_read_limited(self.blob_path(manifest.config.digest), MAX_MANIFEST))
-        except ValueError:
-            raise ManifestError("the config blob is not JSON") from None
+        config = _json(_read_limited(self.blob_path(manifest.config.digest), MAX_MANIFEST),
+                       "the config blob")  # fmt: skip
         files = config.get("files") if isinstance(config, dict) else None
         if not isinstance(files, dict):
             raise ManifestError("the config blob of a safetensors model lists no files")
@@ -454,14 +474,16 @@ class Store:
             elif layer.media_type == ADAPTER:
                 adapters.append(layer.digest)
             elif layer.media_type == PARAMS:
-                raw = json.loads(self._text(layer))
+                raw = _json(self._text(layer), "the params layer")
                 if not isinstance(raw, dict):
                     raise ManifestError("the params layer is not a JSON object")
                 params = modelfile.parameters(raw)
             elif layer.media_type == MESSAGES:
-                raw = json.loads(self._text(layer))
-                if not isinstance(raw, list):
-                    raise ManifestError("the messages layer is not a JSON list")
+                raw = _json(self._text(layer), "the messages layer")
+                if not isinstance(raw, list) or not all(
+                    isinstance(m, dict) and "role" in m and "content" in m for m in raw
+                ):
+                    raise ManifestError("the messages layer is not a list of {role, content}")
                 messages = [Message(str(m["role"]), str(m["content"])) for m in raw]
         return Modelfile(
             parameters=params,
@@ -526,14 +548,17 @@ class Store:
         _fsync_dir(path.parent)
 
     def copy(self, source: ModelName, dest: ModelName) -> StoredModel:
-        if self.get(source) is None:
+        if self.find(source) is None:
             raise ModelNotFound(f"model {source.display!r} not found", param="source")
         return self.write_manifest(dest, _read_limited(self.manifest_path(source), MAX_MANIFEST))
 
     def delete(self, name: ModelName) -> bool:
-        """Remove a model's manifest and the blobs no other model uses; False if absent."""
+        """Remove a model's manifest and the blobs no other model uses; False if absent. A
+        damaged model goes too, with those blobs its manifest still names (`xllm rm` is the
+        repair its error gives)."""
         model = self.get(name)
         path = self.manifest_path(name)
+        blobs = model.manifest.blobs() if model is not None else _blobs_named(path)
         try:
             path.unlink()
         except (FileNotFoundError, NotADirectoryError):
@@ -544,7 +569,7 @@ class Store:
                 parent.rmdir()  # only when empty
         if model is not None:
             self._drop_view(model)
-            self.remove_unused(layer.digest for layer in model.manifest.blobs())
+        self.remove_unused(layer.digest for layer in blobs)
         return True
 
     def _drop_view(self, model: StoredModel) -> None:
@@ -741,6 +766,21 @@ def _copy_into(source: Path, partial: Partial) -> None:
     with source.open("rb") as f:
         while chunk := f.read(CHUNK):
             partial.write(chunk)
+
+
+def _json(raw: bytes | str, what: str) -> Any:
+    try:
+        return json.loads(raw)
+    except (ValueError, RecursionError):  # RecursionError: arrays nested thousands deep
+        raise ManifestError(f"{what} is not valid JSON") from None
+
+
+def _blobs_named(path: Path) -> list[Layer]:
+    """The blobs of the manifest at `path`, or none when it cannot be read."""
+    try:
+        return Manifest.parse(_read_limited(path, MAX_MANIFEST)).blobs()
+    except (ManifestError, OSError):
+        return []
 
 
 def _read_limited(path: Path, limit: int) -> bytes:

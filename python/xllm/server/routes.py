@@ -5,7 +5,7 @@ The request models also feed `/openapi.json`, so the document cannot drift from 
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -110,9 +110,10 @@ ROUTES: tuple[Route, ...] = (
 )  # fmt: skip
 
 
-def add_routes(app: web.Application) -> None:
+def add_routes(app: web.Application, table: Iterable[Route] = ROUTES) -> None:
+    """Serve `table`'s routes (a test's own, or THE table), each with its dialect recorded."""
     dialects: dict[str, Dialect] = {}
-    for r in ROUTES:
+    for r in table:
         if r.method == "GET":
             added = app.router.add_get(r.path, r.handler)  # answers HEAD too, as Ollama's does
         else:

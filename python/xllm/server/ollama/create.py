@@ -7,7 +7,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncGenerator
 from typing import Any
 
@@ -28,15 +27,8 @@ from xllm.server.state import REGISTRY
 async def copy(request: web.Request) -> web.Response:
     body = await parse_body(request, CopyRequest)
     source, dest = model_name(body.source, "source"), model_name(body.destination, "destination")
-    registry = request.app[REGISTRY]
-    s = store_of(request)
-    found = registry.find(source.display)
-    if found.stored is not None:
-        await asyncio.to_thread(s.copy, found.stored.name, dest)
-    else:
-        base = await models_create.base(registry, source.display)
-        await models_create.write_model(s, dest, base.layers)
-    await registry.unload(dest.display)  # a loaded model of that name is now stale
+    store_of(request)  # a 400 without a store
+    await models_create.copy(request.app[REGISTRY], source, dest)
     return web.Response(status=200)
 
 
