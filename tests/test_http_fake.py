@@ -194,6 +194,7 @@ async def test_openai_validation(
         ("/api/chat", {"model": MODEL, "messages": "hi"}, "messages"),
         ("/api/chat", {**_chat("x"), "options": {"temperature": -1}}, "temperature"),
         ("/api/chat", {**_chat("x"), "keep_alive": "forever"}, "keep_alive"),
+        ("/api/chat", {**_chat("x"), "options": {"num_ctx": 1}}, "num_ctx"),
         ("/api/generate", {"model": MODEL, "prompt": "x", "options": {"top_k": -1}}, "top_k"),
         ("/api/generate", {"model": MODEL, "prompt": "x", "context": [-1]}, "context"),
         ("/api/generate", {"model": MODEL, "prompt": "x", "think": True}, "think"),

@@ -35,7 +35,8 @@ class Options(Wire):
     models now carry) are accepted and ignored, as newer Ollama does. Other names are logged
     and ignored, as Ollama's `invalid option provided` warning does."""
 
-    num_ctx: Annotated[int, Field(ge=1, le=2**31 - 1)] | None = None
+    num_ctx: Annotated[int, Field(ge=2, le=2**31 - 1)] | None = None
+    """A sequence holds at least a prompt token and a generated one (the engine refuses less)."""
     num_predict: Annotated[int, Field(ge=-2, le=2**31 - 1)] | None = None
     num_keep: Annotated[int, Field(ge=-1, le=2**31 - 1)] | None = None
     temperature: Annotated[float, Field(ge=0.0, le=100.0)] | None = None
