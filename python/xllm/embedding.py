@@ -42,7 +42,7 @@ async def embed(
     tokens = [
         await model.tokenize(x, special=True)
         if isinstance(x, str)
-        else _in_vocabulary(x, model.info.n_vocab, param)
+        else model.info.check_tokens(x, param)
         for x in inputs
     ]
     for i, t in enumerate(tokens):
@@ -56,12 +56,3 @@ async def embed(
     tokens = [t[: model.ctx_size] for t in tokens]
     vectors = await model.embed(tokens, normalize)
     return Embeddings(vectors, sum(len(t) for t in tokens))
-
-
-def _in_vocabulary(ids: Sequence[int], n_vocab: int, param: str) -> list[int]:
-    bad = next((t for t in ids if not 0 <= t < n_vocab), None)
-    if bad is not None:
-        raise InvalidRequest(
-            f"{param}: token id {bad} is outside the vocabulary (0..{n_vocab})", param=param
-        )
-    return list(ids)

@@ -9,7 +9,7 @@ model's runner process (`RunnerClient.chat_prompt`, `tokenize`).
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from xllm import grammar, reasoning, tools
@@ -83,12 +83,12 @@ async def prepare(model: RunnerClient, request: Request) -> Prepared:
     elif request.messages is not None:
         tokens, stops, constraint = await _chat(model, request)
         if constraint is not None:
-            sampling = Sampling.of({**_fields(sampling), "grammar": constraint})
+            sampling = replace(sampling, grammar=constraint)
     else:
         tokens = await _raw(model, request)
     tokens = [*request.context, *tokens]
     if request.context:
-        check_token_ids(model, request.context, "context")
+        model.info.check_tokens(request.context, "context")
     sampling = sampling.over(modelfile_defaults(model.modelfile)).over(request.defaults)
     params = sampling_params(model, sampling, len(tokens), stops, request.param)
     opens = None
@@ -96,10 +96,6 @@ async def prepare(model: RunnerClient, request: Request) -> Prepared:
         tail = await model.detokenize(tokens[-4:])  # templates may open the block themselves
         opens = tail.rstrip().endswith(reasoning.OPEN)
     return Prepared(tokens, params, opens)
-
-
-def _fields(s: Sampling) -> dict[str, Any]:
-    return {k: getattr(s, k) for k in s.__dataclass_fields__}
 
 
 def _check_images(caps: frozenset[Capability], name: str, request: Request) -> None:
@@ -118,7 +114,7 @@ async def _raw(model: RunnerClient, request: Request) -> list[int]:
     tokens: list[int] = []
     for part in request.prompt:
         if part.kind == "tokens":
-            check_token_ids(model, part.tokens, request.param)
+            model.info.check_tokens(part.tokens, request.param)
             tokens += part.tokens
         elif part.kind == "text":
             tokens += await model.tokenize(part.text, special=True)
@@ -199,16 +195,6 @@ async def _chat(
         request.enable_thinking,
     )
     return tokens, stops, constraint
-
-
-def check_token_ids(model: RunnerClient, tokens: Sequence[int], param: str) -> None:
-    """Token ids given by a client must be in the model's vocabulary."""
-    n_vocab = model.info.n_vocab
-    bad = next((t for t in tokens if not 0 <= t < n_vocab), None)
-    if bad is not None:
-        raise InvalidRequest(
-            f"{param}: token id {bad} is outside the vocabulary (0..{n_vocab})", param=param
-        )
 
 
 def sampling_params(

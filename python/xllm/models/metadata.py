@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Protocol
 
+from xllm.errors import InvalidRequest
 from xllm.models import gguf
 
 # llama.cpp's `llama_ftype` numbers, as GGUF stores them in `general.file_type`.
@@ -103,6 +104,16 @@ class ModelInfo:
     @property
     def capabilities(self) -> list[str]:
         return capabilities(self.metadata, infill=self.fim_tokens is not None)
+
+    def check_tokens(self, tokens: Sequence[int], param: str) -> list[int]:
+        """Token ids a client gave, checked against the vocabulary (a 400 naming `param`)."""
+        bad = next((t for t in tokens if not 0 <= t < self.n_vocab), None)
+        if bad is not None:
+            raise InvalidRequest(
+                f"{param}: token id {bad} is outside the vocabulary (0..{self.n_vocab})",
+                param=param,
+            )
+        return list(tokens)
 
 
 EMBEDDING_ARCHITECTURES = frozenset({"bert", "nomic-bert", "nomic-bert-moe", "jina-bert-v2"})
