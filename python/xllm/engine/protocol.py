@@ -142,10 +142,6 @@ class Request:
     param: str = "prompt"
     """The request field the prompt came from, for errors about it (`messages`, `prompt`)."""
 
-    @property
-    def is_chat(self) -> bool:
-        return self.messages is not None
-
 
 class Observer(Protocol):
     """Told about finished generations and loads (the metrics)."""
