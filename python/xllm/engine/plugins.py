@@ -68,6 +68,8 @@ class LoadSpec:
     files: tuple[Path, ...] = ()
     """Every file of the model, `path`'s first (a split GGUF's shards follow)."""
     adapters: tuple[Path, ...] = ()
+    projector: Path | None = None
+    """A vision model's projector (a GGUF `mmproj` file), when it has one."""
     plan: Plan | None = None
     """The memory plan the engine's estimate made, once the scheduler made room for it."""
     observer: Observer | None = None

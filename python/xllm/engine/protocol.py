@@ -36,6 +36,7 @@ __all__ = [
     "Embedder",
     "Engine",
     "Generation",
+    "Image",
     "Observer",
     "Part",
     "Request",
@@ -62,6 +63,19 @@ class Capability(StrEnum):
 
 
 @dataclass(frozen=True, slots=True)
+class Image:
+    """An image of a prompt, decoded and checked by the server (`xllm/images.py`): engines
+    never parse image files themselves."""
+
+    width: int
+    height: int
+    rgb: bytes
+    """width * height RGB triplets, row by row."""
+    digest: str
+    """sha256 of `rgb` (hex): equal images are equal chunks for the prefix cache."""
+
+
+@dataclass(frozen=True, slots=True)
 class Part:
     """One piece of a prompt: text, token ids (for engines that tokenize), an image or audio."""
 
@@ -69,6 +83,8 @@ class Part:
     text: str = ""
     tokens: tuple[int, ...] = ()
     data: bytes = b""
+    image: Image | None = None
+    """A `kind="image"` part's image."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,7 +137,7 @@ class Request:
     messages: Sequence[Mapping[str, Any]] | None = None
     prompt: Sequence[Part] = ()
     """A completion's prompt, as it is (no template); for a chat, images of the messages are
-    in each message's `images`."""
+    in each message's `images` (a list of `Image`, in the order they were given)."""
     suffix: str | None = None
     """Fill-in-the-middle: the text after the gap (`insert` capability)."""
     sampling: Sampling = field(default_factory=Sampling)
