@@ -194,7 +194,7 @@ async def test_a_dead_runner_fails_calls_without_its_log(caplog: pytest.LogCaptu
 def _running(model: RunnerClient, rid: int, n: int) -> Generation:
     """A generation the runner has accepted (the stand-in runner answers no submission)."""
     gen = Generation(model, rid, n)
-    model._queues[rid] = gen.queue
+    model._queues[rid] = gen.inbox
     return gen
 
 

@@ -2,7 +2,7 @@
 
 `xllm._core.Engine` (the Rust batching loop over libllama) lives in the runner
 (`engine/runner.py`); this proxy sends it requests and turns its frames of deltas into
-per-request asyncio queues. If the runner dies or stops making progress, every request in flight
+per-request inboxes. If the runner dies or stops making progress, every request in flight
 ends with an error delta at once, and the registry drops the model so the next request reloads
 it.
 """
@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from xllm.engine import ipc, llama_prompt
+from xllm.engine.inbox import Inbox
 from xllm.engine.llamacpp_archs import ARCHITECTURES
 from xllm.engine.options import EngineOptions, child_command, llama_cpp_version
 from xllm.engine.plugins import LoadSpec, Manifest
@@ -54,7 +55,7 @@ class Generation:
     model: RunnerClient
     request_id: int
     n: int
-    queue: asyncio.Queue[Delta] = field(default_factory=asyncio.Queue)
+    inbox: Inbox = field(default_factory=Inbox)
     prompt_tokens: list[int] = field(default_factory=list)
     opens_thinking: bool | None = None
 
@@ -69,26 +70,19 @@ class Generation:
         Stops early, cancelling the generation, when `is_disconnected()` turns true.
         """
         remaining = self.n
+        if is_disconnected is not None:
+            self.inbox.watch(is_disconnected, _DISCONNECT_CHECK_S)
         try:
             while remaining:
-                if self.queue.empty():
-                    try:
-                        async with asyncio.timeout(_DISCONNECT_CHECK_S):
-                            first = await self.queue.get()
-                    except TimeoutError:
-                        if is_disconnected is not None and is_disconnected():
-                            return
-                        continue
-                else:
-                    first = self.queue.get_nowait()
-                batch = [first]
-                while not self.queue.empty():
-                    batch.append(self.queue.get_nowait())
+                batch = await self.inbox.take()
+                if not batch:  # the client is gone
+                    return
                 for d in batch:
                     if d.finish is not None:
                         remaining = 0 if d.choice < 0 else remaining - 1
                 yield batch
         finally:
+            self.inbox.unwatch()
             if remaining:
                 self.cancel()
             else:
@@ -131,7 +125,7 @@ class RunnerClient:
         self._writer = writer
         self._stderr_tail = stderr_tail
         self._ids = itertools.count(1)
-        self._queues: dict[int, asyncio.Queue[Delta]] = {}
+        self._queues: dict[int, Inbox] = {}
         self._calls: dict[int, asyncio.Future[Any]] = {}
         self._stats: dict[str, int | float] = {}
         self._progress = time.monotonic()
@@ -211,7 +205,7 @@ class RunnerClient:
     def _dispatch(self, d: Delta) -> None:
         q = self._queues.get(d.request)
         if q is not None:
-            q.put_nowait(d)
+            q.put(d)
         if d.finish is not None and self.observer is not None and d.usage is not None:
             self.observer.observe_finish(self.name, d.finish, d.usage)
 
@@ -222,7 +216,7 @@ class RunnerClient:
         if not self._closing:
             log.error("%s; its last output:\n%s", reason, "\n".join(self._stderr_tail))
         for rid, q in self._queues.items():
-            q.put_nowait(Delta(rid, -1, finish="error", error=reason))
+            q.put(Delta(rid, -1, finish="error", error=reason))
         self._queues.clear()
         for fut in self._calls.values():
             if not fut.done():
@@ -336,7 +330,7 @@ class RunnerClient:
         rid = next(self._ids)
         self.last_active = time.monotonic()
         gen = Generation(self, rid, int(params.get("n", 1)))
-        self._queues[rid] = gen.queue
+        self._queues[rid] = gen.inbox
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._calls[rid] = fut
         try:
@@ -376,7 +370,7 @@ class RunnerClient:
         for rid, q in self._queues.items():
             if self.alive:
                 self._writer.write(ipc.encode((ipc.CANCEL, rid)))
-            q.put_nowait(Delta(rid, -1, finish="error", error=Overloaded(reason)))
+            q.put(Delta(rid, -1, finish="error", error=Overloaded(reason)))
         self._queues.clear()
 
     async def close(self) -> None:
