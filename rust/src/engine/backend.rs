@@ -3,7 +3,7 @@
 use std::sync::Arc;
 
 use super::batcher::{Backend, BatchItem};
-use super::types::{Params, TokenLogprob};
+use super::types::{Embedding, Params, TokenLogprob};
 use crate::llama::{
     c_string, Api, Ctx, LogitBias, Memory, RawBatch, Sampler, TokenData, TokenDataArray, Vocab,
 };
@@ -291,6 +291,70 @@ impl Backend for LlamaBackend {
                 2 => Err("aborted".into()),
                 code => Err(format!("error {code}")),
             }
+        }
+    }
+
+    fn decode_embd(
+        &mut self,
+        seq: i32,
+        pos: i32,
+        embedding: &Embedding,
+        n_tokens: usize,
+        output: bool,
+    ) -> Result<i32, String> {
+        let n_embd = embedding.data.len() / n_tokens.max(1);
+        if n_tokens == 0 || n_embd * n_tokens != embedding.data.len() {
+            return Err("the image's embeddings do not match its token count".into());
+        }
+        // Attention over an image both ways needs all of it in one micro-batch.
+        if embedding.non_causal && n_tokens > self.capacity {
+            return Err(format!(
+                "the image takes {n_tokens} tokens, more than the batch size ({}): \
+                 raise --batch-size",
+                self.capacity
+            ));
+        }
+        let mut positions: Vec<i32> = (pos..pos + n_tokens as i32).collect();
+        let mut n_seq_id = vec![1i32; n_tokens];
+        let mut seq_ids = vec![seq; n_tokens];
+        let mut seq_ptrs: Vec<*mut i32> = seq_ids.iter_mut().map(|s| s as *mut i32).collect();
+        let mut logits = vec![0i8; n_tokens];
+        if output {
+            logits[n_tokens - 1] = 1;
+        }
+        let api = &self.api;
+        // SAFETY: the batch points into vectors alive for the calls; llama_decode only reads
+        // the embeddings. Causal attention is restored whatever happens.
+        unsafe {
+            if embedding.non_causal {
+                (api.llama_set_causal_attn)(self.ctx, false);
+            }
+            let mut result = Ok(0);
+            for from in (0..n_tokens).step_by(self.capacity) {
+                let n = (n_tokens - from).min(self.capacity);
+                let batch = RawBatch {
+                    n_tokens: n as i32,
+                    token: std::ptr::null_mut(),
+                    embd: embedding.data.as_ptr().add(from * n_embd).cast_mut(),
+                    pos: positions.as_mut_ptr().add(from),
+                    n_seq_id: n_seq_id.as_mut_ptr().add(from),
+                    seq_id: seq_ptrs.as_mut_ptr().add(from),
+                    logits: logits.as_mut_ptr().add(from),
+                };
+                let code = (api.llama_decode)(self.ctx, batch);
+                if code != 0 {
+                    result = Err(match code {
+                        1 => "no room left in the KV cache".to_string(),
+                        code => format!("error {code}"),
+                    });
+                    break;
+                }
+                result = Ok(n as i32 - 1);
+            }
+            if embedding.non_causal {
+                (api.llama_set_causal_attn)(self.ctx, true);
+            }
+            result
         }
     }
 

@@ -6,13 +6,19 @@
 //! prompt never stalls running streams. A slot remembers the tokens in its KV cache, and a new
 //! request takes the free slot sharing the longest prefix with its prompt (prefix caching).
 //! The backend (llama.cpp, or a fake in tests) does the decoding and sampling.
+//!
+//! A prompt's images are encoded elsewhere (the engine's encoder thread): the batcher asks
+//! for the ones its cache lacks (`jobs`), prefills the text before an image meanwhile, and
+//! once the embeddings arrive (`encoded`) decodes them between steps, one image per step, so
+//! other sequences never wait for a vision tower. An image counts as cached only whole and
+//! only when its digest matches.
 
 use std::cmp::Reverse;
 use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Instant;
 
-use super::types::{Event, Finish, Params, Request, TokenLogprob, Usage};
+use super::types::{Embedding, Event, Finish, ImageInput, Params, Request, TokenLogprob, Usage};
 use crate::stop::StopMatcher;
 
 pub struct BatchItem {
@@ -32,6 +38,18 @@ pub trait Backend {
     /// Share the first `len` positions of `src` with `dst` (same prompt, other choice).
     fn seq_cp(&mut self, src: i32, dst: i32, len: i32);
     fn decode(&mut self, items: &[BatchItem]) -> Result<(), String>;
+    /// Decode an image's embeddings into `seq` from position `pos`; with `output`, the last
+    /// row's logits are computed. Returns that row's index for `sample`.
+    fn decode_embd(
+        &mut self,
+        _seq: i32,
+        _pos: i32,
+        _embedding: &Embedding,
+        _n_tokens: usize,
+        _output: bool,
+    ) -> Result<i32, String> {
+        Err("this backend takes no image embeddings".into())
+    }
     /// Pick the next token from the logits of batch item `index` of the last decode.
     fn sample(
         &mut self,
@@ -43,10 +61,25 @@ pub trait Backend {
     fn piece(&self, token: i32) -> Vec<u8>;
 }
 
+/// An image of a running prompt not in the KV cache yet.
+struct Pending {
+    image: Arc<ImageInput>,
+    embedding: Option<Embedding>,
+}
+
+/// An image the batcher needs encoded.
+pub struct EncodeJob {
+    pub request: u64,
+    pub image: Arc<ImageInput>,
+}
+
 struct Active<S> {
     request: u64,
     choice: u32,
     prompt: Arc<Vec<i32>>,
+    images: Arc<Vec<Arc<ImageInput>>>,
+    /// The prompt's images still to decode, in order (the primary choice's only).
+    pending: Vec<Pending>,
     /// Tokens of this sequence already in the KV cache.
     n_past: usize,
     /// Sampled token to feed in the next step.
@@ -70,6 +103,8 @@ struct Slot<S> {
     seq: i32,
     /// Tokens in this sequence's KV cache (what a next request can reuse).
     cached: Vec<i32>,
+    /// The images among them.
+    cached_images: Vec<Arc<ImageInput>>,
     active: Option<Active<S>>,
 }
 
@@ -86,6 +121,7 @@ pub struct Counters {
     pub cached_tokens: u64,
     pub generated_tokens: u64,
     pub decode_steps: u64,
+    pub images_encoded: u64,
 }
 
 pub struct Batcher<B: Backend> {
@@ -96,10 +132,35 @@ pub struct Batcher<B: Backend> {
     batch_size: usize,
     admitted: u64,
     pub counters: Counters,
+    /// Images to encode, taken by the engine after each step.
+    pub jobs: Vec<EncodeJob>,
 }
 
 fn common_prefix(a: &[i32], b: &[i32]) -> usize {
     a.iter().zip(b).take_while(|(x, y)| x == y).count()
+}
+
+/// How much of a prompt a slot's cache holds: equal tokens, where an image counts only whole
+/// and only when the same image (by digest) sits at the same place.
+fn cached_prefix(
+    cached: &[i32],
+    cached_images: &[Arc<ImageInput>],
+    prompt: &[i32],
+    images: &[Arc<ImageInput>],
+) -> usize {
+    let n = common_prefix(cached, prompt);
+    for im in images {
+        if im.start >= n {
+            break;
+        }
+        let same = cached_images
+            .iter()
+            .any(|c| c.start == im.start && c.len == im.len && c.digest == im.digest);
+        if !same || im.start + im.len > n {
+            return im.start;
+        }
+    }
+    n
 }
 
 impl<B: Backend> Batcher<B> {
@@ -108,6 +169,7 @@ impl<B: Backend> Batcher<B> {
             .map(|i| Slot {
                 seq: i as i32,
                 cached: Vec::new(),
+                cached_images: Vec::new(),
                 active: None,
             })
             .collect();
@@ -119,6 +181,7 @@ impl<B: Backend> Batcher<B> {
             batch_size: batch_size.max(1),
             admitted: 0,
             counters: Counters::default(),
+            jobs: Vec::new(),
         }
     }
 
@@ -188,6 +251,107 @@ impl<B: Backend> Batcher<B> {
     /// Returns false when there was nothing to do.
     pub fn step(&mut self, now: Instant, events: &mut Vec<Event>) -> bool {
         self.admit(events);
+        let decoded = self.decode_tokens(now, events);
+        self.decode_image(now, events) || decoded
+    }
+
+    /// An image's embeddings arrived from the encoder (or its failure, which ends the request).
+    pub fn encoded(
+        &mut self,
+        request: u64,
+        start: usize,
+        result: Result<Embedding, String>,
+        events: &mut Vec<Event>,
+    ) {
+        let Some(slot) = (0..self.slots.len()).find(|&i| {
+            self.slots[i]
+                .active
+                .as_ref()
+                .is_some_and(|a| a.request == request && a.follows.is_none() && a.choice == 0)
+        }) else {
+            return; // cancelled meanwhile
+        };
+        match result {
+            Ok(embedding) => {
+                self.counters.images_encoded += 1;
+                let a = self.slots[slot].active.as_mut().expect("active");
+                if let Some(p) = a.pending.iter_mut().find(|p| p.image.start == start) {
+                    p.embedding = Some(embedding);
+                }
+            }
+            Err(e) => {
+                let finish = Finish::Error(format!("the image could not be encoded: {e}"));
+                for i in 0..self.slots.len() {
+                    if self.slots[i]
+                        .active
+                        .as_ref()
+                        .is_some_and(|a| a.request == request)
+                    {
+                        self.finish(i, finish.clone(), events);
+                    }
+                }
+            }
+        }
+    }
+
+    /// The earliest admitted sequence whose prompt goes on with an encoded image gets it
+    /// decoded (its own llama_decode: a batch holds tokens or embeddings, never both).
+    fn decode_image(&mut self, now: Instant, events: &mut Vec<Event>) -> bool {
+        let ready = (0..self.slots.len())
+            .filter(|&i| {
+                self.slots[i].active.as_ref().is_some_and(|a| {
+                    a.next.is_none()
+                        && a.pending.first().is_some_and(|p| {
+                            p.image.start == a.n_past && p.embedding.is_some()
+                        })
+                })
+            })
+            .min_by_key(|&i| self.slots[i].active.as_ref().map(|a| a.order));
+        let Some(slot) = ready else {
+            return false;
+        };
+        let seq = self.slots[slot].seq;
+        let a = self.slots[slot].active.as_mut().expect("active");
+        let pending = a.pending.remove(0);
+        let image = pending.image;
+        let embedding = pending.embedding.expect("ready");
+        let end = image.start + image.len;
+        let last = end == a.prompt.len();
+        let pos = a.n_past as i32;
+        match self
+            .backend
+            .decode_embd(seq, pos, &embedding, image.len, last)
+        {
+            Err(e) => {
+                self.finish(
+                    slot,
+                    Finish::Error(format!("llama_decode failed on an image: {e}")),
+                    events,
+                );
+                self.slots[slot].cached.clear();
+                self.slots[slot].cached_images.clear();
+                self.backend.seq_rm(seq, 0);
+            }
+            Ok(index) => {
+                self.counters.decode_steps += 1;
+                let s = &mut self.slots[slot];
+                let a = s.active.as_mut().expect("active");
+                s.cached.extend_from_slice(&a.prompt[image.start..end]);
+                s.cached_images.push(image);
+                a.n_past = end;
+                if last {
+                    self.copy_to_followers(slot);
+                    for target in self.sharing_output(slot) {
+                        self.sample_and_emit(target, index, now, events);
+                    }
+                }
+            }
+        }
+        true
+    }
+
+    /// One llama_decode of every generating sequence's next token and prompt chunks.
+    fn decode_tokens(&mut self, now: Instant, events: &mut Vec<Event>) -> bool {
         let (items, owners) = self.build_batch();
         if items.is_empty() {
             return false;
@@ -203,6 +367,7 @@ impl<B: Backend> Batcher<B> {
                     events,
                 );
                 self.slots[slot].cached.clear();
+                self.slots[slot].cached_images.clear();
                 self.backend.seq_rm(self.slots[slot].seq, 0);
             }
             return true;
@@ -239,9 +404,14 @@ impl<B: Backend> Batcher<B> {
             }
             let w = self.waiting.pop_front().expect("front exists");
             let prompt = Arc::new(w.request.prompt);
+            let images = Arc::new(w.request.images);
             let primary = *free
                 .iter()
-                .max_by_key(|&&i| (common_prefix(&self.slots[i].cached, &prompt), Reverse(i)))
+                .max_by_key(|&&i| {
+                    let s = &self.slots[i];
+                    let n = cached_prefix(&s.cached, &s.cached_images, &prompt, &images);
+                    (n, Reverse(i))
+                })
                 .expect("n >= 1 free slot");
             let others: Vec<usize> = free.into_iter().filter(|&i| i != primary).collect();
             let mut samplers = Vec::with_capacity(n);
@@ -272,12 +442,24 @@ impl<B: Backend> Batcher<B> {
             let targets = std::iter::once(primary).chain(others.into_iter().take(n - 1));
             for (choice, (slot, sampler)) in targets.zip(samplers).enumerate() {
                 let mut cached = 0;
+                let mut pending = Vec::new();
                 let follows = if choice == 0 {
-                    cached = self.reuse_prefix(slot, &prompt);
+                    cached = self.reuse_prefix(slot, &prompt, &images);
                     self.counters.cached_tokens += cached as u64;
+                    for image in images.iter().filter(|im| im.start >= cached) {
+                        self.jobs.push(EncodeJob {
+                            request: w.request.id,
+                            image: image.clone(),
+                        });
+                        pending.push(Pending {
+                            image: image.clone(),
+                            embedding: None,
+                        });
+                    }
                     None
                 } else {
                     self.slots[slot].cached.clear();
+                    self.slots[slot].cached_images.clear();
                     self.backend.seq_rm(self.slots[slot].seq, 0);
                     Some(primary)
                 };
@@ -286,6 +468,8 @@ impl<B: Backend> Batcher<B> {
                     request: w.request.id,
                     choice: choice as u32,
                     prompt: prompt.clone(),
+                    images: images.clone(),
+                    pending,
                     n_past: if choice == 0 { cached } else { 0 },
                     next: None,
                     generated: 0,
@@ -306,15 +490,24 @@ impl<B: Backend> Batcher<B> {
     }
 
     /// Keep the longest usable prefix of the slot's cache; returns its length.
-    fn reuse_prefix(&mut self, slot: usize, prompt: &[i32]) -> usize {
+    fn reuse_prefix(&mut self, slot: usize, prompt: &[i32], images: &[Arc<ImageInput>]) -> usize {
         let s = &mut self.slots[slot];
-        // The last prompt token is always decoded again: its logits give the first token.
-        let mut keep = common_prefix(&s.cached, prompt).min(prompt.len() - 1);
+        // The last prompt token is always decoded again: its logits give the first token (and
+        // an image it belongs to is decoded again whole).
+        let mut keep =
+            cached_prefix(&s.cached, &s.cached_images, prompt, images).min(prompt.len() - 1);
+        if let Some(im) = images
+            .iter()
+            .find(|im| im.start < keep && keep < im.start + im.len)
+        {
+            keep = im.start;
+        }
         if !self.backend.seq_rm(s.seq, keep as i32) {
             self.backend.seq_rm(s.seq, 0);
             keep = 0;
         }
         s.cached.truncate(keep);
+        s.cached_images.retain(|c| c.start + c.len <= keep);
         keep
     }
 
@@ -344,10 +537,12 @@ impl<B: Backend> Batcher<B> {
                 break;
             }
             let a = self.slots[i].active.as_ref().expect("active");
-            if a.next.is_some() || a.follows.is_some() || a.n_past >= a.prompt.len() {
+            // text up to the next image not decoded yet
+            let end = a.pending.first().map_or(a.prompt.len(), |p| p.image.start);
+            if a.next.is_some() || a.follows.is_some() || a.n_past >= end {
                 continue;
             }
-            let take = budget.min(a.prompt.len() - a.n_past);
+            let take = budget.min(end - a.n_past);
             for k in 0..take {
                 let pos = a.n_past + k;
                 items.push(BatchItem {
@@ -371,7 +566,8 @@ impl<B: Backend> Batcher<B> {
         if a.next.is_some() || a.n_past != a.prompt.len() {
             return;
         }
-        let (len, src, prompt) = (a.n_past, self.slots[primary].seq, a.prompt.clone());
+        let (len, src) = (a.n_past, self.slots[primary].seq);
+        let (prompt, images) = (a.prompt.clone(), a.images.clone());
         for i in 0..self.slots.len() {
             let follows = self.slots[i]
                 .active
@@ -381,6 +577,7 @@ impl<B: Backend> Batcher<B> {
                 self.backend.seq_cp(src, self.slots[i].seq, len as i32);
                 let s = &mut self.slots[i];
                 s.cached = prompt.to_vec();
+                s.cached_images = images.to_vec();
                 let f = s.active.as_mut().expect("active");
                 f.n_past = len;
                 f.follows = None;
@@ -550,6 +747,7 @@ mod tests {
                 max_tokens: Some(max_tokens),
                 ..Params::default()
             },
+            images: Vec::new(),
         }
     }
 

@@ -3,10 +3,15 @@
 //! Callers (the Python binding) never wait for the decode loop: `submit` and `cancel` enqueue
 //! and return, and the loop wakes its reader through a socket after each step that produced
 //! events, so one `poll()` collects everything every sequence produced.
+//!
+//! A model with a projector also has an encoder thread: images the batcher asks for are
+//! encoded there, one at a time (libmtmd's encode is not reentrant per context), and come
+//! back as commands, so the decode loop keeps stepping the other sequences meanwhile.
 
 pub mod backend;
 pub mod batcher;
 pub mod types;
+pub mod vision;
 
 use std::collections::{HashMap, VecDeque};
 use std::io::{Read, Write};
@@ -17,12 +22,35 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::Instant;
 
-use batcher::{Backend, Batcher, Counters};
-use types::{Event, Finish, Request};
+use batcher::{Backend, Batcher, Counters, EncodeJob};
+use types::{Embedding, Event, Finish, ImageInput, Request};
 
 enum Command {
     Submit(Request, Instant),
     Cancel(u64),
+    Encoded(u64, usize, Result<Embedding, String>),
+}
+
+/// Turns images into embeddings, on the encoder thread.
+pub trait Encoder: Send {
+    fn encode(&mut self, image: &ImageInput) -> Result<Embedding, String>;
+}
+
+/// The encoder thread's queue of images.
+#[derive(Default)]
+struct Jobs {
+    queue: Mutex<VecDeque<EncodeJob>>,
+    wake: Condvar,
+}
+
+impl Jobs {
+    /// Drop the queued images of a request that ended (one being encoded finishes unused).
+    fn forget(&self, request: u64) {
+        self.queue
+            .lock()
+            .expect("poisoned")
+            .retain(|j| j.request != request);
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -49,6 +77,7 @@ struct Shared {
     /// at most `parallel` run, `max_queue` more may wait.
     outstanding: Mutex<HashMap<u64, u32>>,
     stats: Mutex<Stats>,
+    jobs: Jobs,
 }
 
 pub struct Limits {
@@ -62,11 +91,18 @@ pub struct Engine {
     shared: Arc<Shared>,
     limits: Limits,
     thread: Option<JoinHandle<()>>,
+    encoder: Option<JoinHandle<()>>,
     reader: UnixStream,
 }
 
 impl Engine {
-    pub fn start<B>(backend: B, limits: Limits, batch_size: usize) -> std::io::Result<Self>
+    /// Start the loop (and, with an `encoder`, the encoder thread: images are refused without).
+    pub fn start<B>(
+        backend: B,
+        encoder: Option<Box<dyn Encoder>>,
+        limits: Limits,
+        batch_size: usize,
+    ) -> std::io::Result<Self>
     where
         B: Backend + Send + 'static,
         B::Sampler: Send,
@@ -80,12 +116,47 @@ impl Engine {
         let thread = std::thread::Builder::new()
             .name("xllm-batch".into())
             .spawn(move || run(batcher, &thread_shared, writer))?;
+        let encoder = match encoder {
+            Some(e) => {
+                let encoder_shared = shared.clone();
+                Some(
+                    std::thread::Builder::new()
+                        .name("xllm-encode".into())
+                        .spawn(move || encode(e, &encoder_shared))?,
+                )
+            }
+            None => None,
+        };
         Ok(Self {
             shared,
             limits,
             thread: Some(thread),
+            encoder,
             reader,
         })
+    }
+
+    /// Why a request's images cannot be taken: no projector, or spans that do not fit its
+    /// prompt's placeholders.
+    fn check_images(&self, request: &Request) -> Result<(), String> {
+        if request.images.is_empty() {
+            return Ok(());
+        }
+        if self.encoder.is_none() {
+            return Err("this model has no vision projector: it takes no images".into());
+        }
+        let mut end = 0;
+        for (i, im) in request.images.iter().enumerate() {
+            let fits = im.len > 0 && im.start >= end && im.start + im.len <= request.prompt.len();
+            if !fits {
+                return Err(format!("image {i} does not fit the prompt"));
+            }
+            if im.rgb.len() != im.width as usize * im.height as usize * 3 {
+                return Err(format!("image {i}: its pixels are not {}x{} RGB", im.width, im.height));
+            }
+            end = im.start + im.len;
+        }
+        Ok(())
     }
 
     /// Why `tokens` cannot go to llama_decode: empty, or an id outside the vocabulary (which
@@ -119,8 +190,18 @@ impl Engine {
                 l.ctx_size
             )));
         }
-        self.check_tokens(&request.prompt)
-            .map_err(SubmitError::Invalid)?;
+        self.check_images(&request).map_err(SubmitError::Invalid)?;
+        // every position outside the images is a token of the vocabulary
+        let mut from = 0;
+        for im in request.images.iter().map(|im| (im.start, im.start + im.len)).chain(
+            std::iter::once((request.prompt.len(), request.prompt.len())),
+        ) {
+            if im.0 > from {
+                self.check_tokens(&request.prompt[from..im.0])
+                    .map_err(SubmitError::Invalid)?;
+            }
+            from = im.1;
+        }
         if p.n == 0 || p.n as usize > l.parallel {
             return Err(SubmitError::Invalid(format!(
                 "n must be between 1 and {} (parallel sequences)",
@@ -176,11 +257,18 @@ impl Engine {
         self.shared.stats.lock().expect("poisoned").clone()
     }
 
-    /// Stop the loop: waiting and running requests end as cancelled.
+    /// Stop the loop and the encoder: waiting and running requests end as cancelled.
     pub fn close(&mut self) {
         self.shared.stop.store(true, Ordering::SeqCst);
         self.shared.wake.notify_all();
         if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        {
+            let _queue = self.shared.jobs.queue.lock().expect("poisoned");
+            self.shared.jobs.wake.notify_all();
+        }
+        if let Some(t) = self.encoder.take() {
             let _ = t.join();
         }
     }
@@ -192,12 +280,41 @@ impl Drop for Engine {
     }
 }
 
+/// The encoder thread: one image at a time, results back to the loop as commands.
+fn encode(mut encoder: Box<dyn Encoder>, shared: &Shared) {
+    loop {
+        let job = {
+            let mut queue = shared.jobs.queue.lock().expect("poisoned");
+            loop {
+                if shared.stop.load(Ordering::SeqCst) {
+                    return;
+                }
+                if let Some(job) = queue.pop_front() {
+                    break job;
+                }
+                queue = shared.jobs.wake.wait(queue).expect("poisoned");
+            }
+        };
+        let result = catch_unwind(AssertUnwindSafe(|| encoder.encode(&job.image)))
+            .unwrap_or_else(|_| Err("internal error in the image encoder".into()));
+        let mut commands = shared.commands.lock().expect("poisoned");
+        commands.push_back(Command::Encoded(job.request, job.image.start, result));
+        shared.wake.notify_one();
+    }
+}
+
 fn run<B: Backend>(mut batcher: Batcher<B>, shared: &Shared, mut notify: UnixStream) {
     let mut events = Vec::new();
+    // Whether the last step decoded anything: when not, only a command (a request, a cancel,
+    // an encoded image) can give the loop something to do.
+    let mut progressed = false;
     loop {
         let commands: Vec<Command> = {
             let mut queue = shared.commands.lock().expect("poisoned");
-            while queue.is_empty() && batcher.is_idle() && !shared.stop.load(Ordering::SeqCst) {
+            while queue.is_empty()
+                && (batcher.is_idle() || !progressed)
+                && !shared.stop.load(Ordering::SeqCst)
+            {
                 queue = shared.wake.wait(queue).expect("poisoned");
             }
             queue.drain(..).collect()
@@ -207,15 +324,28 @@ fn run<B: Backend>(mut batcher: Batcher<B>, shared: &Shared, mut notify: UnixStr
             for command in commands {
                 match command {
                     Command::Submit(request, at) => batcher.submit(request, at),
-                    Command::Cancel(id) => batcher.cancel(id, &mut events),
+                    Command::Cancel(id) => {
+                        shared.jobs.forget(id);
+                        batcher.cancel(id, &mut events);
+                    }
+                    Command::Encoded(id, start, result) => {
+                        batcher.encoded(id, start, result, &mut events)
+                    }
                 }
             }
             if stopping {
                 batcher.fail_all(Finish::Cancelled, &mut events);
+                false
             } else {
-                batcher.step(Instant::now(), &mut events);
+                batcher.step(Instant::now(), &mut events)
             }
         }));
+        progressed = matches!(outcome, Ok(true));
+        if !batcher.jobs.is_empty() {
+            let mut queue = shared.jobs.queue.lock().expect("poisoned");
+            queue.extend(batcher.jobs.drain(..));
+            shared.jobs.wake.notify_one();
+        }
         if let Err(panic) = outcome {
             let what = panic
                 .downcast_ref::<String>()
@@ -238,6 +368,7 @@ fn run<B: Backend>(mut batcher: Batcher<B>, shared: &Shared, mut notify: UnixStr
                     *left -= 1;
                     if *left == 0 {
                         outstanding.remove(&e.request);
+                        shared.jobs.forget(e.request);
                     }
                 }
             }
@@ -299,6 +430,7 @@ mod tests {
                 max_tokens: Some(500),
                 ..Params::default()
             },
+            images: Vec::new(),
         }
     }
 
@@ -310,7 +442,7 @@ mod tests {
             max_queue: 1,
             n_vocab: 10,
         };
-        let engine = Engine::start(Slow, limits, 8).expect("engine");
+        let engine = Engine::start(Slow, None, limits, 8).expect("engine");
         engine.submit(request(1)).expect("runs");
         engine.submit(request(2)).expect("waits");
         assert_eq!(engine.submit(request(3)), Err(SubmitError::QueueFull(1)));
