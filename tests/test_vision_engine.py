@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import itertools
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -124,8 +125,12 @@ async def test_an_image_adds_its_tokens_to_the_prompt(vision: RunnerClient) -> N
 async def test_pixels_reach_the_model(vision: RunnerClient) -> None:
     sampling = Sampling(temperature=0, max_tokens=8, ignore_eos=True, logprobs=0)
     red = await run(await vision.generate(completion("what is ", RED, " here", sampling=sampling)))
-    again = await run(await vision.generate(completion("what is ", RED, " here", sampling=sampling)))
-    blue = await run(await vision.generate(completion("what is ", BLUE, " here", sampling=sampling)))
+    again = await run(
+        await vision.generate(completion("what is ", RED, " here", sampling=sampling))
+    )
+    blue = await run(
+        await vision.generate(completion("what is ", BLUE, " here", sampling=sampling))
+    )
     assert red.text == again.text and red.logprobs == pytest.approx(again.logprobs, abs=1e-4)
     assert red.logprobs[0] != pytest.approx(blue.logprobs[0], abs=1e-4)
     assert red.text != blue.text
@@ -133,10 +138,18 @@ async def test_pixels_reach_the_model(vision: RunnerClient) -> None:
 
 async def test_a_second_turn_reuses_the_encoded_image(vision: RunnerClient) -> None:
     first = [{"role": "user", "content": "what is this?", "images": [RED]}]
-    one = await run(await vision.generate(Request(messages=first, template=TEMPLATE, sampling=GREEDY)))
+    one = await run(
+        await vision.generate(Request(messages=first, template=TEMPLATE, sampling=GREEDY))
+    )
     encoded = vision.stats()["images_encoded_total"]
-    follow = [*first, {"role": "assistant", "content": one.text}, {"role": "user", "content": "sure?"}]
-    two = await run(await vision.generate(Request(messages=follow, template=TEMPLATE, sampling=GREEDY)))
+    follow = [
+        *first,
+        {"role": "assistant", "content": one.text},
+        {"role": "user", "content": "sure?"},
+    ]
+    two = await run(
+        await vision.generate(Request(messages=follow, template=TEMPLATE, sampling=GREEDY))
+    )
     assert two.finish == "length"
     # everything up to the first answer was in the cache, the image included
     assert two.usage["cached_tokens"] > image_tokens()
@@ -145,7 +158,9 @@ async def test_a_second_turn_reuses_the_encoded_image(vision: RunnerClient) -> N
     assert vision.stats()["images_encoded_total"] == encoded
     # another image at the same place is a cache miss from its first token on
     other = [{**first[0], "images": [BLUE]}, *follow[1:]]
-    three = await run(await vision.generate(Request(messages=other, template=TEMPLATE, sampling=GREEDY)))
+    three = await run(
+        await vision.generate(Request(messages=other, template=TEMPLATE, sampling=GREEDY))
+    )
     assert three.usage["cached_tokens"] < image_tokens()
 
 
@@ -165,7 +180,7 @@ async def test_several_images_in_a_chat(vision: RunnerClient) -> None:
 
 
 async def test_bad_image_prompts_are_400s(vision: RunnerClient) -> None:
-    with pytest.raises(InvalidRequest, match="2 image markers .* for 1 images") as e:
+    with pytest.raises(InvalidRequest, match=r"2 image markers .* for 1 images") as e:
         await vision.generate(completion(f"a {MARKER} b ", RED))
     assert e.value.param == "prompt"
     messages = [{"role": "user", "content": f"see {MARKER}", "images": [RED]}]
@@ -216,7 +231,7 @@ async def test_encoding_runs_beside_the_decode_loop(tiny_path: Path, slow_projec
         await reader
         assert alone.finish == seen.finish == "length"
         during = [t for t in arrivals if start <= t <= end]
-        gaps = [b - a for a, b in zip(during, during[1:], strict=False)]
+        gaps = [b - a for a, b in itertools.pairwise(during)]
         assert len(during) > 5, (during, encode_s)
         assert max(gaps) < encode_s / 2, (max(gaps), encode_s)
     finally:

@@ -140,7 +140,11 @@ class Engine:
         n_embd_inp: int = 0,
     ) -> Self: ...
     def tokenize_media(
-        self, text: str, images: list[tuple[int, int, bytes]], add_special: bool, parse_special: bool
+        self,
+        text: str,
+        images: list[tuple[int, int, bytes]],
+        add_special: bool,
+        parse_special: bool,
     ) -> tuple[list[int], list[tuple[int, int]]]:
         """Tokens of a prompt whose image markers stand for `images` ((width, height, rgb)):
         -1 at image tokens, and each image's (start, length); ValueError on a mismatch."""

@@ -279,7 +279,9 @@ class RunnerClient:
         prepared = await llama_prompt.prepare(self, request)
         gen = await self.start(prepared.tokens, prepared.params, prepared.images)
         # an image's tokens have no ids a client could send back
-        gen.prompt_tokens = [t for t in prepared.tokens if t >= 0] if prepared.images else prepared.tokens
+        gen.prompt_tokens = (
+            [t for t in prepared.tokens if t >= 0] if prepared.images else prepared.tokens
+        )
         gen.opens_thinking = prepared.opens_thinking
         return gen
 

@@ -126,20 +126,13 @@ def _spans(
     return [(start, n, image) for (start, n), image in zip(spans, images, strict=True)]
 
 
-async def _raw(model: RunnerClient, request: Request) -> tuple[list[int], list[tuple[int, int, Image]]]:
+async def _raw(
+    model: RunnerClient, request: Request
+) -> tuple[list[int], list[tuple[int, int, Image]]]:
     """A prompt of parts, as it is: text tokenized with its special tokens, token ids checked;
     with images, text and image markers tokenized together."""
-    images = [p.image for p in request.prompt if p.kind == "image" and p.image is not None]
-    if images:
-        if any(p.kind == "tokens" for p in request.prompt):
-            raise InvalidRequest(
-                f"{request.param}: a prompt with images takes text, not token ids",
-                param=request.param,
-            )
-        marker = model.info.image_marker or ""
-        text = "".join(p.text if p.kind == "text" else marker for p in request.prompt)
-        tokens, spans = await model.tokenize_media(text, images, request.param)
-        return tokens, _spans(spans, images)
+    if any(p.kind == "image" for p in request.prompt):
+        return await _raw_images(model, request)
     tokens: list[int] = []
     for part in request.prompt:
         if part.kind == "tokens":
@@ -148,6 +141,21 @@ async def _raw(model: RunnerClient, request: Request) -> tuple[list[int], list[t
         elif part.kind == "text":
             tokens += await model.tokenize(part.text, special=True)
     return tokens, []
+
+
+async def _raw_images(
+    model: RunnerClient, request: Request
+) -> tuple[list[int], list[tuple[int, int, Image]]]:
+    if any(p.kind == "tokens" for p in request.prompt):
+        raise InvalidRequest(
+            f"{request.param}: a prompt with images takes text, not token ids",
+            param=request.param,
+        )
+    marker = model.info.image_marker or ""
+    images = [p.image for p in request.prompt if p.image is not None]
+    text = "".join(marker if p.image is not None else p.text for p in request.prompt)
+    tokens, spans = await model.tokenize_media(text, images, request.param)
+    return tokens, _spans(spans, images)
 
 
 def with_images(

@@ -127,9 +127,9 @@ class LlamaCppEngine:
             )
         return ctx
 
-    def tokenize_media(self, text: str, images: list[tuple[int, int, bytes]]) -> tuple[
-        list[int], list[tuple[int, int]]
-    ]:
+    def tokenize_media(
+        self, text: str, images: list[tuple[int, int, bytes]]
+    ) -> tuple[list[int], list[tuple[int, int]]]:
         """Tokens of a prompt whose image markers (`image_marker`) stand for `images`
         ((width, height, rgb)): -1 for each image token, and each image's (start, length).
         ValueError when markers and images do not match."""

@@ -301,9 +301,9 @@ impl<B: Backend> Batcher<B> {
             .filter(|&i| {
                 self.slots[i].active.as_ref().is_some_and(|a| {
                     a.next.is_none()
-                        && a.pending.first().is_some_and(|p| {
-                            p.image.start == a.n_past && p.embedding.is_some()
-                        })
+                        && a.pending
+                            .first()
+                            .is_some_and(|p| p.image.start == a.n_past && p.embedding.is_some())
                 })
             })
             .min_by_key(|&i| self.slots[i].active.as_ref().map(|a| a.order));
@@ -690,6 +690,7 @@ mod tests {
     use super::*;
 
     /// Next token = last input token + 1 (mod 100); token 99 is end-of-generation.
+    /// An image decode is recorded as a step of (-100 - its first embedding value) tokens.
     #[derive(Default)]
     struct Fake {
         steps: Vec<Vec<(i32, i32, i32, bool)>>,
@@ -722,6 +723,23 @@ mod tests {
             );
             self.last_outputs = items.iter().map(|i| i.token).collect();
             Ok(())
+        }
+        fn decode_embd(
+            &mut self,
+            seq: i32,
+            pos: i32,
+            embedding: &Embedding,
+            n_tokens: usize,
+            output: bool,
+        ) -> Result<i32, String> {
+            let tag = -100 - embedding.data[0] as i32;
+            self.steps.push(
+                (0..n_tokens as i32)
+                    .map(|k| (tag, pos + k, seq, output && k + 1 == n_tokens as i32))
+                    .collect(),
+            );
+            self.last_outputs = vec![50; n_tokens];
+            Ok(n_tokens as i32 - 1)
         }
         fn sample(
             &mut self,
@@ -949,6 +967,166 @@ mod tests {
             vec![(0, Finish::Error("bad grammar".into()))]
         );
         assert_eq!(finish_of(&ev, 2), vec![(0, Finish::Length)]);
+    }
+
+    fn image(start: usize, len: usize, digest: &str) -> Arc<ImageInput> {
+        Arc::new(ImageInput {
+            start,
+            len,
+            digest: digest.into(),
+            width: 1,
+            height: 1,
+            rgb: vec![0; 3],
+        })
+    }
+
+    /// A prompt of `before` tokens, an image of 3 tokens, `after` tokens.
+    fn with_image(id: u64, digest: &str, before: usize, after: usize) -> Request {
+        let mut prompt: Vec<i32> = (1..=before as i32).collect();
+        prompt.extend([-1, -1, -1]);
+        prompt.extend(20..20 + after as i32);
+        let mut r = req(id, prompt, 2);
+        r.images = vec![image(before, 3, digest)];
+        r
+    }
+
+    fn embedding(value: f32) -> Embedding {
+        Embedding {
+            data: vec![value; 6],
+            non_causal: false,
+        }
+    }
+
+    /// Run steps, answering every encode job (in order) with an embedding tagged by `value`.
+    fn run_encoding(b: &mut Batcher<Fake>, value: f32) -> Vec<Event> {
+        let mut events = Vec::new();
+        for _ in 0..1000 {
+            let stepped = b.step(Instant::now(), &mut events);
+            let jobs: Vec<EncodeJob> = b.jobs.drain(..).collect();
+            for j in &jobs {
+                b.encoded(j.request, j.image.start, Ok(embedding(value)), &mut events);
+            }
+            if !stepped && jobs.is_empty() {
+                break;
+            }
+        }
+        events
+    }
+
+    #[test]
+    fn text_before_an_image_is_prefilled_while_it_encodes() {
+        let mut b = Batcher::new(Fake::default(), 2, 64, 64);
+        b.submit(with_image(1, "red", 2, 2), Instant::now());
+        let mut events = Vec::new();
+        assert!(b.step(Instant::now(), &mut events));
+        assert_eq!(b.jobs.len(), 1);
+        // the text before the image, without output
+        assert_eq!(b.backend.steps[0], vec![(1, 0, 0, false), (2, 1, 0, false)]);
+        // nothing more to do until the embeddings come
+        assert!(!b.step(Instant::now(), &mut events));
+        b.jobs.clear();
+        b.encoded(1, 2, Ok(embedding(7.0)), &mut events);
+        let ev = run(&mut b);
+        let steps = &b.backend.steps;
+        // the image alone in its decode, then the text after it with the output row
+        assert_eq!(
+            steps[1].iter().map(|s| (s.0, s.1)).collect::<Vec<_>>(),
+            [(-107, 2), (-107, 3), (-107, 4)]
+        );
+        assert_eq!(steps[2], vec![(20, 5, 0, false), (21, 6, 0, true)]);
+        let usage = ev.iter().find_map(|e| e.usage.clone()).unwrap();
+        assert_eq!(usage.prompt_tokens, 7);
+        assert_eq!(b.counters.images_encoded, 1);
+    }
+
+    #[test]
+    fn other_streams_decode_while_an_image_waits() {
+        let mut b = Batcher::new(Fake::default(), 2, 256, 64);
+        b.submit(req(1, vec![1], 50), Instant::now());
+        let mut events = Vec::new();
+        b.step(Instant::now(), &mut events);
+        b.submit(with_image(2, "red", 1, 1), Instant::now());
+        for _ in 0..5 {
+            assert!(b.step(Instant::now(), &mut events));
+        }
+        // request 1 got a token every step though request 2's image is not encoded yet
+        assert_eq!(
+            events
+                .iter()
+                .filter(|e| e.request == 1 && !e.tokens.is_empty())
+                .count(),
+            6
+        );
+        assert!(events.iter().all(|e| e.request != 2));
+    }
+
+    #[test]
+    fn the_same_image_is_a_cache_hit_another_is_not() {
+        let mut b = Batcher::new(Fake::default(), 1, 64, 64);
+        b.submit(with_image(1, "red", 2, 2), Instant::now());
+        run_encoding(&mut b, 1.0);
+        assert_eq!(b.counters.images_encoded, 1);
+        // a follow-up turn: the same prompt and more
+        let mut next = with_image(2, "red", 2, 4);
+        next.prompt[7] = 30;
+        b.submit(next, Instant::now());
+        let ev = run_encoding(&mut b, 1.0);
+        assert_eq!(b.counters.images_encoded, 1, "the image was encoded again");
+        let usage = ev.iter().find_map(|e| e.usage.clone()).unwrap();
+        assert_eq!(usage.cached_tokens, 7);
+        // another image at the same place: the cache stops before it
+        b.submit(with_image(3, "blue", 2, 2), Instant::now());
+        let ev = run_encoding(&mut b, 2.0);
+        assert_eq!(b.counters.images_encoded, 2);
+        assert_eq!(
+            ev.iter()
+                .find_map(|e| e.usage.clone())
+                .unwrap()
+                .cached_tokens,
+            2
+        );
+    }
+
+    #[test]
+    fn a_prompt_ending_in_an_image_samples_from_it() {
+        let mut b = Batcher::new(Fake::default(), 1, 64, 64);
+        b.submit(with_image(1, "red", 1, 0), Instant::now());
+        let ev = run_encoding(&mut b, 3.0);
+        // the fake's image output is token 50: the first generated token is 51
+        assert_eq!(tokens_of(&ev, 1, 0), vec![51, 52]);
+        // the same prompt again decodes the whole image again (its last row gives the logits)
+        b.submit(with_image(2, "red", 1, 0), Instant::now());
+        let ev = run_encoding(&mut b, 3.0);
+        assert_eq!(
+            ev.iter()
+                .find_map(|e| e.usage.clone())
+                .unwrap()
+                .cached_tokens,
+            1
+        );
+        assert_eq!(b.counters.images_encoded, 2);
+    }
+
+    #[test]
+    fn a_failed_encode_fails_only_its_request() {
+        let mut b = Batcher::new(Fake::default(), 2, 64, 64);
+        let mut r = with_image(1, "red", 1, 1);
+        r.params.n = 2;
+        b.submit(r, Instant::now());
+        b.submit(req(2, vec![1], 2), Instant::now());
+        let mut events = Vec::new();
+        b.step(Instant::now(), &mut events);
+        b.encoded(1, 1, Err("boom".into()), &mut events);
+        let failed = finish_of(&events, 1);
+        assert_eq!(failed.len(), 2);
+        assert!(failed
+            .iter()
+            .all(|(_, f)| matches!(f, Finish::Error(m) if m.contains("boom"))));
+        let ev = run(&mut b);
+        assert_eq!(finish_of(&ev, 2), vec![(0, Finish::Length)]);
+        // a late result for a request that is gone is ignored
+        b.encoded(1, 1, Ok(embedding(1.0)), &mut events);
+        assert!(b.is_idle());
     }
 
     #[test]

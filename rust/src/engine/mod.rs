@@ -152,7 +152,10 @@ impl Engine {
                 return Err(format!("image {i} does not fit the prompt"));
             }
             if im.rgb.len() != im.width as usize * im.height as usize * 3 {
-                return Err(format!("image {i}: its pixels are not {}x{} RGB", im.width, im.height));
+                return Err(format!(
+                    "image {i}: its pixels are not {}x{} RGB",
+                    im.width, im.height
+                ));
             }
             end = im.start + im.len;
         }
@@ -193,9 +196,15 @@ impl Engine {
         self.check_images(&request).map_err(SubmitError::Invalid)?;
         // every position outside the images is a token of the vocabulary
         let mut from = 0;
-        for im in request.images.iter().map(|im| (im.start, im.start + im.len)).chain(
-            std::iter::once((request.prompt.len(), request.prompt.len())),
-        ) {
+        for im in request
+            .images
+            .iter()
+            .map(|im| (im.start, im.start + im.len))
+            .chain(std::iter::once((
+                request.prompt.len(),
+                request.prompt.len(),
+            )))
+        {
             if im.0 > from {
                 self.check_tokens(&request.prompt[from..im.0])
                     .map_err(SubmitError::Invalid)?;

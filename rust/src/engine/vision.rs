@@ -143,7 +143,10 @@ impl Vision {
         };
         for (i, &(w, h, rgb)) in images.iter().enumerate() {
             if w == 0 || h == 0 || rgb.len() != w as usize * h as usize * 3 {
-                return Err(format!("image {i}: {} bytes are not {w}x{h} RGB", rgb.len()));
+                return Err(format!(
+                    "image {i}: {} bytes are not {w}x{h} RGB",
+                    rgb.len()
+                ));
             }
             // SAFETY: rgb holds w*h*3 bytes, copied by libmtmd.
             let b = unsafe { (api.mtmd_bitmap_init)(w, h, rgb.as_ptr()) };

@@ -18,6 +18,8 @@ use crate::mtmd::{MtmdApi, MtmdCtx};
 
 /// An image as `submit` takes it: (start, len, digest, width, height, rgb).
 type ImageArg<'py> = (usize, usize, String, u32, u32, Bound<'py, PyBytes>);
+/// A tokenized prompt with images: tokens (-1 at image tokens), each image's (start, len).
+type MediaTokens = (Vec<i32>, Vec<(usize, usize)>);
 
 create_exception!(
     _core,
@@ -125,9 +127,7 @@ impl Engine {
             Some(_) => return Err(PyValueError::new_err("invalid mtmd arguments")),
             None => None,
         };
-        let encoder = vision
-            .clone()
-            .map(|v| Box::new(v) as Box<dyn Encoder>);
+        let encoder = vision.clone().map(|v| Box::new(v) as Box<dyn Encoder>);
         let inner = engine::Engine::start(backend, encoder, limits, capacity)
             .map_err(|e| PyRuntimeError::new_err(format!("cannot start the engine: {e}")))?;
         Ok(Self { inner, api, vision })
@@ -143,14 +143,16 @@ impl Engine {
         images: Vec<(u32, u32, Vec<u8>)>,
         add_special: bool,
         parse_special: bool,
-    ) -> PyResult<(Vec<i32>, Vec<(usize, usize)>)> {
+    ) -> PyResult<MediaTokens> {
         let Some(vision) = self.vision.clone() else {
             return Err(PyValueError::new_err("this model has no vision projector"));
         };
         let text = text.to_owned();
         py.detach(move || {
-            let refs: Vec<(u32, u32, &[u8])> =
-                images.iter().map(|(w, h, b)| (*w, *h, b.as_slice())).collect();
+            let refs: Vec<(u32, u32, &[u8])> = images
+                .iter()
+                .map(|(w, h, b)| (*w, *h, b.as_slice()))
+                .collect();
             vision.tokenize(&text, &refs, add_special, parse_special)
         })
         .map(|(tokens, spans)| (tokens, spans.iter().map(|s| (s.start, s.len)).collect()))
