@@ -135,6 +135,8 @@ class Engine:
         parallel: int,
         batch_size: int,
         max_queue: int,
+        threads: int = 0,
+        encoder_threads: int = 0,
         mtmd_lib: str | None = None,
         mtmd_ctx: int = 0,
         n_embd_inp: int = 0,

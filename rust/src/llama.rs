@@ -103,6 +103,7 @@ api! {
     llama_memory_seq_cp: fn(Memory, i32, i32, i32, i32);
     llama_memory_clear: fn(Memory, bool);
     llama_set_causal_attn: fn(Ctx, bool);
+    llama_set_n_threads: fn(Ctx, i32, i32);
     llama_vocab_is_eog: fn(Vocab, Token) -> bool;
     llama_token_to_piece: fn(Vocab, Token, *mut c_char, i32, i32, bool) -> i32;
     llama_sampler_chain_default_params: fn() -> ChainParams;

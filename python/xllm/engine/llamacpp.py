@@ -66,10 +66,14 @@ class LlamaCppEngine:
         self._embed_ctx: Any = None
         self._embed_lock = threading.Lock()
         self._mtmd: Any = None
+        threads = options.resolved_threads()
+        self._encoder_threads = max(1, threads // 2)
         vision: dict[str, Any] = {}
         if options.projector is not None:
             self._mtmd = self._load_projector(Path(options.projector))
             vision = {
+                "threads": threads,
+                "encoder_threads": self._encoder_threads,
                 "mtmd_lib": str(libmtmd_path()),
                 "mtmd_ctx": _address(self._mtmd),
                 "n_embd_inp": int(lc.llama_model_n_embd_inp(model)),
@@ -102,14 +106,14 @@ class LlamaCppEngine:
         """libmtmd's context for a projector over this model (ValueError when it is none, or
         does not fit the model: llama.cpp's log, in the server's, says why).
 
-        Its encodes run on the engine's encoder thread beside the decode loop, so they get
-        half the threads: the loop keeps the others and streams do not stall.
+        Its encodes run on the engine's encoder thread beside the decode loop, with half the
+        threads: the loop decodes with the other half meanwhile, so streams go on.
         """
         from llama_cpp import mtmd_cpp
 
         params = mtmd_cpp.mtmd_context_params_default()
         params.use_gpu = self._options.gpu_layers != 0
-        params.n_threads = max(1, self._options.resolved_threads() // 2)
+        params.n_threads = self._encoder_threads
         params.print_timings = False
         ctx = mtmd_cpp.mtmd_init_from_file(str(path).encode(), self._model, params)
         if not ctx:

@@ -3,7 +3,7 @@
 use std::sync::Arc;
 
 use super::batcher::{Backend, BatchItem};
-use super::types::{Embedding, Params, TokenLogprob};
+use super::types::{Params, TokenLogprob};
 use crate::llama::{
     c_string, Api, Ctx, LogitBias, Memory, RawBatch, Sampler, TokenData, TokenDataArray, Vocab,
 };
@@ -298,16 +298,17 @@ impl Backend for LlamaBackend {
         &mut self,
         seq: i32,
         pos: i32,
-        embedding: &Embedding,
+        rows: &[f32],
         n_tokens: usize,
+        non_causal: bool,
         output: bool,
     ) -> Result<i32, String> {
-        let n_embd = embedding.data.len() / n_tokens.max(1);
-        if n_tokens == 0 || n_embd * n_tokens != embedding.data.len() {
+        let n_embd = rows.len() / n_tokens.max(1);
+        if n_tokens == 0 || n_embd * n_tokens != rows.len() {
             return Err("the image's embeddings do not match its token count".into());
         }
         // Attention over an image both ways needs all of it in one micro-batch.
-        if embedding.non_causal && n_tokens > self.capacity {
+        if non_causal && n_tokens > self.capacity {
             return Err(format!(
                 "the image takes {n_tokens} tokens, more than the batch size ({}): \
                  raise --batch-size",
@@ -326,7 +327,7 @@ impl Backend for LlamaBackend {
         // SAFETY: the batch points into vectors alive for the calls; llama_decode only reads
         // the embeddings. Causal attention is restored whatever happens.
         unsafe {
-            if embedding.non_causal {
+            if non_causal {
                 (api.llama_set_causal_attn)(self.ctx, false);
             }
             let mut result = Ok(0);
@@ -335,7 +336,7 @@ impl Backend for LlamaBackend {
                 let batch = RawBatch {
                     n_tokens: n as i32,
                     token: std::ptr::null_mut(),
-                    embd: embedding.data.as_ptr().add(from * n_embd).cast_mut(),
+                    embd: rows.as_ptr().add(from * n_embd).cast_mut(),
                     pos: positions.as_mut_ptr().add(from),
                     n_seq_id: n_seq_id.as_mut_ptr().add(from),
                     seq_id: seq_ptrs.as_mut_ptr().add(from),
@@ -351,7 +352,7 @@ impl Backend for LlamaBackend {
                 }
                 result = Ok(n as i32 - 1);
             }
-            if embedding.non_causal {
+            if non_causal {
                 (api.llama_set_causal_attn)(self.ctx, true);
             }
             result
@@ -377,6 +378,11 @@ impl Backend for LlamaBackend {
             None => self.argmax(index),
         };
         (token, logprobs.map(|k| self.logprob(index, token, k)))
+    }
+
+    fn set_threads(&mut self, n: i32) {
+        // SAFETY: the context is ours; the setting applies from the next decode.
+        unsafe { (self.api.llama_set_n_threads)(self.ctx, n, n) }
     }
 
     fn is_eog(&self, token: i32) -> bool {

@@ -9,9 +9,11 @@
 //!
 //! A prompt's images are encoded elsewhere (the engine's encoder thread): the batcher asks
 //! for the ones its cache lacks (`jobs`), prefills the text before an image meanwhile, and
-//! once the embeddings arrive (`encoded`) decodes them between steps, one image per step, so
-//! other sequences never wait for a vision tower. An image counts as cached only whole and
-//! only when its digest matches.
+//! once the embeddings arrive (`encoded`) decodes them between steps, so other sequences
+//! never wait for a vision tower. While others generate, an image is decoded in slices of
+//! `image_rows`, one slice a step, so a 256-token image does not stall every stream for a
+//! 256-token decode (a model that attends over an image both ways takes it whole). An image
+//! counts as cached only whole and only when its digest matches.
 
 use std::cmp::Reverse;
 use std::collections::VecDeque;
@@ -38,14 +40,15 @@ pub trait Backend {
     /// Share the first `len` positions of `src` with `dst` (same prompt, other choice).
     fn seq_cp(&mut self, src: i32, dst: i32, len: i32);
     fn decode(&mut self, items: &[BatchItem]) -> Result<(), String>;
-    /// Decode an image's embeddings into `seq` from position `pos`; with `output`, the last
-    /// row's logits are computed. Returns that row's index for `sample`.
+    /// Decode `n_tokens` rows of image embeddings into `seq` from position `pos`; with
+    /// `output`, the last row's logits are computed. Returns that row's index for `sample`.
     fn decode_embd(
         &mut self,
         _seq: i32,
         _pos: i32,
-        _embedding: &Embedding,
+        _rows: &[f32],
         _n_tokens: usize,
+        _non_causal: bool,
         _output: bool,
     ) -> Result<i32, String> {
         Err("this backend takes no image embeddings".into())
@@ -59,12 +62,16 @@ pub trait Backend {
     ) -> (i32, Option<TokenLogprob>);
     fn is_eog(&self, token: i32) -> bool;
     fn piece(&self, token: i32) -> Vec<u8>;
+    /// Decode with `n` threads from now on.
+    fn set_threads(&mut self, _n: i32) {}
 }
 
 /// An image of a running prompt not in the KV cache yet.
 struct Pending {
     image: Arc<ImageInput>,
     embedding: Option<Embedding>,
+    /// Rows already decoded.
+    done: usize,
 }
 
 /// An image the batcher needs encoded.
@@ -134,6 +141,8 @@ pub struct Batcher<B: Backend> {
     pub counters: Counters,
     /// Images to encode, taken by the engine after each step.
     pub jobs: Vec<EncodeJob>,
+    /// Image rows decoded per step while other sequences generate.
+    image_rows: usize,
 }
 
 fn common_prefix(a: &[i32], b: &[i32]) -> usize {
@@ -182,6 +191,7 @@ impl<B: Backend> Batcher<B> {
             admitted: 0,
             counters: Counters::default(),
             jobs: Vec::new(),
+            image_rows: (batch_size / 16).max(16),
         }
     }
 
@@ -294,34 +304,46 @@ impl<B: Backend> Batcher<B> {
         }
     }
 
-    /// The earliest admitted sequence whose prompt goes on with an encoded image gets it
-    /// decoded (its own llama_decode: a batch holds tokens or embeddings, never both).
+    /// The earliest admitted sequence whose prompt goes on with an encoded image gets (a slice
+    /// of) it decoded: its own llama_decode, as a batch holds tokens or embeddings, never both.
     fn decode_image(&mut self, now: Instant, events: &mut Vec<Event>) -> bool {
         let ready = (0..self.slots.len())
             .filter(|&i| {
                 self.slots[i].active.as_ref().is_some_and(|a| {
                     a.next.is_none()
-                        && a.pending
-                            .first()
-                            .is_some_and(|p| p.image.start == a.n_past && p.embedding.is_some())
+                        && a.pending.first().is_some_and(|p| {
+                            p.image.start + p.done == a.n_past && p.embedding.is_some()
+                        })
                 })
             })
             .min_by_key(|&i| self.slots[i].active.as_ref().map(|a| a.order));
         let Some(slot) = ready else {
             return false;
         };
+        let others_generate = self
+            .slots
+            .iter()
+            .any(|s| s.active.as_ref().is_some_and(|a| a.next.is_some()));
         let seq = self.slots[slot].seq;
         let a = self.slots[slot].active.as_mut().expect("active");
-        let pending = a.pending.remove(0);
-        let image = pending.image;
-        let embedding = pending.embedding.expect("ready");
-        let end = image.start + image.len;
-        let last = end == a.prompt.len();
+        let p = &a.pending[0];
+        let image = p.image.clone();
+        let embedding = p.embedding.as_ref().expect("ready");
+        let left = image.len - p.done;
+        let rows = if others_generate && !embedding.non_causal {
+            left.min(self.image_rows)
+        } else {
+            left
+        };
+        let n_embd = embedding.data.len() / image.len;
+        let slice = &embedding.data[p.done * n_embd..(p.done + rows) * n_embd];
+        let whole = rows == left;
+        let last = whole && image.start + image.len == a.prompt.len();
         let pos = a.n_past as i32;
-        match self
+        let decoded = self
             .backend
-            .decode_embd(seq, pos, &embedding, image.len, last)
-        {
+            .decode_embd(seq, pos, slice, rows, embedding.non_causal, last);
+        match decoded {
             Err(e) => {
                 self.finish(
                     slot,
@@ -336,9 +358,14 @@ impl<B: Backend> Batcher<B> {
                 self.counters.decode_steps += 1;
                 let s = &mut self.slots[slot];
                 let a = s.active.as_mut().expect("active");
-                s.cached.extend_from_slice(&a.prompt[image.start..end]);
-                s.cached_images.push(image);
-                a.n_past = end;
+                s.cached
+                    .extend_from_slice(&a.prompt[a.n_past..a.n_past + rows]);
+                a.n_past += rows;
+                a.pending[0].done += rows;
+                if whole {
+                    a.pending.remove(0); // its embeddings are freed
+                    s.cached_images.push(image);
+                }
                 if last {
                     self.copy_to_followers(slot);
                     for target in self.sharing_output(slot) {
@@ -454,6 +481,7 @@ impl<B: Backend> Batcher<B> {
                         pending.push(Pending {
                             image: image.clone(),
                             embedding: None,
+                            done: 0,
                         });
                     }
                     None
@@ -728,11 +756,12 @@ mod tests {
             &mut self,
             seq: i32,
             pos: i32,
-            embedding: &Embedding,
+            rows: &[f32],
             n_tokens: usize,
+            _non_causal: bool,
             output: bool,
         ) -> Result<i32, String> {
-            let tag = -100 - embedding.data[0] as i32;
+            let tag = -100 - rows[0] as i32;
             self.steps.push(
                 (0..n_tokens as i32)
                     .map(|k| (tag, pos + k, seq, output && k + 1 == n_tokens as i32))
@@ -990,9 +1019,10 @@ mod tests {
         r
     }
 
-    fn embedding(value: f32) -> Embedding {
+    /// Two floats a row for an image of `len` tokens.
+    fn embedding(value: f32, len: usize) -> Embedding {
         Embedding {
-            data: vec![value; 6],
+            data: vec![value; 2 * len],
             non_causal: false,
         }
     }
@@ -1004,7 +1034,12 @@ mod tests {
             let stepped = b.step(Instant::now(), &mut events);
             let jobs: Vec<EncodeJob> = b.jobs.drain(..).collect();
             for j in &jobs {
-                b.encoded(j.request, j.image.start, Ok(embedding(value)), &mut events);
+                b.encoded(
+                    j.request,
+                    j.image.start,
+                    Ok(embedding(value, j.image.len)),
+                    &mut events,
+                );
             }
             if !stepped && jobs.is_empty() {
                 break;
@@ -1025,7 +1060,7 @@ mod tests {
         // nothing more to do until the embeddings come
         assert!(!b.step(Instant::now(), &mut events));
         b.jobs.clear();
-        b.encoded(1, 2, Ok(embedding(7.0)), &mut events);
+        b.encoded(1, 2, Ok(embedding(7.0, 3)), &mut events);
         let ev = run(&mut b);
         let steps = &b.backend.steps;
         // the image alone in its decode, then the text after it with the output row
@@ -1108,6 +1143,54 @@ mod tests {
     }
 
     #[test]
+    fn an_image_is_sliced_between_the_tokens_of_other_streams() {
+        let mut b = Batcher::new(Fake::default(), 2, 256, 64); // 16 image rows a step
+        b.submit(req(1, vec![1], 50), Instant::now());
+        let mut events = Vec::new();
+        b.step(Instant::now(), &mut events);
+        let mut r = req(2, vec![5, -1, 7], 2);
+        r.prompt = [vec![5], vec![-1; 40], vec![7]].concat();
+        r.images = vec![image(1, 40, "big")];
+        b.submit(r, Instant::now());
+        b.step(Instant::now(), &mut events);
+        for j in b.jobs.drain(..).collect::<Vec<_>>() {
+            b.encoded(
+                j.request,
+                j.image.start,
+                Ok(embedding(1.0, j.image.len)),
+                &mut events,
+            );
+        }
+        let before = b.backend.steps.len();
+        for _ in 0..4 {
+            b.step(Instant::now(), &mut events);
+        }
+        let slices: Vec<Vec<i32>> = b.backend.steps[before..]
+            .iter()
+            .filter(|s| s[0].0 == -101)
+            .map(|s| s.iter().map(|r| r.1).collect())
+            .collect();
+        assert_eq!(slices.iter().map(Vec::len).collect::<Vec<_>>(), [16, 16, 8]);
+        assert_eq!(slices[1][0], 17); // positions go on from slice to slice
+                                      // stream 1 got a token in every step meanwhile
+        let tokens = events
+            .iter()
+            .filter(|e| e.request == 1 && !e.tokens.is_empty());
+        assert_eq!(tokens.count(), 6);
+        // alone, an image goes in one decode
+        let ev = run(&mut b);
+        assert_eq!(finish_of(&ev, 2), vec![(0, Finish::Length)]);
+        b.submit(with_image(3, "other", 1, 1), Instant::now());
+        let steps = b.backend.steps.len();
+        run_encoding(&mut b, 4.0);
+        let image_steps = b.backend.steps[steps..]
+            .iter()
+            .filter(|s| s[0].0 == -104)
+            .count();
+        assert_eq!(image_steps, 1);
+    }
+
+    #[test]
     fn a_failed_encode_fails_only_its_request() {
         let mut b = Batcher::new(Fake::default(), 2, 64, 64);
         let mut r = with_image(1, "red", 1, 1);
@@ -1125,7 +1208,7 @@ mod tests {
         let ev = run(&mut b);
         assert_eq!(finish_of(&ev, 2), vec![(0, Finish::Length)]);
         // a late result for a request that is gone is ignored
-        b.encoded(1, 1, Ok(embedding(1.0)), &mut events);
+        b.encoded(1, 1, Ok(embedding(1.0, 3)), &mut events);
         assert!(b.is_idle());
     }
 

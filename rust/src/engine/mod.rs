@@ -6,7 +6,9 @@
 //!
 //! A model with a projector also has an encoder thread: images the batcher asks for are
 //! encoded there, one at a time (libmtmd's encode is not reentrant per context), and come
-//! back as commands, so the decode loop keeps stepping the other sequences meanwhile.
+//! back as commands, so the decode loop keeps stepping the other sequences meanwhile. While
+//! the encoder works the loop decodes with the threads it leaves free: more busy threads than
+//! cores make ggml's spinning thread barriers stall for whole scheduler slices.
 
 pub mod backend;
 pub mod batcher;
@@ -41,6 +43,8 @@ pub trait Encoder: Send {
 struct Jobs {
     queue: Mutex<VecDeque<EncodeJob>>,
     wake: Condvar,
+    /// An image is being encoded.
+    busy: AtomicBool,
 }
 
 impl Jobs {
@@ -50,6 +54,10 @@ impl Jobs {
             .lock()
             .expect("poisoned")
             .retain(|j| j.request != request);
+    }
+
+    fn working(&self) -> bool {
+        self.busy.load(Ordering::SeqCst) || !self.queue.lock().expect("poisoned").is_empty()
     }
 }
 
@@ -85,6 +93,8 @@ pub struct Limits {
     pub parallel: usize,
     pub max_queue: usize,
     pub n_vocab: i32,
+    /// Decode threads, and how many of them while the encoder works (0: leave them as set).
+    pub threads: (i32, i32),
 }
 
 pub struct Engine {
@@ -113,9 +123,10 @@ impl Engine {
         let shared = Arc::new(Shared::default());
         let batcher = Batcher::new(backend, limits.parallel, limits.ctx_size, batch_size);
         let thread_shared = shared.clone();
+        let threads = limits.threads;
         let thread = std::thread::Builder::new()
             .name("xllm-batch".into())
-            .spawn(move || run(batcher, &thread_shared, writer))?;
+            .spawn(move || run(batcher, &thread_shared, writer, threads))?;
         let encoder = match encoder {
             Some(e) => {
                 let encoder_shared = shared.clone();
@@ -299,6 +310,7 @@ fn encode(mut encoder: Box<dyn Encoder>, shared: &Shared) {
                     return;
                 }
                 if let Some(job) = queue.pop_front() {
+                    shared.jobs.busy.store(true, Ordering::SeqCst);
                     break job;
                 }
                 queue = shared.jobs.wake.wait(queue).expect("poisoned");
@@ -308,12 +320,19 @@ fn encode(mut encoder: Box<dyn Encoder>, shared: &Shared) {
             .unwrap_or_else(|_| Err("internal error in the image encoder".into()));
         let mut commands = shared.commands.lock().expect("poisoned");
         commands.push_back(Command::Encoded(job.request, job.image.start, result));
+        shared.jobs.busy.store(false, Ordering::SeqCst);
         shared.wake.notify_one();
     }
 }
 
-fn run<B: Backend>(mut batcher: Batcher<B>, shared: &Shared, mut notify: UnixStream) {
+fn run<B: Backend>(
+    mut batcher: Batcher<B>,
+    shared: &Shared,
+    mut notify: UnixStream,
+    (threads, threads_encoding): (i32, i32),
+) {
     let mut events = Vec::new();
+    let mut sharing = false;
     // Whether the last step decoded anything: when not, only a command (a request, a cancel,
     // an encoded image) can give the loop something to do.
     let mut progressed = false;
@@ -329,6 +348,11 @@ fn run<B: Backend>(mut batcher: Batcher<B>, shared: &Shared, mut notify: UnixStr
             queue.drain(..).collect()
         };
         let stopping = shared.stop.load(Ordering::SeqCst);
+        if threads > 0 && shared.jobs.working() != sharing {
+            sharing = !sharing;
+            let n = if sharing { threads_encoding } else { threads };
+            batcher.backend.set_threads(n);
+        }
         let outcome = catch_unwind(AssertUnwindSafe(|| {
             for command in commands {
                 match command {
@@ -450,6 +474,7 @@ mod tests {
             parallel: 1,
             max_queue: 1,
             n_vocab: 10,
+            threads: (0, 0),
         };
         let engine = Engine::start(Slow, None, limits, 8).expect("engine");
         engine.submit(request(1)).expect("runs");

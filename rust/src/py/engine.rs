@@ -79,7 +79,7 @@ impl Engine {
     /// passes its mtmd context (`mtmd_ctx`, from libmtmd at `mtmd_lib`) and the text model's
     /// input embedding size.
     #[new]
-    #[pyo3(signature = (lib_path, lib_version, ctx, vocab, *, n_vocab, ctx_size, parallel, batch_size, max_queue, mtmd_lib=None, mtmd_ctx=0, n_embd_inp=0))]
+    #[pyo3(signature = (lib_path, lib_version, ctx, vocab, *, n_vocab, ctx_size, parallel, batch_size, max_queue, threads=0, encoder_threads=0, mtmd_lib=None, mtmd_ctx=0, n_embd_inp=0))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         lib_path: &str,
@@ -91,6 +91,8 @@ impl Engine {
         parallel: usize,
         batch_size: usize,
         max_queue: usize,
+        threads: i32,
+        encoder_threads: i32,
         mtmd_lib: Option<&str>,
         mtmd_ctx: usize,
         n_embd_inp: usize,
@@ -115,6 +117,8 @@ impl Engine {
             parallel,
             max_queue,
             n_vocab,
+            // the encoder's threads come out of the loop's while it works
+            threads: (threads, (threads - encoder_threads).max(1)),
         };
         let vision = match mtmd_lib {
             Some(path) if mtmd_ctx != 0 && n_embd_inp > 0 => {
