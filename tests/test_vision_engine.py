@@ -1,5 +1,6 @@
 """Image input through the llama.cpp engine: a real runner process, libmtmd and the Rust loop,
-on the tinycoder model with a tiny random-weight projector (tests/projectors.py).
+on the tinycoder model with a tiny random-weight `mlp` projector, and on the real Gemma 3 270M
+with a random `gemma3` one (tests/projectors.py).
 
 Random weights describe nothing, so these tests check the plumbing: image tokens in the
 prompt, determinism, that pixels reach the model, the prefix cache over images, encoding off
@@ -250,5 +251,35 @@ async def test_a_client_leaving_during_encoding_frees_the_slot(
         text = await asyncio.wait_for(run(await engine.generate(completion("hello"))), 60)
         assert text.finish == "length"
         assert (await run(await engine.generate(completion("see ", BLUE)))).finish == "length"
+    finally:
+        await engine.close()
+
+
+async def test_a_gemma3_projector_attends_over_the_image_both_ways(
+    gemma3_path: Path, tmp_path: Path
+) -> None:
+    """Gemma 3's images are decoded with non-causal attention, whole, and wrapped in
+    <start_of_image> ... <end_of_image> by libmtmd."""
+    projector = write_projector(tmp_path / "gemma3.gguf", 640, kind="gemma3")
+    engine = await load(gemma3_path, projector)
+    try:
+        sampling = Sampling(temperature=0, max_tokens=6, ignore_eos=True, logprobs=0)
+        # the same text with the tokens libmtmd wraps an image in, and no image between them
+        wrapped = "Describe: <start_of_image><end_of_image> Answer:"
+        text = await run(await engine.generate(completion(wrapped)))
+        red = await run(
+            await engine.generate(completion("Describe: ", RED, " Answer:", sampling=sampling))
+        )
+        again = await run(
+            await engine.generate(completion("Describe: ", RED, " Answer:", sampling=sampling))
+        )
+        blue = await run(
+            await engine.generate(completion("Describe: ", BLUE, " Answer:", sampling=sampling))
+        )
+        tokens = image_tokens(kind="gemma3")
+        assert red.usage["prompt_tokens"] == text.usage["prompt_tokens"] + tokens
+        assert red.logprobs == pytest.approx(again.logprobs, abs=1e-4)
+        assert again.usage["cached_tokens"] == red.usage["prompt_tokens"] - 1
+        assert red.logprobs[0] != pytest.approx(blue.logprobs[0], abs=1e-4)
     finally:
         await engine.close()
