@@ -419,7 +419,7 @@ fn run<B: Backend>(
 #[cfg(test)]
 mod tests {
     use super::batcher::BatchItem;
-    use super::types::{Params, TokenLogprob};
+    use super::types::{Embedding, ImageInput, Params, TokenLogprob};
     use super::*;
     use std::time::Duration;
 
@@ -465,6 +465,152 @@ mod tests {
             },
             images: Vec::new(),
         }
+    }
+
+    /// Encodes in 300 ms; records the thread counts the loop decoded with.
+    struct SlowEncoder;
+
+    impl Encoder for SlowEncoder {
+        fn encode(&mut self, image: &ImageInput) -> Result<Embedding, String> {
+            std::thread::sleep(Duration::from_millis(300));
+            Ok(Embedding {
+                data: vec![0.5; image.len * 2],
+                non_causal: false,
+            })
+        }
+    }
+
+    /// `Slow`, also taking image embeddings and recording `set_threads`.
+    struct SlowVision(Arc<Mutex<Vec<i32>>>);
+
+    impl Backend for SlowVision {
+        type Sampler = ();
+        fn new_sampler(&mut self, _: &Params) -> Result<Option<()>, String> {
+            Ok(None)
+        }
+        fn seq_rm(&mut self, _: i32, _: i32) -> bool {
+            true
+        }
+        fn seq_cp(&mut self, _: i32, _: i32, _: i32) {}
+        fn decode(&mut self, _: &[BatchItem]) -> Result<(), String> {
+            std::thread::sleep(Duration::from_millis(5));
+            Ok(())
+        }
+        fn decode_embd(
+            &mut self,
+            _: i32,
+            _: i32,
+            _: &[f32],
+            n: usize,
+            _: bool,
+            _: bool,
+        ) -> Result<i32, String> {
+            Ok(n as i32 - 1)
+        }
+        fn sample(
+            &mut self,
+            _: Option<&mut ()>,
+            _: i32,
+            _: Option<u32>,
+        ) -> (i32, Option<TokenLogprob>) {
+            (1, None)
+        }
+        fn is_eog(&self, _: i32) -> bool {
+            false
+        }
+        fn piece(&self, _: i32) -> Vec<u8> {
+            b"x".to_vec()
+        }
+        fn set_threads(&mut self, n: i32) {
+            self.0.lock().unwrap().push(n);
+        }
+    }
+
+    #[test]
+    fn streams_go_on_while_an_image_encodes_with_the_threads_it_leaves() {
+        let threads = Arc::new(Mutex::new(Vec::new()));
+        let limits = Limits {
+            ctx_size: 1000,
+            parallel: 2,
+            max_queue: 1,
+            n_vocab: 10,
+            threads: (4, 2),
+        };
+        let backend = SlowVision(threads.clone());
+        let engine =
+            Engine::start(backend, Some(Box::new(SlowEncoder)), limits, 8).expect("engine");
+        engine.submit(request(1)).expect("text");
+        std::thread::sleep(Duration::from_millis(50));
+        let mut image = request(2);
+        image.prompt = vec![1, -1, -1, -1, 2];
+        image.params.max_tokens = Some(1);
+        image.images = vec![Arc::new(ImageInput {
+            start: 1,
+            len: 3,
+            digest: "d".into(),
+            width: 1,
+            height: 1,
+            rgb: vec![0; 3],
+        })];
+        engine.submit(image).expect("image");
+        let start = Instant::now();
+        let mut during = 0;
+        let deadline = start + Duration::from_secs(10);
+        loop {
+            let events = engine.poll();
+            if events.iter().any(|e| e.request == 2 && e.finish.is_some()) {
+                assert_eq!(
+                    events
+                        .iter()
+                        .find(|e| e.request == 2 && e.finish.is_some())
+                        .unwrap()
+                        .finish,
+                    Some(Finish::Length)
+                );
+                break;
+            }
+            during += events.iter().filter(|e| e.request == 1).count();
+            assert!(
+                Instant::now() < deadline,
+                "the image request never finished"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert!(start.elapsed() >= Duration::from_millis(300));
+        // the text stream kept decoding (5 ms steps) through the 300 ms encode
+        assert!(during > 20, "only {during} tokens while the image encoded");
+        // while encoding the loop decoded with 2 threads, then with all 4 again
+        assert_eq!(*threads.lock().unwrap(), vec![2, 4]);
+    }
+
+    #[test]
+    fn images_without_an_encoder_are_refused() {
+        let limits = Limits {
+            ctx_size: 100,
+            parallel: 1,
+            max_queue: 1,
+            n_vocab: 10,
+            threads: (0, 0),
+        };
+        let engine = Engine::start(Slow, None, limits, 8).expect("engine");
+        let mut r = request(1);
+        r.prompt = vec![1, -1];
+        r.images = vec![Arc::new(ImageInput {
+            start: 1,
+            len: 1,
+            digest: "d".into(),
+            width: 1,
+            height: 1,
+            rgb: vec![0; 3],
+        })];
+        assert!(
+            matches!(engine.submit(r.clone()), Err(SubmitError::Invalid(m)) if m.contains("no vision projector"))
+        );
+        // a placeholder outside an image's span is no token
+        r.images.clear();
+        assert!(
+            matches!(engine.submit(r), Err(SubmitError::Invalid(m)) if m.contains("outside the vocabulary"))
+        );
     }
 
     #[test]
