@@ -198,9 +198,10 @@ async def llama_server(args: argparse.Namespace) -> AsyncIterator[tuple[Stream, 
                 "ignore_eos": True,
             }
             start = time.monotonic()
-            async for t in events("/v1/chat/completions", body):
-                return t - start
-            raise RuntimeError("the image request generated nothing")
+            arrivals = [t async for t in events("/v1/chat/completions", body)]
+            if not arrivals:
+                raise RuntimeError("the image request generated nothing")
+            return arrivals[0] - start
 
         yield stream, image
     finally:
