@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import io
 import select
+import socket
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from xllm import _core
 from xllm._core import Delta
 from xllm.engine import ipc
 from xllm.engine.llamacpp import LlamaCppEngine
@@ -95,3 +97,41 @@ def test_the_rust_loop_reports_every_generated_token(tiny_path: Path) -> None:
         assert len(stopped) == deltas[-1].usage["completion_tokens"]  # type: ignore[index]
     finally:
         engine.close()
+
+
+def test_the_rust_loop_sends_deltas_to_the_server_itself(tiny_path: Path) -> None:
+    """In a runner the loop writes its deltas to a socket (`send_to`) and the server reads them
+    (`read_deltas`): the same deltas `poll()` gives, logprobs and the finish included, then
+    None once the loop's end is closed."""
+    options = EngineOptions(ctx_size=256, parallel=1, threads=1)
+    params = {"max_tokens": 6, "temperature": 0.0, "ignore_eos": True, "logprobs": 2}
+    polled = LlamaCppEngine(tiny_path, options)
+    try:
+        expected = _run(polled, 1, params)
+    finally:
+        polled.close()
+    server, runner = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    server.setblocking(False)
+    engine = LlamaCppEngine(tiny_path, options)
+    engine.send_to(runner.fileno())
+    runner.close()  # the engine keeps its own copy
+    try:
+        engine.submit(1, engine.tokenize("def fibonacci(n):", True, True), params)
+        got: list[Delta] = []
+        while not any(d.finish for d in got):
+            select.select([server], [], [], 30.0)
+            got += _core.read_deltas(server.fileno()) or []
+        assert engine.poll() == []
+        assert [_fields(d) for d in got] == [_fields(d) for d in expected]
+        assert any(d.logprobs for d in got)
+    finally:
+        engine.close()
+    select.select([server], [], [], 30.0)
+    assert _core.read_deltas(server.fileno()) is None
+    server.close()
+
+
+def _fields(d: Delta) -> tuple[Any, ...]:
+    """What a delta says, its timings apart."""
+    usage = {k: v for k, v in (d.usage or {}).items() if not k.endswith("_ms")}
+    return (d.request, d.choice, d.text, d.tokens, d.logprobs, d.finish, usage, d.error)

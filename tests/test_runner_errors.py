@@ -88,10 +88,11 @@ async def _model(error: Exception | None) -> AsyncIterator[RunnerClient]:
     proc = _Proc()
     task = asyncio.create_task(_runner(runner_end, _Engine(error), proc))
     reader, writer = await asyncio.open_connection(sock=server_end)
+    deltas, _ = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     info = ModelInfo(MODEL, Path("/m.gguf"), "llama", 512, 8, 1, 1, 1, "F32", None)
     model = RunnerClient(
         MODEL, Path("/m.gguf"), EngineOptions(ctx_size=512), info, proc,  # type: ignore[arg-type]
-        reader, writer, None, collections.deque(), asyncio.create_task(asyncio.sleep(0)),
+        reader, writer, deltas, None, collections.deque(), asyncio.create_task(asyncio.sleep(0)),
     )  # fmt: skip
     try:
         yield model

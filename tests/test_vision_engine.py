@@ -80,9 +80,9 @@ def projector(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def slow_projector(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A bigger one whose encoding takes a while (224 px, 256 patches through 4 layers)."""
+    """A bigger one whose encoding takes a while (224 px, 256 patches through 8 layers)."""
     path = tmp_path_factory.mktemp("mmproj") / "slow.gguf"
-    return write_projector(path, 16, n_embd=256, n_ff=512, n_layer=4, image_size=224, patch=14)
+    return write_projector(path, 16, n_embd=256, n_ff=512, n_layer=8, image_size=224, patch=14)
 
 
 @pytest.fixture
@@ -207,9 +207,12 @@ async def test_encoding_runs_beside_the_decode_loop(tiny_path: Path, slow_projec
     encoder thread, and only the (cheap) embedding decode joins the loop."""
     engine = await load(tiny_path, slow_projector, parallel=2)
     try:
-        t0 = time.monotonic()
-        alone = await run(await engine.generate(completion("see ", RED, sampling=GREEDY)))
-        encode_s = time.monotonic() - t0
+        took = []  # an image request alone, twice (the machine may be busy)
+        for colour in (RED, image((0, 255, 0))):
+            t0 = time.monotonic()
+            alone = await run(await engine.generate(completion("see ", colour, sampling=GREEDY)))
+            took.append(time.monotonic() - t0)
+        encode_s = sum(took) / len(took)
         stream = await engine.generate(
             completion("count", sampling=Sampling(temperature=0, max_tokens=2000, ignore_eos=True))
         )
@@ -234,7 +237,8 @@ async def test_encoding_runs_beside_the_decode_loop(tiny_path: Path, slow_projec
         during = [t for t in arrivals if start <= t <= end]
         gaps = [b - a for a, b in itertools.pairwise(during)]
         assert len(during) > 5, (during, encode_s)
-        assert max(gaps) < encode_s / 2, (max(gaps), encode_s)
+        # encoding on the loop would stop the stream for about as long as the image took alone
+        assert max(gaps) < encode_s * 0.75, (max(gaps), encode_s)
     finally:
         await engine.close()
 

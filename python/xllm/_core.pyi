@@ -11,6 +11,7 @@ __all__ = [
     "GzipStream",
     "QueueFull",
     "gzip_compress",
+    "read_deltas",
     "read_gguf",
     "sse_event",
 ]
@@ -115,6 +116,10 @@ def read_gguf(path: str | PathLike[str], max_array_len: int | None = None) -> _G
     Arrays longer than `max_array_len` are checked but left out of `metadata`.
     """
 
+def read_deltas(fd: int) -> list[Delta] | None:
+    """Every delta a batching loop sent on the non-blocking SOCK_SEQPACKET socket `fd` and not
+    yet read; None once the sender's end is closed and nothing is left."""
+
 @final
 class Engine:
     """Continuous-batching engine over one llama context made by llama-cpp-python.
@@ -166,6 +171,9 @@ class Engine:
         """Readable when `poll()` has events."""
     def poll(self) -> list[Delta]:
         """Every `Delta` since the last call."""
+    def send_to(self, fd: int) -> None:
+        """From now on the loop sends its deltas on the SOCK_SEQPACKET socket `fd` (it keeps a
+        duplicate) for `read_deltas` at the other end, instead of keeping them for `poll()`."""
     def stats(self) -> dict[str, int]: ...
     def embed(
         self, ctx: int, inputs: list[list[int]], n_embd: int, normalize: bool

@@ -11,6 +11,7 @@ from typing import Any
 def add_parser(commands: Any) -> None:
     p = commands.add_parser("runner", add_help=False)
     p.add_argument("--fd", type=int, required=True)
+    p.add_argument("--deltas-fd", type=int, required=True)
     p.add_argument("--name", required=True)
     p.add_argument("--model", type=Path, required=True)
     p.add_argument("--options", required=True)
@@ -21,7 +22,7 @@ def add_parser(commands: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     from xllm.engine.runner import main
 
-    return main(args.fd, args.name, args.model, args.options)
+    return main(args.fd, args.deltas_fd, args.name, args.model, args.options)
 
 
 def render(_: argparse.Namespace) -> int:

@@ -1,10 +1,11 @@
 """The llama.cpp engine as the server sees it: one loaded GGUF model in its runner process.
 
 `xllm._core.Engine` (the Rust batching loop over libllama) lives in the runner
-(`engine/runner.py`); this proxy sends it requests and turns its frames of deltas into
-per-request inboxes. If the runner dies or stops making progress, every request in flight
-ends with an error delta at once, and the registry drops the model so the next request reloads
-it.
+(`engine/runner.py`); this proxy sends it requests over the runner's control socket, and reads
+the deltas the loop sends on a socket of their own (`_core.read_deltas`: no Python in the
+runner touches a token) into per-request inboxes. If the runner dies or stops making
+progress, every request in flight ends with an error delta at once, and the registry drops the
+model so the next request reloads it.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from xllm import _core
 from xllm.engine import ipc, llama_prompt
 from xllm.engine.inbox import Inbox
 from xllm.engine.llamacpp_archs import ARCHITECTURES
@@ -104,6 +106,7 @@ class RunnerClient:
         proc: asyncio.subprocess.Process,
         reader: asyncio.StreamReader,
         writer: asyncio.StreamWriter,
+        deltas: socket.socket,
         observer: Observer | None,
         stderr_tail: collections.deque[str],
         stderr_task: asyncio.Task[None],
@@ -123,6 +126,9 @@ class RunnerClient:
         self._proc = proc
         self._reader = reader
         self._writer = writer
+        self._deltas = deltas
+        deltas.setblocking(False)
+        asyncio.get_running_loop().add_reader(deltas.fileno(), self._read_deltas)
         self._stderr_tail = stderr_tail
         self._ids = itertools.count(1)
         self._queues: dict[int, Inbox] = {}
@@ -148,26 +154,33 @@ class RunnerClient:
     ) -> RunnerClient:
         """Start a runner for `path` and wait until its engine has loaded the model."""
         parent, child = socket.socketpair()
+        deltas, deltas_child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
             proc = await asyncio.create_subprocess_exec(
                 *child_command("runner"),
                 "--fd", str(child.fileno()),
+                "--deltas-fd", str(deltas_child.fileno()),
                 "--name", name,
                 "--model", str(path),
                 "--options", json.dumps(asdict(options)),
-                pass_fds=(child.fileno(),),
+                pass_fds=(child.fileno(), deltas_child.fileno()),
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.DEVNULL,
                 stderr=asyncio.subprocess.PIPE,
             )  # fmt: skip
+        except BaseException:
+            deltas.close()
+            raise
         finally:
             child.close()
+            deltas_child.close()
         tail: collections.deque[str] = collections.deque(maxlen=_STDERR_LINES)
         stderr_task = asyncio.create_task(_pump_stderr(proc, name, tail))
         reader, writer = await asyncio.open_connection(sock=parent)
         msg = await ipc.read(reader)
         if msg is None or msg[0] != ipc.READY:
             writer.close()
+            deltas.close()
             code = await proc.wait()
             await stderr_task
             reason = msg[1] if msg is not None else f"its runner process {_exit_reason(code)}"
@@ -177,18 +190,16 @@ class RunnerClient:
             raise ModelLoadError(
                 f"failed to load model {name!r} from {path}: {reason}{hint}", detail=detail
             )
-        return cls(name, path, options, msg[1], proc, reader, writer, observer, tail, stderr_task)
+        return cls(
+            name, path, options, msg[1], proc, reader, writer, deltas, observer, tail, stderr_task
+        )
 
     # --- delta pump -----------------------------------------------------------------------
 
     async def _read_loop(self) -> None:
         while (msg := await ipc.read(self._reader)) is not None:
             op = msg[0]
-            if op == ipc.DELTAS:
-                self._progress = time.monotonic()
-                for d in msg[1]:
-                    self._dispatch(d)
-            elif op == ipc.BEAT:
+            if op == ipc.BEAT:
                 if msg[1].get("decode_steps_total") != self._stats.get("decode_steps_total"):
                     self._progress = time.monotonic()
                 self._stats = msg[1]
@@ -197,17 +208,33 @@ class RunnerClient:
                 if fut is not None and not fut.done():
                     fut.set_result(msg[2:])
         code = await self._proc.wait()
+        self._read_deltas()  # the last ones the runner sent
         self._fail_all(
             f"the runner process for model {self.name!r} {_exit_reason(code)}; "
             "the request was aborted"
         )
 
-    def _dispatch(self, d: Delta) -> None:
-        q = self._queues.get(d.request)
-        if q is not None:
-            q.put(d)
-        if d.finish is not None and self.observer is not None and d.usage is not None:
-            self.observer.observe_finish(self.name, d.finish, d.usage)
+    def _read_deltas(self) -> None:
+        """Hand what the batching loop sent to the requests' inboxes (and finishes to the
+        metrics). Called whenever the deltas socket is readable."""
+        if self._deltas.fileno() < 0:
+            return
+        batch = _core.read_deltas(self._deltas.fileno())
+        if batch is None:  # the runner's end is closed: it is exiting
+            self._close_deltas()
+            return
+        self._progress = time.monotonic()
+        for d in batch:
+            q = self._queues.get(d.request)
+            if q is not None:
+                q.put(d)
+            if d.finish is not None and self.observer is not None and d.usage is not None:
+                self.observer.observe_finish(self.name, d.finish, d.usage)
+
+    def _close_deltas(self) -> None:
+        if self._deltas.fileno() >= 0:
+            asyncio.get_running_loop().remove_reader(self._deltas.fileno())
+            self._deltas.close()
 
     def _fail_all(self, reason: str) -> None:
         """The runner is gone: end every request and call, and leave the registry. Clients
@@ -413,6 +440,7 @@ class RunnerClient:
                 with contextlib.suppress(asyncio.CancelledError):
                     await asyncio.wait_for(task, 2.0)
         self._writer.close()
+        self._close_deltas()
 
 
 def _exit_reason(code: int | None) -> str:

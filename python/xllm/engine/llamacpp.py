@@ -95,6 +95,7 @@ class LlamaCppEngine:
         self.cancel = self._core.cancel
         self.fileno = self._core.fileno
         self.poll = self._core.poll
+        self.send_to = self._core.send_to
         self.stats = self._core.stats
 
     @property

@@ -11,6 +11,7 @@ import asyncio
 import dataclasses
 import json
 import logging
+import os
 import signal
 import socket
 from pathlib import Path
@@ -30,7 +31,9 @@ BEAT_S = 0.25
 """How often the runner reports its counters (the server's stats and watchdog read them)."""
 
 
-def main(fd: int, name: str, path: Path, options_json: str) -> int:
+def main(fd: int, deltas_fd: int, name: str, path: Path, options_json: str) -> int:
+    """Serve the model at `path` to the server at the other end of socket `fd`; the batching
+    loop sends its deltas on `deltas_fd` (a `SOCK_SEQPACKET` socket) itself."""
     ipc.die_with_parent()
     # Ctrl-C in a terminal reaches the whole process group; the server decides when we stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -39,14 +42,17 @@ def main(fd: int, name: str, path: Path, options_json: str) -> int:
     options = EngineOptions(**fields)
     import uvloop
 
-    uvloop.run(_serve(socket.socket(fileno=fd), name, path, options))
+    uvloop.run(_serve(socket.socket(fileno=fd), deltas_fd, name, path, options))
     return 0
 
 
-async def _serve(sock: socket.socket, name: str, path: Path, options: EngineOptions) -> None:
+async def _serve(
+    sock: socket.socket, deltas_fd: int, name: str, path: Path, options: EngineOptions
+) -> None:
     reader, writer = await asyncio.open_connection(sock=sock)
     try:
         engine = await asyncio.to_thread(LlamaCppEngine, path, options)
+        engine.send_to(deltas_fd)
         info = ModelInfo.from_engine(name, path, engine)
         if options.chat_template is not None:  # a Modelfile TEMPLATE wins over the GGUF's
             info = dataclasses.replace(info, chat_template=options.chat_template)
@@ -56,17 +62,11 @@ async def _serve(sock: socket.socket, name: str, path: Path, options: EngineOpti
         writer.write(ipc.encode((ipc.FAILED, str(e))))
         await writer.drain()
         return
+    finally:
+        os.close(deltas_fd)  # the engine keeps its own copy
     writer.write(ipc.encode((ipc.READY, info)))
     renderer = RenderWorker()
     await renderer.start()
-    loop = asyncio.get_running_loop()
-
-    def forward_deltas() -> None:
-        batch = engine.poll()
-        if batch:
-            writer.write(ipc.encode((ipc.DELTAS, batch)))
-
-    loop.add_reader(engine.fileno(), forward_deltas)
     beat = asyncio.create_task(_beat(engine, writer))
     calls: set[asyncio.Task[None]] = set()
     try:
@@ -86,9 +86,7 @@ async def _serve(sock: socket.socket, name: str, path: Path, options: EngineOpti
                 break
     finally:
         beat.cancel()
-        loop.remove_reader(engine.fileno())
-        await asyncio.to_thread(engine.close)
-        forward_deltas()  # the cancellations close() produced
+        await asyncio.to_thread(engine.close)  # the cancellations it makes go out as deltas
         await renderer.close()
         writer.close()
 

@@ -2,7 +2,8 @@
 //!
 //! Callers (the Python binding) never wait for the decode loop: `submit` and `cancel` enqueue
 //! and return, and the loop wakes its reader through a socket after each step that produced
-//! events, so one `poll()` collects everything every sequence produced.
+//! events, so one `poll()` collects everything every sequence produced. In a runner process
+//! the loop sends its events to the server itself instead (`send_to`, `wire`).
 //!
 //! A model with a projector also has an encoder thread: images the batcher asks for are
 //! encoded there, one at a time (libmtmd's encode is not reentrant per context), and come
@@ -14,10 +15,11 @@ pub mod backend;
 pub mod batcher;
 pub mod types;
 pub mod vision;
+pub mod wire;
 
 use std::collections::{HashMap, VecDeque};
 use std::io::{Read, Write};
-use std::os::unix::net::UnixStream;
+use std::os::unix::net::{UnixDatagram, UnixStream};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
@@ -80,6 +82,8 @@ struct Shared {
     commands: Mutex<VecDeque<Command>>,
     wake: Condvar,
     events: Mutex<Vec<Event>>,
+    /// Where the loop sends events itself (`Engine::send_to`); None: they wait for `poll`.
+    outbox: Mutex<Option<UnixDatagram>>,
     stop: AtomicBool,
     /// Requests submitted and neither finished nor cancelled, with their choices still running:
     /// at most `parallel` run, `max_queue` more may wait.
@@ -268,6 +272,13 @@ impl Engine {
         std::mem::take(&mut *self.shared.events.lock().expect("poisoned"))
     }
 
+    /// From now on the loop sends events as `wire` packets on `socket` (a connected
+    /// `SOCK_SEQPACKET` socket, blocking: a reader that falls behind holds the loop back)
+    /// instead of keeping them for `poll`. Once the reader is gone, events are dropped.
+    pub fn send_to(&self, socket: UnixDatagram) {
+        *self.shared.outbox.lock().expect("poisoned") = Some(socket);
+    }
+
     /// Readable when `poll` has something.
     pub fn wake_fd(&self) -> &UnixStream {
         &self.reader
@@ -291,6 +302,7 @@ impl Engine {
         if let Some(t) = self.encoder.take() {
             let _ = t.join();
         }
+        *self.shared.outbox.lock().expect("poisoned") = None; // the reader sees the end
     }
 }
 
@@ -407,11 +419,31 @@ fn run<B: Backend>(
             }
         }
         if !events.is_empty() {
-            shared.events.lock().expect("poisoned").append(&mut events);
-            let _ = notify.write(&[1]); // a full socket already means "readable"
+            let mut outbox = shared.outbox.lock().expect("poisoned");
+            if let Some(socket) = outbox.as_ref() {
+                let sent = wire::encode(&events).iter().all(|p| send(socket, p));
+                if !sent {
+                    *outbox = None; // the server is gone: the runner ends with it
+                }
+                events.clear();
+            } else {
+                drop(outbox);
+                shared.events.lock().expect("poisoned").append(&mut events);
+                let _ = notify.write(&[1]); // a full socket already means "readable"
+            }
         }
         if stopping {
             return;
+        }
+    }
+}
+
+fn send(socket: &UnixDatagram, packet: &[u8]) -> bool {
+    loop {
+        match socket.send(packet) {
+            Ok(_) => return true,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(_) => return false,
         }
     }
 }
@@ -641,5 +673,32 @@ mod tests {
             std::thread::sleep(Duration::from_millis(5));
         }
         assert_eq!(engine.submit(request(4)), Err(SubmitError::QueueFull(1)));
+    }
+
+    #[test]
+    fn events_sent_to_a_socket_arrive_there_in_order_until_close() {
+        let limits = Limits {
+            ctx_size: 1000,
+            parallel: 2,
+            max_queue: 0,
+            n_vocab: 10,
+            threads: (0, 0),
+        };
+        let (ours, theirs) = UnixDatagram::pair().expect("pair");
+        let mut engine = Engine::start(Slow, None, limits, 8).expect("engine");
+        engine.send_to(theirs);
+        engine.submit(request(1)).expect("runs");
+        let mut buf = vec![0u8; wire::PACKET];
+        let n = ours.recv(&mut buf).expect("a packet");
+        let first = wire::decode(&buf[..n]).expect("events");
+        assert_eq!((first[0].request, first[0].text.as_str()), (1, "x"));
+        engine.close();
+        let mut last = None;
+        ours.set_nonblocking(true).expect("nonblocking");
+        while let Ok(n) = ours.recv(&mut buf) {
+            last = wire::decode(&buf[..n]).expect("events").pop();
+        }
+        assert_eq!(last.and_then(|e| e.finish), Some(Finish::Cancelled));
+        assert!(engine.poll().is_empty());
     }
 }

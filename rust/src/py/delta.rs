@@ -10,7 +10,13 @@ use pyo3::sync::PyOnceLock;
 use pyo3::types::{PyBytes, PyDict, PyList, PyString, PyTuple};
 use pyo3::{intern, IntoPyObjectExt};
 
+use std::io::ErrorKind;
+use std::mem::ManuallyDrop;
+use std::os::fd::FromRawFd;
+use std::os::unix::net::UnixDatagram;
+
 use crate::engine::types::{Event, Finish, TokenLogprob};
+use crate::engine::wire;
 
 /// What happened to one choice of one request since the last poll.
 #[pyclass(module = "xllm._core", frozen, get_all)]
@@ -239,6 +245,28 @@ pub fn delta_list(py: Python<'_>, events: Vec<Event>) -> PyResult<Bound<'_, PyLi
     PyList::new(py, deltas)
 }
 
+/// Every delta a runner's batching loop has sent on the `SOCK_SEQPACKET` socket `fd` (set
+/// non-blocking) and not yet read; None once the runner's end is closed and nothing is left.
+#[pyfunction]
+pub fn read_deltas(py: Python<'_>, fd: i32) -> PyResult<Option<Bound<'_, PyList>>> {
+    // SAFETY: the caller owns `fd` and keeps it open for the call; ManuallyDrop leaves it open.
+    let socket = ManuallyDrop::new(unsafe { UnixDatagram::from_raw_fd(fd) });
+    let mut buf = vec![0u8; wire::PACKET];
+    let mut events = Vec::new();
+    loop {
+        match socket.recv(&mut buf) {
+            Ok(0) if events.is_empty() => return Ok(None),
+            Ok(0) => break,
+            Ok(n) => events.extend(wire::decode(&buf[..n]).map_err(PyValueError::new_err)?),
+            Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+            Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+            Err(e) => return Err(e.into()),
+        }
+    }
+    delta_list(py, events).map(Some)
+}
+
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
-    m.add_class::<Delta>()
+    m.add_class::<Delta>()?;
+    m.add_function(wrap_pyfunction!(read_deltas, m)?)
 }

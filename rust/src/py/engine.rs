@@ -1,6 +1,7 @@
 //! Binding for the batching engine: argument conversion only; the loop runs on its own thread.
 
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, BorrowedFd};
+use std::os::unix::net::UnixDatagram;
 use std::sync::Arc;
 
 use pyo3::create_exception;
@@ -206,6 +207,15 @@ impl Engine {
 
     fn cancel(&self, request_id: u64) {
         self.inner.cancel(request_id);
+    }
+
+    /// From now on the loop sends its deltas on the `SOCK_SEQPACKET` socket `fd` (a duplicate
+    /// is kept) for `read_deltas` at the other end, instead of keeping them for `poll()`.
+    fn send_to(&self, fd: i32) -> PyResult<()> {
+        // SAFETY: the caller's fd is open for the call; the engine keeps its own duplicate.
+        let owned = unsafe { BorrowedFd::borrow_raw(fd) }.try_clone_to_owned()?;
+        self.inner.send_to(UnixDatagram::from(owned));
+        Ok(())
     }
 
     /// Readable when `poll()` has events.
