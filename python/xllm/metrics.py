@@ -39,6 +39,7 @@ _ENGINE_STATS: dict[str, tuple[str, str, bool]] = {
     "tokens_cached_total": ("prefix_cache_hit_tokens", "Prompt tokens served from cache", True),
     "tokens_generated_total": ("generated_tokens", "Tokens generated", True),
     "decode_steps_total": ("decode_steps", "llama_decode calls of the batching loop", True),
+    "images_encoded_total": ("images_encoded", "Images a vision projector encoded", True),
     "queue_depth": ("queue_depth", "Requests waiting for a free sequence", False),
     "running": ("running_sequences", "Sequences being decoded", False),
 }
