@@ -157,7 +157,11 @@ async def llama_server(args: argparse.Namespace) -> AsyncIterator[tuple[Stream, 
     log = Path(tempfile.gettempdir()) / "xllm-bench-llama-server-vision.log"
     proc = await asyncio.to_thread(start_llama_server, args, port, log)
     url = f"http://127.0.0.1:{port}"
-    session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None))
+    # a connection per request: llama-server may close one after a stream
+    session = aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(force_close=True),
+        timeout=aiohttp.ClientTimeout(total=None),
+    )
     try:
         deadline = time.monotonic() + 180
         while True:
