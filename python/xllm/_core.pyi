@@ -123,7 +123,8 @@ def read_deltas(fd: int) -> list[Delta] | None:
 class Engine:
     """Continuous-batching engine over one llama context made by llama-cpp-python.
 
-    `ctx` and `vocab` are integer addresses that must stay valid until `close()`.
+    `ctx` and `vocab` (and a vision model's `mtmd_ctx`) are integer addresses that must stay
+    valid until `close()`.
     """
 
     def __new__(
@@ -138,9 +139,32 @@ class Engine:
         parallel: int,
         batch_size: int,
         max_queue: int,
+        threads: int = 0,
+        encoder_threads: int = 0,
+        mtmd_lib: str | None = None,
+        mtmd_ctx: int = 0,
+        n_embd_inp: int = 0,
     ) -> Self: ...
-    def submit(self, request_id: int, prompt: list[int], params: dict[str, Any]) -> None:
-        """Queue a generation; QueueFull when the queue is full, ValueError for bad input."""
+    def tokenize_media(
+        self,
+        text: str,
+        images: list[tuple[int, int, bytes]],
+        add_special: bool,
+        parse_special: bool,
+    ) -> tuple[list[int], list[tuple[int, int]]]:
+        """Tokens of a prompt whose image markers stand for `images` ((width, height, rgb)):
+        -1 at image tokens, and each image's (start, length); ValueError on a mismatch."""
+    def image_marker(self) -> str | None:
+        """The text that stands for an image in a prompt; None without a projector."""
+    def submit(
+        self,
+        request_id: int,
+        prompt: list[int],
+        params: dict[str, Any],
+        images: list[tuple[int, int, str, int, int, bytes]] = ...,
+    ) -> None:
+        """Queue a generation; QueueFull when the queue is full, ValueError for bad input.
+        `images`: (start, length, digest, width, height, rgb) of each image's -1 positions."""
     def cancel(self, request_id: int) -> None: ...
     def fileno(self) -> int:
         """Readable when `poll()` has events."""

@@ -4,6 +4,7 @@ pub mod engine;
 pub mod gguf;
 pub mod gzip;
 pub mod llama;
+pub mod mtmd;
 pub mod sse;
 pub mod stop;
 

@@ -6,10 +6,6 @@
 //! pointers and calls functions whose arguments are scalars, pointers and `llama_batch`.
 
 use std::ffi::{c_char, c_void};
-use std::sync::Arc;
-
-use libloading::Library;
-
 /// llama-cpp-python version whose `llama.h` these declarations were written against.
 pub const SUPPORTED_LLAMA_CPP_PYTHON: &str = "0.3.36";
 
@@ -61,39 +57,42 @@ pub struct ChainParams {
     pub no_perf: bool,
 }
 
+/// Declares a struct of function pointers resolved from a shared library at load time.
 macro_rules! api {
-    ($($name:ident: fn($($arg:ty),*) $(-> $ret:ty)?;)*) => {
-        /// Function pointers into libllama; the `Library` stays loaded as long as this lives.
-        pub struct Api {
-            _lib: Library,
+    ($api:ident, $what:literal; $($name:ident: fn($($arg:ty),*) $(-> $ret:ty)?;)*) => {
+        /// Function pointers into the library; the `Library` stays loaded as long as this lives.
+        pub struct $api {
+            _lib: libloading::Library,
             $(pub $name: unsafe extern "C" fn($($arg),*) $(-> $ret)?,)*
         }
 
-        impl Api {
+        impl $api {
             /// Resolves every symbol up front: a library that lacks one is not the one we bind.
-            pub fn load(path: &str) -> Result<Arc<Api>, String> {
-                // SAFETY: loading libllama runs its initializers, as importing llama_cpp does.
-                let lib = unsafe { Library::new(path) }
+            pub fn load(path: &str) -> Result<std::sync::Arc<$api>, String> {
+                // SAFETY: loading the library runs its initializers, as importing llama_cpp does.
+                let lib = unsafe { libloading::Library::new(path) }
                     .map_err(|e| format!("cannot load {path}: {e}"))?;
                 $(
-                    // SAFETY: the signature is the one declared in llama.h of the bound version.
+                    // SAFETY: the signature is the one declared in the header of the bound version.
                     let $name = unsafe {
                         *lib.get::<unsafe extern "C" fn($($arg),*) $(-> $ret)?>(
                             concat!(stringify!($name), "\0").as_bytes(),
                         )
                         .map_err(|e| format!(
-                            "{path} has no symbol {}: not the libllama of llama-cpp-python {} ({e})",
-                            stringify!($name), SUPPORTED_LLAMA_CPP_PYTHON,
+                            "{path} has no symbol {}: not the {} of llama-cpp-python {} ({e})",
+                            stringify!($name), $what, $crate::llama::SUPPORTED_LLAMA_CPP_PYTHON,
                         ))?
                     };
                 )*
-                Ok(Arc::new(Api { _lib: lib, $($name,)* }))
+                Ok(std::sync::Arc::new($api { _lib: lib, $($name,)* }))
             }
         }
     };
 }
+pub(crate) use api;
 
 api! {
+    Api, "libllama";
     llama_batch_init: fn(i32, i32, i32) -> RawBatch;
     llama_batch_free: fn(RawBatch);
     llama_decode: fn(Ctx, RawBatch) -> i32;
@@ -103,6 +102,8 @@ api! {
     llama_memory_seq_rm: fn(Memory, i32, i32, i32) -> bool;
     llama_memory_seq_cp: fn(Memory, i32, i32, i32, i32);
     llama_memory_clear: fn(Memory, bool);
+    llama_set_causal_attn: fn(Ctx, bool);
+    llama_set_n_threads: fn(Ctx, i32, i32);
     llama_vocab_is_eog: fn(Vocab, Token) -> bool;
     llama_token_to_piece: fn(Vocab, Token, *mut c_char, i32, i32, bool) -> i32;
     llama_sampler_chain_default_params: fn() -> ChainParams;

@@ -30,7 +30,7 @@ from xllm.engine.inbox import Inbox
 from xllm.engine.llamacpp_archs import ARCHITECTURES
 from xllm.engine.options import EngineOptions, child_command, llama_cpp_version
 from xllm.engine.plugins import LoadSpec, Manifest
-from xllm.engine.protocol import ABI_VERSION, Capability, Delta, Observer, Request
+from xllm.engine.protocol import ABI_VERSION, Capability, Delta, Image, Observer, Request
 from xllm.errors import EngineError, InvalidRequest, ModelLoadError, Overloaded
 from xllm.grammar import Grammar
 from xllm.memory import planner, probe
@@ -304,8 +304,11 @@ class RunnerClient:
     async def generate(self, request: Request) -> Generation:
         """Render, tokenize and check `request` (engine/llama_prompt.py), then queue it."""
         prepared = await llama_prompt.prepare(self, request)
-        gen = await self.start(prepared.tokens, prepared.params)
-        gen.prompt_tokens = prepared.tokens
+        gen = await self.start(prepared.tokens, prepared.params, prepared.images)
+        # an image's tokens have no ids a client could send back
+        gen.prompt_tokens = (
+            [t for t in prepared.tokens if t >= 0] if prepared.images else prepared.tokens
+        )
         gen.opens_thinking = prepared.opens_thinking
         return gen
 
@@ -320,16 +323,28 @@ class RunnerClient:
         tools: list[dict[str, Any]] | None,
         template: str | None = None,
         enable_thinking: bool | None = None,
-    ) -> tuple[list[int], list[str]]:
-        """(prompt tokens, extra stops) rendered by the model's template (or `template`, a
-        request's own Jinja2 one).
+        images: Sequence[Image] = (),
+    ) -> tuple[list[int], list[str], list[tuple[int, int]]]:
+        """(prompt tokens, extra stops, each image's (start, length)) rendered by the model's
+        template (or `template`, a request's own Jinja2 one); the messages' image markers
+        stand for `images`, in order.
 
         A template is code from a model file or a request: the runner has its render worker
         run it under a time and memory limit (engine/render.py), so one that runs away fails
         with a 400 and the runner, with every other request on the model, carries on.
         """
-        result: tuple[list[int], list[str]] = await self._call(
-            "chat_prompt", messages, tools, template, enable_thinking
+        result: tuple[list[int], list[str], list[tuple[int, int]]] = await self._call(
+            "chat_prompt", messages, tools, template, enable_thinking, list(images)
+        )
+        return result
+
+    async def tokenize_media(
+        self, text: str, images: Sequence[Image], param: str
+    ) -> tuple[list[int], list[tuple[int, int]]]:
+        """Tokens of a prompt whose image markers stand for `images` (-1 at image tokens), and
+        each image's (start, length); a 400 naming `param` when they do not match."""
+        result: tuple[list[int], list[tuple[int, int]]] = await self._call(
+            "tokenize_media", text, list(images), param
         )
         return result
 
@@ -337,8 +352,14 @@ class RunnerClient:
         text: str = await self._call("detokenize", list(tokens))
         return text
 
-    async def start(self, prompt: list[int], params: Mapping[str, Any]) -> Generation:
-        """Queue a generation; raises Overloaded when the queue is full.
+    async def start(
+        self,
+        prompt: list[int],
+        params: Mapping[str, Any],
+        images: Sequence[tuple[int, int, Image]] = (),
+    ) -> Generation:
+        """Queue a generation; raises Overloaded when the queue is full. `images` are the
+        prompt's ((start, length, image)) at its -1 positions.
 
         A grammar (`params["grammar"]`, a `Grammar`) is parsed by llama.cpp first: one it
         rejects is a 400 naming the field it came from, not a generation failing in the queue.
@@ -361,7 +382,7 @@ class RunnerClient:
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._calls[rid] = fut
         try:
-            self._send((ipc.SUBMIT, rid, rid, prompt, dict(params)))
+            self._send((ipc.SUBMIT, rid, rid, prompt, {**params, "images": list(images)}))
             error, _ = await fut
             if error is not None:
                 raise ipc.exception(error, self.name)
@@ -457,8 +478,9 @@ def _estimate(spec: LoadSpec) -> Plan:
         header, ctx_size=o.ctx_size, parallel=o.parallel, batch_size=o.batch_size,
         gpus=probe.gpus(), gpu_layers=o.gpu_layers,
     )  # fmt: skip
-    if spec.adapters:  # llama.cpp keeps each adapter's tensors in memory beside the model
-        extra = sum(p.stat().st_size for p in spec.adapters)
+    # llama.cpp keeps each adapter's tensors, and libmtmd the projector's, beside the model
+    extra = sum(p.stat().st_size for p in (*spec.adapters, *filter(None, [spec.projector])))
+    if extra:
         plan = dataclasses.replace(plan, weights=plan.weights + extra)
     return plan
 
@@ -469,6 +491,7 @@ async def _load(spec: LoadSpec) -> RunnerClient:
         spec.options,
         splits=tuple(map(str, spec.files[1:])),
         adapters=tuple(map(str, spec.adapters)),
+        projector=str(spec.projector) if spec.projector is not None else None,
     )
     plan = spec.plan
     if plan is not None:
@@ -483,7 +506,7 @@ async def _load(spec: LoadSpec) -> RunnerClient:
     return model
 
 
-_CAPABILITIES = ("completion", "chat", "embedding", "tools", "insert", "thinking")
+_CAPABILITIES = ("completion", "chat", "embedding", "tools", "insert", "thinking", "vision")
 
 MANIFEST = Manifest(
     name="llama.cpp",
@@ -491,9 +514,7 @@ MANIFEST = Manifest(
     abi=ABI_VERSION,
     formats=("gguf",),
     architectures=ARCHITECTURES,
-    capabilities=frozenset(
-        Capability(c) for c in ("completion", "chat", "embedding", "tools", "insert", "thinking")
-    ),
+    capabilities=frozenset(Capability(c) for c in _CAPABILITIES),
     load=_load,
     estimate=_estimate,
 )

@@ -4,6 +4,11 @@ Chat templates, tools, fill-in-the-middle, token prompts, the Modelfile's defaul
 checks that depend on the model (context room, vocabulary, parallel sequences) all live here:
 they are this engine's business, not the handlers'. Rendering and tokenizing run in the
 model's runner process (`RunnerClient.chat_prompt`, `tokenize`).
+
+Images (vision models, which have a projector) become image markers in the text: before the
+content of the message they came with, or where their part is in a completion's prompt. The
+runner tokenizes the text with libmtmd, which replaces each marker with the image's tokens,
+and the prompt goes to the Rust loop with -1 at those positions and each image's span.
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from xllm import grammar, reasoning, tools
-from xllm.engine.protocol import Capability, Request, Sampling
+from xllm.engine.protocol import Capability, Image, Request, Sampling
 from xllm.errors import InvalidRequest
 from xllm.models import gotemplate
 from xllm.models.modelfile import Modelfile, is_go_template
@@ -27,8 +32,11 @@ class Prepared:
     """A request as the Rust loop takes it."""
 
     tokens: list[int]
+    """-1 at each image token."""
     params: dict[str, Any]
     opens_thinking: bool | None
+    images: list[tuple[int, int, Image]]
+    """Each image of the prompt: (start, length in tokens, the image)."""
 
 
 _FEATURES = {
@@ -78,39 +86,53 @@ async def prepare(model: RunnerClient, request: Request) -> Prepared:
     _check_images(caps, name, request)
     sampling = request.sampling
     stops: list[str] = []
+    images: list[tuple[int, int, Image]] = []
     if request.suffix is not None:
         tokens = await _infill(model, request)
     elif request.messages is not None:
-        tokens, stops, constraint = await _chat(model, request)
+        tokens, stops, constraint, images = await _chat(model, request)
         if constraint is not None:
             sampling = replace(sampling, grammar=constraint)
     else:
-        tokens = await _raw(model, request)
+        tokens, images = await _raw(model, request)
     tokens = [*request.context, *tokens]
     if request.context:
         model.info.check_tokens(request.context, "context")
+        images = [(start + len(request.context), n, im) for start, n, im in images]
     sampling = sampling.over(modelfile_defaults(model.modelfile)).over(request.defaults)
     params = sampling_params(model, sampling, len(tokens), stops, request.param)
     opens = None
     if Capability.THINKING in caps and request.split_thinking:
         tail = await model.detokenize(tokens[-4:])  # templates may open the block themselves
         opens = tail.rstrip().endswith(reasoning.OPEN)
-    return Prepared(tokens, params, opens)
+    return Prepared(tokens, params, opens, images)
 
 
 def _check_images(caps: frozenset[Capability], name: str, request: Request) -> None:
-    """Images go only to vision models; image input itself comes with the vision engine."""
+    """Images go only to vision models."""
     in_prompt = any(p.kind == "image" for p in request.prompt)
     in_messages = any(m.get("images") for m in request.messages or ())
     if in_prompt or in_messages:
         # a chat's images are in its messages; a completion's in its own field
         param = "messages" if request.param == "messages" else "images"
         require(caps, name, Capability.VISION, param)
-        raise InvalidRequest("image input is not available yet in this xllm", param=param)
+        if request.suffix is not None:
+            raise InvalidRequest("suffix: fill-in-the-middle takes no images", param="suffix")
 
 
-async def _raw(model: RunnerClient, request: Request) -> list[int]:
-    """A prompt of parts, as it is: text tokenized with its special tokens, token ids checked."""
+def _spans(
+    spans: Sequence[tuple[int, int]], images: Sequence[Image]
+) -> list[tuple[int, int, Image]]:
+    return [(start, n, image) for (start, n), image in zip(spans, images, strict=True)]
+
+
+async def _raw(
+    model: RunnerClient, request: Request
+) -> tuple[list[int], list[tuple[int, int, Image]]]:
+    """A prompt of parts, as it is: text tokenized with its special tokens, token ids checked;
+    with images, text and image markers tokenized together."""
+    if any(p.kind == "image" for p in request.prompt):
+        return await _raw_images(model, request)
     tokens: list[int] = []
     for part in request.prompt:
         if part.kind == "tokens":
@@ -118,7 +140,40 @@ async def _raw(model: RunnerClient, request: Request) -> list[int]:
             tokens += part.tokens
         elif part.kind == "text":
             tokens += await model.tokenize(part.text, special=True)
-    return tokens
+    return tokens, []
+
+
+async def _raw_images(
+    model: RunnerClient, request: Request
+) -> tuple[list[int], list[tuple[int, int, Image]]]:
+    if any(p.kind == "tokens" for p in request.prompt):
+        raise InvalidRequest(
+            f"{request.param}: a prompt with images takes text, not token ids",
+            param=request.param,
+        )
+    marker = model.info.image_marker or ""
+    images = [p.image for p in request.prompt if p.image is not None]
+    text = "".join(marker if p.image is not None else p.text for p in request.prompt)
+    tokens, spans = await model.tokenize_media(text, images, request.param)
+    return tokens, _spans(spans, images)
+
+
+def with_images(
+    messages: Sequence[Mapping[str, Any]], marker: str
+) -> tuple[list[dict[str, Any]], list[Image]]:
+    """Messages whose images became markers before their text (as Ollama places them), and
+    the images in order."""
+    out: list[dict[str, Any]] = []
+    images: list[Image] = []
+    for m in messages:
+        m = dict(m)
+        attached = m.pop("images", None) or []
+        if attached:
+            images += attached
+            text = m.get("content") or ""
+            m["content"] = "".join(f"{marker}\n" for _ in attached) + text
+        out.append(m)
+    return out, images
 
 
 async def _infill(model: RunnerClient, request: Request) -> list[int]:
@@ -157,18 +212,17 @@ def with_modelfile(
 
 async def _chat(
     model: RunnerClient, request: Request
-) -> tuple[list[int], list[str], grammar.Grammar | None]:
-    """(tokens, the template's extra stops, a forced call's grammar) for a chat.
+) -> tuple[list[int], list[str], grammar.Grammar | None, list[tuple[int, int, Image]]]:
+    """(tokens, the template's extra stops, a forced call's grammar, the images' spans) for a
+    chat.
 
     A template that knows tools gets them; otherwise a system message describes them. A forced
     call (`forced_tool` "" = any function, or a name) constrains decoding with a grammar.
     OpenAI's `developer` messages are what templates know as `system` ones.
     """
     assert request.messages is not None
-    messages = [
-        {**m, "role": "system"} if m.get("role") == "developer" else dict(m)
-        for m in request.messages
-    ]
+    messages, images = with_images(request.messages, model.info.image_marker or "")
+    messages = [{**m, "role": "system"} if m.get("role") == "developer" else m for m in messages]
     template = jinja(request.template)
     source = (template if template is not None else model.info.chat_template) or ""
     functions = list(request.tools)
@@ -188,13 +242,14 @@ async def _chat(
             functions, request.forced_tool or None, request.parallel_tools, tagged
         )
         constraint = grammar.Grammar(call, "tools")
-    tokens, stops = await model.chat_prompt(
+    tokens, stops, spans = await model.chat_prompt(
         with_modelfile(model.modelfile, tools.template_messages(messages)),
         template_tools,
         template,
         request.enable_thinking,
+        images,
     )
-    return tokens, stops, constraint
+    return tokens, stops, constraint, _spans(spans, images)
 
 
 def sampling_params(

@@ -17,7 +17,7 @@ from typing import Any
 import llama_cpp as lc
 
 from xllm import _core
-from xllm.engine.options import EngineOptions, libllama_path, llama_cpp_version
+from xllm.engine.options import EngineOptions, libllama_path, libmtmd_path, llama_cpp_version
 
 
 class LlamaCppEngine:
@@ -65,6 +65,19 @@ class LlamaCppEngine:
         self.ctx_size = min(ctx_size, int(lc.llama_n_ctx_seq(ctx)))
         self._embed_ctx: Any = None
         self._embed_lock = threading.Lock()
+        self._mtmd: Any = None
+        threads = options.resolved_threads()
+        self._encoder_threads = max(1, threads // 2)
+        vision: dict[str, Any] = {}
+        if options.projector is not None:
+            self._mtmd = self._load_projector(Path(options.projector))
+            vision = {
+                "threads": threads,
+                "encoder_threads": self._encoder_threads,
+                "mtmd_lib": str(libmtmd_path()),
+                "mtmd_ctx": _address(self._mtmd),
+                "n_embd_inp": int(lc.llama_model_n_embd_inp(model)),
+            }
         self._core = _core.Engine(
             str(libllama_path()),
             llama_cpp_version(),
@@ -75,6 +88,7 @@ class LlamaCppEngine:
             parallel=options.parallel,
             batch_size=batch,
             max_queue=options.max_queue,
+            **vision,
         )
         # the batching loop's surface, unchanged
         self.submit = self._core.submit
@@ -83,6 +97,52 @@ class LlamaCppEngine:
         self.poll = self._core.poll
         self.send_to = self._core.send_to
         self.stats = self._core.stats
+
+    @property
+    def vision(self) -> bool:
+        """Whether a projector is loaded: the model takes images."""
+        return self._mtmd is not None
+
+    def _load_projector(self, path: Path) -> Any:
+        """libmtmd's context for a projector over this model (ValueError when it is none, or
+        does not fit the model: llama.cpp's log, in the server's, says why).
+
+        Its encodes run on the engine's encoder thread beside the decode loop, with half the
+        threads: the loop decodes with the other half meanwhile, so streams go on.
+        """
+        from llama_cpp import mtmd_cpp
+
+        params = mtmd_cpp.mtmd_context_params_default()
+        params.use_gpu = self._options.gpu_layers != 0
+        params.n_threads = self._encoder_threads
+        params.print_timings = False
+        ctx = mtmd_cpp.mtmd_init_from_file(str(path).encode(), self._model, params)
+        if not ctx:
+            self._free()
+            raise ValueError(
+                f"llama.cpp could not load the projector {path} for this model (not a "
+                "projector, or one made for a model of another embedding size)"
+            )
+        if not mtmd_cpp.mtmd_support_vision(ctx) or mtmd_cpp.mtmd_decode_use_mrope(ctx):
+            mtmd_cpp.mtmd_free(ctx)
+            self._free()
+            raise ValueError(
+                f"the projector {path} is not a vision projector xllm supports (audio-only "
+                "and M-RoPE projectors such as Qwen-VL's are not)"
+            )
+        return ctx
+
+    def tokenize_media(
+        self, text: str, images: list[tuple[int, int, bytes]]
+    ) -> tuple[list[int], list[tuple[int, int]]]:
+        """Tokens of a prompt whose image markers (`image_marker`) stand for `images`
+        ((width, height, rgb)): -1 for each image token, and each image's (start, length).
+        ValueError when markers and images do not match."""
+        return self._core.tokenize_media(text, images, True, True)
+
+    @property
+    def image_marker(self) -> str | None:
+        return self._core.image_marker()
 
     def _load_adapters(self, paths: tuple[str, ...]) -> list[Any]:
         """LoRA adapters over the model (freed with it); ValueError naming one that fails."""
@@ -181,16 +241,25 @@ class LlamaCppEngine:
         return ctx
 
     def close(self) -> None:
-        """Stop the loop, then free contexts and model (the loop must not touch them after)."""
+        """Stop the loop and the encoder, then free contexts and model (they must not touch
+        them after)."""
         self._core.close()
         with self._embed_lock:
             if self._embed_ctx is not None:
                 lc.llama_free(self._embed_ctx)
                 self._embed_ctx = None
+        if self._mtmd is not None:
+            from llama_cpp import mtmd_cpp
+
+            mtmd_cpp.mtmd_free(self._mtmd)
+            self._mtmd = None
         if self._ctx is not None:
-            lc.llama_free(self._ctx)
-            self._ctx = None
-            lc.llama_model_free(self._model)
+            self._free()
+
+    def _free(self) -> None:
+        lc.llama_free(self._ctx)
+        self._ctx = None
+        lc.llama_model_free(self._model)
 
 
 def load_model(path: Path, splits: Sequence[str], mparams: Any) -> Any:

@@ -34,6 +34,8 @@ class EngineOptions:
     """The further files of a GGUF split into several, in order (the model path is the first)."""
     adapters: tuple[str, ...] = ()
     """LoRA adapter files applied over the weights (scale 1, as Ollama's ADAPTER)."""
+    projector: str | None = None
+    """A vision projector (`mmproj` GGUF) loaded with libmtmd beside the model."""
 
     def resolved_threads(self) -> int:
         return self.threads or (os.cpu_count() or 1)
@@ -49,14 +51,23 @@ def child_command(command: str) -> list[str]:
 
 def libllama_path() -> Path:
     """The libllama shared library inside the installed llama-cpp-python."""
+    return _library("llama")
+
+
+def libmtmd_path() -> Path:
+    """libmtmd (llama.cpp's multimodal library) inside the installed llama-cpp-python."""
+    return _library("mtmd")
+
+
+def _library(name: str) -> Path:
     spec = importlib.util.find_spec("llama_cpp")
     if spec is None or not spec.submodule_search_locations:
         raise ModelLoadError("llama-cpp-python is not installed")
     lib_dir = Path(next(iter(spec.submodule_search_locations))) / "lib"
-    for name in ("libllama.so", "libllama.dylib", "llama.dll"):
-        if (lib_dir / name).exists():
-            return lib_dir / name
-    raise ModelLoadError(f"libllama not found in {lib_dir}")
+    for file in (f"lib{name}.so", f"lib{name}.dylib", f"{name}.dll"):
+        if (lib_dir / file).exists():
+            return lib_dir / file
+    raise ModelLoadError(f"lib{name} not found in {lib_dir}")
 
 
 def llama_cpp_version() -> str:

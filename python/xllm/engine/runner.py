@@ -20,7 +20,9 @@ from typing import Any
 from xllm.engine import ipc
 from xllm.engine.llamacpp import LlamaCppEngine
 from xllm.engine.options import EngineOptions
+from xllm.engine.protocol import Image
 from xllm.engine.render import RenderWorker
+from xllm.errors import InvalidRequest
 from xllm.models.metadata import ModelInfo
 
 log = logging.getLogger("xllm.runner")
@@ -54,6 +56,8 @@ async def _serve(
         info = ModelInfo.from_engine(name, path, engine)
         if options.chat_template is not None:  # a Modelfile TEMPLATE wins over the GGUF's
             info = dataclasses.replace(info, chat_template=options.chat_template)
+        if engine.vision:
+            info = dataclasses.replace(info, image_marker=engine.image_marker)
     except (ValueError, RuntimeError, OSError) as e:
         writer.write(ipc.encode((ipc.FAILED, str(e))))
         await writer.drain()
@@ -94,8 +98,14 @@ def _submit(
     prompt: list[int],
     params: dict[str, Any],
 ) -> tuple[Any, ...]:
+    images: list[tuple[int, int, Image]] = params.pop("images", [])
     try:
-        engine.submit(rid, prompt, params)
+        engine.submit(
+            rid,
+            prompt,
+            params,
+            [(start, n, im.digest, im.width, im.height, im.rgb) for start, n, im in images],
+        )
     except Exception as e:  # every failure reaches the server, which waits for this reply
         return (ipc.REPLY, cid, ipc.wire_error(e), None)
     return (ipc.REPLY, cid, None, None)
@@ -121,6 +131,8 @@ async def _call(
             value = engine.grammar_parses(*args)
         elif method == "chat_prompt":
             value = await _chat_prompt(engine, info, renderer, *args)
+        elif method == "tokenize_media":
+            value = await _tokenize_media(engine, *args)
         else:
             raise RuntimeError(f"unknown runner call {method!r}")
         reply: tuple[Any, ...] = (ipc.REPLY, cid, None, value)
@@ -137,9 +149,11 @@ async def _chat_prompt(
     tools: list[dict[str, Any]] | None,
     template: str | None = None,
     enable_thinking: bool | None = None,
-) -> tuple[list[int], list[str]]:
+    images: list[Image] | None = None,
+) -> tuple[list[int], list[str], list[tuple[int, int]]]:
     """Rendered by the render worker, tokenized here; `template` (a request's own, Jinja2)
-    replaces the model's chat template."""
+    replaces the model's chat template. With `images`, the text's image markers stand for
+    them: (tokens, stops, each image's (start, length))."""
     text, stops = await renderer.prompt(
         template if template is not None else info.chat_template,
         messages,
@@ -148,7 +162,24 @@ async def _chat_prompt(
         tools=tools,
         enable_thinking=enable_thinking,
     )
-    return engine.tokenize(text, True, True), stops
+    if images:
+        tokens, spans = await _tokenize_media(engine, text, images, "messages")
+        return tokens, stops, spans
+    return engine.tokenize(text, True, True), stops, []
+
+
+async def _tokenize_media(
+    engine: LlamaCppEngine, text: str, images: list[Image], param: str
+) -> tuple[list[int], list[tuple[int, int]]]:
+    """libmtmd preprocesses the images while tokenizing: off the runner's event loop."""
+    if not engine.vision:
+        raise InvalidRequest(f"{param}: this model takes no images", param=param)
+    try:
+        return await asyncio.to_thread(
+            engine.tokenize_media, text, [(im.width, im.height, im.rgb) for im in images]
+        )
+    except ValueError as e:
+        raise InvalidRequest(f"{param}: {e}", param=param) from None
 
 
 async def _beat(engine: LlamaCppEngine, writer: asyncio.StreamWriter) -> None:

@@ -73,6 +73,8 @@ class ModelInfo:
     head_count_kv: int | None = None
     license: str | None = None
     fim_tokens: tuple[int, int, int] | None = None
+    image_marker: str | None = None
+    """A loaded vision model's text for an image in a prompt (None: the model takes none)."""
     metadata: dict[str, str] = field(default_factory=dict, repr=False)
 
     @classmethod
@@ -103,7 +105,10 @@ class ModelInfo:
 
     @property
     def capabilities(self) -> list[str]:
-        return capabilities(self.metadata, infill=self.fim_tokens is not None)
+        caps = capabilities(self.metadata, infill=self.fim_tokens is not None)
+        if self.image_marker is not None and "vision" not in caps:
+            caps.append("vision")
+        return caps
 
     def check_tokens(self, tokens: Sequence[int], param: str) -> list[int]:
         """Token ids a client gave, checked against the vocabulary (a 400 naming `param`)."""

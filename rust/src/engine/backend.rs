@@ -294,6 +294,71 @@ impl Backend for LlamaBackend {
         }
     }
 
+    fn decode_embd(
+        &mut self,
+        seq: i32,
+        pos: i32,
+        rows: &[f32],
+        n_tokens: usize,
+        non_causal: bool,
+        output: bool,
+    ) -> Result<i32, String> {
+        let n_embd = rows.len() / n_tokens.max(1);
+        if n_tokens == 0 || n_embd * n_tokens != rows.len() {
+            return Err("the image's embeddings do not match its token count".into());
+        }
+        // Attention over an image both ways needs all of it in one micro-batch.
+        if non_causal && n_tokens > self.capacity {
+            return Err(format!(
+                "the image takes {n_tokens} tokens, more than the batch size ({}): \
+                 raise --batch-size",
+                self.capacity
+            ));
+        }
+        let mut positions: Vec<i32> = (pos..pos + n_tokens as i32).collect();
+        let mut n_seq_id = vec![1i32; n_tokens];
+        let mut seq_ids = vec![seq; n_tokens];
+        let mut seq_ptrs: Vec<*mut i32> = seq_ids.iter_mut().map(|s| s as *mut i32).collect();
+        let mut logits = vec![0i8; n_tokens];
+        if output {
+            logits[n_tokens - 1] = 1;
+        }
+        let api = &self.api;
+        // SAFETY: the batch points into vectors alive for the calls; llama_decode only reads
+        // the embeddings. Causal attention is restored whatever happens.
+        unsafe {
+            if non_causal {
+                (api.llama_set_causal_attn)(self.ctx, false);
+            }
+            let mut result = Ok(0);
+            for from in (0..n_tokens).step_by(self.capacity) {
+                let n = (n_tokens - from).min(self.capacity);
+                let batch = RawBatch {
+                    n_tokens: n as i32,
+                    token: std::ptr::null_mut(),
+                    embd: rows.as_ptr().add(from * n_embd).cast_mut(),
+                    pos: positions.as_mut_ptr().add(from),
+                    n_seq_id: n_seq_id.as_mut_ptr().add(from),
+                    seq_id: seq_ptrs.as_mut_ptr().add(from),
+                    logits: logits.as_mut_ptr().add(from),
+                };
+                let code = (api.llama_decode)(self.ctx, batch);
+                if code != 0 {
+                    result = Err(match code {
+                        1 => "no room left in the KV cache".to_string(),
+                        code => format!("error {code}"),
+                    });
+                    break;
+                }
+                result = Ok(n as i32 - 1);
+            }
+            if non_causal {
+                (api.llama_set_causal_attn)(self.ctx, true);
+            }
+            result
+        }
+    }
+
     fn sample(
         &mut self,
         sampler: Option<&mut Chain>,
@@ -313,6 +378,11 @@ impl Backend for LlamaBackend {
             None => self.argmax(index),
         };
         (token, logprobs.map(|k| self.logprob(index, token, k)))
+    }
+
+    fn set_threads(&mut self, n: i32) {
+        // SAFETY: the context is ours; the setting applies from the next decode.
+        unsafe { (self.api.llama_set_n_threads)(self.ctx, n, n) }
     }
 
     fn is_eog(&self, token: i32) -> bool {

@@ -6,13 +6,21 @@
 //! prompt never stalls running streams. A slot remembers the tokens in its KV cache, and a new
 //! request takes the free slot sharing the longest prefix with its prompt (prefix caching).
 //! The backend (llama.cpp, or a fake in tests) does the decoding and sampling.
+//!
+//! A prompt's images are encoded elsewhere (the engine's encoder thread): the batcher asks
+//! for the ones its cache lacks (`jobs`), prefills the text before an image meanwhile, and
+//! once the embeddings arrive (`encoded`) decodes them between steps, so other sequences
+//! never wait for a vision tower. While others generate, an image is decoded in slices of
+//! `image_rows`, one slice a step, so a 256-token image does not stall every stream for a
+//! 256-token decode (a model that attends over an image both ways takes it whole). An image
+//! counts as cached only whole and only when its digest matches.
 
 use std::cmp::Reverse;
 use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Instant;
 
-use super::types::{Event, Finish, Params, Request, TokenLogprob, Usage};
+use super::types::{Embedding, Event, Finish, ImageInput, Params, Request, TokenLogprob, Usage};
 use crate::stop::StopMatcher;
 
 pub struct BatchItem {
@@ -32,6 +40,19 @@ pub trait Backend {
     /// Share the first `len` positions of `src` with `dst` (same prompt, other choice).
     fn seq_cp(&mut self, src: i32, dst: i32, len: i32);
     fn decode(&mut self, items: &[BatchItem]) -> Result<(), String>;
+    /// Decode `n_tokens` rows of image embeddings into `seq` from position `pos`; with
+    /// `output`, the last row's logits are computed. Returns that row's index for `sample`.
+    fn decode_embd(
+        &mut self,
+        _seq: i32,
+        _pos: i32,
+        _rows: &[f32],
+        _n_tokens: usize,
+        _non_causal: bool,
+        _output: bool,
+    ) -> Result<i32, String> {
+        Err("this backend takes no image embeddings".into())
+    }
     /// Pick the next token from the logits of batch item `index` of the last decode.
     fn sample(
         &mut self,
@@ -41,12 +62,31 @@ pub trait Backend {
     ) -> (i32, Option<TokenLogprob>);
     fn is_eog(&self, token: i32) -> bool;
     fn piece(&self, token: i32) -> Vec<u8>;
+    /// Decode with `n` threads from now on.
+    fn set_threads(&mut self, _n: i32) {}
+}
+
+/// An image of a running prompt not in the KV cache yet.
+struct Pending {
+    image: Arc<ImageInput>,
+    embedding: Option<Embedding>,
+    /// Rows already decoded.
+    done: usize,
+}
+
+/// An image the batcher needs encoded.
+pub struct EncodeJob {
+    pub request: u64,
+    pub image: Arc<ImageInput>,
 }
 
 struct Active<S> {
     request: u64,
     choice: u32,
     prompt: Arc<Vec<i32>>,
+    images: Arc<Vec<Arc<ImageInput>>>,
+    /// The prompt's images still to decode, in order (the primary choice's only).
+    pending: Vec<Pending>,
     /// Tokens of this sequence already in the KV cache.
     n_past: usize,
     /// Sampled token to feed in the next step.
@@ -70,6 +110,8 @@ struct Slot<S> {
     seq: i32,
     /// Tokens in this sequence's KV cache (what a next request can reuse).
     cached: Vec<i32>,
+    /// The images among them.
+    cached_images: Vec<Arc<ImageInput>>,
     active: Option<Active<S>>,
 }
 
@@ -86,6 +128,7 @@ pub struct Counters {
     pub cached_tokens: u64,
     pub generated_tokens: u64,
     pub decode_steps: u64,
+    pub images_encoded: u64,
 }
 
 pub struct Batcher<B: Backend> {
@@ -96,10 +139,37 @@ pub struct Batcher<B: Backend> {
     batch_size: usize,
     admitted: u64,
     pub counters: Counters,
+    /// Images to encode, taken by the engine after each step.
+    pub jobs: Vec<EncodeJob>,
+    /// Image rows decoded per step while other sequences generate.
+    image_rows: usize,
 }
 
 fn common_prefix(a: &[i32], b: &[i32]) -> usize {
     a.iter().zip(b).take_while(|(x, y)| x == y).count()
+}
+
+/// How much of a prompt a slot's cache holds: equal tokens, where an image counts only whole
+/// and only when the same image (by digest) sits at the same place.
+fn cached_prefix(
+    cached: &[i32],
+    cached_images: &[Arc<ImageInput>],
+    prompt: &[i32],
+    images: &[Arc<ImageInput>],
+) -> usize {
+    let n = common_prefix(cached, prompt);
+    for im in images {
+        if im.start >= n {
+            break;
+        }
+        let same = cached_images
+            .iter()
+            .any(|c| c.start == im.start && c.len == im.len && c.digest == im.digest);
+        if !same || im.start + im.len > n {
+            return im.start;
+        }
+    }
+    n
 }
 
 impl<B: Backend> Batcher<B> {
@@ -108,6 +178,7 @@ impl<B: Backend> Batcher<B> {
             .map(|i| Slot {
                 seq: i as i32,
                 cached: Vec::new(),
+                cached_images: Vec::new(),
                 active: None,
             })
             .collect();
@@ -119,6 +190,8 @@ impl<B: Backend> Batcher<B> {
             batch_size: batch_size.max(1),
             admitted: 0,
             counters: Counters::default(),
+            jobs: Vec::new(),
+            image_rows: (batch_size / 16).max(16),
         }
     }
 
@@ -188,6 +261,124 @@ impl<B: Backend> Batcher<B> {
     /// Returns false when there was nothing to do.
     pub fn step(&mut self, now: Instant, events: &mut Vec<Event>) -> bool {
         self.admit(events);
+        let decoded = self.decode_tokens(now, events);
+        self.decode_image(now, events) || decoded
+    }
+
+    /// An image's embeddings arrived from the encoder (or its failure, which ends the request).
+    pub fn encoded(
+        &mut self,
+        request: u64,
+        start: usize,
+        result: Result<Embedding, String>,
+        events: &mut Vec<Event>,
+    ) {
+        let Some(slot) = (0..self.slots.len()).find(|&i| {
+            self.slots[i]
+                .active
+                .as_ref()
+                .is_some_and(|a| a.request == request && a.follows.is_none() && a.choice == 0)
+        }) else {
+            return; // cancelled meanwhile
+        };
+        match result {
+            Ok(embedding) => {
+                self.counters.images_encoded += 1;
+                let a = self.slots[slot].active.as_mut().expect("active");
+                if let Some(p) = a.pending.iter_mut().find(|p| p.image.start == start) {
+                    p.embedding = Some(embedding);
+                }
+            }
+            Err(e) => {
+                let finish = Finish::Error(format!("the image could not be encoded: {e}"));
+                for i in 0..self.slots.len() {
+                    if self.slots[i]
+                        .active
+                        .as_ref()
+                        .is_some_and(|a| a.request == request)
+                    {
+                        self.finish(i, finish.clone(), events);
+                    }
+                }
+            }
+        }
+    }
+
+    /// The earliest admitted sequence whose prompt goes on with an encoded image gets (a slice
+    /// of) it decoded: its own llama_decode, as a batch holds tokens or embeddings, never both.
+    fn decode_image(&mut self, now: Instant, events: &mut Vec<Event>) -> bool {
+        let ready = (0..self.slots.len())
+            .filter(|&i| {
+                self.slots[i].active.as_ref().is_some_and(|a| {
+                    a.next.is_none()
+                        && a.pending.first().is_some_and(|p| {
+                            p.image.start + p.done == a.n_past && p.embedding.is_some()
+                        })
+                })
+            })
+            .min_by_key(|&i| self.slots[i].active.as_ref().map(|a| a.order));
+        let Some(slot) = ready else {
+            return false;
+        };
+        let others_generate = self
+            .slots
+            .iter()
+            .any(|s| s.active.as_ref().is_some_and(|a| a.next.is_some()));
+        let seq = self.slots[slot].seq;
+        let a = self.slots[slot].active.as_mut().expect("active");
+        let p = &a.pending[0];
+        let image = p.image.clone();
+        let embedding = p.embedding.as_ref().expect("ready");
+        let left = image.len - p.done;
+        let rows = if others_generate && !embedding.non_causal {
+            left.min(self.image_rows)
+        } else {
+            left
+        };
+        let n_embd = embedding.data.len() / image.len;
+        let slice = &embedding.data[p.done * n_embd..(p.done + rows) * n_embd];
+        let whole = rows == left;
+        let last = whole && image.start + image.len == a.prompt.len();
+        let pos = a.n_past as i32;
+        let decoded = self
+            .backend
+            .decode_embd(seq, pos, slice, rows, embedding.non_causal, last);
+        match decoded {
+            Err(e) => {
+                self.finish(
+                    slot,
+                    Finish::Error(format!("llama_decode failed on an image: {e}")),
+                    events,
+                );
+                self.slots[slot].cached.clear();
+                self.slots[slot].cached_images.clear();
+                self.backend.seq_rm(seq, 0);
+            }
+            Ok(index) => {
+                self.counters.decode_steps += 1;
+                let s = &mut self.slots[slot];
+                let a = s.active.as_mut().expect("active");
+                s.cached
+                    .extend_from_slice(&a.prompt[a.n_past..a.n_past + rows]);
+                a.n_past += rows;
+                a.pending[0].done += rows;
+                if whole {
+                    a.pending.remove(0); // its embeddings are freed
+                    s.cached_images.push(image);
+                }
+                if last {
+                    self.copy_to_followers(slot);
+                    for target in self.sharing_output(slot) {
+                        self.sample_and_emit(target, index, now, events);
+                    }
+                }
+            }
+        }
+        true
+    }
+
+    /// One llama_decode of every generating sequence's next token and prompt chunks.
+    fn decode_tokens(&mut self, now: Instant, events: &mut Vec<Event>) -> bool {
         let (items, owners) = self.build_batch();
         if items.is_empty() {
             return false;
@@ -203,6 +394,7 @@ impl<B: Backend> Batcher<B> {
                     events,
                 );
                 self.slots[slot].cached.clear();
+                self.slots[slot].cached_images.clear();
                 self.backend.seq_rm(self.slots[slot].seq, 0);
             }
             return true;
@@ -239,9 +431,14 @@ impl<B: Backend> Batcher<B> {
             }
             let w = self.waiting.pop_front().expect("front exists");
             let prompt = Arc::new(w.request.prompt);
+            let images = Arc::new(w.request.images);
             let primary = *free
                 .iter()
-                .max_by_key(|&&i| (common_prefix(&self.slots[i].cached, &prompt), Reverse(i)))
+                .max_by_key(|&&i| {
+                    let s = &self.slots[i];
+                    let n = cached_prefix(&s.cached, &s.cached_images, &prompt, &images);
+                    (n, Reverse(i))
+                })
                 .expect("n >= 1 free slot");
             let others: Vec<usize> = free.into_iter().filter(|&i| i != primary).collect();
             let mut samplers = Vec::with_capacity(n);
@@ -272,12 +469,25 @@ impl<B: Backend> Batcher<B> {
             let targets = std::iter::once(primary).chain(others.into_iter().take(n - 1));
             for (choice, (slot, sampler)) in targets.zip(samplers).enumerate() {
                 let mut cached = 0;
+                let mut pending = Vec::new();
                 let follows = if choice == 0 {
-                    cached = self.reuse_prefix(slot, &prompt);
+                    cached = self.reuse_prefix(slot, &prompt, &images);
                     self.counters.cached_tokens += cached as u64;
+                    for image in images.iter().filter(|im| im.start >= cached) {
+                        self.jobs.push(EncodeJob {
+                            request: w.request.id,
+                            image: image.clone(),
+                        });
+                        pending.push(Pending {
+                            image: image.clone(),
+                            embedding: None,
+                            done: 0,
+                        });
+                    }
                     None
                 } else {
                     self.slots[slot].cached.clear();
+                    self.slots[slot].cached_images.clear();
                     self.backend.seq_rm(self.slots[slot].seq, 0);
                     Some(primary)
                 };
@@ -286,6 +496,8 @@ impl<B: Backend> Batcher<B> {
                     request: w.request.id,
                     choice: choice as u32,
                     prompt: prompt.clone(),
+                    images: images.clone(),
+                    pending,
                     n_past: if choice == 0 { cached } else { 0 },
                     next: None,
                     generated: 0,
@@ -306,15 +518,24 @@ impl<B: Backend> Batcher<B> {
     }
 
     /// Keep the longest usable prefix of the slot's cache; returns its length.
-    fn reuse_prefix(&mut self, slot: usize, prompt: &[i32]) -> usize {
+    fn reuse_prefix(&mut self, slot: usize, prompt: &[i32], images: &[Arc<ImageInput>]) -> usize {
         let s = &mut self.slots[slot];
-        // The last prompt token is always decoded again: its logits give the first token.
-        let mut keep = common_prefix(&s.cached, prompt).min(prompt.len() - 1);
+        // The last prompt token is always decoded again: its logits give the first token (and
+        // an image it belongs to is decoded again whole).
+        let mut keep =
+            cached_prefix(&s.cached, &s.cached_images, prompt, images).min(prompt.len() - 1);
+        if let Some(im) = images
+            .iter()
+            .find(|im| im.start < keep && keep < im.start + im.len)
+        {
+            keep = im.start;
+        }
         if !self.backend.seq_rm(s.seq, keep as i32) {
             self.backend.seq_rm(s.seq, 0);
             keep = 0;
         }
         s.cached.truncate(keep);
+        s.cached_images.retain(|c| c.start + c.len <= keep);
         keep
     }
 
@@ -344,10 +565,12 @@ impl<B: Backend> Batcher<B> {
                 break;
             }
             let a = self.slots[i].active.as_ref().expect("active");
-            if a.next.is_some() || a.follows.is_some() || a.n_past >= a.prompt.len() {
+            // text up to the next image not decoded yet
+            let end = a.pending.first().map_or(a.prompt.len(), |p| p.image.start);
+            if a.next.is_some() || a.follows.is_some() || a.n_past >= end {
                 continue;
             }
-            let take = budget.min(a.prompt.len() - a.n_past);
+            let take = budget.min(end - a.n_past);
             for k in 0..take {
                 let pos = a.n_past + k;
                 items.push(BatchItem {
@@ -371,7 +594,8 @@ impl<B: Backend> Batcher<B> {
         if a.next.is_some() || a.n_past != a.prompt.len() {
             return;
         }
-        let (len, src, prompt) = (a.n_past, self.slots[primary].seq, a.prompt.clone());
+        let (len, src) = (a.n_past, self.slots[primary].seq);
+        let (prompt, images) = (a.prompt.clone(), a.images.clone());
         for i in 0..self.slots.len() {
             let follows = self.slots[i]
                 .active
@@ -381,6 +605,7 @@ impl<B: Backend> Batcher<B> {
                 self.backend.seq_cp(src, self.slots[i].seq, len as i32);
                 let s = &mut self.slots[i];
                 s.cached = prompt.to_vec();
+                s.cached_images = images.to_vec();
                 let f = s.active.as_mut().expect("active");
                 f.n_past = len;
                 f.follows = None;
@@ -493,6 +718,7 @@ mod tests {
     use super::*;
 
     /// Next token = last input token + 1 (mod 100); token 99 is end-of-generation.
+    /// An image decode is recorded as a step of (-100 - its first embedding value) tokens.
     #[derive(Default)]
     struct Fake {
         steps: Vec<Vec<(i32, i32, i32, bool)>>,
@@ -526,6 +752,24 @@ mod tests {
             self.last_outputs = items.iter().map(|i| i.token).collect();
             Ok(())
         }
+        fn decode_embd(
+            &mut self,
+            seq: i32,
+            pos: i32,
+            rows: &[f32],
+            n_tokens: usize,
+            _non_causal: bool,
+            output: bool,
+        ) -> Result<i32, String> {
+            let tag = -100 - rows[0] as i32;
+            self.steps.push(
+                (0..n_tokens as i32)
+                    .map(|k| (tag, pos + k, seq, output && k + 1 == n_tokens as i32))
+                    .collect(),
+            );
+            self.last_outputs = vec![50; n_tokens];
+            Ok(n_tokens as i32 - 1)
+        }
         fn sample(
             &mut self,
             _: Option<&mut ()>,
@@ -550,6 +794,7 @@ mod tests {
                 max_tokens: Some(max_tokens),
                 ..Params::default()
             },
+            images: Vec::new(),
         }
     }
 
@@ -751,6 +996,220 @@ mod tests {
             vec![(0, Finish::Error("bad grammar".into()))]
         );
         assert_eq!(finish_of(&ev, 2), vec![(0, Finish::Length)]);
+    }
+
+    fn image(start: usize, len: usize, digest: &str) -> Arc<ImageInput> {
+        Arc::new(ImageInput {
+            start,
+            len,
+            digest: digest.into(),
+            width: 1,
+            height: 1,
+            rgb: vec![0; 3],
+        })
+    }
+
+    /// A prompt of `before` tokens, an image of 3 tokens, `after` tokens.
+    fn with_image(id: u64, digest: &str, before: usize, after: usize) -> Request {
+        let mut prompt: Vec<i32> = (1..=before as i32).collect();
+        prompt.extend([-1, -1, -1]);
+        prompt.extend(20..20 + after as i32);
+        let mut r = req(id, prompt, 2);
+        r.images = vec![image(before, 3, digest)];
+        r
+    }
+
+    /// Two floats a row for an image of `len` tokens.
+    fn embedding(value: f32, len: usize) -> Embedding {
+        Embedding {
+            data: vec![value; 2 * len],
+            non_causal: false,
+        }
+    }
+
+    /// Run steps, answering every encode job (in order) with an embedding tagged by `value`.
+    fn run_encoding(b: &mut Batcher<Fake>, value: f32) -> Vec<Event> {
+        let mut events = Vec::new();
+        for _ in 0..1000 {
+            let stepped = b.step(Instant::now(), &mut events);
+            let jobs: Vec<EncodeJob> = b.jobs.drain(..).collect();
+            for j in &jobs {
+                b.encoded(
+                    j.request,
+                    j.image.start,
+                    Ok(embedding(value, j.image.len)),
+                    &mut events,
+                );
+            }
+            if !stepped && jobs.is_empty() {
+                break;
+            }
+        }
+        events
+    }
+
+    #[test]
+    fn text_before_an_image_is_prefilled_while_it_encodes() {
+        let mut b = Batcher::new(Fake::default(), 2, 64, 64);
+        b.submit(with_image(1, "red", 2, 2), Instant::now());
+        let mut events = Vec::new();
+        assert!(b.step(Instant::now(), &mut events));
+        assert_eq!(b.jobs.len(), 1);
+        // the text before the image, without output
+        assert_eq!(b.backend.steps[0], vec![(1, 0, 0, false), (2, 1, 0, false)]);
+        // nothing more to do until the embeddings come
+        assert!(!b.step(Instant::now(), &mut events));
+        b.jobs.clear();
+        b.encoded(1, 2, Ok(embedding(7.0, 3)), &mut events);
+        let ev = run(&mut b);
+        let steps = &b.backend.steps;
+        // the image alone in its decode, then the text after it with the output row
+        assert_eq!(
+            steps[1].iter().map(|s| (s.0, s.1)).collect::<Vec<_>>(),
+            [(-107, 2), (-107, 3), (-107, 4)]
+        );
+        assert_eq!(steps[2], vec![(20, 5, 0, false), (21, 6, 0, true)]);
+        let usage = ev.iter().find_map(|e| e.usage.clone()).unwrap();
+        assert_eq!(usage.prompt_tokens, 7);
+        assert_eq!(b.counters.images_encoded, 1);
+    }
+
+    #[test]
+    fn other_streams_decode_while_an_image_waits() {
+        let mut b = Batcher::new(Fake::default(), 2, 256, 64);
+        b.submit(req(1, vec![1], 50), Instant::now());
+        let mut events = Vec::new();
+        b.step(Instant::now(), &mut events);
+        b.submit(with_image(2, "red", 1, 1), Instant::now());
+        for _ in 0..5 {
+            assert!(b.step(Instant::now(), &mut events));
+        }
+        // request 1 got a token every step though request 2's image is not encoded yet
+        assert_eq!(
+            events
+                .iter()
+                .filter(|e| e.request == 1 && !e.tokens.is_empty())
+                .count(),
+            6
+        );
+        assert!(events.iter().all(|e| e.request != 2));
+    }
+
+    #[test]
+    fn the_same_image_is_a_cache_hit_another_is_not() {
+        let mut b = Batcher::new(Fake::default(), 1, 64, 64);
+        b.submit(with_image(1, "red", 2, 2), Instant::now());
+        run_encoding(&mut b, 1.0);
+        assert_eq!(b.counters.images_encoded, 1);
+        // a follow-up turn: the same prompt and more
+        let mut next = with_image(2, "red", 2, 4);
+        next.prompt[7] = 30;
+        b.submit(next, Instant::now());
+        let ev = run_encoding(&mut b, 1.0);
+        assert_eq!(b.counters.images_encoded, 1, "the image was encoded again");
+        let usage = ev.iter().find_map(|e| e.usage.clone()).unwrap();
+        assert_eq!(usage.cached_tokens, 7);
+        // another image at the same place: the cache stops before it
+        b.submit(with_image(3, "blue", 2, 2), Instant::now());
+        let ev = run_encoding(&mut b, 2.0);
+        assert_eq!(b.counters.images_encoded, 2);
+        assert_eq!(
+            ev.iter()
+                .find_map(|e| e.usage.clone())
+                .unwrap()
+                .cached_tokens,
+            2
+        );
+    }
+
+    #[test]
+    fn a_prompt_ending_in_an_image_samples_from_it() {
+        let mut b = Batcher::new(Fake::default(), 1, 64, 64);
+        b.submit(with_image(1, "red", 1, 0), Instant::now());
+        let ev = run_encoding(&mut b, 3.0);
+        // the fake's image output is token 50: the first generated token is 51
+        assert_eq!(tokens_of(&ev, 1, 0), vec![51, 52]);
+        // the same prompt again decodes the whole image again (its last row gives the logits)
+        b.submit(with_image(2, "red", 1, 0), Instant::now());
+        let ev = run_encoding(&mut b, 3.0);
+        assert_eq!(
+            ev.iter()
+                .find_map(|e| e.usage.clone())
+                .unwrap()
+                .cached_tokens,
+            1
+        );
+        assert_eq!(b.counters.images_encoded, 2);
+    }
+
+    #[test]
+    fn an_image_is_sliced_between_the_tokens_of_other_streams() {
+        let mut b = Batcher::new(Fake::default(), 2, 256, 64); // 16 image rows a step
+        b.submit(req(1, vec![1], 50), Instant::now());
+        let mut events = Vec::new();
+        b.step(Instant::now(), &mut events);
+        let mut r = req(2, vec![5, -1, 7], 2);
+        r.prompt = [vec![5], vec![-1; 40], vec![7]].concat();
+        r.images = vec![image(1, 40, "big")];
+        b.submit(r, Instant::now());
+        b.step(Instant::now(), &mut events);
+        for j in b.jobs.drain(..).collect::<Vec<_>>() {
+            b.encoded(
+                j.request,
+                j.image.start,
+                Ok(embedding(1.0, j.image.len)),
+                &mut events,
+            );
+        }
+        let before = b.backend.steps.len();
+        for _ in 0..4 {
+            b.step(Instant::now(), &mut events);
+        }
+        let slices: Vec<Vec<i32>> = b.backend.steps[before..]
+            .iter()
+            .filter(|s| s[0].0 == -101)
+            .map(|s| s.iter().map(|r| r.1).collect())
+            .collect();
+        assert_eq!(slices.iter().map(Vec::len).collect::<Vec<_>>(), [16, 16, 8]);
+        assert_eq!(slices[1][0], 17); // positions go on from slice to slice
+                                      // stream 1 got a token in every step meanwhile
+        let tokens = events
+            .iter()
+            .filter(|e| e.request == 1 && !e.tokens.is_empty());
+        assert_eq!(tokens.count(), 6);
+        // alone, an image goes in one decode
+        let ev = run(&mut b);
+        assert_eq!(finish_of(&ev, 2), vec![(0, Finish::Length)]);
+        b.submit(with_image(3, "other", 1, 1), Instant::now());
+        let steps = b.backend.steps.len();
+        run_encoding(&mut b, 4.0);
+        let image_steps = b.backend.steps[steps..]
+            .iter()
+            .filter(|s| s[0].0 == -104)
+            .count();
+        assert_eq!(image_steps, 1);
+    }
+
+    #[test]
+    fn a_failed_encode_fails_only_its_request() {
+        let mut b = Batcher::new(Fake::default(), 2, 64, 64);
+        let mut r = with_image(1, "red", 1, 1);
+        r.params.n = 2;
+        b.submit(r, Instant::now());
+        b.submit(req(2, vec![1], 2), Instant::now());
+        let mut events = Vec::new();
+        b.step(Instant::now(), &mut events);
+        b.encoded(1, 1, Err("boom".into()), &mut events);
+        let failed = finish_of(&events, 1);
+        assert_eq!(failed.len(), 2);
+        assert!(failed
+            .iter()
+            .all(|(_, f)| matches!(f, Finish::Error(m) if m.contains("boom"))));
+        let ev = run(&mut b);
+        assert_eq!(finish_of(&ev, 2), vec![(0, Finish::Length)]);
+        // a late result for a request that is gone is ignored
+        b.encoded(1, 1, Ok(embedding(1.0, 3)), &mut events);
+        assert!(b.is_idle());
     }
 
     #[test]

@@ -1,5 +1,7 @@
 //! What goes into and comes out of the batching engine.
 
+use std::sync::Arc;
+
 /// Per-request sampling and stopping parameters (already validated by the server).
 #[derive(Debug, Clone)]
 pub struct Params {
@@ -65,8 +67,41 @@ impl Params {
 #[derive(Debug, Clone)]
 pub struct Request {
     pub id: u64,
+    /// Token ids; an image's positions hold placeholders (`vision::PLACEHOLDER`).
     pub prompt: Vec<i32>,
     pub params: Params,
+    /// The prompt's images, in order of position.
+    pub images: Vec<Arc<ImageInput>>,
+}
+
+/// An image of a prompt: where its tokens are, and its pixels for the encoder.
+#[derive(Clone)]
+pub struct ImageInput {
+    pub start: usize,
+    pub len: usize,
+    /// Content hash: equal digests are equal images for the prefix cache.
+    pub digest: String,
+    pub width: u32,
+    pub height: u32,
+    pub rgb: Vec<u8>,
+}
+
+impl std::fmt::Debug for ImageInput {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "ImageInput({}x{} at {}+{}, {})",
+            self.width, self.height, self.start, self.len, self.digest
+        )
+    }
+}
+
+/// An encoded image: `len` rows of the text model's input embedding.
+#[derive(Debug, Clone)]
+pub struct Embedding {
+    pub data: Vec<f32>,
+    /// The model attends over the image's tokens both ways (Gemma 3).
+    pub non_causal: bool,
 }
 
 #[derive(Debug, Clone, PartialEq)]

@@ -7,13 +7,20 @@ use std::sync::Arc;
 use pyo3::create_exception;
 use pyo3::exceptions::{PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
-use pyo3::types::{PyDict, PyList};
+use pyo3::types::{PyBytes, PyDict, PyList};
 
 use super::delta::delta_list;
 use crate::engine::backend::{embed, LlamaBackend};
-use crate::engine::types::{Params, Request};
-use crate::engine::{self, Limits, SubmitError};
+use crate::engine::types::{ImageInput, Params, Request};
+use crate::engine::vision::Vision;
+use crate::engine::{self, Encoder, Limits, SubmitError};
 use crate::llama::{Api, Ctx, Vocab, SUPPORTED_LLAMA_CPP_PYTHON};
+use crate::mtmd::{MtmdApi, MtmdCtx};
+
+/// An image as `submit` takes it: (start, len, digest, width, height, rgb).
+type ImageArg<'py> = (usize, usize, String, u32, u32, Bound<'py, PyBytes>);
+/// A tokenized prompt with images: tokens (-1 at image tokens), each image's (start, len).
+type MediaTokens = (Vec<i32>, Vec<(usize, usize)>);
 
 create_exception!(
     _core,
@@ -27,6 +34,7 @@ create_exception!(
 pub struct Engine {
     inner: engine::Engine,
     api: Arc<Api>,
+    vision: Option<Arc<Vision>>,
 }
 
 fn param<'py, T: pyo3::conversion::FromPyObjectOwned<'py>>(
@@ -68,9 +76,11 @@ fn params(d: &Bound<'_, PyDict>) -> PyResult<Params> {
 #[pymethods]
 impl Engine {
     /// Takes a llama context and vocabulary made by llama-cpp-python (as integer addresses);
-    /// they must outlive the engine (call `close()` before freeing them).
+    /// they must outlive the engine (call `close()` before freeing them). A vision model also
+    /// passes its mtmd context (`mtmd_ctx`, from libmtmd at `mtmd_lib`) and the text model's
+    /// input embedding size.
     #[new]
-    #[pyo3(signature = (lib_path, lib_version, ctx, vocab, *, n_vocab, ctx_size, parallel, batch_size, max_queue))]
+    #[pyo3(signature = (lib_path, lib_version, ctx, vocab, *, n_vocab, ctx_size, parallel, batch_size, max_queue, threads=0, encoder_threads=0, mtmd_lib=None, mtmd_ctx=0, n_embd_inp=0))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         lib_path: &str,
@@ -82,6 +92,11 @@ impl Engine {
         parallel: usize,
         batch_size: usize,
         max_queue: usize,
+        threads: i32,
+        encoder_threads: i32,
+        mtmd_lib: Option<&str>,
+        mtmd_ctx: usize,
+        n_embd_inp: usize,
     ) -> PyResult<Self> {
         if lib_version != SUPPORTED_LLAMA_CPP_PYTHON {
             return Err(PyRuntimeError::new_err(format!(
@@ -103,23 +118,84 @@ impl Engine {
             parallel,
             max_queue,
             n_vocab,
+            // the encoder's threads come out of the loop's while it works
+            threads: (threads, (threads - encoder_threads).max(1)),
         };
-        let inner = engine::Engine::start(backend, limits, capacity)
+        let vision = match mtmd_lib {
+            Some(path) if mtmd_ctx != 0 && n_embd_inp > 0 => {
+                let mtmd = MtmdApi::load(path).map_err(PyRuntimeError::new_err)?;
+                // SAFETY: the caller passes a live mtmd context and keeps it until close().
+                Some(Arc::new(unsafe {
+                    Vision::new(mtmd, mtmd_ctx as MtmdCtx, n_embd_inp)
+                }))
+            }
+            Some(_) => return Err(PyValueError::new_err("invalid mtmd arguments")),
+            None => None,
+        };
+        let encoder = vision.clone().map(|v| Box::new(v) as Box<dyn Encoder>);
+        let inner = engine::Engine::start(backend, encoder, limits, capacity)
             .map_err(|e| PyRuntimeError::new_err(format!("cannot start the engine: {e}")))?;
-        Ok(Self { inner, api })
+        Ok(Self { inner, api, vision })
+    }
+
+    /// Tokens of a prompt whose image markers stand for `images` ((width, height, rgb)):
+    /// (tokens with -1 placeholders for image tokens, [(start, len)] of each image).
+    /// ValueError when the markers and images do not match or an image cannot be taken.
+    fn tokenize_media(
+        &self,
+        py: Python<'_>,
+        text: &str,
+        images: Vec<(u32, u32, Vec<u8>)>,
+        add_special: bool,
+        parse_special: bool,
+    ) -> PyResult<MediaTokens> {
+        let Some(vision) = self.vision.clone() else {
+            return Err(PyValueError::new_err("this model has no vision projector"));
+        };
+        let text = text.to_owned();
+        py.detach(move || {
+            let refs: Vec<(u32, u32, &[u8])> = images
+                .iter()
+                .map(|(w, h, b)| (*w, *h, b.as_slice()))
+                .collect();
+            vision.tokenize(&text, &refs, add_special, parse_special)
+        })
+        .map(|(tokens, spans)| (tokens, spans.iter().map(|s| (s.start, s.len)).collect()))
+        .map_err(PyValueError::new_err)
+    }
+
+    /// The text that stands for an image in a prompt; None without a projector.
+    fn image_marker(&self) -> Option<String> {
+        self.vision.as_ref().map(|v| v.marker().to_owned())
     }
 
     /// Queue a generation. Raises QueueFull at once when the queue is full.
+    #[pyo3(signature = (request_id, prompt, params, images=Vec::new()))]
     fn submit(
         &self,
         request_id: u64,
         prompt: Vec<i32>,
         params: &Bound<'_, PyDict>,
+        images: Vec<ImageArg<'_>>,
     ) -> PyResult<()> {
+        let images = images
+            .into_iter()
+            .map(|(start, len, digest, width, height, rgb)| {
+                Arc::new(ImageInput {
+                    start,
+                    len,
+                    digest,
+                    width,
+                    height,
+                    rgb: rgb.as_bytes().to_vec(),
+                })
+            })
+            .collect();
         let request = Request {
             id: request_id,
             prompt,
             params: self::params(params)?,
+            images,
         };
         self.inner.submit(request).map_err(|e| match e {
             SubmitError::QueueFull(n) => {
@@ -162,6 +238,7 @@ impl Engine {
         d.set_item("tokens_cached_total", s.counters.cached_tokens)?;
         d.set_item("tokens_generated_total", s.counters.generated_tokens)?;
         d.set_item("decode_steps_total", s.counters.decode_steps)?;
+        d.set_item("images_encoded_total", s.counters.images_encoded)?;
         Ok(d)
     }
 
