@@ -34,7 +34,9 @@ def _digest(data: bytes) -> str:
     with PIL.Image.open(io.BytesIO(data)) as im:
         rgb = im.convert("RGB")
         head = f"{rgb.width}x{rgb.height}:".encode()
-        return f"image:{rgb.width}x{rgb.height}:{hashlib.sha256(head + rgb.tobytes()).hexdigest()[:8]}"
+        return (
+            f"image:{rgb.width}x{rgb.height}:{hashlib.sha256(head + rgb.tobytes()).hexdigest()[:8]}"
+        )
 
 
 async def _client(tmp_path: Path, **settings: Any) -> TestClient[Any, Any]:
@@ -142,9 +144,7 @@ async def test_ollama_chat_takes_images_on_each_message(client: TestClient[Any, 
 
 @pytest.mark.parametrize("raw", [False, True])
 async def test_ollama_generate_takes_images(client: TestClient[Any, Any], raw: bool) -> None:
-    reply = await _ollama(client).generate(
-        model=VISION, prompt="look", images=[BLUE, RED], raw=raw
-    )
+    reply = await _ollama(client).generate(model=VISION, prompt="look", images=[BLUE, RED], raw=raw)
     assert reply.response.split() == [_digest(BLUE), _digest(RED), "look"]
 
 
@@ -237,7 +237,7 @@ async def test_images_to_a_text_model_are_400s_on_every_api(client: TestClient[A
         "param": "messages[1].content[1].image_url",
         "code": None,
     }
-    with pytest.raises(openai.BadRequestError, match="input.0..content.0..image_url: model"):
+    with pytest.raises(openai.BadRequestError, match=r"input\[0\]\.content\[0\]\.image_url: model"):
         await _openai(client).responses.create(
             model=TEXT,
             input=[{"role": "user", "content": [
@@ -248,7 +248,9 @@ async def test_images_to_a_text_model_are_400s_on_every_api(client: TestClient[A
             model=TEXT, messages=[{"role": "user", "content": "x", "images": [RED]}]
         )
     assert err.value.status_code == 400
-    assert err.value.error == "messages[0].images[0]: model 'fake-text:latest' does not support images"
+    assert (
+        err.value.error == "messages[0].images[0]: model 'fake-text:latest' does not support images"
+    )
     with pytest.raises(ollama.ResponseError, match=r"images\[0\]: model 'fake-text:latest'"):
         await _ollama(client).generate(model=TEXT, prompt="x", images=[RED])
     reply = await _ollama(client).generate(model=TEXT, prompt="still here")
