@@ -250,6 +250,11 @@ def create(args: argparse.Namespace) -> int:
             body["files"] = upload_model(local, progress)
         else:
             body["from"] = mf.from_
+        for extra in mf.also_from:  # a vision projector: the server tells it by its metadata
+            projector = _local_file(extra, path.parent)
+            if projector is None or projector.is_dir():
+                raise ValueError(f"{path}: FROM {extra}: only the first FROM may name a model")
+            body["files"] = {**body.get("files", {}), projector.name: upload(projector, progress)}
         if mf.adapters:
             adapters = {}
             for a in mf.adapters:
