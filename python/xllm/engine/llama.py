@@ -455,7 +455,7 @@ async def _load(spec: LoadSpec) -> RunnerClient:
     return model
 
 
-_CAPABILITIES = ("completion", "chat", "embedding", "tools", "insert", "thinking")
+_CAPABILITIES = ("completion", "chat", "embedding", "tools", "insert", "thinking", "vision")
 
 MANIFEST = Manifest(
     name="llama.cpp",
@@ -463,9 +463,7 @@ MANIFEST = Manifest(
     abi=ABI_VERSION,
     formats=("gguf",),
     architectures=ARCHITECTURES,
-    capabilities=frozenset(
-        Capability(c) for c in ("completion", "chat", "embedding", "tools", "insert", "thinking")
-    ),
+    capabilities=frozenset(Capability(c) for c in _CAPABILITIES),
     load=_load,
     estimate=_estimate,
 )

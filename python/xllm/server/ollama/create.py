@@ -47,7 +47,10 @@ def _merged(body: CreateRequest) -> CreateRequest:
     if mf.adapters:
         legacy["adapters"] = {a: _uploaded(a, "ADAPTER") for a in mf.adapters}
     if mf.also_from:
-        legacy["files"] = {f: _uploaded(f, "FROM") for f in mf.also_from}
+        # a file by its digest; named as a GGUF, which is all `files` takes
+        legacy["files"] = {
+            f"{f.removeprefix('@')}.gguf": _uploaded(f, "FROM") for f in mf.also_from
+        }
     given = body.model_dump(exclude_none=True, by_alias=True)
     fields = {**{k: v for k, v in legacy.items() if v is not None}, **given}
     return CreateRequest.model_validate(fields, strict=False)
