@@ -170,7 +170,10 @@ def model_folder(root: Path, architecture: str = "FakeLM") -> Path:
     """A model folder as a Hugging Face model is stored: config.json and a (tensorless)
     safetensors file."""
     root.mkdir(parents=True, exist_ok=True)
-    (root / "config.json").write_text(json.dumps({"architectures": [architecture]}))
+    config: dict[str, Any] = {"architectures": [architecture]}
+    if architecture == "FakeVLM":
+        config["vision_config"] = {"image_size": 32}
+    (root / "config.json").write_text(json.dumps(config))
     header = b"{}      "
     (root / "model.safetensors").write_bytes(len(header).to_bytes(8, "little") + header)
     return root

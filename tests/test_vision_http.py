@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import io
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,8 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from tests import fake_engine, pictures
 from xllm import images, remote_images
+from xllm.cli import main as cli
+from xllm.cli import run
 from xllm.config import Settings
 from xllm.server.app import create_app, make_registry
 
@@ -322,3 +325,32 @@ async def test_remote_urls_when_allowed_never_reach_private_addresses(tmp_path: 
 def test_only_public_addresses_are_fetched_from(address: str, public: bool) -> None:
     """What the resolver and each URL's (or redirect's) address literal are checked by."""
     assert remote_images._public(address) is public
+
+
+async def test_xllm_run_sends_images_one_shot_and_from_the_repl(
+    client: TestClient[Any, Any],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    (tmp_path / "red.png").write_bytes(RED)
+    (tmp_path / "blue.jpg").write_bytes(BLUE)
+    monkeypatch.setenv("XLLM_HOST", f"127.0.0.1:{client.port}")
+    monkeypatch.setattr(sys, "stdin", io.StringIO(""))  # nothing piped
+    argv = ["run", VISION, "describe", "--image", str(tmp_path / "red.png"),
+            "--image", str(tmp_path / "blue.jpg")]  # fmt: skip
+    assert await asyncio.to_thread(cli.main, argv) == 0
+    assert capsys.readouterr().out.split() == [_digest(RED), _digest(BLUE), "describe"]
+
+    argv = ["run", TEXT, "describe", "--image", str(tmp_path / "red.png")]
+    assert await asyncio.to_thread(cli.main, argv) == 1
+    assert "model 'fake-text:latest' does not support images" in capsys.readouterr().err
+
+    session = run.Session(VISION)
+    assert await asyncio.to_thread(session.command, f"/image {tmp_path / 'red.png'}")
+    assert await asyncio.to_thread(session.command, f"/image {tmp_path / 'missing.png'}")
+    out = capsys.readouterr()
+    assert "Added image" in out.out and "missing.png: No such file" in out.err
+    await asyncio.to_thread(session.ask, "what")
+    await asyncio.to_thread(session.ask, "again")  # the image went with the first message only
+    assert capsys.readouterr().out.split() == [_digest(RED), "what", _digest(RED), "again"]

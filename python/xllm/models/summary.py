@@ -17,7 +17,7 @@ from typing import Any
 from xllm.models import gguf
 from xllm.models.metadata import FILE_TYPES, file_capabilities
 
-VERSION = 2
+VERSION = 3
 """Bumped when the fields change, so old cache files are recomputed."""
 
 
