@@ -228,6 +228,14 @@ async def test_too_many_images_are_refused_before_any_is_decoded(
         "/api/generate", json={"model": VISION, "prompt": "x", "images": [one] * 16}
     )
     assert r.status == 200, await r.text()
+    big = pictures.b64(pictures.png("red", (6000, 4000)))  # 24 Mpixels: two fit, three do not
+    r = await client.post(
+        "/api/generate", json={"model": VISION, "prompt": "x", "images": [big] * 3}
+    )
+    assert r.status == 400
+    assert (await r.json())["error"] == (
+        f"images[2]: the request's images have more than {images.MAX_TOTAL_PIXELS} pixels together"
+    )
 
 
 async def test_images_to_a_text_model_are_400s_on_every_api(client: TestClient[Any, Any]) -> None:

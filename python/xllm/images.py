@@ -82,55 +82,60 @@ def encoded(source: Source) -> bytes:
         head, comma, value = value.partition(",")
         media = head[5:].split(";")
         if not comma or "base64" not in media[1:]:
-            raise _bad(source, "a data: URI must be base64 (data:image/png;base64,...)")
+            raise refusal(source, "a data: URI must be base64 (data:image/png;base64,...)")
         if media[0] and not media[0].lower().startswith("image/"):
-            raise _bad(source, f"a data: URI of {media[0][:60]!r} is not an image")
+            raise refusal(source, f"a data: URI of {media[0][:60]!r} is not an image")
     elif _URL.match(value):
-        raise _bad(source, REMOTE_REFUSED)
+        raise refusal(source, REMOTE_REFUSED)
     text = "".join(value.split())  # MIME base64 wraps lines
     try:
         data = base64.b64decode(text + "=" * (-len(text) % 4), validate=True)
     except (binascii.Error, ValueError):
-        raise _bad(source, "the image is not valid base64") from None
+        raise refusal(source, "the image is not valid base64") from None
     if not data:
-        raise _bad(source, "the image is empty")
+        raise refusal(source, "the image is empty")
     return data
 
 
-def decode(data: bytes, source: Source) -> Image:
+def decode(data: bytes, source: Source, room: int = MAX_TOTAL_PIXELS) -> Image:
     """An image file's pixels as RGB (EXIF orientation applied), after its header passed the
-    limits; a 400 naming `source.param` for anything unreadable, truncated or too large.
-    CPU-bound: run it in a worker thread."""
+    limits (`room`: the pixels the request's other images leave); a 400 naming
+    `source.param` for anything unreadable, truncated or too large. CPU-bound: run it in a
+    worker thread."""
     try:
         with PIL.Image.open(io.BytesIO(data), formats=FORMATS) as image:
-            check_size(image.size, source)
+            check_size(image.size, source, room)
             image.load()  # a truncated file fails here
             upright = PIL.ImageOps.exif_transpose(image)
             rgb = upright.convert("RGB")
     except PIL.Image.DecompressionBombError:
-        raise _bad(source, f"the image has more than {MAX_PIXELS} pixels") from None
+        raise refusal(source, f"the image has more than {MAX_PIXELS} pixels") from None
     except PIL.UnidentifiedImageError:
-        raise _bad(source, f"not an image xllm reads ({', '.join(FORMATS)})") from None
+        raise refusal(source, f"not an image xllm reads ({', '.join(FORMATS)})") from None
     except (OSError, SyntaxError, ValueError, EOFError) as e:
-        raise _bad(source, f"the image file is malformed or truncated ({e})") from None
+        raise refusal(source, f"the image file is malformed or truncated ({e})") from None
     width, height = rgb.size
     pixels = rgb.tobytes()
     digest = hashlib.sha256(f"{width}x{height}:".encode() + pixels).hexdigest()
     return Image(width=width, height=height, rgb=pixels, digest=digest)
 
 
-def check_size(size: tuple[int, int], source: Source) -> None:
+def check_size(size: tuple[int, int], source: Source, room: int) -> None:
     width, height = size
     if width < 1 or height < 1:
-        raise _bad(source, f"the image is {width} x {height} pixels")
+        raise refusal(source, f"the image is {width} x {height} pixels")
+    if width * height > room and room < MAX_PIXELS:
+        raise refusal(
+            source, f"the request's images have more than {MAX_TOTAL_PIXELS} pixels together"
+        )
     if width * height > MAX_PIXELS:
-        raise _bad(
+        raise refusal(
             source,
             f"the image is {width} x {height} pixels, more than the {MAX_PIXELS} allowed; "
             "scale it down",
         )
     if max(width, height) > MAX_ASPECT * min(width, height):
-        raise _bad(
+        raise refusal(
             source,
             f"the image is {width} x {height} pixels, more than {MAX_ASPECT} times longer "
             "than wide; crop it",
@@ -145,24 +150,21 @@ async def read(sources: Sequence[Source], fetch: Fetch | None) -> list[Image]:
     for i, source in enumerate(sources):
         if source.is_url:
             if fetch is None or not source.value.lower().startswith(("http://", "https://")):
-                raise _bad(source, REMOTE_REFUSED)
+                raise refusal(source, REMOTE_REFUSED)
             fetched[i] = await fetch(source)
     return await asyncio.to_thread(_decode_all, sources, fetched)
 
 
 def _decode_all(sources: Sequence[Source], fetched: dict[int, bytes]) -> list[Image]:
     out: list[Image] = []
-    total = 0
+    room = MAX_TOTAL_PIXELS
     for i, source in enumerate(sources):
-        image = decode(fetched[i] if i in fetched else encoded(source), source)
-        total += image.width * image.height
-        if total > MAX_TOTAL_PIXELS:
-            raise _bad(
-                source, f"the request's images have more than {MAX_TOTAL_PIXELS} pixels together"
-            )
+        image = decode(fetched[i] if i in fetched else encoded(source), source, room)
+        room -= image.width * image.height
         out.append(image)
     return out
 
 
-def _bad(source: Source, why: str) -> InvalidRequest:
+def refusal(source: Source, why: str) -> InvalidRequest:
+    """The 400 for an image, naming the field it came from."""
     return InvalidRequest(f"{source.param}: {why}", param=source.param)

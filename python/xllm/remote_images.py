@@ -18,8 +18,7 @@ from aiohttp.abc import AbstractResolver, ResolveResult
 from yarl import URL
 
 from xllm import __version__
-from xllm.errors import InvalidRequest
-from xllm.images import Source
+from xllm.images import Source, refusal
 
 MAX_BYTES = 10 * 2**20
 TIMEOUT = 10.0
@@ -72,27 +71,27 @@ async def fetch(source: Source) -> bytes:
                         url = url.join(URL(response.headers.get("Location", "")))
                         continue
                     if response.status != 200:
-                        raise _bad(source, f"fetching the image got HTTP {response.status}")
+                        raise refusal(source, f"fetching the image got HTTP {response.status}")
                     if (response.content_length or 0) > MAX_BYTES:
-                        raise _bad(source, _too_large())
+                        raise refusal(source, _too_large())
                     data = bytearray()
                     async for chunk in response.content.iter_chunked(1 << 16):
                         data += chunk
                         if len(data) > MAX_BYTES:
-                            raise _bad(source, _too_large())
+                            raise refusal(source, _too_large())
                     return bytes(data)
-            raise _bad(source, f"more than {MAX_REDIRECTS} redirects")
+            raise refusal(source, f"more than {MAX_REDIRECTS} redirects")
     except _Refused as e:
-        raise _bad(source, f"{e} is not a public address; image URLs may not reach it") from None
+        raise refusal(source, f"{e} is not a public address; image URLs may not reach it") from None
     except TimeoutError:
-        raise _bad(source, f"the image did not arrive within {TIMEOUT:g} s") from None
+        raise refusal(source, f"the image did not arrive within {TIMEOUT:g} s") from None
     except aiohttp.ClientError as e:
-        raise _bad(source, f"cannot fetch the image: {e or type(e).__name__}") from None
+        raise refusal(source, f"cannot fetch the image: {e or type(e).__name__}") from None
 
 
 def _check_url(url: URL, source: Source) -> None:
     if url.scheme not in ("http", "https") or not url.host:
-        raise _bad(source, "only http(s) image URLs are fetched")
+        raise refusal(source, "only http(s) image URLs are fetched")
     try:
         literal = _public(url.host.strip("[]"))
     except ValueError:
@@ -103,7 +102,3 @@ def _check_url(url: URL, source: Source) -> None:
 
 def _too_large() -> str:
     return f"the image is larger than {MAX_BYTES // 2**20} MB"
-
-
-def _bad(source: Source, why: str) -> InvalidRequest:
-    return InvalidRequest(f"{source.param}: {why}", param=source.param)
