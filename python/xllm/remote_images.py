@@ -59,10 +59,11 @@ async def fetch(source: Source) -> bytes:
     url = URL(source.value)
     connector = aiohttp.TCPConnector(resolver=_PublicResolver(), use_dns_cache=False)
     timeout = aiohttp.ClientTimeout(total=TIMEOUT)
-    headers = {"User-Agent": f"xllm/{__version__}"}
+    # never inflated here: a small gzip body must not become gigabytes before the size cap
+    headers = {"User-Agent": f"xllm/{__version__}", "Accept-Encoding": "identity"}
     try:
         async with aiohttp.ClientSession(
-            connector=connector, timeout=timeout, headers=headers
+            connector=connector, timeout=timeout, headers=headers, auto_decompress=False
         ) as http:
             for _ in range(MAX_REDIRECTS + 1):
                 _check_url(url, source)
