@@ -193,6 +193,9 @@ class Settings:
     header_timeout: float = 10.0
     """Seconds a connection has to send a whole request head, counted from when it opens or its
     previous response ends; idle keep-alive connections are closed after it too."""
+    remote_images: bool = False
+    """Whether the server fetches images requests name by http(s) URL (public addresses only,
+    10 MB and 10 s each); off, only data: URIs and base64 are taken."""
 
     @property
     def home(self) -> Path:
@@ -268,6 +271,7 @@ _KEYS: tuple[_Key, ...] = (
     ),
     _Key("log_level", "server.log_level", "XLLM_LOG", _str),
     _Key("header_timeout", "server.header_timeout", "XLLM_HEADER_TIMEOUT", _timeout),
+    _Key("remote_images", "server.remote_images", "XLLM_REMOTE_IMAGES", _bool),
     _Key(
         "models_dir",
         "models.directory",

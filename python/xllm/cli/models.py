@@ -106,6 +106,7 @@ def show_text(info: dict[str, Any], verbose: bool) -> str:
     model.append(("quantization", str(d.get("quantization_level", ""))))
     out = "\n" + _section("Model", model)
     out += _section("Capabilities", [(c, "") for c in info.get("capabilities") or []])
+    out += _section("Projector", _projector_rows(info.get("projector_info") or {}))
     params = [tuple(line.split(None, 1)) for line in (info.get("parameters") or "").splitlines()]
     out += _section("Parameters", [(p[0], p[1] if len(p) > 1 else "") for p in params])
     if info.get("system"):
@@ -118,6 +119,23 @@ def show_text(info: dict[str, Any], verbose: bool) -> str:
         rows = [(k, _value(v)[:200]) for k, v in sorted(meta.items())]
         out += _section("Metadata", rows)
     return out
+
+
+def _projector_rows(meta: dict[str, Any]) -> list[tuple[str, str]]:
+    """A vision projector's facts as `ollama show` prints them."""
+    if not meta:
+        return []
+    from xllm.models.summary import params_label
+
+    rows = [("architecture", str(meta.get("general.architecture", "")))]
+    if isinstance(meta.get("general.parameter_count"), int):
+        rows.append(("parameters", params_label(meta["general.parameter_count"])))
+    for label, key in (("embedding length", "clip.vision.embedding_length"),
+                       ("dimensions", "clip.vision.projection_dim"),
+                       ("projector type", "clip.projector_type")):  # fmt: skip
+        if key in meta:
+            rows.append((label, str(meta[key])))
+    return rows
 
 
 def show(args: argparse.Namespace) -> int:
@@ -250,6 +268,11 @@ def create(args: argparse.Namespace) -> int:
             body["files"] = upload_model(local, progress)
         else:
             body["from"] = mf.from_
+        for extra in mf.also_from:  # a vision projector: the server tells it by its metadata
+            projector = _local_file(extra, path.parent)
+            if projector is None or projector.is_dir():
+                raise ValueError(f"{path}: FROM {extra}: only the first FROM may name a model")
+            body["files"] = {**body.get("files", {}), projector.name: upload(projector, progress)}
         if mf.adapters:
             adapters = {}
             for a in mf.adapters:

@@ -72,7 +72,8 @@ class Image:
     rgb: bytes
     """width * height RGB triplets, row by row."""
     digest: str
-    """sha256 of `rgb` (hex): equal images are equal chunks for the prefix cache."""
+    """sha256 (hex) of `f"{width}x{height}:"` and `rgb`: equal images are equal chunks for
+    the prefix cache (the size is in it: a red 64x48 and a red 48x64 have the same bytes)."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -20,9 +20,11 @@ from xllm.engine.plugins import Engines, LoadSpec, Manifest
 from xllm.engine.protocol import Engine, Observer
 from xllm.engine.scheduler import HIGH_WATERMARK, LoadState, Scheduler, is_out_of_memory
 from xllm.errors import CorruptModel, InvalidRequest, ModelLoadError, ModelNotFound
+from xllm.memory import planner
 from xllm.models import gguf, gotemplate, names, summary
+from xllm.models import projector as mmproj
 from xllm.models.modelfile import Modelfile, is_go_template
-from xllm.models.store import ADAPTER, GGUF, SAFETENSORS_FORMAT, Store, StoredModel
+from xllm.models.store import ADAPTER, GGUF, PROJECTOR, SAFETENSORS_FORMAT, Store, StoredModel
 
 log = logging.getLogger("xllm.models")
 
@@ -33,6 +35,8 @@ class Resolved:
     path: Path
     stored: StoredModel | None = None
     """Set for a model from the store: its manifest and Modelfile."""
+    projector: Path | None = None
+    """A vision model's projector file."""
 
 
 class ModelRegistry:
@@ -57,6 +61,7 @@ class ModelRegistry:
         self.store = store
         """Pulled and created models; resolved after command-line paths, before bundled ones."""
         self._paths: dict[str, Path] = {}
+        self._projectors: dict[str, Path] = {}
         self.scheduler: Scheduler[Engine] = Scheduler(
             self.prepare,
             self.start,
@@ -66,10 +71,15 @@ class ModelRegistry:
             high_watermark=high_watermark,
         )
 
-    def add_path(self, path: Path) -> str:
-        """Make a model file or folder (given on the command line) servable; returns its
-        name."""
+    def add_path(self, path: Path, projector: Path | None = None) -> str:
+        """Make a model file or folder (given on the command line) servable, with its vision
+        `projector` if it has one (checked to fit it: a 400 otherwise); returns its name."""
         name = names.name_for_path(path)
+        if projector is not None:
+            model = summary.of_file(path)
+            where = f"{projector.name} for {path.name}"
+            mmproj.check_fits(mmproj.read(projector), model.embedding_length, where, "mmproj")
+            self._projectors[name] = projector.resolve()
         self._paths[name] = path.resolve()
         return name
 
@@ -93,10 +103,10 @@ class ModelRegistry:
         key = self.key(name)
         path = self._paths.get(key)
         if path is not None:
-            return Resolved(key, path)
+            return Resolved(key, path, projector=self._projectors.get(key))
         stored = self.store.find(names.parse_name(key)) if self.store is not None else None
         if stored is not None:
-            return Resolved(key, stored.model_path, stored)
+            return Resolved(key, stored.model_path, stored, stored.projector_path)
         path = names.bundled_path(key)
         if path is None:
             raise ModelNotFound(f"model {name!r} not found", param="model")
@@ -107,8 +117,15 @@ class ModelRegistry:
         cached facts (whatever its format), a file's from its GGUF header."""
         if found.stored is not None and self.store is not None:
             with self.reading(found):
-                return self.store.summary_of(found.stored.manifest)
-        return summary.of_file(found.path)
+                facts = self.store.summary_of(found.stored.manifest)
+        else:
+            facts = summary.of_file(found.path)
+        if found.projector is None:
+            return facts
+        with self.reading(found):
+            projector = mmproj.read(found.projector)
+        caps = facts.capabilities + ["vision"] * ("vision" not in facts.capabilities)
+        return dataclasses.replace(facts, capabilities=caps, projector_info=projector.info)
 
     @contextlib.contextmanager
     def reading(self, found: Resolved) -> Iterator[None]:
@@ -215,10 +232,13 @@ class ModelRegistry:
                 name=name, key=key, path=path, format=fmt, architecture=architecture,
                 options=options, modelfile=modelfile, files=files,
                 adapters=tuple(stored.adapter_paths) if stored is not None else (),
-                observer=self.observer, engine=manifest.name,
+                projector=found.projector, observer=self.observer, engine=manifest.name,
             )  # fmt: skip
             if manifest.estimate is not None:
                 plan = await asyncio.to_thread(manifest.estimate, spec)
+                if found.projector is not None:
+                    projector = await asyncio.to_thread(mmproj.read, found.projector)
+                    plan = planner.with_projector(plan, projector.weights, projector.compute)
                 spec = dataclasses.replace(spec, plan=plan)
         return spec
 
@@ -267,7 +287,9 @@ class ModelRegistry:
         if self.store is None:
             return None
         layers = [stored.model_digest, *stored.shard_digests]
-        layers += [x.digest for x in stored.manifest.all(ADAPTER)]
+        layers += [
+            x.digest for x in (*stored.manifest.all(ADAPTER), *stored.manifest.all(PROJECTOR))
+        ]
         digest = self.store.verify(layers)
         if digest is None:
             return None

@@ -2,7 +2,8 @@
 and `/api/copy` (and `xllm create`, `xllm cp` through them) build.
 
 Each of a recipe's parts becomes a layer of the new manifest, the rest is inherited from the
-base model. `files` may be every file of a GGUF split into several; `adapters` are LoRA GGUFs,
+base model. `files` may be every file of a GGUF split into several, and a vision projector (an
+`mmproj` GGUF, told by its metadata) checked to fit the model; `adapters` are LoRA GGUFs,
 checked against the base model's tensors before they are kept.
 """
 
@@ -19,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from xllm.errors import InvalidRequest, ModelNotFound
 from xllm.models import adapter, convert, gguf, gotemplate, store, summary
+from xllm.models import projector as mmproj
 from xllm.models.convert import quantize
 from xllm.models.gguf import GGUFError
 from xllm.models.modelfile import is_go_template
@@ -63,6 +65,9 @@ async def _base(registry: ModelRegistry, name: str) -> Manifest:
     for i, path in enumerate(await asyncio.to_thread(gguf.model_files, found.path)):
         digest = await s.add_file(path)
         layers.append(Layer(store.SHARD if i else store.MODEL, digest, path.stat().st_size))
+    if found.projector is not None:  # served with --mmproj
+        digest = await s.add_file(found.projector)
+        layers.append(Layer(store.PROJECTOR, digest, found.projector.stat().st_size))
     return Manifest(layers[0], tuple(layers))
 
 
@@ -121,18 +126,34 @@ async def _write_model(
             return await asyncio.to_thread(s.write_manifest, name, manifest.to_bytes())
 
 
-async def _from(registry: ModelRegistry, s: Store, body: Recipe) -> Manifest:
-    """The manifest a new model starts from: an uploaded GGUF (`files`) or a model (`from`)."""
+async def _from(registry: ModelRegistry, s: Store, body: Recipe) -> tuple[Manifest, Layer | None]:
+    """The manifest a new model starts from, an uploaded GGUF (`files`) or a model (`from`),
+    and the vision projector among `files` (told by its metadata) if one was given."""
+    projector = None
     if body.files:
         if not all(f.lower().endswith(".gguf") for f in body.files):
             raise InvalidRequest(
-                "files: give one GGUF file, or every file of a split GGUF (safetensors import "
-                "is not supported yet)",
+                "files: give one GGUF file, or every file of a split GGUF, and a vision "
+                "projector GGUF if the model has one (safetensors import is not supported yet)",
                 param="files",
             )
         digests = [_blob(s, d, "files") for d in body.files.values()]
-        layers = await asyncio.to_thread(_split_layers, s, digests)
-        return Manifest(layers[0], layers)
+        models, projector = await asyncio.to_thread(_projector_apart, s, body.files)
+        if models:
+            layers = await asyncio.to_thread(_split_layers, s, models)
+            return Manifest(layers[0], layers), projector
+        if not body.from_:
+            s.remove_unused(digests)
+            raise InvalidRequest(
+                "files: only a vision projector was given; add the model's GGUF, or name the "
+                "model in 'from'",
+                param="files",
+            )
+    return await _named_base(registry, body), projector
+
+
+async def _named_base(registry: ModelRegistry, body: Recipe) -> Manifest:
+    """The manifest of the model `from` names."""
     if not body.from_:
         raise InvalidRequest("neither 'from' nor 'files' was given", param="from")
     try:
@@ -157,6 +178,32 @@ def _blob(s: Store, digest: str, param: str) -> str:
     return digest
 
 
+def _projector_apart(s: Store, files: Mapping[str, str]) -> tuple[list[str], Layer | None]:
+    """(the model files' digests, the projector's layer) of uploaded `files`: a projector is
+    told by its GGUF metadata, whatever its name; at most one may be given."""
+    models, projectors = [], []
+    for name, digest in files.items():
+        path = s.blob_path(parse_digest(digest))
+        try:
+            header = gguf.read(path)
+        except GGUFError as e:
+            s.remove_unused(parse_digest(d) for d in files.values())
+            raise GGUFError(e.message.replace(path.name, name), param="files") from None
+        if mmproj.is_projector(header):
+            layer = Layer(store.PROJECTOR, parse_digest(digest), path.stat().st_size)
+            projectors.append((name, layer))
+        else:
+            models.append(parse_digest(digest))
+    if len(projectors) > 1:
+        s.remove_unused(parse_digest(d) for d in files.values())
+        raise InvalidRequest(
+            f"files: {projectors[0][0]} and {projectors[1][0]} are both vision projectors; "
+            "a model takes one",
+            param="files",
+        )
+    return models, projectors[0][1] if projectors else None
+
+
 def _split_layers(s: Store, digests: list[str]) -> tuple[Layer, ...]:
     """The model layer and, for the files of a split GGUF, its shards in their own order
     (`split.no`, whatever the client called them); whether they are all of them is checked
@@ -171,6 +218,21 @@ def _split_layers(s: Store, digests: list[str]) -> tuple[Layer, ...]:
         Layer(store.SHARD if i else store.MODEL, d, s.blob_path(d).stat().st_size)
         for i, d in enumerate(ranked)
     )
+
+
+def _check_projector(s: Store, base: Manifest, projector: Layer) -> None:
+    """A 400 naming both sizes when the projector does not fit the base model (the uploaded
+    projector is then not kept)."""
+    model = base.find(store.MODEL)
+    assert model is not None, "a GGUF base has a model layer"
+    facts = s.summary(model.digest, [x.digest for x in base.all(store.SHARD)])
+    try:
+        mmproj.check_fits(
+            mmproj.read(s.blob_path(projector.digest)), facts.embedding_length, "files", "files"
+        )
+    except InvalidRequest:
+        s.remove_unused([projector.digest])
+        raise
 
 
 def _adapter_layers(s: Store, base: Manifest, files: dict[str, str]) -> list[Layer]:
@@ -210,7 +272,7 @@ async def create(registry: ModelRegistry, body: Recipe) -> list[str]:
     assert registry.store is not None
     s = registry.store
     records = ["gathering model components"]
-    base = await _from(registry, s, body)
+    base, projector = await _from(registry, s, body)
     if body.quantize:
         records.append(f"quantizing model to {body.quantize.upper()}")
         base = await _quantized(s, base, body.quantize)
@@ -231,8 +293,14 @@ async def create(registry: ModelRegistry, body: Recipe) -> list[str]:
         texts[store.MESSAGES] = json.dumps([dict(m) for m in body.messages]).encode()
     licenses = body.license
     replaced = set(texts) | ({store.LICENSE} if licenses is not None else set())
+    if projector is not None:  # it replaces the base model's
+        replaced.add(store.PROJECTOR)
+        await asyncio.to_thread(_check_projector, s, base, projector)
     layers = [x for x in base.layers if x.media_type not in replaced]
     records += [f"using existing layer {x.digest}" for x in layers]
+    if projector is not None:
+        records.append(f"creating new layer {projector.digest}")
+        layers.append(projector)
     if body.adapters:
         known = {x.digest for x in layers}
         wanted = {k: _blob(s, d, "adapters") for k, d in body.adapters.items()}

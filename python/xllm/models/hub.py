@@ -3,9 +3,10 @@ the files of a safetensors model.
 
 `hf.co/<org>/<repo>[:<quant>]` (and `<org>/<repo>` before the registry is asked) names a repo;
 the tag picks the file (`Q4_K_M` when none is given), or the files of a GGUF split into several
-(`<name>-00001-of-0000N.gguf`...: the first is the model layer, the rest shard layers). Their
-SHA-256 comes from the Hub's LFS metadata, so the bytes are verified like a registry blob; a
-small config blob made here records the repo, revision and file. `HF_ENDPOINT` (settings) and
+(`<name>-00001-of-0000N.gguf`...: the first is the model layer, the rest shard layers), and
+the repo's vision projector (`mmproj-*.gguf`) beside it as a projector layer. Their SHA-256
+comes from the Hub's LFS metadata, so the bytes are verified like a registry blob; a small
+config blob made here records the repo, revision and file. `HF_ENDPOINT` (settings) and
 `HF_TOKEN` (read by huggingface_hub) are honoured; the token is sent to the Hub's host only.
 
 A repo without GGUF but with `*.safetensors` and config.json is a Hugging Face model folder:
@@ -34,6 +35,7 @@ from xllm.models.store import (
     CONFIG_TYPE,
     MODEL,
     MODEL_FILE,
+    PROJECTOR,
     SAFETENSORS,
     SHARD,
     Layer,
@@ -89,6 +91,21 @@ def choose_files(files: list[str], tag: str, repo: str) -> list[str]:
     if missing:
         raise RegistryError(f"{repo}: the split GGUF {chosen} lacks {', '.join(missing)}")
     return shards
+
+
+_PROJECTOR_PREFERENCE = ("F16", "BF16", "Q8_0", "F32")
+
+
+def choose_projector(files: list[str]) -> str | None:
+    """The repo's vision projector (`mmproj-*.gguf`, as the Hub's GGUF repos name them) to
+    pull beside a model: the only one, or F16 before BF16, Q8_0, F32 and the others."""
+    found = sorted(
+        f for f in files if f.endswith(".gguf") and "mmproj" in f.rsplit("/", 1)[-1].lower()
+    )
+    if not found:
+        return None
+    rank = {q: i for i, q in enumerate(_PROJECTOR_PREFERENCE)}
+    return min(found, key=lambda f: (rank.get(_quant_of(f), len(rank)), f.count("/"), f))
 
 
 def _model_info(settings: Settings, name: ModelName) -> ModelInfo:
@@ -152,8 +169,10 @@ def _remote(settings: Settings, name: ModelName, info: ModelInfo) -> Remote | No
     revision = info.sha or "main"
     endpoint = settings.hf_endpoint
     layers, sources = [], {}
-    for i, filename in enumerate(filenames):
-        layer = _lfs_layer(siblings[filename], MODEL if i == 0 else SHARD)
+    projector = choose_projector(list(siblings))
+    media = [MODEL, *[SHARD] * (len(filenames) - 1), *[PROJECTOR] * (projector is not None)]
+    for filename, kind in zip([*filenames, *filter(None, [projector])], media, strict=True):
+        layer = _lfs_layer(siblings[filename], kind)
         layers.append(layer)
         sources[layer.digest] = Source(_url(settings, name, revision, filename), _headers())
     source: dict[str, Any] = {
@@ -164,6 +183,8 @@ def _remote(settings: Settings, name: ModelName, info: ModelInfo) -> Remote | No
     }
     if len(filenames) > 1:
         source["files"] = filenames
+    if projector is not None:
+        source["projector"] = projector
     config = {
         "model_format": "gguf",
         "file_type": _quant_of(filenames[0]),

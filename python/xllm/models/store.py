@@ -187,6 +187,8 @@ class StoredModel:
     """The further files of a split model, in order (none for one file)."""
     adapter_paths: tuple[Path, ...]
     """LoRA adapters applied over the model's weights."""
+    projector_path: Path | None
+    """A vision model's projector (its `mmproj` GGUF), when it has one."""
     size: int
     modified: float
     modelfile: Modelfile
@@ -378,6 +380,7 @@ class Store:
             self._check_blob(layer)
         digest = "sha256:" + hashlib.sha256(raw).hexdigest()
         model_layer = manifest.find(MODEL)
+        projector = manifest.find(PROJECTOR)
         named: tuple[tuple[str, str], ...] = ()
         if model_layer is not None:
             model_path = self.blob_path(model_layer.digest)
@@ -393,6 +396,7 @@ class Store:
             model_path=model_path,
             shard_paths=tuple(self.blob_path(x.digest) for x in manifest.all(SHARD)),
             adapter_paths=tuple(self.blob_path(x.digest) for x in manifest.all(ADAPTER)),
+            projector_path=self.blob_path(projector.digest) if projector is not None else None,
             size=manifest.size,
             modified=mtime,
             modelfile=self._modelfile(manifest),

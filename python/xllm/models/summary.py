@@ -17,7 +17,7 @@ from typing import Any
 from xllm.models import gguf
 from xllm.models.metadata import FILE_TYPES, file_capabilities
 
-VERSION = 2
+VERSION = 3
 """Bumped when the fields change, so old cache files are recomputed."""
 
 
@@ -38,6 +38,10 @@ class Summary:
     """The header's metadata without the tokenizer's big arrays (Ollama's `model_info`)."""
     format: str = "gguf"
     """`gguf`, or `safetensors` for a Hugging Face model folder (xllm.models.safetensors)."""
+    projector_info: dict[str, Any] = field(default_factory=dict)
+    """A vision model's projector's metadata (Ollama's `projector_info`); empty without one.
+    Never cached with the model file's facts: the registry adds it (a projector is a layer
+    of its own, shared or replaced apart from the model)."""
 
     def to_json(self) -> dict[str, Any]:
         return {"version": VERSION, **asdict(self)}

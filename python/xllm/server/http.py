@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import mmap
+from collections.abc import Sequence
 from typing import Any, TypeVar
 
 import orjson
 from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
-from xllm.engine.protocol import Engine, Generation, Request
+from xllm import images, remote_images
+from xllm.engine.protocol import Capability, Engine, Generation, Image, Request
 from xllm.errors import InvalidRequest, PayloadTooLarge
 from xllm.server.openai.wire import error_param
-from xllm.server.state import REGISTRY
+from xllm.server.state import REGISTRY, SETTINGS
 
 M = TypeVar("M", bound=BaseModel)
 MAX_BODY = 50 * 1024 * 1024
@@ -43,6 +45,20 @@ async def start_generation(request: web.Request, engine: Engine, req: Request) -
     gen = await engine.generate(req)
     request.setdefault(GENERATIONS, []).append(gen)
     return gen
+
+
+async def read_images(
+    request: web.Request, engine: Engine, sources: Sequence[images.Source]
+) -> list[Image]:
+    """A request's images, decoded and checked (xllm/images.py); a 400 naming the first one
+    when the model takes none (its engine lacks the `vision` capability)."""
+    if not sources:
+        return []
+    if Capability.VISION not in engine.capabilities:
+        first = sources[0].param
+        raise InvalidRequest(f"{first}: model {engine.name!r} does not support images", param=first)
+    allowed = request.app[SETTINGS].remote_images
+    return await images.read(sources, remote_images.fetch if allowed else None)
 
 
 async def parse_body(request: web.Request, model: type[M]) -> M:

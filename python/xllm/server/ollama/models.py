@@ -161,6 +161,7 @@ def _show(registry: ModelRegistry, name: str, verbose: bool) -> dict[str, Any]:
     template = mf.template if mf.template is not None else facts.chat_template or ""
     licenses = mf.license or ((facts.license,) if facts.license else ())
     shown = Modelfile(
+        also_from=(str(found.projector),) if found.projector is not None else (),
         parameters=mf.parameters,
         template=template or None,
         system=mf.system,
@@ -184,6 +185,8 @@ def _show(registry: ModelRegistry, name: str, verbose: bool) -> dict[str, Any]:
         "capabilities": facts.capabilities,
         "modified_at": iso_time(modified),
     }
+    if facts.projector_info:
+        out["projector_info"] = facts.projector_info
     if mf.system is not None:
         out["system"] = mf.system
     if mf.messages:
