@@ -20,7 +20,6 @@ from xllm.engine.plugins import Engines, LoadSpec, Manifest
 from xllm.engine.protocol import Engine, Observer
 from xllm.engine.scheduler import HIGH_WATERMARK, LoadState, Scheduler, is_out_of_memory
 from xllm.errors import CorruptModel, InvalidRequest, ModelLoadError, ModelNotFound
-from xllm.memory import planner
 from xllm.models import gguf, gotemplate, names, summary
 from xllm.models import projector as mmproj
 from xllm.models.modelfile import Modelfile, is_go_template
@@ -236,9 +235,6 @@ class ModelRegistry:
             )  # fmt: skip
             if manifest.estimate is not None:
                 plan = await asyncio.to_thread(manifest.estimate, spec)
-                if found.projector is not None:
-                    projector = await asyncio.to_thread(mmproj.read, found.projector)
-                    plan = planner.with_projector(plan, projector.weights, projector.compute)
                 spec = dataclasses.replace(spec, plan=plan)
         return spec
 
