@@ -28,15 +28,17 @@ def write_projector(
     image_size: int = 32,
     patch: int = 8,
     seed: int = 0,
+    kind: str = "mlp",
 ) -> Path:
-    """An `mlp` projector giving (image_size / patch)² image tokens of `n_embd_text` floats.
+    """A projector giving image tokens of `n_embd_text` floats: `mlp` (LLaVA's head), or
+    `gemma3` (Gemma 3's: 2x2 average pooling, and attention over the image both ways).
 
     `n_ff` must differ from `n_embd` (clip.cpp tells ffn_up from ffn_down by their shapes).
     """
     rng = np.random.default_rng(seed)
     w = gguf.GGUFWriter(str(path), "clip")
     w.add_bool("clip.has_vision_encoder", True)
-    w.add_string("clip.projector_type", "mlp")
+    w.add_string("clip.projector_type", kind)
     for key, value in {
         "embedding_length": n_embd,
         "feed_forward_length": n_ff,
@@ -76,11 +78,17 @@ def write_projector(
         w.add_tensor(f"{p}ffn_up.bias", vector(n_ff))
         w.add_tensor(f"{p}ffn_down.weight", matrix(n_embd, n_ff))
         w.add_tensor(f"{p}ffn_down.bias", vector(n_embd))
-    # the head: n_embd -> n_embd -> the text model's embedding size
-    w.add_tensor("mm.0.weight", matrix(n_embd, n_embd))
-    w.add_tensor("mm.0.bias", vector(n_embd))
-    w.add_tensor("mm.2.weight", matrix(n_embd_text, n_embd))
-    w.add_tensor("mm.2.bias", vector(n_embd_text))
+    if kind == "gemma3":
+        w.add_uint32("clip.vision.projector.scale_factor", 2)
+        w.add_tensor("v.post_ln.weight", vector(n_embd, 1.0))
+        w.add_tensor("v.post_ln.bias", vector(n_embd, 0.0))
+        w.add_tensor("mm.soft_emb_norm.weight", vector(n_embd, 1.0))
+        w.add_tensor("mm.input_projection.weight", matrix(n_embd, n_embd_text))
+    else:  # the head: n_embd -> n_embd -> the text model's embedding size
+        w.add_tensor("mm.0.weight", matrix(n_embd, n_embd))
+        w.add_tensor("mm.0.bias", vector(n_embd))
+        w.add_tensor("mm.2.weight", matrix(n_embd_text, n_embd))
+        w.add_tensor("mm.2.bias", vector(n_embd_text))
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -88,9 +96,10 @@ def write_projector(
     return path
 
 
-def image_tokens(image_size: int = 32, patch: int = 8) -> int:
-    """How many tokens an image takes with `write_projector`'s geometry."""
-    return (image_size // patch) ** 2
+def image_tokens(image_size: int = 32, patch: int = 8, kind: str = "mlp") -> int:
+    """How many tokens an image takes with `write_projector`'s geometry (a `gemma3` one
+    pools 2x2 patches into a token)."""
+    return (image_size // patch // (2 if kind == "gemma3" else 1)) ** 2
 
 
 if __name__ == "__main__":
