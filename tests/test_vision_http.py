@@ -363,3 +363,18 @@ async def test_xllm_run_sends_images_one_shot_and_from_the_repl(
     await asyncio.to_thread(session.ask, "what")
     await asyncio.to_thread(session.ask, "again")  # the image went with the first message only
     assert capsys.readouterr().out.split() == [_digest(RED), "what", _digest(RED), "again"]
+
+
+@pytest.mark.parametrize(
+    "given",
+    [
+        pictures.data_uri(RED),
+        pictures.data_uri(RED, ""),  # Ollama's `data:;base64,`
+        pictures.b64(RED),
+        pictures.b64(RED).rstrip("="),  # padding left off
+        "\n".join(pictures.b64(RED)[i : i + 76] for i in range(0, len(pictures.b64(RED)), 76)),
+    ],
+    ids=["data URI", "data URI without type", "base64", "unpadded", "MIME lines"],
+)
+def test_the_forms_an_image_may_take(given: str) -> None:
+    assert images.encoded(images.Source("image", given)) == RED
