@@ -17,6 +17,8 @@ from filecmp import cmp
 from pathlib import Path
 from typing import Any
 
+import gguf
+import numpy as np
 import ollama
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
@@ -258,3 +260,32 @@ async def test_a_hub_pull_fetches_the_mmproj_beside_the_quant(
     with pytest.raises(RegistryError, match=MISMATCH):
         await _pull(store, upstream, "hf.co/org/Wrong-GGUF")
     assert [m.name.display for m in store.list()] == ["hf.co/org/Vis-GGUF:latest"]
+
+
+@pytest.mark.parametrize(
+    ("tensor", "shape"),
+    [("mm.2.weight", (16, 32)), ("mm.input_projection.weight", (32, 16))],  # mlp, gemma3
+)
+def test_a_projector_without_projection_dim_is_sized_by_its_last_tensor(
+    tmp_path: Path, tensor: str, shape: tuple[int, int]
+) -> None:
+    """Older converters wrote no `clip.vision.projection_dim`: the output size is then the
+    last projection's (numpy shapes are ggml's dimensions reversed)."""
+    path = tmp_path / "old.gguf"
+    w = gguf.GGUFWriter(str(path), "clip")
+    w.add_bool("clip.has_vision_encoder", True)
+    w.add_tensor(tensor, np.zeros(shape, np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    found = projector.read(path)
+    assert found.embedding_length == 16
+    projector.check_fits(found, 16, "x", "files")
+    with pytest.raises(InvalidRequest, match=r"makes embeddings of size 16, but the model's .* 32"):
+        projector.check_fits(found, 32, "x", "files")
+
+
+def test_gemma3_projector_fits_by_its_declared_size(tmp_path: Path) -> None:
+    path = write_projector(tmp_path / "g.gguf", 640, kind="gemma3")
+    assert projector.read(path).embedding_length == 640
