@@ -52,6 +52,9 @@ class Facts(Protocol):
     @property
     def quantization(self) -> str: ...
 
+    @property
+    def format(self) -> str: ...
+
 
 def iso_time(ts: float) -> str:
     """A Unix time as Ollama writes times (RFC 3339, UTC)."""
@@ -61,7 +64,7 @@ def iso_time(ts: float) -> str:
 def details(info: Facts, parent: str = "") -> dict[str, Any]:
     return {
         "parent_model": parent,
-        "format": info.format if isinstance(info, summary.Summary) else "gguf",
+        "format": info.format,
         "family": info.architecture,
         "families": [info.architecture],
         "parameter_size": summary.params_label(info.parameter_count),
