@@ -23,7 +23,6 @@ from xllm.errors import InvalidRequest, PayloadTooLarge, XllmError
 from xllm.server import streaming
 from xllm.server.http import MODEL_NAME, json_response, load_model, peer_gone
 from xllm.server.openai.transcripts import CONTENT_TYPES, srt, text_of, usage, verbose, vtt
-from xllm.server.openai.wire import error_param
 from xllm.server.state import METRICS, REGISTRY, SETTINGS
 
 MAX_FIELD = 64 * 1024
@@ -212,7 +211,7 @@ def _validate(fields: dict[str, Any]) -> TranscriptionForm:
         return TranscriptionForm.model_validate(fields, strict=False)
     except ValidationError as e:
         err = e.errors(include_url=False)[0]
-        param = error_param(tuple(err["loc"])) or None
+        param = str(err["loc"][0]) if err["loc"] else None  # a form is flat: the field
         message = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
             message = "unknown field"
