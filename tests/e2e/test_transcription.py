@@ -355,3 +355,33 @@ def test_cli_transcribe(server: Server, speech: dict[str, Path]) -> None:
     assert json.loads(out.stdout)["language"] == "en"
     out = subprocess.run([*cmd, "--language", "de"], capture_output=True, text=True, env=env)
     assert out.returncode == 1 and "English-only" in out.stderr
+
+
+def test_created_from_a_folder_served_from_the_store_and_removed(
+    server: Server, speech: dict[str, Path], tmp_path: Path
+) -> None:
+    tiny = names.bundled_path("whisper:tiny.en")
+    assert tiny is not None
+    (tmp_path / "Modelfile").write_text(f"FROM {tiny}\n")
+    env = {**os.environ, "XLLM_HOST": f"127.0.0.1:{server.port}"}
+
+    def xllm(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "xllm", *args], capture_output=True,
+                              text=True, env=env, timeout=120)  # fmt: skip
+
+    made = xllm("create", "mytiny", "-f", str(tmp_path / "Modelfile"))
+    assert made.returncode == 0, made.stderr
+    r = transcribe(server, speech["wav"], model="mytiny")
+    assert r.status_code == 200 and overlap(r.json()["text"], ENGLISH) >= 0.6
+    tags = {m["name"]: m for m in httpx.get(f"{server.url}/api/tags").json()["models"]}
+    assert tags["mytiny:latest"]["details"]["format"] == "ctranslate2"
+    assert tags["mytiny:latest"]["size"] > 75_000_000
+    assert tags["whisper:base"]["size"] > 145_000_000  # a bundled folder: its files
+    shown = xllm("show", "mytiny")
+    assert re.search(r"languages\s+en\n", shown.stdout) and "transcription" in shown.stdout
+    assert xllm("rm", "--force", "mytiny").returncode == 0
+    assert "mytiny:latest" not in {
+        m["name"] for m in httpx.get(f"{server.url}/api/tags").json()["models"]
+    }
+    blobs = (server.home / "models" / "blobs").glob("sha256-*")
+    assert all(p.stat().st_size < 1 << 20 for p in blobs)  # the model's files went with it

@@ -19,7 +19,6 @@ import socket
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import asdict
-from pathlib import Path
 from typing import Any
 
 from xllm.engine import ipc, whisper_runner
@@ -37,6 +36,7 @@ from xllm.engine.protocol import (
 )
 from xllm.errors import EngineError, InvalidRequest, ModelLoadError, Overloaded, XllmError
 from xllm.memory.planner import Plan
+from xllm.models import folders
 from xllm.models.metadata import ModelInfo
 from xllm.models.modelfile import Modelfile
 
@@ -310,18 +310,10 @@ class WhisperClient:
         self._writer.close()
 
 
-def files_size(path: Path) -> int:
-    """The bytes of a model's files: a folder's, or a file's with the files beside it that
-    share its name (a Piper voice's .onnx.json)."""
-    if path.is_dir():
-        return sum(p.stat().st_size for p in path.iterdir() if p.is_file())
-    return sum(p.stat().st_size for p in path.parent.glob(f"{path.name}*") if p.is_file())
-
-
 def estimate(spec: LoadSpec, overhead: int = OVERHEAD) -> Plan:
     """A speech model's memory plan: its files and a measured overhead, in RAM (a GPU, where
     one is used, holds less than the files)."""
-    return Plan(weights=files_size(spec.path), kv=0, compute=overhead, output=0, layers=0,
+    return Plan(weights=folders.size(spec.path), kv=0, compute=overhead, output=0, layers=0,
                 gpu_layers=0, vram=0)  # fmt: skip
 
 

@@ -33,7 +33,7 @@ from xllm.engine import ipc
 from xllm.engine.options import EngineOptions
 from xllm.engine.protocol import Segment, Transcription, Word
 from xllm.errors import InvalidRequest, Overloaded
-from xllm.models import summary
+from xllm.models import folders, summary
 from xllm.models.metadata import ModelInfo
 
 if TYPE_CHECKING:
@@ -214,12 +214,12 @@ class _Runner:
 
 def info(name: str, path: Path) -> ModelInfo:
     facts = summary.of_file(path)
-    size = sum(p.stat().st_size for p in path.iterdir() if p.is_file())
     meta = {k: json.dumps(v) if not isinstance(v, str) else v for k, v in facts.model_info.items()}
     return ModelInfo(
         name=name, path=path, architecture=facts.architecture, context_length=0,
-        embedding_length=0, block_count=0, parameter_count=facts.parameter_count, size=size,
-        quantization=facts.quantization, chat_template=None, metadata=meta, format=facts.format,
+        embedding_length=0, block_count=0, parameter_count=facts.parameter_count,
+        size=folders.size(path), quantization=facts.quantization, chat_template=None,
+        metadata=meta, format=facts.format,
     )  # fmt: skip
 
 

@@ -22,7 +22,7 @@ from aiohttp import web
 
 from xllm.engine.registry import ModelRegistry
 from xllm.errors import InsufficientStorage, InvalidRequest, ModelNotFound, XllmError
-from xllm.models import gguf, modelfile, pull, store, summary
+from xllm.models import folders, gguf, modelfile, pull, store, summary
 from xllm.models.modelfile import Modelfile
 from xllm.models.names import ModelName, parse_digest, parse_name
 from xllm.models.store import Store
@@ -95,7 +95,11 @@ def model_name(text: str, param: str = "model") -> ModelName:
 
 
 def _files(path: Path) -> list[Path]:
-    """A model file and, when it is the first of a split model, the others."""
+    """A model file and, when it is the first of a split model, the others; a folder model's
+    (or a voice's) files."""
+    local = folders.local_files(path)
+    if local is not None:
+        return list(local[1].values())
     try:
         return gguf.model_files(path)
     except gguf.GGUFError:
