@@ -47,6 +47,10 @@ SEGMENT = "segment"
 DONE = "done"
 BEAT_S = 0.5
 SAMPLE_RATE = 16_000
+MAX_AUDIO_S = 3600.0
+"""The longest upload decoded (an hour is 230 MB of samples)."""
+DECODERS = 2
+"""Uploads decoded at once (each holds its file and samples in memory)."""
 TEMPERATURES = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
 """Greedy first, then warmer where a segment fails its checks (OpenAI's and faster-whisper's
 default)."""
@@ -81,20 +85,54 @@ def load(path: Path, options: EngineOptions) -> WhisperModel:
     )
 
 
-def decode(data: bytes) -> np.ndarray[Any, Any]:
-    """16 kHz mono float samples of an uploaded file; a 400 naming `file` for one PyAV cannot
-    decode or that holds no sound."""
+def decode(data: bytes, max_seconds: float = MAX_AUDIO_S) -> np.ndarray[Any, Any]:
+    """16 kHz mono float samples of an uploaded file (as faster-whisper's `decode_audio`,
+    stopping past `max_seconds`: a small file of a low-bitrate codec can hold hours); a 400
+    naming `file` for one PyAV cannot decode, too long, or that holds no sound."""
+    import gc
+
     import av
-    from faster_whisper.audio import decode_audio
+    import numpy as np
+
+    resampler = av.AudioResampler(format="s16", layout="mono", rate=SAMPLE_RATE)
+    pieces: list[np.ndarray[Any, Any]] = []
+    total, limit = 0, int(max_seconds * SAMPLE_RATE)
+
+    def add(frames: list[av.AudioFrame]) -> None:
+        nonlocal total
+        for out in frames:
+            samples = out.to_ndarray().reshape(-1)
+            pieces.append(samples)
+            total += len(samples)
+        if total > limit:
+            raise InvalidRequest(
+                f"file: the audio is longer than {max_seconds / 60:g} minutes", param="file"
+            )
 
     try:
-        audio = decode_audio(io.BytesIO(data), sampling_rate=SAMPLE_RATE)
-    except (av.FFmpegError, ValueError, IndexError, StopIteration) as e:
+        with av.open(io.BytesIO(data), mode="r", metadata_errors="ignore") as container:
+            if not container.streams.audio:
+                raise InvalidRequest("file: the file has no audio stream", param="file")
+            frames = container.decode(audio=0)
+            while True:
+                try:
+                    frame = next(frames)
+                except StopIteration:
+                    break
+                except av.InvalidDataError:  # a damaged frame: skipped, as faster-whisper does
+                    continue
+                frame.pts = None  # resampled in order, whatever the timestamps say
+                add(resampler.resample(frame))
+            add(resampler.resample(None))
+    except (av.FFmpegError, ValueError) as e:
         raise InvalidRequest(f"file: the audio could not be decoded ({e})", param="file") from None
-    if not len(audio):
+    finally:
+        del resampler
+        gc.collect()  # PyAV's resampler holds buffers until collected (faster-whisper #390)
+    if not total:
         raise InvalidRequest("file: the file holds no audio", param="file")
-    samples: np.ndarray[Any, Any] = audio
-    return samples
+    audio: np.ndarray[Any, Any] = np.concatenate(pieces).astype(np.float32) / 32768.0
+    return audio
 
 
 def run(
@@ -152,6 +190,7 @@ class _Runner:
         self.queue: asyncio.Queue[_Job] = asyncio.Queue()
         self.jobs: dict[int, _Job] = {}
         self.decoding: set[int] = set()
+        self.decoders = asyncio.Semaphore(DECODERS)
         self.stats: dict[str, int | float] = {"running": 0, "queue_depth": 0, "done_total": 0}
 
     def send(self, message: tuple[Any, ...]) -> None:
@@ -166,7 +205,8 @@ class _Runner:
         try:
             if len(self.jobs) + len(self.decoding) > self.max_queue:
                 raise Overloaded("too many transcriptions are waiting for this model; try again")
-            audio = await asyncio.to_thread(decode, request.audio)
+            async with self.decoders:
+                audio = await asyncio.to_thread(decode, request.audio)
         except Exception as e:  # every failure reaches the server, which waits for this reply
             self.send((ipc.REPLY, rid, ipc.wire_error(e), None))
             return
