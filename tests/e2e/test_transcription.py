@@ -31,6 +31,15 @@ MODEL = "tiny-en"
 ENGLISH = "The quick brown fox jumps over the lazy dog. Speech recognition on a small computer works well."
 GERMAN = "Guten Morgen. Das Wetter ist heute sehr schön, und wir gehen in den Park."
 FRENCH = "La ville de Paris est la capitale de la France. Elle est connue pour la tour Eiffel et ses musées."
+STORY = (
+    "Once upon a time a small boat sailed across the quiet lake. The fisherman rowed slowly "
+    "towards the northern shore, where the trees grew tall and green. He carried bread, cheese "
+    "and a flask of warm tea. At noon the wind turned cold, and dark clouds gathered over the "
+    "hills. He tied the boat to an old wooden post and walked up the path to the village. The "
+    "baker waved at him from her window, and the children ran to meet him at the gate. That "
+    "evening everyone sat by the fire and listened to the rain on the roof."
+)
+"""About 28 s of varied speech: a segment per sentence or so."""
 CAP = 2_000_000
 """The server's upload cap in these tests (XLLM_MAX_AUDIO_UPLOAD)."""
 CONTAINERS = {  # extension: (container format, codec)
@@ -385,3 +394,25 @@ def test_created_from_a_folder_served_from_the_store_and_removed(
     }
     blobs = (server.home / "models" / "blobs").glob("sha256-*")
     assert all(p.stat().st_size < 1 << 20 for p in blobs)  # the model's files went with it
+
+
+def test_a_long_stream_sends_segments_as_they_are_decoded(server: Server, tmp_path: Path) -> None:
+    """Several segments: their deltas come apart in time, the first well before the end."""
+    wav = espeak(tmp_path / "long.wav", STORY)
+    path = convert(wav, tmp_path / "long.mp3", "mp3", "libmp3lame")  # under the 2 MB cap
+    arrivals: list[tuple[float, dict[str, Any]]] = []
+    with path.open("rb") as f, httpx.stream(
+        "POST", f"{server.url}/v1/audio/transcriptions", timeout=300,
+        data={"model": MODEL, "stream": "true"}, files={"file": ("long.mp3", f)},
+    ) as r:  # fmt: skip
+        assert r.status_code == 200 and r.headers["Content-Type"] == "text/event-stream"
+        for line in r.iter_lines():
+            if line.startswith("data: "):
+                arrivals.append((time.monotonic(), json.loads(line.removeprefix("data: "))))
+    events = [e for _, e in arrivals]
+    assert [e["type"] for e in events][-1] == "transcript.text.done"
+    deltas = [(t, e) for t, e in arrivals if e["type"] == "transcript.text.delta"]
+    assert len(deltas) >= 3 and events[-1]["usage"]["seconds"] > 25
+    assert [e["segment_id"] for _, e in deltas] == [str(i) for i in range(len(deltas))]
+    assert arrivals[-1][0] - deltas[0][0] > 1.0  # the first text came long before the last
+    assert overlap(events[-1]["text"], STORY) >= 0.6
