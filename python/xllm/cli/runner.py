@@ -15,11 +15,16 @@ def add_parser(commands: Any) -> None:
     p.add_argument("--name", required=True)
     p.add_argument("--model", type=Path, required=True)
     p.add_argument("--options", required=True)
+    p.add_argument("--engine", default="llama.cpp", choices=("llama.cpp", "whisper"))
     p.set_defaults(func=run)
     commands.add_parser("render", add_help=False).set_defaults(func=render)
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.engine == "whisper":
+        from xllm.engine.whisper_runner import main as whisper
+
+        return whisper(args.fd, args.name, args.model, args.options)
     from xllm.engine.runner import main
 
     return main(args.fd, args.deltas_fd, args.name, args.model, args.options)
