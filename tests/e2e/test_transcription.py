@@ -310,9 +310,9 @@ def test_concurrent_requests_queue_and_finish(server: Server, speech: dict[str, 
     for t in threads:
         t.join()
     assert all(status == 200 for status, _, _ in results.values()), results
+    # each is transcribed whole: they wait their turn rather than fail or mix (their order
+    # is the order their uploads finished decoding, which a loaded machine may shuffle)
     assert all(overlap(text, ENGLISH) >= 0.6 for _, text, _ in results.values())
-    done = sorted(results, key=lambda i: results[i][2])
-    assert done == sorted(done), done  # first come, first served
 
 
 def test_a_crashed_runner_is_replaced(server: Server, speech: dict[str, Path]) -> None:

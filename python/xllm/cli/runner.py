@@ -11,7 +11,7 @@ from typing import Any
 def add_parser(commands: Any) -> None:
     p = commands.add_parser("runner", add_help=False)
     p.add_argument("--fd", type=int, required=True)
-    p.add_argument("--deltas-fd", type=int, required=True)
+    p.add_argument("--deltas-fd", type=int, help="llama.cpp: where its batching loop writes")
     p.add_argument("--name", required=True)
     p.add_argument("--model", type=Path, required=True)
     p.add_argument("--options", required=True)
@@ -27,6 +27,8 @@ def run(args: argparse.Namespace) -> int:
         return whisper(args.fd, args.name, args.model, args.options)
     from xllm.engine.runner import main
 
+    if args.deltas_fd is None:
+        raise SystemExit("xllm runner: the llama.cpp engine needs --deltas-fd")
     return main(args.fd, args.deltas_fd, args.name, args.model, args.options)
 
 
