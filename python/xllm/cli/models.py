@@ -104,6 +104,11 @@ def show_text(info: dict[str, Any], verbose: bool) -> str:
         if f"{arch}.{key}" in meta:
             model.append((label, str(meta[f"{arch}.{key}"])))
     model.append(("quantization", str(d.get("quantization_level", ""))))
+    for label, key in (("languages", "languages"), ("sample rate", "sample_rate"),
+                       ("speakers", "speakers")):  # fmt: skip
+        value = meta.get(f"{arch}.{key}")
+        if value not in (None, []):
+            model.append((label, ", ".join(value) if isinstance(value, list) else str(value)))
     out = "\n" + _section("Model", model)
     out += _section("Capabilities", [(c, "") for c in info.get("capabilities") or []])
     params = [tuple(line.split(None, 1)) for line in (info.get("parameters") or "").splitlines()]
@@ -162,9 +167,11 @@ def cp(args: argparse.Namespace) -> int:
 
 
 def _local_file(value: str, base: Path) -> Path | None:
-    """A FROM or ADAPTER value that names a file (or a Hugging Face folder) next to the
-    Modelfile, or anywhere."""
-    if not value.startswith(("/", "./", "../", "~")) and not value.lower().endswith(".gguf"):
+    """A FROM or ADAPTER value that names a file (or a model folder) next to the Modelfile,
+    or anywhere."""
+    if not value.startswith(("/", "./", "../", "~")) and not value.lower().endswith(
+        (".gguf", ".onnx")
+    ):
         return None
     path = Path(value).expanduser()
     path = path if path.is_absolute() else base / path
@@ -230,7 +237,7 @@ def upload_converted(folder: Path, progress: Progress) -> dict[str, str]:
 
 
 def create(args: argparse.Namespace) -> int:
-    from xllm.models import modelfile
+    from xllm.models import folders, modelfile
 
     def go() -> None:
         path = Path(args.file)
@@ -244,7 +251,10 @@ def create(args: argparse.Namespace) -> int:
         progress = Progress()
         progress.update({"status": "gathering model components"})
         local = _local_file(mf.from_, path.parent)
-        if local is not None and local.is_dir():
+        folder = folders.local_files(local) if local is not None else None
+        if local is not None and folder is not None and folder[0].name != "safetensors":
+            body["files"] = {n: upload(f, progress) for n, f in folder[1].items()}  # speech
+        elif local is not None and local.is_dir():
             body["files"] = upload_converted(local, progress)
         elif local is not None:
             body["files"] = upload_model(local, progress)

@@ -22,6 +22,7 @@ from xllm.engine.scheduler import HIGH_WATERMARK, LoadState, Scheduler, is_out_o
 from xllm.errors import CorruptModel, InvalidRequest, ModelLoadError, ModelNotFound
 from xllm.models import gguf, gotemplate, names, summary
 from xllm.models.modelfile import Modelfile, is_go_template
+from xllm.models.speech import SpeechModelError
 from xllm.models.store import ADAPTER, GGUF, SAFETENSORS_FORMAT, Store, StoredModel
 
 log = logging.getLogger("xllm.models")
@@ -200,14 +201,15 @@ class ModelRegistry:
         path, stored = found.path, found.stored
         modelfile = stored.modelfile if stored is not None else Modelfile()
         async with self._recording(manifest.name, name, path):
-            fmt = SAFETENSORS_FORMAT if path.is_dir() else GGUF
-            if stored is not None:
-                fmt = stored.format
+            fmt = (await asyncio.to_thread(self.facts, found)).format
             files: tuple[Path, ...] = (path,)
             if stored is not None and fmt == GGUF:
                 files = tuple(stored.files)
             elif fmt == GGUF:
                 files = tuple(await asyncio.to_thread(gguf.model_files, path))
+            elif stored is not None and self.store is not None:  # its folder, made on first use
+                path = await asyncio.to_thread(self.store.model_dir, stored)
+                files = (path,)
             options = _with_modelfile(self.options, name, modelfile)
             if ctx_size is not None:  # the request's, over the Modelfile's and the server's
                 options = dataclasses.replace(options, ctx_size=ctx_size)
@@ -236,7 +238,7 @@ class ModelRegistry:
         was downloaded (running out of memory is never the file's fault)."""
         try:
             yield
-        except (gguf.GGUFError, ModelLoadError, OSError) as e:
+        except (gguf.GGUFError, SpeechModelError, ModelLoadError, OSError) as e:
             self.engines.failures[engine] = getattr(e, "message", str(e))
             if isinstance(e, ModelLoadError) and is_out_of_memory(f"{e.message}\n{e.detail}"):
                 raise
@@ -266,8 +268,11 @@ class ModelRegistry:
         fault), or None. Reads every file in full."""
         if self.store is None:
             return None
-        layers = [stored.model_digest, *stored.shard_digests]
-        layers += [x.digest for x in stored.manifest.all(ADAPTER)]
+        if stored.format == GGUF:
+            layers = [stored.model_digest, *stored.shard_digests]
+            layers += [x.digest for x in stored.manifest.all(ADAPTER)]
+        else:
+            layers = [digest for _, digest in stored.named_files]
         digest = self.store.verify(layers)
         if digest is None:
             return None

@@ -2,8 +2,10 @@
 and `/api/copy` (and `xllm create`, `xllm cp` through them) build.
 
 Each of a recipe's parts becomes a layer of the new manifest, the rest is inherited from the
-base model. `files` may be every file of a GGUF split into several; `adapters` are LoRA GGUFs,
-checked against the base model's tensors before they are kept.
+base model. `files` may be every file of a GGUF split into several, or the files of a model of
+a folder format (a Whisper model's model.bin, config.json...; a Piper voice's .onnx and
+.onnx.json); `adapters` are LoRA GGUFs, checked against the base model's tensors before they
+are kept.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from xllm.errors import InvalidRequest, ModelNotFound
-from xllm.models import adapter, convert, gguf, gotemplate, store, summary
+from xllm.models import adapter, convert, folders, gguf, gotemplate, store, summary
 from xllm.models.convert import quantize
 from xllm.models.gguf import GGUFError
 from xllm.models.modelfile import is_go_template
@@ -36,7 +38,7 @@ class Recipe:
     name: ModelName
     from_: str | None = None
     files: Mapping[str, str] | None = None
-    """Uploaded GGUF file(s): name -> digest."""
+    """Uploaded GGUF file(s), or a folder model's files: name -> digest."""
     adapters: Mapping[str, str] | None = None
     template: str | None = None
     system: str | None = None
@@ -47,18 +49,22 @@ class Recipe:
 
 
 async def _base(registry: ModelRegistry, name: str) -> Manifest:
-    """The manifest of model `name`; a bundled or command-line model's file (or files, split)
-    is copied into the store first (its manifest then has the model's layers only), a
-    safetensors model is converted to a GGUF one (as Ollama's create does)."""
+    """The manifest of model `name`; a bundled or command-line model's file (or files, split,
+    or a folder model's) is copied into the store first (its manifest then has the model's
+    layers only), a safetensors model is converted to a GGUF one (as Ollama's create does)."""
     found = registry.find(name)
     s = registry.store
     assert s is not None
-    if found.stored is not None and found.stored.format != store.GGUF:
+    if found.stored is not None and found.stored.format == store.SAFETENSORS_FORMAT:
         folder = await asyncio.to_thread(s.model_dir, found.stored)
         return await _made(s, lambda out: convert.convert(folder, out))
     if found.stored is not None:
         await asyncio.to_thread(registry.facts, found)  # a file damaged on disk is a 500
         return found.stored.manifest
+    local = await asyncio.to_thread(folders.local_files, found.path)
+    if local is not None:
+        fmt, paths = local
+        return await _folder_manifest(s, fmt, {n: await s.add_file(p) for n, p in paths.items()})
     layers = []
     for i, path in enumerate(await asyncio.to_thread(gguf.model_files, found.path)):
         digest = await s.add_file(path)
@@ -92,10 +98,46 @@ async def _quantized(s: Store, base: Manifest, kind: str) -> Manifest:
     return Manifest(base.config, layers)
 
 
+async def _folder_manifest(
+    s: Store, fmt: folders.FolderFormat, files: Mapping[str, str]
+) -> Manifest:
+    """The manifest of a folder model whose files (name -> digest) are in the store, with the
+    config blob naming them; a 400 for files its format refuses (not kept)."""
+    for n in files:
+        if not fmt.is_file(n):
+            s.remove_unused(files.values())
+            raise InvalidRequest(f"files: {n[:100]!r} is not a file of a {fmt.name} model",
+                                 param="files")  # fmt: skip
+    layers = tuple(
+        Layer(fmt.weights if fmt.is_weights(n) else store.MODEL_FILE, d,
+              s.blob_path(d).stat().st_size)
+        for n, d in sorted(files.items())
+    )  # fmt: skip
+    config = json.dumps({"model_format": fmt.name, "files": dict(sorted(files.items()))}).encode()
+    with s.pinned(files.values()):
+        digest = await s.add_bytes(config)
+        manifest = Manifest(Layer(store.CONFIG_TYPE, digest, len(config)), layers)
+        try:
+            await asyncio.to_thread(s.summary_of, manifest)  # names, completeness, contents
+        except InvalidRequest as e:
+            await asyncio.to_thread(s.remove_unused, [*files.values(), digest])
+            raise InvalidRequest(f"files: {e.message}", param="files") from None
+    return manifest
+
+
 async def _write_model(
-    s: Store, name: ModelName, layers: tuple[Layer, ...], parent: str = ""
+    s: Store,
+    name: ModelName,
+    layers: tuple[Layer, ...],
+    parent: str = "",
+    config_layer: Layer | None = None,
 ) -> StoredModel:
-    """Publish a manifest of `layers` (blobs present, one model layer) with a config blob."""
+    """Publish a manifest of `layers` (blobs present) with a config blob: made here for a GGUF
+    model (one model layer), `config_layer` (which names its files) for a folder model."""
+    if config_layer is not None:
+        manifest = Manifest(config_layer, layers)
+        with s.pinned(x.digest for x in manifest.blobs()):
+            return await asyncio.to_thread(s.write_manifest, name, manifest.to_bytes())
     model = next(x for x in layers if x.media_type == store.MODEL)
     shards = [x.digest for x in layers if x.media_type == store.SHARD]
     try:
@@ -122,14 +164,21 @@ async def _write_model(
 
 
 async def _from(registry: ModelRegistry, s: Store, body: Recipe) -> Manifest:
-    """The manifest a new model starts from: an uploaded GGUF (`files`) or a model (`from`)."""
+    """The manifest a new model starts from: an uploaded GGUF or folder model (`files`) or a
+    model (`from`)."""
     if body.files:
+        fmt = folders.detect(list(body.files))
         if not all(f.lower().endswith(".gguf") for f in body.files):
-            raise InvalidRequest(
-                "files: give one GGUF file, or every file of a split GGUF (safetensors import "
-                "is not supported yet)",
-                param="files",
-            )
+            if fmt is None or fmt.name == store.SAFETENSORS_FORMAT:
+                raise InvalidRequest(
+                    "files: give one GGUF file, every file of a split GGUF, a Whisper model's "
+                    "files (model.bin, config.json, tokenizer.json, vocabulary.txt) or a Piper "
+                    "voice's (<voice>.onnx, <voice>.onnx.json); safetensors import is not "
+                    "supported yet",
+                    param="files",
+                )
+            found = {n: _blob(s, d, "files") for n, d in body.files.items()}
+            return await _folder_manifest(s, fmt, found)
         digests = [_blob(s, d, "files") for d in body.files.values()]
         layers = await asyncio.to_thread(_split_layers, s, digests)
         return Manifest(layers[0], layers)
@@ -200,7 +249,10 @@ async def copy(registry: ModelRegistry, source: ModelName, dest: ModelName) -> N
         await asyncio.to_thread(s.copy, found.stored.name, dest)
     else:
         manifest = await _base(registry, source.display)
-        await _write_model(s, dest, manifest.layers)
+        folder = manifest.format in folders.FORMATS
+        await _write_model(
+            s, dest, manifest.layers, config_layer=manifest.config if folder else None
+        )
     await registry.unload(dest.display)  # a loaded model of that name is now stale
 
 
@@ -211,6 +263,11 @@ async def create(registry: ModelRegistry, body: Recipe) -> list[str]:
     s = registry.store
     records = ["gathering model components"]
     base = await _from(registry, s, body)
+    if base.format in folders.FORMATS:
+        extra = "quantize" if body.quantize else "adapters" if body.adapters else None
+        extra = extra or ("template" if body.template is not None else None)
+        if extra is not None:
+            raise InvalidRequest(f"{extra}: a {base.format} model takes no {extra}", param=extra)
     if body.quantize:
         records.append(f"quantizing model to {body.quantize.upper()}")
         base = await _quantized(s, base, body.quantize)
@@ -246,7 +303,8 @@ async def create(registry: ModelRegistry, body: Recipe) -> list[str]:
         records.append(f"creating new layer {digest}")
         layers.append(Layer(media, digest, len(data)))
     records.append("writing manifest")
-    await _write_model(s, name, tuple(layers), body.from_ or "")
+    folder = base.config if base.format in folders.FORMATS else None
+    await _write_model(s, name, tuple(layers), body.from_ or "", folder)
     await registry.unload(name.display)  # a loaded model of that name is now stale
     records.append("success")
     return records

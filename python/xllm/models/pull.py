@@ -29,6 +29,7 @@ from xllm.models.hub import NotOnHub, hub_remote
 from xllm.models.names import DEFAULT_HOST, DEFAULT_NAMESPACE, ModelName
 from xllm.models.remote import Remote, registry_base, registry_remote, repo_url
 from xllm.models.safetensors import SafetensorsError
+from xllm.models.speech import SpeechModelError
 from xllm.models.store import CHUNK, MANIFEST_TYPE, Layer, ManifestError, Store
 
 log = logging.getLogger("xllm.pull")
@@ -79,7 +80,7 @@ async def pull(
                 yield {"status": "verifying sha256 digest"}
                 try:
                     await asyncio.to_thread(store.summary_of, remote.manifest)
-                except (GGUFError, SafetensorsError, ManifestError) as e:
+                except (GGUFError, SafetensorsError, SpeechModelError, ManifestError) as e:
                     raise RegistryError(
                         f"{remote.origin} sent a model file xllm refuses: {e.message}"
                     ) from None
