@@ -30,6 +30,7 @@ disable_created_metrics()  # type: ignore[no-untyped-call]
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+_RTF_BUCKETS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1, 1.5, 2, 5)
 _TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28)
 
 # engine stats key -> (metric name, help, counter?)
@@ -131,6 +132,20 @@ class Metrics:
             buckets=(0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300),
             registry=self.registry,
         )
+        self.speech_seconds = Counter(
+            "xllm_speech_audio_seconds",
+            "Seconds of audio synthesized",
+            ["model"],
+            registry=self.registry,
+        )
+        self.speech_rtf = Histogram(
+            "xllm_speech_real_time_factor",
+            "Synthesis time over the audio's duration, per request (below 1: faster than "
+            "real time)",
+            ["model"],
+            buckets=_RTF_BUCKETS,
+            registry=self.registry,
+        )
         self.registry.register(_EngineCollector(models))
 
     def observe_finish(self, model: str, finish: str, extra: Mapping[str, Any]) -> None:
@@ -141,6 +156,12 @@ class Metrics:
         tokens = int(extra.get("completion_tokens", 0))
         if tokens > 1 and extra.get("gen_ms") is not None:
             self.itl.labels(model).observe(float(extra["gen_ms"]) / 1000 / (tokens - 1))
+
+    def observe_speech(self, model: str, audio_seconds: float, seconds: float) -> None:
+        """A synthesis that ended: `audio_seconds` of audio made in `seconds`."""
+        self.speech_seconds.labels(model).inc(audio_seconds)
+        if audio_seconds > 0:
+            self.speech_rtf.labels(model).observe(seconds / audio_seconds)
 
     def observe_load(self, model: str, seconds: float) -> None:
         self.load_seconds.labels(model).observe(seconds)

@@ -11,7 +11,8 @@ from typing import Any
 def add_parser(commands: Any) -> None:
     p = commands.add_parser("runner", add_help=False)
     p.add_argument("--fd", type=int, required=True)
-    p.add_argument("--deltas-fd", type=int, required=True)
+    p.add_argument("--deltas-fd", type=int)
+    p.add_argument("--engine", default="llama.cpp", choices=("llama.cpp", "piper"))
     p.add_argument("--name", required=True)
     p.add_argument("--model", type=Path, required=True)
     p.add_argument("--options", required=True)
@@ -20,6 +21,10 @@ def add_parser(commands: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.engine == "piper":
+        from xllm.engine.piper_runner import main as piper
+
+        return piper(args.fd, args.name, args.model, args.options)
     from xllm.engine.runner import main
 
     return main(args.fd, args.deltas_fd, args.name, args.model, args.options)

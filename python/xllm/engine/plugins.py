@@ -36,7 +36,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("xllm.engine")
 
 GROUP = "xllm.engines"
-BUILTIN = ("xllm.engine.llama:MANIFEST",)
+BUILTIN = ("xllm.engine.llama:MANIFEST", "xllm.engine.piper:MANIFEST")
 """The engines that come with xllm, declared like any plugin's (first match wins)."""
 
 FORMATS: dict[str, str] = {

@@ -41,7 +41,10 @@ __all__ = [
     "Part",
     "Request",
     "Sampling",
+    "Speaker",
+    "Speech",
     "Tokenizer",
+    "Utterance",
 ]
 
 ABI_VERSION = 1
@@ -254,3 +257,55 @@ class Embedder(Protocol):
 
     async def embed(self, inputs: list[list[int]], normalize: bool = True) -> list[list[float]]:
         """Pooled vectors of tokenized inputs."""
+
+
+@dataclass(frozen=True, slots=True)
+class Speech:
+    """A text-to-speech request, in no API's terms."""
+
+    text: str
+    voice: str | None = None
+    """One of the engine's `voices`; None: its default."""
+    speed: float = 1.0
+    """How much faster than the voice's natural pace (0.5: half as fast)."""
+
+
+@runtime_checkable
+class Utterance(Protocol):
+    """A running synthesis: mono signed 16-bit little-endian samples at `sample_rate`, a piece
+    at a time as they are synthesized."""
+
+    @property
+    def sample_rate(self) -> int: ...
+
+    @property
+    def input_tokens(self) -> int:
+        """What the engine reads the text as (phonemes for Piper), counted for `usage`."""
+
+    @property
+    def output_tokens(self) -> int:
+        """What the engine made (decoder frames for Piper), once the audio has ended."""
+
+    @property
+    def seconds(self) -> float:
+        """Time the engine spent synthesizing, once the audio has ended."""
+
+    def audio(self, is_disconnected: Callable[[], bool] | None = None) -> AsyncIterator[bytes]:
+        """Pieces of audio in order until the text is spoken; raises an XllmError if synthesis
+        fails. Stops early, cancelling the work, once `is_disconnected()` turns true."""
+
+    def cancel(self) -> None:
+        """Stop now; idempotent."""
+
+
+@runtime_checkable
+class Speaker(Protocol):
+    """An engine with the `speech` capability."""
+
+    @property
+    def voices(self) -> Sequence[str]:
+        """The names `Speech.voice` may take, the default first."""
+
+    async def speak(self, request: Speech) -> Utterance:
+        """Queue a synthesis; errors about the request (a voice the model lacks, text with
+        nothing to say) are raised here, before anything streams."""
