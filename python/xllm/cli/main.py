@@ -7,7 +7,19 @@ import sys
 from collections.abc import Sequence
 
 from xllm import __version__
-from xllm.cli import archive, compare, convert, measure, models, plan, run, runner, running, serve
+from xllm.cli import (
+    archive,
+    compare,
+    convert,
+    measure,
+    models,
+    plan,
+    run,
+    runner,
+    running,
+    serve,
+    speak,
+)
 from xllm.config import ConfigError
 
 
@@ -27,6 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_parser(commands)
     plan.add_parser(commands)
     measure.add_parsers(commands)
+    speak.add_parser(commands)
     runner.add_parser(commands)
     return parser
 
