@@ -61,15 +61,15 @@ class SpeechRequest(Wire):
 
 
 async def _speaker(request: web.Request, body: SpeechRequest) -> Speaker:
-    """The model, loaded, if it can speak; a 400 naming `model` before loading one that
-    cannot."""
+    """The model, loaded, if its engine can speak; a 400 naming `model` before loading one
+    that cannot."""
     registry = request.app[REGISTRY]
-    facts = await asyncio.to_thread(registry.facts, registry.find(body.model))
-    if Capability.SPEECH not in facts.capabilities:
+    found = registry.find(body.model)
+    manifest, architecture = await asyncio.to_thread(registry.engine_for, found, body.engine)
+    if Capability.SPEECH not in manifest.capabilities:
         raise InvalidRequest(
-            f"model: {body.model!r} cannot speak (it is a {facts.architecture} model with "
-            f"{', '.join(facts.capabilities) or 'no capabilities'}); use a voice such as "
-            "piper:joe",
+            f"model: {body.model!r} cannot speak (a {architecture} model, served by "
+            f"{manifest.name}); use a voice such as piper:joe",
             param="model",
         )
     engine = await load_model(request, body.model, engine=body.engine)
