@@ -122,7 +122,6 @@ class _Runner:
             job = self.turns.popleft()
             if job.cancelled:
                 continue
-            self.stats["running"] = len(self.turns) + 1
             try:
                 samples = await asyncio.to_thread(self._piece, job)
             except Exception as e:  # a failure of this request only: the runner carries on
@@ -138,7 +137,6 @@ class _Runner:
             else:
                 self.jobs.pop(job.rid, None)
                 self.send((DONE, job.rid, None, self.voice.frames(job.samples), job.seconds))
-            self.stats["running"] = len(self.turns)
 
     def _piece(self, job: _Job) -> bytes:
         started = time.perf_counter()
@@ -151,7 +149,9 @@ class _Runner:
 
     async def beat(self) -> None:
         while True:
-            self.stats["queue_depth"] = max(len(self.turns) - 1, 0)
+            # every admitted request is running: they take turns; waiting ones are being planned
+            self.stats["running"] = len(self.jobs)
+            self.stats["queue_depth"] = self.planning
             self.send((ipc.BEAT, dict(self.stats)))
             await asyncio.sleep(BEAT_S)
 

@@ -53,7 +53,7 @@ def pieces(sentences: Sequence[Sequence[str]]) -> list[list[str]]:
             current.extend(unit if current else _lstrip(unit))
         if current:
             out.append(current)
-    return [p for p in out if any(ph != " " for ph in p)]
+    return [p for p in out if any(ph.isalpha() for ph in p)]  # not pauses alone
 
 
 def _cut(phonemes: Sequence[str], marks: frozenset[str]) -> list[list[str]]:
