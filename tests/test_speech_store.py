@@ -23,7 +23,7 @@ from xllm.engine.options import EngineOptions
 from xllm.engine.plugins import Engines
 from xllm.engine.registry import ModelRegistry
 from xllm.errors import InvalidRequest, ModelNotFound, RegistryError
-from xllm.models import create, folders, names, speech, summary
+from xllm.models import archive, create, folders, names, speech, summary
 from xllm.models import pull as pulling
 from xllm.models.names import parse_name
 from xllm.models.store import MODEL_FILE, Store
@@ -180,6 +180,9 @@ async def test_create_from_uploaded_files_and_from_bundled(
     model = store.get(parse_name("voice"))
     assert model is not None and model.format == "piper"
     assert store.summary_of(model.manifest).model_info["piper.voice"] == VOICE
+    archive.export(store, parse_name("voice"), tmp_path / "voice.tar")  # and back, elsewhere
+    other = await archive.import_(Store(tmp_path / "other"), tmp_path / "voice.tar")
+    assert other.format == "piper" and other.named_files == model.named_files
 
     await create.copy(registry, parse_name("whisper:tiny.en"), parse_name("mine"))
     mine = store.get(parse_name("mine"))

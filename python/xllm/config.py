@@ -190,6 +190,9 @@ class Settings:
     """Seconds a first SIGINT/SIGTERM lets running requests finish before they are cut."""
     log_level: str = "info"
     """Log level: debug, info, warning, error."""
+    max_audio_upload: int = 25 * 10**6
+    """The largest audio file `/v1/audio/transcriptions` takes (OpenAI's 25 MB); the request
+    body limit (50 MB) caps it."""
     header_timeout: float = 10.0
     """Seconds a connection has to send a whole request head, counted from when it opens or its
     previous response ends; idle keep-alive connections are closed after it too."""
@@ -268,6 +271,7 @@ _KEYS: tuple[_Key, ...] = (
     ),
     _Key("log_level", "server.log_level", "XLLM_LOG", _str),
     _Key("header_timeout", "server.header_timeout", "XLLM_HEADER_TIMEOUT", _timeout),
+    _Key("max_audio_upload", "server.max_audio_upload", "XLLM_MAX_AUDIO_UPLOAD", _bytes),
     _Key(
         "models_dir",
         "models.directory",

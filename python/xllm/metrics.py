@@ -132,15 +132,29 @@ class Metrics:
             buckets=(0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300),
             registry=self.registry,
         )
-        self.speech_seconds = Counter(
-            "xllm_speech_audio_seconds",
-            "Seconds of audio synthesized",
+        self.audio_synthesized = Counter(
+            "xllm_audio_synthesized_seconds",
+            "Seconds of audio synthesized (text to speech)",
             ["model"],
             registry=self.registry,
         )
-        self.speech_rtf = Histogram(
-            "xllm_speech_real_time_factor",
+        self.synthesis_rtf = Histogram(
+            "xllm_synthesis_real_time_factor",
             "Synthesis time over the audio's duration, per request (below 1: faster than "
+            "real time)",
+            ["model"],
+            buckets=_RTF_BUCKETS,
+            registry=self.registry,
+        )
+        self.audio_transcribed = Counter(
+            "xllm_audio_transcribed_seconds",
+            "Seconds of audio transcribed or translated",
+            ["model"],
+            registry=self.registry,
+        )
+        self.transcription_rtf = Histogram(
+            "xllm_transcription_real_time_factor",
+            "Processing time over audio duration, per transcription (below 1: faster than "
             "real time)",
             ["model"],
             buckets=_RTF_BUCKETS,
@@ -157,11 +171,15 @@ class Metrics:
         if tokens > 1 and extra.get("gen_ms") is not None:
             self.itl.labels(model).observe(float(extra["gen_ms"]) / 1000 / (tokens - 1))
 
-    def observe_speech(self, model: str, audio_seconds: float, seconds: float) -> None:
-        """A synthesis that ended: `audio_seconds` of audio made in `seconds`."""
-        self.speech_seconds.labels(model).inc(audio_seconds)
-        if audio_seconds > 0:
-            self.speech_rtf.labels(model).observe(seconds / audio_seconds)
+    def observe_transcription(self, model: str, audio_s: float, processing_s: float) -> None:
+        self.audio_transcribed.labels(model).inc(audio_s)
+        if audio_s > 0:
+            self.transcription_rtf.labels(model).observe(processing_s / audio_s)
+
+    def observe_synthesis(self, model: str, audio_s: float, processing_s: float) -> None:
+        self.audio_synthesized.labels(model).inc(audio_s)
+        if audio_s > 0:
+            self.synthesis_rtf.labels(model).observe(processing_s / audio_s)
 
     def observe_load(self, model: str, seconds: float) -> None:
         self.load_seconds.labels(model).observe(seconds)

@@ -234,14 +234,14 @@ def test_metrics_count_audio_seconds_and_real_time_factor(speech_server: Server)
                    timeout=60)  # fmt: skip
     seconds = len(r.content) / 2 / 24_000
     after = scrape(speech_server)
-    made = value(after, "xllm_speech_audio_seconds_total", model=VOICE) - value(
-        before, "xllm_speech_audio_seconds_total", model=VOICE
+    made = value(after, "xllm_audio_synthesized_seconds_total", model=VOICE) - value(
+        before, "xllm_audio_synthesized_seconds_total", model=VOICE
     )
     assert abs(made - seconds) < 0.1
-    count = value(after, "xllm_speech_real_time_factor_count", model=VOICE)
-    assert count - value(before, "xllm_speech_real_time_factor_count", model=VOICE) == 1
-    rtf = value(after, "xllm_speech_real_time_factor_sum", model=VOICE) - value(
-        before, "xllm_speech_real_time_factor_sum", model=VOICE
+    count = value(after, "xllm_synthesis_real_time_factor_count", model=VOICE)
+    assert count - value(before, "xllm_synthesis_real_time_factor_count", model=VOICE) == 1
+    rtf = value(after, "xllm_synthesis_real_time_factor_sum", model=VOICE) - value(
+        before, "xllm_synthesis_real_time_factor_sum", model=VOICE
     )
     assert 0 < rtf < 1  # Piper is faster than real time on any machine that runs the tests
 

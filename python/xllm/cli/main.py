@@ -19,6 +19,7 @@ from xllm.cli import (
     running,
     serve,
     speak,
+    transcribe,
 )
 from xllm.config import ConfigError
 
@@ -40,6 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_parser(commands)
     measure.add_parsers(commands)
     speak.add_parser(commands)
+    transcribe.add_parser(commands)
     runner.add_parser(commands)
     return parser
 

@@ -41,10 +41,15 @@ __all__ = [
     "Part",
     "Request",
     "Sampling",
+    "Segment",
     "Speaker",
     "Speech",
     "Tokenizer",
+    "Transcriber",
+    "Transcript",
+    "Transcription",
     "Utterance",
+    "Word",
 ]
 
 ABI_VERSION = 1
@@ -260,6 +265,78 @@ class Embedder(Protocol):
 
 
 @dataclass(frozen=True, slots=True)
+class Transcription:
+    """A speech-to-text request, in no API's terms."""
+
+    audio: bytes
+    """The uploaded file as it came (any container PyAV decodes); the engine decodes it."""
+    task: Literal["transcribe", "translate"] = "transcribe"
+    """`translate`: the text in English, whatever was spoken."""
+    language: str | None = None
+    """The spoken language's code (`en`); None: detected."""
+    prompt: str | None = None
+    """Text that goes before the audio (spellings, the previous part of a recording)."""
+    temperature: float | None = None
+    """None or 0: greedy, raised step by step where decoding fails; else this temperature."""
+    words: bool = False
+    """Time each word too."""
+
+
+@dataclass(frozen=True, slots=True)
+class Word:
+    start: float
+    end: float
+    word: str
+    probability: float
+
+
+@dataclass(frozen=True, slots=True)
+class Segment:
+    """A stretch of speech as the model decoded it (OpenAI's verbose_json segment)."""
+
+    id: int
+    start: float
+    end: float
+    text: str
+    seek: int = 0
+    """Where in the audio the decoding window began (in 10 ms frames)."""
+    tokens: tuple[int, ...] = ()
+    temperature: float = 0.0
+    avg_logprob: float = 0.0
+    compression_ratio: float = 0.0
+    no_speech_prob: float = 0.0
+    words: tuple[Word, ...] = ()
+
+
+@runtime_checkable
+class Transcript(Protocol):
+    """A running transcription: the audio's facts, then its segments as they are decoded."""
+
+    @property
+    def duration(self) -> float:
+        """Seconds of audio (known once the file is decoded, before `transcribe` returns)."""
+
+    @property
+    def language(self) -> str:
+        """The language spoken (given, or detected: known before the first segment)."""
+
+    @property
+    def language_probability(self) -> float: ...
+
+    @property
+    def seconds(self) -> float:
+        """How long the engine worked on it, once every segment is out (for the real-time
+        factor)."""
+
+    def segments(self, is_disconnected: Callable[[], bool] | None = None) -> AsyncIterator[Segment]:
+        """Segments in order until the audio ends; raises an XllmError if decoding fails.
+        Stops early, cancelling the work, once `is_disconnected()` turns true."""
+
+    def cancel(self) -> None:
+        """Stop now; idempotent."""
+
+
+@dataclass(frozen=True, slots=True)
 class Speech:
     """A text-to-speech request, in no API's terms."""
 
@@ -296,6 +373,19 @@ class Utterance(Protocol):
 
     def cancel(self) -> None:
         """Stop now; idempotent."""
+
+
+@runtime_checkable
+class Transcriber(Protocol):
+    """An engine with the `transcription` capability."""
+
+    @property
+    def languages(self) -> Sequence[str]:
+        """The language codes the model knows (`["en"]` for an English-only model)."""
+
+    async def transcribe(self, request: Transcription) -> Transcript:
+        """Queue a transcription; errors about the request (audio that does not decode, a
+        language the model lacks) are raised here, before anything streams."""
 
 
 @runtime_checkable

@@ -125,6 +125,13 @@ def local_files(path: Path) -> tuple[FolderFormat, dict[str, Path]] | None:
     return None
 
 
+def size(path: Path) -> int:
+    """The bytes of a model given by path: a folder model's files, a voice's two, or the file."""
+    local = local_files(path)
+    files = list(local[1].values()) if local is not None else [path]
+    return sum(p.stat().st_size for p in files)
+
+
 def summarize_path(path: Path) -> Summary:
     """The facts of a folder model given by path (cached while its files are unchanged)."""
     found = local_files(path)

@@ -74,6 +74,8 @@ class ModelInfo:
     license: str | None = None
     fim_tokens: tuple[int, int, int] | None = None
     metadata: dict[str, str] = field(default_factory=dict, repr=False)
+    format: str = "gguf"
+    """The model's file format (xllm.engine.plugins.FORMATS)."""
 
     @classmethod
     def from_engine(cls, name: str, path: Path, src: MetadataSource) -> ModelInfo:

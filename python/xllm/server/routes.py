@@ -34,6 +34,7 @@ from xllm.server.ollama.wire import (
     GenerateRequest,
     ShowRequest,
 )
+from xllm.server.openai.audio import transcriptions, translations
 from xllm.server.openai.chat import chat_completions
 from xllm.server.openai.completions import completions
 from xllm.server.openai.embeddings import embeddings
@@ -71,6 +72,10 @@ ROUTES: tuple[Route, ...] = (
     Route("POST", "/v1/completions", completions, "Text completion (OpenAI)", CompletionRequest),
     Route("POST", "/v1/embeddings", embeddings, "Embeddings (OpenAI)", EmbeddingRequest),
     Route("POST", "/v1/responses", responses, "Responses (OpenAI)", ResponsesRequest),
+    Route("POST", "/v1/audio/transcriptions", transcriptions,
+          "Speech to text (OpenAI; multipart/form-data: file, model, ...)"),
+    Route("POST", "/v1/audio/translations", translations,
+          "Speech to English text (OpenAI; multipart/form-data: file, model, ...)"),
     Route("POST", "/v1/audio/speech", speech, "Text to speech, streamed (OpenAI)", SpeechRequest),
     Route("GET", "/v1/models", list_models, "List models (OpenAI)"),
     Route("GET", "/v1/models/{model:.+}", get_model, "One model (OpenAI)"),

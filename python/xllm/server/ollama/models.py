@@ -22,7 +22,7 @@ from aiohttp import web
 
 from xllm.engine.registry import ModelRegistry
 from xllm.errors import InsufficientStorage, InvalidRequest, ModelNotFound, XllmError
-from xllm.models import gguf, modelfile, pull, store, summary
+from xllm.models import folders, gguf, modelfile, pull, store, summary
 from xllm.models.modelfile import Modelfile
 from xllm.models.names import ModelName, parse_digest, parse_name
 from xllm.models.store import Store
@@ -52,6 +52,9 @@ class Facts(Protocol):
     @property
     def quantization(self) -> str: ...
 
+    @property
+    def format(self) -> str: ...
+
 
 def iso_time(ts: float) -> str:
     """A Unix time as Ollama writes times (RFC 3339, UTC)."""
@@ -61,7 +64,7 @@ def iso_time(ts: float) -> str:
 def details(info: Facts, parent: str = "") -> dict[str, Any]:
     return {
         "parent_model": parent,
-        "format": info.format if isinstance(info, summary.Summary) else "gguf",
+        "format": info.format,
         "family": info.architecture,
         "families": [info.architecture],
         "parameter_size": summary.params_label(info.parameter_count),
@@ -92,7 +95,11 @@ def model_name(text: str, param: str = "model") -> ModelName:
 
 
 def _files(path: Path) -> list[Path]:
-    """A model file and, when it is the first of a split model, the others."""
+    """A model file and, when it is the first of a split model, the others; a folder model's
+    (or a voice's) files."""
+    local = folders.local_files(path)
+    if local is not None:
+        return list(local[1].values())
     try:
         return gguf.model_files(path)
     except gguf.GGUFError:

@@ -110,7 +110,7 @@ async def speech(request: web.Request) -> web.StreamResponse:
                 request.transport.abort()
         return response
     seconds = samples / utterance.sample_rate
-    request.app[METRICS].observe_speech(body.model, seconds, utterance.seconds)
+    request.app[METRICS].observe_synthesis(body.model, seconds, utterance.seconds)
     if sse:
         usage = {"input_tokens": utterance.input_tokens, "output_tokens": utterance.output_tokens,
                  "total_tokens": utterance.input_tokens + utterance.output_tokens}  # fmt: skip
