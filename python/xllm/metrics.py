@@ -132,6 +132,20 @@ class Metrics:
             buckets=(0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300),
             registry=self.registry,
         )
+        self.audio_synthesized = Counter(
+            "xllm_audio_synthesized_seconds",
+            "Seconds of audio synthesized (text to speech)",
+            ["model"],
+            registry=self.registry,
+        )
+        self.synthesis_rtf = Histogram(
+            "xllm_synthesis_real_time_factor",
+            "Synthesis time over the audio's duration, per request (below 1: faster than "
+            "real time)",
+            ["model"],
+            buckets=_RTF_BUCKETS,
+            registry=self.registry,
+        )
         self.audio_transcribed = Counter(
             "xllm_audio_transcribed_seconds",
             "Seconds of audio transcribed or translated",
@@ -161,6 +175,11 @@ class Metrics:
         self.audio_transcribed.labels(model).inc(audio_s)
         if audio_s > 0:
             self.transcription_rtf.labels(model).observe(processing_s / audio_s)
+
+    def observe_synthesis(self, model: str, audio_s: float, processing_s: float) -> None:
+        self.audio_synthesized.labels(model).inc(audio_s)
+        if audio_s > 0:
+            self.synthesis_rtf.labels(model).observe(processing_s / audio_s)
 
     def observe_load(self, model: str, seconds: float) -> None:
         self.load_seconds.labels(model).observe(seconds)

@@ -43,6 +43,18 @@ def stream(method: str, path: str, body: dict[str, Any], timeout: float = 600) -
             raise RuntimeError("the server closed the connection in the middle of it") from None
 
 
+def stream_bytes(
+    method: str, path: str, body: dict[str, Any], timeout: float = 600
+) -> Iterator[bytes]:
+    """A body's bytes as they arrive (JSON request)."""
+    with _open(method, path, json.dumps(body).encode(), "application/json", timeout) as r:
+        try:
+            while chunk := r.read1(1 << 16):
+                yield chunk
+        except (ConnectionError, http.client.HTTPException, TimeoutError):
+            raise RuntimeError("the server closed the connection in the middle of it") from None
+
+
 def status(method: str, path: str) -> int:
     """Just the HTTP status of a request without a body (HEAD)."""
     try:

@@ -18,6 +18,7 @@ from xllm.cli import (
     runner,
     running,
     serve,
+    speak,
     transcribe,
 )
 from xllm.config import ConfigError
@@ -39,6 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_parser(commands)
     plan.add_parser(commands)
     measure.add_parsers(commands)
+    speak.add_parser(commands)
     transcribe.add_parser(commands)
     runner.add_parser(commands)
     return parser

@@ -15,7 +15,7 @@ def add_parser(commands: Any) -> None:
     p.add_argument("--name", required=True)
     p.add_argument("--model", type=Path, required=True)
     p.add_argument("--options", required=True)
-    p.add_argument("--engine", default="llama.cpp", choices=("llama.cpp", "whisper"))
+    p.add_argument("--engine", default="llama.cpp", choices=("llama.cpp", "whisper", "piper"))
     p.set_defaults(func=run)
     commands.add_parser("render", add_help=False).set_defaults(func=render)
 
@@ -25,6 +25,10 @@ def run(args: argparse.Namespace) -> int:
         from xllm.engine.whisper_runner import main as whisper
 
         return whisper(args.fd, args.name, args.model, args.options)
+    if args.engine == "piper":
+        from xllm.engine.piper_runner import main as piper
+
+        return piper(args.fd, args.name, args.model, args.options)
     from xllm.engine.runner import main
 
     if args.deltas_fd is None:

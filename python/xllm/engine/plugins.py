@@ -36,7 +36,11 @@ if TYPE_CHECKING:
 log = logging.getLogger("xllm.engine")
 
 GROUP = "xllm.engines"
-BUILTIN = ("xllm.engine.llama:MANIFEST", "xllm.engine.whisper:MANIFEST")
+BUILTIN = (
+    "xllm.engine.llama:MANIFEST",
+    "xllm.engine.whisper:MANIFEST",
+    "xllm.engine.piper:MANIFEST",
+)
 """The engines that come with xllm, declared like any plugin's (first match wins)."""
 
 FORMATS: dict[str, str] = {

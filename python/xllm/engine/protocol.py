@@ -42,10 +42,13 @@ __all__ = [
     "Request",
     "Sampling",
     "Segment",
+    "Speaker",
+    "Speech",
     "Tokenizer",
     "Transcriber",
     "Transcript",
     "Transcription",
+    "Utterance",
     "Word",
 ]
 
@@ -334,6 +337,45 @@ class Transcript(Protocol):
         """Stop now; idempotent."""
 
 
+@dataclass(frozen=True, slots=True)
+class Speech:
+    """A text-to-speech request, in no API's terms."""
+
+    text: str
+    voice: str | None = None
+    """One of the engine's `voices`; None: its default."""
+    speed: float = 1.0
+    """How much faster than the voice's natural pace (0.5: half as fast)."""
+
+
+@runtime_checkable
+class Utterance(Protocol):
+    """A running synthesis: mono signed 16-bit little-endian samples at `sample_rate`, a piece
+    at a time as they are synthesized."""
+
+    @property
+    def sample_rate(self) -> int: ...
+
+    @property
+    def input_tokens(self) -> int:
+        """What the engine reads the text as (phonemes for Piper), counted for `usage`."""
+
+    @property
+    def output_tokens(self) -> int:
+        """What the engine made (decoder frames for Piper), once the audio has ended."""
+
+    @property
+    def seconds(self) -> float:
+        """Time the engine spent synthesizing, once the audio has ended."""
+
+    def audio(self, is_disconnected: Callable[[], bool] | None = None) -> AsyncIterator[bytes]:
+        """Pieces of audio in order until the text is spoken; raises an XllmError if synthesis
+        fails. Stops early, cancelling the work, once `is_disconnected()` turns true."""
+
+    def cancel(self) -> None:
+        """Stop now; idempotent."""
+
+
 @runtime_checkable
 class Transcriber(Protocol):
     """An engine with the `transcription` capability."""
@@ -345,3 +387,16 @@ class Transcriber(Protocol):
     async def transcribe(self, request: Transcription) -> Transcript:
         """Queue a transcription; errors about the request (audio that does not decode, a
         language the model lacks) are raised here, before anything streams."""
+
+
+@runtime_checkable
+class Speaker(Protocol):
+    """An engine with the `speech` capability."""
+
+    @property
+    def voices(self) -> Sequence[str]:
+        """The names `Speech.voice` may take, the default first."""
+
+    async def speak(self, request: Speech) -> Utterance:
+        """Queue a synthesis; errors about the request (a voice the model lacks, text with
+        nothing to say) are raised here, before anything streams."""

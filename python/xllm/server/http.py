@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import mmap
 from collections.abc import Sequence
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import orjson
 from aiohttp import web
@@ -23,8 +23,16 @@ else as soon as the body passes it."""
 TOO_LARGE = "request body too large: the limit is 50 MB"
 MODEL_NAME = web.RequestKey("model_name", str)
 """The model a request asked for, for logs and metrics."""
-GENERATIONS = web.RequestKey("generations", list[Generation])
-"""The generations a request started: they end with it (see `middleware.disconnects`)."""
+
+
+class Running(Protocol):
+    """Work a request started in an engine (a `Generation`, an `Utterance`...)."""
+
+    def cancel(self) -> None: ...
+
+
+GENERATIONS = web.RequestKey("generations", list[Running])
+"""The work a request started: it ends with it (see `middleware.disconnects`)."""
 
 
 async def load_model(
