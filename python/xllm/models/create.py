@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from xllm.engine.upstream import PREFIX
 from xllm.errors import InvalidRequest, ModelNotFound
 from xllm.models import adapter, convert, gguf, gotemplate, store, summary
 from xllm.models.convert import quantize
@@ -96,6 +97,10 @@ async def _write_model(
     s: Store, name: ModelName, layers: tuple[Layer, ...], parent: str = ""
 ) -> StoredModel:
     """Publish a manifest of `layers` (blobs present, one model layer) with a config blob."""
+    remote = next((x for x in layers if x.media_type == store.REMOTE), None)
+    if remote is not None:
+        return await _write_config(s, name, layers, {"model_format": store.REMOTE_FORMAT,
+                                                    "parent_model": parent})  # fmt: skip
     model = next(x for x in layers if x.media_type == store.MODEL)
     shards = [x.digest for x in layers if x.media_type == store.SHARD]
     try:
@@ -103,17 +108,23 @@ async def _write_model(
     except GGUFError:  # a 400; an uploaded file no model uses is not kept
         await asyncio.to_thread(s.remove_unused, [model.digest, *shards])
         raise
-    config = json.dumps(
-        {
-            "model_format": "gguf",
-            "model_family": facts.architecture,
-            "model_families": [facts.architecture],
-            "model_type": summary.params_label(facts.parameter_count),
-            "file_type": facts.quantization,
-            "parent_model": parent,
-            "rootfs": {"type": "layers", "diff_ids": [x.digest for x in layers]},
-        }
-    ).encode()
+    config = {
+        "model_format": "gguf",
+        "model_family": facts.architecture,
+        "model_families": [facts.architecture],
+        "model_type": summary.params_label(facts.parameter_count),
+        "file_type": facts.quantization,
+        "parent_model": parent,
+    }
+    return await _write_config(s, name, layers, config)
+
+
+async def _write_config(
+    s: Store, name: ModelName, layers: tuple[Layer, ...], fields: dict[str, Any]
+) -> StoredModel:
+    """Publish a manifest of `layers` with a config blob of `fields` (and the layers' ids)."""
+    rootfs = {"type": "layers", "diff_ids": [x.digest for x in layers]}
+    config = json.dumps({**fields, "rootfs": rootfs}).encode()
     with s.pinned(x.digest for x in layers):
         digest = await s.add_bytes(config)
         manifest = Manifest(Layer(store.CONFIG_TYPE, digest, len(config)), layers)
@@ -135,6 +146,12 @@ async def _from(registry: ModelRegistry, s: Store, body: Recipe) -> Manifest:
         return Manifest(layers[0], layers)
     if not body.from_:
         raise InvalidRequest("neither 'from' nor 'files' was given", param="from")
+    if body.from_.startswith(PREFIX):  # a remote endpoint's model: the layer names it
+        target = registry.remotes.parse(body.from_, param="from")
+        assert target is not None
+        data = target.name.encode()
+        layer = Layer(store.REMOTE, await s.add_bytes(data), len(data))
+        return Manifest(layer, (layer,))
     try:
         name = parse_name(body.from_)
     except InvalidRequest as e:
@@ -211,6 +228,9 @@ async def create(registry: ModelRegistry, body: Recipe) -> list[str]:
     s = registry.store
     records = ["gathering model components"]
     base = await _from(registry, s, body)
+    if base.format == store.REMOTE_FORMAT and (body.quantize or body.adapters):
+        param = "quantize" if body.quantize else "adapters"
+        raise InvalidRequest(f"{param}: a remote model has no weights here", param=param)
     if body.quantize:
         records.append(f"quantizing model to {body.quantize.upper()}")
         base = await _quantized(s, base, body.quantize)

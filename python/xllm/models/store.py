@@ -63,7 +63,10 @@ SAFETENSORS = "application/vnd.xllm.safetensors"
 """A safetensors weights file of a Hugging Face model folder."""
 MODEL_FILE = "application/vnd.xllm.model.file"
 """Any other file of such a folder (config.json, the tokenizer's...), named in the config."""
-GGUF, SAFETENSORS_FORMAT = "gguf", "safetensors"
+REMOTE = "application/vnd.xllm.remote"
+"""A remote model (`FROM remote:ENDPOINT/model`): its blob is that name, as text."""
+GGUF, SAFETENSORS_FORMAT, REMOTE_FORMAT = "gguf", "safetensors", "remote"
+MAX_REMOTE_NAME = 1024
 MAX_LAYERS = 64
 MAX_MANIFEST = 1 << 20
 """Manifests are a few hundred bytes; anything past 1 MiB is refused unread."""
@@ -166,11 +169,13 @@ class Manifest:
 
     @property
     def format(self) -> str | None:
-        """`gguf` (a model layer), `safetensors` (weights layers), or None: no model at all."""
+        """`gguf` (a model layer), `safetensors` (weights layers), `remote`, or None."""
         if self.find(MODEL) is not None:
             return GGUF
         if self.find(SAFETENSORS) is not None:
             return SAFETENSORS_FORMAT
+        if self.find(REMOTE) is not None:
+            return REMOTE_FORMAT
         return None
 
 
@@ -195,6 +200,8 @@ class StoredModel:
     """`gguf`, or `safetensors`: then `model_path` is its folder (`Store.model_dir` makes it)."""
     named_files: tuple[tuple[str, str], ...] = ()
     """A safetensors model's files: (name in the folder, blob digest)."""
+    remote: str | None = None
+    """A remote model's `remote:ENDPOINT/model` (then `model_path` is that blob)."""
 
     @property
     def model_digest(self) -> str:
@@ -378,12 +385,17 @@ class Store:
             self._check_blob(layer)
         digest = "sha256:" + hashlib.sha256(raw).hexdigest()
         model_layer = manifest.find(MODEL)
+        remote_layer = manifest.find(REMOTE)
         named: tuple[tuple[str, str], ...] = ()
+        remote = None
         if model_layer is not None:
             model_path = self.blob_path(model_layer.digest)
         elif manifest.format == SAFETENSORS_FORMAT:
             named = tuple(self.named_files(manifest).items())
             model_path = self.view_path(digest)
+        elif remote_layer is not None:
+            model_path = self.blob_path(remote_layer.digest)
+            remote = _read_limited(model_path, MAX_REMOTE_NAME).decode("utf-8", "replace")
         else:
             raise ManifestError("the manifest has no model layer")
         return StoredModel(
@@ -398,6 +410,7 @@ class Store:
             modelfile=self._modelfile(manifest),
             format=manifest.format or GGUF,
             named_files=named,
+            remote=remote,
         )
 
     def _check_blob(self, layer: Layer) -> None:

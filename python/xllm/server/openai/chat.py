@@ -9,12 +9,13 @@ from typing import Any
 from aiohttp import web
 
 from xllm import grammar, reasoning, tools
-from xllm.engine.protocol import Request
+from xllm.engine.protocol import Relay, Request
 from xllm.server import pump
 from xllm.server.http import json_response, load_model, parse_body, peer_gone, start_generation
 from xllm.server.openai.logprobs import chat_logprobs
 from xllm.server.openai.stream import ChunkSink, Entries, FramedSink, sse_chunk
 from xllm.server.openai.wire import ChatCompletionRequest, ChatMessage
+from xllm.server.relay import relay
 
 FINGERPRINT = "xllm"
 
@@ -22,6 +23,8 @@ FINGERPRINT = "xllm"
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     body = await parse_body(request, ChatCompletionRequest)
     model = await load_model(request, body.model, engine=body.engine)
+    if isinstance(model, Relay):  # a remote upstream takes OpenAI's request as it is
+        return await relay(request, model, "/v1/chat/completions")
     functions = body.functions()
     forced = body.forced_function()
     constraint = None
