@@ -98,9 +98,8 @@ class RemoteEngine:
         self.target = target
         self.flavour = target.pool.endpoint.flavour
         self.modelfile = spec.modelfile
-        self.ctx_size = context_length(target)
         self.info = ModelInfo(
-            name=spec.name, path=spec.path, architecture=KIND, context_length=self.ctx_size,
+            name=spec.name, path=spec.path, architecture=KIND, context_length=0,
             embedding_length=0, block_count=0, parameter_count=0, size=0, quantization=KIND,
             chat_template=None,
         )  # fmt: skip
@@ -115,6 +114,11 @@ class RemoteEngine:
     @property
     def capabilities(self) -> frozenset[Capability]:
         return capabilities(self.target)
+
+    @property
+    def ctx_size(self) -> int:
+        """The upstream's, as its last health check listed it (0: not said)."""
+        return context_length(self.target)
 
     @property
     def pid(self) -> int | None:
@@ -392,6 +396,8 @@ class RemoteGeneration:
             self.call.close(failed=True)
             yield [Delta(0, -1, finish="error", error=self.call.timeout())]
         except (aiohttp.ClientError, OSError) as e:
+            if self.call.closed:  # cancelled here: the client is gone
+                return
             self.call.close(failed=True)
             yield [Delta(0, -1, finish="error", error=self.call.broken(e))]
         finally:
@@ -557,6 +563,8 @@ class Relayed:
             self.close(failed=True)
             raise self.call.timeout() from None
         except (aiohttp.ClientError, OSError) as e:
+            if self.call.closed:  # cancelled here: the client is gone
+                return
             self.close(failed=True)
             raise self.call.broken(e) from None
 

@@ -89,6 +89,11 @@ class Call:
         upstream.outstanding += 1
         upstream.requests += 1
 
+    @property
+    def closed(self) -> bool:
+        """Closed here (done, or cancelled: then a read it breaks is no upstream failure)."""
+        return not self._open
+
     def timeout(self) -> UpstreamTimeout:
         return UpstreamTimeout(
             f"remote endpoint {self.pool.name!r} ({self.upstream.url}) sent nothing for "
