@@ -98,6 +98,8 @@ class RemoteEngine:
         self.target = target
         self.flavour = target.pool.endpoint.flavour
         self.modelfile = spec.modelfile
+        self.ctx_size = context_length(target)
+        """The upstream's, as its health checks list it (0: not said); kept up to date."""
         self.info = ModelInfo(
             name=spec.name, path=spec.path, architecture=KIND, context_length=0,
             embedding_length=0, block_count=0, parameter_count=0, size=0, quantization=KIND,
@@ -114,11 +116,6 @@ class RemoteEngine:
     @property
     def capabilities(self) -> frozenset[Capability]:
         return capabilities(self.target)
-
-    @property
-    def ctx_size(self) -> int:
-        """The upstream's, as its last health check listed it (0: not said)."""
-        return context_length(self.target)
 
     @property
     def pid(self) -> int | None:
@@ -151,6 +148,7 @@ class RemoteEngine:
             raise Overloaded(self._aborted)
         self.requests += 1
         self.last_active = time.monotonic()
+        self.ctx_size = context_length(self.target) or self.ctx_size
         return await self.target.pool.open(path, body)
 
     def _done(self, running: RemoteGeneration | Call) -> None:
