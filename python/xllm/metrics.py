@@ -86,6 +86,49 @@ class _EngineCollector(Collector):
         yield from (rss, host, gpu)
 
 
+class _UpstreamCollector(Collector):
+    """Each remote endpoint's base URLs: up, outstanding, and requests, errors and time."""
+
+    def __init__(self, pools: Callable[[], Mapping[str, Any]]) -> None:
+        self._pools = pools
+
+    def collect(self) -> Iterator[Metric]:
+        labels = ["endpoint", "upstream"]
+        up = GaugeMetricFamily(
+            "xllm_upstream_up", "1 if the upstream passed its health check", labels=labels
+        )
+        out = GaugeMetricFamily(
+            "xllm_upstream_outstanding", "Requests on the upstream now", labels=labels
+        )
+        health = GaugeMetricFamily(
+            "xllm_upstream_health_latency_seconds", "Last health check's round trip", labels=labels
+        )
+        requests = CounterMetricFamily(
+            "xllm_upstream_requests", "Requests sent to the upstream", labels=labels
+        )
+        errors = CounterMetricFamily(
+            "xllm_upstream_errors",
+            "Requests the upstream failed (unreachable, 5xx, timeout, broken stream)",
+            labels=labels,
+        )
+        seconds = CounterMetricFamily(
+            "xllm_upstream_request_seconds",
+            "Time requests spent on the upstream, all together (divide by requests for the mean)",
+            labels=labels,
+        )
+        for pool in self._pools().values():
+            for u in pool.upstreams:
+                key = [pool.name, u.url]
+                up.add_metric(key, float(u.state == "up"))
+                out.add_metric(key, float(u.outstanding))
+                if u.latency_ms is not None:
+                    health.add_metric(key, u.latency_ms / 1000)
+                requests.add_metric(key, float(u.requests))
+                errors.add_metric(key, float(u.errors))
+                seconds.add_metric(key, u.seconds)
+        yield from (up, out, health, requests, errors, seconds)
+
+
 def _rss_bytes() -> int:
     try:
         with open(f"/proc/{os.getpid()}/statm") as f:
@@ -97,7 +140,11 @@ def _rss_bytes() -> int:
 class Metrics:
     """One server's metrics; a registry of its own keeps in-process test servers apart."""
 
-    def __init__(self, models: Callable[[], Mapping[str, Any]]) -> None:
+    def __init__(
+        self,
+        models: Callable[[], Mapping[str, Any]],
+        pools: Callable[[], Mapping[str, Any]] = dict,
+    ) -> None:
         self.registry = CollectorRegistry()
         self.requests = Counter(
             "xllm_requests",
@@ -161,6 +208,7 @@ class Metrics:
             registry=self.registry,
         )
         self.registry.register(_EngineCollector(models))
+        self.registry.register(_UpstreamCollector(pools))
 
     def observe_finish(self, model: str, finish: str, extra: Mapping[str, Any]) -> None:
         self.finished.labels(model, finish).inc()

@@ -39,11 +39,14 @@ __all__ = [
     "Image",
     "Observer",
     "Part",
+    "Relay",
+    "Relayed",
     "Request",
     "Sampling",
     "Segment",
     "Speaker",
     "Speech",
+    "TextEmbedder",
     "Tokenizer",
     "Transcriber",
     "Transcript",
@@ -400,3 +403,36 @@ class Speaker(Protocol):
     async def speak(self, request: Speech) -> Utterance:
         """Queue a synthesis; errors about the request (a voice the model lacks, text with
         nothing to say) are raised here, before anything streams."""
+
+
+@runtime_checkable
+class TextEmbedder(Protocol):
+    """An engine that embeds texts itself (it tokenizes where it runs: a remote upstream)."""
+
+    async def embed_texts(
+        self, inputs: Sequence[str | Sequence[int]], *, normalize: bool
+    ) -> tuple[list[list[float]], int]:
+        """Vectors of the inputs (texts or token ids), and the tokens embedded."""
+
+
+class Relayed(Protocol):
+    """An answer a `Relay` engine is sending back, as it arrives."""
+
+    content_type: str
+
+    def chunks(self) -> AsyncIterator[bytes]:
+        """Its bytes, in pieces as they come; a failure is raised as an XllmError."""
+
+    def close(self, failed: bool = False) -> None:
+        """Stop (the upstream sees the request cancelled) and free it; idempotent."""
+
+
+@runtime_checkable
+class Relay(Protocol):
+    """An engine that takes OpenAI's requests as they are (an OpenAI-compatible upstream):
+    the OpenAI dialect relays chat and text completions and embeddings to it, body and answer
+    untranslated, instead of going through `generate`."""
+
+    async def relay(self, path: str, body: Mapping[str, Any]) -> Relayed:
+        """Send the body (an OpenAI request to `path`, `/v1/chat/completions`...); the
+        upstream's refusal is raised here, before anything streams."""

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from xllm.engine.upstream import PREFIX
 from xllm.errors import InvalidRequest, ModelNotFound
 from xllm.models import adapter, convert, folders, gguf, gotemplate, store, summary
 from xllm.models import projector as mmproj
@@ -138,11 +139,16 @@ async def _write_model(
     config_layer: Layer | None = None,
 ) -> StoredModel:
     """Publish a manifest of `layers` (blobs present) with a config blob: made here for a GGUF
-    model (one model layer), `config_layer` (which names its files) for a folder model."""
+    model (one model layer) or a remote one, `config_layer` (which names its files) for a
+    folder model."""
     if config_layer is not None:
         manifest = Manifest(config_layer, layers)
         with s.pinned(x.digest for x in manifest.blobs()):
             return await asyncio.to_thread(s.write_manifest, name, manifest.to_bytes())
+    remote = next((x for x in layers if x.media_type == store.REMOTE), None)
+    if remote is not None:
+        return await _write_config(s, name, layers, {"model_format": store.REMOTE_FORMAT,
+                                                    "parent_model": parent})  # fmt: skip
     model = next(x for x in layers if x.media_type == store.MODEL)
     shards = [x.digest for x in layers if x.media_type == store.SHARD]
     try:
@@ -150,17 +156,23 @@ async def _write_model(
     except GGUFError:  # a 400; an uploaded file no model uses is not kept
         await asyncio.to_thread(s.remove_unused, [model.digest, *shards])
         raise
-    config = json.dumps(
-        {
-            "model_format": "gguf",
-            "model_family": facts.architecture,
-            "model_families": [facts.architecture],
-            "model_type": summary.params_label(facts.parameter_count),
-            "file_type": facts.quantization,
-            "parent_model": parent,
-            "rootfs": {"type": "layers", "diff_ids": [x.digest for x in layers]},
-        }
-    ).encode()
+    config = {
+        "model_format": "gguf",
+        "model_family": facts.architecture,
+        "model_families": [facts.architecture],
+        "model_type": summary.params_label(facts.parameter_count),
+        "file_type": facts.quantization,
+        "parent_model": parent,
+    }
+    return await _write_config(s, name, layers, config)
+
+
+async def _write_config(
+    s: Store, name: ModelName, layers: tuple[Layer, ...], fields: dict[str, Any]
+) -> StoredModel:
+    """Publish a manifest of `layers` with a config blob of `fields` (and the layers' ids)."""
+    rootfs = {"type": "layers", "diff_ids": [x.digest for x in layers]}
+    config = json.dumps({**fields, "rootfs": rootfs}).encode()
     with s.pinned(x.digest for x in layers):
         digest = await s.add_bytes(config)
         manifest = Manifest(Layer(store.CONFIG_TYPE, digest, len(config)), layers)
@@ -198,13 +210,19 @@ async def _from(registry: ModelRegistry, s: Store, body: Recipe) -> tuple[Manife
                 "model in 'from'",
                 param="files",
             )
-    return await _named_base(registry, body), projector
+    return await _named_base(registry, s, body), projector
 
 
-async def _named_base(registry: ModelRegistry, body: Recipe) -> Manifest:
+async def _named_base(registry: ModelRegistry, s: Store, body: Recipe) -> Manifest:
     """The manifest of the model `from` names."""
     if not body.from_:
         raise InvalidRequest("neither 'from' nor 'files' was given", param="from")
+    if body.from_.startswith(PREFIX):  # a remote endpoint's model: the layer names it
+        target = registry.remotes.parse(body.from_, param="from")
+        assert target is not None
+        data = target.name.encode()
+        layer = Layer(store.REMOTE, await s.add_bytes(data), len(data))
+        return Manifest(layer, (layer,))
     try:
         name = parse_name(body.from_)
     except InvalidRequest as e:
@@ -330,6 +348,9 @@ async def create(registry: ModelRegistry, body: Recipe) -> list[str]:
         extra = extra or ("template" if body.template is not None else None)
         if extra is not None:
             raise InvalidRequest(f"{extra}: a {base.format} model takes no {extra}", param=extra)
+    if base.format == store.REMOTE_FORMAT and (body.quantize or body.adapters):
+        param = "quantize" if body.quantize else "adapters"
+        raise InvalidRequest(f"{param}: a remote model has no weights here", param=param)
     if body.quantize:
         records.append(f"quantizing model to {body.quantize.upper()}")
         base = await _quantized(s, base, body.quantize)

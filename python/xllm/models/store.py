@@ -63,7 +63,10 @@ PROJECTOR = _IMAGE + "projector"
 SHARD = "application/vnd.xllm.model.shard"
 """The further files of a GGUF split into several, in order after the model layer (the
 first file, which holds the metadata). Ollama has no media type for them."""
-GGUF, SAFETENSORS_FORMAT = "gguf", "safetensors"
+REMOTE = "application/vnd.xllm.remote"
+"""A remote model (`FROM remote:ENDPOINT/model`): its blob is that name, as text."""
+GGUF, SAFETENSORS_FORMAT, REMOTE_FORMAT = "gguf", "safetensors", "remote"
+MAX_REMOTE_NAME = 1024
 MAX_LAYERS = 64
 MAX_MANIFEST = 1 << 20
 """Manifests are a few hundred bytes; anything past 1 MiB is refused unread."""
@@ -167,9 +170,11 @@ class Manifest:
     @property
     def format(self) -> str | None:
         """`gguf` (a model layer), a folder format (its weights layers: `safetensors`,
-        `ctranslate2`, `piper`), or None: no model at all."""
+        `ctranslate2`, `piper`), `remote`, or None: no model at all."""
         if self.find(MODEL) is not None:
             return GGUF
+        if self.find(REMOTE) is not None:
+            return REMOTE_FORMAT
         fmt = folders.by_media(x.media_type for x in self.layers)
         return fmt.name if fmt is not None else None
 
@@ -198,6 +203,8 @@ class StoredModel:
     it)."""
     named_files: tuple[tuple[str, str], ...] = ()
     """A folder model's files: (name in the folder, blob digest)."""
+    remote: str | None = None
+    """A remote model's `remote:ENDPOINT/model` (then `model_path` is that blob)."""
 
     @property
     def model_digest(self) -> str:
@@ -382,12 +389,17 @@ class Store:
         digest = "sha256:" + hashlib.sha256(raw).hexdigest()
         model_layer = manifest.find(MODEL)
         projector = manifest.find(PROJECTOR)
+        remote_layer = manifest.find(REMOTE)
         named: tuple[tuple[str, str], ...] = ()
+        remote = None
         if model_layer is not None:
             model_path = self.blob_path(model_layer.digest)
         elif manifest.format in folders.FORMATS:
             named = tuple(self.named_files(manifest).items())
             model_path = self.view_path(digest, manifest.format)
+        elif remote_layer is not None:
+            model_path = self.blob_path(remote_layer.digest)
+            remote = _read_limited(model_path, MAX_REMOTE_NAME).decode("utf-8", "replace")
         else:
             raise ManifestError("the manifest has no model layer")
         return StoredModel(
@@ -403,6 +415,7 @@ class Store:
             modelfile=self._modelfile(manifest),
             format=manifest.format or GGUF,
             named_files=named,
+            remote=remote,
         )
 
     def _check_blob(self, layer: Layer) -> None:

@@ -23,6 +23,8 @@ else as soon as the body passes it."""
 TOO_LARGE = "request body too large: the limit is 50 MB"
 MODEL_NAME = web.RequestKey("model_name", str)
 """The model a request asked for, for logs and metrics."""
+RAW_BODY = web.RequestKey("raw_body", bytes)
+"""The body as the client sent it (parsed and validated), for engines that relay it."""
 
 
 class Running(Protocol):
@@ -75,7 +77,9 @@ async def parse_body(request: web.Request, model: type[M]) -> M:
     if not raw:
         raise InvalidRequest("the request body is empty; send a JSON object")
     try:
-        return model.model_validate_json(raw)
+        parsed = model.model_validate_json(raw)
+        request[RAW_BODY] = raw
+        return parsed
     except ValidationError as e:
         err = _most_telling(e)
         if err["type"] == "json_invalid":

@@ -55,6 +55,7 @@ async def chat(request: web.Request) -> web.StreamResponse:
         choice = result.choices[0]
         thinking, answer = splitter.whole(choice.text) if splitter else ("", choice.text)
         text, calls = tools.parse(answer, {f["name"] for f in functions})
+        calls += tools.native(choice.tool_calls)  # an engine's own calls (a remote upstream's)
         message = as_message(text, thinking)
         if calls:
             message["tool_calls"] = [

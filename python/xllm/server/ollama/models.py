@@ -78,6 +78,11 @@ def file_digest(path: Path) -> str:
     return hashlib.sha256(f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()
 
 
+def name_digest(name: str) -> str:
+    """A stable id for a model that has no file here (a remote one)."""
+    return hashlib.sha256(name.encode()).hexdigest()
+
+
 def store_of(request: web.Request) -> Store:
     s = request.app[REGISTRY].store
     if s is None:
@@ -118,6 +123,8 @@ def _tag(registry: ModelRegistry, name: str) -> tuple[float, dict[str, Any]]:
     if found.stored is not None:
         modified, size = found.stored.modified, found.stored.size
         digest = found.stored.digest.removeprefix("sha256:")
+    elif found.remote is not None:
+        modified, size, digest = registry.modified(found), 0, name_digest(found.remote.name)
     else:
         st = found.path.stat()
         modified, digest = st.st_mtime, file_digest(found.path)
@@ -161,7 +168,9 @@ def _show(registry: ModelRegistry, name: str, verbose: bool) -> dict[str, Any]:
     facts = registry.facts(found)
     mf = found.stored.modelfile if found.stored is not None else Modelfile()
     info = dict(facts.model_info)
-    if verbose and facts.format == "gguf":  # the tokenizer's arrays are in the GGUF header
+    if (
+        verbose and facts.format == "gguf" and found.remote is None
+    ):  # the tokenizer's arrays are in the GGUF header
         with registry.reading(found):
             header = gguf.read(found.path, keep_arrays=True)
         info.update({k: v for k, v in header.metadata.items() if k.startswith("tokenizer.")})
@@ -181,7 +190,9 @@ def _show(registry: ModelRegistry, name: str, verbose: bool) -> dict[str, Any]:
         "# To build a new Modelfile based on this, replace FROM with:\n"
         f"# FROM {found.name}\n\n" + modelfile.to_text(shown, from_=str(found.path))
     )
-    modified = found.stored.modified if found.stored else found.path.stat().st_mtime
+    if found.remote is not None:
+        text = text.replace(f"FROM {found.path}", f"FROM {found.remote.name}")
+    modified = registry.modified(found)
     out: dict[str, Any] = {
         "license": "\n".join(licenses),
         "modelfile": text,

@@ -9,7 +9,7 @@ from typing import Any
 from aiohttp import web
 
 from xllm import grammar, reasoning, tools
-from xllm.engine.protocol import Image, Request
+from xllm.engine.protocol import Image, Relay, Request
 from xllm.server import pump
 from xllm.server.http import (
     json_response,
@@ -22,6 +22,7 @@ from xllm.server.http import (
 from xllm.server.openai.logprobs import chat_logprobs
 from xllm.server.openai.stream import ChunkSink, Entries, FramedSink, sse_chunk
 from xllm.server.openai.wire import ChatCompletionRequest, ChatMessage
+from xllm.server.relay import relay
 
 FINGERPRINT = "xllm"
 
@@ -29,6 +30,8 @@ FINGERPRINT = "xllm"
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     body = await parse_body(request, ChatCompletionRequest)
     model = await load_model(request, body.model, engine=body.engine)
+    if isinstance(model, Relay):  # a remote upstream takes OpenAI's request as it is
+        return await relay(request, model, "/v1/chat/completions")
     sources = [m.image_sources(i) for i, m in enumerate(body.messages)]
     decoded = iter(await read_images(request, model, [s for m in sources for s in m]))
     messages = [

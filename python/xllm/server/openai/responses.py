@@ -245,6 +245,7 @@ async def responses(request: web.Request) -> web.StreamResponse:
     result = await pump.collect(gen, lambda: peer_gone(request))
     choice = result.choices[0]
     text, calls = tools.parse(choice.text, names) if names else (choice.text, [])
+    calls += tools.native(choice.tool_calls)  # an engine's own calls (a remote upstream's)
     writer = _Writer(head)
     writer.end(text, calls)  # the events go nowhere: the items they make are the output
     return json_response(writer.final(result.usage, choice.finish_reason))
@@ -401,6 +402,7 @@ class _Events:
         self.writer = writer
         self.parser = tools.CallStream() if forced else None
         self.watch = tools.CallWatch(names) if names and not forced else None
+        self.native: list[tools.ToolCall] = []
         self.finish: str | None = None
 
     def opening(self) -> bytes:
@@ -408,6 +410,8 @@ class _Events:
 
     def delta(self, d: Delta) -> bytes:
         writer = self.writer
+        if d.tool_calls:  # an engine's own calls: whole, at the end of the answer
+            self.native += tools.native(d.tool_calls)
         if self.parser is None:
             return writer.message_text(self.watch.feed(d.text) if self.watch else d.text)
         out = b""
@@ -424,7 +428,8 @@ class _Events:
 
     async def closing(self, usage: Usage) -> bytes:
         text, calls = self.watch.end() if self.watch else ("", [])
-        return self.writer.end(text, calls) + self.writer.completed(usage, self.finish)
+        out = self.writer.end(text, calls + self.native)
+        return out + self.writer.completed(usage, self.finish)
 
     def error(self, e: XllmError) -> bytes:
         err = {"code": e.code or e.type, "message": e.message, "param": e.param}
