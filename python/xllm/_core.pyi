@@ -11,6 +11,7 @@ __all__ = [
     "GzipStream",
     "QueueFull",
     "gzip_compress",
+    "read_deltas",
     "read_gguf",
     "sse_event",
 ]
