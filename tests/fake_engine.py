@@ -9,6 +9,10 @@ last user message, or a completion's text):
 - `slow ...`: the words of the prompt, one every 50 ms (for disconnects);
 - anything else: the prompt's words, echoed one per delta, then `stop`.
 
+A model folder whose architecture is `FakeVLM` has the `vision` capability: each image the
+request carries (decoded `Image`s, in its messages or prompt parts) is echoed first as a word
+`image:<width>x<height>:<digest's first 8 characters>`.
+
 At most `LIMIT` generations run at once; more are refused with a 503, as a full queue is.
 """
 
@@ -22,13 +26,14 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from xllm.engine.plugins import Engines, LoadSpec, Manifest
-from xllm.engine.protocol import ABI_VERSION, Capability, Delta, Request
+from xllm.engine.protocol import ABI_VERSION, Capability, Delta, Image, Request
 from xllm.errors import InvalidRequest, Overloaded
 from xllm.memory.planner import Plan
 from xllm.models.metadata import ModelInfo
 
 LIMIT = 2
 CAPABILITIES = frozenset({Capability.COMPLETION, Capability.CHAT})
+VISION = CAPABILITIES | {Capability.VISION}
 
 
 class FakeGeneration:
@@ -91,7 +96,7 @@ class FakeEngine:
 
     @property
     def capabilities(self) -> frozenset[Capability]:
-        return CAPABILITIES
+        return VISION if self.info.architecture == "FakeVLM" else CAPABILITIES
 
     @property
     def pid(self) -> int | None:
@@ -102,13 +107,17 @@ class FakeEngine:
         return bool(self.running)
 
     async def generate(self, request: Request) -> FakeGeneration:
+        images: list[Image] = []
         if request.messages is not None:
             users = [m for m in request.messages if m.get("role") == "user"]
             text = str(users[-1].get("content") or "") if users else ""
+            images = [x for m in request.messages for x in m.get("images") or ()]
         else:
             text = "".join(p.text for p in request.prompt)
-        words = text.split()
-        mode = words[0] if words else ""
+            images = [p.image for p in request.prompt if p.image is not None]
+        assert all(isinstance(x, Image) for x in images), "images reach engines decoded"
+        words = [f"image:{x.width}x{x.height}:{x.digest[:8]}" for x in images] + text.split()
+        mode = next((w for w in words if not w.startswith("image:")), "")
         if mode == "fail-before":
             raise InvalidRequest("the fake engine refuses this prompt", param=request.param)
         if len(self.running) >= LIMIT:
@@ -146,8 +155,8 @@ MANIFEST = Manifest(
     version="1",
     abi=ABI_VERSION,
     formats=("safetensors",),
-    architectures=frozenset({"FakeLM"}),
-    capabilities=CAPABILITIES,
+    architectures=frozenset({"FakeLM", "FakeVLM"}),
+    capabilities=VISION,
     load=_load,
     estimate=_estimate,
 )
@@ -161,7 +170,10 @@ def model_folder(root: Path, architecture: str = "FakeLM") -> Path:
     """A model folder as a Hugging Face model is stored: config.json and a (tensorless)
     safetensors file."""
     root.mkdir(parents=True, exist_ok=True)
-    (root / "config.json").write_text(json.dumps({"architectures": [architecture]}))
+    config: dict[str, Any] = {"architectures": [architecture]}
+    if architecture == "FakeVLM":
+        config["vision_config"] = {"image_size": 32}
+    (root / "config.json").write_text(json.dumps(config))
     header = b"{}      "
     (root / "model.safetensors").write_bytes(len(header).to_bytes(8, "little") + header)
     return root

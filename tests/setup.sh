@@ -11,6 +11,14 @@ fi
 if ! command -v chromium >/dev/null; then
     apt-get update -qq && apt-get install -y -qq chromium >/dev/null
 fi
+# espeak-ng speaks the test recordings for speech recognition (tests/e2e/test_transcription.py)
+if ! command -v espeak-ng >/dev/null; then
+    apt-get update -qq && apt-get install -y -qq espeak-ng >/dev/null
+fi
+# HAProxy runs the balancer example in front of two nodes (tests/e2e/test_balancer.py)
+if ! command -v haproxy >/dev/null && [ ! -x /usr/sbin/haproxy ]; then
+    apt-get update -qq && apt-get install -y -qq haproxy >/dev/null
+fi
 python3 -m venv .venv
 . .venv/bin/activate
 python -m pip install --quiet --upgrade pip

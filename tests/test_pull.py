@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 
+from tests.projectors import write_projector
 from tests.upstream import MODEL_TYPE, Upstream, manifest, sha
 from xllm.config import Settings
 from xllm.errors import InsufficientStorage, InvalidRequest, ModelNotFound, RegistryError
@@ -34,7 +35,7 @@ def tiny(tiny_path: Path) -> bytes:
 
 
 @pytest.fixture
-def upstream(tiny: bytes) -> Iterator[Upstream]:
+def upstream(tiny: bytes, tmp_path: Path) -> Iterator[Upstream]:
     u = Upstream()
     u.add_model("tiny", tiny)
     u.add_model("other", tiny + b"\0" * 32, namespace="someone", tag="v1")
@@ -43,7 +44,7 @@ def upstream(tiny: bytes) -> Iterator[Upstream]:
         {
             "tiny-Q4_K_M.gguf": tiny + b"\0" * 64,
             "tiny-Q8_0.gguf": tiny + b"\0" * 96,
-            "mmproj-tiny-F16.gguf": b"not a model",
+            "mmproj-tiny-F16.gguf": write_projector(tmp_path / "mmproj.gguf", 16).read_bytes(),
             "README.md": b"# tiny",
         },
     )
@@ -133,7 +134,8 @@ async def test_hf_token_goes_to_the_hub_only(
         assert store.get(parse_name("hf.co/org/Tiny-GGUF")) is not None
         assert ("/api/models/org/Tiny-GGUF", "Bearer hf_secret") in upstream.auth_seen
         cdn_auth = [auth for path, auth in cdn.auth_seen if path.startswith("/cdn/")]
-        assert cdn_auth == [None]  # the redirect to another host carried no credentials
+        # the redirects to another host (the model's, its projector's) carried no credentials
+        assert cdn_auth == [None, None]
     finally:
         cdn.stop()
 

@@ -132,6 +132,116 @@ def _priorities(key: str, value: Any) -> tuple[tuple[str, str], ...]:
     return tuple((str(k).strip(), str(v)) for k, v in value.items())
 
 
+FLAVOURS = ("openai", "vllm", "llama-server", "xllm")
+"""Kinds of OpenAI-compatible upstream: what each adds (vLLM's `/health` and `max_model_len`,
+llama-server's `/health`, xllm's `/v0/health` and capabilities) is used where offered."""
+BALANCES = ("least_outstanding", "round_robin")
+
+
+@dataclass(frozen=True)
+class RemoteEndpoint:
+    """An OpenAI-compatible server (vLLM, a Ray Serve or llm-d gateway, llama-server, another
+    xllm...), or several replicas of one, whose models xllm serves as its own."""
+
+    name: str
+    """What Modelfiles (`FROM remote:NAME/model`), logs and /v0/health call it."""
+    base_urls: tuple[str, ...]
+    """Each replica's root URL (`http://host:8000`; a trailing `/v1` is dropped)."""
+    models: tuple[tuple[str, str], ...] = ()
+    """(local name, upstream name): the models served under a name of this server."""
+    api_key_env: str | None = None
+    """The environment variable holding its API key (sent as `Authorization: Bearer`)."""
+    api_key_file: str | None = None
+    """Or a file holding it (first line)."""
+    timeout: float = 300.0
+    """Seconds the upstream may stay silent (before its first byte, or between two)."""
+    connect_timeout: float = 5.0
+    """Seconds to open a connection to it."""
+    flavour: str = "openai"
+    """openai, vllm, llama-server or xllm (see FLAVOURS)."""
+    balance: str = "least_outstanding"
+    """How requests spread over `base_urls`: least_outstanding or round_robin."""
+    health_interval: float = 5.0
+    """Seconds between health checks of each base URL."""
+    verify_tls: bool = True
+    """Check the upstream's TLS certificate (https)."""
+
+
+_REMOTE_KEYS = frozenset(f.name for f in dataclasses.fields(RemoteEndpoint)) | {"base_url"}
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+
+def _base_url(key: str, value: Any) -> str:
+    url = _url(key, value)
+    if "@" in url.split("/", 3)[2]:
+        raise ConfigError(f"{key}: credentials in the URL are refused; use api_key_env")
+    return url.removesuffix("/v1")
+
+
+def _remote(key: str, value: Any) -> RemoteEndpoint:
+    if not isinstance(value, dict):
+        raise ConfigError(f"{key}: expected a mapping (name, base_url, models...)")
+    unknown = sorted(set(value) - _REMOTE_KEYS)
+    if unknown:
+        raise ConfigError(f"{key}: unknown key {unknown[0]!r}")
+    name = _str(f"{key}.name", value.get("name", ""))
+    if not _NAME.fullmatch(name):
+        raise ConfigError(f"{key}.name: expected letters, digits, '.', '_' or '-', got {name!r}")
+    urls = value.get("base_urls", value.get("base_url"))
+    if urls is None:
+        raise ConfigError(f"{key}.base_url: required")
+    urls = [urls] if isinstance(urls, str) else urls
+    if not isinstance(urls, list) or not urls:
+        raise ConfigError(f"{key}.base_url: expected a URL or a list of URLs")
+    models = value.get("models") or {}
+    if not isinstance(models, dict) or not all(
+        isinstance(k, str) and k and isinstance(v, str) and v for k, v in models.items()
+    ):
+        raise ConfigError(f"{key}.models: expected a mapping of local name to upstream name")
+    flavour = _str(f"{key}.flavour", value.get("flavour", "openai"))
+    if flavour not in FLAVOURS:
+        raise ConfigError(f"{key}.flavour: expected one of {', '.join(FLAVOURS)}, got {flavour!r}")
+    balance = _str(f"{key}.balance", value.get("balance", "least_outstanding"))
+    if balance not in BALANCES:
+        raise ConfigError(f"{key}.balance: expected one of {', '.join(BALANCES)}, got {balance!r}")
+    defaults = RemoteEndpoint(name, ())
+    key_env, key_file = value.get("api_key_env"), value.get("api_key_file")
+    timing = {
+        k: _timeout(f"{key}.{k}", value[k]) if k in value else getattr(defaults, k)
+        for k in ("timeout", "connect_timeout", "health_interval")
+    }
+    return RemoteEndpoint(
+        name=name,
+        base_urls=tuple(_base_url(f"{key}.base_url[{i}]", u) for i, u in enumerate(urls)),
+        models=tuple(models.items()),
+        flavour=flavour,
+        balance=balance,
+        verify_tls=_bool(f"{key}.verify_tls", value.get("verify_tls", True)),
+        api_key_env=_str(f"{key}.api_key_env", key_env) if key_env else None,
+        api_key_file=_str(f"{key}.api_key_file", key_file) if key_file else None,
+        timeout=timing["timeout"],
+        connect_timeout=timing["connect_timeout"],
+        health_interval=timing["health_interval"],
+    )
+
+
+def _remotes(key: str, value: Any) -> tuple[RemoteEndpoint, ...]:
+    """`engines.remote`: a list of endpoints (YAML or JSON text in the environment)."""
+    if isinstance(value, str):
+        try:
+            value = yaml.safe_load(value)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{key}: not valid YAML or JSON: {e}") from None
+    if not isinstance(value, list):
+        raise ConfigError(f"{key}: expected a list of remote endpoints")
+    out = tuple(_remote(f"{key}[{i}]", v) for i, v in enumerate(value))
+    names = [r.name for r in out]
+    dup = next((n for n in names if names.count(n) > 1), None)
+    if dup is not None:
+        raise ConfigError(f"{key}: two endpoints are named {dup!r}")
+    return out
+
+
 @dataclass(frozen=True)
 class Settings:
     """Every setting xllm reads, with its default."""
@@ -190,9 +300,17 @@ class Settings:
     """Seconds a first SIGINT/SIGTERM lets running requests finish before they are cut."""
     log_level: str = "info"
     """Log level: debug, info, warning, error."""
+    max_audio_upload: int = 25 * 10**6
+    """The largest audio file `/v1/audio/transcriptions` takes (OpenAI's 25 MB); the request
+    body limit (50 MB) caps it."""
     header_timeout: float = 10.0
     """Seconds a connection has to send a whole request head, counted from when it opens or its
     previous response ends; idle keep-alive connections are closed after it too."""
+    remote_images: bool = False
+    """Whether the server fetches images requests name by http(s) URL (public addresses only,
+    10 MB and 10 s each); off, only data: URIs and base64 are taken."""
+    remote: tuple[RemoteEndpoint, ...] = ()
+    """OpenAI-compatible servers whose models this one serves (`engines.remote`)."""
 
     @property
     def home(self) -> Path:
@@ -268,6 +386,8 @@ _KEYS: tuple[_Key, ...] = (
     ),
     _Key("log_level", "server.log_level", "XLLM_LOG", _str),
     _Key("header_timeout", "server.header_timeout", "XLLM_HEADER_TIMEOUT", _timeout),
+    _Key("remote_images", "server.remote_images", "XLLM_REMOTE_IMAGES", _bool),
+    _Key("max_audio_upload", "server.max_audio_upload", "XLLM_MAX_AUDIO_UPLOAD", _bytes),
     _Key(
         "models_dir",
         "models.directory",
@@ -307,6 +427,7 @@ _KEYS: tuple[_Key, ...] = (
         "XLLM_MEMORY_HIGH_WATERMARK",
         lambda k, v: _fraction(k, v),
     ),
+    _Key("remote", "engines.remote", "XLLM_REMOTE", lambda k, v: _remotes(k, v)),
 )
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from xllm.engine.protocol import Embedder, Engine, Tokenizer
+from xllm.engine.protocol import Embedder, Engine, TextEmbedder, Tokenizer
 from xllm.errors import InvalidRequest
 
 
@@ -37,6 +37,8 @@ async def embed(
     in its vocabulary. An input longer than the context is cut to it when `truncate`, else
     refused. Errors are 400s naming `param`, the request field the inputs came from.
     """
+    if isinstance(model, TextEmbedder):  # tokenized, checked and truncated where it runs
+        return Embeddings(*await model.embed_texts(inputs, normalize=normalize))
     if not (isinstance(model, Embedder) and isinstance(model, Tokenizer)):
         raise InvalidRequest(f"model {model.name!r} does not support embeddings", param="model")
     tokens = [

@@ -144,6 +144,32 @@ class EngineError(XllmError):
     code = "engine_error"
 
 
+class UpstreamError(XllmError):
+    """A remote engine's upstream answered with an error: its message, under the status that
+    says whose fault it is (the client's 4xx as they were; the upstream's own failures, and
+    credentials it refused, are the server's 502)."""
+
+    status = 502
+    type = "server_error"
+    code = "upstream_error"
+
+    def __init__(self, message: str, *, status: int = 502, param: str | None = None) -> None:
+        super().__init__(message, param=param)
+        self.status = status
+        if 400 <= status < 500:
+            self.type = "invalid_request_error"
+        if status == 404:
+            self.code = "model_not_found"
+
+
+class UpstreamTimeout(XllmError):
+    """A remote engine's upstream did not answer (or went quiet mid-stream) within its timeout."""
+
+    status = 504
+    type = "server_error"
+    code = "upstream_timeout"
+
+
 BY_NAME: dict[str, type[XllmError]] = {
     cls.__name__: cls
     for cls in list(globals().values())

@@ -18,7 +18,7 @@ import json
 import math
 import re
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeGuard
 
 from xllm.errors import InvalidRequest
@@ -48,6 +48,9 @@ class Grammar:
 
     text: str
     param: str
+    source: str | dict[str, Any] | None = field(default=None, compare=False)
+    """What it was made from ("json" or a JSON schema), for engines that constrain output
+    themselves (a remote upstream takes it as response_format)."""
 
 
 def any_json() -> str:
@@ -179,7 +182,7 @@ def for_format(format_: str | dict[str, Any] | None, param: str) -> Grammar | No
     if not format_:
         return None
     if format_ == "json":
-        return Grammar(any_json(), param)
+        return Grammar(any_json(), param, "json")
     if not isinstance(format_, dict):
         raise InvalidRequest(f'{param}: expected "json" or a JSON schema', param=param)
-    return Grammar(from_schema(format_, param), param)
+    return Grammar(from_schema(format_, param), param, format_)

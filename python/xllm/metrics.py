@@ -30,6 +30,7 @@ disable_created_metrics()  # type: ignore[no-untyped-call]
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+_RTF_BUCKETS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1, 1.5, 2, 5)
 _TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28)
 
 # engine stats key -> (metric name, help, counter?)
@@ -86,6 +87,49 @@ class _EngineCollector(Collector):
         yield from (rss, host, gpu)
 
 
+class _UpstreamCollector(Collector):
+    """Each remote endpoint's base URLs: up, outstanding, and requests, errors and time."""
+
+    def __init__(self, pools: Callable[[], Mapping[str, Any]]) -> None:
+        self._pools = pools
+
+    def collect(self) -> Iterator[Metric]:
+        labels = ["endpoint", "upstream"]
+        up = GaugeMetricFamily(
+            "xllm_upstream_up", "1 if the upstream passed its health check", labels=labels
+        )
+        out = GaugeMetricFamily(
+            "xllm_upstream_outstanding", "Requests on the upstream now", labels=labels
+        )
+        health = GaugeMetricFamily(
+            "xllm_upstream_health_latency_seconds", "Last health check's round trip", labels=labels
+        )
+        requests = CounterMetricFamily(
+            "xllm_upstream_requests", "Requests sent to the upstream", labels=labels
+        )
+        errors = CounterMetricFamily(
+            "xllm_upstream_errors",
+            "Requests the upstream failed (unreachable, 5xx, timeout, broken stream)",
+            labels=labels,
+        )
+        seconds = CounterMetricFamily(
+            "xllm_upstream_request_seconds",
+            "Time requests spent on the upstream, all together (divide by requests for the mean)",
+            labels=labels,
+        )
+        for pool in self._pools().values():
+            for u in pool.upstreams:
+                key = [pool.name, u.url]
+                up.add_metric(key, float(u.state == "up"))
+                out.add_metric(key, float(u.outstanding))
+                if u.latency_ms is not None:
+                    health.add_metric(key, u.latency_ms / 1000)
+                requests.add_metric(key, float(u.requests))
+                errors.add_metric(key, float(u.errors))
+                seconds.add_metric(key, u.seconds)
+        yield from (up, out, health, requests, errors, seconds)
+
+
 def _rss_bytes() -> int:
     try:
         with open(f"/proc/{os.getpid()}/statm") as f:
@@ -97,7 +141,11 @@ def _rss_bytes() -> int:
 class Metrics:
     """One server's metrics; a registry of its own keeps in-process test servers apart."""
 
-    def __init__(self, models: Callable[[], Mapping[str, Any]]) -> None:
+    def __init__(
+        self,
+        models: Callable[[], Mapping[str, Any]],
+        pools: Callable[[], Mapping[str, Any]] = dict,
+    ) -> None:
         self.registry = CollectorRegistry()
         self.requests = Counter(
             "xllm_requests",
@@ -132,7 +180,36 @@ class Metrics:
             buckets=(0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300),
             registry=self.registry,
         )
+        self.audio_synthesized = Counter(
+            "xllm_audio_synthesized_seconds",
+            "Seconds of audio synthesized (text to speech)",
+            ["model"],
+            registry=self.registry,
+        )
+        self.synthesis_rtf = Histogram(
+            "xllm_synthesis_real_time_factor",
+            "Synthesis time over the audio's duration, per request (below 1: faster than "
+            "real time)",
+            ["model"],
+            buckets=_RTF_BUCKETS,
+            registry=self.registry,
+        )
+        self.audio_transcribed = Counter(
+            "xllm_audio_transcribed_seconds",
+            "Seconds of audio transcribed or translated",
+            ["model"],
+            registry=self.registry,
+        )
+        self.transcription_rtf = Histogram(
+            "xllm_transcription_real_time_factor",
+            "Processing time over audio duration, per transcription (below 1: faster than "
+            "real time)",
+            ["model"],
+            buckets=_RTF_BUCKETS,
+            registry=self.registry,
+        )
         self.registry.register(_EngineCollector(models))
+        self.registry.register(_UpstreamCollector(pools))
 
     def observe_finish(self, model: str, finish: str, extra: Mapping[str, Any]) -> None:
         self.finished.labels(model, finish).inc()
@@ -142,6 +219,16 @@ class Metrics:
         tokens = int(extra.get("completion_tokens", 0))
         if tokens > 1 and extra.get("gen_ms") is not None:
             self.itl.labels(model).observe(float(extra["gen_ms"]) / 1000 / (tokens - 1))
+
+    def observe_transcription(self, model: str, audio_s: float, processing_s: float) -> None:
+        self.audio_transcribed.labels(model).inc(audio_s)
+        if audio_s > 0:
+            self.transcription_rtf.labels(model).observe(processing_s / audio_s)
+
+    def observe_synthesis(self, model: str, audio_s: float, processing_s: float) -> None:
+        self.audio_synthesized.labels(model).inc(audio_s)
+        if audio_s > 0:
+            self.synthesis_rtf.labels(model).observe(processing_s / audio_s)
 
     def observe_load(self, model: str, seconds: float) -> None:
         self.load_seconds.labels(model).observe(seconds)

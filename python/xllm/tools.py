@@ -157,6 +157,27 @@ def parse(text: str, names: set[str]) -> tuple[str, list[ToolCall]]:
     return text, []
 
 
+def native(pieces: Sequence[Mapping[str, Any]]) -> list[ToolCall]:
+    """Calls an engine made itself (OpenAI's shape: id, function name, arguments as JSON
+    text); arguments that are not a JSON object are kept under `arguments`' raw text."""
+    calls = []
+    for c in pieces:
+        fn = c.get("function") or {}
+        raw = fn.get("arguments") or "{}"
+        try:
+            args = json.loads(raw) if isinstance(raw, str) else raw
+        except json.JSONDecodeError:
+            args = None
+        if not isinstance(args, dict):
+            args = {"arguments": raw}
+        calls.append(
+            ToolCall(
+                str(fn.get("name", "")), args, str(c.get("id") or f"call_{secrets.token_hex(12)}")
+            )
+        )
+    return calls
+
+
 _BARE_CALL = re.compile(r"(?:```(?:json)?\s*)?[\[{]")
 """How output that `parse` may take whole as one bare JSON call begins."""
 _BARE_CALL_PREFIX = re.compile(r"`{1,2}|```(?:j|js|jso)|```(?:json)?\s*")

@@ -7,6 +7,7 @@ import http.client
 import json
 import urllib.error
 import urllib.request
+import uuid
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -42,6 +43,18 @@ def stream(method: str, path: str, body: dict[str, Any], timeout: float = 600) -
             raise RuntimeError("the server closed the connection in the middle of it") from None
 
 
+def stream_bytes(
+    method: str, path: str, body: dict[str, Any], timeout: float = 600
+) -> Iterator[bytes]:
+    """A body's bytes as they arrive (JSON request)."""
+    with _open(method, path, json.dumps(body).encode(), "application/json", timeout) as r:
+        try:
+            while chunk := r.read1(1 << 16):
+                yield chunk
+        except (ConnectionError, http.client.HTTPException, TimeoutError):
+            raise RuntimeError("the server closed the connection in the middle of it") from None
+
+
 def status(method: str, path: str) -> int:
     """Just the HTTP status of a request without a body (HEAD)."""
     try:
@@ -58,6 +71,24 @@ def upload(path: str, chunks: Iterable[bytes], size: int, timeout: float = 3600)
     req.add_header("Content-Length", str(size))
     with _send(req, timeout):
         pass
+
+
+def post_form(
+    path: str, fields: dict[str, str], file_name: str, data: bytes, timeout: float = 3600
+) -> bytes:
+    """POST multipart/form-data (the fields, then `data` as the part `file`); the body."""
+    boundary = f"xllm-{uuid.uuid4().hex}"
+    parts = [
+        f'--{boundary}\r\nContent-Disposition: form-data; name="{k}"\r\n\r\n{v}\r\n'.encode()
+        for k, v in fields.items()
+    ]
+    safe = file_name.replace('"', "_").replace("\r", "_").replace("\n", "_")
+    head = (f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="{safe}"\r\n'
+            "Content-Type: application/octet-stream\r\n\r\n")  # fmt: skip
+    body = b"".join(parts) + head.encode() + data + f"\r\n--{boundary}--\r\n".encode()
+    with _open("POST", path, body, f"multipart/form-data; boundary={boundary}", timeout) as r:
+        result: bytes = r.read()
+        return result
 
 
 class HTTPStatus(RuntimeError):

@@ -7,7 +7,20 @@ import sys
 from collections.abc import Sequence
 
 from xllm import __version__
-from xllm.cli import archive, compare, convert, measure, models, plan, run, runner, running, serve
+from xllm.cli import (
+    archive,
+    compare,
+    convert,
+    measure,
+    models,
+    plan,
+    run,
+    runner,
+    running,
+    serve,
+    speak,
+    transcribe,
+)
 from xllm.config import ConfigError
 
 
@@ -27,6 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_parser(commands)
     plan.add_parser(commands)
     measure.add_parsers(commands)
+    speak.add_parser(commands)
+    transcribe.add_parser(commands)
     runner.add_parser(commands)
     return parser
 

@@ -104,8 +104,14 @@ def show_text(info: dict[str, Any], verbose: bool) -> str:
         if f"{arch}.{key}" in meta:
             model.append((label, str(meta[f"{arch}.{key}"])))
     model.append(("quantization", str(d.get("quantization_level", ""))))
+    for label, key in (("languages", "languages"), ("sample rate", "sample_rate"),
+                       ("speakers", "speakers")):  # fmt: skip
+        value = meta.get(f"{arch}.{key}")
+        if value not in (None, []):
+            model.append((label, ", ".join(value) if isinstance(value, list) else str(value)))
     out = "\n" + _section("Model", model)
     out += _section("Capabilities", [(c, "") for c in info.get("capabilities") or []])
+    out += _section("Projector", _projector_rows(info.get("projector_info") or {}))
     params = [tuple(line.split(None, 1)) for line in (info.get("parameters") or "").splitlines()]
     out += _section("Parameters", [(p[0], p[1] if len(p) > 1 else "") for p in params])
     if info.get("system"):
@@ -118,6 +124,23 @@ def show_text(info: dict[str, Any], verbose: bool) -> str:
         rows = [(k, _value(v)[:200]) for k, v in sorted(meta.items())]
         out += _section("Metadata", rows)
     return out
+
+
+def _projector_rows(meta: dict[str, Any]) -> list[tuple[str, str]]:
+    """A vision projector's facts as `ollama show` prints them."""
+    if not meta:
+        return []
+    from xllm.models.summary import params_label
+
+    rows = [("architecture", str(meta.get("general.architecture", "")))]
+    if isinstance(meta.get("general.parameter_count"), int):
+        rows.append(("parameters", params_label(meta["general.parameter_count"])))
+    for label, key in (("embedding length", "clip.vision.embedding_length"),
+                       ("dimensions", "clip.vision.projection_dim"),
+                       ("projector type", "clip.projector_type")):  # fmt: skip
+        if key in meta:
+            rows.append((label, str(meta[key])))
+    return rows
 
 
 def show(args: argparse.Namespace) -> int:
@@ -162,9 +185,11 @@ def cp(args: argparse.Namespace) -> int:
 
 
 def _local_file(value: str, base: Path) -> Path | None:
-    """A FROM or ADAPTER value that names a file (or a Hugging Face folder) next to the
-    Modelfile, or anywhere."""
-    if not value.startswith(("/", "./", "../", "~")) and not value.lower().endswith(".gguf"):
+    """A FROM or ADAPTER value that names a file (or a model folder) next to the Modelfile,
+    or anywhere."""
+    if not value.startswith(("/", "./", "../", "~")) and not value.lower().endswith(
+        (".gguf", ".onnx")
+    ):
         return None
     path = Path(value).expanduser()
     path = path if path.is_absolute() else base / path
@@ -230,7 +255,7 @@ def upload_converted(folder: Path, progress: Progress) -> dict[str, str]:
 
 
 def create(args: argparse.Namespace) -> int:
-    from xllm.models import modelfile
+    from xllm.models import folders, modelfile
 
     def go() -> None:
         path = Path(args.file)
@@ -244,12 +269,20 @@ def create(args: argparse.Namespace) -> int:
         progress = Progress()
         progress.update({"status": "gathering model components"})
         local = _local_file(mf.from_, path.parent)
-        if local is not None and local.is_dir():
+        folder = folders.local_files(local) if local is not None else None
+        if local is not None and folder is not None and folder[0].name != "safetensors":
+            body["files"] = {n: upload(f, progress) for n, f in folder[1].items()}  # speech
+        elif local is not None and local.is_dir():
             body["files"] = upload_converted(local, progress)
         elif local is not None:
             body["files"] = upload_model(local, progress)
         else:
             body["from"] = mf.from_
+        for extra in mf.also_from:  # a vision projector: the server tells it by its metadata
+            projector = _local_file(extra, path.parent)
+            if projector is None or projector.is_dir():
+                raise ValueError(f"{path}: FROM {extra}: only the first FROM may name a model")
+            body["files"] = {**body.get("files", {}), projector.name: upload(projector, progress)}
         if mf.adapters:
             adapters = {}
             for a in mf.adapters:

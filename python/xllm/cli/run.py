@@ -35,6 +35,10 @@ def add_parser(commands: Any) -> None:
     p = commands.add_parser("run", help="chat with a model (REPL, or one answer for a prompt)")
     p.add_argument("model")
     p.add_argument("prompt", nargs="*", help="answer this and exit")
+    p.add_argument(
+        "--image", action="append", default=[], metavar="PATH",
+        help="an image for the prompt (repeatable; the model must have the vision capability)",
+    )  # fmt: skip
     p.set_defaults(func=run)
 
 
@@ -66,7 +70,8 @@ class Session:
         self.system: str | None = None
         self.images: list[str] = []
 
-    def ask(self, text: str, out: Any = sys.stdout) -> str:
+    def ask(self, text: str, out: Any = None) -> str:
+        out = out if out is not None else sys.stdout  # as it is now, not as it was at import
         messages = ([{"role": "system", "content": self.system}] if self.system else []) + [
             *self.messages,
             {"role": "user", "content": text, **({"images": self.images} if self.images else {})},
@@ -106,7 +111,13 @@ class Session:
         elif cmd == "/show":
             self._show(words[1] if len(words) > 1 else "info")
         elif cmd == "/image" and len(words) >= 2:
-            self._attach(line.split(maxsplit=1)[1])
+            path = line.split(maxsplit=1)[1]
+            try:
+                self.attach(path)
+            except RuntimeError as e:
+                print(f"Error: {e}", file=sys.stderr)
+            else:
+                print(f"Added image '{path}'")
         else:
             print(f"Unknown command '{cmd}'. Type /? for help")
         return True
@@ -128,15 +139,19 @@ class Session:
         else:
             print(f"Unknown /show {what}")
 
-    def _attach(self, path: str) -> None:
+    def attach(self, path: str) -> None:
+        """Send the image file at `path` with the next message; RuntimeError when the model
+        takes no images or the file cannot be read (the server checks what it holds)."""
         import base64
 
         caps = client.call("POST", "/api/show", {"model": self.model}).get("capabilities", [])
         if "vision" not in caps:
-            print(f"Error: model {self.model!r} does not support images", file=sys.stderr)
-            return
-        self.images.append(base64.b64encode(Path(path).expanduser().read_bytes()).decode())
-        print(f"Added image '{path}'")
+            raise RuntimeError(f"model {self.model!r} does not support images")
+        try:
+            data = Path(path).expanduser().read_bytes()
+        except OSError as e:
+            raise RuntimeError(f"{path}: {e.strerror or e}") from None
+        self.images.append(base64.b64encode(data).decode())
 
 
 def _parse_value(name: str, value: str) -> Any:
@@ -257,6 +272,8 @@ def run(args: argparse.Namespace) -> int:
         prompt = f"{prompt}\n{piped}".strip() if prompt else piped.strip()
     try:
         session.model = prepare(args.model, interactive=sys.stdin.isatty())
+        for path in args.image:
+            session.attach(path)
         if prompt:
             session.ask(prompt)
             return 0

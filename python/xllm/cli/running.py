@@ -60,7 +60,7 @@ def ps(args: argparse.Namespace) -> int:
                     m["name"],
                     m["digest"][:12],
                     human_bytes(m["size"]),
-                    _processor(m["size"], m["size_vram"]),
+                    "remote" if _remote(m) else _processor(m["size"], m["size_vram"]),
                     str(m["context_length"]),
                     until,
                 ]
@@ -86,7 +86,7 @@ def list_models(args: argparse.Namespace) -> int:
             row = [
                 m["name"],
                 m["digest"][:12],
-                human_bytes(m["size"]),
+                "remote" if _remote(m) else human_bytes(m["size"]),
                 human_time((modified - now).total_seconds()),
             ]
             if args.check_updates:
@@ -95,6 +95,11 @@ def list_models(args: argparse.Namespace) -> int:
         print(table(rows))
 
     return _run(show)
+
+
+def _remote(m: dict[str, Any]) -> bool:
+    """A model served by a remote endpoint (no size here, no processor)."""
+    return bool((m.get("details") or {}).get("format") == "remote")
 
 
 def _update(name: str) -> str:

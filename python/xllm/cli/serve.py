@@ -6,9 +6,11 @@ import argparse
 import dataclasses
 import logging
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from xllm.errors import XllmError
 from xllm.models.names import DEFAULT_MODEL
 
 log = logging.getLogger("xllm")
@@ -26,6 +28,11 @@ def add_parser(commands: Any) -> None:
     p.add_argument(
         "-m", "--model", "--preload", dest="models", action="append", default=None,
         metavar="MODEL", help="model name or GGUF file to load at start (repeatable)",
+    )  # fmt: skip
+    p.add_argument(
+        "--mmproj", action="append", default=None, metavar="FILE",
+        help="a vision projector GGUF for the --model GGUF file given in the same place "
+        "(the first --mmproj goes with the first file, ...)",
     )  # fmt: skip
     p.add_argument("-c", "--ctx-size", type=int, help="context tokens per sequence (default 4096)")
     p.add_argument("-t", "--threads", type=int, help="CPU threads (default: all cores)")
@@ -59,9 +66,12 @@ def run(args: argparse.Namespace) -> int:
         "tls_key": args.tls_key,
     }
     try:
-        serve_forever(args.models or [], flags)
+        serve_forever(args.models or [], flags, [Path(p) for p in args.mmproj or ()])
     except FileNotFoundError as e:
         print(f"Error: {e}", file=sys.stderr)
+        return 1
+    except XllmError as e:  # a projector that is none, or does not fit its model
+        print(f"Error: {e.message}", file=sys.stderr)
         return 1
     except OSError as e:
         log.error("cannot serve: %s", e)
@@ -69,9 +79,12 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def serve_forever(models: list[str], flags: dict[str, Any]) -> None:
+def serve_forever(
+    models: list[str], flags: dict[str, Any], projectors: Sequence[Path] = ()
+) -> None:
     """Run the server until SIGINT/SIGTERM; `models` are names, GGUF files or model folders
-    (config.json and weights, for the engines that serve them) to preload."""
+    (config.json and weights, for the engines that serve them) to preload; `projectors` go
+    with the files among them, in order."""
     # imported here so that `xllm --version` and the other commands start fast
     from xllm.config import load_settings
     from xllm.log import setup_logging
@@ -86,12 +99,22 @@ def serve_forever(models: list[str], flags: dict[str, Any]) -> None:
             paths.append(Path(m))
         else:
             names.append(m)
+    if len(projectors) > len(paths):
+        raise FileNotFoundError(
+            f"{len(projectors)} --mmproj given for {len(paths)} --model file(s): each projector "
+            "goes with a model file"
+        )
+    for p in projectors:
+        if not p.is_file():
+            raise FileNotFoundError(f"projector file not found: {p}")
     settings = load_settings(flags)
     setup_logging(
         settings.log_level, settings.log_file, settings.log_max_files, settings.log_max_size
     )
     registry = make_registry(settings)
-    preload = list(settings.preload) + names + [registry.add_path(p) for p in paths]
+    given = [*projectors, *[None] * (len(paths) - len(projectors))]
+    added = [registry.add_path(p, projector) for p, projector in zip(paths, given, strict=True)]
+    preload = list(settings.preload) + names + added
     settings = dataclasses.replace(settings, preload=tuple(preload))
     app = create_app(settings, registry)
     import uvloop

@@ -36,6 +36,7 @@ from xllm.grammar import Grammar
 from xllm.memory import planner, probe
 from xllm.memory.planner import Plan
 from xllm.models import gguf
+from xllm.models import projector as mmproj
 from xllm.models.metadata import ModelInfo
 from xllm.models.modelfile import Modelfile
 
@@ -471,17 +472,20 @@ async def _pump_stderr(
 
 def _estimate(spec: LoadSpec) -> Plan:
     """The memory plan from the GGUF header (every header is checked before llama.cpp ever
-    opens a file), LoRA adapters on top."""
+    opens a file), LoRA adapters and a vision projector on top."""
     header = gguf.read_model(spec.files or (spec.path,))
     o = spec.options
     plan = planner.estimate(
         header, ctx_size=o.ctx_size, parallel=o.parallel, batch_size=o.batch_size,
         gpus=probe.gpus(), gpu_layers=o.gpu_layers,
     )  # fmt: skip
-    # llama.cpp keeps each adapter's tensors, and libmtmd the projector's, beside the model
-    extra = sum(p.stat().st_size for p in (*spec.adapters, *filter(None, [spec.projector])))
+    # llama.cpp keeps each adapter's tensors beside the model
+    extra = sum(p.stat().st_size for p in spec.adapters)
     if extra:
         plan = dataclasses.replace(plan, weights=plan.weights + extra)
+    if spec.projector is not None:
+        projector = mmproj.read(spec.projector)
+        plan = planner.with_projector(plan, projector.weights, projector.compute)
     return plan
 
 

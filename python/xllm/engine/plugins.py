@@ -31,12 +31,18 @@ from xllm.models.modelfile import Modelfile
 
 if TYPE_CHECKING:
     from xllm.engine.options import EngineOptions
+    from xllm.engine.upstream import Target
     from xllm.memory.planner import Plan
 
 log = logging.getLogger("xllm.engine")
 
 GROUP = "xllm.engines"
-BUILTIN = ("xllm.engine.llama:MANIFEST",)
+BUILTIN = (
+    "xllm.engine.llama:MANIFEST",
+    "xllm.engine.whisper:MANIFEST",
+    "xllm.engine.piper:MANIFEST",
+    "xllm.engine.remote:MANIFEST",
+)
 """The engines that come with xllm, declared like any plugin's (first match wins)."""
 
 FORMATS: dict[str, str] = {
@@ -75,6 +81,8 @@ class LoadSpec:
     observer: Observer | None = None
     engine: str = ""
     """The engine that loads it (its manifest's name)."""
+    remote: Target | None = None
+    """A `remote` model's endpoint and its name there (`path` is then `remote:ENDPOINT/name`)."""
 
 
 Load = Callable[[LoadSpec], Awaitable[Engine]]

@@ -39,9 +39,20 @@ __all__ = [
     "Image",
     "Observer",
     "Part",
+    "Relay",
+    "Relayed",
     "Request",
     "Sampling",
+    "Segment",
+    "Speaker",
+    "Speech",
+    "TextEmbedder",
     "Tokenizer",
+    "Transcriber",
+    "Transcript",
+    "Transcription",
+    "Utterance",
+    "Word",
 ]
 
 ABI_VERSION = 1
@@ -72,7 +83,8 @@ class Image:
     rgb: bytes
     """width * height RGB triplets, row by row."""
     digest: str
-    """sha256 of `rgb` (hex): equal images are equal chunks for the prefix cache."""
+    """sha256 (hex) of `f"{width}x{height}:"` and `rgb`: equal images are equal chunks for
+    the prefix cache (the size is in it: a red 64x48 and a red 48x64 have the same bytes)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -254,3 +266,173 @@ class Embedder(Protocol):
 
     async def embed(self, inputs: list[list[int]], normalize: bool = True) -> list[list[float]]:
         """Pooled vectors of tokenized inputs."""
+
+
+@dataclass(frozen=True, slots=True)
+class Transcription:
+    """A speech-to-text request, in no API's terms."""
+
+    audio: bytes
+    """The uploaded file as it came (any container PyAV decodes); the engine decodes it."""
+    task: Literal["transcribe", "translate"] = "transcribe"
+    """`translate`: the text in English, whatever was spoken."""
+    language: str | None = None
+    """The spoken language's code (`en`); None: detected."""
+    prompt: str | None = None
+    """Text that goes before the audio (spellings, the previous part of a recording)."""
+    temperature: float | None = None
+    """None or 0: greedy, raised step by step where decoding fails; else this temperature."""
+    words: bool = False
+    """Time each word too."""
+
+
+@dataclass(frozen=True, slots=True)
+class Word:
+    start: float
+    end: float
+    word: str
+    probability: float
+
+
+@dataclass(frozen=True, slots=True)
+class Segment:
+    """A stretch of speech as the model decoded it (OpenAI's verbose_json segment)."""
+
+    id: int
+    start: float
+    end: float
+    text: str
+    seek: int = 0
+    """Where in the audio the decoding window began (in 10 ms frames)."""
+    tokens: tuple[int, ...] = ()
+    temperature: float = 0.0
+    avg_logprob: float = 0.0
+    compression_ratio: float = 0.0
+    no_speech_prob: float = 0.0
+    words: tuple[Word, ...] = ()
+
+
+@runtime_checkable
+class Transcript(Protocol):
+    """A running transcription: the audio's facts, then its segments as they are decoded."""
+
+    @property
+    def duration(self) -> float:
+        """Seconds of audio (known once the file is decoded, before `transcribe` returns)."""
+
+    @property
+    def language(self) -> str:
+        """The language spoken (given, or detected: known before the first segment)."""
+
+    @property
+    def language_probability(self) -> float: ...
+
+    @property
+    def seconds(self) -> float:
+        """How long the engine worked on it, once every segment is out (for the real-time
+        factor)."""
+
+    def segments(self, is_disconnected: Callable[[], bool] | None = None) -> AsyncIterator[Segment]:
+        """Segments in order until the audio ends; raises an XllmError if decoding fails.
+        Stops early, cancelling the work, once `is_disconnected()` turns true."""
+
+    def cancel(self) -> None:
+        """Stop now; idempotent."""
+
+
+@dataclass(frozen=True, slots=True)
+class Speech:
+    """A text-to-speech request, in no API's terms."""
+
+    text: str
+    voice: str | None = None
+    """One of the engine's `voices`; None: its default."""
+    speed: float = 1.0
+    """How much faster than the voice's natural pace (0.5: half as fast)."""
+
+
+@runtime_checkable
+class Utterance(Protocol):
+    """A running synthesis: mono signed 16-bit little-endian samples at `sample_rate`, a piece
+    at a time as they are synthesized."""
+
+    @property
+    def sample_rate(self) -> int: ...
+
+    @property
+    def input_tokens(self) -> int:
+        """What the engine reads the text as (phonemes for Piper), counted for `usage`."""
+
+    @property
+    def output_tokens(self) -> int:
+        """What the engine made (decoder frames for Piper), once the audio has ended."""
+
+    @property
+    def seconds(self) -> float:
+        """Time the engine spent synthesizing, once the audio has ended."""
+
+    def audio(self, is_disconnected: Callable[[], bool] | None = None) -> AsyncIterator[bytes]:
+        """Pieces of audio in order until the text is spoken; raises an XllmError if synthesis
+        fails. Stops early, cancelling the work, once `is_disconnected()` turns true."""
+
+    def cancel(self) -> None:
+        """Stop now; idempotent."""
+
+
+@runtime_checkable
+class Transcriber(Protocol):
+    """An engine with the `transcription` capability."""
+
+    @property
+    def languages(self) -> Sequence[str]:
+        """The language codes the model knows (`["en"]` for an English-only model)."""
+
+    async def transcribe(self, request: Transcription) -> Transcript:
+        """Queue a transcription; errors about the request (audio that does not decode, a
+        language the model lacks) are raised here, before anything streams."""
+
+
+@runtime_checkable
+class Speaker(Protocol):
+    """An engine with the `speech` capability."""
+
+    @property
+    def voices(self) -> Sequence[str]:
+        """The names `Speech.voice` may take, the default first."""
+
+    async def speak(self, request: Speech) -> Utterance:
+        """Queue a synthesis; errors about the request (a voice the model lacks, text with
+        nothing to say) are raised here, before anything streams."""
+
+
+@runtime_checkable
+class TextEmbedder(Protocol):
+    """An engine that embeds texts itself (it tokenizes where it runs: a remote upstream)."""
+
+    async def embed_texts(
+        self, inputs: Sequence[str | Sequence[int]], *, normalize: bool
+    ) -> tuple[list[list[float]], int]:
+        """Vectors of the inputs (texts or token ids), and the tokens embedded."""
+
+
+class Relayed(Protocol):
+    """An answer a `Relay` engine is sending back, as it arrives."""
+
+    content_type: str
+
+    def chunks(self) -> AsyncIterator[bytes]:
+        """Its bytes, in pieces as they come; a failure is raised as an XllmError."""
+
+    def close(self, failed: bool = False) -> None:
+        """Stop (the upstream sees the request cancelled) and free it; idempotent."""
+
+
+@runtime_checkable
+class Relay(Protocol):
+    """An engine that takes OpenAI's requests as they are (an OpenAI-compatible upstream):
+    the OpenAI dialect relays chat and text completions and embeddings to it, body and answer
+    untranslated, instead of going through `generate`."""
+
+    async def relay(self, path: str, body: Mapping[str, Any]) -> Relayed:
+        """Send the body (an OpenAI request to `path`, `/v1/chat/completions`...); the
+        upstream's refusal is raised here, before anything streams."""

@@ -11,18 +11,33 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from xllm.engine.options import EngineOptions
 from xllm.engine.plugins import Engines, LoadSpec, Manifest
-from xllm.engine.protocol import Engine, Observer
+from xllm.engine.protocol import Capability, Engine, Observer
+from xllm.engine.remote import KIND as REMOTE
+from xllm.engine.remote import capabilities as remote_capabilities
+from xllm.engine.remote import context_length as remote_context
 from xllm.engine.scheduler import HIGH_WATERMARK, LoadState, Scheduler, is_out_of_memory
+from xllm.engine.upstream import Remotes, Target
 from xllm.errors import CorruptModel, InvalidRequest, ModelLoadError, ModelNotFound
 from xllm.models import gguf, gotemplate, names, summary
+from xllm.models import projector as mmproj
 from xllm.models.modelfile import Modelfile, is_go_template
-from xllm.models.store import ADAPTER, GGUF, SAFETENSORS_FORMAT, Store, StoredModel
+from xllm.models.speech import SpeechModelError
+from xllm.models.store import (
+    ADAPTER,
+    GGUF,
+    PROJECTOR,
+    REMOTE_FORMAT,
+    SAFETENSORS_FORMAT,
+    Store,
+    StoredModel,
+)
 
 log = logging.getLogger("xllm.models")
 
@@ -33,6 +48,10 @@ class Resolved:
     path: Path
     stored: StoredModel | None = None
     """Set for a model from the store: its manifest and Modelfile."""
+    projector: Path | None = None
+    """A vision model's projector file."""
+    remote: Target | None = None
+    """Set for a remote model: its endpoint and its name there (`path` is `remote:EP/name`)."""
 
 
 class ModelRegistry:
@@ -48,8 +67,15 @@ class ModelRegistry:
         replicas: dict[str, int] | None = None,
         high_watermark: float = HIGH_WATERMARK,
         engines: Engines | None = None,
+        remotes: Remotes | None = None,
     ) -> None:
         self.options = options
+        self.remotes = remotes if remotes is not None else Remotes()
+        """The remote endpoints (`engines.remote`) and the local names of their models."""
+        self._remote_names = {
+            names.parse_name(local).display: t for local, t in self.remotes.named().items()
+        }
+        self._started = time.time()
         """The server's engine options, under each model's Modelfile and each request's."""
         self.engines = engines if engines is not None else Engines.discover()
         """The engines that serve models, by format and architecture (engine/plugins.py)."""
@@ -57,6 +83,7 @@ class ModelRegistry:
         self.store = store
         """Pulled and created models; resolved after command-line paths, before bundled ones."""
         self._paths: dict[str, Path] = {}
+        self._projectors: dict[str, Path] = {}
         self.scheduler: Scheduler[Engine] = Scheduler(
             self.prepare,
             self.start,
@@ -66,10 +93,15 @@ class ModelRegistry:
             high_watermark=high_watermark,
         )
 
-    def add_path(self, path: Path) -> str:
-        """Make a model file or folder (given on the command line) servable; returns its
-        name."""
+    def add_path(self, path: Path, projector: Path | None = None) -> str:
+        """Make a model file or folder (given on the command line) servable, with its vision
+        `projector` if it has one (checked to fit it: a 400 otherwise); returns its name."""
         name = names.name_for_path(path)
+        if projector is not None:
+            model = summary.of_file(path)
+            where = f"{projector.name} for {path.name}"
+            mmproj.check_fits(mmproj.read(projector), model.embedding_length, where, "mmproj")
+            self._projectors[name] = projector.resolve()
         self._paths[name] = path.resolve()
         return name
 
@@ -87,28 +119,89 @@ class ModelRegistry:
             return key
         return alias
 
-    def find(self, name: str) -> Resolved:
-        """Where a requested name's model is: a command-line path, the store, or a bundled
-        model, in that order; ModelNotFound otherwise."""
+    def find(self, name: str, engine: str | None = None) -> Resolved:
+        """Where a requested name's model is: a command-line path, the store, a bundled model,
+        then a remote endpoint's model, in that order (`engine: remote` takes the remote one
+        where a name has both); ModelNotFound otherwise. `remote:ENDPOINT/model` names a model
+        of a configured endpoint directly."""
+        target = self.remotes.parse(name)
+        if target is not None:
+            return Resolved(target.name, Path(target.name), remote=target)
         key = self.key(name)
+        remote = self._remote_names.get(key)
+        local: Resolved | None = None
+        if engine != REMOTE or remote is None:
+            local = self._find_local(key)
+        if local is not None:
+            return local
+        if remote is not None:
+            # a name with a local model too is loaded under the remote one's own name
+            own = self._find_local(key) is None
+            return Resolved(key if own else remote.name, Path(remote.name), remote=remote)
+        raise ModelNotFound(f"model {name!r} not found", param="model")
+
+    def _find_local(self, key: str) -> Resolved | None:
         path = self._paths.get(key)
         if path is not None:
-            return Resolved(key, path)
+            return Resolved(key, path, projector=self._projectors.get(key))
         stored = self.store.find(names.parse_name(key)) if self.store is not None else None
         if stored is not None:
-            return Resolved(key, stored.model_path, stored)
+            return Resolved(
+                key, stored.model_path, stored, stored.projector_path, self._stored_target(stored)
+            )
         path = names.bundled_path(key)
-        if path is None:
-            raise ModelNotFound(f"model {name!r} not found", param="model")
-        return Resolved(key, path)
+        return Resolved(key, path) if path is not None else None
+
+    def _stored_target(self, stored: StoredModel) -> Target | None:
+        """A stored remote model's (`FROM remote:ENDPOINT/model`) target; a 400 when this
+        server has no such endpoint."""
+        if stored.format != REMOTE_FORMAT:
+            return None
+        target = self.remotes.parse(stored.remote or "", param="model")
+        if target is None:
+            raise InvalidRequest(f"model {stored.name.display!r} names no remote endpoint")
+        return target
+
+    def remote_summary(self, target: Target) -> summary.Summary:
+        """What show, list and /v1/models tell of a remote model (what its upstream lists)."""
+        entry = target.pool.models.get(target.model) or {}
+        return summary.Summary(
+            architecture=REMOTE, parameter_count=0, quantization=REMOTE,
+            context_length=remote_context(target), embedding_length=0, block_count=0,
+            capabilities=[c.value for c in Capability if c in remote_capabilities(target)],
+            chat_template=None, license=None, format=REMOTE_FORMAT,
+            model_info={
+                "general.architecture": REMOTE, "remote.endpoint": target.pool.name,
+                "remote.model": target.model, "remote.flavour": target.pool.endpoint.flavour,
+                "remote.listed": bool(entry),
+            },
+        )  # fmt: skip
+
+    def modified(self, found: Resolved) -> float:
+        """When a model last changed: its manifest's or file's time; for a remote model of the
+        configuration, when this server started."""
+        if found.stored is not None:
+            return found.stored.modified
+        if found.remote is not None:
+            return self._started
+        return found.path.stat().st_mtime
 
     def facts(self, found: Resolved) -> summary.Summary:
         """What `show`, `list` and `/v1/models` tell of a model not loaded: a stored one's
         cached facts (whatever its format), a file's from its GGUF header."""
+        if found.remote is not None:
+            return self.remote_summary(found.remote)
         if found.stored is not None and self.store is not None:
             with self.reading(found):
-                return self.store.summary_of(found.stored.manifest)
-        return summary.of_file(found.path)
+                facts = self.store.summary_of(found.stored.manifest)
+        else:
+            facts = summary.of_file(found.path)
+        if found.projector is None:
+            return facts
+        with self.reading(found):
+            projector = mmproj.read(found.projector)
+        caps = facts.capabilities + ["vision"] * ("vision" not in facts.capabilities)
+        return dataclasses.replace(facts, capabilities=caps, projector_info=projector.info)
 
     @contextlib.contextmanager
     def reading(self, found: Resolved) -> Iterator[None]:
@@ -133,7 +226,8 @@ class ModelRegistry:
         bundled = [n for n in names.BUNDLED if names.bundled_path(n) is not None]
         stored = [m.name.display for m in self.store.list()] if self.store is not None else []
         loaded = {m.name for m in self.scheduler.loaded.values()}
-        return sorted(set(self._paths) | loaded | set(bundled) | set(stored))
+        every = set(self._paths) | loaded | set(bundled) | set(stored) | set(self._remote_names)
+        return sorted(every)
 
     def engine_for(self, found: Resolved, engine: str | None = None) -> tuple[Manifest, str]:
         """(the engine for a model, its architecture); a 400 before anything loads when no
@@ -159,9 +253,11 @@ class ModelRegistry:
         """The loaded model for `name`, loading it first if needed (see `Scheduler.get`). An
         unknown name is a 404 and an `engine` that cannot serve the model a 400, before
         anything loads."""
-        found = self.find(name)
+        found = self.find(name, engine)
         if engine is not None:
             await asyncio.to_thread(self.engine_for, found, engine)
+        if found.remote is not None:
+            ctx_size = None  # the upstream's context is its own
         return await self.scheduler.get(found.name, keep_alive, ctx_size, engine)
 
     async def preload(self, name: str) -> None:
@@ -170,7 +266,8 @@ class ModelRegistry:
 
     async def unload(self, name: str) -> bool:
         """Stop a loaded model (every replica); False if it was not loaded."""
-        return await self.scheduler.unload(self.key(name))
+        target = self.remotes.parse(name)
+        return await self.scheduler.unload(target.name if target else self.key(name))
 
     @property
     def loaded(self) -> dict[str, Engine]:
@@ -188,6 +285,7 @@ class ModelRegistry:
 
     async def close(self) -> None:
         await self.scheduler.close()
+        await self.remotes.close()
 
     async def prepare(
         self, name: str, key: str, *, ctx_size: int | None, engine: str | None
@@ -195,19 +293,26 @@ class ModelRegistry:
         """What loading instance `key` of model `name` takes (the scheduler's `prepare`): the
         engine its format and architecture pick (or `engine`), its files, the server's options
         under its Modelfile's and then `ctx_size`, and the engine's memory plan."""
-        found = self.find(name)
+        found = self.find(name, engine)
         manifest, architecture = await asyncio.to_thread(self.engine_for, found, engine)
         path, stored = found.path, found.stored
         modelfile = stored.modelfile if stored is not None else Modelfile()
+        if found.remote is not None:
+            return LoadSpec(
+                name=name, key=key, path=path, format=REMOTE_FORMAT, architecture=REMOTE,
+                options=self.options, modelfile=modelfile, observer=self.observer,
+                engine=manifest.name, remote=found.remote,
+            )  # fmt: skip
         async with self._recording(manifest.name, name, path):
-            fmt = SAFETENSORS_FORMAT if path.is_dir() else GGUF
-            if stored is not None:
-                fmt = stored.format
+            fmt = (await asyncio.to_thread(self.facts, found)).format
             files: tuple[Path, ...] = (path,)
             if stored is not None and fmt == GGUF:
                 files = tuple(stored.files)
             elif fmt == GGUF:
                 files = tuple(await asyncio.to_thread(gguf.model_files, path))
+            elif stored is not None and self.store is not None:  # its folder, made on first use
+                path = await asyncio.to_thread(self.store.model_dir, stored)
+                files = (path,)
             options = _with_modelfile(self.options, name, modelfile)
             if ctx_size is not None:  # the request's, over the Modelfile's and the server's
                 options = dataclasses.replace(options, ctx_size=ctx_size)
@@ -215,7 +320,7 @@ class ModelRegistry:
                 name=name, key=key, path=path, format=fmt, architecture=architecture,
                 options=options, modelfile=modelfile, files=files,
                 adapters=tuple(stored.adapter_paths) if stored is not None else (),
-                observer=self.observer, engine=manifest.name,
+                projector=found.projector, observer=self.observer, engine=manifest.name,
             )  # fmt: skip
             if manifest.estimate is not None:
                 plan = await asyncio.to_thread(manifest.estimate, spec)
@@ -236,7 +341,7 @@ class ModelRegistry:
         was downloaded (running out of memory is never the file's fault)."""
         try:
             yield
-        except (gguf.GGUFError, ModelLoadError, OSError) as e:
+        except (gguf.GGUFError, SpeechModelError, ModelLoadError, OSError) as e:
             self.engines.failures[engine] = getattr(e, "message", str(e))
             if isinstance(e, ModelLoadError) and is_out_of_memory(f"{e.message}\n{e.detail}"):
                 raise
@@ -266,8 +371,13 @@ class ModelRegistry:
         fault), or None. Reads every file in full."""
         if self.store is None:
             return None
-        layers = [stored.model_digest, *stored.shard_digests]
-        layers += [x.digest for x in stored.manifest.all(ADAPTER)]
+        if stored.format == GGUF:
+            layers = [stored.model_digest, *stored.shard_digests]
+            layers += [
+                x.digest for x in (*stored.manifest.all(ADAPTER), *stored.manifest.all(PROJECTOR))
+            ]
+        else:
+            layers = [digest for _, digest in stored.named_files]
         digest = self.store.verify(layers)
         if digest is None:
             return None

@@ -16,6 +16,7 @@ allocates (checked against its load log in tests/test_planner.py):
 
 from __future__ import annotations
 
+import dataclasses
 import platform
 import re
 from collections.abc import Callable, Sequence
@@ -171,6 +172,19 @@ def estimate(
         + (w.tied_output if output_on_gpu else w.output_repack)
     )
     return Plan(total_weights, sum(kv), compute, output, n_layer, offload, vram)
+
+
+def with_projector(plan: Plan, weights: int, compute: int) -> Plan:
+    """`plan` with a vision projector beside the model: its tensors and libmtmd's compute
+    buffer for an image (`models/projector.py`), on the GPU when the model has layers there
+    (libmtmd then runs the projector on it)."""
+    extra = weights + compute
+    return dataclasses.replace(
+        plan,
+        weights=plan.weights + weights,
+        compute=plan.compute + compute,
+        vram=plan.vram + (extra if plan.vram else 0),
+    )
 
 
 def _offload(

@@ -3,16 +3,20 @@ the files of a safetensors model.
 
 `hf.co/<org>/<repo>[:<quant>]` (and `<org>/<repo>` before the registry is asked) names a repo;
 the tag picks the file (`Q4_K_M` when none is given), or the files of a GGUF split into several
-(`<name>-00001-of-0000N.gguf`...: the first is the model layer, the rest shard layers). Their
-SHA-256 comes from the Hub's LFS metadata, so the bytes are verified like a registry blob; a
-small config blob made here records the repo, revision and file. `HF_ENDPOINT` (settings) and
+(`<name>-00001-of-0000N.gguf`...: the first is the model layer, the rest shard layers), and
+the repo's vision projector (`mmproj-*.gguf`) beside it as a projector layer. Their SHA-256
+comes from the Hub's LFS metadata, so the bytes are verified like a registry blob; a small
+config blob made here records the repo, revision and file. `HF_ENDPOINT` (settings) and
 `HF_TOKEN` (read by huggingface_hub) are honoured; the token is sent to the Hub's host only.
 
-A repo without GGUF but with `*.safetensors` and config.json is a Hugging Face model folder:
-every file of it a model needs (xllm.models.safetensors.FILES, the top-level weights) becomes a
-layer. LFS files are verified by their SHA-256 like the GGUF; the small files the Hub keeps in
-git have only a git blob id (SHA-1), so they are fetched here, checked against it, and handed
-to the pull as inline blobs under their SHA-256: nothing becomes a model before all verified.
+A repo without GGUF is a model of a folder format (xllm.models.folders): a Hugging Face model
+folder (`*.safetensors` and config.json), a Whisper model in CTranslate2 form (model.bin,
+config.json, tokenizer.json, vocabulary: `Systran/faster-whisper-base`), or Piper voices
+(`<voice>.onnx` + `.onnx.json`, anywhere in the repo: the tag names one). Every file of it the
+format knows becomes a layer. LFS files are verified by their SHA-256 like the GGUF; the small
+files the Hub keeps in git have only a git blob id (SHA-1), so they are fetched here, checked
+against it, and handed to the pull as inline blobs under their SHA-256: nothing becomes a model
+before all verified.
 """
 
 from __future__ import annotations
@@ -27,19 +31,11 @@ import aiohttp
 
 from xllm.config import Settings
 from xllm.errors import Forbidden, InvalidRequest, ModelNotFound, RegistryError
-from xllm.models import download, safetensors
+from xllm.models import download, folders
+from xllm.models.folders import MODEL_FILE, FolderFormat
 from xllm.models.names import DEFAULT_TAG, ModelName
 from xllm.models.remote import Remote, Source
-from xllm.models.store import (
-    CONFIG_TYPE,
-    MODEL,
-    MODEL_FILE,
-    SAFETENSORS,
-    SHARD,
-    Layer,
-    Manifest,
-    ManifestError,
-)
+from xllm.models.store import CONFIG_TYPE, MODEL, PROJECTOR, SHARD, Layer, Manifest, ManifestError
 
 if TYPE_CHECKING:
     from huggingface_hub.hf_api import ModelInfo, RepoSibling
@@ -89,6 +85,21 @@ def choose_files(files: list[str], tag: str, repo: str) -> list[str]:
     if missing:
         raise RegistryError(f"{repo}: the split GGUF {chosen} lacks {', '.join(missing)}")
     return shards
+
+
+_PROJECTOR_PREFERENCE = ("F16", "BF16", "Q8_0", "F32")
+
+
+def choose_projector(files: list[str]) -> str | None:
+    """The repo's vision projector (`mmproj-*.gguf`, as the Hub's GGUF repos name them) to
+    pull beside a model: the only one, or F16 before BF16, Q8_0, F32 and the others."""
+    found = sorted(
+        f for f in files if f.endswith(".gguf") and "mmproj" in f.rsplit("/", 1)[-1].lower()
+    )
+    if not found:
+        return None
+    rank = {q: i for i, q in enumerate(_PROJECTOR_PREFERENCE)}
+    return min(found, key=lambda f: (rank.get(_quant_of(f), len(rank)), f.count("/"), f))
 
 
 def _model_info(settings: Settings, name: ModelName) -> ModelInfo:
@@ -144,16 +155,18 @@ def _headers() -> dict[str, str]:
 
 
 def _remote(settings: Settings, name: ModelName, info: ModelInfo) -> Remote | None:
-    """The GGUF remote, or None for a safetensors repo (fetched by `_safetensors_remote`)."""
+    """The GGUF remote, or None for a repo of a folder format (fetched by `_folder_remote`)."""
     siblings = {s.rfilename: s for s in info.siblings or []}
-    if _is_safetensors_repo(list(siblings)):
+    if _folder_format(list(siblings)) is not None:
         return None
     filenames = choose_files(list(siblings), name.tag, name.repo)
     revision = info.sha or "main"
     endpoint = settings.hf_endpoint
     layers, sources = [], {}
-    for i, filename in enumerate(filenames):
-        layer = _lfs_layer(siblings[filename], MODEL if i == 0 else SHARD)
+    projector = choose_projector(list(siblings))
+    media = [MODEL, *[SHARD] * (len(filenames) - 1), *[PROJECTOR] * (projector is not None)]
+    for filename, kind in zip([*filenames, *filter(None, [projector])], media, strict=True):
+        layer = _lfs_layer(siblings[filename], kind)
         layers.append(layer)
         sources[layer.digest] = Source(_url(settings, name, revision, filename), _headers())
     source: dict[str, Any] = {
@@ -164,6 +177,8 @@ def _remote(settings: Settings, name: ModelName, info: ModelInfo) -> Remote | No
     }
     if len(filenames) > 1:
         source["files"] = filenames
+    if projector is not None:
+        source["projector"] = projector
     config = {
         "model_format": "gguf",
         "file_type": _quant_of(filenames[0]),
@@ -193,13 +208,17 @@ def _with_config(
     )
 
 
-def _is_safetensors_repo(files: list[str]) -> bool:
-    """No GGUF, but weights in safetensors and a config.json: a Hugging Face model folder."""
-    return (
-        not any(f.endswith(".gguf") for f in files)
-        and "config.json" in files
-        and any(safetensors.is_weights(f) for f in files)
-    )
+def _folder_format(files: list[str]) -> FolderFormat | None:
+    """No GGUF, but a model of a folder format: its top-level files (or, for Piper, a voice
+    anywhere in the tree) with the format's weights and what a whole model needs."""
+    if any(f.endswith(".gguf") for f in files):
+        return None
+    top = [f for f in files if "/" not in f]
+    voices = {f.rsplit("/", 1)[-1] for f in files if f.endswith(".onnx") and f"{f}.json" in files}
+    fmt = folders.FORMATS["piper"] if voices else folders.detect(top)
+    if fmt is None or (fmt.name != "piper" and not fmt.complete(top)):
+        return None
+    return fmt
 
 
 def git_blob_id(data: bytes) -> str:
@@ -207,24 +226,21 @@ def git_blob_id(data: bytes) -> str:
     return hashlib.sha1(b"blob %d\0" % len(data) + data, usedforsecurity=False).hexdigest()
 
 
-async def _safetensors_remote(settings: Settings, name: ModelName, info: ModelInfo) -> Remote:
-    """Every file of the model folder as a layer (names outside FILES are not taken)."""
-    if name.tag != DEFAULT_TAG:
-        raise ModelNotFound(
-            f"{name.repo} has no GGUF files on the Hub (it is a safetensors model, which has no "
-            f"quant tags: pull hf.co/{name.repo})",
-            param="model",
-        )
+async def _folder_remote(
+    settings: Settings, name: ModelName, info: ModelInfo, fmt: FolderFormat
+) -> Remote:
+    """Every file of the model (those its format knows; for Piper, the voice the tag names)
+    as a layer."""
     endpoint = settings.hf_endpoint
     revision = info.sha or "main"
-    siblings = [s for s in info.siblings or [] if safetensors.is_model_file(s.rfilename)]
-    wanted = sorted(siblings, key=lambda s: s.rfilename)
+    siblings = {s.rfilename: s for s in info.siblings or []}
+    chosen = folders.select(fmt, list(siblings), name.tag, name.repo)
     layers, sources, inline, files = [], {}, {}, {}
     async with download.session() as http:
-        for sibling in wanted:
-            filename = sibling.rfilename
-            media = SAFETENSORS if safetensors.is_weights(filename) else MODEL_FILE
-            url = _url(settings, name, revision, filename)
+        for filename, path in sorted(chosen.items()):
+            sibling = siblings[path]
+            media = fmt.weights if fmt.is_weights(filename) else MODEL_FILE
+            url = _url(settings, name, revision, path)
             if sibling.lfs is not None:
                 layer = _lfs_layer(sibling, media)
                 sources[layer.digest] = Source(url, _headers())
@@ -234,11 +250,10 @@ async def _safetensors_remote(settings: Settings, name: ModelName, info: ModelIn
                 inline[layer.digest] = data
             layers.append(layer)
             files[filename] = layer.digest
-    config = {
-        "model_format": "safetensors",
-        "files": files,
-        "source": {"hub": endpoint, "repo": name.repo, "revision": revision},
-    }
+    source = {"hub": endpoint, "repo": name.repo, "revision": revision}
+    if fmt.name == "piper":
+        source["file"] = next(p for n, p in chosen.items() if n.endswith(".onnx"))
+    config = {"model_format": fmt.name, "files": files, "source": source}
     return _with_config(f"{endpoint}/{name.repo}", config, layers, sources, inline)
 
 
@@ -262,11 +277,15 @@ async def _git_file(http: aiohttp.ClientSession, sibling: RepoSibling, url: str)
 
 
 async def hub_remote(settings: Settings, name: ModelName) -> Remote:
-    """The Hub's GGUF or safetensors model for `name` (huggingface_hub is synchronous: its
-    calls run in a thread)."""
+    """The Hub's GGUF or folder model for `name` (huggingface_hub is synchronous: its calls
+    run in a thread)."""
     info = await asyncio.to_thread(_model_info, settings, name)
     remote = await asyncio.to_thread(_remote, settings, name, info)
-    return remote if remote is not None else await _safetensors_remote(settings, name, info)
+    if remote is not None:
+        return remote
+    fmt = _folder_format([s.rfilename for s in info.siblings or []])
+    assert fmt is not None  # `_remote` returns None only then
+    return await _folder_remote(settings, name, info, fmt)
 
 
 MAX_CONFIG = 1 << 20

@@ -76,6 +76,8 @@ class ModelInfo:
     image_marker: str | None = None
     """A loaded vision model's text for an image in a prompt (None: the model takes none)."""
     metadata: dict[str, str] = field(default_factory=dict, repr=False)
+    format: str = "gguf"
+    """The model's file format (xllm.engine.plugins.FORMATS)."""
 
     @classmethod
     def from_engine(cls, name: str, path: Path, src: MetadataSource) -> ModelInfo:

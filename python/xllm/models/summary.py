@@ -17,7 +17,7 @@ from typing import Any
 from xllm.models import gguf
 from xllm.models.metadata import FILE_TYPES, file_capabilities
 
-VERSION = 2
+VERSION = 3
 """Bumped when the fields change, so old cache files are recomputed."""
 
 
@@ -37,7 +37,11 @@ class Summary:
     model_info: dict[str, Any] = field(default_factory=dict)
     """The header's metadata without the tokenizer's big arrays (Ollama's `model_info`)."""
     format: str = "gguf"
-    """`gguf`, or `safetensors` for a Hugging Face model folder (xllm.models.safetensors)."""
+    """`gguf`, or a folder format (`safetensors`, `ctranslate2`, `piper`: xllm.models.folders)."""
+    projector_info: dict[str, Any] = field(default_factory=dict)
+    """A vision model's projector's metadata (Ollama's `projector_info`); empty without one.
+    Never cached with the model file's facts: the registry adds it (a projector is a layer
+    of its own, shared or replaced apart from the model)."""
 
     def to_json(self) -> dict[str, Any]:
         return {"version": VERSION, **asdict(self)}
@@ -83,13 +87,12 @@ def summarize(files: Sequence[Path]) -> Summary:
 
 
 def of_file(path: Path) -> Summary:
-    """The summary of a model outside the store (a GGUF file, or a Hugging Face model
-    folder), cached while it is unchanged."""
-    if path.is_dir():
-        from xllm.models import safetensors
+    """The summary of a model outside the store (a GGUF file, a folder of another format or a
+    Piper voice's .onnx: xllm.models.folders), cached while it is unchanged."""
+    if path.is_dir() or path.name.endswith(".onnx"):
+        from xllm.models import folders  # it builds on this module
 
-        files = {p.name: p for p in path.iterdir() if safetensors.is_model_file(p.name)}
-        return safetensors.summarize(files)
+        return folders.summarize_path(path)
     st = path.stat()
     return _cached(path.resolve(), st.st_size, st.st_mtime_ns)
 

@@ -17,6 +17,7 @@ from xllm.config import ConfigError, Settings
 from xllm.engine.options import EngineOptions
 from xllm.engine.plugins import Engines
 from xllm.engine.registry import ModelRegistry
+from xllm.engine.upstream import Remotes
 from xllm.errors import XllmError
 from xllm.metrics import Metrics
 from xllm.models.store import Store
@@ -53,6 +54,7 @@ def make_registry(settings: Settings, engines: Engines | None = None) -> ModelRe
         replicas=dict(settings.replicas),
         high_watermark=settings.memory_high_watermark,
         engines=engines,
+        remotes=Remotes.of(settings.remote),
     )
 
 
@@ -72,7 +74,7 @@ def create_app(settings: Settings, registry: ModelRegistry | None = None) -> web
     app.on_response_prepare.append(guard.add_cors_headers)
     app[SETTINGS] = settings
     registry = registry or make_registry(settings)
-    metrics = Metrics(lambda: registry.loaded)
+    metrics = Metrics(lambda: registry.loaded, lambda: registry.remotes.pools)
     registry.observer = metrics
     app[REGISTRY] = registry
     app[METRICS] = metrics
@@ -86,6 +88,7 @@ async def _models(app: web.Application) -> AsyncIterator[None]:
     registry = app[REGISTRY]
     if registry.store is not None:  # downloads a previous run left unfinished never show up
         await asyncio.to_thread(registry.store.prune)
+    registry.remotes.start()  # health checks of the remote endpoints' upstreams
     yield
     await registry.close()
 

@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import mmap
-from typing import Any, TypeVar
+from collections.abc import Sequence
+from typing import Any, Protocol, TypeVar
 
 import orjson
 from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
-from xllm.engine.protocol import Engine, Generation, Request
+from xllm import images, remote_images
+from xllm.engine.protocol import Capability, Engine, Generation, Image, Request
 from xllm.errors import InvalidRequest, PayloadTooLarge
 from xllm.server.openai.wire import error_param
-from xllm.server.state import REGISTRY
+from xllm.server.state import REGISTRY, SETTINGS
 
 M = TypeVar("M", bound=BaseModel)
 MAX_BODY = 50 * 1024 * 1024
@@ -21,8 +23,18 @@ else as soon as the body passes it."""
 TOO_LARGE = "request body too large: the limit is 50 MB"
 MODEL_NAME = web.RequestKey("model_name", str)
 """The model a request asked for, for logs and metrics."""
-GENERATIONS = web.RequestKey("generations", list[Generation])
-"""The generations a request started: they end with it (see `middleware.disconnects`)."""
+RAW_BODY = web.RequestKey("raw_body", bytes)
+"""The body as the client sent it (parsed and validated), for engines that relay it."""
+
+
+class Running(Protocol):
+    """Work a request started in an engine (a `Generation`, an `Utterance`...)."""
+
+    def cancel(self) -> None: ...
+
+
+GENERATIONS = web.RequestKey("generations", list[Running])
+"""The work a request started: it ends with it (see `middleware.disconnects`)."""
 
 
 async def load_model(
@@ -45,13 +57,29 @@ async def start_generation(request: web.Request, engine: Engine, req: Request) -
     return gen
 
 
+async def read_images(
+    request: web.Request, engine: Engine, sources: Sequence[images.Source]
+) -> list[Image]:
+    """A request's images, decoded and checked (xllm/images.py); a 400 naming the first one
+    when the model takes none (its engine lacks the `vision` capability)."""
+    if not sources:
+        return []
+    if Capability.VISION not in engine.capabilities:
+        first = sources[0].param
+        raise InvalidRequest(f"{first}: model {engine.name!r} does not support images", param=first)
+    allowed = request.app[SETTINGS].remote_images
+    return await images.read(sources, remote_images.fetch if allowed else None)
+
+
 async def parse_body(request: web.Request, model: type[M]) -> M:
     """The body validated as `model`; 400 naming the first bad field."""
     raw = await _read_body(request)
     if not raw:
         raise InvalidRequest("the request body is empty; send a JSON object")
     try:
-        return model.model_validate_json(raw)
+        parsed = model.model_validate_json(raw)
+        request[RAW_BODY] = raw
+        return parsed
     except ValidationError as e:
         err = _most_telling(e)
         if err["type"] == "json_invalid":

@@ -34,11 +34,13 @@ from xllm.server.ollama.wire import (
     GenerateRequest,
     ShowRequest,
 )
+from xllm.server.openai.audio import transcriptions, translations
 from xllm.server.openai.chat import chat_completions
 from xllm.server.openai.completions import completions
 from xllm.server.openai.embeddings import embeddings
 from xllm.server.openai.models import get_model, list_models
 from xllm.server.openai.responses import ResponsesRequest, responses
+from xllm.server.openai.speech import SpeechRequest, speech
 from xllm.server.openai.wire import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
 from xllm.server.v0.health import health
 from xllm.server.v0.metrics import metrics
@@ -70,6 +72,11 @@ ROUTES: tuple[Route, ...] = (
     Route("POST", "/v1/completions", completions, "Text completion (OpenAI)", CompletionRequest),
     Route("POST", "/v1/embeddings", embeddings, "Embeddings (OpenAI)", EmbeddingRequest),
     Route("POST", "/v1/responses", responses, "Responses (OpenAI)", ResponsesRequest),
+    Route("POST", "/v1/audio/transcriptions", transcriptions,
+          "Speech to text (OpenAI; multipart/form-data: file, model, ...)"),
+    Route("POST", "/v1/audio/translations", translations,
+          "Speech to English text (OpenAI; multipart/form-data: file, model, ...)"),
+    Route("POST", "/v1/audio/speech", speech, "Text to speech, streamed (OpenAI)", SpeechRequest),
     Route("GET", "/v1/models", list_models, "List models (OpenAI)"),
     Route("GET", "/v1/models/{model:.+}", get_model, "One model (OpenAI)"),
     Route("POST", "/api/generate", ollama_generate, "Generate (Ollama)", GenerateRequest,

@@ -32,8 +32,11 @@ def accepts_gzip(request: web.Request) -> bool:
     return False
 
 
-async def open_stream(request: web.Request, content_type: str) -> web.StreamResponse:
-    """Start a streamed response; gzipped (flushed per write) when the client accepts it."""
+async def open_stream(
+    request: web.Request, content_type: str, compress: bool = True
+) -> web.StreamResponse:
+    """Start a streamed response; gzipped (flushed per write) when the client accepts it and
+    `compress` (compressed audio would only grow)."""
     response = web.StreamResponse(
         headers={
             "Content-Type": content_type,
@@ -41,7 +44,7 @@ async def open_stream(request: web.Request, content_type: str) -> web.StreamResp
             "X-Accel-Buffering": "no",
         }
     )
-    if accepts_gzip(request):
+    if compress and accepts_gzip(request):
         response.headers["Content-Encoding"] = "gzip"
         response.headers["Vary"] = "Accept-Encoding"
         response[_GZIP] = _core.GzipStream(1)

@@ -9,7 +9,7 @@ from aiohttp import web
 from xllm import grammar, tools
 from xllm.engine.protocol import Request
 from xllm.server import pump
-from xllm.server.http import parse_body, peer_gone, start_generation
+from xllm.server.http import parse_body, peer_gone, read_images, start_generation
 from xllm.server.ollama import reply
 from xllm.server.ollama.wire import ChatRequest
 
@@ -24,12 +24,14 @@ async def chat(request: web.Request) -> web.StreamResponse:
         request, body.model, body.keep_alive, timer, body.options, body.engine
     )
     reply.check_think(model, body.model, body.think)
+    sources = body.image_sources()
+    images = await read_images(request, model, [x for m in sources for x in m])
     functions = body.functions()
     gen = await start_generation(
         request,
         model,
         Request(
-            messages=body.template_messages(),
+            messages=body.template_messages(images),
             sampling=reply.sampling(body.options, grammar.for_format(body.format, "format")),
             defaults=reply.OLLAMA_DEFAULTS,
             tools=functions,
@@ -53,6 +55,7 @@ async def chat(request: web.Request) -> web.StreamResponse:
         choice = result.choices[0]
         thinking, answer = splitter.whole(choice.text) if splitter else ("", choice.text)
         text, calls = tools.parse(answer, {f["name"] for f in functions})
+        calls += tools.native(choice.tool_calls)  # an engine's own calls (a remote upstream's)
         message = as_message(text, thinking)
         if calls:
             message["tool_calls"] = [

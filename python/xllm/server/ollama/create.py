@@ -45,20 +45,26 @@ def _merged(body: CreateRequest) -> CreateRequest:
     if mf.license:
         legacy["license"] = list(mf.license)
     if mf.adapters:
-        legacy["adapters"] = {a: _uploaded(a) for a in mf.adapters}
+        legacy["adapters"] = {a: _uploaded(a, "ADAPTER") for a in mf.adapters}
+    if mf.also_from:
+        # a file by its digest; named as a GGUF, which is all `files` takes
+        legacy["files"] = {
+            f"{f.removeprefix('@')}.gguf": _uploaded(f, "FROM") for f in mf.also_from
+        }
     given = body.model_dump(exclude_none=True, by_alias=True)
     fields = {**{k: v for k, v in legacy.items() if v is not None}, **given}
     return CreateRequest.model_validate(fields, strict=False)
 
 
-def _uploaded(value: str) -> str:
+def _uploaded(value: str, command: str) -> str:
     """The digest an older client's Modelfile names an uploaded file by (`@sha256:<hex>`)."""
     try:
         return parse_digest(value.removeprefix("@"))
     except InvalidRequest:
+        field = "adapters" if command == "ADAPTER" else "files"
         raise InvalidRequest(
-            f"ADAPTER {value[:100]}: upload the file with POST /api/blobs/<digest> and name it "
-            "by digest (ADAPTER @sha256:<hex>), or send `adapters`",
+            f"{command} {value[:100]}: upload the file with POST /api/blobs/<digest> and name "
+            f"it by digest ({command} @sha256:<hex>), or send `{field}`",
             param="modelfile",
         ) from None
 

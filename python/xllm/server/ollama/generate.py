@@ -9,7 +9,7 @@ from aiohttp import web
 from xllm import grammar
 from xllm.engine.protocol import Part, Request, Tokenizer
 from xllm.server import pump
-from xllm.server.http import parse_body, start_generation
+from xllm.server.http import parse_body, read_images, start_generation
 from xllm.server.ollama import reply
 from xllm.server.ollama.wire import GenerateRequest
 
@@ -23,17 +23,20 @@ async def generate(request: web.Request) -> web.StreamResponse:
         request, body.model, body.keep_alive, timer, body.options, body.engine
     )
     reply.check_think(model, body.model, body.think)
-    images = [Part("image", text=i) for i in body.images or ()]
+    images = await read_images(request, model, body.image_sources())
     messages: list[dict[str, Any]] | None = None
     if not body.raw and not body.suffix:
         messages = [{"role": "system", "content": body.system}] if body.system else []
-        messages.append({"role": "user", "content": body.prompt, "images": body.images or []})
+        user: dict[str, Any] = {"role": "user", "content": body.prompt}
+        messages.append({**user, "images": images} if images else user)
+    # a raw prompt's images go before its text, as they would in a chat message
+    parts = [*(Part("image", image=x) for x in images), Part("text", body.prompt)]
     gen = await start_generation(
         request,
         model,
         Request(
             messages=messages,
-            prompt=[Part("text", body.prompt), *images] if messages is None else (),
+            prompt=parts if messages is None else (),
             suffix=body.suffix or None,
             context=body.context or (),
             sampling=reply.sampling(body.options, grammar.for_format(body.format, "format")),

@@ -22,7 +22,7 @@ from aiohttp import web
 
 from xllm.engine.registry import ModelRegistry
 from xllm.errors import InsufficientStorage, InvalidRequest, ModelNotFound, XllmError
-from xllm.models import gguf, modelfile, pull, store, summary
+from xllm.models import folders, gguf, modelfile, pull, store, summary
 from xllm.models.modelfile import Modelfile
 from xllm.models.names import ModelName, parse_digest, parse_name
 from xllm.models.store import Store
@@ -52,6 +52,9 @@ class Facts(Protocol):
     @property
     def quantization(self) -> str: ...
 
+    @property
+    def format(self) -> str: ...
+
 
 def iso_time(ts: float) -> str:
     """A Unix time as Ollama writes times (RFC 3339, UTC)."""
@@ -61,7 +64,7 @@ def iso_time(ts: float) -> str:
 def details(info: Facts, parent: str = "") -> dict[str, Any]:
     return {
         "parent_model": parent,
-        "format": info.format if isinstance(info, summary.Summary) else "gguf",
+        "format": info.format,
         "family": info.architecture,
         "families": [info.architecture],
         "parameter_size": summary.params_label(info.parameter_count),
@@ -73,6 +76,11 @@ def file_digest(path: Path) -> str:
     """A stable id for a model file (models given by path have no manifest digest)."""
     st = path.stat()
     return hashlib.sha256(f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()
+
+
+def name_digest(name: str) -> str:
+    """A stable id for a model that has no file here (a remote one)."""
+    return hashlib.sha256(name.encode()).hexdigest()
 
 
 def store_of(request: web.Request) -> Store:
@@ -92,7 +100,11 @@ def model_name(text: str, param: str = "model") -> ModelName:
 
 
 def _files(path: Path) -> list[Path]:
-    """A model file and, when it is the first of a split model, the others."""
+    """A model file and, when it is the first of a split model, the others; a folder model's
+    (or a voice's) files."""
+    local = folders.local_files(path)
+    if local is not None:
+        return list(local[1].values())
     try:
         return gguf.model_files(path)
     except gguf.GGUFError:
@@ -111,6 +123,8 @@ def _tag(registry: ModelRegistry, name: str) -> tuple[float, dict[str, Any]]:
     if found.stored is not None:
         modified, size = found.stored.modified, found.stored.size
         digest = found.stored.digest.removeprefix("sha256:")
+    elif found.remote is not None:
+        modified, size, digest = registry.modified(found), 0, name_digest(found.remote.name)
     else:
         st = found.path.stat()
         modified, digest = st.st_mtime, file_digest(found.path)
@@ -154,13 +168,16 @@ def _show(registry: ModelRegistry, name: str, verbose: bool) -> dict[str, Any]:
     facts = registry.facts(found)
     mf = found.stored.modelfile if found.stored is not None else Modelfile()
     info = dict(facts.model_info)
-    if verbose and facts.format == "gguf":  # the tokenizer's arrays are in the GGUF header
+    if (
+        verbose and facts.format == "gguf" and found.remote is None
+    ):  # the tokenizer's arrays are in the GGUF header
         with registry.reading(found):
             header = gguf.read(found.path, keep_arrays=True)
         info.update({k: v for k, v in header.metadata.items() if k.startswith("tokenizer.")})
     template = mf.template if mf.template is not None else facts.chat_template or ""
     licenses = mf.license or ((facts.license,) if facts.license else ())
     shown = Modelfile(
+        also_from=(str(found.projector),) if found.projector is not None else (),
         parameters=mf.parameters,
         template=template or None,
         system=mf.system,
@@ -173,7 +190,9 @@ def _show(registry: ModelRegistry, name: str, verbose: bool) -> dict[str, Any]:
         "# To build a new Modelfile based on this, replace FROM with:\n"
         f"# FROM {found.name}\n\n" + modelfile.to_text(shown, from_=str(found.path))
     )
-    modified = found.stored.modified if found.stored else found.path.stat().st_mtime
+    if found.remote is not None:
+        text = text.replace(f"FROM {found.path}", f"FROM {found.remote.name}")
+    modified = registry.modified(found)
     out: dict[str, Any] = {
         "license": "\n".join(licenses),
         "modelfile": text,
@@ -184,6 +203,8 @@ def _show(registry: ModelRegistry, name: str, verbose: bool) -> dict[str, Any]:
         "capabilities": facts.capabilities,
         "modified_at": iso_time(modified),
     }
+    if facts.projector_info:
+        out["projector_info"] = facts.projector_info
     if mf.system is not None:
         out["system"] = mf.system
     if mf.messages:

@@ -11,7 +11,7 @@ from aiohttp import web
 from xllm import __version__
 from xllm.engine.protocol import Engine
 from xllm.server.http import json_response
-from xllm.server.ollama.models import details, file_digest, iso_time
+from xllm.server.ollama.models import details, file_digest, iso_time, name_digest
 from xllm.server.state import REGISTRY
 
 OLLAMA_API_VERSION = "0.12.6"
@@ -22,13 +22,17 @@ _FOREVER_S = 100 * 365 * 86400
 def _ps_entry(name: str, model: Engine) -> dict[str, Any]:
     expires = model.expires_at()
     plan = model.plan
+    remote = model.kind == "remote"
+    facts = details(model.info)
+    if remote:
+        facts["format"] = "remote"
     return {
         "name": name,
         "model": name,
         # what the model occupies (weights, KV cache, buffers), as Ollama reports it
         "size": plan.total if plan is not None else model.info.size,
-        "digest": file_digest(model.info.path),
-        "details": details(model.info),
+        "digest": name_digest(str(model.info.path)) if remote else file_digest(model.info.path),
+        "details": facts,
         # Ollama shows a model that never unloads as expiring far in the future
         "expires_at": iso_time(expires if expires is not None else time.time() + _FOREVER_S),
         "size_vram": plan.vram if plan is not None else 0,

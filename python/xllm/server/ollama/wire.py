@@ -9,7 +9,8 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from xllm import grammar
-from xllm.engine.protocol import Sampling
+from xllm.engine.protocol import Image, Sampling
+from xllm.images import Source
 from xllm.server.openai.wire import MAX_SEED, MAX_STOP_LEN, MAX_STOPS, EngineName, Tool
 
 log = logging.getLogger("xllm.server")
@@ -173,8 +174,9 @@ class Message(Wire):
     tool_name: str | None = None
     thinking: str | None = None
 
-    def for_template(self) -> dict[str, Any]:
-        """The message as chat templates (and the tools prompt) expect it."""
+    def for_template(self, images: list[Image]) -> dict[str, Any]:
+        """The message as chat templates (and the tools prompt) expect it, with its images
+        decoded."""
         out: dict[str, Any] = {"role": self.role, "content": self.content}
         if self.tool_calls:
             out["tool_calls"] = [
@@ -186,8 +188,8 @@ class Message(Wire):
             ]
         if self.tool_name:
             out["name"] = self.tool_name
-        if self.images:
-            out["images"] = self.images
+        if images:
+            out["images"] = images
         return out
 
 
@@ -200,6 +202,9 @@ class GenerateRequest(_Inference):
     raw: bool = False
     images: list[str] | None = None
 
+    def image_sources(self) -> list[Source]:
+        return [Source(f"images[{j}]", x) for j, x in enumerate(self.images or ())]
+
 
 class ChatRequest(_Inference):
     messages: list[Message] = Field(default_factory=list)
@@ -211,8 +216,18 @@ class ChatRequest(_Inference):
     def functions(self) -> list[dict[str, Any]]:
         return [t.function.model_dump(exclude_none=True) for t in self.tools or []]
 
-    def template_messages(self) -> list[dict[str, Any]]:
-        return [m.for_template() for m in self.messages]
+    def image_sources(self) -> list[list[Source]]:
+        """Each message's images, named by their field."""
+        return [
+            [Source(f"messages[{i}].images[{j}]", x) for j, x in enumerate(m.images or ())]
+            for i, m in enumerate(self.messages)
+        ]
+
+    def template_messages(self, images: list[Image]) -> list[dict[str, Any]]:
+        """The messages for the template, each with its share of `images` (decoded from
+        `image_sources`, in order)."""
+        decoded = iter(images)
+        return [m.for_template([next(decoded) for _ in m.images or ()]) for m in self.messages]
 
 
 class EmbedRequest(_WithKeepAlive):

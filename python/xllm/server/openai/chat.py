@@ -9,12 +9,20 @@ from typing import Any
 from aiohttp import web
 
 from xllm import grammar, reasoning, tools
-from xllm.engine.protocol import Request
+from xllm.engine.protocol import Image, Relay, Request
 from xllm.server import pump
-from xllm.server.http import json_response, load_model, parse_body, peer_gone, start_generation
+from xllm.server.http import (
+    json_response,
+    load_model,
+    parse_body,
+    peer_gone,
+    read_images,
+    start_generation,
+)
 from xllm.server.openai.logprobs import chat_logprobs
 from xllm.server.openai.stream import ChunkSink, Entries, FramedSink, sse_chunk
 from xllm.server.openai.wire import ChatCompletionRequest, ChatMessage
+from xllm.server.relay import relay
 
 FINGERPRINT = "xllm"
 
@@ -22,6 +30,14 @@ FINGERPRINT = "xllm"
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     body = await parse_body(request, ChatCompletionRequest)
     model = await load_model(request, body.model, engine=body.engine)
+    if isinstance(model, Relay):  # a remote upstream takes OpenAI's request as it is
+        return await relay(request, model, "/v1/chat/completions")
+    sources = [m.image_sources(i) for i, m in enumerate(body.messages)]
+    decoded = iter(await read_images(request, model, [s for m in sources for s in m]))
+    messages = [
+        _template_message(m, [next(decoded) for _ in sources[i]])
+        for i, m in enumerate(body.messages)
+    ]
     functions = body.functions()
     forced = body.forced_function()
     constraint = None
@@ -31,7 +47,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         request,
         model,
         Request(
-            messages=[_template_message(m) for m in body.messages],
+            messages=messages,
             sampling=body.sampling(
                 max_tokens=body.max_completion_tokens or body.max_tokens,
                 logprobs=(body.top_logprobs or 0) if body.logprobs else None,
@@ -97,12 +113,12 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     )
 
 
-def _template_message(m: ChatMessage) -> dict[str, Any]:
-    """A message as chat templates expect it: content as plain text (its images apart)."""
+def _template_message(m: ChatMessage, images: list[Image]) -> dict[str, Any]:
+    """A message as chat templates expect it: content as plain text, its images apart."""
     dumped = m.model_dump(exclude_none=True)
     dumped["content"] = m.text()
-    if m.has_images():
-        dumped["images"] = m.image_urls()
+    if images:
+        dumped["images"] = images
     return dumped
 
 

@@ -9,13 +9,14 @@ from typing import Any
 
 from aiohttp import web
 
-from xllm.engine.protocol import Part, Request, Tokenizer
+from xllm.engine.protocol import Part, Relay, Request, Tokenizer
 from xllm.errors import InvalidRequest
 from xllm.server import pump
 from xllm.server.http import json_response, load_model, parse_body, peer_gone, start_generation
 from xllm.server.openai.logprobs import completion_logprobs
 from xllm.server.openai.stream import Entries, FramedSink, sse_chunk
 from xllm.server.openai.wire import CompletionRequest
+from xllm.server.relay import relay
 
 
 def _prompts(body: CompletionRequest) -> list[list[Part]]:
@@ -31,6 +32,8 @@ def _prompts(body: CompletionRequest) -> list[list[Part]]:
 async def completions(request: web.Request) -> web.StreamResponse:
     body = await parse_body(request, CompletionRequest)
     model = await load_model(request, body.model, engine=body.engine)
+    if isinstance(model, Relay):  # a remote upstream takes OpenAI's request as it is
+        return await relay(request, model, "/v1/completions")
     prompts = _prompts(body)
     if body.stream and len(prompts) > 1:
         raise InvalidRequest("streaming takes a single prompt per request", param="prompt")

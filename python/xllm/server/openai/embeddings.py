@@ -8,14 +8,18 @@ from array import array
 from aiohttp import web
 
 from xllm import embedding
+from xllm.engine.protocol import Relay
 from xllm.errors import InvalidRequest
 from xllm.server.http import json_response, load_model, parse_body
 from xllm.server.openai.wire import EmbeddingRequest
+from xllm.server.relay import relay
 
 
-async def embeddings(request: web.Request) -> web.Response:
+async def embeddings(request: web.Request) -> web.StreamResponse:
     body = await parse_body(request, EmbeddingRequest)
     model = await load_model(request, body.model)
+    if isinstance(model, Relay):
+        return await relay(request, model, "/v1/embeddings")
     if body.dimensions is not None and body.dimensions != model.info.embedding_length:
         raise InvalidRequest(
             f"dimensions: this model's embeddings have {model.info.embedding_length} dimensions",

@@ -18,8 +18,10 @@ async def _entry(request: web.Request, name: str) -> dict[str, Any] | None:
     registry = request.app[REGISTRY]
     loaded = registry.loaded.get(name)
     caps: list[str]
+    context = 0
     if loaded is not None:
         caps = [c.value for c in Capability if c in loaded.capabilities]
+        context = loaded.ctx_size
     else:
         caps = []
         try:
@@ -31,13 +33,17 @@ async def _entry(request: web.Request, name: str) -> dict[str, Any] | None:
             if manifest is None:
                 return None
             caps = [c for c in facts.capabilities if c in manifest.capabilities]
-    return {
+            context = facts.context_length
+    entry: dict[str, Any] = {
         "id": name,
         "object": "model",
         "created": int(request.app[STARTED]),
         "owned_by": "xllm",
         "capabilities": caps,
     }
+    if context:  # vLLM's field: what a server in front of this one reads the context from
+        entry["max_model_len"] = context
+    return entry
 
 
 async def list_models(request: web.Request) -> web.Response:

@@ -18,10 +18,18 @@ from aiohttp import web
 from pydantic import Field, field_validator, model_validator
 
 from xllm import _core, grammar, tools
-from xllm.engine.protocol import Delta, Request, Sampling
+from xllm.engine.protocol import Delta, Image, Request, Sampling
 from xllm.errors import InvalidRequest, XllmError
+from xllm.images import Source
 from xllm.server import pump
-from xllm.server.http import json_response, load_model, parse_body, peer_gone, start_generation
+from xllm.server.http import (
+    json_response,
+    load_model,
+    parse_body,
+    peer_gone,
+    read_images,
+    start_generation,
+)
 from xllm.server.openai.wire import EngineName, JSONSchema, ResponseFormat, Wire
 from xllm.server.pump import Usage
 
@@ -29,6 +37,21 @@ from xllm.server.pump import Usage
 class InputPart(Wire):
     type: Literal["input_text", "output_text", "input_image", "input_file"]
     text: str = ""
+    image_url: str | None = None
+    """An `input_image`'s image: a data: URI, base64, or a URL."""
+    file_id: str | None = None
+    detail: Literal["low", "high", "auto"] | None = None
+
+    @model_validator(mode="after")
+    def _image_given(self) -> InputPart:
+        if self.type == "input_file":
+            raise ValueError("input_file: files are not supported; send text or input_image")
+        if self.type == "input_image" and self.image_url is None:
+            raise ValueError(
+                "an input_image needs image_url (files are not stored here, so file_id is not "
+                "taken)"
+            )
+        return self
 
 
 class InputItem(Wire):
@@ -92,7 +115,22 @@ class ResponsesRequest(Wire):
     store: bool | None = None
     user: str | None = None
 
-    def messages(self) -> list[dict[str, Any]]:
+    def image_sources(self) -> list[Source]:
+        """The input's images, in order, named by their field."""
+        if isinstance(self.input, str):
+            return []
+        return [
+            Source(f"input[{i}].content[{j}].image_url", p.image_url)
+            for i, item in enumerate(self.input)
+            if isinstance(item.content, list)
+            for j, p in enumerate(item.content)
+            if p.image_url is not None and p.type == "input_image"
+        ]
+
+    def messages(self, images: list[Image]) -> list[dict[str, Any]]:
+        """The input as chat messages, each with its share of `images` (decoded from
+        `image_sources`, in order)."""
+        decoded = iter(images)
         out: list[dict[str, Any]] = []
         if self.instructions:
             out.append({"role": "system", "content": self.instructions})
@@ -110,20 +148,14 @@ class ResponsesRequest(Wire):
                 )
             elif item.type == "function_call_output":
                 out.append({"role": "tool", "tool_call_id": item.call_id, "content": item.output})
-            else:
-                if isinstance(item.content, list) and any(
-                    p.type in ("input_image", "input_file") for p in item.content
-                ):
-                    raise InvalidRequest(
-                        f"input: model {self.model!r} does not support images or files",
-                        param="input",
-                    )
-                text = (
-                    item.content
-                    if isinstance(item.content, str)
-                    else "".join(p.text for p in item.content or [])
+            elif isinstance(item.content, list):
+                text = "".join(p.text for p in item.content if p.type != "input_image")
+                mine = [next(decoded) for p in item.content if p.type == "input_image"]
+                out.append(
+                    {"role": item.role, "content": text, **({"images": mine} if mine else {})}
                 )
-                out.append({"role": item.role, "content": text})
+            else:
+                out.append({"role": item.role, "content": item.content})
         return out
 
     def functions(self) -> list[dict[str, Any]]:
@@ -155,6 +187,7 @@ async def responses(request: web.Request) -> web.StreamResponse:
             param="previous_response_id",
         )
     model = await load_model(request, body.model, engine=body.engine)
+    images = await read_images(request, model, body.image_sources())
     constraint = None
     if body.text and body.text.format and body.text.format.get("type") != "text":
         fmt = dict(body.text.format)
@@ -179,7 +212,7 @@ async def responses(request: web.Request) -> web.StreamResponse:
         request,
         model,
         Request(
-            messages=body.messages(),
+            messages=body.messages(images),
             sampling=sampling,
             tools=functions,
             forced_tool=body.forced(),
@@ -212,6 +245,7 @@ async def responses(request: web.Request) -> web.StreamResponse:
     result = await pump.collect(gen, lambda: peer_gone(request))
     choice = result.choices[0]
     text, calls = tools.parse(choice.text, names) if names else (choice.text, [])
+    calls += tools.native(choice.tool_calls)  # an engine's own calls (a remote upstream's)
     writer = _Writer(head)
     writer.end(text, calls)  # the events go nowhere: the items they make are the output
     return json_response(writer.final(result.usage, choice.finish_reason))
@@ -368,6 +402,7 @@ class _Events:
         self.writer = writer
         self.parser = tools.CallStream() if forced else None
         self.watch = tools.CallWatch(names) if names and not forced else None
+        self.native: list[tools.ToolCall] = []
         self.finish: str | None = None
 
     def opening(self) -> bytes:
@@ -375,6 +410,8 @@ class _Events:
 
     def delta(self, d: Delta) -> bytes:
         writer = self.writer
+        if d.tool_calls:  # an engine's own calls: whole, at the end of the answer
+            self.native += tools.native(d.tool_calls)
         if self.parser is None:
             return writer.message_text(self.watch.feed(d.text) if self.watch else d.text)
         out = b""
@@ -391,7 +428,8 @@ class _Events:
 
     async def closing(self, usage: Usage) -> bytes:
         text, calls = self.watch.end() if self.watch else ("", [])
-        return self.writer.end(text, calls) + self.writer.completed(usage, self.finish)
+        out = self.writer.end(text, calls + self.native)
+        return out + self.writer.completed(usage, self.finish)
 
     def error(self, e: XllmError) -> bytes:
         err = {"code": e.code or e.type, "message": e.message, "param": e.param}

@@ -12,6 +12,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validat
 
 from xllm import grammar
 from xllm.engine.protocol import Sampling
+from xllm.images import Source
 
 MAX_STOPS = 32
 MAX_STOP_LEN = 512
@@ -78,14 +79,16 @@ class ChatMessage(Wire):
             return self.content
         return "".join(p.text for p in self.content or [] if isinstance(p, TextPart))
 
-    def has_images(self) -> bool:
-        return bool(self.image_urls())
-
-    def image_urls(self) -> list[str]:
-        """The message's images, as the client gave them (data: URIs or URLs)."""
+    def image_sources(self, index: int) -> list[Source]:
+        """The message's images as the client gave them (data: URIs, base64 or URLs), named
+        by their field; `index` is the message's."""
         if not isinstance(self.content, list):
             return []
-        return [p.image_url.url for p in self.content if isinstance(p, ImagePart)]
+        return [
+            Source(f"messages[{index}].content[{j}].image_url", p.image_url.url)
+            for j, p in enumerate(self.content)
+            if isinstance(p, ImagePart)
+        ]
 
 
 class SamplingFields(Wire):

