@@ -142,6 +142,7 @@ async def test_a_second_turn_reuses_the_encoded_image(vision: RunnerClient) -> N
     one = await run(
         await vision.generate(Request(messages=first, template=TEMPLATE, sampling=GREEDY))
     )
+    await asyncio.sleep(0.5)  # the runner reports its counters every 0.25 s
     encoded = vision.stats()["images_encoded_total"]
     follow = [
         *first,
