@@ -1,4 +1,5 @@
-"""`xllm convert`: a Hugging Face safetensors folder -> one GGUF file, with no torch.
+"""`xllm convert`: a Hugging Face safetensors folder -> one GGUF file, with no torch (and
+back: hf_folder.py).
 
 config.json's `architectures[0]` picks the family (FAMILIES); the weights stream from the
 safetensors files (weights.py) through the family's renaming into gguf's writer, the
@@ -18,7 +19,7 @@ from typing import Any
 
 from gguf import MODEL_ARCH_NAMES, GGMLQuantizationType, GGUFWriter, LlamaFileType
 
-from xllm.models.convert import bert, llama, weights, writer
+from xllm.models.convert import bert, gemma3, llama, weights, writer
 from xllm.models.convert.writer import OUTTYPES, Family
 from xllm.models.safetensors import SafetensorsError
 
@@ -26,6 +27,7 @@ FAMILIES: dict[str, Family] = {
     **dict.fromkeys(bert.ARCHITECTURES, bert.FAMILY),
     **dict.fromkeys(llama.LLAMA, llama.LLAMA_FAMILY),
     **dict.fromkeys(llama.QWEN2, llama.QWEN2_FAMILY),
+    **dict.fromkeys(gemma3.ARCHITECTURES, gemma3.FAMILY),
 }
 """config.json's `architectures[0]` -> how it converts."""
 
