@@ -98,10 +98,25 @@ def bert_embedding(w: dict[str, np.ndarray], config: dict[str, Any], ids: list[i
     return pooled / np.linalg.norm(pooled)
 
 
-def _rope(x: np.ndarray, theta: float) -> np.ndarray:
+def llama3_inv_freq(inv: np.ndarray, scaling: dict[str, Any]) -> np.ndarray:
+    """Hugging Face's `_compute_llama3_parameters`: low frequencies divided by the factor,
+    high ones kept, a smooth ramp between."""
+    factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+    old = scaling["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv
+    scaled = np.where(wavelen > old / low, inv / factor, inv)
+    smooth = (old / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= old / high) & (wavelen <= old / low)
+    return np.where(medium, smoothed, scaled)
+
+
+def _rope(x: np.ndarray, theta: float, scaling: dict[str, Any] | None = None) -> np.ndarray:
     """Hugging Face's rotary embedding (rotate_half: dimension i pairs with i + d/2)."""
     n, d = x.shape[1], x.shape[2]
     inv = 1.0 / theta ** (np.arange(0, d, 2, dtype=np.float64) / d)
+    if scaling is not None:
+        inv = llama3_inv_freq(inv, scaling)
     ang = np.outer(np.arange(n), inv)
     cos, sin = np.cos(np.concatenate([ang, ang], -1)), np.sin(np.concatenate([ang, ang], -1))
     rot = np.concatenate([-x[..., d // 2 :], x[..., : d // 2]], -1)
@@ -128,7 +143,8 @@ def causal_logits(w: dict[str, np.ndarray], config: dict[str, Any], ids: list[in
         q = lin(p + "self_attn.q_proj", h).reshape(n, heads, -1).transpose(1, 0, 2)
         k = lin(p + "self_attn.k_proj", h).reshape(n, kv, -1).transpose(1, 0, 2)
         v = lin(p + "self_attn.v_proj", h).reshape(n, kv, -1).transpose(1, 0, 2)
-        q, k = _rope(q, config["rope_theta"]), _rope(k, config["rope_theta"])
+        scaling = config.get("rope_scaling")
+        q, k = _rope(q, config["rope_theta"], scaling), _rope(k, config["rope_theta"], scaling)
         k, v = np.repeat(k, heads // kv, 0), np.repeat(v, heads // kv, 0)
         att = _softmax(q @ k.transpose(0, 2, 1) / math.sqrt(q.shape[-1]) + mask) @ v
         x = x + lin(p + "self_attn.o_proj", att.transpose(1, 0, 2).reshape(n, -1))
@@ -142,9 +158,10 @@ CORPUS = ["The quick brown fox jumps over the lazy dog.", "Hello world! How are 
           "Paris is the capital of France.", "numbers 1 22 333, symbols {}[]<>", "¿Qué tal? naïve café"] * 20  # fmt: skip
 
 
-def tiny_causal(folder: Path, arch: str, seed: int = 0) -> dict[str, Any]:
-    """A random-weight llama or qwen2 Hugging Face folder: config.json, model.safetensors, a
-    byte-level BPE tokenizer.json trained here, tokenizer_config.json with a chat template."""
+def tiny_causal(folder: Path, arch: str, seed: int = 0, **extra: Any) -> dict[str, Any]:
+    """A random-weight llama or qwen2 Hugging Face folder: config.json (`extra` keys added),
+    model.safetensors, a byte-level BPE tokenizer.json trained here, tokenizer_config.json
+    with a chat template."""
     folder.mkdir(parents=True, exist_ok=True)
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -161,7 +178,7 @@ def tiny_causal(folder: Path, arch: str, seed: int = 0) -> dict[str, Any]:
     config = {"architectures": ["LlamaForCausalLM" if arch == "llama" else "Qwen2ForCausalLM"], "model_type": arch,
               "vocab_size": vocab, "hidden_size": dim, "intermediate_size": ff, "num_attention_heads": heads,
               "num_key_value_heads": kv, "num_hidden_layers": layers, "rms_norm_eps": 1e-6, "rope_theta": 10000.0,
-              "max_position_embeddings": 256, "tie_word_embeddings": False, "eos_token_id": 2}  # fmt: skip
+              "max_position_embeddings": 256, "tie_word_embeddings": False, "eos_token_id": 2, **extra}  # fmt: skip
     (folder / "config.json").write_text(json.dumps(config))
     rng = np.random.default_rng(seed)
     w: dict[str, np.ndarray] = {"model.embed_tokens.weight": rng.normal(0, 0.5, (vocab, dim)),

@@ -60,12 +60,20 @@ def read_config(folder: Path) -> dict[str, Any]:
     return {**config, **(config.get("text_config") or {})}
 
 
+_EXPERTS = ("num_local_experts", "num_experts", "n_routed_experts")
+"""config.json's count of experts (Mixtral, Qwen MoE, DeepSeek): a mixture of experts."""
+
+
 def family_of(config: dict[str, Any]) -> Family:
     archs = config.get("architectures") or [config.get("model_type", "unknown")]
     arch = str(archs[0])
-    if arch not in FAMILIES:
+    experts = writer.find(config, *_EXPERTS)
+    moe = isinstance(experts, int) and experts > 1
+    if arch not in FAMILIES or moe:
+        what = f"a mixture of {experts} experts" if moe else "its architecture"
         raise UnsupportedArchitecture(
-            f"architecture {arch!r} cannot be converted; xllm converts {', '.join(FAMILIES)}"
+            f"{arch!r} cannot be converted ({what}); xllm converts the dense "
+            f"{', '.join(FAMILIES)}"
         )
     return FAMILIES[arch]
 

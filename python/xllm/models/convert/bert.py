@@ -7,11 +7,11 @@ and masked-LM heads are dropped (only embeddings are served).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from gguf import MODEL_ARCH, GGUFWriter, PoolingType
+from gguf import MODEL_ARCH, GGUFWriter, PoolingType, ReaderTensor
 
 from xllm.models.convert import vocab
 from xllm.models.convert.meta import Meta, common_config
@@ -65,7 +65,7 @@ def _names(config: dict[str, Any]) -> list[str]:
     ]  # fmt: skip
 
 
-def _config(m: Meta, tensors: set[str]) -> dict[str, Any]:
+def _config(m: Meta, tensors: Mapping[str, ReaderTensor]) -> dict[str, Any]:
     config = {"architectures": ["BertModel"], "model_type": "bert", **common_config(m),
               "hidden_act": "gelu", "type_vocab_size": m.get("tokenizer.ggml.token_type_count", 2)}  # fmt: skip
     config.setdefault("pad_token_id", 0)

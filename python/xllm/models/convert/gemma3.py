@@ -12,13 +12,13 @@ the attention scale) is written back as Gemma's config.json has it.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
-from gguf import MODEL_ARCH, GGUFWriter, RopeScalingType
+from gguf import MODEL_ARCH, GGUFWriter, ReaderTensor, RopeScalingType
 
 from xllm.models.convert import vocab
 from xllm.models.convert.llama import decoder_names
@@ -70,7 +70,7 @@ def _tensors(tensors: Tensors, config: dict[str, Any]) -> Iterator[tuple[str, An
         yield rename(name), array
 
 
-def _config(m: Meta, tensors: set[str]) -> dict[str, Any]:
+def _config(m: Meta, tensors: Mapping[str, ReaderTensor]) -> dict[str, Any]:
     config = {"architectures": ["Gemma3ForCausalLM"], "model_type": "gemma3_text",
               **common_config(m)}  # fmt: skip
     if "output.weight" in tensors:

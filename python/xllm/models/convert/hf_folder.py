@@ -86,11 +86,16 @@ def convert_gguf(
             f"architecture {m.arch!r} cannot be converted back; xllm converts "
             f"{', '.join(FAMILIES)}"
         )
+    if (experts := m.of_arch("expert_count", 0)) > 1:
+        raise SafetensorsError(
+            f"a {m.arch} GGUF with {experts} experts (a mixture of experts) cannot be converted "
+            f"back; xllm converts the dense {', '.join(FAMILIES)}"
+        )
     if m.get("split.count", 1) != 1:
         raise SafetensorsError(f"{path}: one part of a split GGUF (join it with gguf-split)")
     family = FAMILIES[m.arch]
     tensors = [t for t in reader.tensors if t.name not in _DERIVED]
-    config = family.reverse.config(m, {t.name for t in reader.tensors})
+    config = family.reverse.config(m, {t.name: t for t in reader.tensors})
     back = unrenamer(family.arch, config["num_hidden_layers"], family.reverse.names(config))
     if unknown := [t.name for t in tensors if t.name not in back]:
         raise SafetensorsError(f"tensor {unknown[0]} has no Hugging Face name in a {m.arch} model")

@@ -8,15 +8,15 @@ runs it in Hugging Face's order). Only a BPE tokenizer.json converts (SentencePi
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
-from gguf import MODEL_ARCH, GGUFWriter, RopeScalingType
+from gguf import MODEL_ARCH, GGUFWriter, ReaderTensor, RopeScalingType
 
-from xllm.models.convert import vocab
+from xllm.models.convert import rope, vocab
 from xllm.models.convert.meta import Meta, common_config, short
 from xllm.models.convert.writer import Family, Reverse, Tensors, common_params, pooling, renamer
 from xllm.models.safetensors import SafetensorsError
@@ -71,6 +71,8 @@ def unpermute(weights: npt.NDArray[Any], heads: int) -> npt.NDArray[Any]:
 
 
 def _llama_tensors(tensors: Tensors, config: dict[str, Any]) -> Iterator[tuple[str, Any]]:
+    if (freqs := rope.factors(config)) is not None:
+        yield "rope_freqs.weight", freqs
     rename = renamer(MODEL_ARCH.LLAMA, config["num_hidden_layers"])
     heads = config["num_attention_heads"]
     kv_heads = config.get("num_key_value_heads") or heads
@@ -103,19 +105,21 @@ def decoder_names(config: dict[str, Any], *block: str) -> list[str]:
             *(f"model.layers.{i}.{name}" for i in layers for name in layer)]  # fmt: skip
 
 
-def _decoder_config(m: Meta, tensors: set[str], arch: str, model_type: str) -> dict[str, Any]:
+def _decoder_config(m: Meta, tensors: Mapping[str, ReaderTensor], arch: str, model_type: str) -> dict[str, Any]:
     config = {"architectures": [arch], "model_type": model_type, **common_config(m),
               "hidden_act": "silu", "tie_word_embeddings": "output.weight" not in tensors}  # fmt: skip
     config.setdefault("rope_theta", 10000.0)
     return config
 
 
-def _llama_config(m: Meta, tensors: set[str]) -> dict[str, Any]:
+def _llama_config(m: Meta, tensors: Mapping[str, ReaderTensor]) -> dict[str, Any]:
     config = _decoder_config(m, tensors, "LlamaForCausalLM", "llama")
     config["attention_bias"] = "blk.0.attn_q.bias" in tensors
     if m.of_arch("rope.scaling.type") == "linear":
         config["rope_scaling"] = {"rope_type": "linear",
                                   "factor": short(m.of_arch("rope.scaling.factor"))}  # fmt: skip
+    if "rope_freqs.weight" in tensors:
+        config["rope_scaling"] = rope.scaling(np.asarray(tensors["rope_freqs.weight"].data), config)
     return config
 
 
@@ -127,7 +131,7 @@ def _llama_untransform(name: str, array: npt.NDArray[Any], config: dict[str, Any
     return array
 
 
-def _qwen2_config(m: Meta, tensors: set[str]) -> dict[str, Any]:
+def _qwen2_config(m: Meta, tensors: Mapping[str, ReaderTensor]) -> dict[str, Any]:
     config = _decoder_config(m, tensors, "Qwen2ForCausalLM", "qwen2")
     if m.of_arch("rope.scaling.type") == "yarn":
         config["rope_scaling"] = {

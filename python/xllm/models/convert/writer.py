@@ -9,7 +9,7 @@ the output type, and a tensor Q8_0 cannot hold (rows not a multiple of 32) falls
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +24,7 @@ from gguf import (
     LlamaFileType,
     PoolingType,
     QuantError,
+    ReaderTensor,
     get_tensor_name_map,
     quants,
 )
@@ -56,8 +57,8 @@ def _no_files(m: Meta, config: dict[str, Any]) -> dict[str, Any]:
 class Reverse:
     """How one family's GGUF goes back to a Hugging Face folder."""
 
-    config: Callable[[Meta, set[str]], dict[str, Any]]
-    """config.json from the GGUF's keys and the names of its tensors."""
+    config: Callable[[Meta, Mapping[str, ReaderTensor]], dict[str, Any]]
+    """config.json from the GGUF's keys and its tensors (by name)."""
     names: Callable[[dict[str, Any]], list[str]]
     """Every Hugging Face tensor name such a model may have (their GGUF names, given by the
     family's renaming, are looked up the other way)."""
