@@ -218,7 +218,9 @@ def gemma3_logits(w: dict[str, np.ndarray], config: dict[str, Any], ids: list[in
     mask = np.triu(np.full((n, n), -np.inf), 1)
     for i, kind in enumerate(config["layer_types"]):
         p = f"model.layers.{i}."
-        theta = config["rope_local_base_freq"] if kind == "sliding_attention" else config["rope_theta"]
+        theta = (
+            config["rope_local_base_freq"] if kind == "sliding_attention" else config["rope_theta"]
+        )
         h = rms(x, w[p + "input_layernorm.weight"])
         q = (h @ w[p + "self_attn.q_proj.weight"].T).reshape(n, heads, hd)
         k = (h @ w[p + "self_attn.k_proj.weight"].T).reshape(n, kv, hd)
@@ -232,7 +234,9 @@ def gemma3_logits(w: dict[str, np.ndarray], config: dict[str, Any], ids: list[in
         x = x + rms(att, w[p + "post_attention_layernorm.weight"])
         h = rms(x, w[p + "pre_feedforward_layernorm.weight"])
         act = _gelu_tanh(h @ w[p + "mlp.gate_proj.weight"].T) * (h @ w[p + "mlp.up_proj.weight"].T)
-        x = x + rms(act @ w[p + "mlp.down_proj.weight"].T, w[p + "post_feedforward_layernorm.weight"])
+        x = x + rms(
+            act @ w[p + "mlp.down_proj.weight"].T, w[p + "post_feedforward_layernorm.weight"]
+        )
     return rms(x, w["model.norm.weight"]) @ embed.T
 
 
@@ -244,7 +248,9 @@ def _gemma_tokenizer(folder: Path) -> int:
     pre-tokenizer), `<0xNN>` byte tokens in the vocabulary, `<bos>` added; returns its size."""
     tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
     tok.normalizer = normalizers.Replace(" ", "\u2581")
-    tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()])
+    tok.decoder = decoders.Sequence(
+        [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
+    )
     byte_tokens = [f"<0x{b:02X}>" for b in range(256)]
     trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=GEMMA_SPECIAL + byte_tokens)
     tok.train_from_iterator(CORPUS, trainer)
@@ -286,7 +292,12 @@ def tiny_gemma3(folder: Path, seed: int = 0) -> dict[str, Any]:
                   "self_attn.o_proj": (dim, heads * hd), "mlp.gate_proj": (ff, dim), "mlp.up_proj": (ff, dim), "mlp.down_proj": (dim, ff)}  # fmt: skip
         for name, shape in shapes.items():
             w[p + name + ".weight"] = rng.normal(0, 0.15, shape)
-        for name in ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm", "post_feedforward_layernorm"):
+        for name in (
+            "input_layernorm",
+            "post_attention_layernorm",
+            "pre_feedforward_layernorm",
+            "post_feedforward_layernorm",
+        ):
             w[p + name + ".weight"] = rng.normal(0, 0.1, dim)
         w[p + "self_attn.q_norm.weight"] = rng.normal(0, 0.1, hd)
         w[p + "self_attn.k_norm.weight"] = rng.normal(0, 0.1, hd)

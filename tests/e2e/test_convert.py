@@ -156,7 +156,9 @@ def test_llama3_rope_scaling_becomes_rope_freqs(tmp_path: Path) -> None:
     want = causal_logits(read_safetensors(tmp_path / "hf" / "model.safetensors"), config, ids)
     assert np.abs(got - want).max() < 1e-3 * np.abs(want).max(), np.abs(got - want).max()
     unscaled = causal_logits(
-        read_safetensors(tmp_path / "hf" / "model.safetensors"), {**config, "rope_scaling": None}, ids
+        read_safetensors(tmp_path / "hf" / "model.safetensors"),
+        {**config, "rope_scaling": None},
+        ids,
     )
     assert np.abs(unscaled - want).max() > 10 * np.abs(got - want).max()  # the scaling mattered
     done = xllm("convert", str(out), str(tmp_path / "back"))

@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pytest
 from gguf import GGUFReader, GGUFWriter, quants
 from llama_cpp import Llama
 from tokenizers import Tokenizer
@@ -145,7 +144,9 @@ def test_minilm_f32_round_trip_is_bit_exact(minilm_dir: Path, tmp_path: Path) ->
     assert got.keys() == kept
     for name in kept:
         assert np.array_equal(got[name], want[name]), name
-    tok, ref = (Tokenizer.from_file(str(p / "tokenizer.json")) for p in (tmp_path / "hf", minilm_dir))
+    tok, ref = (
+        Tokenizer.from_file(str(p / "tokenizer.json")) for p in (tmp_path / "hf", minilm_dir)
+    )
     ref.no_padding()
     for s in [*SENTENCES, "[CLS] already [SEP] [MASK]"]:
         assert tok.encode(s).ids == ref.encode(s).ids, s

@@ -23,10 +23,12 @@ def add_parser(commands: Any) -> None:
         "weights dequantized, tokenizer.json, tokenizer_config.json). Architectures: bert, "
         "llama, qwen2, gemma3. No torch needed.",
     )
-    p.add_argument("input", metavar="IN",
-                   help="model folder, the name of a stored model, or a .gguf file")  # fmt: skip
-    p.add_argument("output", metavar="OUT",
-                   help="the GGUF file to write (a new folder when IN is a .gguf file)")  # fmt: skip
+    p.add_argument(
+        "input", metavar="IN", help="model folder, the name of a stored model, or a .gguf file"
+    )
+    p.add_argument(
+        "output", metavar="OUT", help="the GGUF file to write (a new folder when IN is .gguf)"
+    )
     p.add_argument("--outtype", choices=["f32", "f16", "bf16", "q8_0"],
                    help="type of the weights: to GGUF f32, f16 (default), bf16 or q8_0, norms "
                    "and biases staying f32; to safetensors f32, f16 or bf16 (default: float "

@@ -72,8 +72,7 @@ def family_of(config: dict[str, Any]) -> Family:
     if arch not in FAMILIES or moe:
         what = f"a mixture of {experts} experts" if moe else "its architecture"
         raise UnsupportedArchitecture(
-            f"{arch!r} cannot be converted ({what}); xllm converts the dense "
-            f"{', '.join(FAMILIES)}"
+            f"{arch!r} cannot be converted ({what}); xllm converts the dense {', '.join(FAMILIES)}"
         )
     return FAMILIES[arch]
 

@@ -66,29 +66,39 @@ def _names(config: dict[str, Any]) -> list[str]:
 
 
 def _config(m: Meta, tensors: Mapping[str, ReaderTensor]) -> dict[str, Any]:
-    config = {"architectures": ["BertModel"], "model_type": "bert", **common_config(m),
-              "hidden_act": "gelu", "type_vocab_size": m.get("tokenizer.ggml.token_type_count", 2)}  # fmt: skip
+    config = {"architectures": ["BertModel"], "model_type": "bert", **common_config(m)}
+    config["hidden_act"] = "gelu"
+    config["type_vocab_size"] = m.get("tokenizer.ggml.token_type_count", 2)
     config.setdefault("pad_token_id", 0)
     return config
 
 
-_POOLING = {PoolingType.MEAN: "pooling_mode_mean_tokens", PoolingType.CLS: "pooling_mode_cls_token",
-            PoolingType.LAST: "pooling_mode_lasttoken"}  # fmt: skip
+_POOLING = {
+    PoolingType.MEAN: "pooling_mode_mean_tokens",
+    PoolingType.CLS: "pooling_mode_cls_token",
+    PoolingType.LAST: "pooling_mode_lasttoken",
+}
 
 
 def _files(m: Meta, config: dict[str, Any]) -> dict[str, Any]:
     """sentence-transformers' modules.json and pooling config, as `pooling` reads them."""
-    mode = _POOLING.get(m.of_arch("pooling_type"))  # type: ignore[call-overload]
+    mode = _POOLING.get(m.of_arch("pooling_type"))
     if mode is None:
         return {}
     return {
         "modules.json": [
             {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
-            {"idx": 1, "name": "1", "path": "1_Pooling",
-             "type": "sentence_transformers.models.Pooling"},
-        ],  # fmt: skip
-        "1_Pooling/config.json": {"word_embedding_dimension": config["hidden_size"],
-                                  **{key: key == mode for key in _POOLING.values()}},  # fmt: skip
+            {
+                "idx": 1,
+                "name": "1",
+                "path": "1_Pooling",
+                "type": "sentence_transformers.models.Pooling",
+            },
+        ],
+        "1_Pooling/config.json": {
+            "word_embedding_dimension": config["hidden_size"],
+            **{key: key == mode for key in _POOLING.values()},
+        },
     }
 
 

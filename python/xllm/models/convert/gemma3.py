@@ -27,8 +27,13 @@ from xllm.models.convert.writer import Family, Reverse, Tensors, common_params, 
 from xllm.models.safetensors import SafetensorsError
 
 ARCHITECTURES = ("Gemma3ForCausalLM", "Gemma3ForConditionalGeneration")
-_DEFAULTS = {"max_position_embeddings": 131072, "rms_norm_eps": 1e-6, "head_dim": 256,
-             "rope_theta": 1_000_000.0, "num_attention_heads": 8}  # fmt: skip
+_DEFAULTS = {
+    "max_position_embeddings": 131072,
+    "rms_norm_eps": 1e-6,
+    "head_dim": 256,
+    "rope_theta": 1_000_000.0,
+    "num_attention_heads": 8,
+}
 """Hugging Face's Gemma3TextConfig defaults, for keys a config.json leaves out."""
 _DROPPED = ("vision_tower.", "multi_modal_projector.", "lm_head.")
 _SWA_PATTERN = 6
@@ -71,8 +76,11 @@ def _tensors(tensors: Tensors, config: dict[str, Any]) -> Iterator[tuple[str, An
 
 
 def _config(m: Meta, tensors: Mapping[str, ReaderTensor]) -> dict[str, Any]:
-    config = {"architectures": ["Gemma3ForCausalLM"], "model_type": "gemma3_text",
-              **common_config(m)}  # fmt: skip
+    config = {
+        "architectures": ["Gemma3ForCausalLM"],
+        "model_type": "gemma3_text",
+        **common_config(m),
+    }
     if "output.weight" in tensors:
         raise SafetensorsError("a gemma3 GGUF with its own output tensor: Gemma ties them")
     config.setdefault("head_dim", _DEFAULTS["head_dim"])
@@ -95,20 +103,27 @@ def _config(m: Meta, tensors: Mapping[str, ReaderTensor]) -> dict[str, Any]:
         tie_word_embeddings=True,
     )
     if m.of_arch("rope.scaling.type") == "linear":
-        config["rope_scaling"] = {"rope_type": "linear",
-                                  "factor": short(m.of_arch("rope.scaling.factor"))}  # fmt: skip
+        config["rope_scaling"] = {
+            "rope_type": "linear",
+            "factor": short(m.of_arch("rope.scaling.factor")),
+        }
     return config
 
 
 def _names(config: dict[str, Any]) -> list[str]:
     return decoder_names(
-        config, "self_attn.q_norm.weight", "self_attn.k_norm.weight",
-        "pre_feedforward_layernorm.weight", "post_feedforward_layernorm.weight",
-    )  # fmt: skip
+        config,
+        "self_attn.q_norm.weight",
+        "self_attn.k_norm.weight",
+        "pre_feedforward_layernorm.weight",
+        "post_feedforward_layernorm.weight",
+    )
 
 
 def _untransform(name: str, array: npt.NDArray[Any], config: dict[str, Any]) -> Any:
     return np.asarray(array, np.float32) - 1 if name.endswith("norm.weight") else array
 
 
-FAMILY = Family(MODEL_ARCH.GEMMA3, _params, _vocab, _tensors, Reverse(_config, _names, _untransform))
+FAMILY = Family(
+    MODEL_ARCH.GEMMA3, _params, _vocab, _tensors, Reverse(_config, _names, _untransform)
+)

@@ -36,8 +36,11 @@ FAMILIES: dict[str, Family] = {
 _DERIVED = ("rope_freqs.weight",)
 """Tensors the converter computes from config.json (which says how to make them again)."""
 OUTTYPES = {"f32": "F32", "f16": "F16", "bf16": "BF16"}
-_KEEP = {GGMLQuantizationType.F32: "F32", GGMLQuantizationType.F16: "F16",
-         GGMLQuantizationType.BF16: "BF16"}  # fmt: skip
+_KEEP = {
+    GGMLQuantizationType.F32: "F32",
+    GGMLQuantizationType.F16: "F16",
+    GGMLQuantizationType.BF16: "BF16",
+}
 
 
 def _bf16(array: npt.NDArray[Any]) -> npt.NDArray[np.uint16]:
@@ -83,8 +86,7 @@ def convert_gguf(
     m = Meta({k: f.contents() for k, f in reader.fields.items()})
     if m.arch not in FAMILIES:
         raise SafetensorsError(
-            f"architecture {m.arch!r} cannot be converted back; xllm converts "
-            f"{', '.join(FAMILIES)}"
+            f"architecture {m.arch!r} cannot be converted back; xllm converts {', '.join(FAMILIES)}"
         )
     if (experts := m.of_arch("expert_count", 0)) > 1:
         raise SafetensorsError(
@@ -95,8 +97,12 @@ def convert_gguf(
         raise SafetensorsError(f"{path}: one part of a split GGUF (join it with gguf-split)")
     family = FAMILIES[m.arch]
     tensors = [t for t in reader.tensors if t.name not in _DERIVED]
-    config = family.reverse.config(m, {t.name: t for t in reader.tensors})
-    back = unrenamer(family.arch, config["num_hidden_layers"], family.reverse.names(config))
+    try:
+        config = family.reverse.config(m, {t.name: t for t in reader.tensors})
+        back = unrenamer(family.arch, config["num_hidden_layers"], family.reverse.names(config))
+    except KeyError as e:
+        raise SafetensorsError(f"{path}: no GGUF key gives config.json's {e.args[0]!r}") from None
+    files = {"config.json": config, **family.reverse.files(m, config), **hf_tokenizer.files(m)}
     if unknown := [t.name for t in tensors if t.name not in back]:
         raise SafetensorsError(f"tensor {unknown[0]} has no Hugging Face name in a {m.arch} model")
     source = [_KEEP.get(t.tensor_type, "F32") for t in tensors]
@@ -104,8 +110,10 @@ def convert_gguf(
     config["torch_dtype"] = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}[
         max(set(types), key=types.count)
     ]
-    specs = [(back[t.name], dtype, tuple(int(d) for d in reversed(t.shape)))
-             for t, dtype in zip(tensors, types, strict=True)]  # fmt: skip
+    specs = [
+        (back[t.name], dtype, tuple(int(d) for d in reversed(t.shape)))
+        for t, dtype in zip(tensors, types, strict=True)
+    ]
     total = sum(int(t.n_bytes) for t in tensors)
 
     def data() -> Iterator[npt.NDArray[Any]]:
@@ -122,10 +130,10 @@ def convert_gguf(
     tmp.mkdir(parents=True)
     try:
         weights.write(tmp / "model.safetensors", specs, data())
-        files = {"config.json": config, **family.reverse.files(m, config), **hf_tokenizer.files(m)}
         for name, value in files.items():
             (tmp / name).parent.mkdir(parents=True, exist_ok=True)
-            (tmp / name).write_text(json.dumps(value, indent=2, ensure_ascii=False) + "\n")
+            text = json.dumps(value, indent=2, ensure_ascii=False) + "\n"
+            (tmp / name).write_text(text, encoding="utf-8")
         if out.exists():
             out.rmdir()
         os.replace(tmp, out)

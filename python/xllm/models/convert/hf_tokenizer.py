@@ -19,8 +19,12 @@ from gguf import TokenType
 from xllm.models.convert.meta import Meta
 from xllm.models.safetensors import SafetensorsError
 
-_BYTE_LEVEL = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True,
-               "use_regex": True}  # fmt: skip
+_BYTE_LEVEL = {
+    "type": "ByteLevel",
+    "add_prefix_space": False,
+    "trim_offsets": True,
+    "use_regex": True,
+}
 _QWEN2 = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
     r"\s*[\r\n]+|\s+(?!\S)|\s+"
@@ -29,8 +33,10 @@ _LLAMA3 = _QWEN2.replace(r"|\p{N}|", r"|\p{N}{1,3}|")
 
 
 def _split(regex: str) -> list[dict[str, Any]]:
-    return [{"type": "Split", "pattern": {"Regex": regex}, "behavior": "Isolated", "invert": False},
-            {**_BYTE_LEVEL, "use_regex": False}]  # fmt: skip
+    return [
+        {"type": "Split", "pattern": {"Regex": regex}, "behavior": "Isolated", "invert": False},
+        {**_BYTE_LEVEL, "use_regex": False},
+    ]
 
 
 PRE_TOKENIZERS: dict[str, list[dict[str, Any]]] = {
@@ -45,20 +51,33 @@ PRE_TOKENIZERS: dict[str, list[dict[str, Any]]] = {
 
 
 def _added(i: int, content: str, special: bool) -> dict[str, Any]:
-    return {"id": i, "content": content, "single_word": False, "lstrip": False,
-            "rstrip": False, "normalized": not special, "special": special}  # fmt: skip
+    return {
+        "id": i,
+        "content": content,
+        "single_word": False,
+        "lstrip": False,
+        "rstrip": False,
+        "normalized": not special,
+        "special": special,
+    }
 
 
 def _template(first: list[str], last: list[str]) -> dict[str, Any]:
     """A post-processor putting `first` before and `last` after each sequence."""
 
     def seq(part: str, type_id: int) -> list[dict[str, Any]]:
-        return [*({"SpecialToken": {"id": t, "type_id": type_id}} for t in first if part == "A"),
-                {"Sequence": {"id": part, "type_id": type_id}},
-                *({"SpecialToken": {"id": t, "type_id": type_id}} for t in last)]  # fmt: skip
+        return [
+            *({"SpecialToken": {"id": t, "type_id": type_id}} for t in first if part == "A"),
+            {"Sequence": {"id": part, "type_id": type_id}},
+            *({"SpecialToken": {"id": t, "type_id": type_id}} for t in last),
+        ]
 
-    return {"type": "TemplateProcessing", "single": seq("A", 0), "pair": seq("A", 0) + seq("B", 1),
-            "special_tokens": {}}  # fmt: skip
+    return {
+        "type": "TemplateProcessing",
+        "single": seq("A", 0),
+        "pair": seq("A", 0) + seq("B", 1),
+        "special_tokens": {},
+    }
 
 
 class _Vocab:
@@ -78,8 +97,11 @@ class _Vocab:
 
     def special(self, processor: dict[str, Any]) -> dict[str, Any]:
         """`processor` with its special tokens' ids filled in."""
-        names = {s["SpecialToken"]["id"] for s in processor["single"] + processor["pair"]
-                 if "SpecialToken" in s}  # fmt: skip
+        names = {
+            s["SpecialToken"]["id"]
+            for s in processor["single"] + processor["pair"]
+            if "SpecialToken" in s
+        }
         ids = {t: i for i, t in enumerate(self.tokens)}
         processor["special_tokens"] = {t: {"id": t, "ids": [ids[t]], "tokens": [t]} for t in names}
         return processor
@@ -95,9 +117,10 @@ def _bpe(v: _Vocab) -> dict[str, Any]:
     merges = [m.split(" ", 1) for m in v.m.get("tokenizer.ggml.merges", [])]
     bos = v.token("bos")
     post: dict[str, Any] = (
-        v.special(_template([bos], [])) if v.m.get("tokenizer.ggml.add_bos_token") and bos
+        v.special(_template([bos], []))
+        if v.m.get("tokenizer.ggml.add_bos_token") and bos
         else {**_BYTE_LEVEL, "trim_offsets": False}
-    )  # fmt: skip
+    )
     added = [
         _added(i, v.tokens[i], v.types[i] == TokenType.CONTROL)
         for i in v.used()
@@ -109,10 +132,18 @@ def _bpe(v: _Vocab) -> dict[str, Any]:
         "pre_tokenizer": {"type": "Sequence", "pretokenizers": PRE_TOKENIZERS[pre]},
         "post_processor": post,
         "decoder": {**_BYTE_LEVEL},
-        "model": {"type": "BPE", "dropout": None, "unk_token": None,
-                  "continuing_subword_prefix": None, "end_of_word_suffix": None,
-                  "fuse_unk": False, "byte_fallback": False, "ignore_merges": pre == "llama-bpe",
-                  "vocab": {v.tokens[i]: i for i in v.used()}, "merges": merges},  # fmt: skip
+        "model": {
+            "type": "BPE",
+            "dropout": None,
+            "unk_token": None,
+            "continuing_subword_prefix": None,
+            "end_of_word_suffix": None,
+            "fuse_unk": False,
+            "byte_fallback": False,
+            "ignore_merges": pre == "llama-bpe",
+            "vocab": {v.tokens[i]: i for i in v.used()},
+            "merges": merges,
+        },
     }
 
 
@@ -144,8 +175,9 @@ def _spm(v: _Vocab) -> dict[str, Any]:
     normalize = [{"type": "Replace", "pattern": {"String": " "}, "content": space}]
     decode: list[dict[str, Any]] = [
         {"type": "Replace", "pattern": {"String": space}, "content": " "},
-        {"type": "ByteFallback"}, {"type": "Fuse"},
-    ]  # fmt: skip
+        {"type": "ByteFallback"},
+        {"type": "Fuse"},
+    ]
     if prefix:
         normalize.insert(0, {"type": "Prepend", "prepend": space})
         decode.append({"type": "Strip", "content": " ", "start": 1, "stop": 0})
@@ -162,10 +194,18 @@ def _spm(v: _Vocab) -> dict[str, Any]:
         "pre_tokenizer": None,
         "post_processor": v.special(_template(first, last)),
         "decoder": {"type": "Sequence", "decoders": decode},
-        "model": {"type": "BPE", "dropout": None, "unk_token": v.token("unknown"),
-                  "continuing_subword_prefix": None, "end_of_word_suffix": None,
-                  "fuse_unk": True, "byte_fallback": True, "ignore_merges": False,
-                  "vocab": vocab, "merges": spm_merges(v.tokens, v.types, v.scores)},  # fmt: skip
+        "model": {
+            "type": "BPE",
+            "dropout": None,
+            "unk_token": v.token("unknown"),
+            "continuing_subword_prefix": None,
+            "end_of_word_suffix": None,
+            "fuse_unk": True,
+            "byte_fallback": True,
+            "ignore_merges": False,
+            "vocab": vocab,
+            "merges": spm_merges(v.tokens, v.types, v.scores),
+        },
     }
 
 
@@ -180,17 +220,27 @@ def _wordpiece(v: _Vocab) -> dict[str, Any]:
 
     cls, sep = v.token("bos") or "[CLS]", v.token("seperator") or "[SEP]"
     return {
-        "added_tokens": [_added(i, v.tokens[i], True) for i in v.used()
-                         if v.types[i] == TokenType.CONTROL],  # fmt: skip
+        "added_tokens": [
+            _added(i, v.tokens[i], True) for i in v.used() if v.types[i] == TokenType.CONTROL
+        ],
         # llama.cpp's WPM tokenizer lowercases and splits CJK characters, as this normalizer does
-        "normalizer": {"type": "BertNormalizer", "clean_text": True, "handle_chinese_chars": True,
-                       "strip_accents": None, "lowercase": True},  # fmt: skip
+        "normalizer": {
+            "type": "BertNormalizer",
+            "clean_text": True,
+            "handle_chinese_chars": True,
+            "strip_accents": None,
+            "lowercase": True,
+        },
         "pre_tokenizer": {"type": "BertPreTokenizer"},
         "post_processor": v.special(_template([cls], [sep])),
         "decoder": {"type": "WordPiece", "prefix": "##", "cleanup": True},
-        "model": {"type": "WordPiece", "unk_token": v.token("unknown") or "[UNK]",
-                  "continuing_subword_prefix": "##", "max_input_chars_per_word": 100,
-                  "vocab": {word(i): i for i in v.used()}},  # fmt: skip
+        "model": {
+            "type": "WordPiece",
+            "unk_token": v.token("unknown") or "[UNK]",
+            "continuing_subword_prefix": "##",
+            "max_input_chars_per_word": 100,
+            "vocab": {word(i): i for i in v.used()},
+        },
     }
 
 
@@ -207,13 +257,21 @@ def files(m: Meta) -> dict[str, Any]:
         )
     v = _Vocab(m)
     spec = {"version": "1.0", "truncation": None, "padding": None, **_MODELS[model](v)}
-    config: dict[str, Any] = {"tokenizer_class": "PreTrainedTokenizerFast",
-                              "clean_up_tokenization_spaces": False}  # fmt: skip
+    config: dict[str, Any] = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "clean_up_tokenization_spaces": False,
+    }
     if (ctx := m.of_arch("context_length")) is not None:
         config["model_max_length"] = int(ctx)
-    for field, kind in (("bos_token", "bos"), ("eos_token", "eos"), ("unk_token", "unknown"),
-                        ("pad_token", "padding"), ("sep_token", "seperator"),
-                        ("cls_token", "cls"), ("mask_token", "mask")):  # fmt: skip
+    for field, kind in (
+        ("bos_token", "bos"),
+        ("eos_token", "eos"),
+        ("unk_token", "unknown"),
+        ("pad_token", "padding"),
+        ("sep_token", "seperator"),
+        ("cls_token", "cls"),
+        ("mask_token", "mask"),
+    ):
         if (token := v.token(kind)) is not None:
             config[field] = token
     for field in ("add_bos_token", "add_eos_token"):
@@ -222,8 +280,9 @@ def files(m: Meta) -> dict[str, Any]:
     if (template := m.get("tokenizer.chat_template")) is not None:
         config["chat_template"] = str(template)
     config["added_tokens_decoder"] = {
-        str(a["id"]): {k: a[k] for k in ("content", "lstrip", "normalized", "rstrip",
-                                         "single_word", "special")}
+        str(a["id"]): {
+            k: a[k] for k in ("content", "lstrip", "normalized", "rstrip", "single_word", "special")
+        }
         for a in spec["added_tokens"]
-    }  # fmt: skip
+    }
     return {"tokenizer.json": spec, "tokenizer_config.json": config}

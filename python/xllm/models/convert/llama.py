@@ -105,9 +105,12 @@ def decoder_names(config: dict[str, Any], *block: str) -> list[str]:
             *(f"model.layers.{i}.{name}" for i in layers for name in layer)]  # fmt: skip
 
 
-def _decoder_config(m: Meta, tensors: Mapping[str, ReaderTensor], arch: str, model_type: str) -> dict[str, Any]:
-    config = {"architectures": [arch], "model_type": model_type, **common_config(m),
-              "hidden_act": "silu", "tie_word_embeddings": "output.weight" not in tensors}  # fmt: skip
+def _decoder_config(
+    m: Meta, tensors: Mapping[str, ReaderTensor], arch: str, model_type: str
+) -> dict[str, Any]:
+    config = {"architectures": [arch], "model_type": model_type, **common_config(m)}
+    config["hidden_act"] = "silu"
+    config["tie_word_embeddings"] = "output.weight" not in tensors
     config.setdefault("rope_theta", 10000.0)
     return config
 

@@ -56,8 +56,11 @@ def common_config(m: Meta) -> dict[str, Any]:
         if value is not None:
             config[field] = short(value) if isinstance(value, float) else int(value)
     config["vocab_size"] = len(m.get("tokenizer.ggml.tokens", []))
-    for field, kind in (("bos_token_id", "bos"), ("eos_token_id", "eos"),
-                        ("pad_token_id", "padding")):  # fmt: skip
+    for field, kind in (
+        ("bos_token_id", "bos"),
+        ("eos_token_id", "eos"),
+        ("pad_token_id", "padding"),
+    ):
         if (value := m.token_id(kind)) is not None:
             config[field] = value
     return config

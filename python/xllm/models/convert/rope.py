@@ -16,8 +16,12 @@ import numpy.typing as npt
 
 from xllm.models.safetensors import SafetensorsError
 
-_DEFAULTS = {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-             "original_max_position_embeddings": 8192}  # fmt: skip
+_DEFAULTS = {
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 8192,
+}
 """llama.cpp's converter's defaults for keys a llama3 rope_scaling leaves out (Llama 3.1's)."""
 
 
@@ -27,7 +31,7 @@ def _head_dim(config: dict[str, Any]) -> int:
 
 def _wavelengths(base: float, dim: int) -> npt.NDArray[np.float32]:
     freqs = np.float32(1.0) / np.float32(base) ** (np.arange(0, dim, 2, dtype=np.float32) / dim)
-    return np.float32(2 * math.pi) / freqs
+    return np.asarray(np.float32(2 * math.pi) / freqs, np.float32)
 
 
 def factors(config: dict[str, Any]) -> npt.NDArray[np.float32] | None:
@@ -41,7 +45,9 @@ def factors(config: dict[str, Any]) -> npt.NDArray[np.float32] | None:
         s["original_max_position_embeddings"] = config.get(
             "original_max_position_embeddings", _DEFAULTS["original_max_position_embeddings"]
         )
-    factor, low, high = (np.float32(s[k]) for k in ("factor", "low_freq_factor", "high_freq_factor"))
+    factor, low, high = (
+        np.float32(s[k]) for k in ("factor", "low_freq_factor", "high_freq_factor")
+    )
     old = np.float32(s["original_max_position_embeddings"])
     wavelen = _wavelengths(config.get("rope_theta", 10000.0), _head_dim(config))
     smooth = (old / wavelen - low) / (high - low)
@@ -60,8 +66,10 @@ def scaling(values: npt.NDArray[Any], config: dict[str, Any]) -> dict[str, Any]:
     if ramp.sum() >= 2:  # smooth = a / wavelen - b, solved from the ramp with low = 1
         smooth = (1 / values[ramp] - 1 / factor) / (1 - 1 / factor)
         a, b = np.polyfit(1 / wavelen[ramp], smooth, 1) * (1, -1)
-        found.update(high_freq_factor=round(float(1 + 1 / b), 4),
-                     original_max_position_embeddings=round(float(a / b)))  # fmt: skip
+        found.update(
+            high_freq_factor=round(float(1 + 1 / b), 4),
+            original_max_position_embeddings=round(float(a / b)),
+        )
     remade = factors({**config, "rope_scaling": found})
     if remade is None or remade.shape != values.shape or not np.allclose(remade, values, 1e-4):
         raise SafetensorsError(

@@ -75,7 +75,11 @@ def write(path: Path, tensors: list[tuple[str, str, tuple[int, ...]]],
     offset = 0
     for name, dtype, shape in tensors:
         size = math.prod(shape) * np.dtype(_DTYPES[dtype]).itemsize
-        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + size]}
+        header[name] = {
+            "dtype": dtype,
+            "shape": list(shape),
+            "data_offsets": [offset, offset + size],
+        }
         offset += size
     head = json.dumps(header, separators=(",", ":")).encode()
     head += b" " * (-len(head) % 8)  # the data starts 8-byte aligned
