@@ -152,6 +152,39 @@ def test_minilm_f32_round_trip_is_bit_exact(minilm_dir: Path, tmp_path: Path) ->
         assert tok.encode(s).ids == ref.encode(s).ids, s
 
 
+def bf16_tensors(path: Path) -> dict[str, np.ndarray]:
+    """The BF16 tensors of a safetensors file, widened to F32."""
+    raw = path.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    out = {}
+    for name, t in json.loads(raw[8 : 8 + n]).items():
+        if name != "__metadata__" and t["dtype"] == "BF16":
+            a, b = t["data_offsets"]
+            bits = np.frombuffer(raw[8 + n + a : 8 + n + b], "<u2").astype(np.uint32) << 16
+            out[name] = bits.view(np.float32).reshape(t["shape"])
+    return out
+
+
+def test_minilm_bf16_kept_and_outtype_cast(minilm_dir: Path, tmp_path: Path) -> None:
+    """A BF16 GGUF's weights stay BF16, bit for bit (the original's rounded to nearest even);
+    `--outtype f16` casts every tensor, norms included."""
+    to_gguf(minilm_dir, tmp_path / "m.gguf", "--outtype", "bf16")
+    to_folder(tmp_path / "m.gguf", tmp_path / "hf")
+    want = read_safetensors(minilm_dir / "model.safetensors")
+    types = safetensors_types(tmp_path / "hf" / "model.safetensors")
+    got = bf16_tensors(tmp_path / "hf" / "model.safetensors")
+    assert got.keys() == {k for k, t in types.items() if t == "BF16"}
+    assert "encoder.layer.0.attention.self.query.weight" in got
+    assert types["encoder.layer.0.attention.self.query.bias"] == "F32"
+    for name, values in got.items():
+        bits = want[name].view(np.uint32)
+        rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16 << 16).view(np.float32)
+        assert np.array_equal(values, rounded), name
+    done = xllm("convert", str(tmp_path / "m.gguf"), str(tmp_path / "f16"), "--outtype", "f16")
+    assert done.returncode == 0, done.stderr
+    assert set(safetensors_types(tmp_path / "f16" / "model.safetensors").values()) == {"F16"}
+
+
 def test_tiny_gemma3_logits_match_numpy_and_round_trip(tmp_path: Path) -> None:
     config = tiny_gemma3(tmp_path / "hf")
     r = to_gguf(tmp_path / "hf", tmp_path / "m.gguf", "--outtype", "f32")
