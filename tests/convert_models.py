@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
 F = np.float32
 
@@ -98,10 +98,25 @@ def bert_embedding(w: dict[str, np.ndarray], config: dict[str, Any], ids: list[i
     return pooled / np.linalg.norm(pooled)
 
 
-def _rope(x: np.ndarray, theta: float) -> np.ndarray:
+def llama3_inv_freq(inv: np.ndarray, scaling: dict[str, Any]) -> np.ndarray:
+    """Hugging Face's `_compute_llama3_parameters`: low frequencies divided by the factor,
+    high ones kept, a smooth ramp between."""
+    factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+    old = scaling["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv
+    scaled = np.where(wavelen > old / low, inv / factor, inv)
+    smooth = (old / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= old / high) & (wavelen <= old / low)
+    return np.where(medium, smoothed, scaled)
+
+
+def _rope(x: np.ndarray, theta: float, scaling: dict[str, Any] | None = None) -> np.ndarray:
     """Hugging Face's rotary embedding (rotate_half: dimension i pairs with i + d/2)."""
     n, d = x.shape[1], x.shape[2]
     inv = 1.0 / theta ** (np.arange(0, d, 2, dtype=np.float64) / d)
+    if scaling is not None:
+        inv = llama3_inv_freq(inv, scaling)
     ang = np.outer(np.arange(n), inv)
     cos, sin = np.cos(np.concatenate([ang, ang], -1)), np.sin(np.concatenate([ang, ang], -1))
     rot = np.concatenate([-x[..., d // 2 :], x[..., : d // 2]], -1)
@@ -128,7 +143,8 @@ def causal_logits(w: dict[str, np.ndarray], config: dict[str, Any], ids: list[in
         q = lin(p + "self_attn.q_proj", h).reshape(n, heads, -1).transpose(1, 0, 2)
         k = lin(p + "self_attn.k_proj", h).reshape(n, kv, -1).transpose(1, 0, 2)
         v = lin(p + "self_attn.v_proj", h).reshape(n, kv, -1).transpose(1, 0, 2)
-        q, k = _rope(q, config["rope_theta"]), _rope(k, config["rope_theta"])
+        scaling = config.get("rope_scaling")
+        q, k = _rope(q, config["rope_theta"], scaling), _rope(k, config["rope_theta"], scaling)
         k, v = np.repeat(k, heads // kv, 0), np.repeat(v, heads // kv, 0)
         att = _softmax(q @ k.transpose(0, 2, 1) / math.sqrt(q.shape[-1]) + mask) @ v
         x = x + lin(p + "self_attn.o_proj", att.transpose(1, 0, 2).reshape(n, -1))
@@ -142,9 +158,10 @@ CORPUS = ["The quick brown fox jumps over the lazy dog.", "Hello world! How are 
           "Paris is the capital of France.", "numbers 1 22 333, symbols {}[]<>", "¿Qué tal? naïve café"] * 20  # fmt: skip
 
 
-def tiny_causal(folder: Path, arch: str, seed: int = 0) -> dict[str, Any]:
-    """A random-weight llama or qwen2 Hugging Face folder: config.json, model.safetensors, a
-    byte-level BPE tokenizer.json trained here, tokenizer_config.json with a chat template."""
+def tiny_causal(folder: Path, arch: str, seed: int = 0, **extra: Any) -> dict[str, Any]:
+    """A random-weight llama or qwen2 Hugging Face folder: config.json (`extra` keys added),
+    model.safetensors, a byte-level BPE tokenizer.json trained here, tokenizer_config.json
+    with a chat template."""
     folder.mkdir(parents=True, exist_ok=True)
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -161,7 +178,7 @@ def tiny_causal(folder: Path, arch: str, seed: int = 0) -> dict[str, Any]:
     config = {"architectures": ["LlamaForCausalLM" if arch == "llama" else "Qwen2ForCausalLM"], "model_type": arch,
               "vocab_size": vocab, "hidden_size": dim, "intermediate_size": ff, "num_attention_heads": heads,
               "num_key_value_heads": kv, "num_hidden_layers": layers, "rms_norm_eps": 1e-6, "rope_theta": 10000.0,
-              "max_position_embeddings": 256, "tie_word_embeddings": False, "eos_token_id": 2}  # fmt: skip
+              "max_position_embeddings": 256, "tie_word_embeddings": False, "eos_token_id": 2, **extra}  # fmt: skip
     (folder / "config.json").write_text(json.dumps(config))
     rng = np.random.default_rng(seed)
     w: dict[str, np.ndarray] = {"model.embed_tokens.weight": rng.normal(0, 0.5, (vocab, dim)),
@@ -179,5 +196,110 @@ def tiny_causal(folder: Path, arch: str, seed: int = 0) -> dict[str, Any]:
                 w[p + f"self_attn.{name}.bias"] = rng.normal(0, 0.1, shapes[f"self_attn.{name}"][0])
         w[p + "input_layernorm.weight"] = 1 + rng.normal(0, 0.1, dim)
         w[p + "post_attention_layernorm.weight"] = 1 + rng.normal(0, 0.1, dim)
+    write_safetensors(folder / "model.safetensors", w)
+    return config
+
+
+def _gelu_tanh(x: np.ndarray) -> np.ndarray:
+    return 0.5 * x * (1 + np.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x**3)))
+
+
+def gemma3_logits(w: dict[str, np.ndarray], config: dict[str, Any], ids: list[int]) -> np.ndarray:
+    """Gemma3ForCausalLM forward (text): norms by 1 + w, q/k norms, embeddings scaled by
+    sqrt(hidden), the local rope base in sliding layers, four norms a layer, tied output."""
+    heads, kv, hd = config["num_attention_heads"], config["num_key_value_heads"], config["head_dim"]
+    eps, n = config["rms_norm_eps"], len(ids)
+
+    def rms(x: np.ndarray, g: np.ndarray) -> np.ndarray:
+        return x / np.sqrt((x * x).mean(-1, keepdims=True) + eps) * (1 + g)
+
+    embed = w["model.embed_tokens.weight"].astype(np.float64)
+    x = embed[ids] * math.sqrt(config["hidden_size"])
+    mask = np.triu(np.full((n, n), -np.inf), 1)
+    for i, kind in enumerate(config["layer_types"]):
+        p = f"model.layers.{i}."
+        theta = (
+            config["rope_local_base_freq"] if kind == "sliding_attention" else config["rope_theta"]
+        )
+        h = rms(x, w[p + "input_layernorm.weight"])
+        q = (h @ w[p + "self_attn.q_proj.weight"].T).reshape(n, heads, hd)
+        k = (h @ w[p + "self_attn.k_proj.weight"].T).reshape(n, kv, hd)
+        v = (h @ w[p + "self_attn.v_proj.weight"].T).reshape(n, kv, hd).transpose(1, 0, 2)
+        q = _rope(rms(q, w[p + "self_attn.q_norm.weight"]).transpose(1, 0, 2), theta)
+        k = _rope(rms(k, w[p + "self_attn.k_norm.weight"]).transpose(1, 0, 2), theta)
+        k, v = np.repeat(k, heads // kv, 0), np.repeat(v, heads // kv, 0)
+        scale = config["query_pre_attn_scalar"] ** -0.5
+        att = _softmax(q @ k.transpose(0, 2, 1) * scale + mask) @ v
+        att = att.transpose(1, 0, 2).reshape(n, -1) @ w[p + "self_attn.o_proj.weight"].T
+        x = x + rms(att, w[p + "post_attention_layernorm.weight"])
+        h = rms(x, w[p + "pre_feedforward_layernorm.weight"])
+        act = _gelu_tanh(h @ w[p + "mlp.gate_proj.weight"].T) * (h @ w[p + "mlp.up_proj.weight"].T)
+        x = x + rms(
+            act @ w[p + "mlp.down_proj.weight"].T, w[p + "post_feedforward_layernorm.weight"]
+        )
+    return rms(x, w["model.norm.weight"]) @ embed.T
+
+
+GEMMA_SPECIAL = ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"]
+
+
+def _gemma_tokenizer(folder: Path) -> int:
+    """A Gemma-style tokenizer.json: BPE with byte fallback on `▁`-spaced text (no
+    pre-tokenizer), `<0xNN>` byte tokens in the vocabulary, `<bos>` added; returns its size."""
+    tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    tok.normalizer = normalizers.Replace(" ", "\u2581")
+    tok.decoder = decoders.Sequence(
+        [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
+    )
+    byte_tokens = [f"<0x{b:02X}>" for b in range(256)]
+    trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=GEMMA_SPECIAL + byte_tokens)
+    tok.train_from_iterator(CORPUS, trainer)
+    spec = json.loads(tok.to_str())
+    spec["added_tokens"] = [a for a in spec["added_tokens"] if a["content"] not in byte_tokens]
+    spec["post_processor"] = {"type": "TemplateProcessing",
+                              "single": [{"SpecialToken": {"id": "<bos>", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+                              "pair": [{"SpecialToken": {"id": "<bos>", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
+                                       {"Sequence": {"id": "B", "type_id": 1}}],
+                              "special_tokens": {"<bos>": {"id": "<bos>", "ids": [2], "tokens": ["<bos>"]}}}  # fmt: skip
+    (folder / "tokenizer.json").write_text(json.dumps(spec, ensure_ascii=False))
+    (folder / "tokenizer_config.json").write_text(json.dumps({
+        "bos_token": "<bos>", "eos_token": "<eos>", "unk_token": "<unk>", "pad_token": "<pad>",
+        "add_bos_token": True, "add_eos_token": False,
+        "chat_template": "{{ bos_token }}{% for m in messages %}<start_of_turn>{{ m.role }}\n{{ m.content }}<end_of_turn>\n{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}",
+    }))  # fmt: skip
+    return len(spec["model"]["vocab"])
+
+
+def tiny_gemma3(folder: Path, seed: int = 0) -> dict[str, Any]:
+    """A random-weight Gemma3ForCausalLM folder: six layers (five sliding, one global), a head
+    size that is not hidden/heads, tied embeddings, a Gemma-style tokenizer."""
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab, dim, ff, heads, kv, hd, layers = _gemma_tokenizer(folder), 64, 128, 4, 2, 32, 6
+    config = {"architectures": ["Gemma3ForCausalLM"], "model_type": "gemma3_text", "vocab_size": vocab,
+              "hidden_size": dim, "intermediate_size": ff, "num_attention_heads": heads, "num_key_value_heads": kv,
+              "head_dim": hd, "num_hidden_layers": layers, "rms_norm_eps": 1e-6, "rope_theta": 1_000_000.0,
+              "rope_local_base_freq": 10000.0, "query_pre_attn_scalar": hd, "sliding_window": 512,
+              "layer_types": ["sliding_attention"] * 5 + ["full_attention"], "max_position_embeddings": 1024,
+              "hidden_activation": "gelu_pytorch_tanh", "tie_word_embeddings": True,
+              "bos_token_id": 2, "eos_token_id": 1, "pad_token_id": 0}  # fmt: skip
+    (folder / "config.json").write_text(json.dumps(config))
+    rng = np.random.default_rng(seed)
+    w: dict[str, np.ndarray] = {"model.embed_tokens.weight": rng.normal(0, 0.5, (vocab, dim)),
+                                "model.norm.weight": rng.normal(0, 0.1, dim)}  # fmt: skip
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        shapes = {"self_attn.q_proj": (heads * hd, dim), "self_attn.k_proj": (kv * hd, dim), "self_attn.v_proj": (kv * hd, dim),
+                  "self_attn.o_proj": (dim, heads * hd), "mlp.gate_proj": (ff, dim), "mlp.up_proj": (ff, dim), "mlp.down_proj": (dim, ff)}  # fmt: skip
+        for name, shape in shapes.items():
+            w[p + name + ".weight"] = rng.normal(0, 0.15, shape)
+        for name in (
+            "input_layernorm",
+            "post_attention_layernorm",
+            "pre_feedforward_layernorm",
+            "post_feedforward_layernorm",
+        ):
+            w[p + name + ".weight"] = rng.normal(0, 0.1, dim)
+        w[p + "self_attn.q_norm.weight"] = rng.normal(0, 0.1, hd)
+        w[p + "self_attn.k_norm.weight"] = rng.normal(0, 0.1, hd)
     write_safetensors(folder / "model.safetensors", w)
     return config

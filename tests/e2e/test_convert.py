@@ -135,6 +135,55 @@ def test_tiny_causal_logits_match_numpy(arch: str, tmp_path: Path) -> None:
     assert gen[0] == gen[1]
 
 
+def test_llama3_rope_scaling_becomes_rope_freqs(tmp_path: Path) -> None:
+    """Llama 3.2's rope scaling on a head size whose frequencies fall on both sides of the
+    ramp and in it: llama.cpp reads the converter's rope_freqs and gives the logits of a numpy
+    forward pass with Hugging Face's llama3 frequencies; converted back, the same scaling."""
+    scaling = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}  # fmt: skip
+    config = tiny_causal(tmp_path / "hf", "llama", rope_theta=500000.0, rope_scaling=scaling)
+    out = tmp_path / "m.gguf"
+    done = xllm("convert", str(tmp_path / "hf"), str(out), "--outtype", "f32")
+    assert done.returncode == 0, done.stderr
+    freqs = {t.name: np.asarray(t.data) for t in GGUFReader(out).tensors}["rope_freqs.weight"]
+    assert freqs.shape == (8,) and freqs.min() == 1 and freqs.max() == 32
+    assert ((freqs > 1) & (freqs < 32)).any()  # the smooth ramp
+    tok = Tokenizer.from_file(str(tmp_path / "hf" / "tokenizer.json"))
+    ids = tok.encode("The quick brown fox is the capital of France. " * 3).ids
+    model = Llama(str(out), n_ctx=128, logits_all=True, verbose=False)
+    model.eval(ids)
+    got = np.array(model.scores[: len(ids)])
+    want = causal_logits(read_safetensors(tmp_path / "hf" / "model.safetensors"), config, ids)
+    assert np.abs(got - want).max() < 1e-3 * np.abs(want).max(), np.abs(got - want).max()
+    unscaled = causal_logits(
+        read_safetensors(tmp_path / "hf" / "model.safetensors"),
+        {**config, "rope_scaling": None},
+        ids,
+    )
+    assert np.abs(unscaled - want).max() > 10 * np.abs(got - want).max()  # the scaling mattered
+    done = xllm("convert", str(out), str(tmp_path / "back"))
+    assert done.returncode == 0, done.stderr
+    back = json.loads((tmp_path / "back" / "config.json").read_text())
+    assert back["rope_scaling"] == scaling and back["rope_theta"] == 500000.0
+
+
+def test_mixture_of_experts_is_refused(tmp_path: Path) -> None:
+    tiny_causal(tmp_path / "hf", "qwen2")
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    for arch, extra in (("MixtralForCausalLM", {"num_local_experts": 8}),
+                        ("Qwen2ForCausalLM", {"num_experts": 60}),
+                        ("LlamaForCausalLM", {"num_local_experts": 4})):  # fmt: skip
+        (tmp_path / "hf" / "config.json").write_text(
+            json.dumps({**config, "architectures": [arch], **extra})
+        )
+        done = xllm("convert", str(tmp_path / "hf"), str(tmp_path / "x.gguf"))
+        assert done.returncode == 1 and "Traceback" not in done.stderr
+        n = next(iter(extra.values()))
+        assert f"{arch!r} cannot be converted (a mixture of {n} experts)" in done.stderr
+        assert "MistralForCausalLM" in done.stderr and "Gemma3ForCausalLM" in done.stderr
+        assert not (tmp_path / "x.gguf").exists()
+
+
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_tiny_causal_q4_k_m_generates(arch: str, tmp_path: Path) -> None:
     tiny_causal(tmp_path / "hf", arch, seed=1)

@@ -1,5 +1,6 @@
 """`xllm convert IN OUT`: a Hugging Face safetensors folder (or a stored safetensors model) to
-GGUF, optionally quantized; offline, on files (no server)."""
+GGUF, optionally quantized, or a GGUF file back to a Hugging Face folder; offline, on files
+(no server)."""
 
 from __future__ import annotations
 
@@ -15,15 +16,23 @@ from xllm.cli.progress import Progress
 def add_parser(commands: Any) -> None:
     p = commands.add_parser(
         "convert",
-        help="convert a Hugging Face safetensors model to GGUF (optionally quantized)",
+        help="convert a Hugging Face safetensors model to GGUF (optionally quantized), or back",
         description="Convert a Hugging Face model folder (config.json, *.safetensors, "
-        "tokenizer.json), or a safetensors model pulled into the store, to one GGUF file. "
-        "Architectures: bert, llama, qwen2. No torch needed.",
+        "tokenizer.json), or a safetensors model pulled into the store, to one GGUF file; or "
+        "a .gguf file to a Hugging Face folder (config.json, model.safetensors with quantized "
+        "weights dequantized, tokenizer.json, tokenizer_config.json). Architectures: bert, "
+        "llama, qwen2, gemma3. No torch needed.",
     )
-    p.add_argument("input", metavar="IN", help="model folder, or the name of a stored model")
-    p.add_argument("output", metavar="OUT", help="the GGUF file to write")
-    p.add_argument("--outtype", default="f16", choices=["f32", "f16", "bf16", "q8_0"],
-                   help="type of the weights (default f16; norms and biases stay f32)")  # fmt: skip
+    p.add_argument(
+        "input", metavar="IN", help="model folder, the name of a stored model, or a .gguf file"
+    )
+    p.add_argument(
+        "output", metavar="OUT", help="the GGUF file to write (a new folder when IN is .gguf)"
+    )
+    p.add_argument("--outtype", choices=["f32", "f16", "bf16", "q8_0"],
+                   help="type of the weights: to GGUF f32, f16 (default), bf16 or q8_0, norms "
+                   "and biases staying f32; to safetensors f32, f16 or bf16 (default: float "
+                   "tensors keep their type, quantized ones become f32)")  # fmt: skip
     p.add_argument(
         "-q", "--quantize", metavar="TYPE",
         help="then quantize with llama.cpp: Q4_K_M, Q5_K_M, Q8_0, Q4_0, ...",
@@ -36,8 +45,6 @@ def source_folder(value: str) -> Path:
     path = Path(value).expanduser()
     if path.is_dir():
         return path
-    if path.suffix.lower() == ".gguf" and path.is_file():
-        raise ValueError(f"{value} is already GGUF (GGUF -> safetensors is not supported yet)")
     from xllm.config import load_settings
     from xllm.models.names import parse_name
     from xllm.models.store import SAFETENSORS_FORMAT, Store
@@ -78,12 +85,32 @@ def run(folder: Path, out: Path, outtype: str, quantize: str | None) -> None:
     print(f"wrote {out} ({done.architecture}, {done.tensors} tensors)", file=sys.stderr)
 
 
+def to_folder(path: Path, out: Path, outtype: str | None, quantize: str | None) -> None:
+    """GGUF -> a Hugging Face folder, drawing progress on stderr."""
+    from xllm.models.convert.hf_folder import convert_gguf
+
+    if quantize:
+        raise ValueError("--quantize makes a GGUF: it does not apply to converting one back")
+    progress = Progress()
+    try:
+        arch, tensors = convert_gguf(path, out, outtype, lambda n, total: progress.update(
+            {"status": "converting", "digest": "convert", "total": total,
+             "completed": n}))  # fmt: skip
+    finally:
+        progress.finish()
+    print(f"wrote {out}/ ({arch}, {tensors} tensors)", file=sys.stderr)
+
+
 def convert(args: argparse.Namespace) -> int:
     from xllm.errors import XllmError
 
     t0 = time.perf_counter()
+    source = Path(args.input).expanduser()
     try:
-        run(source_folder(args.input), Path(args.output), args.outtype, args.quantize)
+        if source.suffix.lower() == ".gguf" and source.is_file():
+            to_folder(source, Path(args.output), args.outtype, args.quantize)
+        else:
+            run(source_folder(args.input), Path(args.output), args.outtype or "f16", args.quantize)
     except XllmError as e:
         print(f"Error: {e.message}", file=sys.stderr)
         return 1

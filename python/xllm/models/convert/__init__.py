@@ -1,4 +1,5 @@
-"""`xllm convert`: a Hugging Face safetensors folder -> one GGUF file, with no torch.
+"""`xllm convert`: a Hugging Face safetensors folder -> one GGUF file, with no torch (and
+back: hf_folder.py).
 
 config.json's `architectures[0]` picks the family (FAMILIES); the weights stream from the
 safetensors files (weights.py) through the family's renaming into gguf's writer, the
@@ -18,7 +19,7 @@ from typing import Any
 
 from gguf import MODEL_ARCH_NAMES, GGMLQuantizationType, GGUFWriter, LlamaFileType
 
-from xllm.models.convert import bert, llama, weights, writer
+from xllm.models.convert import bert, gemma3, llama, weights, writer
 from xllm.models.convert.writer import OUTTYPES, Family
 from xllm.models.safetensors import SafetensorsError
 
@@ -26,6 +27,7 @@ FAMILIES: dict[str, Family] = {
     **dict.fromkeys(bert.ARCHITECTURES, bert.FAMILY),
     **dict.fromkeys(llama.LLAMA, llama.LLAMA_FAMILY),
     **dict.fromkeys(llama.QWEN2, llama.QWEN2_FAMILY),
+    **dict.fromkeys(gemma3.ARCHITECTURES, gemma3.FAMILY),
 }
 """config.json's `architectures[0]` -> how it converts."""
 
@@ -58,12 +60,19 @@ def read_config(folder: Path) -> dict[str, Any]:
     return {**config, **(config.get("text_config") or {})}
 
 
+_EXPERTS = ("num_local_experts", "num_experts", "n_routed_experts")
+"""config.json's count of experts (Mixtral, Qwen MoE, DeepSeek): a mixture of experts."""
+
+
 def family_of(config: dict[str, Any]) -> Family:
     archs = config.get("architectures") or [config.get("model_type", "unknown")]
     arch = str(archs[0])
-    if arch not in FAMILIES:
+    experts = writer.find(config, *_EXPERTS)
+    moe = isinstance(experts, int) and experts > 1
+    if arch not in FAMILIES or moe:
+        what = f"a mixture of {experts} experts" if moe else "its architecture"
         raise UnsupportedArchitecture(
-            f"architecture {arch!r} cannot be converted; xllm converts {', '.join(FAMILIES)}"
+            f"{arch!r} cannot be converted ({what}); xllm converts the dense {', '.join(FAMILIES)}"
         )
     return FAMILIES[arch]
 

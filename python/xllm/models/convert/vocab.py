@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -133,9 +134,9 @@ def pre_hash(path: Path) -> str:
     return hashlib.sha256(str(ids).encode()).hexdigest()
 
 
-def load(folder: Path, vocab_size: int | None) -> Vocab:
+def load(folder: Path, vocab_size: int | None, bpe: bool = True) -> Vocab:
     """The tokens of folder/tokenizer.json by id (a gap is `[PADn]`, unused), their types, and
-    the pre-tokenizer's name."""
+    (for a byte-level BPE model) the pre-tokenizer's name."""
     from tokenizers import Tokenizer
 
     path = folder / "tokenizer.json"
@@ -167,12 +168,39 @@ def load(folder: Path, vocab_size: int | None) -> Vocab:
         else:
             tokens.append(token)
             types.append(TokenType.NORMAL)
+    if not bpe:  # llama.cpp runs a SentencePiece or WordPiece vocabulary without one
+        return Vocab(tokens, types, "default", "")
     digest = pre_hash(path)
     pre = PRE_HASHES.get(digest)
     if pre is None:
         log.warning("unknown pre-tokenizer (hash %s): writing 'default'", digest)
         pre = "default"
     return Vocab(tokens, types, pre, digest)
+
+
+_BYTE = re.compile(r"<0x[0-9A-F]{2}>")
+
+
+def spm(folder: Path, v: Vocab) -> list[float]:
+    """A SentencePiece-style vocabulary from a tokenizer.json that was made from one (BPE with
+    byte fallback, as Gemma's): `<0xNN>` tokens become BYTE, and the scores llama.cpp merges by
+    are the merges' order (a token's score is minus the rank of the first merge making it;
+    added tokens -1000 and bytes 0, as llama.cpp's converter writes them)."""
+    model = json.loads((folder / "tokenizer.json").read_bytes()).get("model") or {}
+    merges = model.get("merges") or []
+    rank: dict[str, int] = {}
+    for r, merge in enumerate(merges):
+        pair = merge.split(" ", 1) if isinstance(merge, str) else merge
+        rank.setdefault("".join(pair), r)
+    scores = []
+    for i, token in enumerate(v.tokens):
+        if v.types[i] == TokenType.NORMAL and model.get("byte_fallback") and _BYTE.fullmatch(token):
+            v.types[i] = TokenType.BYTE
+        if v.types[i] == TokenType.NORMAL:
+            scores.append(-float(rank.get(token, len(merges))))
+        else:
+            scores.append(0.0 if v.types[i] == TokenType.BYTE else -1000.0)
+    return scores
 
 
 def write(w: GGUFWriter, folder: Path, model: str, vocab: Vocab, merges: bool) -> None:
@@ -182,4 +210,10 @@ def write(w: GGUFWriter, folder: Path, model: str, vocab: Vocab, merges: bool) -
     w.add_tokenizer_pre(vocab.pre)
     w.add_token_list(vocab.tokens)
     w.add_token_types(vocab.types)
-    SpecialVocab(folder, load_merges=merges, n_vocab=len(vocab.tokens)).add_to_gguf(w, quiet=True)
+    special(w, folder, len(vocab.tokens), merges)
+
+
+def special(w: GGUFWriter, folder: Path, n_vocab: int, merges: bool) -> None:
+    """gguf's SpecialVocab: merges, special token ids, add_bos/add_eos and the chat template
+    from the tokenizer files."""
+    SpecialVocab(folder, load_merges=merges, n_vocab=n_vocab).add_to_gguf(w, quiet=True)

@@ -1,4 +1,5 @@
-"""The tensors of a Hugging Face model folder, read from its safetensors files with numpy.
+"""The tensors of a Hugging Face model folder, read from (and written to) safetensors files
+with numpy.
 
 A safetensors file is 8 bytes of header length, a JSON header (name -> dtype, shape, byte
 offsets into the data that follows) and the raw little-endian data; each tensor is a view of a
@@ -8,8 +9,10 @@ numpy type: it widens to F32 (the top 16 bits of an F32 are a BF16).
 
 from __future__ import annotations
 
+import json
 import math
-from collections.abc import Iterator
+import struct
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -62,3 +65,28 @@ def read(folder: Path) -> Iterator[tuple[str, npt.NDArray[np.generic]]]:
         for name, info in header.items():
             if name != "__metadata__":
                 yield name, _tensor(data, name, info, base)
+
+
+def write(path: Path, tensors: list[tuple[str, str, tuple[int, ...]]],
+          data: Iterable[npt.NDArray[np.generic]]) -> None:  # fmt: skip
+    """A safetensors file of `tensors` (name, dtype, shape), their data coming in that order
+    from `data`, so that one tensor at a time is in memory (BF16 data as its uint16 bits)."""
+    header: dict[str, object] = {}
+    offset = 0
+    for name, dtype, shape in tensors:
+        size = math.prod(shape) * np.dtype(_DTYPES[dtype]).itemsize
+        header[name] = {
+            "dtype": dtype,
+            "shape": list(shape),
+            "data_offsets": [offset, offset + size],
+        }
+        offset += size
+    head = json.dumps(header, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)  # the data starts 8-byte aligned
+    with path.open("wb") as f:
+        f.write(struct.pack("<Q", len(head)) + head)
+        for (name, dtype, shape), array in zip(tensors, data, strict=True):
+            array = np.ascontiguousarray(array, dtype=_DTYPES[dtype])
+            if array.shape != shape:
+                raise ValueError(f"tensor {name}: shape {array.shape}, expected {shape}")
+            f.write(array.data)

@@ -9,7 +9,7 @@ the output type, and a tensor Q8_0 cannot hold (rows not a multiple of 32) falls
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,10 +24,12 @@ from gguf import (
     LlamaFileType,
     PoolingType,
     QuantError,
+    ReaderTensor,
     get_tensor_name_map,
     quants,
 )
 
+from xllm.models.convert.meta import Meta
 from xllm.models.safetensors import SafetensorsError
 
 OUTTYPES = {
@@ -43,6 +45,29 @@ Tensors = Iterable[tuple[str, npt.NDArray[Any]]]
 """(GGUF name, array) pairs."""
 
 
+def _unchanged(name: str, array: npt.NDArray[Any], config: dict[str, Any]) -> npt.NDArray[Any]:
+    return array
+
+
+def _no_files(m: Meta, config: dict[str, Any]) -> dict[str, Any]:
+    return {}
+
+
+@dataclass(frozen=True)
+class Reverse:
+    """How one family's GGUF goes back to a Hugging Face folder."""
+
+    config: Callable[[Meta, Mapping[str, ReaderTensor]], dict[str, Any]]
+    """config.json from the GGUF's keys and its tensors (by name)."""
+    names: Callable[[dict[str, Any]], list[str]]
+    """Every Hugging Face tensor name such a model may have (their GGUF names, given by the
+    family's renaming, are looked up the other way)."""
+    untransform: Callable[[str, npt.NDArray[Any], dict[str, Any]], npt.NDArray[Any]] = _unchanged
+    """Undo what `Family.tensors` did to a tensor's values (by its Hugging Face name)."""
+    files: Callable[[Meta, dict[str, Any]], dict[str, Any]] = _no_files
+    """Other JSON files of the folder (sentence-transformers' pooling), by path."""
+
+
 @dataclass(frozen=True)
 class Family:
     """How one family of architectures becomes GGUF."""
@@ -53,6 +78,7 @@ class Family:
     vocab: Callable[[GGUFWriter, dict[str, Any], Path], None]
     tensors: Callable[[Tensors, dict[str, Any]], Tensors]
     """Hugging Face (name, array) pairs -> GGUF ones (renamed, permuted, dropped)."""
+    reverse: Reverse
 
 
 def renamer(arch: MODEL_ARCH, blocks: int) -> Callable[[str], str]:
@@ -66,6 +92,17 @@ def renamer(arch: MODEL_ARCH, blocks: int) -> Callable[[str], str]:
         return new
 
     return rename
+
+
+def unrenamer(arch: MODEL_ARCH, blocks: int, names: list[str]) -> dict[str, str]:
+    """GGUF tensor name -> the Hugging Face name among `names` that `renamer` turns into it."""
+    table = get_tensor_name_map(arch, blocks)
+    back: dict[str, str] = {}
+    for name in names:
+        new = table.get_name(name, try_suffixes=(".weight", ".bias"))
+        if new is not None:
+            back.setdefault(new, name)
+    return back
 
 
 def find(config: dict[str, Any], *keys: str) -> Any:
