@@ -80,9 +80,10 @@ def projector(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def slow_projector(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A bigger one whose encoding takes a while (224 px, 256 patches through 8 layers)."""
+    """A bigger one whose encoding takes a while (224 px, 256 patches through 12 layers):
+    long enough that a scheduling hiccup on a busy machine is small beside it."""
     path = tmp_path_factory.mktemp("mmproj") / "slow.gguf"
-    return write_projector(path, 16, n_embd=256, n_ff=512, n_layer=8, image_size=224, patch=14)
+    return write_projector(path, 16, n_embd=384, n_ff=768, n_layer=12, image_size=224, patch=14)
 
 
 @pytest.fixture
