@@ -133,6 +133,20 @@ def test_tiny_causal_logits_match_numpy(arch: str, tmp_path: Path) -> None:
         for _ in range(2)
     ]
     assert gen[0] == gen[1]
+    # and back to a folder: the same tensors bit for bit (F32 throughout), the same config
+    done = xllm("convert", str(out), str(tmp_path / "back"))
+    assert done.returncode == 0, done.stderr
+    back = json.loads((tmp_path / "back" / "config.json").read_text())
+    for key in ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                "num_key_value_heads", "intermediate_size", "rope_theta", "vocab_size"):  # fmt: skip
+        assert back[key] == config[key], key
+    before = read_safetensors(tmp_path / "hf" / "model.safetensors")
+    after = read_safetensors(tmp_path / "back" / "model.safetensors")
+    assert before.keys() == after.keys()
+    for name, values in before.items():
+        assert np.array_equal(after[name], values), name
+    back_tok = Tokenizer.from_file(str(tmp_path / "back" / "tokenizer.json"))
+    assert back_tok.encode(text).ids == ids
 
 
 def test_llama3_rope_scaling_becomes_rope_freqs(tmp_path: Path) -> None:
