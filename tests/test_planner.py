@@ -186,6 +186,13 @@ def test_cpu_repack_counts_only_blocks_left_on_the_cpu() -> None:
 def test_split_in_proportion_to_free_memory() -> None:
     assert planner.split([_gpu(300), _gpu(100, 1)]) == [0.75, 0.25]
     assert planner.split([]) == []
+    g = _model([10 * MiB] * 4)
+    two = planner.estimate(
+        g, ctx_size=64, parallel=1, batch_size=512, gpus=[_gpu(3000), _gpu(1000, 1)]
+    )
+    assert two.gpu_layers > 0 and two.split == (0.75, 0.25)  # the loader uses it as planned
+    one = planner.estimate(g, ctx_size=64, parallel=1, batch_size=512, gpus=[_gpu(3000)])
+    assert one.split == ()
 
 
 @pytest.mark.parametrize("kv_type", ["f16", "q8_0", "q4_0"])

@@ -501,9 +501,8 @@ async def _load(spec: LoadSpec) -> RunnerClient:
     if plan is not None:
         if o.gpu_layers < 0:
             o = dataclasses.replace(o, gpu_layers=plan.gpu_layers)
-        gpus = probe.gpus()
-        if len(gpus) > 1 and plan.gpu_layers:
-            o = dataclasses.replace(o, tensor_split=tuple(planner.split(gpus)))
+        if plan.split:
+            o = dataclasses.replace(o, tensor_split=plan.split)
     model = await RunnerClient.load(spec.name, spec.path, o, spec.observer)
     model.plan = plan
     model.modelfile = spec.modelfile

@@ -50,6 +50,9 @@ class Plan:
     """Layers to offload (blocks, plus one for the output layer); 0 without a usable GPU."""
     vram: int
     """Of `total`, what goes to GPU memory."""
+    split: tuple[float, ...] = ()
+    """Share of the offloaded layers per GPU when there are several (by free memory at
+    planning time, so that loading does not read the GPUs again)."""
 
     @property
     def total(self) -> int:
@@ -171,7 +174,8 @@ def estimate(
         + cpu_repack_bytes
         + (w.tied_output if output_on_gpu else w.output_repack)
     )
-    return Plan(total_weights, sum(kv), compute, output, n_layer, offload, vram)
+    shares = tuple(split(gpus)) if len(gpus) > 1 and offload else ()
+    return Plan(total_weights, sum(kv), compute, output, n_layer, offload, vram, shares)
 
 
 def with_projector(plan: Plan, weights: int, compute: int) -> Plan:
