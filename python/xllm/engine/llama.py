@@ -30,6 +30,7 @@ from xllm.engine.inbox import Inbox
 from xllm.engine.llamacpp_archs import ARCHITECTURES
 from xllm.engine.options import EngineOptions, child_command, llama_cpp_version
 from xllm.engine.plugins import LoadSpec, Manifest
+from xllm.engine.process import STDERR_LINES, exit_reason, pump_stderr
 from xllm.engine.protocol import ABI_VERSION, Capability, Delta, Image, Observer, Request
 from xllm.errors import EngineError, InvalidRequest, ModelLoadError, Overloaded
 from xllm.grammar import Grammar
@@ -44,7 +45,6 @@ log = logging.getLogger("xllm.engine")
 
 # How often a request waiting for tokens checks whether its client is still there.
 _DISCONNECT_CHECK_S = 0.25
-_STDERR_LINES = 30
 _CLOSE_S = 10.0
 
 
@@ -175,8 +175,8 @@ class RunnerClient:
         finally:
             child.close()
             deltas_child.close()
-        tail: collections.deque[str] = collections.deque(maxlen=_STDERR_LINES)
-        stderr_task = asyncio.create_task(_pump_stderr(proc, name, tail))
+        tail: collections.deque[str] = collections.deque(maxlen=STDERR_LINES)
+        stderr_task = asyncio.create_task(pump_stderr(proc, name, tail))
         reader, writer = await asyncio.open_connection(sock=parent)
         msg = await ipc.read(reader)
         if msg is None or msg[0] != ipc.READY:
@@ -184,7 +184,7 @@ class RunnerClient:
             deltas.close()
             code = await proc.wait()
             await stderr_task
-            reason = msg[1] if msg is not None else f"its runner process {_exit_reason(code)}"
+            reason = msg[1] if msg is not None else f"its runner process {exit_reason(code)}"
             detail = "\n".join(tail)
             log.error("model %s failed to load: %s; its runner said:\n%s", name, reason, detail)
             hint = " (the server's log has llama.cpp's messages)" if detail else ""
@@ -211,7 +211,7 @@ class RunnerClient:
         code = await self._proc.wait()
         self._read_deltas()  # the last ones the runner sent
         self._fail_all(
-            f"the runner process for model {self.name!r} {_exit_reason(code)}; "
+            f"the runner process for model {self.name!r} {exit_reason(code)}; "
             "the request was aborted"
         )
 
@@ -442,32 +442,6 @@ class RunnerClient:
                     await asyncio.wait_for(task, 2.0)
         self._writer.close()
         self._close_deltas()
-
-
-def _exit_reason(code: int | None) -> str:
-    if code is None:
-        return "stopped"
-    if code < 0:
-        import signal
-
-        try:
-            return f"was killed by {signal.Signals(-code).name}"
-        except ValueError:
-            return f"was killed by signal {-code}"
-    return f"exited with status {code}"
-
-
-async def _pump_stderr(
-    proc: asyncio.subprocess.Process, name: str, tail: collections.deque[str]
-) -> None:
-    """llama.cpp's own log lines: kept for error messages, logged at debug level."""
-    assert proc.stderr is not None
-    runner_log = logging.getLogger(f"xllm.runner.{name}")
-    async for raw in proc.stderr:
-        line = raw.decode("utf-8", "replace").rstrip()
-        if line:
-            tail.append(line)
-            runner_log.debug("%s", line)
 
 
 def _estimate(spec: LoadSpec) -> Plan:

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import sys
 from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
+from typing import Any
 
 from xllm.errors import ModelLoadError
 
@@ -36,6 +38,13 @@ class EngineOptions:
     """LoRA adapter files applied over the weights (scale 1, as Ollama's ADAPTER)."""
     projector: str | None = None
     """A vision projector (`mmproj` GGUF) loaded with libmtmd beside the model."""
+
+    @classmethod
+    def from_json(cls, text: str) -> EngineOptions:
+        """The options as `json.dumps(asdict(options))` wrote them for a runner."""
+        raw: dict[str, Any] = json.loads(text)
+        fields: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()}
+        return cls(**fields)
 
     def resolved_threads(self) -> int:
         return self.threads or (os.cpu_count() or 1)

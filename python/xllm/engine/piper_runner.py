@@ -22,14 +22,12 @@ import asyncio
 import collections
 import json
 import logging
-import signal
-import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from xllm.engine import ipc
+from xllm.engine import ipc, process
 from xllm.engine.options import EngineOptions
 from xllm.engine.piper_voice import Loudness, Voice
 from xllm.engine.protocol import Speech
@@ -45,13 +43,7 @@ BEAT_S = 0.5
 
 
 def main(fd: int, name: str, path: Path, options_json: str) -> int:
-    ipc.die_with_parent()
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the server decides when we stop
-    raw: dict[str, Any] = json.loads(options_json)
-    fields: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()}
-    options = EngineOptions(**fields)
-    asyncio.run(_serve(socket.socket(fileno=fd), name, path, options))
-    return 0
+    return process.main(fd, name, path, options_json, _load, _Runner)
 
 
 @dataclass
@@ -66,11 +58,16 @@ class _Job:
     cancelled: bool = False
 
 
+def _load(name: str, path: Path, options: EngineOptions) -> tuple[tuple[Any, ...], Voice]:
+    voice = Voice(path, options.resolved_threads(), options.gpu_layers != 0)
+    return (info(name, path), voice.voices, voice.sample_rate), voice
+
+
 class _Runner:
-    def __init__(self, voice: Voice, writer: asyncio.StreamWriter, max_queue: int) -> None:
+    def __init__(self, voice: Voice, writer: asyncio.StreamWriter, options: EngineOptions) -> None:
         self.voice = voice
         self.writer = writer
-        self.max_queue = max_queue
+        self.max_queue = options.max_queue
         self.jobs: dict[int, _Job] = {}
         self.turns: collections.deque[_Job] = collections.deque()
         self.wake = asyncio.Event()
@@ -147,6 +144,10 @@ class _Runner:
         self.stats["audio_seconds_total"] += len(audio) / self.voice.sample_rate
         return samples
 
+    def stop(self) -> None:
+        for job in self.turns:
+            job.cancelled = True
+
     async def beat(self) -> None:
         while True:
             # every admitted request is running: they take turns; waiting ones are being planned
@@ -166,34 +167,3 @@ def info(name: str, path: Path) -> ModelInfo:
         size=sum(p.stat().st_size for p in files if p.is_file()),
         quantization=facts.quantization, chat_template=None, metadata=meta,
     )  # fmt: skip
-
-
-async def _serve(sock: socket.socket, name: str, path: Path, options: EngineOptions) -> None:
-    reader, writer = await asyncio.open_connection(sock=sock)
-    try:
-        model_info = await asyncio.to_thread(info, name, path)
-        voice = await asyncio.to_thread(
-            Voice, path, options.resolved_threads(), options.gpu_layers != 0
-        )
-    except Exception as e:  # the server reports whatever stopped the load
-        writer.write(ipc.encode((ipc.FAILED, f"{type(e).__name__}: {e}")))
-        await writer.drain()
-        return
-    writer.write(ipc.encode((ipc.READY, model_info, voice.voices, voice.sample_rate)))
-    runner = _Runner(voice, writer, options.max_queue)
-    tasks = {asyncio.create_task(runner.work()), asyncio.create_task(runner.beat())}
-    submits: set[asyncio.Task[None]] = set()
-    try:
-        while (msg := await ipc.read(reader)) is not None:
-            if msg[0] == ipc.SUBMIT:
-                task = asyncio.create_task(runner.submit(msg[1], msg[2]))
-                submits.add(task)
-                task.add_done_callback(submits.discard)
-            elif msg[0] == ipc.CANCEL:
-                runner.cancel(msg[1])
-            elif msg[0] == ipc.CLOSE:
-                break
-    finally:
-        for t in tasks:
-            t.cancel()
-        writer.close()

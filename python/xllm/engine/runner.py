@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import json
 import logging
 import os
 import signal
@@ -37,9 +36,7 @@ def main(fd: int, deltas_fd: int, name: str, path: Path, options_json: str) -> i
     ipc.die_with_parent()
     # Ctrl-C in a terminal reaches the whole process group; the server decides when we stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    raw: dict[str, Any] = json.loads(options_json)
-    fields: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()}
-    options = EngineOptions(**fields)
+    options = EngineOptions.from_json(options_json)
     import uvloop
 
     uvloop.run(_serve(socket.socket(fileno=fd), deltas_fd, name, path, options))

@@ -20,8 +20,6 @@ import asyncio
 import io
 import json
 import logging
-import signal
-import socket
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -29,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from xllm.engine import ipc
+from xllm.engine import ipc, process
 from xllm.engine.options import EngineOptions
 from xllm.engine.protocol import Segment, Transcription, Word
 from xllm.errors import InvalidRequest, Overloaded
@@ -57,13 +55,7 @@ default)."""
 
 
 def main(fd: int, name: str, path: Path, options_json: str) -> int:
-    ipc.die_with_parent()
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the server decides when we stop
-    raw: dict[str, Any] = json.loads(options_json)
-    fields: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()}
-    options = EngineOptions(**fields)
-    asyncio.run(_serve(socket.socket(fileno=fd), name, path, options))
-    return 0
+    return process.main(fd, name, path, options_json, _load, _Runner)
 
 
 def device(options: EngineOptions) -> tuple[str, str]:
@@ -181,11 +173,15 @@ class _Job:
     stop: threading.Event = field(default_factory=threading.Event)
 
 
+def _load(name: str, path: Path, options: EngineOptions) -> tuple[tuple[Any, ...], WhisperModel]:
+    return (info(name, path),), load(path, options)
+
+
 class _Runner:
-    def __init__(self, model: WhisperModel, writer: asyncio.StreamWriter, max_queue: int):
+    def __init__(self, model: WhisperModel, writer: asyncio.StreamWriter, options: EngineOptions):
         self.model = model
         self.writer = writer
-        self.max_queue = max_queue
+        self.max_queue = options.max_queue
         self.loop = asyncio.get_running_loop()
         self.queue: asyncio.Queue[_Job] = asyncio.Queue()
         self.jobs: dict[int, _Job] = {}
@@ -245,6 +241,10 @@ class _Runner:
             self.stats["running"] = 0
             self.stats["done_total"] += 1
 
+    def stop(self) -> None:
+        for job in self.jobs.values():
+            job.stop.set()
+
     async def beat(self) -> None:
         while True:
             self.stats["queue_depth"] = self.queue.qsize()
@@ -266,34 +266,3 @@ def info(name: str, path: Path) -> ModelInfo:
 def languages(model_info: ModelInfo) -> Sequence[str]:
     value = json.loads(model_info.metadata.get("whisper.languages", "[]"))
     return [str(x) for x in value] if isinstance(value, list) else []
-
-
-async def _serve(sock: socket.socket, name: str, path: Path, options: EngineOptions) -> None:
-    reader, writer = await asyncio.open_connection(sock=sock)
-    try:
-        model_info = await asyncio.to_thread(info, name, path)
-        model = await asyncio.to_thread(load, path, options)
-    except Exception as e:
-        writer.write(ipc.encode((ipc.FAILED, f"{type(e).__name__}: {e}")))
-        await writer.drain()
-        return
-    writer.write(ipc.encode((ipc.READY, model_info)))
-    runner = _Runner(model, writer, options.max_queue)
-    tasks = {asyncio.create_task(runner.work()), asyncio.create_task(runner.beat())}
-    submits: set[asyncio.Task[None]] = set()
-    try:
-        while (msg := await ipc.read(reader)) is not None:
-            if msg[0] == ipc.SUBMIT:
-                task = asyncio.create_task(runner.submit(msg[1], msg[2]))
-                submits.add(task)
-                task.add_done_callback(submits.discard)
-            elif msg[0] == ipc.CANCEL:
-                runner.cancel(msg[1])
-            elif msg[0] == ipc.CLOSE:
-                break
-    finally:
-        for job in runner.jobs.values():
-            job.stop.set()
-        for t in tasks:
-            t.cancel()
-        writer.close()
