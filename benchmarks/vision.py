@@ -3,15 +3,14 @@
 Four greedy text streams (`ignore_eos`) decode while image chat requests arrive one after
 another (each a new random-coloured image, so no cache helps). Reported per server: the text
 streams' inter-token latency p50/p99 without and with the image load, and the image requests'
-time to first token. Both get the same GGUF, the same projector (a random-weight `mlp` one,
-big enough that an encode takes a while: tests/projectors.py), threads and slots.
-
-xllm is driven at its engine seam (`xllm.engine.llama`: the real runner process, IPC and Rust
-loop; no HTTP hop, which adds the same small cost with or without images) until `xllm serve`
-takes images over HTTP; llama-server over HTTP (`--mmproj`, OpenAI chat with a data: URI).
+time to first token. Both run as servers over HTTP (`xllm serve --mmproj`, `llama-server
+--mmproj`; OpenAI chat with a PNG data: URI, streaming completions for the text) with the same
+GGUF, the same projector (a random-weight `mlp` one, big enough that an encode takes a while:
+tests/projectors.py), threads and slots; both stay up while rounds alternate between them, and
+the table holds each server's medians over the rounds.
 
     python benchmarks/vision.py                       # SmolLM2 135M, 2 threads, 4 streams
-    python benchmarks/vision.py --servers xllm --tokens 200 --images 6
+    python benchmarks/vision.py --servers xllm --tokens 200 --images 6 --rounds 1
 """
 
 from __future__ import annotations
@@ -19,8 +18,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
-import contextlib
-import hashlib
 import io
 import json
 import random
@@ -36,6 +33,8 @@ import aiohttp
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+from benchmarks.serving import Server, free_port, running, wait_ready  # noqa: E402
+
 PROMPT = "The history of the printing press begins in"
 
 Stream = Callable[[int], AsyncIterator[float]]
@@ -81,163 +80,126 @@ async def measure(
     return gaps, ttfts
 
 
-def rgb_image(colour: tuple[int, int, int], size: int) -> bytes:
-    return bytes(colour) * (size * size)
+# --- the servers -------------------------------------------------------------------------
 
 
-# --- xllm ---------------------------------------------------------------------------------
+def vision_servers(args: argparse.Namespace) -> list[Server]:
+    """Both servers with the projector, one slot more than the text streams."""
+    t, n = str(args.threads), args.streams + 1
+    out = []
+    for name in args.servers.split(","):
+        port = free_port()
+        if name == "xllm":
+            argv = [sys.executable, "-m", "xllm", "serve", "--model", args.model,
+                    "--mmproj", args.mmproj, "--port", str(port), "--threads", t,
+                    "--parallel", str(n), "--ctx-size", str(args.ctx)]  # fmt: skip
+            out.append(Server(name, argv, "/v0/health", port))
+        elif name == "llama-server":
+            binary = subprocess.run(
+                ["bash", str(ROOT / "benchmarks" / "build_llama_server.sh")],
+                check=True, capture_output=True, text=True,
+            ).stdout.strip()  # fmt: skip
+            argv = [binary, "-m", args.model, "--mmproj", args.mmproj, "--host", "127.0.0.1",
+                    "--port", str(port), "-t", t, "-tb", t, "-np", str(n),
+                    "-c", str(args.ctx * n), "--no-webui", "--cache-ram", "0"]  # fmt: skip
+            out.append(Server(name, argv, "/health", port))
+        else:
+            raise SystemExit(f"unknown server {name!r}")
+    return out
 
 
-@contextlib.asynccontextmanager
-async def xllm(args: argparse.Namespace) -> AsyncIterator[tuple[Stream, ImageRequest]]:
-    from xllm.engine.llama import MANIFEST
-    from xllm.engine.options import EngineOptions
-    from xllm.engine.plugins import LoadSpec
-    from xllm.engine.protocol import Image, Part, Request, Sampling
-
-    options = EngineOptions(
-        ctx_size=args.ctx, parallel=args.streams + 1, threads=args.threads, projector=args.mmproj
+def client(
+    session: aiohttp.ClientSession, server: Server, size: int
+) -> tuple[Stream, ImageRequest]:
+    model = (
+        Path(server.argv[server.argv.index("--model") + 1]).stem if server.name == "xllm" else "m"
     )
-    spec = LoadSpec(
-        "bench", "bench", Path(args.model), "gguf", "", options, projector=Path(args.mmproj)
-    )
-    engine = await MANIFEST.load(spec)
 
-    async def stream(n: int) -> AsyncIterator[float]:
-        sampling = Sampling(temperature=0, max_tokens=n, ignore_eos=True)
-        gen = await engine.generate(Request(prompt=[Part("text", PROMPT)], sampling=sampling))
-        async for batch in gen.deltas():
-            now = time.monotonic()
-            for d in batch:
-                if d.tokens:
-                    yield now
+    async def events(path: str, body: dict[str, object]) -> AsyncIterator[float]:
+        async with session.post(
+            f"{server.url}{path}", json={**body, "model": model, "stream": True}
+        ) as r:
+            if r.status != 200:
+                raise RuntimeError(f"{server.name}: HTTP {r.status}: {await r.text()}")
+            async for line in r.content:
+                if line.startswith(b"data: {"):
+                    chunk = json.loads(line[6:])
+                    choice = (chunk.get("choices") or [{}])[0]
+                    if choice.get("text") or (choice.get("delta") or {}).get("content"):
+                        yield time.monotonic()
+
+    def stream(n: int) -> AsyncIterator[float]:
+        body = {"prompt": PROMPT, "max_tokens": n, "temperature": 0, "ignore_eos": True}
+        return events("/v1/completions", body)
 
     async def image(colour: tuple[int, int, int]) -> float:
-        rgb = rgb_image(colour, args.size)
-        im = Image(args.size, args.size, rgb, hashlib.sha256(rgb).hexdigest())
-        message = {"role": "user", "content": "Describe this image.", "images": [im]}
-        sampling = Sampling(temperature=0, max_tokens=4, ignore_eos=True)
+        from PIL import Image as Pil
+
+        png = io.BytesIO()
+        Pil.new("RGB", (size, size), colour).save(png, "PNG")
+        uri = "data:image/png;base64," + base64.b64encode(png.getvalue()).decode()
+        content = [
+            {"type": "image_url", "image_url": {"url": uri}},
+            {"type": "text", "text": "Describe this image."},
+        ]
+        body = {
+            "messages": [{"role": "user", "content": content}],
+            "max_tokens": 4,
+            "temperature": 0,
+            "ignore_eos": True,
+        }
         start = time.monotonic()
-        gen = await engine.generate(Request(messages=[message], sampling=sampling))
-        first = None
-        async for batch in gen.deltas():
-            if first is None and any(d.tokens for d in batch):
-                first = time.monotonic() - start
-        assert first is not None, "the image request generated nothing"
-        return first
+        arrivals = [t async for t in events("/v1/chat/completions", body)]
+        if not arrivals:
+            raise RuntimeError(f"{server.name}: the image request generated nothing")
+        return arrivals[0] - start
 
-    try:
-        yield stream, image
-    finally:
-        await engine.close()
-
-
-# --- llama-server -------------------------------------------------------------------------
-
-
-def start_llama_server(args: argparse.Namespace, port: int, log: Path) -> subprocess.Popen[bytes]:
-    binary = subprocess.run(
-        ["bash", str(ROOT / "benchmarks" / "build_llama_server.sh")],
-        check=True, capture_output=True, text=True,
-    ).stdout.strip()  # fmt: skip
-    n = args.streams + 1
-    t = str(args.threads)
-    argv = [binary, "-m", args.model, "--mmproj", args.mmproj, "--host", "127.0.0.1",
-            "--port", str(port), "-t", t, "-tb", t, "-np", str(n), "-c", str(args.ctx * n),
-            "--no-webui", "--cache-ram", "0"]  # fmt: skip
-    return subprocess.Popen(argv, stdout=log.open("wb"), stderr=subprocess.STDOUT)
-
-
-@contextlib.asynccontextmanager
-async def llama_server(args: argparse.Namespace) -> AsyncIterator[tuple[Stream, ImageRequest]]:
-    from benchmarks.serving import free_port
-    from PIL import Image as Pil
-
-    port = free_port()
-    log = Path(tempfile.gettempdir()) / "xllm-bench-llama-server-vision.log"
-    proc = await asyncio.to_thread(start_llama_server, args, port, log)
-    url = f"http://127.0.0.1:{port}"
-    # a connection per request: llama-server may close one after a stream
-    session = aiohttp.ClientSession(
-        connector=aiohttp.TCPConnector(force_close=True),
-        timeout=aiohttp.ClientTimeout(total=None),
-    )
-    try:
-        deadline = time.monotonic() + 180
-        while True:
-            with contextlib.suppress(aiohttp.ClientError):
-                async with session.get(f"{url}/health") as r:
-                    if r.status == 200:
-                        break
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"llama-server did not start; see {log}")
-            await asyncio.sleep(0.3)
-
-        async def events(path: str, body: dict[str, object]) -> AsyncIterator[float]:
-            async with session.post(f"{url}{path}", json={**body, "stream": True}) as r:
-                r.raise_for_status()
-                async for line in r.content:
-                    if line.startswith(b"data: {"):
-                        chunk = json.loads(line[6:])
-                        choice = (chunk.get("choices") or [{}])[0]
-                        if choice.get("text") or (choice.get("delta") or {}).get("content"):
-                            yield time.monotonic()
-
-        def stream(n: int) -> AsyncIterator[float]:
-            body = {"prompt": PROMPT, "max_tokens": n, "temperature": 0, "ignore_eos": True}
-            return events("/v1/completions", body)
-
-        async def image(colour: tuple[int, int, int]) -> float:
-            png = io.BytesIO()
-            Pil.new("RGB", (args.size, args.size), colour).save(png, "PNG")
-            uri = "data:image/png;base64," + base64.b64encode(png.getvalue()).decode()
-            content = [
-                {"type": "image_url", "image_url": {"url": uri}},
-                {"type": "text", "text": "Describe this image."},
-            ]
-            body = {
-                "messages": [{"role": "user", "content": content}],
-                "max_tokens": 4,
-                "temperature": 0,
-                "ignore_eos": True,
-            }
-            start = time.monotonic()
-            arrivals = [t async for t in events("/v1/chat/completions", body)]
-            if not arrivals:
-                raise RuntimeError("the image request generated nothing")
-            return arrivals[0] - start
-
-        yield stream, image
-    finally:
-        await session.close()
-        proc.terminate()
-        proc.wait()
+    return stream, image
 
 
 # --- main ---------------------------------------------------------------------------------
 
 
 async def bench(args: argparse.Namespace) -> list[dict[str, float | str]]:
-    rows: list[dict[str, float | str]] = []
-    for name in args.servers.split(","):
-        server = xllm if name == "xllm" else llama_server
-        async with server(args) as (stream, image):
-            await measure(stream, image, 16, 1, 1)  # warm up both paths
-            quiet, _ = await measure(stream, image, args.tokens, 0, args.streams)
-            loaded, ttfts = await measure(stream, image, args.tokens, args.images, args.streams)
-        rows.append(
-            {
-                "server": name,
-                "itl_p50_ms": 1000 * percentile(quiet, 0.5),
-                "itl_p99_ms": 1000 * percentile(quiet, 0.99),
-                "loaded_itl_p50_ms": 1000 * percentile(loaded, 0.5),
-                "loaded_itl_p99_ms": 1000 * percentile(loaded, 0.99),
-                "p99_growth": percentile(loaded, 0.99) / percentile(quiet, 0.99),
-                "image_ttft_p50_ms": 1000 * statistics.median(ttfts) if ttfts else float("nan"),
-                "images": len(ttfts),
-            }
-        )
-    return rows
+    all_servers = vision_servers(args)
+    runs: dict[str, list[dict[str, float]]] = {s.name: [] for s in all_servers}
+    logdir = Path(tempfile.mkdtemp(prefix="xllm-bench-vision-"))
+    # a connection per request: llama-server may close one after a stream
+    session = aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(force_close=True),
+        timeout=aiohttp.ClientTimeout(total=None),
+    )
+    try:
+        with running(all_servers, logdir):
+            for server in all_servers:
+                await wait_ready(session, server)
+                stream, image = client(session, server, args.size)
+                await measure(stream, image, 16, 1, 1)  # warm up both paths
+            for r in range(args.rounds):
+                order = all_servers if r % 2 == 0 else all_servers[::-1]
+                for server in order:
+                    stream, image = client(session, server, args.size)
+                    quiet, _ = await measure(stream, image, args.tokens, 0, args.streams)
+                    loaded, ttfts = await measure(
+                        stream, image, args.tokens, args.images, args.streams
+                    )
+                    runs[server.name].append(
+                        {
+                            "itl_p50_ms": 1000 * percentile(quiet, 0.5),
+                            "itl_p99_ms": 1000 * percentile(quiet, 0.99),
+                            "loaded_itl_p50_ms": 1000 * percentile(loaded, 0.5),
+                            "loaded_itl_p99_ms": 1000 * percentile(loaded, 0.99),
+                            "p99_growth": percentile(loaded, 0.99) / percentile(quiet, 0.99),
+                            "image_ttft_p50_ms": 1000 * statistics.median(ttfts),
+                            "images": len(ttfts),
+                        }
+                    )
+    finally:
+        await session.close()
+    return [
+        {"server": name, **{k: statistics.median(run[k] for run in rs) for k in rs[0]}}
+        for name, rs in runs.items()
+    ]
 
 
 def main() -> None:
@@ -251,6 +213,7 @@ def main() -> None:
     p.add_argument("--images", type=int, default=8, help="image requests during the streams")
     p.add_argument("--size", type=int, default=224, help="image side in pixels")
     p.add_argument("--ctx", type=int, default=1024, help="context per slot")
+    p.add_argument("--rounds", type=int, default=3, help="measurements per server, alternating")
     p.add_argument("--json", action="store_true")
     args = p.parse_args()
     if args.model is None:
@@ -277,7 +240,7 @@ def main() -> None:
         print(
             f"{r['server']} | {r['itl_p50_ms']:.1f} ms | {r['itl_p99_ms']:.1f} ms | "
             f"{r['loaded_itl_p50_ms']:.1f} ms | {r['loaded_itl_p99_ms']:.1f} ms | "
-            f"{r['p99_growth']:.2f} | {r['image_ttft_p50_ms']:.0f} ms ({r['images']})"
+            f"{r['p99_growth']:.2f} | {r['image_ttft_p50_ms']:.0f} ms ({r['images']:.0f})"
         )
     if len(rows) == 2:
         ratio = float(rows[0]["image_ttft_p50_ms"]) / float(rows[1]["image_ttft_p50_ms"])
