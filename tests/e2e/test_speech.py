@@ -188,6 +188,25 @@ def test_bad_requests_are_400s_naming_the_field_and_the_runner_stays(
     assert pid == next(m["runner_pid"] for m in health["models"] if m["name"] == VOICE)
 
 
+def test_the_voice_in_models_show_ps_and_refusing_to_chat(
+    speech_server: Server, client: openai.OpenAI
+) -> None:
+    assert len(client.audio.speech.create(model=VOICE, voice="alloy", input="Hi.").content) > 1000
+    models = {m["id"]: m for m in httpx.get(f"{speech_server.url}/v1/models").json()["data"]}
+    assert models[VOICE]["capabilities"] == ["speech"]
+    show = httpx.post(f"{speech_server.url}/api/show", json={"model": VOICE}).json()
+    assert show["capabilities"] == ["speech"] and show["details"]["format"] == "piper"
+    ps = {m["name"]: m for m in httpx.get(f"{speech_server.url}/api/ps").json()["models"]}
+    assert ps[VOICE]["details"]["format"] == "piper"
+    assert ps[VOICE]["size"] > 60_000_000 + (288 << 20)  # files + the measured overhead
+    chat = {"model": VOICE, "messages": [{"role": "user", "content": "Hello"}]}
+    r = httpx.post(f"{speech_server.url}/v1/chat/completions", json=chat, timeout=60)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "model", r.text
+    assert "/v1/audio/speech" in r.json()["error"]["message"]
+    r = httpx.post(f"{speech_server.url}/api/chat", json=chat, timeout=60)
+    assert r.status_code == 400 and "voice" in r.json()["error"], r.text
+
+
 def running(server: Server) -> float:
     return value(scrape(server), "xllm_running_sequences", model=VOICE)
 

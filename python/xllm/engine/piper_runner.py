@@ -166,4 +166,5 @@ def info(name: str, path: Path) -> ModelInfo:
         embedding_length=0, block_count=0, parameter_count=facts.parameter_count,
         size=sum(p.stat().st_size for p in files if p.is_file()),
         quantization=facts.quantization, chat_template=None, metadata=meta,
+        format=facts.format,
     )  # fmt: skip
