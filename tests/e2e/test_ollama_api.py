@@ -35,6 +35,11 @@ def test_generate(client: ollama.Client) -> None:
     assert r.prompt_eval_count and r.prompt_eval_count > 5
     assert isinstance(r.total_duration, int) and r.total_duration > 0
     assert r.eval_duration is not None and r.load_duration is not None
+    # each phase's own time: the prompt's decode in prompt_eval (more than a fraction of one
+    # token's step: it was once stamped before that decode ran), the rest's in eval
+    assert r.prompt_eval_duration and r.eval_duration
+    assert r.prompt_eval_duration > 0.3 * r.eval_duration / r.eval_count
+    assert r.prompt_eval_duration + r.eval_duration <= r.total_duration
     assert r.context and len(r.context) >= r.prompt_eval_count
 
 

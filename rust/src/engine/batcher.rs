@@ -259,10 +259,10 @@ impl<B: Backend> Batcher<B> {
 
     /// Admit waiting requests, decode one batch, turn its outputs into events.
     /// Returns false when there was nothing to do.
-    pub fn step(&mut self, now: Instant, events: &mut Vec<Event>) -> bool {
+    pub fn step(&mut self, events: &mut Vec<Event>) -> bool {
         self.admit(events);
-        let decoded = self.decode_tokens(now, events);
-        self.decode_image(now, events) || decoded
+        let decoded = self.decode_tokens(events);
+        self.decode_image(events) || decoded
     }
 
     /// An image's embeddings arrived from the encoder (or its failure, which ends the request).
@@ -306,7 +306,7 @@ impl<B: Backend> Batcher<B> {
 
     /// The earliest admitted sequence whose prompt goes on with an encoded image gets (a slice
     /// of) it decoded: its own llama_decode, as a batch holds tokens or embeddings, never both.
-    fn decode_image(&mut self, now: Instant, events: &mut Vec<Event>) -> bool {
+    fn decode_image(&mut self, events: &mut Vec<Event>) -> bool {
         let ready = (0..self.slots.len())
             .filter(|&i| {
                 self.slots[i].active.as_ref().is_some_and(|a| {
@@ -355,6 +355,7 @@ impl<B: Backend> Batcher<B> {
                 self.backend.seq_rm(seq, 0);
             }
             Ok(index) => {
+                let now = Instant::now(); // a token's time is when its logits exist
                 self.counters.decode_steps += 1;
                 let s = &mut self.slots[slot];
                 let a = s.active.as_mut().expect("active");
@@ -378,7 +379,7 @@ impl<B: Backend> Batcher<B> {
     }
 
     /// One llama_decode of every generating sequence's next token and prompt chunks.
-    fn decode_tokens(&mut self, now: Instant, events: &mut Vec<Event>) -> bool {
+    fn decode_tokens(&mut self, events: &mut Vec<Event>) -> bool {
         let (items, owners) = self.build_batch();
         if items.is_empty() {
             return false;
@@ -399,6 +400,7 @@ impl<B: Backend> Batcher<B> {
             }
             return true;
         }
+        let now = Instant::now(); // a token's time is when its logits exist
         self.counters.decode_steps += 1;
         // Account what went into the cache before sampling what comes next.
         for (item, &slot) in items.iter().zip(&owners) {
@@ -725,6 +727,8 @@ mod tests {
         last_outputs: Vec<i32>,
         removed: Vec<(i32, i32)>,
         copied: Vec<(i32, i32, i32)>,
+        /// How long each decode takes.
+        delay: std::time::Duration,
     }
 
     impl Backend for Fake {
@@ -743,6 +747,7 @@ mod tests {
             self.copied.push((src, dst, len));
         }
         fn decode(&mut self, items: &[BatchItem]) -> Result<(), String> {
+            std::thread::sleep(self.delay);
             self.steps.push(
                 items
                     .iter()
@@ -800,9 +805,8 @@ mod tests {
 
     fn run(b: &mut Batcher<Fake>) -> Vec<Event> {
         let mut events = Vec::new();
-        let now = Instant::now();
         for _ in 0..1000 {
-            if !b.step(now, &mut events) {
+            if !b.step(&mut events) {
                 break;
             }
         }
@@ -831,6 +835,26 @@ mod tests {
             .filter(|e| e.request == id)
             .filter_map(|e| e.finish.clone().map(|f| (e.choice, f)))
             .collect()
+    }
+
+    #[test]
+    fn a_tokens_time_counts_the_decode_that_made_it() {
+        let delay = std::time::Duration::from_millis(40);
+        let mut b = Batcher::new(
+            Fake {
+                delay,
+                ..Fake::default()
+            },
+            2,
+            64,
+            16,
+        );
+        b.submit(req(1, vec![10, 11, 12], 3), Instant::now());
+        let ev = run(&mut b);
+        let usage = ev.last().unwrap().usage.clone().unwrap();
+        // the prompt's decode is in the time to the first token, two more in the rest
+        assert!(usage.ttft_ms >= 40.0, "ttft {} ms", usage.ttft_ms);
+        assert!(usage.gen_ms >= 80.0, "gen {} ms", usage.gen_ms);
     }
 
     #[test]
@@ -890,7 +914,7 @@ mod tests {
         }
         let mut events = Vec::new();
         let mut first_token_order = Vec::new();
-        while b.step(Instant::now(), &mut events) {
+        while b.step(&mut events) {
             assert!(b.running() <= 2);
             for e in &events {
                 if !e.text.is_empty() && !first_token_order.contains(&e.request) {
@@ -910,10 +934,10 @@ mod tests {
         let mut b = Batcher::new(Fake::default(), 2, 256, 8);
         b.submit(req(1, vec![1, 2], 50), Instant::now());
         let mut events = Vec::new();
-        b.step(Instant::now(), &mut events); // request 1's prompt
+        b.step(&mut events); // request 1's prompt
         b.submit(req(2, (0..30).collect(), 2), Instant::now());
         for _ in 0..4 {
-            b.step(Instant::now(), &mut events);
+            b.step(&mut events);
         }
         for step in &b.backend.steps {
             assert!(step.len() <= 8, "budget exceeded: {}", step.len());
@@ -934,11 +958,11 @@ mod tests {
         b.submit(req(1, vec![1], 100), Instant::now());
         b.submit(req(2, vec![1], 100), Instant::now());
         let mut events = Vec::new();
-        b.step(Instant::now(), &mut events);
+        b.step(&mut events);
         b.cancel(1, &mut events);
         assert_eq!(finish_of(&events, 1), vec![(0, Finish::Cancelled)]);
         let before = b.backend.steps.len();
-        b.step(Instant::now(), &mut events);
+        b.step(&mut events);
         assert!(b.backend.steps[before].iter().all(|s| s.2 != 0));
         assert_eq!(b.running(), 1);
         // cancelling a queued request
@@ -1031,7 +1055,7 @@ mod tests {
     fn run_encoding(b: &mut Batcher<Fake>, value: f32) -> Vec<Event> {
         let mut events = Vec::new();
         for _ in 0..1000 {
-            let stepped = b.step(Instant::now(), &mut events);
+            let stepped = b.step(&mut events);
             let jobs: Vec<EncodeJob> = b.jobs.drain(..).collect();
             for j in &jobs {
                 b.encoded(
@@ -1053,12 +1077,12 @@ mod tests {
         let mut b = Batcher::new(Fake::default(), 2, 64, 64);
         b.submit(with_image(1, "red", 2, 2), Instant::now());
         let mut events = Vec::new();
-        assert!(b.step(Instant::now(), &mut events));
+        assert!(b.step(&mut events));
         assert_eq!(b.jobs.len(), 1);
         // the text before the image, without output
         assert_eq!(b.backend.steps[0], vec![(1, 0, 0, false), (2, 1, 0, false)]);
         // nothing more to do until the embeddings come
-        assert!(!b.step(Instant::now(), &mut events));
+        assert!(!b.step(&mut events));
         b.jobs.clear();
         b.encoded(1, 2, Ok(embedding(7.0, 3)), &mut events);
         let ev = run(&mut b);
@@ -1079,10 +1103,10 @@ mod tests {
         let mut b = Batcher::new(Fake::default(), 2, 256, 64);
         b.submit(req(1, vec![1], 50), Instant::now());
         let mut events = Vec::new();
-        b.step(Instant::now(), &mut events);
+        b.step(&mut events);
         b.submit(with_image(2, "red", 1, 1), Instant::now());
         for _ in 0..5 {
-            assert!(b.step(Instant::now(), &mut events));
+            assert!(b.step(&mut events));
         }
         // request 1 got a token every step though request 2's image is not encoded yet
         assert_eq!(
@@ -1147,12 +1171,12 @@ mod tests {
         let mut b = Batcher::new(Fake::default(), 2, 256, 64); // 16 image rows a step
         b.submit(req(1, vec![1], 50), Instant::now());
         let mut events = Vec::new();
-        b.step(Instant::now(), &mut events);
+        b.step(&mut events);
         let mut r = req(2, vec![5, -1, 7], 2);
         r.prompt = [vec![5], vec![-1; 40], vec![7]].concat();
         r.images = vec![image(1, 40, "big")];
         b.submit(r, Instant::now());
-        b.step(Instant::now(), &mut events);
+        b.step(&mut events);
         for j in b.jobs.drain(..).collect::<Vec<_>>() {
             b.encoded(
                 j.request,
@@ -1163,7 +1187,7 @@ mod tests {
         }
         let before = b.backend.steps.len();
         for _ in 0..4 {
-            b.step(Instant::now(), &mut events);
+            b.step(&mut events);
         }
         let slices: Vec<Vec<i32>> = b.backend.steps[before..]
             .iter()
@@ -1198,7 +1222,7 @@ mod tests {
         b.submit(r, Instant::now());
         b.submit(req(2, vec![1], 2), Instant::now());
         let mut events = Vec::new();
-        b.step(Instant::now(), &mut events);
+        b.step(&mut events);
         b.encoded(1, 1, Err("boom".into()), &mut events);
         let failed = finish_of(&events, 1);
         assert_eq!(failed.len(), 2);
@@ -1218,7 +1242,7 @@ mod tests {
         b.submit(req(1, vec![1], 50), Instant::now());
         b.submit(req(2, vec![1], 50), Instant::now());
         let mut events = Vec::new();
-        b.step(Instant::now(), &mut events);
+        b.step(&mut events);
         b.fail_all(Finish::Cancelled, &mut events);
         assert_eq!(finish_of(&events, 1), vec![(0, Finish::Cancelled)]);
         assert_eq!(finish_of(&events, 2), vec![(0, Finish::Cancelled)]);

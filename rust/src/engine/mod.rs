@@ -382,7 +382,7 @@ fn run<B: Backend>(
                 batcher.fail_all(Finish::Cancelled, &mut events);
                 false
             } else {
-                batcher.step(Instant::now(), &mut events)
+                batcher.step(&mut events)
             }
         }));
         progressed = matches!(outcome, Ok(true));
