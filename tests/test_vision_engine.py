@@ -229,7 +229,8 @@ async def test_encoding_runs_beside_the_decode_loop(tiny_path: Path, slow_projec
 
         image_done = asyncio.Event()
         reader = asyncio.create_task(read())
-        await asyncio.sleep(0.2)
+        while len(arrivals) < 5:  # the stream is decoding (its prefill may wait on a busy machine)
+            await asyncio.sleep(0.02)
         start = time.monotonic()
         seen = await run(await engine.generate(completion("see ", BLUE, sampling=GREEDY)))
         end = time.monotonic()

@@ -300,9 +300,9 @@ async def test_a_big_image_is_decoded_off_the_event_loop(client: TestClient[Any,
     assert "image:6000x4000:" in await r.text()
     took = loop.time() - started
     # decoding on the loop would hold one of these requests for about the whole decode; off
-    # it, each waits a few scheduler ticks (more on a loaded machine, never most of the time)
+    # it, each waits a few scheduler ticks (more on a loaded machine, never half the time)
     assert took > 0.3 and len(waits) >= 3, waits
-    assert max(waits) < took / 3, (took, waits)
+    assert max(waits) < took / 2, (took, waits)
 
 
 async def test_remote_urls_when_allowed_never_reach_private_addresses(tmp_path: Path) -> None:
