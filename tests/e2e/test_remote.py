@@ -138,7 +138,7 @@ def test_ollama_client(front: Server) -> None:
     assert tools.done  # the model may answer or call; either comes back in Ollama's shape
 
 
-def test_list_ps_show(front: Server) -> None:
+def test_list_ps_show(front: Server, upstream: Server) -> None:
     env = {**os.environ, "XLLM_HOST": f"127.0.0.1:{front.port}"}
     listed = subprocess.run(
         [sys.executable, "-m", "xllm", "list"], env=env, capture_output=True, text=True, check=True
@@ -152,6 +152,11 @@ def test_list_ps_show(front: Server) -> None:
     show = httpx.post(f"{front.url}/api/show", json={"model": "far"}).json()
     assert show["capabilities"] == ["completion", "chat"]  # as the upstream xllm lists them
     assert show["model_info"]["remote.endpoint"] == "up"
+    listed = httpx.get(f"{upstream.url}/v1/models").json()["data"]
+    context = next(m["max_model_len"] for m in listed if m["id"] == "smollm2:135m")
+    arch = show["model_info"]["general.architecture"]  # where Ollama's clients look
+    assert show["model_info"][f"{arch}.context_length"] == context > 0
+    assert ollama.Client(host=front.url).show("far").modelinfo[f"{arch}.context_length"] == context
 
 
 def test_engine_field_picks_local_or_remote(front: Server, upstream: Server) -> None:
