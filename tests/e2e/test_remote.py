@@ -98,6 +98,25 @@ def test_forced_tool_call_and_logprobs(oai: openai.OpenAI) -> None:
     assert lp.choices[0].logprobs is not None and len(lp.choices[0].logprobs.content or []) == 3
 
 
+def test_response_format_relayed(oai: openai.OpenAI, upstream: Server) -> None:
+    schema = {
+        "type": "object",
+        "properties": {"capital": {"type": "string", "enum": ["Paris", "Rome", "Oslo"]}},
+        "required": ["capital"],
+    }
+    args = {
+        "messages": [{"role": "user", "content": "The capital of France, as JSON?"}],
+        "max_tokens": 30, "temperature": 0,
+        "response_format": {"type": "json_schema", "json_schema": {"name": "c", "schema": schema}},
+    }  # fmt: skip
+    r = oai.chat.completions.create(model="far", **args)  # type: ignore[call-overload]
+    answer = json.loads(r.choices[0].message.content)
+    assert answer["capital"] in ("Paris", "Rome", "Oslo")  # the upstream's grammar held it
+    direct = openai.OpenAI(base_url=f"{upstream.url}/v1", api_key="unused")
+    same = direct.chat.completions.create(model="smollm2:135m", **args)  # type: ignore[call-overload]
+    assert r.choices[0].message.content == same.choices[0].message.content
+
+
 def test_embeddings_match_the_upstream(oai: openai.OpenAI, upstream: Server, front: Server) -> None:
     direct = openai.OpenAI(base_url=f"{upstream.url}/v1", api_key="unused")
     want = direct.embeddings.create(model="smollm2:135m", input=["one", "two"]).data
