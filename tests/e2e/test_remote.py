@@ -63,23 +63,28 @@ def oai(front: Server) -> openai.OpenAI:
     return openai.OpenAI(base_url=f"{front.url}/v1", api_key="unused", max_retries=0)
 
 
-def test_chat_and_stream(oai: openai.OpenAI) -> None:
+def chat_and_stream(oai: openai.OpenAI, model: str, n: int = 1) -> None:
+    """A greedy chat, then the same streamed with `n` choices: each is the same answer."""
     msgs = [{"role": "user", "content": "What is the capital of France?"}]
-    r = oai.chat.completions.create(model="far", messages=msgs, max_tokens=12, temperature=0)  # type: ignore[arg-type]
-    assert r.model == "far"
+    r = oai.chat.completions.create(model=model, messages=msgs, max_tokens=12, temperature=0)  # type: ignore[arg-type]
+    assert r.model == model  # the upstream's name rewritten to the client's
     assert r.choices[0].message.content
     assert r.usage is not None and r.usage.completion_tokens > 0
     stream = oai.chat.completions.create(
-        model="far", messages=msgs, max_tokens=12, temperature=0, stream=True,  # type: ignore[arg-type]
-        stream_options={"include_usage": True}, n=2,
+        model=model, messages=msgs, max_tokens=12, temperature=0, stream=True,  # type: ignore[arg-type]
+        stream_options={"include_usage": True}, n=n,
     )  # fmt: skip
     chunks = list(stream)
-    texts = ["", ""]
+    texts = [""] * n
     for c in chunks:
         for ch in c.choices:
             texts[ch.index] += ch.delta.content or ""
-    assert texts[0] == r.choices[0].message.content == texts[1]  # temperature 0, n relayed
+    assert texts == [r.choices[0].message.content] * n
     assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens > 0
+
+
+def test_chat_and_stream(oai: openai.OpenAI) -> None:
+    chat_and_stream(oai, "far", n=2)  # n relayed
 
 
 def test_forced_tool_call_and_logprobs(oai: openai.OpenAI) -> None:
@@ -140,16 +145,21 @@ def test_responses_translated_to_chat(oai: openai.OpenAI) -> None:
     assert events[-1].type == "response.completed"
 
 
-def test_ollama_client(front: Server) -> None:
-    c = ollama.Client(host=front.url)
+def ollama_chat_and_generate(c: ollama.Client, model: str) -> None:
+    """A chat cut at num_predict, and a streamed raw generation, in Ollama's shapes."""
     r = c.chat(
-        model="far", messages=[{"role": "user", "content": "Hi"}], options={"num_predict": 6}
+        model=model, messages=[{"role": "user", "content": "Hi"}], options={"num_predict": 6}
     )
     assert r.message.content and r.eval_count == 6 and r.done_reason == "length"
     pieces = list(
-        c.generate(model="far", prompt="Count: 1, 2,", stream=True, options={"num_predict": 6})
+        c.generate(model=model, prompt="Count: 1, 2,", stream=True, options={"num_predict": 6})
     )
     assert pieces[-1].done and "".join(p.response for p in pieces)
+
+
+def test_ollama_client(front: Server) -> None:
+    c = ollama.Client(host=front.url)
+    ollama_chat_and_generate(c, "far")
     tools = c.chat(
         model="far", messages=[{"role": "user", "content": "Weather in Oslo?"}], tools=[TOOL],
         options={"num_predict": 40},

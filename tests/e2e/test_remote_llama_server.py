@@ -19,6 +19,7 @@ import openai
 import pytest
 
 from tests.conftest import Server, free_port, start_server, stop_server
+from tests.e2e.test_remote import chat_and_stream, ollama_chat_and_generate
 
 ROOT = Path(__file__).parents[2]
 ALIAS = "smollm2-135m"
@@ -68,27 +69,9 @@ def front(llama_server: str, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     stop_server(s)
 
 
-@pytest.fixture
-def oai(front: Server) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{front.url}/v1", api_key="unused", max_retries=0)
-
-
-def test_chat_and_stream(oai: openai.OpenAI) -> None:
-    msgs = [{"role": "user", "content": "What is the capital of France?"}]
-    r = oai.chat.completions.create(model="tiny", messages=msgs, max_tokens=12, temperature=0)  # type: ignore[arg-type]
-    assert r.model == "tiny" and r.choices[0].message.content
-    assert r.usage is not None and r.usage.completion_tokens > 0
-    stream = oai.chat.completions.create(
-        model="tiny", messages=msgs, max_tokens=12, temperature=0, stream=True,  # type: ignore[arg-type]
-        stream_options={"include_usage": True},
-    )  # fmt: skip
-    chunks = list(stream)
-    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
-    assert text == r.choices[0].message.content  # greedy: the same answer, streamed
-    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens > 0
-
-
-def test_responses_translated_to_chat(oai: openai.OpenAI) -> None:
+def test_openai_client(front: Server) -> None:
+    oai = openai.OpenAI(base_url=f"{front.url}/v1", api_key="unused", max_retries=0)
+    chat_and_stream(oai, "tiny")
     answer = oai.responses.create(model="tiny", input="Say hello.", max_output_tokens=8)
     assert answer.output_text and answer.status in ("completed", "incomplete")
     events = list(oai.responses.create(model="tiny", input="Hi", max_output_tokens=6, stream=True))
@@ -97,14 +80,7 @@ def test_responses_translated_to_chat(oai: openai.OpenAI) -> None:
 
 def test_ollama_client_and_show(front: Server, llama_server: str) -> None:
     c = ollama.Client(host=front.url)
-    r = c.chat(
-        model="tiny", messages=[{"role": "user", "content": "Hi"}], options={"num_predict": 6}
-    )
-    assert r.message.content and r.eval_count == 6 and r.done_reason == "length"
-    pieces = list(
-        c.generate(model="tiny", prompt="Count: 1, 2,", stream=True, options={"num_predict": 6})
-    )
-    assert pieces[-1].done and "".join(p.response for p in pieces)
+    ollama_chat_and_generate(c, "tiny")
     listed = httpx.get(f"{llama_server}/v1/models").json()["data"]
     trained = next(m["meta"]["n_ctx_train"] for m in listed if m["id"] == ALIAS)
     info = c.show("tiny").modelinfo or {}
