@@ -28,8 +28,8 @@ def _slots(m: Engine, parallel: int) -> int | None:
     return None if getattr(m, "target", None) is not None else parallel
 
 
-def _free(slots: int | None, running: int) -> int | None:
-    return max(slots - running, 0) if slots is not None else None
+def _free(slots: int, running: int) -> int:
+    return max(slots - running, 0)
 
 
 def _headroom(registry: ModelRegistry, free_ram: int) -> tuple[int, int]:
@@ -42,11 +42,11 @@ def _headroom(registry: ModelRegistry, free_ram: int) -> tuple[int, int]:
 
 def routing(registry: ModelRegistry) -> Routing:
     """The balancer's gauges for /v0/metrics, computed as /v0/health computes them."""
-    free = {}
+    free: dict[str, int] = {}
     for key, m in registry.loaded.items():
         slots = _slots(m, registry.options.parallel)
         if slots is not None:
-            free[key] = _free(slots, int(m.stats().get("running", 0))) or 0
+            free[key] = _free(slots, int(m.stats().get("running", 0)))
     return Routing(free_slots=free, headroom_bytes=_headroom(registry, probe.ram()[1])[1])
 
 
@@ -71,7 +71,7 @@ def _model(key: str, m: Engine, parallel: int) -> dict[str, Any]:
         "queue_depth": int(stats.get("queue_depth", 0)),
         "running": running,
         "slots": slots,
-        "free_slots": _free(slots, running),
+        "free_slots": _free(slots, running) if slots is not None else None,
         "remote": {"endpoint": remote.pool.name, "model": remote.model} if remote else None,
         "stats": stats,
     }
