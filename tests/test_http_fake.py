@@ -270,7 +270,7 @@ async def test_health_and_metrics_carry_what_a_balancer_routes_on(
     assert all(type(node[k]) is int for k in counts), node
     slots = Settings().parallel
     assert (node["models_loaded"], node["running"], node["free_slots"]) == (1, 1, slots - 1)
-    assert node["queue_depth"] == 0 and node["requests_in_flight"] >= 1  # the stream, this
+    assert node["queue_depth"] == 0 and node["requests_in_flight"] >= 1  # the stream at least
     memory = node["memory"]
     assert memory["budget_bytes"] == memory["headroom_bytes"] == BUDGET
     assert memory["models_ram_bytes"] == 0
