@@ -2,8 +2,10 @@
 
 Starts an upstream `xllm serve` (the default model, 16 slots) and a second one whose remote
 endpoint is the first, then runs N concurrent streamed chat completions against each, in turns
-(direct, proxied, direct, proxied...), and prints tokens/s, TTFT p50, their ratios, and the
-front server's CPU time per proxied token (from /proc).
+(direct, proxied, direct, proxied...), and prints tokens/s, TTFT p50, their ratios, the
+front server's CPU time per proxied token (from /proc), the load average before and after, and
+whether the targets are met (tokens/s >= 0.97x the upstream's, added TTFT p50 <= 5 ms); it
+exits 1 when one is missed.
 
     python benchmarks/remote.py [--streams 16] [--tokens 64] [--rounds 2]
 """
@@ -26,6 +28,10 @@ sys.path.insert(0, str(Path(__file__).parents[1]))
 from tests.conftest import start_server, stop_server
 
 MODEL = "smollm2:135m"
+MIN_RATIO = 0.97
+"""Tokens/s through xllm over the upstream's own, at least."""
+MAX_ADDED_TTFT_MS = 5.0
+"""TTFT p50 through xllm minus the upstream's own, at most."""
 
 
 def cpu_seconds(pid: int) -> float:
@@ -69,6 +75,7 @@ def main() -> None:
                                    "--ctx-size", "512"])  # fmt: skip
     remote = [{"name": "up", "base_url": up.url, "flavour": "xllm", "models": {"far": MODEL}}]
     front = start_server(tmp / "front", [], {"XLLM_REMOTE": json.dumps(remote)}, wait_model=False)
+    load = os.getloadavg()
     try:
         for url, model in ((up.url, MODEL), (front.url, "far")):  # warm both, all slots
             asyncio.run(round_(url, model, a.streams, 8))
@@ -86,15 +93,28 @@ def main() -> None:
                 ttfts[kind] += ttft
         d, f = statistics.mean(stats["direct"]), statistics.mean(stats["proxied"])
         td, tf = statistics.median(ttfts["direct"]), statistics.median(ttfts["proxied"])
-        print(f"{a.streams} streams x {a.tokens} tokens, {a.rounds} rounds")
+        ratio, added = f / d, (tf - td) * 1000
+        met = {"tokens/s": ratio >= MIN_RATIO, "TTFT": added <= MAX_ADDED_TTFT_MS}
+        print(
+            f"{a.streams} streams x {a.tokens} tokens, {a.rounds} rounds, {os.cpu_count()} CPUs, "
+            f"load average {load[0]:.2f} before, {os.getloadavg()[0]:.2f} after"
+        )
         print("| | tokens/s | TTFT p50 (ms) |\n|---|---|---|")
         print(f"| upstream directly | {d:.1f} | {td * 1000:.1f} |")
         print(f"| through xllm | {f:.1f} | {tf * 1000:.1f} |")
-        print(f"| ratio / added | {f / d:.3f} | {(tf - td) * 1000:+.1f} |")
+        print(f"| ratio / added | {ratio:.3f} | {added:+.1f} |")
+        print(f"| target | >= {MIN_RATIO} | <= +{MAX_ADDED_TTFT_MS:g} |")
+        print(f"| met | {_yes(met['tokens/s'])} | {_yes(met['TTFT'])} |")
         print(f"front server CPU per proxied token: {cpu / max(proxied_tokens, 1) * 1e6:.0f} µs")
     finally:
         stop_server(front)
         stop_server(up)
+    if not all(met.values()):
+        sys.exit(1)
+
+
+def _yes(ok: bool) -> str:
+    return "yes" if ok else "NO"
 
 
 if __name__ == "__main__":

@@ -66,6 +66,11 @@ class FakeOpenAI:
         assert self._loop is not None and self._runner is not None
         asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result(10)
 
+    def restart(self) -> None:
+        """Listen again on the same port (a server that came back after `stop`)."""
+        assert self._loop is not None
+        asyncio.run_coroutine_threadsafe(self._start(), self._loop).result(10)
+
     async def _start(self) -> None:
         app = web.Application()
         app.router.add_get("/health", self._health)

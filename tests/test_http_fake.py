@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests import fake_engine
 from tests.fake_engine import FakeEngine
@@ -26,9 +27,13 @@ from xllm.server.app import create_app, make_registry
 MODEL = "fake:latest"
 
 
+BUDGET = 10**9
+"""The fixture's `memory.budget`: the fake model plans no memory, so it is all headroom."""
+
+
 @pytest.fixture
 async def client(tmp_path: Path) -> AsyncIterator[TestClient[Any, Any]]:
-    settings = Settings(models_dir=tmp_path / "models")
+    settings = Settings(models_dir=tmp_path / "models", memory_budget=BUDGET)
     registry = make_registry(settings, engines=fake_engine.engines())
     registry.add_path(fake_engine.model_folder(tmp_path / "fake"))
     FakeEngine.instances.clear()
@@ -243,3 +248,39 @@ async def test_the_error_dialect_comes_from_the_route_table(client: TestClient[A
     assert r.status == 404 and isinstance((await r.json())["error"], str)
     r = await client.get("/v1/nope")
     assert r.status == 404 and isinstance((await r.json())["error"], dict)
+
+
+async def test_health_and_metrics_carry_what_a_balancer_routes_on(
+    client: TestClient[Any, Any],
+) -> None:
+    words = " ".join(["slow"] + ["w"] * 100)
+    r = await client.post("/v1/chat/completions", json=_chat(words, stream=True))
+    await r.content.readany()  # one generation runs
+    health = await (await client.get("/v0/health")).json()
+    scrape = {
+        (s.name, tuple(s.labels.values())): s.value
+        for family in text_string_to_metric_families(await (await client.get("/v0/metrics")).text())
+        for s in family.samples
+    }
+    r.close()
+    assert health["schema_version"] == 1 and health["status"] == "ok"
+    assert health["draining"] is False
+    node = health["node"]
+    counts = ("models_loaded", "queue_depth", "running", "free_slots", "requests_in_flight")
+    assert all(type(node[k]) is int for k in counts), node
+    slots = Settings().parallel
+    assert (node["models_loaded"], node["running"], node["free_slots"]) == (1, 1, slots - 1)
+    assert node["queue_depth"] == 0 and node["requests_in_flight"] >= 1  # the stream at least
+    memory = node["memory"]
+    assert memory["budget_bytes"] == memory["headroom_bytes"] == BUDGET
+    assert memory["models_ram_bytes"] == 0
+    assert 0 < memory["ram_free_bytes"] <= memory["ram_total_bytes"]
+    assert type(memory["vram_free_bytes"]) is int
+    (model,) = health["models"]
+    assert (model["name"], model["engine"], model["remote"]) == (MODEL, "fake", None)
+    assert (model["slots"], model["free_slots"], model["running"]) == (slots, slots - 1, 1)
+    assert model["queue_depth"] == 0 and model["busy"] is True
+    # /v0/metrics has the same gauges
+    assert scrape[("xllm_free_slots", (model["instance"],))] == slots - 1
+    assert scrape[("xllm_running_sequences", (model["instance"],))] == 1
+    assert scrape[("xllm_memory_headroom_bytes", ())] == BUDGET

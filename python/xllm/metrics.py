@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import resource
 from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from prometheus_client import (
@@ -130,6 +131,35 @@ class _UpstreamCollector(Collector):
         yield from (up, out, health, requests, errors, seconds)
 
 
+@dataclass(frozen=True)
+class Routing:
+    """What a balancer routes on, as /v0/health has it."""
+
+    free_slots: Mapping[str, int]
+    """Sequences free now, by local model instance (a remote model's slots are its upstream's)."""
+    headroom_bytes: int
+    """Room for another model: the memory budget minus loaded models' plans, or free RAM."""
+
+
+class _RoutingCollector(Collector):
+    def __init__(self, routing: Callable[[], Routing]) -> None:
+        self._routing = routing
+
+    def collect(self) -> Iterator[Metric]:
+        routing = self._routing()
+        free = GaugeMetricFamily(
+            "xllm_free_slots", "Sequences free now (local models)", labels=["model"]
+        )
+        for name, n in routing.free_slots.items():
+            free.add_metric([name], float(n))
+        headroom = GaugeMetricFamily(
+            "xllm_memory_headroom_bytes",
+            "Room for another model: the memory budget minus loaded models' plans, or free RAM",
+        )
+        headroom.add_metric([], float(routing.headroom_bytes))
+        yield from (free, headroom)
+
+
 def _rss_bytes() -> int:
     try:
         with open(f"/proc/{os.getpid()}/statm") as f:
@@ -144,7 +174,8 @@ class Metrics:
     def __init__(
         self,
         models: Callable[[], Mapping[str, Any]],
-        pools: Callable[[], Mapping[str, Any]] = dict,
+        pools: Callable[[], Mapping[str, Any]],
+        routing: Callable[[], Routing],
     ) -> None:
         self.registry = CollectorRegistry()
         self.requests = Counter(
@@ -210,6 +241,7 @@ class Metrics:
         )
         self.registry.register(_EngineCollector(models))
         self.registry.register(_UpstreamCollector(pools))
+        self.registry.register(_RoutingCollector(routing))
 
     def observe_finish(self, model: str, finish: str, extra: Mapping[str, Any]) -> None:
         self.finished.labels(model, finish).inc()

@@ -6,6 +6,7 @@ import time
 
 import httpx
 import openai
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import Server
@@ -113,3 +114,17 @@ def test_counters_move_by_the_request_mix(server: Server) -> None:
     )
     assert value(after, "xllm_queue_depth", model=MODEL) == 0
     assert value(after, "xllm_running_sequences", model=MODEL) == 0
+
+
+def test_the_balancer_gauges_match_health(server: Server) -> None:
+    """What /v0/health routes on, /v0/metrics has too (an idle server: nothing runs)."""
+    health = httpx.get(f"{server.url}/v0/health").json()
+    samples = scrape(server)
+    (model,) = [m for m in health["models"] if m["name"] == MODEL]
+    key = model["instance"]
+    assert model["slots"] == model["free_slots"] == 4  # --parallel 4
+    assert value(samples, "xllm_free_slots", model=key) == model["free_slots"]
+    assert value(samples, "xllm_queue_depth", model=key) == model["queue_depth"] == 0
+    headroom = health["node"]["memory"]["headroom_bytes"]
+    assert headroom > 0  # no budget: free RAM, which moves a little between the two reads
+    assert value(samples, "xllm_memory_headroom_bytes") == pytest.approx(headroom, rel=0.2)

@@ -63,23 +63,28 @@ def oai(front: Server) -> openai.OpenAI:
     return openai.OpenAI(base_url=f"{front.url}/v1", api_key="unused", max_retries=0)
 
 
-def test_chat_and_stream(oai: openai.OpenAI) -> None:
+def chat_and_stream(oai: openai.OpenAI, model: str, n: int = 1) -> None:
+    """A greedy chat, then the same streamed with `n` choices: each is the same answer."""
     msgs = [{"role": "user", "content": "What is the capital of France?"}]
-    r = oai.chat.completions.create(model="far", messages=msgs, max_tokens=12, temperature=0)  # type: ignore[arg-type]
-    assert r.model == "far"
+    r = oai.chat.completions.create(model=model, messages=msgs, max_tokens=12, temperature=0)  # type: ignore[arg-type]
+    assert r.model == model  # the upstream's name rewritten to the client's
     assert r.choices[0].message.content
     assert r.usage is not None and r.usage.completion_tokens > 0
     stream = oai.chat.completions.create(
-        model="far", messages=msgs, max_tokens=12, temperature=0, stream=True,  # type: ignore[arg-type]
-        stream_options={"include_usage": True}, n=2,
+        model=model, messages=msgs, max_tokens=12, temperature=0, stream=True,  # type: ignore[arg-type]
+        stream_options={"include_usage": True}, n=n,
     )  # fmt: skip
     chunks = list(stream)
-    texts = ["", ""]
+    texts = [""] * n
     for c in chunks:
         for ch in c.choices:
             texts[ch.index] += ch.delta.content or ""
-    assert texts[0] == r.choices[0].message.content == texts[1]  # temperature 0, n relayed
+    assert texts == [r.choices[0].message.content] * n
     assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens > 0
+
+
+def test_chat_and_stream(oai: openai.OpenAI) -> None:
+    chat_and_stream(oai, "far", n=2)  # n relayed
 
 
 def test_forced_tool_call_and_logprobs(oai: openai.OpenAI) -> None:
@@ -96,6 +101,25 @@ def test_forced_tool_call_and_logprobs(oai: openai.OpenAI) -> None:
         logprobs=True, top_logprobs=2,
     )  # fmt: skip
     assert lp.choices[0].logprobs is not None and len(lp.choices[0].logprobs.content or []) == 3
+
+
+def test_response_format_relayed(oai: openai.OpenAI, upstream: Server) -> None:
+    schema = {
+        "type": "object",
+        "properties": {"capital": {"type": "string", "enum": ["Paris", "Rome", "Oslo"]}},
+        "required": ["capital"],
+    }
+    args = {
+        "messages": [{"role": "user", "content": "The capital of France, as JSON?"}],
+        "max_tokens": 30, "temperature": 0,
+        "response_format": {"type": "json_schema", "json_schema": {"name": "c", "schema": schema}},
+    }  # fmt: skip
+    r = oai.chat.completions.create(model="far", **args)  # type: ignore[call-overload]
+    answer = json.loads(r.choices[0].message.content)
+    assert answer["capital"] in ("Paris", "Rome", "Oslo")  # the upstream's grammar held it
+    direct = openai.OpenAI(base_url=f"{upstream.url}/v1", api_key="unused")
+    same = direct.chat.completions.create(model="smollm2:135m", **args)  # type: ignore[call-overload]
+    assert r.choices[0].message.content == same.choices[0].message.content
 
 
 def test_embeddings_match_the_upstream(oai: openai.OpenAI, upstream: Server, front: Server) -> None:
@@ -121,16 +145,21 @@ def test_responses_translated_to_chat(oai: openai.OpenAI) -> None:
     assert events[-1].type == "response.completed"
 
 
-def test_ollama_client(front: Server) -> None:
-    c = ollama.Client(host=front.url)
+def ollama_chat_and_generate(c: ollama.Client, model: str) -> None:
+    """A chat cut at num_predict, and a streamed raw generation, in Ollama's shapes."""
     r = c.chat(
-        model="far", messages=[{"role": "user", "content": "Hi"}], options={"num_predict": 6}
+        model=model, messages=[{"role": "user", "content": "Hi"}], options={"num_predict": 6}
     )
     assert r.message.content and r.eval_count == 6 and r.done_reason == "length"
     pieces = list(
-        c.generate(model="far", prompt="Count: 1, 2,", stream=True, options={"num_predict": 6})
+        c.generate(model=model, prompt="Count: 1, 2,", stream=True, options={"num_predict": 6})
     )
     assert pieces[-1].done and "".join(p.response for p in pieces)
+
+
+def test_ollama_client(front: Server) -> None:
+    c = ollama.Client(host=front.url)
+    ollama_chat_and_generate(c, "far")
     tools = c.chat(
         model="far", messages=[{"role": "user", "content": "Weather in Oslo?"}], tools=[TOOL],
         options={"num_predict": 40},
@@ -138,7 +167,7 @@ def test_ollama_client(front: Server) -> None:
     assert tools.done  # the model may answer or call; either comes back in Ollama's shape
 
 
-def test_list_ps_show(front: Server) -> None:
+def test_list_ps_show(front: Server, upstream: Server) -> None:
     env = {**os.environ, "XLLM_HOST": f"127.0.0.1:{front.port}"}
     listed = subprocess.run(
         [sys.executable, "-m", "xllm", "list"], env=env, capture_output=True, text=True, check=True
@@ -152,6 +181,11 @@ def test_list_ps_show(front: Server) -> None:
     show = httpx.post(f"{front.url}/api/show", json={"model": "far"}).json()
     assert show["capabilities"] == ["completion", "chat"]  # as the upstream xllm lists them
     assert show["model_info"]["remote.endpoint"] == "up"
+    listed = httpx.get(f"{upstream.url}/v1/models").json()["data"]
+    context = next(m["max_model_len"] for m in listed if m["id"] == "smollm2:135m")
+    arch = show["model_info"]["general.architecture"]  # where Ollama's clients look
+    assert show["model_info"][f"{arch}.context_length"] == context > 0
+    assert ollama.Client(host=front.url).show("far").modelinfo[f"{arch}.context_length"] == context
 
 
 def test_engine_field_picks_local_or_remote(front: Server, upstream: Server) -> None:

@@ -63,6 +63,9 @@ def test_listed_with_the_upstreams_context(front: Server) -> None:
             break
         time.sleep(0.2)
     assert show["details"]["format"] == "remote"
+    # where Ollama's clients read a model's context: model_info["<architecture>.context_length"]
+    arch = show["model_info"]["general.architecture"]
+    assert show["model_info"][f"{arch}.context_length"] == CONTEXT
     assert "FROM remote:one/fake-model" in show["modelfile"]
     ids = {m["id"]: m for m in httpx.get(f"{front.url}/v1/models").json()["data"]}
     assert ids["fk:latest"]["max_model_len"] == CONTEXT

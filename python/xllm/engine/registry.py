@@ -165,15 +165,19 @@ class ModelRegistry:
     def remote_summary(self, target: Target) -> summary.Summary:
         """What show, list and /v1/models tell of a remote model (what its upstream lists)."""
         entry = target.pool.models.get(target.model) or {}
+        context = remote_context(target)
+        # Ollama's clients read the context from `model_info["<architecture>.context_length"]`,
+        # as a GGUF header's metadata has it for local models
+        said = {f"{REMOTE}.context_length": context} if context else {}
         return summary.Summary(
             architecture=REMOTE, parameter_count=0, quantization=REMOTE,
-            context_length=remote_context(target), embedding_length=0, block_count=0,
+            context_length=context, embedding_length=0, block_count=0,
             capabilities=[c.value for c in Capability if c in remote_capabilities(target)],
             chat_template=None, license=None, format=REMOTE_FORMAT,
             model_info={
                 "general.architecture": REMOTE, "remote.endpoint": target.pool.name,
                 "remote.model": target.model, "remote.flavour": target.pool.endpoint.flavour,
-                "remote.listed": bool(entry),
+                "remote.listed": bool(entry), **said,
             },
         )  # fmt: skip
 

@@ -25,6 +25,7 @@ from xllm.server import guard, middleware
 from xllm.server.drain import DRAIN, Drain, drain
 from xllm.server.routes import add_routes
 from xllm.server.state import METRICS, REGISTRY, SETTINGS, STARTED
+from xllm.server.v0.health import routing
 
 log = logging.getLogger("xllm.server")
 
@@ -74,7 +75,9 @@ def create_app(settings: Settings, registry: ModelRegistry | None = None) -> web
     app.on_response_prepare.append(guard.add_cors_headers)
     app[SETTINGS] = settings
     registry = registry or make_registry(settings)
-    metrics = Metrics(lambda: registry.loaded, lambda: registry.remotes.pools)
+    metrics = Metrics(
+        lambda: registry.loaded, lambda: registry.remotes.pools, lambda: routing(registry)
+    )
     registry.observer = metrics
     app[REGISTRY] = registry
     app[METRICS] = metrics

@@ -11,7 +11,9 @@ from typing import Any
 from aiohttp import web
 
 from xllm.engine.protocol import Engine
+from xllm.engine.registry import ModelRegistry
 from xllm.memory import probe
+from xllm.metrics import Routing
 from xllm.server.drain import DRAIN
 from xllm.server.http import json_response
 from xllm.server.state import REGISTRY
@@ -20,12 +22,39 @@ SCHEMA_VERSION = 1
 """Of the balancer fields (`node`, each model's `queue_depth`, `slots`...)."""
 
 
+def _slots(m: Engine, parallel: int) -> int | None:
+    """A model instance's sequences; None for a remote model, whose slots are its upstream's
+    (it never queues here)."""
+    return None if getattr(m, "target", None) is not None else parallel
+
+
+def _free(slots: int, running: int) -> int:
+    return max(slots - running, 0)
+
+
+def _headroom(registry: ModelRegistry, free_ram: int) -> tuple[int, int]:
+    """RAM loaded models planned to use, and the room left for another model: the budget
+    minus those plans, or free RAM."""
+    planned = sum(m.plan.ram for m in registry.loaded.values() if m.plan)
+    budget = registry.scheduler.budget
+    return planned, max(budget - planned if budget is not None else free_ram, 0)
+
+
+def routing(registry: ModelRegistry) -> Routing:
+    """The balancer's gauges for /v0/metrics, computed as /v0/health computes them."""
+    free: dict[str, int] = {}
+    for key, m in registry.loaded.items():
+        slots = _slots(m, registry.options.parallel)
+        if slots is not None:
+            free[key] = _free(slots, int(m.stats().get("running", 0)))
+    return Routing(free_slots=free, headroom_bytes=_headroom(registry, probe.ram()[1])[1])
+
+
 def _model(key: str, m: Engine, parallel: int) -> dict[str, Any]:
     stats = m.stats()
     running = int(stats.get("running", 0))
     remote = getattr(m, "target", None)
-    # a remote model's slots are its upstream's: it never queues here
-    slots = None if remote is not None else parallel
+    slots = _slots(m, parallel)
     return {
         "name": m.name,
         "instance": key,
@@ -42,7 +71,7 @@ def _model(key: str, m: Engine, parallel: int) -> dict[str, Any]:
         "queue_depth": int(stats.get("queue_depth", 0)),
         "running": running,
         "slots": slots,
-        "free_slots": max(slots - running, 0) if slots is not None else None,
+        "free_slots": _free(slots, running) if slots is not None else None,
         "remote": {"endpoint": remote.pool.name, "model": remote.model} if remote else None,
         "stats": stats,
     }
@@ -55,9 +84,7 @@ async def health(request: web.Request) -> web.Response:
     models = [_model(k, m, registry.options.parallel) for k, m in registry.loaded.items()]
     total, free = probe.ram()
     gpus = probe.gpus()
-    planned = sum(m.plan.ram for m in registry.loaded.values() if m.plan)
-    budget = registry.scheduler.budget
-    headroom = budget - planned if budget is not None else free
+    planned, headroom = _headroom(registry, free)
     draining = request.app[DRAIN].draining
     return json_response(
         {
@@ -74,8 +101,8 @@ async def health(request: web.Request) -> web.Response:
                     "ram_total_bytes": total,
                     "ram_free_bytes": free,
                     "models_ram_bytes": planned,
-                    "budget_bytes": budget,
-                    "headroom_bytes": max(headroom, 0),
+                    "budget_bytes": registry.scheduler.budget,
+                    "headroom_bytes": headroom,
                     "vram_free_bytes": sum(g.free_bytes for g in gpus),
                 },
             },
