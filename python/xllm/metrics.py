@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import resource
 from collections.abc import Callable, Iterator, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import (
     CollectorRegistry,
@@ -23,6 +23,9 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from xllm.memory import probe
+
+if TYPE_CHECKING:
+    from xllm.server.response_cache import ResponseCache
 
 # `_created` samples double the output for nothing a dashboard uses.
 disable_created_metrics()  # type: ignore[no-untyped-call]
@@ -130,6 +133,27 @@ class _UpstreamCollector(Collector):
         yield from (up, out, health, requests, errors, seconds)
 
 
+class _ResponseCacheCollector(Collector):
+    """The temperature-0 response cache's hits, misses and size, read at scrape time."""
+
+    def __init__(self, cache: ResponseCache) -> None:
+        self._cache = cache
+
+    def collect(self) -> Iterator[Metric]:
+        c = self._cache
+        hits = CounterMetricFamily(
+            "xllm_response_cache_hits", "Greedy requests answered from the response cache"
+        )
+        hits.add_metric([], float(c.hits))
+        misses = CounterMetricFamily(
+            "xllm_response_cache_misses", "Greedy requests the response cache did not hold"
+        )
+        misses.add_metric([], float(c.misses))
+        size = GaugeMetricFamily("xllm_response_cache_bytes", "Bytes the response cache holds")
+        size.add_metric([], float(c.bytes))
+        yield from (hits, misses, size)
+
+
 def _rss_bytes() -> int:
     try:
         with open(f"/proc/{os.getpid()}/statm") as f:
@@ -145,6 +169,7 @@ class Metrics:
         self,
         models: Callable[[], Mapping[str, Any]],
         pools: Callable[[], Mapping[str, Any]] = dict,
+        response_cache: ResponseCache | None = None,
     ) -> None:
         self.registry = CollectorRegistry()
         self.requests = Counter(
@@ -210,6 +235,8 @@ class Metrics:
         )
         self.registry.register(_EngineCollector(models))
         self.registry.register(_UpstreamCollector(pools))
+        if response_cache is not None:
+            self.registry.register(_ResponseCacheCollector(response_cache))
 
     def observe_finish(self, model: str, finish: str, extra: Mapping[str, Any]) -> None:
         self.finished.labels(model, finish).inc()
