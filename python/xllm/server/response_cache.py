@@ -26,9 +26,8 @@ from typing import Any
 
 import orjson
 
-from xllm import __version__
 from xllm.engine.llama_prompt import modelfile_defaults
-from xllm.engine.protocol import Delta, Engine, Generation, Request
+from xllm.engine.protocol import Delta, Engine, Generation, Request, Sampling
 
 UNCACHED_KINDS = frozenset({"remote"})
 """Engines whose answers are not theirs to vouch for (an upstream may change its model)."""
@@ -97,13 +96,11 @@ def key(engine: Engine, request: Request) -> str | None:
     except OSError:
         return None
     model = (engine.kind, str(engine.info.path), stat.st_size, stat.st_mtime_ns, engine.ctx_size)
-    # greedy decoding draws no random numbers: the seed changes nothing
-    effective = replace(request, sampling=replace(sampling, seed=None), defaults=replace(
-        request.defaults, seed=None
-    ))  # fmt: skip
+    # the effective sampling holds the defaults; greedy decoding draws no random numbers
+    effective = replace(request, sampling=replace(sampling, seed=None), defaults=Sampling())
     try:
         text = orjson.dumps(
-            [__version__, model, repr(engine.modelfile), effective],
+            [model, repr(engine.modelfile), effective],
             default=_unkeyable,
             option=orjson.OPT_NON_STR_KEYS | orjson.OPT_SORT_KEYS,
         )
