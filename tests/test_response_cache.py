@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -161,6 +162,21 @@ async def test_the_seed_of_a_greedy_request_does_not_matter(client: TestClient[A
     assert r.headers[HEADER] == "hit" and _calls() == 1
 
 
+async def test_a_replaced_model_never_meets_its_predecessors_answers(
+    client: TestClient[Any, Any], tmp_path: Path
+) -> None:
+    body = _chat("a b", temperature=0)
+    await client.post("/v1/chat/completions", json=body)
+    r = await client.post("/api/generate", json={"model": MODEL, "keep_alive": 0})
+    assert r.status == 200 and not FakeEngine.instances[0].running
+    folder = tmp_path / "fake"
+    os.utime(folder, ns=(0, folder.stat().st_mtime_ns + 10**9))  # its files rewritten
+    r = await client.post("/v1/chat/completions", json=body)
+    assert r.headers[HEADER] == "miss" and _calls() == 2
+    r = await client.post("/v1/chat/completions", json=body)
+    assert r.headers[HEADER] == "hit" and _calls() == 2
+
+
 async def test_an_opted_out_request_stores_nothing(client: TestClient[Any, Any]) -> None:
     body = _chat("a b", temperature=0)
     await client.post("/v1/chat/completions", json={**body, "cache": False})
@@ -253,6 +269,10 @@ def test_the_share_of_ram_is_a_setting(monkeypatch: pytest.MonkeyPatch, tmp_path
     assert load_settings().cache_ram_fraction == 0.05
     monkeypatch.setenv("XLLM_CACHE_RAM_FRACTION", "0")
     assert load_settings().cache_ram_fraction == 0
+    monkeypatch.delenv("XLLM_CACHE_RAM_FRACTION")
+    (tmp_path / "config.yaml").write_text("cache:\n  ram_fraction: 0.1\n")
+    monkeypatch.setenv("XLLM_CONFIG", str(tmp_path / "config.yaml"))
+    assert load_settings().cache_ram_fraction == 0.1
     monkeypatch.setenv("XLLM_CACHE_RAM_FRACTION", "2")
     with pytest.raises(ConfigError, match="XLLM_CACHE_RAM_FRACTION"):
         load_settings()
