@@ -4,16 +4,29 @@ header, the hit counter up by one) on both dialects, streamed too."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import ollama
 import openai
+import pytest
 
-from tests.conftest import Server
+from tests.conftest import Server, start_server, stop_server
 from tests.e2e.test_metrics import scrape, value
 
 MODEL = "smollm2:135m"
 HITS = "xllm_response_cache_hits_total"
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """A server with the response cache as it comes (the session's has it off)."""
+    s = start_server(
+        tmp_path_factory.mktemp("response-cache"),
+        ["--model", MODEL, "--ctx-size", "1024", "--parallel", "2"],
+    )
+    yield s
+    stop_server(s)
 
 
 def test_a_repeated_greedy_chat_is_a_hit_on_the_openai_client(server: Server) -> None:
