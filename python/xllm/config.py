@@ -93,13 +93,18 @@ def _bytes(key: str, value: Any) -> int:
     return int(float(m.group(1)) * units[m.group(2).lower()])
 
 
-def _fraction(key: str, value: Any) -> float:
-    """A share of memory: `0.9` or `90%`."""
+def _share(key: str, value: Any) -> float:
+    """A share written `0.9` or `90%`."""
     text = str(value).strip()
     try:
-        x = float(text[:-1]) / 100 if text.endswith("%") else float(text)
+        return float(text[:-1]) / 100 if text.endswith("%") else float(text)
     except ValueError:
         raise ConfigError(f"{key}: expected a fraction like 0.9 or 90%, got {value!r}") from None
+
+
+def _fraction(key: str, value: Any) -> float:
+    """A share of memory: `0.9` or `90%`."""
+    x = _share(key, value)
     if not 0 < x <= 1:
         raise ConfigError(f"{key}: must be above 0 and at most 1 (100%), got {value!r}")
     return x
@@ -107,11 +112,7 @@ def _fraction(key: str, value: Any) -> float:
 
 def ram_share(key: str, value: Any) -> float:
     """A share of memory that may be none: `0.02`, `2%` or `0`."""
-    text = str(value).strip()
-    try:
-        x = float(text[:-1]) / 100 if text.endswith("%") else float(text)
-    except ValueError:
-        raise ConfigError(f"{key}: expected a fraction like 0.02 or 2%, got {value!r}") from None
+    x = _share(key, value)
     if not 0 <= x <= 1:
         raise ConfigError(f"{key}: must be from 0 to 1 (100%), got {value!r}")
     return x
