@@ -71,6 +71,22 @@ def test_a_repeated_greedy_chat_is_a_hit_on_the_openai_client(server: Server) ->
     assert "x-xllm-cache" not in fresh.headers
 
 
+def test_a_hit_has_the_first_answers_logprobs(server: Server) -> None:
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="x")
+
+    def ask() -> Any:
+        return client.completions.with_raw_response.create(
+            model=MODEL, prompt="The capital of France is", temperature=0, max_tokens=6,
+            logprobs=2,
+        )  # fmt: skip
+
+    first, second = ask(), ask()
+    assert (first.headers["x-xllm-cache"], second.headers["x-xllm-cache"]) == ("miss", "hit")
+    a, b = first.parse().choices[0], second.parse().choices[0]
+    assert a.logprobs is not None and len(a.logprobs.tokens) == 6
+    assert b.text == a.text and b.logprobs == a.logprobs
+
+
 def test_a_repeated_greedy_generate_is_a_hit_on_the_ollama_client(server: Server) -> None:
     client = ollama.Client(host=server.url)
     options = {"temperature": 0, "num_predict": 20}
