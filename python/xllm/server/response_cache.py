@@ -7,7 +7,7 @@ records, usage, finish reason and log-probabilities as the first answer, and the
 never asked (it may be busy with others).
 
 The key is a SHA-256 over the model's identity (engine kind, its file's path, size and mtime,
-its Modelfile, its context size: a new pull, a re-create or a reload with other settings is a
+its Modelfile, its context size: a new pull, a re-create or a reload with another context is a
 new key, so nothing stale is served) and the whole engine `Request` with its effective
 sampling. The request is what the engine renders into a prompt deterministically; keying on it
 instead of the rendered token ids costs a miss when two differently written requests render
