@@ -37,7 +37,7 @@ def default_model() -> str:
 
 async def streams(url: str, n: int, tokens: int) -> int:
     body = {"model": "bench", "prompt": "Once upon a time", "max_tokens": tokens,
-            "temperature": 0, "ignore_eos": True, "stream": True}  # fmt: skip
+            "temperature": 0, "ignore_eos": True, "stream": True, "cache": False}  # fmt: skip
     async with httpx.AsyncClient(timeout=600) as client:
 
         async def one() -> int:

@@ -42,7 +42,7 @@ def cpu_seconds(pid: int) -> float:
 async def one(client: httpx.AsyncClient, url: str, model: str, tokens: int) -> tuple[float, int]:
     prompt = [{"role": "user", "content": "Tell me a story."}]
     body = {"model": model, "stream": True, "max_tokens": tokens, "temperature": 0,
-            "ignore_eos": True, "messages": prompt}  # fmt: skip
+            "ignore_eos": True, "messages": prompt, "cache": False}  # fmt: skip
     t0 = time.perf_counter()
     ttft, n = 0.0, 0
     async with client.stream("POST", f"{url}/v1/chat/completions", json=body) as r:

@@ -174,6 +174,7 @@ async def one_stream(
         "temperature": 0,
         "ignore_eos": True,
         "stream": True,
+        "cache": False,  # xllm's response cache would replay repeats (llama-server ignores it)
     }
     if server.name == "xllm":
         body["model"] = Path(server.argv[server.argv.index("--model") + 1]).stem

@@ -129,7 +129,8 @@ def client(
                         yield time.monotonic()
 
     def stream(n: int) -> AsyncIterator[float]:
-        body = {"prompt": PROMPT, "max_tokens": n, "temperature": 0, "ignore_eos": True}
+        body = {"prompt": PROMPT, "max_tokens": n, "temperature": 0, "ignore_eos": True,
+                "cache": False}  # fmt: skip
         return events("/v1/completions", body)
 
     async def image(colour: tuple[int, int, int]) -> float:

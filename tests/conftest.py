@@ -183,10 +183,15 @@ def stop_server(server: Server) -> None:
 
 @pytest.fixture(scope="session")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    """One `xllm serve` with the default bundled model (SmolLM2 135M) for the whole session."""
+    """One `xllm serve` with the default bundled model (SmolLM2 135M) for the whole session.
+
+    Its response cache is off: tests that repeat a greedy request (streamed against not, alone
+    against batched) are there to see the model compute it twice; tests/e2e/test_response_cache.py
+    has a server of its own."""
     s = start_server(
         tmp_path_factory.mktemp("serve"),
         ["--model", "smollm2:135m", "--ctx-size", "1024", "--parallel", "4"],
+        env={"XLLM_CACHE_RAM_FRACTION": "0"},
     )
     yield s
     stop_server(s)

@@ -28,8 +28,22 @@ def test_help_lists_commands() -> None:
 def test_serve_help_names_flags() -> None:
     r = run("serve", "--help")
     assert r.returncode == 0
-    for flag in ("--host", "--port", "--model", "--ctx-size", "--threads", "--parallel"):
+    for flag in (
+        "--host",
+        "--port",
+        "--model",
+        "--ctx-size",
+        "--threads",
+        "--parallel",
+        "--cache-ram-fraction",
+    ):
         assert flag in r.stdout
+
+
+def test_serve_checks_the_response_cache_share() -> None:
+    r = run("serve", "--cache-ram-fraction", "2")
+    assert r.returncode == 2
+    assert "--cache-ram-fraction: must be from 0 to 1" in r.stderr
 
 
 def test_serve_missing_file() -> None:

@@ -223,14 +223,16 @@ async def test_encoding_runs_beside_the_decode_loop(tiny_path: Path, slow_projec
         async def read() -> None:
             async for batch in stream.deltas():
                 arrivals.extend(time.monotonic() for d in batch if d.tokens)
+                if len(arrivals) >= 5:
+                    decoding.set()
                 if len(arrivals) > 20 and image_done.is_set():
                     stream.cancel()
                     return
 
         image_done = asyncio.Event()
+        decoding = asyncio.Event()
         reader = asyncio.create_task(read())
-        while len(arrivals) < 5:  # the stream is decoding (its prefill may wait on a busy machine)
-            await asyncio.sleep(0.02)
+        await decoding.wait()  # the stream is decoding (its prefill may wait on a busy machine)
         start = time.monotonic()
         seen = await run(await engine.generate(completion("see ", BLUE, sampling=GREEDY)))
         end = time.monotonic()

@@ -93,15 +93,28 @@ def _bytes(key: str, value: Any) -> int:
     return int(float(m.group(1)) * units[m.group(2).lower()])
 
 
-def _fraction(key: str, value: Any) -> float:
-    """A share of memory: `0.9` or `90%`."""
+def _share(key: str, value: Any) -> float:
+    """A share written `0.9` or `90%`."""
     text = str(value).strip()
     try:
-        x = float(text[:-1]) / 100 if text.endswith("%") else float(text)
+        return float(text[:-1]) / 100 if text.endswith("%") else float(text)
     except ValueError:
         raise ConfigError(f"{key}: expected a fraction like 0.9 or 90%, got {value!r}") from None
+
+
+def _fraction(key: str, value: Any) -> float:
+    """A share of memory: `0.9` or `90%`."""
+    x = _share(key, value)
     if not 0 < x <= 1:
         raise ConfigError(f"{key}: must be above 0 and at most 1 (100%), got {value!r}")
+    return x
+
+
+def ram_share(key: str, value: Any) -> float:
+    """A share of memory that may be none: `0.02`, `2%` or `0`."""
+    x = _share(key, value)
+    if not 0 <= x <= 1:
+        raise ConfigError(f"{key}: must be from 0 to 1 (100%), got {value!r}")
     return x
 
 
@@ -311,6 +324,8 @@ class Settings:
     10 MB and 10 s each); off, only data: URIs and base64 are taken."""
     remote: tuple[RemoteEndpoint, ...] = ()
     """OpenAI-compatible servers whose models this one serves (`engines.remote`)."""
+    cache_ram_fraction: float = 0.02
+    """Share of total RAM the temperature-0 response cache may hold; 0 turns it off."""
 
     @property
     def home(self) -> Path:
@@ -427,6 +442,7 @@ _KEYS: tuple[_Key, ...] = (
         "XLLM_MEMORY_HIGH_WATERMARK",
         lambda k, v: _fraction(k, v),
     ),
+    _Key("cache_ram_fraction", "cache.ram_fraction", "XLLM_CACHE_RAM_FRACTION", ram_share),
     _Key("remote", "engines.remote", "XLLM_REMOTE", lambda k, v: _remotes(k, v)),
 )
 

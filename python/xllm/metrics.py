@@ -11,7 +11,7 @@ import os
 import resource
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import (
     CollectorRegistry,
@@ -24,6 +24,9 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from xllm.memory import probe
+
+if TYPE_CHECKING:
+    from xllm.server.response_cache import ResponseCache
 
 # `_created` samples double the output for nothing a dashboard uses.
 disable_created_metrics()  # type: ignore[no-untyped-call]
@@ -160,6 +163,27 @@ class _RoutingCollector(Collector):
         yield from (free, headroom)
 
 
+class _ResponseCacheCollector(Collector):
+    """The temperature-0 response cache's hits, misses and size, read at scrape time."""
+
+    def __init__(self, cache: ResponseCache) -> None:
+        self._cache = cache
+
+    def collect(self) -> Iterator[Metric]:
+        c = self._cache
+        hits = CounterMetricFamily(
+            "xllm_response_cache_hits", "Greedy requests answered from the response cache"
+        )
+        hits.add_metric([], float(c.hits))
+        misses = CounterMetricFamily(
+            "xllm_response_cache_misses", "Greedy requests the response cache did not hold"
+        )
+        misses.add_metric([], float(c.misses))
+        size = GaugeMetricFamily("xllm_response_cache_bytes", "Bytes the response cache holds")
+        size.add_metric([], float(c.bytes))
+        yield from (hits, misses, size)
+
+
 def _rss_bytes() -> int:
     try:
         with open(f"/proc/{os.getpid()}/statm") as f:
@@ -176,6 +200,7 @@ class Metrics:
         models: Callable[[], Mapping[str, Any]],
         pools: Callable[[], Mapping[str, Any]],
         routing: Callable[[], Routing],
+        response_cache: ResponseCache | None = None,
     ) -> None:
         self.registry = CollectorRegistry()
         self.requests = Counter(
@@ -242,6 +267,8 @@ class Metrics:
         self.registry.register(_EngineCollector(models))
         self.registry.register(_UpstreamCollector(pools))
         self.registry.register(_RoutingCollector(routing))
+        if response_cache is not None:
+            self.registry.register(_ResponseCacheCollector(response_cache))
 
     def observe_finish(self, model: str, finish: str, extra: Mapping[str, Any]) -> None:
         self.finished.labels(model, finish).inc()

@@ -37,7 +37,7 @@ async def _completion(client: openai.AsyncOpenAI, prompt: str, max_tokens: int) 
         temperature=0,
         stream=True,
         stream_options={"include_usage": True},
-        extra_body={"ignore_eos": True},
+        extra_body={"ignore_eos": True, "cache": False},  # computed, not replayed
     )
     text, usage = "", 0
     async for chunk in stream:

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from xllm.config import ConfigError, ram_share
 from xllm.errors import XllmError
 from xllm.models.names import DEFAULT_MODEL
 
@@ -44,10 +45,22 @@ def add_parser(commands: Any) -> None:
         "--shutdown-timeout", type=float, metavar="SECONDS",
         help="seconds SIGTERM lets running requests finish before cutting them (default 30)",
     )  # fmt: skip
+    p.add_argument(
+        "--cache-ram-fraction", metavar="SHARE",
+        type=_ram_share,
+        help="share of RAM the temperature-0 response cache may hold (default 0.02; 0: off)",
+    )  # fmt: skip
     p.add_argument("--log-file", help="also log to this file, rotated daily")
     p.add_argument("--tls-cert", help="serve HTTPS with this PEM certificate (env XLLM_TLS_CERT)")
     p.add_argument("--tls-key", help="PEM private key of --tls-cert (env XLLM_TLS_KEY)")
     p.set_defaults(func=run)
+
+
+def _ram_share(value: str) -> float:
+    try:
+        return ram_share("--cache-ram-fraction", value)
+    except ConfigError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def run(args: argparse.Namespace) -> int:
@@ -61,6 +74,7 @@ def run(args: argparse.Namespace) -> int:
         "batch_size": args.batch_size,
         "gpu_layers": args.gpu_layers,
         "shutdown_timeout": args.shutdown_timeout,
+        "cache_ram_fraction": args.cache_ram_fraction,
         "log_file": args.log_file,
         "tls_cert": args.tls_cert,
         "tls_key": args.tls_key,

@@ -53,6 +53,7 @@ async def complete(
         "max_tokens": max_tokens,
         "temperature": 0,
         "ignore_eos": True,
+        "cache": False,  # xllm's response cache would replay a repeat, not measure it
         "stream": True,
         "stream_options": {"include_usage": True},
     }

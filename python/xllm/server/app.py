@@ -19,12 +19,15 @@ from xllm.engine.plugins import Engines
 from xllm.engine.registry import ModelRegistry
 from xllm.engine.upstream import Remotes
 from xllm.errors import XllmError
+from xllm.memory import probe
 from xllm.metrics import Metrics
 from xllm.models.store import Store
 from xllm.server import guard, middleware
 from xllm.server.drain import DRAIN, Drain, drain
+from xllm.server.http import add_cache_header
+from xllm.server.response_cache import ResponseCache
 from xllm.server.routes import add_routes
-from xllm.server.state import METRICS, REGISTRY, SETTINGS, STARTED
+from xllm.server.state import METRICS, REGISTRY, RESPONSE_CACHE, SETTINGS, STARTED
 from xllm.server.v0.health import routing
 
 log = logging.getLogger("xllm.server")
@@ -73,10 +76,13 @@ def create_app(settings: Settings, registry: ModelRegistry | None = None) -> web
     app[DRAIN] = Drain()
     app.on_response_prepare.append(middleware.echo_request_id)
     app.on_response_prepare.append(guard.add_cors_headers)
+    app.on_response_prepare.append(add_cache_header)
     app[SETTINGS] = settings
     registry = registry or make_registry(settings)
+    cache = ResponseCache(int(probe.ram()[0] * settings.cache_ram_fraction))
+    app[RESPONSE_CACHE] = cache
     metrics = Metrics(
-        lambda: registry.loaded, lambda: registry.remotes.pools, lambda: routing(registry)
+        lambda: registry.loaded, lambda: registry.remotes.pools, lambda: routing(registry), cache
     )
     registry.observer = metrics
     app[REGISTRY] = registry

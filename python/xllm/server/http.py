@@ -13,8 +13,9 @@ from pydantic import BaseModel, ValidationError
 from xllm import images, remote_images
 from xllm.engine.protocol import Capability, Engine, Generation, Image, Request
 from xllm.errors import InvalidRequest, PayloadTooLarge
+from xllm.server import response_cache
 from xllm.server.openai.wire import error_param
-from xllm.server.state import REGISTRY, SETTINGS
+from xllm.server.state import REGISTRY, RESPONSE_CACHE, SETTINGS
 
 M = TypeVar("M", bound=BaseModel)
 MAX_BODY = 50 * 1024 * 1024
@@ -35,6 +36,9 @@ class Running(Protocol):
 
 GENERATIONS = web.RequestKey("generations", list[Running])
 """The work a request started: it ends with it (see `middleware.disconnects`)."""
+CACHE_HEADER = "x-xllm-cache"
+CACHE_STATUS = web.RequestKey("cache_status", str)
+"""`hit` or `miss` where the response cache was looked up (the `x-xllm-cache` header)."""
 
 
 async def load_model(
@@ -50,11 +54,34 @@ async def load_model(
     return await request.app[REGISTRY].get(name, keep_alive, ctx_size, engine)
 
 
-async def start_generation(request: web.Request, engine: Engine, req: Request) -> Generation:
-    """Queue a generation for `request`; it is cancelled the moment its client disconnects."""
-    gen = await engine.generate(req)
+async def start_generation(
+    request: web.Request, engine: Engine, req: Request, *, cache: bool = True
+) -> Generation:
+    """Queue a generation for `request`; it is cancelled the moment its client disconnects.
+
+    A greedy request is answered from the response cache when it holds the answer, and a live
+    answer is recorded into it (`cache=False`: neither; see `server/response_cache.py`)."""
+    store = request.app[RESPONSE_CACHE]
+    key = response_cache.key(engine, req) if cache and store.max_bytes > 0 else None
+    answer = store.get(key) if key is not None else None
+    if key is not None and request.get(CACHE_STATUS) != "miss":  # a batch hits if all do
+        request[CACHE_STATUS] = "miss" if answer is None else "hit"
+    gen: Generation
+    if answer is not None:
+        gen = response_cache.Replay(answer)
+    else:
+        gen = await engine.generate(req)
+        if key is not None:
+            gen = response_cache.Recording(gen, store, key)
     request.setdefault(GENERATIONS, []).append(gen)
     return gen
+
+
+async def add_cache_header(request: web.Request, response: web.StreamResponse) -> None:
+    """Say whether the response cache answered (only where it was looked up)."""
+    status = request.get(CACHE_STATUS)
+    if status is not None:
+        response.headers[CACHE_HEADER] = status
 
 
 async def read_images(

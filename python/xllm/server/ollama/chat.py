@@ -40,6 +40,7 @@ async def chat(request: web.Request) -> web.StreamResponse:
             split_thinking=body.think is not None,
             param="messages",
         ),
+        cache=body.cache,
     )
     splitter = reply.splitter(gen)
 

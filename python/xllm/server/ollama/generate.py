@@ -45,6 +45,7 @@ async def generate(request: web.Request) -> web.StreamResponse:
             enable_thinking=reply.enable_thinking(body.think),
             split_thinking=body.think is not None,
         ),
+        cache=body.cache,
     )
     splitter = reply.splitter(gen)
     tokens = list(gen.prompt_tokens)

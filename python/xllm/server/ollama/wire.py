@@ -143,6 +143,8 @@ class _WithKeepAlive(Wire):
 
 class _Inference(_WithKeepAlive):
     model: Annotated[str, Field(min_length=1, max_length=400)]
+    cache: bool = True
+    """False: neither answered from nor stored in the temperature-0 response cache."""
     stream: bool = True
     format: Literal["json", ""] | dict[str, Any] | None = None
     options: Options | None = None

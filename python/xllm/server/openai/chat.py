@@ -61,6 +61,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
             split_thinking=body.reasoning_format != "none" and forced is None,
             param="messages",
         ),
+        cache=body.cache,
     )
     splitters = None
     if gen.opens_thinking is not None:

@@ -42,7 +42,10 @@ async def completions(request: web.Request) -> web.StreamResponse:
     sampling = body.sampling(logprobs=body.logprobs)
     gens = [
         await start_generation(
-            request, model, Request(prompt=p, suffix=body.suffix or None, sampling=sampling)
+            request,
+            model,
+            Request(prompt=p, suffix=body.suffix or None, sampling=sampling),
+            cache=body.cache,
         )
         for p in prompts
     ]

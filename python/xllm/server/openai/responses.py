@@ -101,6 +101,8 @@ class TextConfig(Wire):
 class ResponsesRequest(Wire):
     model: Annotated[str, Field(min_length=1, max_length=400)]
     engine: EngineName | None = None
+    cache: bool = True
+    """False: neither answered from nor stored in the temperature-0 response cache."""
     input: Annotated[str, Field(min_length=1)] | Annotated[list[InputItem], Field(min_length=1)]
     instructions: str | None = None
     tools: list[FunctionTool] | None = None
@@ -219,6 +221,7 @@ async def responses(request: web.Request) -> web.StreamResponse:
             parallel_tools=body.parallel_tool_calls,
             param="input",
         ),
+        cache=body.cache,
     )
     head: dict[str, Any] = {
         "id": f"resp_{secrets.token_hex(12)}",

@@ -96,6 +96,8 @@ class SamplingFields(Wire):
 
     model: Annotated[str, Field(min_length=1, max_length=400)]
     engine: EngineName | None = None
+    cache: bool = True
+    """False: neither answered from nor stored in the temperature-0 response cache."""
     stream: bool = False
     stream_options: StreamOptions | None = None
     max_tokens: Annotated[int, Field(ge=1, le=2**31 - 1)] | None = None
