@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from xllm.engine.protocol import SPECULATIVE
 from xllm.errors import XllmError
 from xllm.models.names import DEFAULT_MODEL
 
@@ -41,6 +42,11 @@ def add_parser(commands: Any) -> None:
     p.add_argument("--batch-size", type=int, help="tokens per decode step (default 512)")
     p.add_argument("--gpu-layers", type=int, help="layers to offload to GPU (default -1: all)")
     p.add_argument(
+        "--spec", choices=SPECULATIVE, dest="speculative",
+        help="draft-free speculation for requests that do not choose: ngram (prompt lookup) or "
+        "none (default; env XLLM_SPECULATIVE)",
+    )  # fmt: skip
+    p.add_argument(
         "--shutdown-timeout", type=float, metavar="SECONDS",
         help="seconds SIGTERM lets running requests finish before cutting them (default 30)",
     )  # fmt: skip
@@ -60,6 +66,7 @@ def run(args: argparse.Namespace) -> int:
         "max_queue": args.max_queue,
         "batch_size": args.batch_size,
         "gpu_layers": args.gpu_layers,
+        "speculative": args.speculative,
         "shutdown_timeout": args.shutdown_timeout,
         "log_file": args.log_file,
         "tls_cert": args.tls_cert,
