@@ -28,7 +28,7 @@ import httpx
 sys.path.insert(0, str(Path(__file__).parents[1]))
 from tests.conftest import start_server, stop_server
 
-CODE = '''import csv
+CODE = """import csv
 from dataclasses import dataclass
 
 
@@ -53,7 +53,7 @@ def read_records(path: str) -> list[Record]:
 
 def oldest(records: list[Record]) -> Record:
     return max(records, key=lambda r: r.age)
-'''
+"""
 
 PROMPTS = {
     "write": "Write a Python function that parses an ISO 8601 date string into a datetime "

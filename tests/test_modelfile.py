@@ -24,6 +24,8 @@ CASES = [
      Modelfile(from_="m", parameters={"repeat_last_n": 64, "num_predict": 128, "presence_penalty": 0.5,
                                       "frequency_penalty": -0.5, "use_mmap": False, "penalize_newline": True})),
     ("FROM m\nPARAMETER temperature 0.1\nPARAMETER temperature 0.2", Modelfile(from_="m", parameters={"temperature": 0.2})),
+    ("FROM m\nPARAMETER speculative ngram\nPARAMETER draft_num_predict 8",
+     Modelfile(from_="m", parameters={"speculative": "ngram", "draft_num_predict": 8})),
     ('FROM m\nSYSTEM """You are\na pirate."""', Modelfile(from_="m", system="You are\na pirate.")),
     ('FROM m\nSYSTEM "say \\"hi\\" \\\\ bye"', Modelfile(from_="m", system='say "hi" \\ bye')),
     ("FROM m\nSYSTEM You are terse.   ", Modelfile(from_="m", system="You are terse.")),

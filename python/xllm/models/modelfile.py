@@ -87,6 +87,7 @@ def parameter_value(name: str, value: Any) -> Any:
         raise ValueError(f"unknown parameter {name!r}")
     if kind is str:
         choices = _CHOICES[name]
+        value = value.strip() if isinstance(value, str) else value
         if value not in choices:
             raise ValueError(f"{name}: expected one of {', '.join(choices)}, got {value!r}")
         return value

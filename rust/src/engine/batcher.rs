@@ -580,7 +580,12 @@ impl<B: Backend> Batcher<B> {
         order.sort_by_key(|&i| self.slots[i].active.as_ref().map(|a| a.order));
         let generating = order
             .iter()
-            .filter(|&&i| self.slots[i].active.as_ref().is_some_and(|a| a.next.is_some()))
+            .filter(|&&i| {
+                self.slots[i]
+                    .active
+                    .as_ref()
+                    .is_some_and(|a| a.next.is_some())
+            })
             .count();
         let mut spare = self.batch_size.saturating_sub(generating);
         let mut items = Vec::new();
@@ -828,7 +833,10 @@ impl<B: Backend> Batcher<B> {
 /// A request's source of draft tokens: its prediction, else prompt lookup when asked for.
 fn drafter(params: &Params, prompt_len: usize) -> Option<Box<dyn Drafter>> {
     if !params.prediction.is_empty() {
-        Some(Box::new(Prediction::new(params.prediction.clone(), prompt_len)))
+        Some(Box::new(Prediction::new(
+            params.prediction.clone(),
+            prompt_len,
+        )))
     } else if params.ngram {
         Some(Box::new(Ngram))
     } else {
@@ -1393,7 +1401,12 @@ mod tests {
         b.backend
             .steps
             .iter()
-            .map(|s| s.iter().filter(|r| r.2 == seq).map(|r| (r.0, r.1)).collect())
+            .map(|s| {
+                s.iter()
+                    .filter(|r| r.2 == seq)
+                    .map(|r| (r.0, r.1))
+                    .collect()
+            })
             .filter(|r: &Vec<(i32, i32)>| !r.is_empty())
             .collect()
     }
@@ -1401,7 +1414,10 @@ mod tests {
     #[test]
     fn a_draft_taken_whole_verifies_in_one_step() {
         let mut b = Batcher::new(Fake::default(), 1, 64, 16);
-        b.submit(predicted(1, vec![10], 6, (11..=20).collect()), Instant::now());
+        b.submit(
+            predicted(1, vec![10], 6, (11..=20).collect()),
+            Instant::now(),
+        );
         let ev = run(&mut b);
         assert_eq!(tokens_of(&ev, 1, 0), vec![11, 12, 13, 14, 15, 16]);
         assert_eq!(text_of(&ev, 1, 0), "<11><12><13><14><15><16>");
@@ -1423,7 +1439,10 @@ mod tests {
             ),
             (4, 0)
         );
-        assert_eq!((b.counters.drafted_tokens, b.counters.accepted_tokens), (4, 4));
+        assert_eq!(
+            (b.counters.drafted_tokens, b.counters.accepted_tokens),
+            (4, 4)
+        );
         assert_eq!(b.counters.decode_steps, 2);
         assert!(b.backend.removed.iter().all(|&(_, from)| from == 0));
     }
@@ -1432,7 +1451,10 @@ mod tests {
     fn a_draft_rejected_whole_or_in_part_leaves_the_cache() {
         for (prediction, accepted) in [(vec![11, 50, 51, 52], 0), (vec![11, 12, 13, 40, 41], 2)] {
             let mut b = Batcher::new(Fake::default(), 1, 64, 16);
-            b.submit(predicted(1, vec![10], 8, prediction.clone()), Instant::now());
+            b.submit(
+                predicted(1, vec![10], 8, prediction.clone()),
+                Instant::now(),
+            );
             let ev = run(&mut b);
             // exactly what plain decoding gives
             assert_eq!(tokens_of(&ev, 1, 0), (11..=18).collect::<Vec<_>>());
@@ -1458,7 +1480,10 @@ mod tests {
     #[test]
     fn end_of_generation_inside_the_draft_stops_there() {
         let mut b = Batcher::new(Fake::default(), 1, 64, 16);
-        b.submit(predicted(1, vec![95], 10, vec![96, 97, 98, 99, 5, 6]), Instant::now());
+        b.submit(
+            predicted(1, vec![95], 10, vec![96, 97, 98, 99, 5, 6]),
+            Instant::now(),
+        );
         let ev = run(&mut b);
         assert_eq!(text_of(&ev, 1, 0), "<96><97><98>");
         assert_eq!(tokens_of(&ev, 1, 0), vec![96, 97, 98]);
@@ -1484,7 +1509,10 @@ mod tests {
     fn max_tokens_mid_draft_ends_there() {
         for max_tokens in 1..=4 {
             let mut b = Batcher::new(Fake::default(), 1, 64, 16);
-            b.submit(predicted(1, vec![10], max_tokens, (11..=40).collect()), Instant::now());
+            b.submit(
+                predicted(1, vec![10], max_tokens, (11..=40).collect()),
+                Instant::now(),
+            );
             let ev = run(&mut b);
             let n = max_tokens as i32;
             assert_eq!(tokens_of(&ev, 1, 0), (11..11 + n).collect::<Vec<_>>());
@@ -1536,20 +1564,31 @@ mod tests {
     #[test]
     fn drafting_and_plain_sequences_share_each_decode() {
         let mut b = Batcher::new(Fake::default(), 2, 64, 16);
-        b.submit(predicted(1, vec![10], 9, (11..=30).collect()), Instant::now());
+        b.submit(
+            predicted(1, vec![10], 9, (11..=30).collect()),
+            Instant::now(),
+        );
         b.submit(req(2, vec![50], 9), Instant::now());
         let ev = run(&mut b);
         assert_eq!(tokens_of(&ev, 1, 0), (11..=19).collect::<Vec<_>>());
         assert_eq!(tokens_of(&ev, 2, 0), (51..=59).collect::<Vec<_>>());
         // one decode held request 1's draft and request 2's token
-        assert!(b.backend.steps.iter().any(|s| {
-            s.iter().filter(|r| r.2 == 0).count() > 1 && s.iter().any(|r| r.2 == 1)
-        }));
+        assert!(b
+            .backend
+            .steps
+            .iter()
+            .any(|s| { s.iter().filter(|r| r.2 == 0).count() > 1 && s.iter().any(|r| r.2 == 1) }));
         assert_eq!(usage_of(&ev, 2).accepted_prediction_tokens, 0);
         // the batch budget bounds the drafts: never more rows than the batch holds
         let mut b = Batcher::new(Fake::default(), 2, 64, 4);
-        b.submit(predicted(1, vec![10], 20, (11..=40).collect()), Instant::now());
-        b.submit(predicted(2, vec![50], 20, (51..=80).collect()), Instant::now());
+        b.submit(
+            predicted(1, vec![10], 20, (11..=40).collect()),
+            Instant::now(),
+        );
+        b.submit(
+            predicted(2, vec![50], 20, (51..=80).collect()),
+            Instant::now(),
+        );
         let ev = run(&mut b);
         assert_eq!(tokens_of(&ev, 2, 0), (51..=70).collect::<Vec<_>>());
         assert!(b.backend.steps.iter().all(|s| s.len() <= 4));
