@@ -181,6 +181,25 @@ async def test_a_full_engine_is_a_503_with_retry_after(client: TestClient[Any, A
         ("/v1/completions", {"model": MODEL, "prompt": "x", "top_p": 2}, "top_p"),
         ("/v1/embeddings", {"model": MODEL, "input": []}, "input"),
         ("/v1/responses", {"model": MODEL}, "input"),
+        ("/v1/chat/completions", _chat("x", speculative={"type": "eagle"}), "speculative.type"),
+        ("/v1/chat/completions", _chat("x", speculative="ngram"), "speculative"),
+        ("/v1/chat/completions", _chat("x", speculative={"max_draft": 4}), "speculative.type"),
+        (
+            "/v1/completions",
+            {"model": MODEL, "prompt": "x", "speculative": {"type": "ngram", "max_draft": 65}},
+            "speculative.max_draft",
+        ),
+        (
+            "/v1/completions",
+            {"model": MODEL, "prompt": "x", "speculative": {"type": "ngram", "n_max": 4}},
+            "speculative.n_max",
+        ),
+        ("/v1/chat/completions", _chat("x", prediction={"type": "text"}), "prediction.type"),
+        (
+            "/v1/completions",
+            {"model": MODEL, "prompt": "x", "prediction": {"type": "content", "content": 5}},
+            "prediction.content",
+        ),
     ],
 )
 async def test_openai_validation(
@@ -204,6 +223,13 @@ async def test_openai_validation(
         ("/api/generate", {"model": MODEL, "prompt": "x", "context": [-1]}, "context"),
         ("/api/generate", {"model": MODEL, "prompt": "x", "think": True}, "think"),
         ("/api/embed", {"model": MODEL, "input": 5}, "input"),
+        ("/api/chat", {**_chat("x"), "options": {"speculative": "draft"}}, "speculative"),
+        ("/api/chat", {**_chat("x"), "options": {"max_draft": -1}}, "max_draft"),
+        (
+            "/api/generate",
+            {"model": MODEL, "prompt": "x", "options": {"max_draft": 99}},
+            "max_draft",
+        ),
     ],
 )
 async def test_ollama_validation(
@@ -213,6 +239,23 @@ async def test_ollama_validation(
     error = (await r.json())["error"]
     assert r.status == 400, error
     assert isinstance(error, str) and words in error
+
+
+async def test_draft_model_speculation_is_refused_plainly(client: TestClient[Any, Any]) -> None:
+    for path, body in [
+        ("/v1/chat/completions", _chat("x", speculative={"type": "draft"})),
+        ("/v1/completions", {"model": MODEL, "prompt": "x", "speculative": {"type": "draft"}}),
+    ]:
+        r = await client.post(path, json=body)
+        error = (await r.json())["error"]
+        assert r.status == 400, error
+        assert error["param"] == "speculative.type"
+        assert "draft-model speculation is not available" in error["message"]
+    # the accepted forms reach the engine
+    ok = _chat("x", speculative={"type": "ngram", "max_draft": 0})
+    ok["prediction"] = {"type": "content", "content": [{"type": "text", "text": "x"}]}
+    r = await client.post("/v1/chat/completions", json=ok)
+    assert r.status == 200, await r.text()
 
 
 async def test_unknown_models_and_paths_have_each_dialects_shape(

@@ -24,6 +24,8 @@ CASES = [
      Modelfile(from_="m", parameters={"repeat_last_n": 64, "num_predict": 128, "presence_penalty": 0.5,
                                       "frequency_penalty": -0.5, "use_mmap": False, "penalize_newline": True})),
     ("FROM m\nPARAMETER temperature 0.1\nPARAMETER temperature 0.2", Modelfile(from_="m", parameters={"temperature": 0.2})),
+    ("FROM m\nPARAMETER speculative ngram\nPARAMETER draft_num_predict 8",
+     Modelfile(from_="m", parameters={"speculative": "ngram", "draft_num_predict": 8})),
     ('FROM m\nSYSTEM """You are\na pirate."""', Modelfile(from_="m", system="You are\na pirate.")),
     ('FROM m\nSYSTEM "say \\"hi\\" \\\\ bye"', Modelfile(from_="m", system='say "hi" \\ bye')),
     ("FROM m\nSYSTEM You are terse.   ", Modelfile(from_="m", system="You are terse.")),
@@ -80,7 +82,9 @@ def test_errors_name_the_line(text: str, line: int, message: str) -> None:
 @pytest.mark.parametrize(
     ("values", "want"),
     [({"temperature": 1, "stop": "x", "num_ctx": 2048.0, "use_mmap": False, "seed": "42"},
-      {"temperature": 1.0, "stop": ["x"], "num_ctx": 2048, "use_mmap": False, "seed": 42})],
+      {"temperature": 1.0, "stop": ["x"], "num_ctx": 2048, "use_mmap": False, "seed": 42}),
+     ({"speculative": "ngram", "draft_num_predict": "8"},
+      {"speculative": "ngram", "draft_num_predict": 8})],
 )  # fmt: skip
 def test_request_parameters_are_typed(values: dict[str, object], want: dict[str, object]) -> None:
     assert modelfile.parameters(values) == want
@@ -89,7 +93,8 @@ def test_request_parameters_are_typed(values: dict[str, object], want: dict[str,
 @pytest.mark.parametrize(
     "values",
     [{"num_ctx": True}, {"num_ctx": 1.5}, {"temperature": "x"}, {"temperature": float("inf")},
-     {"stop": [1]}, {"nope": 1}, {"use_mmap": 1}, {"top_k": None}],
+     {"stop": [1]}, {"nope": 1}, {"use_mmap": 1}, {"top_k": None}, {"speculative": "draft"},
+     {"speculative": 1}, {"draft_num_predict": "x"}],
 )  # fmt: skip
 def test_bad_request_parameters(values: dict[str, object]) -> None:
     with pytest.raises(ValueError):

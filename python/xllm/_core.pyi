@@ -90,7 +90,7 @@ class Delta:
     @property
     def usage(self) -> dict[str, int | float] | None:
         """On the finishing delta: prompt_tokens, cached_tokens, completion_tokens, ttft_ms,
-        gen_ms."""
+        gen_ms (and accepted_prediction_tokens, rejected_prediction_tokens when it drafted)."""
     @property
     def error(self) -> object:
         """None, or why it failed: a str from the engine, or an `xllm.errors.XllmError` the
@@ -145,6 +145,7 @@ class Engine:
         mtmd_lib: str | None = None,
         mtmd_ctx: int = 0,
         n_embd_inp: int = 0,
+        speculation: bool = True,
     ) -> Self: ...
     def tokenize_media(
         self,

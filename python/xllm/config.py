@@ -17,6 +17,8 @@ from typing import Any
 
 import yaml
 
+from xllm.engine.protocol import SPECULATIVE
+
 DEFAULT_PORT = 32769
 DEFAULT_HOST = "127.0.0.1"
 
@@ -143,6 +145,22 @@ def _priorities(key: str, value: Any) -> tuple[tuple[str, str], ...]:
         if level not in ("high", "normal", "low"):
             raise ConfigError(f"{key}.{name}: expected high, normal or low, got {level!r}")
     return tuple((str(k).strip(), str(v)) for k, v in value.items())
+
+
+def _speculative(key: str, value: Any) -> str:
+    text = _str(key, value)
+    if text not in SPECULATIVE:
+        raise ConfigError(f"{key}: expected one of {', '.join(SPECULATIVE)}, got {value!r}")
+    return text
+
+
+def _speculative_models(key: str, value: Any) -> tuple[tuple[str, str], ...]:
+    """`{model: ngram|none}` in config.yaml, `model=ngram,other=none` in the environment."""
+    if isinstance(value, str):
+        value = dict(p.split("=", 1) for p in value.split(",") if "=" in p)
+    if not isinstance(value, dict):
+        raise ConfigError(f"{key}: expected a mapping of model to ngram or none")
+    return tuple((str(k).strip(), _speculative(f"{key}.{k}", v)) for k, v in value.items())
 
 
 FLAVOURS = ("openai", "vllm", "llama-server", "xllm")
@@ -326,6 +344,10 @@ class Settings:
     """OpenAI-compatible servers whose models this one serves (`engines.remote`)."""
     cache_ram_fraction: float = 0.02
     """Share of total RAM the temperature-0 response cache may hold; 0 turns it off."""
+    speculative: str = "none"
+    """Draft-free speculation for requests that do not choose: ngram (prompt lookup) or none."""
+    speculative_models: tuple[tuple[str, str], ...] = ()
+    """(model, ngram|none): models that speculate otherwise than `speculative` says."""
 
     @property
     def home(self) -> Path:
@@ -424,6 +446,13 @@ _KEYS: tuple[_Key, ...] = (
     ),
     _Key("threads", "inference.threads", "XLLM_THREADS", lambda k, v: max(0, _int(k, v))),
     _Key("batch_size", "inference.batch_size", "XLLM_BATCH_SIZE", _positive_int),
+    _Key("speculative", "inference.speculative", "XLLM_SPECULATIVE", _speculative),
+    _Key(
+        "speculative_models",
+        "models.speculative",
+        "XLLM_SPECULATIVE_MODELS",
+        lambda k, v: _speculative_models(k, v),
+    ),
     _Key("gpu_layers", "gpu.layers", "XLLM_GPU_LAYERS", _int),
     _Key(
         "keep_alive",

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from xllm.config import ConfigError, ram_share
+from xllm.engine.protocol import SPECULATIVE
 from xllm.errors import XllmError
 from xllm.models.names import DEFAULT_MODEL
 
@@ -41,6 +42,11 @@ def add_parser(commands: Any) -> None:
     p.add_argument("--max-queue", type=int, help="waiting requests before 503 (default 1000)")
     p.add_argument("--batch-size", type=int, help="tokens per decode step (default 512)")
     p.add_argument("--gpu-layers", type=int, help="layers to offload to GPU (default -1: all)")
+    p.add_argument(
+        "--spec", choices=SPECULATIVE, dest="speculative",
+        help="draft-free speculation for requests that do not choose: ngram (prompt lookup) or "
+        "none (default; env XLLM_SPECULATIVE)",
+    )  # fmt: skip
     p.add_argument(
         "--shutdown-timeout", type=float, metavar="SECONDS",
         help="seconds SIGTERM lets running requests finish before cutting them (default 30)",
@@ -73,6 +79,7 @@ def run(args: argparse.Namespace) -> int:
         "max_queue": args.max_queue,
         "batch_size": args.batch_size,
         "gpu_layers": args.gpu_layers,
+        "speculative": args.speculative,
         "shutdown_timeout": args.shutdown_timeout,
         "cache_ram_fraction": args.cache_ram_fraction,
         "log_file": args.log_file,

@@ -18,7 +18,7 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from xllm import grammar, reasoning, tools
-from xllm.engine.protocol import Capability, Image, Request, Sampling
+from xllm.engine.protocol import MAX_DRAFT, Capability, Image, Request, Sampling
 from xllm.errors import InvalidRequest
 from xllm.models import gotemplate
 from xllm.models.modelfile import Modelfile, is_go_template
@@ -69,12 +69,14 @@ def modelfile_defaults(modelfile: Modelfile) -> Sampling:
         del values["seed"]
     if "stop" in values:
         values["stop"] = tuple(values["stop"])
+    if "draft_num_predict" in p:
+        values["max_draft"] = min(p["draft_num_predict"], MAX_DRAFT)
     return Sampling.of(values)
 
 
 _SAMPLING = (
     "temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty",
-    "repeat_penalty", "repeat_last_n", "seed", "stop",
+    "repeat_penalty", "repeat_last_n", "seed", "stop", "speculative",
 )  # fmt: skip
 
 
@@ -101,6 +103,9 @@ async def prepare(model: RunnerClient, request: Request) -> Prepared:
         images = [(start + len(request.context), n, im) for start, n, im in images]
     sampling = sampling.over(modelfile_defaults(model.modelfile)).over(request.defaults)
     params = sampling_params(model, sampling, len(tokens), stops, request.param)
+    if sampling.prediction and sampling.max_draft != 0:
+        predicted = await model.tokenize(sampling.prediction, special=False)
+        params["prediction"] = predicted[: model.ctx_size]
     opens = None
     if Capability.THINKING in caps and request.split_thinking:
         tail = await model.detokenize(tokens[-4:])  # templates may open the block themselves
@@ -295,4 +300,8 @@ def sampling_params(
         params["logit_bias"] = dict(s.logit_bias)
     if s.grammar is not None:
         params["grammar"] = s.grammar
+    # the request's (or Modelfile's) choice, else the server's for this model
+    params["ngram"] = (s.speculative or model.options.speculative) == "ngram"
+    if s.max_draft is not None:
+        params["max_draft"] = s.max_draft
     return params

@@ -88,6 +88,8 @@ class LlamaCppEngine:
             parallel=options.parallel,
             batch_size=batch,
             max_queue=options.max_queue,
+            # a recurrent state cannot drop rejected draft tokens
+            speculation=not (lc.llama_model_is_recurrent(model) or lc.llama_model_is_hybrid(model)),
             **vision,
         )
         # the batching loop's surface, unchanged

@@ -38,6 +38,8 @@ class EngineOptions:
     """LoRA adapter files applied over the weights (scale 1, as Ollama's ADAPTER)."""
     projector: str | None = None
     """A vision projector (`mmproj` GGUF) loaded with libmtmd beside the model."""
+    speculative: str = "none"
+    """Draft-free speculation for requests that do not choose: "ngram" or "none"."""
 
     @classmethod
     def from_json(cls, text: str) -> EngineOptions:

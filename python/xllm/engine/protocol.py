@@ -99,6 +99,12 @@ class Part:
     """A `kind="image"` part's image."""
 
 
+SPECULATIVE = ("none", "ngram")
+"""Kinds of speculation a request, a Modelfile or the server may ask for."""
+MAX_DRAFT = 64
+"""The longest draft a request may ask for (each draft token is a row of the decode)."""
+
+
 @dataclass(frozen=True, slots=True)
 class Sampling:
     """Sampling parameters, validated by the wire models; None leaves a knob to the defaults
@@ -124,6 +130,12 @@ class Sampling:
     logit_bias: Mapping[int, float] | None = None
     ignore_eos: bool | None = None
     grammar: Grammar | None = None
+    speculative: str | None = None
+    """Draft-free speculation: "ngram" (prompt lookup) or "none" (see SPECULATIVE)."""
+    max_draft: int | None = None
+    """The most draft tokens a step verifies (0: no drafting, not even a `prediction`)."""
+    prediction: str | None = None
+    """The expected output (OpenAI's predicted outputs): drafted as the model goes."""
 
     def over(self, defaults: Sampling) -> Sampling:
         """These parameters, with what they leave unset taken from `defaults`."""

@@ -65,6 +65,7 @@ class ModelRegistry:
         priorities: dict[str, str] | None = None,
         store: Store | None = None,
         replicas: dict[str, int] | None = None,
+        speculative: dict[str, str] | None = None,
         high_watermark: float = HIGH_WATERMARK,
         engines: Engines | None = None,
         remotes: Remotes | None = None,
@@ -83,6 +84,8 @@ class ModelRegistry:
         self.store = store
         """Pulled and created models; resolved after command-line paths, before bundled ones."""
         self._paths: dict[str, Path] = {}
+        self._speculative = {self.key(k): v for k, v in (speculative or {}).items()}
+        """Models whose requests speculate otherwise than the server's `speculative` says."""
         self._projectors: dict[str, Path] = {}
         self.scheduler: Scheduler[Engine] = Scheduler(
             self.prepare,
@@ -318,6 +321,9 @@ class ModelRegistry:
                 path = await asyncio.to_thread(self.store.model_dir, stored)
                 files = (path,)
             options = _with_modelfile(self.options, name, modelfile)
+            speculative = self._speculative.get(self.key(name))
+            if speculative is not None:
+                options = dataclasses.replace(options, speculative=speculative)
             if ctx_size is not None:  # the request's, over the Modelfile's and the server's
                 options = dataclasses.replace(options, ctx_size=ctx_size)
             spec = LoadSpec(

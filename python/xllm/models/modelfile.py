@@ -17,13 +17,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from xllm.engine.protocol import SPECULATIVE
 from xllm.errors import InvalidRequest
 
 # Ollama's options (api.Options and api.Runner) with their types.
 PARAMETERS: dict[str, type] = {
     **dict.fromkeys(
         ("num_ctx", "num_batch", "num_gpu", "main_gpu", "num_thread", "num_keep", "seed",
-         "num_predict", "top_k", "repeat_last_n", "mirostat"),
+         "num_predict", "top_k", "repeat_last_n", "mirostat", "draft_num_predict"),
         int,
     ),
     **dict.fromkeys(
@@ -37,7 +38,10 @@ PARAMETERS: dict[str, type] = {
         bool,
     ),
     "stop": list,
+    "speculative": str,  # xllm's: "ngram" or "none" (SPECULATIVE)
 }  # fmt: skip
+_CHOICES = {"speculative": SPECULATIVE}
+"""The values a text parameter takes."""
 ROLES = ("system", "user", "assistant")
 COMMANDS = ("from", "parameter", "template", "system", "adapter", "license", "message")
 _WORD = re.compile(r"\S+")
@@ -81,6 +85,12 @@ def parameter_value(name: str, value: Any) -> Any:
     kind = PARAMETERS.get(name)
     if kind is None:
         raise ValueError(f"unknown parameter {name!r}")
+    if kind is str:
+        choices = _CHOICES[name]
+        value = value.strip() if isinstance(value, str) else value
+        if value not in choices:
+            raise ValueError(f"{name}: expected one of {', '.join(choices)}, got {value!r}")
+        return value
     if kind is list:
         items = value if isinstance(value, list) else [value]
         if not all(isinstance(s, str) for s in items):

@@ -45,6 +45,7 @@ def engine_options(settings: Settings) -> EngineOptions:
         gpu_layers=settings.gpu_layers,
         max_queue=settings.max_queue,
         keep_alive_s=settings.keep_alive,
+        speculative=settings.speculative,
     )
 
 
@@ -56,6 +57,7 @@ def make_registry(settings: Settings, engines: Engines | None = None) -> ModelRe
         priorities=dict(settings.priorities),
         store=Store(settings.models_dir),
         replicas=dict(settings.replicas),
+        speculative=dict(settings.speculative_models),
         high_watermark=settings.memory_high_watermark,
         engines=engines,
         remotes=Remotes.of(settings.remote),

@@ -36,6 +36,9 @@ class Usage:
     cached_tokens: int = 0
     ttft_ms: float = 0.0
     gen_ms: float = 0.0
+    accepted_prediction_tokens: int = 0
+    rejected_prediction_tokens: int = 0
+    """Draft tokens (speculation, `prediction`) the model generated too, and those it did not."""
 
     @property
     def total_tokens(self) -> int:
@@ -50,12 +53,16 @@ class Usage:
         self.completion_tokens += int(usage.get("completion_tokens", 0))
         self.ttft_ms = max(self.ttft_ms, float(usage.get("ttft_ms", 0.0)))
         self.gen_ms = max(self.gen_ms, float(usage.get("gen_ms", 0.0)))
+        self.accepted_prediction_tokens += int(usage.get("accepted_prediction_tokens", 0))
+        self.rejected_prediction_tokens += int(usage.get("rejected_prediction_tokens", 0))
 
     def merge(self, other: Usage) -> None:
         """Another prompt's usage (a batch of prompts in one request)."""
         self.prompt_tokens += other.prompt_tokens
         self.completion_tokens += other.completion_tokens
         self.cached_tokens += other.cached_tokens
+        self.accepted_prediction_tokens += other.accepted_prediction_tokens
+        self.rejected_prediction_tokens += other.rejected_prediction_tokens
 
     def openai(self) -> dict[str, Any]:
         return {
@@ -63,6 +70,10 @@ class Usage:
             "completion_tokens": self.completion_tokens,
             "total_tokens": self.total_tokens,
             "prompt_tokens_details": {"cached_tokens": self.cached_tokens},
+            "completion_tokens_details": {
+                "accepted_prediction_tokens": self.accepted_prediction_tokens,
+                "rejected_prediction_tokens": self.rejected_prediction_tokens,
+            },
         }
 
 

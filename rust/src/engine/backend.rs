@@ -19,6 +19,7 @@ pub struct LlamaBackend {
     n_vocab: i32,
     batch: RawBatch,
     capacity: usize,
+    speculation: bool,
 }
 
 // SAFETY: the context is used by the engine thread only; llama.cpp contexts may move threads.
@@ -67,7 +68,15 @@ impl LlamaBackend {
             n_vocab,
             batch,
             capacity,
+            speculation: true,
         }
+    }
+
+    /// Whether the model's cache can drop a sequence's last positions (see
+    /// `Backend::can_speculate`): recurrent and hybrid models' cannot.
+    pub fn with_speculation(mut self, on: bool) -> Self {
+        self.speculation = on;
+        self
     }
 
     fn add(&self, chain: Sampler, sampler: Sampler) {
@@ -378,6 +387,10 @@ impl Backend for LlamaBackend {
             None => self.argmax(index),
         };
         (token, logprobs.map(|k| self.logprob(index, token, k)))
+    }
+
+    fn can_speculate(&self) -> bool {
+        self.speculation
     }
 
     fn set_threads(&mut self, n: i32) {

@@ -20,6 +20,7 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Instant;
 
+use super::draft::{Drafter, Ngram, Pacer, Prediction};
 use super::types::{Embedding, Event, Finish, ImageInput, Params, Request, TokenLogprob, Usage};
 use crate::stop::StopMatcher;
 
@@ -64,6 +65,11 @@ pub trait Backend {
     fn piece(&self, token: i32) -> Vec<u8>;
     /// Decode with `n` threads from now on.
     fn set_threads(&mut self, _n: i32) {}
+    /// Whether a sequence's cache can drop its last positions, which rejected draft tokens
+    /// need (not so for recurrent and hybrid models).
+    fn can_speculate(&self) -> bool {
+        true
+    }
 }
 
 /// An image of a running prompt not in the KV cache yet.
@@ -104,6 +110,13 @@ struct Active<S> {
     last_token: Option<Instant>,
     cached: u32,
     order: u64,
+    /// Where draft tokens come from (None: this sequence never drafts).
+    drafter: Option<Box<dyn Drafter>>,
+    pacer: Pacer,
+    /// Draft tokens decoded after `next` in this step.
+    draft: Vec<i32>,
+    drafted: u32,
+    accepted: u32,
 }
 
 struct Slot<S> {
@@ -129,6 +142,9 @@ pub struct Counters {
     pub generated_tokens: u64,
     pub decode_steps: u64,
     pub images_encoded: u64,
+    /// Draft tokens verified, and those the model generated too.
+    pub drafted_tokens: u64,
+    pub accepted_tokens: u64,
 }
 
 pub struct Batcher<B: Backend> {
@@ -410,8 +426,18 @@ impl<B: Backend> Batcher<B> {
                 a.n_past += 1;
             }
         }
+        // A slot has one output row, or (drafting) its first of several: `verify` takes them all.
+        let mut done = vec![false; self.slots.len()];
         for (index, (item, &slot)) in items.iter().zip(&owners).enumerate() {
-            if !item.output {
+            if !item.output || std::mem::replace(&mut done[slot], true) {
+                continue;
+            }
+            let drafting = self.slots[slot]
+                .active
+                .as_ref()
+                .is_some_and(|a| !a.draft.is_empty());
+            if drafting {
+                self.verify(slot, index as i32, now, events);
                 continue;
             }
             self.copy_to_followers(slot);
@@ -464,6 +490,7 @@ impl<B: Backend> Batcher<B> {
             if samplers.is_empty() {
                 continue;
             }
+            let speculate = self.backend.can_speculate() && w.request.params.max_draft > 0;
             self.counters.requests += 1;
             self.counters.prompt_tokens += prompt.len() as u64;
             let room = (self.ctx_size - prompt.len()) as u32;
@@ -514,6 +541,11 @@ impl<B: Backend> Batcher<B> {
                     last_token: None,
                     cached: cached as u32,
                     order: self.admitted,
+                    drafter: drafter(&w.request.params, prompt.len()).filter(|_| speculate),
+                    pacer: pacer(&w.request.params),
+                    draft: Vec::new(),
+                    drafted: 0,
+                    accepted: 0,
                 });
             }
         }
@@ -541,24 +573,38 @@ impl<B: Backend> Batcher<B> {
         keep
     }
 
-    /// The tokens of this step: every generating sequence's next token, then prompt chunks.
-    fn build_batch(&self) -> (Vec<BatchItem>, Vec<usize>) {
+    /// The tokens of this step: every generating sequence's next token (and its draft, with
+    /// logits on every row), then prompt chunks.
+    fn build_batch(&mut self) -> (Vec<BatchItem>, Vec<usize>) {
         let mut order: Vec<usize> = (0..self.slots.len())
             .filter(|&i| self.slots[i].active.is_some())
             .collect();
         order.sort_by_key(|&i| self.slots[i].active.as_ref().map(|a| a.order));
+        let generating = order
+            .iter()
+            .filter(|&&i| {
+                self.slots[i]
+                    .active
+                    .as_ref()
+                    .is_some_and(|a| a.next.is_some())
+            })
+            .count();
+        let mut spare = self.batch_size.saturating_sub(generating);
         let mut items = Vec::new();
         let mut owners = Vec::new();
         for &i in &order {
+            spare -= self.plan_draft(i, spare);
             let a = self.slots[i].active.as_ref().expect("active");
             if let Some(token) = a.next {
-                items.push(BatchItem {
-                    token,
-                    pos: a.n_past as i32,
-                    seq: self.slots[i].seq,
-                    output: true,
-                });
-                owners.push(i);
+                for (k, &token) in std::iter::once(&token).chain(&a.draft).enumerate() {
+                    items.push(BatchItem {
+                        token,
+                        pos: (a.n_past + k) as i32,
+                        seq: self.slots[i].seq,
+                        output: true,
+                    });
+                    owners.push(i);
+                }
             }
         }
         let mut budget = self.batch_size.saturating_sub(items.len());
@@ -586,6 +632,71 @@ impl<B: Backend> Batcher<B> {
             budget -= take;
         }
         (items, owners)
+    }
+
+    /// Draft tokens to decode after a generating slot's `next` (at most `spare`); how many.
+    fn plan_draft(&mut self, slot: usize, spare: usize) -> usize {
+        let s = &mut self.slots[slot];
+        let Some(a) = s.active.as_mut() else {
+            return 0;
+        };
+        a.draft.clear();
+        let (Some(next), Some(drafter)) = (a.next, a.drafter.as_mut()) else {
+            return 0;
+        };
+        // the step generates up to 1 + draft tokens: never past max_tokens
+        let room = (a.max_tokens - a.generated).saturating_sub(1) as usize;
+        if room == 0 || spare == 0 {
+            return 0;
+        }
+        let max = a.pacer.next_len().min(room).min(spare);
+        if max == 0 {
+            return 0;
+        }
+        let mut history = Vec::with_capacity(s.cached.len() + 1);
+        history.extend_from_slice(&s.cached);
+        history.push(next);
+        a.draft = drafter.draft(&history, max);
+        a.draft.len()
+    }
+
+    /// Sample a drafting slot's rows in order, from `first` (its `next`), each with its own
+    /// sampler chain, as if decoding one token at a time: row k's token is emitted, and row
+    /// k+1's logits are valid only while that token equals draft token k. At the first
+    /// disagreement (or the end, or a finish) the rest of the draft leaves the cache.
+    fn verify(&mut self, slot: usize, first: i32, now: Instant, events: &mut Vec<Event>) {
+        let seq = self.slots[slot].seq;
+        let a = self.slots[slot].active.as_mut().expect("active");
+        let draft = std::mem::take(&mut a.draft);
+        let base = a.n_past - draft.len(); // after `next`
+        a.drafted += draft.len() as u32;
+        let mut taken = 0;
+        for k in 0..=draft.len() {
+            let a = self.slots[slot].active.as_mut().expect("running");
+            let (token, lp) = self
+                .backend
+                .sample(a.sampler.as_mut(), first + k as i32, a.logprobs);
+            let agrees = draft.get(k) == Some(&token);
+            if agrees {
+                a.accepted += 1;
+                taken += 1;
+            }
+            if !self.emit(slot, token, lp, now, events) || !agrees {
+                break;
+            }
+        }
+        self.counters.drafted_tokens += draft.len() as u64;
+        self.counters.accepted_tokens += taken as u64;
+        let keep = base + taken;
+        let s = &mut self.slots[slot];
+        s.cached.truncate(keep);
+        if let Some(a) = s.active.as_mut() {
+            a.n_past = keep;
+            a.pacer.record(draft.len(), taken);
+        }
+        if taken < draft.len() {
+            self.backend.seq_rm(seq, keep as i32);
+        }
     }
 
     /// A primary choice finished its prompt: give its KV to the other choices of the request.
@@ -636,12 +747,26 @@ impl<B: Backend> Batcher<B> {
     fn sample_and_emit(&mut self, slot: usize, index: i32, now: Instant, events: &mut Vec<Event>) {
         let a = self.slots[slot].active.as_mut().expect("active");
         let (token, lp) = self.backend.sample(a.sampler.as_mut(), index, a.logprobs);
+        self.emit(slot, token, lp, now, events);
+    }
+
+    /// A sampled token through end-of-generation, the stop strings and max_tokens; whether
+    /// the sequence goes on (with the token as its `next`).
+    fn emit(
+        &mut self,
+        slot: usize,
+        token: i32,
+        lp: Option<TokenLogprob>,
+        now: Instant,
+        events: &mut Vec<Event>,
+    ) -> bool {
+        let a = self.slots[slot].active.as_mut().expect("active");
         a.first_token.get_or_insert(now);
         a.last_token = Some(now);
         if !a.ignore_eos && self.backend.is_eog(token) {
             self.emit_text(slot, events);
             self.finish(slot, Finish::Stop, events);
-            return;
+            return false;
         }
         self.counters.generated_tokens += 1;
         let piece = self.backend.piece(token);
@@ -666,7 +791,9 @@ impl<B: Backend> Batcher<B> {
             self.finish(slot, Finish::Length, events);
         } else {
             a.next = Some(token);
+            return true;
         }
+        false
     }
 
     /// Release text the stop matcher still holds (generation ended without a stop string).
@@ -698,9 +825,33 @@ impl<B: Backend> Batcher<B> {
                 (Some(f), Some(l)) => ms(f, l),
                 _ => 0.0,
             },
+            accepted_prediction_tokens: a.accepted,
+            rejected_prediction_tokens: a.drafted - a.accepted,
         };
         events.push(finish_event(a.request, a.choice, finish, usage));
     }
+}
+
+/// A request's source of draft tokens: its prediction, else prompt lookup when asked for.
+fn drafter(params: &Params, prompt_len: usize) -> Option<Box<dyn Drafter>> {
+    if !params.prediction.is_empty() {
+        Some(Box::new(Prediction::new(
+            params.prediction.clone(),
+            prompt_len,
+        )))
+    } else if params.ngram {
+        Some(Box::new(Ngram))
+    } else {
+        None
+    }
+}
+
+/// A prediction is the client's word and drafts in full from the start; prompt lookup starts
+/// short and earns its length.
+fn pacer(params: &Params) -> Pacer {
+    let max = params.max_draft as usize;
+    let start = if params.prediction.is_empty() { 4 } else { max };
+    Pacer::new(max, start)
 }
 
 fn finish_event(request: u64, choice: u32, finish: Finish, usage: Usage) -> Event {
@@ -729,6 +880,8 @@ mod tests {
         copied: Vec<(i32, i32, i32)>,
         /// How long each decode takes.
         delay: std::time::Duration,
+        /// A recurrent model: no speculation.
+        recurrent: bool,
     }
 
     impl Backend for Fake {
@@ -788,6 +941,9 @@ mod tests {
         }
         fn piece(&self, token: i32) -> Vec<u8> {
             format!("<{token}>").into_bytes()
+        }
+        fn can_speculate(&self) -> bool {
+            !self.recurrent
         }
     }
 
@@ -1247,5 +1403,218 @@ mod tests {
         assert_eq!(finish_of(&events, 1), vec![(0, Finish::Cancelled)]);
         assert_eq!(finish_of(&events, 2), vec![(0, Finish::Cancelled)]);
         assert!(b.is_idle());
+    }
+
+    /// A request whose draft is `prediction`.
+    fn predicted(id: u64, prompt: Vec<i32>, max_tokens: u32, prediction: Vec<i32>) -> Request {
+        let mut r = req(id, prompt, max_tokens);
+        r.params.prediction = prediction;
+        r
+    }
+
+    fn usage_of(events: &[Event], id: u64) -> Usage {
+        events
+            .iter()
+            .find(|e| e.request == id && e.usage.is_some())
+            .and_then(|e| e.usage.clone())
+            .unwrap()
+    }
+
+    /// Rows of each step as (token, position) for sequence `seq`.
+    fn rows_of(b: &Batcher<Fake>, seq: i32) -> Vec<Vec<(i32, i32)>> {
+        b.backend
+            .steps
+            .iter()
+            .map(|s| {
+                s.iter()
+                    .filter(|r| r.2 == seq)
+                    .map(|r| (r.0, r.1))
+                    .collect()
+            })
+            .filter(|r: &Vec<(i32, i32)>| !r.is_empty())
+            .collect()
+    }
+
+    #[test]
+    fn a_draft_taken_whole_verifies_in_one_step() {
+        let mut b = Batcher::new(Fake::default(), 1, 64, 16);
+        b.submit(
+            predicted(1, vec![10], 6, (11..=20).collect()),
+            Instant::now(),
+        );
+        let ev = run(&mut b);
+        assert_eq!(tokens_of(&ev, 1, 0), vec![11, 12, 13, 14, 15, 16]);
+        assert_eq!(text_of(&ev, 1, 0), "<11><12><13><14><15><16>");
+        assert_eq!(finish_of(&ev, 1), vec![(0, Finish::Length)]);
+        // the prompt, then `next` with 4 drafts (5 tokens would pass max_tokens with the bonus)
+        assert_eq!(
+            rows_of(&b, 0),
+            vec![
+                vec![(10, 0)],
+                vec![(11, 1), (12, 2), (13, 3), (14, 4), (15, 5)]
+            ]
+        );
+        let usage = usage_of(&ev, 1);
+        assert_eq!(usage.completion_tokens, 6);
+        assert_eq!(
+            (
+                usage.accepted_prediction_tokens,
+                usage.rejected_prediction_tokens
+            ),
+            (4, 0)
+        );
+        assert_eq!(
+            (b.counters.drafted_tokens, b.counters.accepted_tokens),
+            (4, 4)
+        );
+        assert_eq!(b.counters.decode_steps, 2);
+        assert!(b.backend.removed.iter().all(|&(_, from)| from == 0));
+    }
+
+    #[test]
+    fn a_draft_rejected_whole_or_in_part_leaves_the_cache() {
+        for (prediction, accepted) in [(vec![11, 50, 51, 52], 0), (vec![11, 12, 13, 40, 41], 2)] {
+            let mut b = Batcher::new(Fake::default(), 1, 64, 16);
+            b.submit(
+                predicted(1, vec![10], 8, prediction.clone()),
+                Instant::now(),
+            );
+            let ev = run(&mut b);
+            // exactly what plain decoding gives
+            assert_eq!(tokens_of(&ev, 1, 0), (11..=18).collect::<Vec<_>>());
+            assert_eq!(finish_of(&ev, 1), vec![(0, Finish::Length)]);
+            let usage = usage_of(&ev, 1);
+            let drafted = prediction.len() as u32 - 1;
+            assert_eq!(usage.accepted_prediction_tokens, accepted);
+            assert_eq!(usage.rejected_prediction_tokens, drafted - accepted);
+            // the rejected tail was cut, and the next step goes on right after what was taken
+            let keep = 2 + accepted as i32;
+            assert!(b.backend.removed.contains(&(0, keep)));
+            let rows = rows_of(&b, 0);
+            assert_eq!(rows[2][0], (10 + keep, keep));
+            // and the slot's cache holds exactly the sequence: a follow-up reuses all of it
+            let mut follow_up: Vec<i32> = (10..=18).collect();
+            follow_up.push(5);
+            b.submit(req(2, follow_up, 1), Instant::now());
+            let ev = run(&mut b);
+            assert_eq!(usage_of(&ev, 2).cached_tokens, 8);
+        }
+    }
+
+    #[test]
+    fn end_of_generation_inside_the_draft_stops_there() {
+        let mut b = Batcher::new(Fake::default(), 1, 64, 16);
+        b.submit(
+            predicted(1, vec![95], 10, vec![96, 97, 98, 99, 5, 6]),
+            Instant::now(),
+        );
+        let ev = run(&mut b);
+        assert_eq!(text_of(&ev, 1, 0), "<96><97><98>");
+        assert_eq!(tokens_of(&ev, 1, 0), vec![96, 97, 98]);
+        assert_eq!(finish_of(&ev, 1), vec![(0, Finish::Stop)]);
+        assert_eq!(usage_of(&ev, 1).completion_tokens, 3);
+        assert_eq!(b.counters.decode_steps, 2);
+    }
+
+    #[test]
+    fn a_stop_string_inside_accepted_tokens_ends_there() {
+        let mut b = Batcher::new(Fake::default(), 1, 64, 16);
+        let mut r = predicted(1, vec![10], 20, (11..=30).collect());
+        r.params.stop = vec!["3><14".into()];
+        b.submit(r, Instant::now());
+        let ev = run(&mut b);
+        assert_eq!(text_of(&ev, 1, 0), "<11><12><1");
+        assert_eq!(tokens_of(&ev, 1, 0), vec![11, 12, 13, 14]);
+        assert_eq!(finish_of(&ev, 1), vec![(0, Finish::Stop)]);
+        assert_eq!(usage_of(&ev, 1).completion_tokens, 4);
+    }
+
+    #[test]
+    fn max_tokens_mid_draft_ends_there() {
+        for max_tokens in 1..=4 {
+            let mut b = Batcher::new(Fake::default(), 1, 64, 16);
+            b.submit(
+                predicted(1, vec![10], max_tokens, (11..=40).collect()),
+                Instant::now(),
+            );
+            let ev = run(&mut b);
+            let n = max_tokens as i32;
+            assert_eq!(tokens_of(&ev, 1, 0), (11..11 + n).collect::<Vec<_>>());
+            assert_eq!(finish_of(&ev, 1), vec![(0, Finish::Length)]);
+            let decoded: usize = b.backend.steps.iter().map(Vec::len).sum();
+            assert_eq!(decoded, max_tokens as usize, "no row past max_tokens");
+        }
+    }
+
+    #[test]
+    fn ngram_drafts_change_nothing_but_the_steps() {
+        // the fake counts up: "1 2 3 4 5 6 1 2 3" goes on "4 5 6 7...", and lookup guesses
+        // "5 6 1 2..." after "1 2 3 4"
+        let prompt = vec![1, 2, 3, 4, 5, 6, 1, 2, 3];
+        let plain = {
+            let mut b = Batcher::new(Fake::default(), 1, 64, 16);
+            b.submit(req(1, prompt.clone(), 12), Instant::now());
+            (run(&mut b), b.counters.decode_steps)
+        };
+        let mut b = Batcher::new(Fake::default(), 1, 64, 16);
+        let mut r = req(1, prompt.clone(), 12);
+        r.params.ngram = true;
+        b.submit(r, Instant::now());
+        let ev = run(&mut b);
+        assert_eq!(tokens_of(&ev, 1, 0), tokens_of(&plain.0, 1, 0));
+        assert_eq!(text_of(&ev, 1, 0), text_of(&plain.0, 1, 0));
+        let usage = usage_of(&ev, 1);
+        assert_eq!(usage.accepted_prediction_tokens, 2); // 5 6, then not 1
+        assert!(usage.rejected_prediction_tokens > 0);
+        assert!(b.counters.decode_steps < plain.1);
+        // a model that cannot cut its cache never drafts
+        let mut b = Batcher::new(
+            Fake {
+                recurrent: true,
+                ..Fake::default()
+            },
+            1,
+            64,
+            16,
+        );
+        let mut r = req(1, prompt, 12);
+        r.params.ngram = true;
+        b.submit(r, Instant::now());
+        run(&mut b);
+        assert_eq!(b.counters.drafted_tokens, 0);
+        assert!(b.backend.steps.iter().all(|s| s.len() == 1 || s[0].1 == 0));
+    }
+
+    #[test]
+    fn drafting_and_plain_sequences_share_each_decode() {
+        let mut b = Batcher::new(Fake::default(), 2, 64, 16);
+        b.submit(
+            predicted(1, vec![10], 9, (11..=30).collect()),
+            Instant::now(),
+        );
+        b.submit(req(2, vec![50], 9), Instant::now());
+        let ev = run(&mut b);
+        assert_eq!(tokens_of(&ev, 1, 0), (11..=19).collect::<Vec<_>>());
+        assert_eq!(tokens_of(&ev, 2, 0), (51..=59).collect::<Vec<_>>());
+        // one decode held request 1's draft and request 2's token
+        assert!(b
+            .backend
+            .steps
+            .iter()
+            .any(|s| { s.iter().filter(|r| r.2 == 0).count() > 1 && s.iter().any(|r| r.2 == 1) }));
+        assert_eq!(usage_of(&ev, 2).accepted_prediction_tokens, 0);
+        // the batch budget bounds the drafts: never more rows than the batch holds
+        let mut b = Batcher::new(Fake::default(), 2, 64, 4);
+        b.submit(
+            predicted(1, vec![10], 20, (11..=40).collect()),
+            Instant::now(),
+        );
+        b.submit(
+            predicted(2, vec![50], 20, (51..=80).collect()),
+            Instant::now(),
+        );
+        let ev = run(&mut b);
+        assert_eq!(tokens_of(&ev, 2, 0), (51..=70).collect::<Vec<_>>());
+        assert!(b.backend.steps.iter().all(|s| s.len() <= 4));
     }
 }

@@ -13,6 +13,7 @@
 
 pub mod backend;
 pub mod batcher;
+pub mod draft;
 pub mod types;
 pub mod vision;
 pub mod wire;

@@ -2,6 +2,9 @@
 
 use std::sync::Arc;
 
+/// Draft tokens a step verifies at most unless a request says otherwise.
+pub const DEFAULT_MAX_DRAFT: u32 = 16;
+
 /// Per-request sampling and stopping parameters (already validated by the server).
 #[derive(Debug, Clone)]
 pub struct Params {
@@ -21,6 +24,12 @@ pub struct Params {
     pub logprobs: Option<u32>,
     pub logit_bias: Vec<(i32, f32)>,
     pub grammar: Option<String>,
+    /// Draft tokens by prompt lookup (`draft::Ngram`).
+    pub ngram: bool,
+    /// The most draft tokens a step verifies (0: no speculation).
+    pub max_draft: u32,
+    /// The expected output's tokens (OpenAI's `prediction`): drafts, whatever `ngram` says.
+    pub prediction: Vec<i32>,
 }
 
 impl Default for Params {
@@ -43,6 +52,9 @@ impl Default for Params {
             logprobs: None,
             logit_bias: Vec::new(),
             grammar: None,
+            ngram: false,
+            max_draft: DEFAULT_MAX_DRAFT,
+            prediction: Vec::new(),
         }
     }
 }
@@ -132,6 +144,9 @@ pub struct Usage {
     pub ttft_ms: f64,
     /// From the first to the last generated token.
     pub gen_ms: f64,
+    /// Draft tokens the model generated too (speculation), and those it did not.
+    pub accepted_prediction_tokens: u32,
+    pub rejected_prediction_tokens: u32,
 }
 
 #[derive(Debug, Clone, PartialEq)]

@@ -83,6 +83,8 @@ fn put_event(out: &mut Vec<u8>, e: &Event) {
             out.extend_from_slice(&u.completion_tokens.to_le_bytes());
             out.extend_from_slice(&u.ttft_ms.to_le_bytes());
             out.extend_from_slice(&u.gen_ms.to_le_bytes());
+            out.extend_from_slice(&u.accepted_prediction_tokens.to_le_bytes());
+            out.extend_from_slice(&u.rejected_prediction_tokens.to_le_bytes());
         }
     }
 }
@@ -173,6 +175,8 @@ fn get_event(buf: &mut &[u8]) -> Option<Event> {
             completion_tokens: get_u32(buf)?,
             ttft_ms: get_f64(buf)?,
             gen_ms: get_f64(buf)?,
+            accepted_prediction_tokens: get_u32(buf)?,
+            rejected_prediction_tokens: get_u32(buf)?,
         }),
         _ => return None,
     };
@@ -219,6 +223,8 @@ mod tests {
             completion_tokens: 9,
             ttft_ms: 1.25,
             gen_ms: 30.5,
+            accepted_prediction_tokens: 7,
+            rejected_prediction_tokens: 3,
         });
         let mut done = event(u64::MAX, "");
         done.finish = Some(Finish::Length);

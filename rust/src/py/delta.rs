@@ -34,7 +34,8 @@ pub struct Delta {
     tool_calls: Option<Py<PyList>>,
     /// One of "stop", "length", "cancelled", "error"; None while the choice runs.
     finish: Option<Py<PyString>>,
-    /// On the finishing delta: prompt_tokens, cached_tokens, completion_tokens, ttft_ms, gen_ms.
+    /// On the finishing delta: prompt_tokens, cached_tokens, completion_tokens, ttft_ms, gen_ms
+    /// (and accepted_/rejected_prediction_tokens when the request drafted).
     usage: Option<Py<PyDict>>,
     /// None, or why it failed: a str from the engine, or an error the server put there.
     error: Py<PyAny>,
@@ -71,6 +72,12 @@ impl Delta {
                 d.set_item(intern!(py, "completion_tokens"), u.completion_tokens)?;
                 d.set_item(intern!(py, "ttft_ms"), u.ttft_ms)?;
                 d.set_item(intern!(py, "gen_ms"), u.gen_ms)?;
+                let (accepted, rejected) =
+                    (u.accepted_prediction_tokens, u.rejected_prediction_tokens);
+                if accepted + rejected > 0 {
+                    d.set_item(intern!(py, "accepted_prediction_tokens"), accepted)?;
+                    d.set_item(intern!(py, "rejected_prediction_tokens"), rejected)?;
+                }
                 Some(d.unbind())
             }
             None => None,

@@ -70,6 +70,9 @@ fn params(d: &Bound<'_, PyDict>) -> PyResult<Params> {
         .map(|m| m.into_iter().collect())
         .unwrap_or_default();
     p.grammar = param(d, "grammar")?;
+    p.ngram = param(d, "ngram")?.unwrap_or(false);
+    p.max_draft = param(d, "max_draft")?.unwrap_or(p.max_draft);
+    p.prediction = param(d, "prediction")?.unwrap_or_default();
     Ok(p)
 }
 
@@ -78,9 +81,10 @@ impl Engine {
     /// Takes a llama context and vocabulary made by llama-cpp-python (as integer addresses);
     /// they must outlive the engine (call `close()` before freeing them). A vision model also
     /// passes its mtmd context (`mtmd_ctx`, from libmtmd at `mtmd_lib`) and the text model's
-    /// input embedding size.
+    /// input embedding size. A model whose cache cannot drop its last positions (recurrent,
+    /// hybrid) passes `speculation=False`: its requests never draft.
     #[new]
-    #[pyo3(signature = (lib_path, lib_version, ctx, vocab, *, n_vocab, ctx_size, parallel, batch_size, max_queue, threads=0, encoder_threads=0, mtmd_lib=None, mtmd_ctx=0, n_embd_inp=0))]
+    #[pyo3(signature = (lib_path, lib_version, ctx, vocab, *, n_vocab, ctx_size, parallel, batch_size, max_queue, threads=0, encoder_threads=0, mtmd_lib=None, mtmd_ctx=0, n_embd_inp=0, speculation=true))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         lib_path: &str,
@@ -97,6 +101,7 @@ impl Engine {
         mtmd_lib: Option<&str>,
         mtmd_ctx: usize,
         n_embd_inp: usize,
+        speculation: bool,
     ) -> PyResult<Self> {
         if lib_version != SUPPORTED_LLAMA_CPP_PYTHON {
             return Err(PyRuntimeError::new_err(format!(
@@ -112,7 +117,8 @@ impl Engine {
         // SAFETY: the caller passes live pointers and keeps them alive until close().
         let backend = unsafe {
             LlamaBackend::new(api.clone(), ctx as Ctx, vocab as Vocab, n_vocab, capacity)
-        };
+        }
+        .with_speculation(speculation);
         let limits = Limits {
             ctx_size,
             parallel,
@@ -239,6 +245,8 @@ impl Engine {
         d.set_item("tokens_generated_total", s.counters.generated_tokens)?;
         d.set_item("decode_steps_total", s.counters.decode_steps)?;
         d.set_item("images_encoded_total", s.counters.images_encoded)?;
+        d.set_item("spec_drafted_tokens_total", s.counters.drafted_tokens)?;
+        d.set_item("spec_accepted_tokens_total", s.counters.accepted_tokens)?;
         Ok(d)
     }
 

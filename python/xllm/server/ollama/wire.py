@@ -9,7 +9,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from xllm import grammar
-from xllm.engine.protocol import Image, Sampling
+from xllm.engine.protocol import MAX_DRAFT, Image, Sampling
 from xllm.images import Source
 from xllm.server.openai.wire import MAX_SEED, MAX_STOP_LEN, MAX_STOPS, EngineName, Tool
 
@@ -63,7 +63,11 @@ class Options(Wire):
     num_gqa: Annotated[int, Field(ge=1, le=2**31 - 1)] | None = None
     rope_frequency_base: Annotated[float, Field(gt=0.0, le=1e12)] | None = None
     rope_frequency_scale: Annotated[float, Field(gt=0.0, le=100.0)] | None = None
-    draft_num_predict: Annotated[int, Field(ge=0, le=2**31 - 1)] | None = None
+    draft_num_predict: Annotated[int, Field(ge=0, le=MAX_DRAFT)] | None = None
+    """Ollama's name for `max_draft`."""
+    speculative: Literal["ngram", "none"] | None = None
+    """xllm's: "ngram" drafts tokens by prompt lookup (see the README)."""
+    max_draft: Annotated[int, Field(ge=0, le=MAX_DRAFT)] | None = None
     low_vram: bool | None = None
     f16_kv: bool | None = None
     logits_all: bool | None = None
@@ -93,12 +97,15 @@ class Options(Wire):
             o["max_tokens"] = max(predict, 0)
         if "stop" in o:
             o["stop"] = tuple(o["stop"])
+        draft = o.pop("draft_num_predict", None)
+        o.setdefault("max_draft", draft)
         return Sampling.of(o)
 
 
 _ENGINE_OPTIONS = {
     "num_predict", "temperature", "top_k", "top_p", "min_p", "seed", "stop", "repeat_penalty",
-    "repeat_last_n", "presence_penalty", "frequency_penalty",
+    "repeat_last_n", "presence_penalty", "frequency_penalty", "speculative", "max_draft",
+    "draft_num_predict",
 }  # fmt: skip
 
 

@@ -11,7 +11,7 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from xllm import grammar
-from xllm.engine.protocol import Sampling
+from xllm.engine.protocol import MAX_DRAFT, Sampling
 from xllm.images import Source
 
 MAX_STOPS = 32
@@ -91,6 +91,35 @@ class ChatMessage(Wire):
         ]
 
 
+class Speculative(Wire):
+    """`speculative` (an xllm extension): how this request drafts tokens to verify."""
+
+    model_config = ConfigDict(strict=True, extra="forbid", allow_inf_nan=False)
+    type: Literal["ngram", "none", "draft"]
+    max_draft: Annotated[int, Field(ge=0, le=MAX_DRAFT)] | None = None
+
+    @field_validator("type")
+    @classmethod
+    def _available(cls, v: str) -> str:
+        if v == "draft":
+            raise ValueError(
+                'draft-model speculation is not available in xllm; use "ngram" or "none"'
+            )
+        return v
+
+
+class Prediction(Wire):
+    """OpenAI's predicted output: text the answer is expected to repeat in large part."""
+
+    type: Literal["content"]
+    content: str | Annotated[list[TextPart], Field(min_length=1)]
+
+    def text(self) -> str:
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(p.text for p in self.content)
+
+
 class SamplingFields(Wire):
     """Fields shared by chat and text completions."""
 
@@ -115,6 +144,8 @@ class SamplingFields(Wire):
     n: Annotated[int, Field(ge=1, le=MAX_N)] = 1
     logit_bias: dict[str, Annotated[float, Field(ge=-100.0, le=100.0)]] | None = None
     user: str | None = None
+    speculative: Speculative | None = None
+    prediction: Prediction | None = None
 
     @field_validator("stop")
     @classmethod
@@ -146,6 +177,9 @@ class SamplingFields(Wire):
                 "logit_bias": {int(k): v for k, v in self.logit_bias.items()}
                 if self.logit_bias
                 else None,
+                "speculative": self.speculative.type if self.speculative else None,
+                "max_draft": self.speculative.max_draft if self.speculative else None,
+                "prediction": self.prediction.text() if self.prediction else None,
                 **fields,
             }
         )
