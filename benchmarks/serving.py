@@ -56,6 +56,14 @@ class Server:
         return f"http://127.0.0.1:{self.port}"
 
 
+def llama_server_binary() -> str:
+    """llama-server built from the vendored llama.cpp (a no-op once built)."""
+    return subprocess.run(
+        ["bash", str(ROOT / "benchmarks" / "build_llama_server.sh")],
+        check=True, capture_output=True, text=True,
+    ).stdout.strip()  # fmt: skip
+
+
 def servers(args: argparse.Namespace) -> list[Server]:
     t, n, c, m = str(args.threads), args.parallel, args.ctx_per_slot, args.model
     out = []
@@ -66,10 +74,7 @@ def servers(args: argparse.Namespace) -> list[Server]:
                     "--threads", t, "--parallel", str(n), "--ctx-size", str(c)]  # fmt: skip
             out.append(Server(name, argv, "/v0/health", port))
         elif name == "llama-server":
-            binary = subprocess.run(
-                ["bash", str(ROOT / "benchmarks" / "build_llama_server.sh")],
-                check=True, capture_output=True, text=True,
-            ).stdout.strip()  # fmt: skip
+            binary = llama_server_binary()
             argv = [binary, "-m", m, "--host", "127.0.0.1", "--port", str(port), "-t", t,
                     "-tb", t, "-np", str(n), "-c", str(c * n), "--no-webui"]  # fmt: skip
             out.append(Server(name, argv, "/health", port))

@@ -22,7 +22,6 @@ import io
 import json
 import random
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -33,7 +32,7 @@ import aiohttp
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from benchmarks.serving import Server, free_port, running, wait_ready  # noqa: E402
+from benchmarks.serving import Server, free_port, llama_server_binary, running, wait_ready  # noqa: E402
 
 PROMPT = "The history of the printing press begins in"
 
@@ -95,10 +94,7 @@ def vision_servers(args: argparse.Namespace) -> list[Server]:
                     "--parallel", str(n), "--ctx-size", str(args.ctx)]  # fmt: skip
             out.append(Server(name, argv, "/v0/health", port))
         elif name == "llama-server":
-            binary = subprocess.run(
-                ["bash", str(ROOT / "benchmarks" / "build_llama_server.sh")],
-                check=True, capture_output=True, text=True,
-            ).stdout.strip()  # fmt: skip
+            binary = llama_server_binary()
             argv = [binary, "-m", args.model, "--mmproj", args.mmproj, "--host", "127.0.0.1",
                     "--port", str(port), "-t", t, "-tb", t, "-np", str(n),
                     "-c", str(args.ctx * n), "--no-webui", "--cache-ram", "0"]  # fmt: skip
