@@ -18,10 +18,11 @@ from tests.conftest import Server, process_table, start_server, stop_server
 MODEL = "smollm2:135m"
 DRAIN_S = 5.0
 LONG = {"model": MODEL, "prompt": "Count:", "max_tokens": 4000, "ignore_eos": True, "stream": True}
-# Ollama has no ignore_eos: greedy counting goes on far longer than the drain lasts
+# Ollama has no ignore_eos: greedy counting goes on far longer than the drain lasts, once the
+# prompt has counted far enough (from "1, …, 8," the model soon turns to code and stops)
 LONG_OLLAMA = {
     "model": MODEL,
-    "prompt": "1, 2, 3, 4, 5, 6, 7, 8,",
+    "prompt": ", ".join(str(i) for i in range(1, 41)) + ",",
     "raw": True,
     "stream": True,
     "options": {"num_predict": 4000, "temperature": 0},
