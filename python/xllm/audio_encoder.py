@@ -28,12 +28,17 @@ class Container:
     container: str
     codec: str
     options: tuple[tuple[str, str], ...] = ()
+    codec_options: tuple[tuple[str, str], ...] = ()
 
 
 FORMATS: dict[str, Container] = {
-    "mp3": Container("audio/mpeg", "mp3", "libmp3lame"),
+    # LAME's `-q 7` and FFmpeg's fast AAC coder: a third and a half of the default's CPU for
+    # speech at the same bit rate; the encoder shares the cores with the synthesizer
+    "mp3": Container(
+        "audio/mpeg", "mp3", "libmp3lame", codec_options=(("compression_level", "7"),)
+    ),
     "opus": Container("audio/ogg", "ogg", "libopus", (("page_duration", "100000"),)),
-    "aac": Container("audio/aac", "adts", "aac"),
+    "aac": Container("audio/aac", "adts", "aac", codec_options=(("aac_coder", "fast"),)),
     "flac": Container("audio/flac", "flac", "flac"),
     "wav": Container("audio/wav", "", ""),
     "pcm": Container("audio/pcm", "", ""),
@@ -87,7 +92,9 @@ class AudioEncoder:
         if spec.container:
             self._out = av.open(self._sink, mode="w", format=spec.container,
                                 options=dict(spec.options))  # fmt: skip
-            self._stream = self._out.add_stream(spec.codec, rate=RATE, layout="mono")
+            self._stream = self._out.add_stream(
+                spec.codec, rate=RATE, layout="mono", options=dict(spec.codec_options)
+            )
 
     def encode(self, samples: bytes) -> bytes:
         if not samples:

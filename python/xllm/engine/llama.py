@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from xllm import _core
-from xllm.engine import ipc, llama_prompt
+from xllm.engine import ipc, llama_prompt, process
 from xllm.engine.inbox import Inbox
 from xllm.engine.llamacpp_archs import ARCHITECTURES
 from xllm.engine.options import EngineOptions, child_command, llama_cpp_version
@@ -45,7 +45,6 @@ log = logging.getLogger("xllm.engine")
 
 # How often a request waiting for tokens checks whether its client is still there.
 _DISCONNECT_CHECK_S = 0.25
-_CLOSE_S = 10.0
 
 
 @dataclass
@@ -407,10 +406,7 @@ class RunnerClient:
 
     def expires_at(self) -> float | None:
         """Wall-clock time this model unloads if nothing uses it; None = never."""
-        if self.keep_alive < 0:
-            return None
-        idle_since = time.monotonic() if self.busy else self.last_active
-        return time.time() + (idle_since + self.keep_alive - time.monotonic())
+        return process.expires_at(self.keep_alive, self.busy, self.last_active)
 
     def abort(self, reason: str) -> None:
         """End every running and queued request now with a 503 `reason` (the server is shutting
@@ -425,22 +421,8 @@ class RunnerClient:
     async def close(self) -> None:
         """Stop the runner: running requests end as cancelled; killed if it does not exit."""
         self._closing = True
-        if self.alive:
-            with contextlib.suppress(ConnectionError):
-                self._writer.write(ipc.encode((ipc.CLOSE,)))
-        try:
-            await asyncio.wait_for(self._proc.wait(), _CLOSE_S)
-        except TimeoutError:
-            log.warning("runner of %s did not exit in %.0f s: killing it", self.name, _CLOSE_S)
-            with contextlib.suppress(ProcessLookupError):
-                self._proc.kill()
-            await self._proc.wait()
         self._watch.cancel()  # rather than wait for its next tick
-        for task in self._tasks:
-            if task is not asyncio.current_task():
-                with contextlib.suppress(asyncio.CancelledError):
-                    await asyncio.wait_for(task, 2.0)
-        self._writer.close()
+        await process.stop(self.name, self._proc, self._writer, self.alive, self._tasks)
         self._close_deltas()
 
 

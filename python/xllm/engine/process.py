@@ -11,7 +11,8 @@ library takes down that model only. The two ends speak engine/ipc.py's frames:
                        (BEAT, stats)
 
 The llama.cpp runner (engine/runner.py) shares only the process handling (`exit_reason`,
-`pump_stderr`): its tokens travel on a socket of their own, written by the Rust loop.
+`pump_stderr`, `expires_at`, `stop`): its tokens travel on a socket of their own, written by
+the Rust loop.
 """
 
 from __future__ import annotations
@@ -62,6 +63,41 @@ def exit_reason(code: int | None) -> str:
         except ValueError:
             return f"was killed by signal {-code}"
     return f"exited with status {code}"
+
+
+def expires_at(keep_alive: float, busy: bool, last_active: float) -> float | None:
+    """Wall-clock time a model unloads if nothing uses it (`keep_alive` seconds after it was
+    last active, or from now while busy); None = never."""
+    if keep_alive < 0:
+        return None
+    idle_since = time.monotonic() if busy else last_active
+    return time.time() + (idle_since + keep_alive - time.monotonic())
+
+
+async def stop(
+    name: str,
+    proc: asyncio.subprocess.Process,
+    writer: asyncio.StreamWriter,
+    alive: bool,
+    tasks: list[asyncio.Task[None]],
+) -> None:
+    """Ask a runner to exit (`CLOSE`: running requests end as cancelled), kill it if it has not
+    within `_CLOSE_S`, let the client's tasks end and close the pipe."""
+    if alive:
+        with contextlib.suppress(ConnectionError):
+            writer.write(ipc.encode((ipc.CLOSE,)))
+    try:
+        await asyncio.wait_for(proc.wait(), _CLOSE_S)
+    except TimeoutError:
+        log.warning("runner of %s did not exit in %.0f s: killing it", name, _CLOSE_S)
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+        await proc.wait()
+    for task in tasks:
+        if task is not asyncio.current_task():
+            with contextlib.suppress(asyncio.CancelledError, TimeoutError):
+                await asyncio.wait_for(task, 2.0)
+    writer.close()
 
 
 async def pump_stderr(
@@ -265,10 +301,7 @@ class ProcessClient(Generic[S]):
         return dict(self._stats)
 
     def expires_at(self) -> float | None:
-        if self.keep_alive < 0:
-            return None
-        idle_since = time.monotonic() if self.busy else self.last_active
-        return time.time() + (idle_since + self.keep_alive - time.monotonic())
+        return expires_at(self.keep_alive, self.busy, self.last_active)
 
     def abort(self, reason: str) -> None:
         self._aborted = reason
@@ -280,20 +313,7 @@ class ProcessClient(Generic[S]):
 
     async def close(self) -> None:
         self._closing = True
-        if self.alive:
-            with contextlib.suppress(ConnectionError):
-                self._writer.write(ipc.encode((ipc.CLOSE,)))
-        try:
-            await asyncio.wait_for(self._proc.wait(), _CLOSE_S)
-        except TimeoutError:
-            with contextlib.suppress(ProcessLookupError):
-                self._proc.kill()
-            await self._proc.wait()
-        for task in self._tasks:
-            if task is not asyncio.current_task():
-                with contextlib.suppress(asyncio.CancelledError, TimeoutError):
-                    await asyncio.wait_for(task, 2.0)
-        self._writer.close()
+        await stop(self.name, self._proc, self._writer, self.alive, self._tasks)
 
 
 Spawned = tuple[
