@@ -138,6 +138,19 @@ async def test_pixels_reach_the_model(vision: RunnerClient) -> None:
     assert red.text != blue.text
 
 
+async def test_an_image_is_preprocessed_once(vision: RunnerClient) -> None:
+    """Tokenizing preprocesses an image (to count its tokens); its encode takes that work
+    instead of doing it again."""
+    await asyncio.sleep(0.5)  # the runner reports its counters every 0.25 s
+    before = vision.stats()
+    green = image((0, 200, 0), width=300, height=200)
+    await run(await vision.generate(completion("what is ", green, " here")))
+    await asyncio.sleep(0.5)
+    after = vision.stats()
+    assert after["images_encoded_total"] == before["images_encoded_total"] + 1
+    assert after["images_preprocessed_total"] == before["images_preprocessed_total"] + 1
+
+
 async def test_a_second_turn_reuses_the_encoded_image(vision: RunnerClient) -> None:
     first = [{"role": "user", "content": "what is this?", "images": [RED]}]
     one = await run(

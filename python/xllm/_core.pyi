@@ -150,12 +150,13 @@ class Engine:
     def tokenize_media(
         self,
         text: str,
-        images: list[tuple[int, int, bytes]],
+        images: list[tuple[int, int, bytes, str]],
         add_special: bool,
         parse_special: bool,
     ) -> tuple[list[int], list[tuple[int, int]]]:
-        """Tokens of a prompt whose image markers stand for `images` ((width, height, rgb)):
-        -1 at image tokens, and each image's (start, length); ValueError on a mismatch."""
+        """Tokens of a prompt whose image markers stand for `images` ((width, height, rgb,
+        digest)): -1 at image tokens, and each image's (start, length); ValueError on a
+        mismatch. Each image's preprocessing is kept, by digest, for its encode."""
     def image_marker(self) -> str | None:
         """The text that stands for an image in a prompt; None without a projector."""
     def submit(

@@ -42,6 +42,8 @@ api! {
     mtmd_input_chunk_get_tokens_text: fn(Chunk, *mut usize) -> *const i32;
     mtmd_input_chunk_get_n_tokens: fn(Chunk) -> usize;
     mtmd_input_chunk_get_n_pos: fn(Chunk) -> i32;
+    mtmd_input_chunk_copy: fn(Chunk) -> Chunk;
+    mtmd_input_chunk_free: fn(Chunk);
     mtmd_tokenize: fn(MtmdCtx, Chunks, *const InputText, *const Bitmap, usize) -> i32;
     mtmd_encode_chunk: fn(MtmdCtx, Chunk) -> i32;
     mtmd_get_output_embd: fn(MtmdCtx) -> *mut f32;

@@ -135,11 +135,11 @@ class LlamaCppEngine:
         return ctx
 
     def tokenize_media(
-        self, text: str, images: list[tuple[int, int, bytes]]
+        self, text: str, images: list[tuple[int, int, bytes, str]]
     ) -> tuple[list[int], list[tuple[int, int]]]:
         """Tokens of a prompt whose image markers (`image_marker`) stand for `images`
-        ((width, height, rgb)): -1 for each image token, and each image's (start, length).
-        ValueError when markers and images do not match."""
+        ((width, height, rgb, digest)): -1 for each image token, and each image's (start,
+        length). ValueError when markers and images do not match."""
         return self._core.tokenize_media(text, images, True, True)
 
     @property

@@ -173,7 +173,9 @@ async def _tokenize_media(
         raise InvalidRequest(f"{param}: this model takes no images", param=param)
     try:
         return await asyncio.to_thread(
-            engine.tokenize_media, text, [(im.width, im.height, im.rgb) for im in images]
+            engine.tokenize_media,
+            text,
+            [(im.width, im.height, im.rgb, im.digest) for im in images],
         )
     except ValueError as e:
         raise InvalidRequest(f"{param}: {e}", param=param) from None

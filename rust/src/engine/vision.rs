@@ -4,13 +4,19 @@
 //! Images arrive decoded (RGB, checked by the server); libmtmd only preprocesses (resizes,
 //! normalises) and runs the projector. Each span holds `LLAMA_TOKEN_NULL` (-1) placeholders,
 //! one per image token, so positions and prompt lengths count image tokens like text ones.
+//!
+//! Tokenizing preprocesses an image (libmtmd must, to count its tokens); the image chunk is
+//! kept by digest for its encode moments later, which would otherwise preprocess it again
+//! (0.3 ms for a 224-pixel image, 30–40 ms at 1024 pixels, 150–260 ms at 3000, measured here).
 
+use std::collections::VecDeque;
 use std::ffi::CStr;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use super::types::{Embedding, ImageInput};
 use super::Encoder;
-use crate::mtmd::{Bitmap, Chunks, InputText, MtmdApi, MtmdCtx, CHUNK_IMAGE, CHUNK_TEXT};
+use crate::mtmd::{Bitmap, Chunk, Chunks, InputText, MtmdApi, MtmdCtx, CHUNK_IMAGE, CHUNK_TEXT};
 
 /// A prompt position holding an image token.
 pub const PLACEHOLDER: i32 = -1;
@@ -22,12 +28,36 @@ pub struct Span {
     pub len: usize,
 }
 
+/// Preprocessed images kept for their encode, at most: a request usually encodes what it
+/// tokenized within a second, and one chunk of a large image holds megabytes of floats.
+const PREPARED: usize = 8;
+
 /// One mtmd context (the projector) over the text model.
 pub struct Vision {
     api: Arc<MtmdApi>,
     ctx: MtmdCtx,
     n_embd: usize,
     marker: String,
+    /// Image chunks made while tokenizing, by image digest, oldest first.
+    prepared: Mutex<VecDeque<(String, Prepared)>>,
+    /// Images libmtmd has preprocessed.
+    preprocessed: AtomicU64,
+}
+
+/// A copy of an image chunk, freed when dropped.
+struct Prepared {
+    api: Arc<MtmdApi>,
+    chunk: Chunk,
+}
+
+// SAFETY: a chunk copy is plain data owned by this value; libmtmd keeps no reference to it.
+unsafe impl Send for Prepared {}
+
+impl Drop for Prepared {
+    fn drop(&mut self) {
+        // SAFETY: the chunk came from mtmd_input_chunk_copy and is freed once.
+        unsafe { (self.api.mtmd_input_chunk_free)(self.chunk) }
+    }
 }
 
 // SAFETY: mtmd_tokenize is thread-safe (mtmd.h); encodes are serialised by the single encoder
@@ -69,7 +99,15 @@ impl Vision {
             ctx,
             n_embd,
             marker,
+            prepared: Mutex::new(VecDeque::new()),
+            preprocessed: AtomicU64::new(0),
         }
+    }
+
+    /// How many images libmtmd has preprocessed (tokenizing, or encoding one whose
+    /// preprocessing was not kept).
+    pub fn preprocessed(&self) -> u64 {
+        self.preprocessed.load(Ordering::Relaxed)
     }
 
     /// The text that stands for an image in a prompt (`<__media__>`).
@@ -78,11 +116,12 @@ impl Vision {
     }
 
     /// Tokens of `text`, each image marker replaced by its image's placeholders (and whatever
-    /// begin/end tokens the model wraps images in), with the images' spans.
+    /// begin/end tokens the model wraps images in), with the images' spans. `images` are
+    /// (width, height, rgb, digest); their preprocessed chunks are kept for `encode`.
     pub fn tokenize(
         &self,
         text: &str,
-        images: &[(u32, u32, &[u8])],
+        images: &[(u32, u32, &[u8], &str)],
         add_special: bool,
         parse_special: bool,
     ) -> Result<(Vec<i32>, Vec<Span>), String> {
@@ -94,10 +133,13 @@ impl Vision {
                 images.len()
             ));
         }
-        let owned = self.run_tokenize(text, images, add_special, parse_special)?;
+        let pixels: Vec<(u32, u32, &[u8])> =
+            images.iter().map(|&(w, h, rgb, _)| (w, h, rgb)).collect();
+        let owned = self.run_tokenize(text, &pixels, add_special, parse_special)?;
         let api = &self.api;
         let mut tokens = Vec::new();
         let mut spans = Vec::new();
+        let mut chunks = Vec::new();
         // SAFETY: the chunks are alive until `owned` drops; their token arrays with them.
         unsafe {
             for i in 0..(api.mtmd_input_chunks_size)(owned.chunks) {
@@ -120,12 +162,40 @@ impl Vision {
                             len: n,
                         });
                         tokens.resize(tokens.len() + n, PLACEHOLDER);
+                        chunks.push(chunk);
                     }
                     other => return Err(format!("unexpected mtmd chunk type {other}")),
                 }
             }
         }
+        if chunks.len() == images.len() {
+            let mut prepared = self.prepared.lock().expect("poisoned");
+            for (&chunk, &(.., digest)) in chunks.iter().zip(images) {
+                // SAFETY: the chunk is alive until `owned` drops; the copy is ours.
+                let copy = unsafe { (api.mtmd_input_chunk_copy)(chunk) };
+                if !copy.is_null() {
+                    prepared.retain(|(d, _)| d != digest);
+                    prepared.push_back((
+                        digest.to_owned(),
+                        Prepared {
+                            api: api.clone(),
+                            chunk: copy,
+                        },
+                    ));
+                }
+            }
+            while prepared.len() > PREPARED {
+                prepared.pop_front();
+            }
+        }
         Ok((tokens, spans))
+    }
+
+    /// The chunk `tokenize` kept for an image, taken.
+    fn take_prepared(&self, digest: &str) -> Option<Prepared> {
+        let mut prepared = self.prepared.lock().expect("poisoned");
+        let at = prepared.iter().position(|(d, _)| d == digest)?;
+        prepared.remove(at).map(|(_, p)| p)
     }
 
     fn run_tokenize(
@@ -155,6 +225,8 @@ impl Vision {
             }
             owned.bitmaps.push(b);
         }
+        self.preprocessed
+            .fetch_add(images.len() as u64, Ordering::Relaxed);
         let input = InputText {
             text: text.as_ptr().cast(),
             text_len: text.len(),
@@ -182,6 +254,9 @@ impl Vision {
 
     /// The embeddings of one image (`image.len` rows of the text model's input size).
     pub fn encode(&self, image: &ImageInput) -> Result<Embedding, String> {
+        if let Some(prepared) = self.take_prepared(&image.digest) {
+            return self.encode_chunk(prepared.chunk, image);
+        }
         let rgb: &[u8] = &image.rgb;
         let owned = self.run_tokenize(
             &self.marker,
@@ -190,13 +265,21 @@ impl Vision {
             true,
         )?;
         let api = &self.api;
-        // SAFETY: the chunk is alive while `owned` is; the output buffer holds n_tokens rows
-        // of n_embd floats until the next encode, which only this thread runs.
-        unsafe {
-            let chunk = (0..(api.mtmd_input_chunks_size)(owned.chunks))
+        // SAFETY: the chunks are alive while `owned` is.
+        let chunk = unsafe {
+            (0..(api.mtmd_input_chunks_size)(owned.chunks))
                 .map(|i| (api.mtmd_input_chunks_get)(owned.chunks, i))
                 .find(|&c| (api.mtmd_input_chunk_get_type)(c) == CHUNK_IMAGE)
-                .ok_or("libmtmd made no image chunk")?;
+                .ok_or("libmtmd made no image chunk")?
+        };
+        self.encode_chunk(chunk, image)
+    }
+
+    fn encode_chunk(&self, chunk: Chunk, image: &ImageInput) -> Result<Embedding, String> {
+        let api = &self.api;
+        // SAFETY: the caller keeps the chunk alive; the output buffer holds n_tokens rows
+        // of n_embd floats until the next encode, which only this thread runs.
+        unsafe {
             let n = (api.mtmd_input_chunk_get_n_tokens)(chunk);
             if n != image.len {
                 return Err(format!(

@@ -144,14 +144,14 @@ impl Engine {
         Ok(Self { inner, api, vision })
     }
 
-    /// Tokens of a prompt whose image markers stand for `images` ((width, height, rgb)):
-    /// (tokens with -1 placeholders for image tokens, [(start, len)] of each image).
+    /// Tokens of a prompt whose image markers stand for `images` ((width, height, rgb,
+    /// digest)): (tokens with -1 placeholders for image tokens, [(start, len)] of each image).
     /// ValueError when the markers and images do not match or an image cannot be taken.
     fn tokenize_media(
         &self,
         py: Python<'_>,
         text: &str,
-        images: Vec<(u32, u32, Vec<u8>)>,
+        images: Vec<(u32, u32, Vec<u8>, String)>,
         add_special: bool,
         parse_special: bool,
     ) -> PyResult<MediaTokens> {
@@ -160,9 +160,9 @@ impl Engine {
         };
         let text = text.to_owned();
         py.detach(move || {
-            let refs: Vec<(u32, u32, &[u8])> = images
+            let refs: Vec<(u32, u32, &[u8], &str)> = images
                 .iter()
-                .map(|(w, h, b)| (*w, *h, b.as_slice()))
+                .map(|(w, h, b, d)| (*w, *h, b.as_slice(), d.as_str()))
                 .collect();
             vision.tokenize(&text, &refs, add_special, parse_special)
         })
@@ -245,6 +245,9 @@ impl Engine {
         d.set_item("tokens_generated_total", s.counters.generated_tokens)?;
         d.set_item("decode_steps_total", s.counters.decode_steps)?;
         d.set_item("images_encoded_total", s.counters.images_encoded)?;
+        if let Some(vision) = &self.vision {
+            d.set_item("images_preprocessed_total", vision.preprocessed())?;
+        }
         d.set_item("spec_drafted_tokens_total", s.counters.drafted_tokens)?;
         d.set_item("spec_accepted_tokens_total", s.counters.accepted_tokens)?;
         Ok(d)
