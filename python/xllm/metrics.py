@@ -45,6 +45,11 @@ _ENGINE_STATS: dict[str, tuple[str, str, bool]] = {
     "tokens_generated_total": ("generated_tokens", "Tokens generated", True),
     "decode_steps_total": ("decode_steps", "llama_decode calls of the batching loop", True),
     "images_encoded_total": ("images_encoded", "Images a vision projector encoded", True),
+    "images_preprocessed_total": (
+        "images_preprocessed",
+        "Images libmtmd resized and normalised (once per image when its encode follows)",
+        True,
+    ),
     "spec_drafted_tokens_total": ("spec_drafted_tokens", "Draft tokens verified", True),
     "spec_accepted_tokens_total": (
         "spec_accepted_tokens",
