@@ -146,6 +146,8 @@ class Engine:
         mtmd_ctx: int = 0,
         n_embd_inp: int = 0,
         speculation: bool = True,
+        kv_dir: str | None = None,
+        kv_max_bytes: int = 0,
     ) -> Self: ...
     def tokenize_media(
         self,

@@ -344,6 +344,13 @@ class Settings:
     """OpenAI-compatible servers whose models this one serves (`engines.remote`)."""
     cache_ram_fraction: float = 0.02
     """Share of total RAM the temperature-0 response cache may hold; 0 turns it off."""
+    cache_persist: bool = True
+    """Whether finished sequences' KV state is saved on disk, for a later prompt that goes on
+    from one (the next turn of a conversation, after an unload or a restart)."""
+    cache_dir: Path = field(default_factory=lambda: _home() / "cache")
+    """Where the KV state is saved, a folder per model and KV settings."""
+    cache_max_bytes: int = 10 * 2**30
+    """Disk the saved KV state of each model may take; the least recently used goes first."""
     speculative: str = "none"
     """Draft-free speculation for requests that do not choose: ngram (prompt lookup) or none."""
     speculative_models: tuple[tuple[str, str], ...] = ()
@@ -472,6 +479,9 @@ _KEYS: tuple[_Key, ...] = (
         lambda k, v: _fraction(k, v),
     ),
     _Key("cache_ram_fraction", "cache.ram_fraction", "XLLM_CACHE_RAM_FRACTION", ram_share),
+    _Key("cache_persist", "cache.persist", "XLLM_CACHE_PERSIST", _bool),
+    _Key("cache_dir", "cache.directory", "XLLM_CACHE_DIR", lambda k, v: Path(_str(k, v))),
+    _Key("cache_max_bytes", "cache.max_bytes", "XLLM_CACHE_MAX_BYTES", _bytes),
     _Key("remote", "engines.remote", "XLLM_REMOTE", lambda k, v: _remotes(k, v)),
 )
 
@@ -548,6 +558,7 @@ def load_settings(flags: Mapping[str, Any] | None = None) -> Settings:
     for attr, value in (flags or {}).items():
         if value is not None:
             values[attr] = value
-    if "models_dir" in values:
-        values["models_dir"] = Path(values["models_dir"]).expanduser()
+    for attr in ("models_dir", "cache_dir"):
+        if attr in values:
+            values[attr] = Path(values[attr]).expanduser()
     return dataclasses.replace(Settings(), **values)

@@ -56,6 +56,14 @@ _ENGINE_STATS: dict[str, tuple[str, str, bool]] = {
         "Draft tokens the model generated too (speculation)",
         True,
     ),
+    "kv_disk_saves_total": ("kv_disk_saves", "Sequences' KV state saved on disk", True),
+    "kv_disk_restores_total": ("kv_disk_restores", "Prompts that went on from saved KV", True),
+    "kv_disk_restored_tokens_total": (
+        "kv_disk_restored_tokens",
+        "Prompt tokens restored from disk instead of prefilled",
+        True,
+    ),
+    "kv_disk_bytes": ("kv_disk_bytes", "Bytes of KV state saved on disk", False),
     "queue_depth": ("queue_depth", "Requests waiting for a free sequence", False),
     "running": ("running_sequences", "Sequences being decoded", False),
 }

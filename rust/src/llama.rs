@@ -102,6 +102,9 @@ api! {
     llama_memory_seq_rm: fn(Memory, i32, i32, i32) -> bool;
     llama_memory_seq_cp: fn(Memory, i32, i32, i32, i32);
     llama_memory_clear: fn(Memory, bool);
+    llama_state_seq_get_size: fn(Ctx, i32) -> usize;
+    llama_state_seq_get_data: fn(Ctx, *mut u8, usize, i32) -> usize;
+    llama_state_seq_set_data: fn(Ctx, *const u8, usize, i32) -> usize;
     llama_set_causal_attn: fn(Ctx, bool);
     llama_set_n_threads: fn(Ctx, i32, i32);
     llama_vocab_is_eog: fn(Vocab, Token) -> bool;

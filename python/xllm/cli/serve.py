@@ -56,6 +56,11 @@ def add_parser(commands: Any) -> None:
         type=_ram_share,
         help="share of RAM the temperature-0 response cache may hold (default 0.02; 0: off)",
     )  # fmt: skip
+    p.add_argument(
+        "--cache-persist", action=argparse.BooleanOptionalAction, default=None,
+        help="save finished sequences' KV state on disk for prompts that go on from them "
+        "(default on; env XLLM_CACHE_PERSIST)",
+    )  # fmt: skip
     p.add_argument("--log-file", help="also log to this file, rotated daily")
     p.add_argument("--tls-cert", help="serve HTTPS with this PEM certificate (env XLLM_TLS_CERT)")
     p.add_argument("--tls-key", help="PEM private key of --tls-cert (env XLLM_TLS_KEY)")
@@ -82,6 +87,7 @@ def run(args: argparse.Namespace) -> int:
         "speculative": args.speculative,
         "shutdown_timeout": args.shutdown_timeout,
         "cache_ram_fraction": args.cache_ram_fraction,
+        "cache_persist": args.cache_persist,
         "log_file": args.log_file,
         "tls_cert": args.tls_cert,
         "tls_key": args.tls_key,

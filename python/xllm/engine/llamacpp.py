@@ -9,6 +9,7 @@ cheap calls made once per request.
 from __future__ import annotations
 
 import ctypes
+import hashlib
 import threading
 from collections.abc import Sequence
 from pathlib import Path
@@ -91,6 +92,7 @@ class LlamaCppEngine:
             # a recurrent state cannot drop rejected draft tokens
             speculation=not (lc.llama_model_is_recurrent(model) or lc.llama_model_is_hybrid(model)),
             **vision,
+            **self._kv_disk(path, options, model),
         )
         # the batching loop's surface, unchanged
         self.submit = self._core.submit
@@ -99,6 +101,25 @@ class LlamaCppEngine:
         self.poll = self._core.poll
         self.send_to = self._core.send_to
         self.stats = self._core.stats
+
+    def _kv_disk(self, path: Path, options: EngineOptions, model: Any) -> dict[str, Any]:
+        """Where this model's KV state is saved, if it is: a folder named by the model file
+        (path, size, time), its adapters and the llama.cpp version, since a saved state carries
+        no model identity. Sliding-window and recurrent caches are not saved: their state
+        cannot be cut back to the prefix a later prompt shares."""
+        if options.kv_dir is None:
+            return {}
+        if lc.llama_model_n_swa(model) > 0 or lc.llama_model_is_recurrent(model):
+            return {}
+        if lc.llama_model_is_hybrid(model):
+            return {}
+        files = [Path(path), *map(Path, options.splits), *map(Path, options.adapters)]
+        identity = [llama_cpp_version()]
+        for f in files:
+            st = f.stat()
+            identity.append(f"{f.resolve()}:{st.st_size}:{st.st_mtime_ns}")
+        digest = hashlib.sha256("\n".join(identity).encode()).hexdigest()[:32]
+        return {"kv_dir": str(Path(options.kv_dir) / digest), "kv_max_bytes": options.kv_max_bytes}
 
     @property
     def vision(self) -> bool:

@@ -40,6 +40,11 @@ class EngineOptions:
     """A vision projector (`mmproj` GGUF) loaded with libmtmd beside the model."""
     speculative: str = "none"
     """Draft-free speculation for requests that do not choose: "ngram" or "none"."""
+    kv_dir: str | None = None
+    """Where finished sequences' KV state is saved for later prompts (None: not saved); the
+    engine keeps a folder of its own in it per model file and KV settings."""
+    kv_max_bytes: int = 0
+    """Disk the saved KV state of one model may take."""
 
     @classmethod
     def from_json(cls, text: str) -> EngineOptions:

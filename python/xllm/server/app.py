@@ -46,6 +46,8 @@ def engine_options(settings: Settings) -> EngineOptions:
         max_queue=settings.max_queue,
         keep_alive_s=settings.keep_alive,
         speculative=settings.speculative,
+        kv_dir=str(settings.cache_dir) if settings.cache_persist else None,
+        kv_max_bytes=settings.cache_max_bytes,
     )
 
 

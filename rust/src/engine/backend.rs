@@ -274,6 +274,29 @@ impl Backend for LlamaBackend {
         unsafe { (self.api.llama_memory_seq_rm)(self.mem, seq, from, -1) }
     }
 
+    fn seq_state(&mut self, seq: i32) -> Option<Vec<u8>> {
+        if !self.speculation {
+            return None; // a recurrent state cannot be cut back to a prefix after restoring
+        }
+        // SAFETY: our context; the buffer holds the size libllama just reported.
+        unsafe {
+            let size = (self.api.llama_state_seq_get_size)(self.ctx, seq);
+            if size == 0 {
+                return None;
+            }
+            let mut buf = vec![0u8; size];
+            let n = (self.api.llama_state_seq_get_data)(self.ctx, buf.as_mut_ptr(), size, seq);
+            (n == size).then_some(buf)
+        }
+    }
+
+    fn set_seq_state(&mut self, seq: i32, state: &[u8]) -> bool {
+        // SAFETY: our context; libllama reads `state.len()` bytes and checks their layout.
+        unsafe {
+            (self.api.llama_state_seq_set_data)(self.ctx, state.as_ptr(), state.len(), seq) != 0
+        }
+    }
+
     fn seq_cp(&mut self, src: i32, dst: i32, _len: i32) {
         // Sequences live in separate KV streams (kv_unified off), and llama.cpp copies across
         // streams only whole: the source holds exactly the prompt when this is called.

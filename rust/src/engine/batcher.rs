@@ -21,6 +21,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use super::draft::{Drafter, Ngram, Pacer, Prediction};
+use super::kvstore::DiskCache;
 use super::types::{Embedding, Event, Finish, ImageInput, Params, Request, TokenLogprob, Usage};
 use crate::stop::StopMatcher;
 
@@ -65,6 +66,14 @@ pub trait Backend {
     fn piece(&self, token: i32) -> Vec<u8>;
     /// Decode with `n` threads from now on.
     fn set_threads(&mut self, _n: i32) {}
+    /// A sequence's KV state as bytes, to save on disk (None: this backend cannot).
+    fn seq_state(&mut self, _seq: i32) -> Option<Vec<u8>> {
+        None
+    }
+    /// Put a state `seq_state` made into `seq` (empty); false if it does not fit.
+    fn set_seq_state(&mut self, _seq: i32, _state: &[u8]) -> bool {
+        false
+    }
     /// Whether a sequence's cache can drop its last positions, which rejected draft tokens
     /// need (not so for recurrent and hybrid models).
     fn can_speculate(&self) -> bool {
@@ -159,6 +168,8 @@ pub struct Batcher<B: Backend> {
     pub jobs: Vec<EncodeJob>,
     /// Image rows decoded per step while other sequences generate.
     image_rows: usize,
+    /// Finished sequences' KV state on disk, for prompts that go on from them.
+    pub disk: Option<DiskCache>,
 }
 
 fn common_prefix(a: &[i32], b: &[i32]) -> usize {
@@ -208,6 +219,7 @@ impl<B: Backend> Batcher<B> {
             counters: Counters::default(),
             jobs: Vec::new(),
             image_rows: (batch_size / 16).max(16),
+            disk: None,
         }
     }
 
@@ -501,6 +513,9 @@ impl<B: Backend> Batcher<B> {
                 let mut pending = Vec::new();
                 let follows = if choice == 0 {
                     cached = self.reuse_prefix(slot, &prompt, &images);
+                    if images.is_empty() {
+                        cached = self.restore(slot, &prompt, cached);
+                    }
                     self.counters.cached_tokens += cached as u64;
                     for image in images.iter().filter(|im| im.start >= cached) {
                         self.jobs.push(EncodeJob {
@@ -549,6 +564,38 @@ impl<B: Backend> Batcher<B> {
                 });
             }
         }
+    }
+
+    /// A saved sequence that `prompt` goes on from, longer than the `cached` prefix the slot
+    /// holds, put into the slot's sequence; returns the prefix the slot holds now.
+    fn restore(&mut self, slot: usize, prompt: &[i32], cached: usize) -> usize {
+        let Some(disk) = &self.disk else {
+            return cached;
+        };
+        // the last prompt token is decoded again (its logits give the first token)
+        let Some((tokens, state, shared)) = disk.lookup(prompt, cached) else {
+            return cached;
+        };
+        let keep = shared.min(prompt.len() - 1);
+        if keep <= cached {
+            return cached;
+        }
+        let s = &mut self.slots[slot];
+        self.backend.seq_rm(s.seq, 0);
+        s.cached.clear();
+        s.cached_images.clear();
+        if !self.backend.set_seq_state(s.seq, &state) {
+            self.backend.seq_rm(s.seq, 0);
+            disk.forget(&disk.path_of(&tokens)); // not a state this context takes
+            return 0;
+        }
+        if keep < tokens.len() && !self.backend.seq_rm(s.seq, keep as i32) {
+            self.backend.seq_rm(s.seq, 0);
+            return 0;
+        }
+        disk.restored(keep);
+        s.cached.extend_from_slice(&tokens[..keep]);
+        keep
     }
 
     /// Keep the longest usable prefix of the slot's cache; returns its length.
@@ -815,6 +862,9 @@ impl<B: Backend> Batcher<B> {
 
     fn finish(&mut self, slot: usize, finish: Finish, events: &mut Vec<Event>) {
         let a = self.slots[slot].active.take().expect("active");
+        if matches!(finish, Finish::Stop | Finish::Length) && a.images.is_empty() {
+            self.save(slot);
+        }
         let ms = |from: Instant, to: Instant| to.duration_since(from).as_secs_f64() * 1000.0;
         let usage = Usage {
             prompt_tokens: a.prompt.len() as u32,
@@ -829,6 +879,20 @@ impl<B: Backend> Batcher<B> {
             rejected_prediction_tokens: a.drafted - a.accepted,
         };
         events.push(finish_event(a.request, a.choice, finish, usage));
+    }
+
+    /// Queue a finished sequence's state for the disk cache (written on its own thread).
+    fn save(&mut self, slot: usize) {
+        let Some(disk) = &self.disk else {
+            return;
+        };
+        let s = &self.slots[slot];
+        if !disk.wants(&s.cached) {
+            return;
+        }
+        if let Some(state) = self.backend.seq_state(s.seq) {
+            disk.save(&s.cached, state);
+        }
     }
 }
 
@@ -882,6 +946,8 @@ mod tests {
         delay: std::time::Duration,
         /// A recurrent model: no speculation.
         recurrent: bool,
+        /// States put into sequences (`set_seq_state`).
+        restored: Vec<(i32, Vec<u8>)>,
     }
 
     impl Backend for Fake {
@@ -945,6 +1011,13 @@ mod tests {
         fn can_speculate(&self) -> bool {
             !self.recurrent
         }
+        fn seq_state(&mut self, seq: i32) -> Option<Vec<u8>> {
+            Some(format!("state of {seq}").into_bytes())
+        }
+        fn set_seq_state(&mut self, seq: i32, state: &[u8]) -> bool {
+            self.restored.push((seq, state.to_vec()));
+            state != b"bad"
+        }
     }
 
     fn req(id: u64, prompt: Vec<i32>, max_tokens: u32) -> Request {
@@ -991,6 +1064,90 @@ mod tests {
             .filter(|e| e.request == id)
             .filter_map(|e| e.finish.clone().map(|f| (e.choice, f)))
             .collect()
+    }
+
+    fn disk_batcher(dir: &std::path::Path) -> Batcher<Fake> {
+        let mut b = Batcher::new(Fake::default(), 2, 1024, 512);
+        b.disk = Some(DiskCache::open(dir, 1 << 30).unwrap());
+        b
+    }
+
+    #[test]
+    fn a_finished_sequence_is_restored_from_disk_by_the_next_turn() {
+        let dir = std::env::temp_dir().join(format!("xllm-batcher-kv-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let turn1: Vec<i32> = (0..300).map(|i| i % 90).collect();
+        let mut b = disk_batcher(&dir);
+        b.submit(req(1, turn1.clone(), 4), Instant::now());
+        let ev = run(&mut b);
+        let answer = tokens_of(&ev, 1, 0);
+        b.disk.as_mut().unwrap().flush();
+        // a new engine, as after an unload or a restart
+        let mut b = disk_batcher(&dir);
+        let saved = [turn1.clone(), answer[..3].to_vec()].concat(); // the last token was never decoded
+        let turn2 = [saved.clone(), vec![5, 6, 7]].concat();
+        b.submit(req(2, turn2.clone(), 2), Instant::now());
+        let ev = run(&mut b);
+        let usage = ev.last().unwrap().usage.clone().unwrap();
+        assert_eq!(usage.cached_tokens as usize, saved.len());
+        assert_eq!(b.backend.restored, vec![(0, b"state of 0".to_vec())]);
+        // only the new tokens were prefilled
+        let first = &b.backend.steps[0];
+        assert_eq!(first.first().unwrap().1 as usize, saved.len());
+        assert_eq!(
+            b.disk.as_ref().unwrap().stats().restored_tokens,
+            saved.len() as u64
+        );
+        // a prompt from another conversation restores nothing
+        let mut b = disk_batcher(&dir);
+        b.submit(
+            req(3, (0..300).map(|i| (i + 1) % 90).collect(), 2),
+            Instant::now(),
+        );
+        let ev = run(&mut b);
+        assert_eq!(ev.last().unwrap().usage.clone().unwrap().cached_tokens, 0);
+        assert!(b.backend.restored.is_empty());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_state_the_backend_refuses_is_deleted_and_prefilled() {
+        let dir = std::env::temp_dir().join(format!("xllm-batcher-kvbad-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let tokens: Vec<i32> = (0..300).map(|i| i % 90).collect();
+        let mut disk = DiskCache::open(&dir, 1 << 30).unwrap();
+        disk.save(&tokens, b"bad".to_vec());
+        disk.flush();
+        let mut b = disk_batcher(&dir);
+        b.submit(
+            req(1, [tokens.clone(), vec![1, 2]].concat(), 2),
+            Instant::now(),
+        );
+        let ev = run(&mut b);
+        assert_eq!(ev.last().unwrap().usage.clone().unwrap().cached_tokens, 0);
+        assert_eq!(b.backend.restored.len(), 1);
+        assert_eq!(b.backend.steps[0][0].1, 0); // prefilled from the start
+        assert!(!b.disk.as_ref().unwrap().path_of(&tokens).exists());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn cancelled_and_short_sequences_are_not_saved() {
+        let dir = std::env::temp_dir().join(format!("xllm-batcher-kvskip-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let mut b = disk_batcher(&dir);
+        b.submit(req(1, (0..20).collect(), 3), Instant::now());
+        run(&mut b);
+        b.submit(
+            req(2, (0..300).map(|i| i % 90).collect(), 50),
+            Instant::now(),
+        );
+        let mut events = Vec::new();
+        b.step(&mut events);
+        b.cancel(2, &mut events);
+        b.disk.as_mut().unwrap().flush();
+        assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 0);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

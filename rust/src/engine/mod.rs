@@ -14,6 +14,7 @@
 pub mod backend;
 pub mod batcher;
 pub mod draft;
+pub mod kvstore;
 pub mod types;
 pub mod vision;
 pub mod wire;
@@ -76,6 +77,7 @@ pub struct Stats {
     pub queue_depth: u64,
     pub running: u64,
     pub counters: Counters,
+    pub disk: kvstore::DiskStats,
 }
 
 #[derive(Default)]
@@ -117,6 +119,7 @@ impl Engine {
         encoder: Option<Box<dyn Encoder>>,
         limits: Limits,
         batch_size: usize,
+        disk: Option<kvstore::DiskCache>,
     ) -> std::io::Result<Self>
     where
         B: Backend + Send + 'static,
@@ -126,7 +129,8 @@ impl Engine {
         reader.set_nonblocking(true)?;
         writer.set_nonblocking(true)?;
         let shared = Arc::new(Shared::default());
-        let batcher = Batcher::new(backend, limits.parallel, limits.ctx_size, batch_size);
+        let mut batcher = Batcher::new(backend, limits.parallel, limits.ctx_size, batch_size);
+        batcher.disk = disk;
         let thread_shared = shared.clone();
         let threads = limits.threads;
         let thread = std::thread::Builder::new()
@@ -406,6 +410,7 @@ fn run<B: Backend>(
             stats.queue_depth = batcher.waiting() as u64;
             stats.running = batcher.running() as u64;
             stats.counters = batcher.counters.clone();
+            stats.disk = batcher.disk.as_ref().map(|d| d.stats()).unwrap_or_default();
         }
         {
             let mut outstanding = shared.outstanding.lock().expect("poisoned");
@@ -571,7 +576,7 @@ mod tests {
         };
         let backend = SlowVision(threads.clone());
         let engine =
-            Engine::start(backend, Some(Box::new(SlowEncoder)), limits, 8).expect("engine");
+            Engine::start(backend, Some(Box::new(SlowEncoder)), limits, 8, None).expect("engine");
         engine.submit(request(1)).expect("text");
         std::thread::sleep(Duration::from_millis(50));
         let mut image = request(2);
@@ -625,7 +630,7 @@ mod tests {
             n_vocab: 10,
             threads: (0, 0),
         };
-        let engine = Engine::start(Slow, None, limits, 8).expect("engine");
+        let engine = Engine::start(Slow, None, limits, 8, None).expect("engine");
         let mut r = request(1);
         r.prompt = vec![1, -1];
         r.images = vec![Arc::new(ImageInput {
@@ -655,7 +660,7 @@ mod tests {
             n_vocab: 10,
             threads: (0, 0),
         };
-        let engine = Engine::start(Slow, None, limits, 8).expect("engine");
+        let engine = Engine::start(Slow, None, limits, 8, None).expect("engine");
         engine.submit(request(1)).expect("runs");
         engine.submit(request(2)).expect("waits");
         assert_eq!(engine.submit(request(3)), Err(SubmitError::QueueFull(1)));
@@ -686,7 +691,7 @@ mod tests {
             threads: (0, 0),
         };
         let (ours, theirs) = UnixDatagram::pair().expect("pair");
-        let mut engine = Engine::start(Slow, None, limits, 8).expect("engine");
+        let mut engine = Engine::start(Slow, None, limits, 8, None).expect("engine");
         engine.send_to(theirs);
         engine.submit(request(1)).expect("runs");
         let mut buf = vec![0u8; wire::PACKET];

@@ -2,6 +2,7 @@
 
 use std::os::fd::{AsRawFd, BorrowedFd};
 use std::os::unix::net::UnixDatagram;
+use std::path::Path;
 use std::sync::Arc;
 
 use pyo3::create_exception;
@@ -11,6 +12,7 @@ use pyo3::types::{PyBytes, PyDict, PyList};
 
 use super::delta::delta_list;
 use crate::engine::backend::{embed, LlamaBackend};
+use crate::engine::kvstore::DiskCache;
 use crate::engine::types::{ImageInput, Params, Request};
 use crate::engine::vision::Vision;
 use crate::engine::{self, Encoder, Limits, SubmitError};
@@ -84,7 +86,7 @@ impl Engine {
     /// input embedding size. A model whose cache cannot drop its last positions (recurrent,
     /// hybrid) passes `speculation=False`: its requests never draft.
     #[new]
-    #[pyo3(signature = (lib_path, lib_version, ctx, vocab, *, n_vocab, ctx_size, parallel, batch_size, max_queue, threads=0, encoder_threads=0, mtmd_lib=None, mtmd_ctx=0, n_embd_inp=0, speculation=true))]
+    #[pyo3(signature = (lib_path, lib_version, ctx, vocab, *, n_vocab, ctx_size, parallel, batch_size, max_queue, threads=0, encoder_threads=0, mtmd_lib=None, mtmd_ctx=0, n_embd_inp=0, speculation=true, kv_dir=None, kv_max_bytes=0))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         lib_path: &str,
@@ -102,6 +104,8 @@ impl Engine {
         mtmd_ctx: usize,
         n_embd_inp: usize,
         speculation: bool,
+        kv_dir: Option<&str>,
+        kv_max_bytes: u64,
     ) -> PyResult<Self> {
         if lib_version != SUPPORTED_LLAMA_CPP_PYTHON {
             return Err(PyRuntimeError::new_err(format!(
@@ -139,7 +143,13 @@ impl Engine {
             None => None,
         };
         let encoder = vision.clone().map(|v| Box::new(v) as Box<dyn Encoder>);
-        let inner = engine::Engine::start(backend, encoder, limits, capacity)
+        let disk = match kv_dir {
+            Some(dir) => Some(DiskCache::open(Path::new(dir), kv_max_bytes).map_err(|e| {
+                PyRuntimeError::new_err(format!("cannot use the KV cache directory {dir}: {e}"))
+            })?),
+            None => None,
+        };
+        let inner = engine::Engine::start(backend, encoder, limits, capacity, disk)
             .map_err(|e| PyRuntimeError::new_err(format!("cannot start the engine: {e}")))?;
         Ok(Self { inner, api, vision })
     }
@@ -245,6 +255,10 @@ impl Engine {
         d.set_item("tokens_generated_total", s.counters.generated_tokens)?;
         d.set_item("decode_steps_total", s.counters.decode_steps)?;
         d.set_item("images_encoded_total", s.counters.images_encoded)?;
+        d.set_item("kv_disk_saves_total", s.disk.saves)?;
+        d.set_item("kv_disk_restores_total", s.disk.restores)?;
+        d.set_item("kv_disk_restored_tokens_total", s.disk.restored_tokens)?;
+        d.set_item("kv_disk_bytes", s.disk.bytes)?;
         if let Some(vision) = &self.vision {
             d.set_item("images_preprocessed_total", vision.preprocessed())?;
         }
