@@ -14,7 +14,7 @@ use std::fs;
 use std::hash::{Hash, Hasher};
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
-use std::sync::mpsc::{channel, Sender};
+use std::sync::mpsc::{sync_channel, SyncSender};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
@@ -23,6 +23,8 @@ const SUFFIX: &str = "kv";
 /// Sequences shorter than this are not saved: their prefill is cheap, and each file costs a
 /// write of tens of KiB a token.
 pub const MIN_TOKENS: usize = 256;
+/// States waiting for the writer, at most.
+const QUEUED: usize = 2;
 /// A saved sequence is restored for a prompt sharing at least this many tokens with it.
 const MIN_SHARED: usize = 64;
 
@@ -81,7 +83,7 @@ pub struct DiskCache {
     dir: PathBuf,
     index: Arc<Mutex<Index>>,
     stats: Arc<Mutex<DiskStats>>,
-    writer: Option<Sender<Save>>,
+    writer: Option<SyncSender<Save>>,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -194,7 +196,9 @@ impl DiskCache {
         };
         let index = Arc::new(Mutex::new(index));
         let stats = Arc::new(Mutex::new(stats));
-        let (writer, saves) = channel::<Save>();
+        // a state is tens of MiB: while the disk is behind, further saves are dropped rather
+        // than queued in memory
+        let (writer, saves) = sync_channel::<Save>(QUEUED);
         let (w_dir, w_index, w_stats) = (dir.to_path_buf(), index.clone(), stats.clone());
         let thread = std::thread::Builder::new()
             .name("xllm-kv-writer".into())
@@ -260,7 +264,7 @@ impl DiskCache {
             .any(|e| e.tokens.as_slice() == tokens);
         if !known {
             if let Some(w) = &self.writer {
-                let _ = w.send(Save {
+                let _ = w.try_send(Save {
                     tokens: tokens.to_vec(),
                     state,
                 });
