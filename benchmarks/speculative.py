@@ -166,7 +166,9 @@ def main() -> None:
     args = p.parse_args()
     args.model = args.model or default_model()
     with tempfile.TemporaryDirectory() as tmp:
+        # the response cache off: identical greedy requests would be replayed, not decoded
         flags = ["--model", args.model, "--ctx-size", "2048", "--parallel", "4"]
+        flags += ["--cache-ram-fraction", "0"]
         server = start_server(Path(tmp), [*flags, "--threads", str(args.threads)])
         try:
             health = httpx.get(f"{server.url}/v0/health").json()
