@@ -12,7 +12,7 @@
 use std::collections::hash_map::DefaultHasher;
 use std::fs;
 use std::hash::{Hash, Hasher};
-use std::io::{Read, Write};
+use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{sync_channel, SyncSender};
 use std::sync::{Arc, Mutex};
@@ -117,6 +117,18 @@ fn read_header(path: &Path) -> Option<(Vec<i32>, u64)> {
         .map(|c| i32::from_le_bytes(c.try_into().expect("4 bytes")))
         .collect();
     Some((tokens, start))
+}
+
+/// The state in a file, read straight into its buffer, if the file holds `tokens`' whole.
+fn read_state(path: &Path, tokens: &[i32]) -> Option<Vec<u8>> {
+    let (saved, start) = read_header(path).filter(|(t, _)| t == tokens)?;
+    debug_assert_eq!(saved.len(), tokens.len());
+    let mut f = fs::File::open(path).ok()?;
+    let size = f.metadata().ok()?.len();
+    f.seek(SeekFrom::Start(start)).ok()?;
+    let mut state = Vec::with_capacity((size - start) as usize);
+    f.read_to_end(&mut state).ok()?;
+    (state.len() as u64 == size - start).then_some(state)
 }
 
 fn write_file(dir: &Path, save: &Save) -> std::io::Result<(PathBuf, u64)> {
@@ -301,12 +313,7 @@ impl DiskCache {
             e.used = clock;
             (e.path.clone(), e.tokens.clone(), shared)
         };
-        let state = read_header(&path)
-            .filter(|(t, _)| *t == *tokens)
-            .and_then(|(_, start)| {
-                let data = fs::read(&path).ok()?;
-                Some(data[start as usize..].to_vec())
-            });
+        let state = read_state(&path, &tokens);
         match state {
             Some(state) => Some((tokens, state, shared)),
             None => {
