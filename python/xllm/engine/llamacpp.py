@@ -109,9 +109,11 @@ class LlamaCppEngine:
         cannot be cut back to the prefix a later prompt shares."""
         if options.kv_dir is None:
             return {}
-        if lc.llama_model_n_swa(model) > 0 or lc.llama_model_is_recurrent(model):
-            return {}
-        if lc.llama_model_is_hybrid(model):
+        if (
+            lc.llama_model_n_swa(model) > 0
+            or lc.llama_model_is_recurrent(model)
+            or lc.llama_model_is_hybrid(model)
+        ):
             return {}
         files = [Path(path), *map(Path, options.splits), *map(Path, options.adapters)]
         identity = [llama_cpp_version()]

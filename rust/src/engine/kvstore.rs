@@ -12,7 +12,7 @@
 use std::collections::hash_map::DefaultHasher;
 use std::fs;
 use std::hash::{Hash, Hasher};
-use std::io::{Read, Seek, SeekFrom, Write};
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{sync_channel, SyncSender};
 use std::sync::{Arc, Mutex};
@@ -93,8 +93,9 @@ fn name_of(tokens: &[i32]) -> String {
     format!("{:016x}-{}.{SUFFIX}", h.finish(), tokens.len())
 }
 
-/// The tokens of a file, and where its state begins; None if it is not one of ours, whole.
-fn read_header(path: &Path) -> Option<(Vec<i32>, u64)> {
+/// A file opened at its state, with its tokens and the state's length; None if it is not one
+/// of ours, whole.
+fn open_saved(path: &Path) -> Option<(fs::File, Vec<i32>, u64)> {
     let mut f = fs::File::open(path).ok()?;
     let size = f.metadata().ok()?.len();
     let mut head = [0u8; 12];
@@ -108,27 +109,22 @@ fn read_header(path: &Path) -> Option<(Vec<i32>, u64)> {
     let mut len = [0u8; 8];
     f.read_exact(&mut len).ok()?;
     let state_len = u64::from_le_bytes(len);
-    let start = 12 + n * 4 + 8;
-    if n == 0 || state_len == 0 || start + state_len != size {
+    if n == 0 || state_len == 0 || 12 + n * 4 + 8 + state_len != size {
         return None; // truncated, or more than we wrote
     }
     let tokens = raw
         .chunks_exact(4)
         .map(|c| i32::from_le_bytes(c.try_into().expect("4 bytes")))
         .collect();
-    Some((tokens, start))
+    Some((f, tokens, state_len))
 }
 
 /// The state in a file, read straight into its buffer, if the file holds `tokens`' whole.
 fn read_state(path: &Path, tokens: &[i32]) -> Option<Vec<u8>> {
-    let (saved, start) = read_header(path).filter(|(t, _)| t == tokens)?;
-    debug_assert_eq!(saved.len(), tokens.len());
-    let mut f = fs::File::open(path).ok()?;
-    let size = f.metadata().ok()?.len();
-    f.seek(SeekFrom::Start(start)).ok()?;
-    let mut state = Vec::with_capacity((size - start) as usize);
+    let (mut f, _, len) = open_saved(path).filter(|(_, t, _)| t == tokens)?;
+    let mut state = Vec::with_capacity(len as usize);
     f.read_to_end(&mut state).ok()?;
-    (state.len() as u64 == size - start).then_some(state)
+    (state.len() as u64 == len).then_some(state)
 }
 
 fn write_file(dir: &Path, save: &Save) -> std::io::Result<(PathBuf, u64)> {
@@ -180,14 +176,17 @@ impl DiskCache {
             if path.extension().and_then(|e| e.to_str()) != Some(SUFFIX) {
                 continue;
             }
-            match read_header(&path) {
-                Some((tokens, _)) => {
-                    let bytes = fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
-                    let used = fs::metadata(&path)
-                        .and_then(|m| m.modified())
+            match open_saved(&path) {
+                Some((f, tokens, _)) => {
+                    let Ok(meta) = f.metadata() else {
+                        continue;
+                    };
+                    let used = meta
+                        .modified()
                         .ok()
                         .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
                         .map_or(0, |d| d.as_secs());
+                    let bytes = meta.len();
                     index.entries.push(Entry {
                         path,
                         tokens: Arc::new(tokens),
@@ -254,33 +253,20 @@ impl DiskCache {
         })
     }
 
-    pub fn dir(&self) -> &Path {
-        &self.dir
-    }
-
     pub fn stats(&self) -> DiskStats {
         *self.stats.lock().expect("poisoned")
     }
 
     /// Queue a sequence's state for saving, unless it is short or already saved.
     pub fn save(&self, tokens: &[i32], state: Vec<u8>) {
-        if tokens.len() < MIN_TOKENS || state.is_empty() {
+        if state.is_empty() || !self.wants(tokens) {
             return;
         }
-        let known = self
-            .index
-            .lock()
-            .expect("poisoned")
-            .entries
-            .iter()
-            .any(|e| e.tokens.as_slice() == tokens);
-        if !known {
-            if let Some(w) = &self.writer {
-                let _ = w.try_send(Save {
-                    tokens: tokens.to_vec(),
-                    state,
-                });
-            }
+        if let Some(w) = &self.writer {
+            let _ = w.try_send(Save {
+                tokens: tokens.to_vec(),
+                state,
+            });
         }
     }
 
