@@ -124,8 +124,9 @@ def read_deltas(fd: int) -> list[Delta] | None:
 class Engine:
     """Continuous-batching engine over one llama context made by llama-cpp-python.
 
-    `ctx` and `vocab` (and a vision model's `mtmd_ctx`) are integer addresses that must stay
-    valid until `close()`.
+    `ctx` and `vocab` (and a vision model's `mtmd_ctx`, and `adapters`) are integer addresses
+    that must stay valid until `close()`. `adapters` are the model's own LoRA adapters: indices
+    0.. of the table `load_adapter` extends, and at scale 1 the set `kv_dir` keeps states of.
     """
 
     def __new__(
@@ -148,7 +149,11 @@ class Engine:
         speculation: bool = True,
         kv_dir: str | None = None,
         kv_max_bytes: int = 0,
+        adapters: list[int] = ...,
     ) -> Self: ...
+    def load_adapter(self, path: str) -> int:
+        """Load the LoRA adapter at `path` over the model (kept until it is freed): the index a
+        request's `lora` ((index, scale) pairs) names it by; ValueError when llama.cpp cannot."""
     def tokenize_media(
         self,
         text: str,

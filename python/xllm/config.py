@@ -355,6 +355,8 @@ class Settings:
     """Draft-free speculation for requests that do not choose: ngram (prompt lookup) or none."""
     speculative_models: tuple[tuple[str, str], ...] = ()
     """(model, ngram|none): models that speculate otherwise than `speculative` says."""
+    loras_dir: Path = field(default_factory=lambda: _home() / "loras")
+    """Where the LoRA adapters requests name are found (`<name>.gguf`)."""
 
     @property
     def home(self) -> Path:
@@ -482,6 +484,7 @@ _KEYS: tuple[_Key, ...] = (
     _Key("cache_persist", "cache.persist", "XLLM_CACHE_PERSIST", _bool),
     _Key("cache_dir", "cache.directory", "XLLM_CACHE_DIR", lambda k, v: Path(_str(k, v))),
     _Key("cache_max_bytes", "cache.max_bytes", "XLLM_CACHE_MAX_BYTES", _bytes),
+    _Key("loras_dir", "loras.directory", "XLLM_LORAS_DIR", lambda k, v: Path(_str(k, v))),
     _Key("remote", "engines.remote", "XLLM_REMOTE", lambda k, v: _remotes(k, v)),
 )
 
@@ -558,7 +561,7 @@ def load_settings(flags: Mapping[str, Any] | None = None) -> Settings:
     for attr, value in (flags or {}).items():
         if value is not None:
             values[attr] = value
-    for attr in ("models_dir", "cache_dir"):
+    for attr in ("models_dir", "cache_dir", "loras_dir"):
         if attr in values:
             values[attr] = Path(values[attr]).expanduser()
     return dataclasses.replace(Settings(), **values)

@@ -56,6 +56,11 @@ _ENGINE_STATS: dict[str, tuple[str, str, bool]] = {
         "Draft tokens the model generated too (speculation)",
         True,
     ),
+    "lora_switches_total": (
+        "lora_switches",
+        "Times the LoRA adapters changed between decode steps (adapter groups taking turns)",
+        True,
+    ),
     "kv_disk_saves_total": ("kv_disk_saves", "Sequences' KV state saved on disk", True),
     "kv_disk_restores_total": ("kv_disk_restores", "Prompts that went on from saved KV", True),
     "kv_disk_restored_tokens_total": (

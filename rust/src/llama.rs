@@ -14,6 +14,8 @@ pub type Ctx = *mut c_void;
 pub type Vocab = *const c_void;
 pub type Memory = *mut c_void;
 pub type Sampler = *mut c_void;
+pub type Adapter = *mut c_void;
+pub type Model = *mut c_void;
 
 /// `struct llama_batch` (llama.h): unchanged since the batch API was introduced.
 #[repr(C)]
@@ -107,6 +109,9 @@ api! {
     llama_state_seq_set_data: fn(Ctx, *const u8, usize, i32) -> usize;
     llama_set_causal_attn: fn(Ctx, bool);
     llama_set_n_threads: fn(Ctx, i32, i32);
+    llama_set_adapters_lora: fn(Ctx, *mut Adapter, usize, *mut f32) -> i32;
+    llama_adapter_lora_init: fn(Model, *const c_char) -> Adapter;
+    llama_get_model: fn(Ctx) -> Model;
     llama_vocab_is_eog: fn(Vocab, Token) -> bool;
     llama_token_to_piece: fn(Vocab, Token, *mut c_char, i32, i32, bool) -> i32;
     llama_sampler_chain_default_params: fn() -> ChainParams;

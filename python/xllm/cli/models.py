@@ -112,6 +112,13 @@ def show_text(info: dict[str, Any], verbose: bool) -> str:
     out = "\n" + _section("Model", model)
     out += _section("Capabilities", [(c, "") for c in info.get("capabilities") or []])
     out += _section("Projector", _projector_rows(info.get("projector_info") or {}))
+    out += _section(
+        "Adapters",
+        [
+            (a["name"], "own" if a.get("own") else "loras folder")
+            for a in info.get("adapters") or ()
+        ],
+    )
     params = [tuple(line.split(None, 1)) for line in (info.get("parameters") or "").splitlines()]
     out += _section("Parameters", [(p[0], p[1] if len(p) > 1 else "") for p in params])
     if info.get("system"):

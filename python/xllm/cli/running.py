@@ -51,7 +51,10 @@ def ps(args: argparse.Namespace) -> int:
     def show() -> None:
         rows = [["NAME", "ID", "SIZE", "PROCESSOR", "CONTEXT", "UNTIL"]]
         now = datetime.now().astimezone()
-        for m in client.call("GET", "/api/ps")["models"]:
+        models = client.call("GET", "/api/ps")["models"]
+        # the LoRA adapters loaded over a model, where any model has some
+        adapters = [", ".join(a["name"] for a in m.get("adapters") or ()) for m in models]
+        for m in models:
             expires = datetime.fromisoformat(m["expires_at"].replace("Z", "+00:00"))
             delta = (expires - now).total_seconds()
             until = "Stopping..." if delta < 0 else human_time(delta)
@@ -65,6 +68,8 @@ def ps(args: argparse.Namespace) -> int:
                     until,
                 ]
             )
+        if any(adapters):
+            rows = [[*row, a] for row, a in zip(rows, ["ADAPTERS", *adapters], strict=True)]
         print(table(rows))
 
     return _run(show)

@@ -61,6 +61,11 @@ def add_parser(commands: Any) -> None:
         help="save finished sequences' KV state on disk for prompts that go on from them "
         "(default on; env XLLM_CACHE_PERSIST)",
     )  # fmt: skip
+    p.add_argument(
+        "--loras-dir", type=Path, metavar="DIR",
+        help="where LoRA adapters requests name are found, as DIR/NAME.gguf "
+        "(default ~/.xllm/loras; env XLLM_LORAS_DIR)",
+    )  # fmt: skip
     p.add_argument("--log-file", help="also log to this file, rotated daily")
     p.add_argument("--tls-cert", help="serve HTTPS with this PEM certificate (env XLLM_TLS_CERT)")
     p.add_argument("--tls-key", help="PEM private key of --tls-cert (env XLLM_TLS_KEY)")
@@ -88,6 +93,7 @@ def run(args: argparse.Namespace) -> int:
         "shutdown_timeout": args.shutdown_timeout,
         "cache_ram_fraction": args.cache_ram_fraction,
         "cache_persist": args.cache_persist,
+        "loras_dir": args.loras_dir,
         "log_file": args.log_file,
         "tls_cert": args.tls_cert,
         "tls_key": args.tls_key,

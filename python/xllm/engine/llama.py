@@ -36,7 +36,7 @@ from xllm.errors import EngineError, InvalidRequest, ModelLoadError, Overloaded
 from xllm.grammar import Grammar
 from xllm.memory import planner, probe
 from xllm.memory.planner import Plan
-from xllm.models import gguf
+from xllm.models import gguf, loras
 from xllm.models import projector as mmproj
 from xllm.models.metadata import ModelInfo
 from xllm.models.modelfile import Modelfile
@@ -134,6 +134,10 @@ class RunnerClient:
         self._queues: dict[int, Inbox] = {}
         self._calls: dict[int, asyncio.Future[Any]] = {}
         self._stats: dict[str, int | float] = {}
+        self._own = tuple(map(Path, options.adapters))
+        self._loras: dict[tuple[str, int, int], tuple[loras.Adapter, int]] = {}
+        """Adapters loaded beyond the model's own, by file identity: (adapter, its index)."""
+        self._loading = asyncio.Lock()
         self._progress = time.monotonic()
         self._closing = False
         self._aborted: str | None = None
@@ -395,6 +399,47 @@ class RunnerClient:
     async def embed(self, inputs: list[list[int]], normalize: bool = True) -> list[list[float]]:
         vectors: list[list[float]] = await self._call("embed", inputs, normalize)
         return vectors
+
+    async def adapter_set(
+        self, lora: Sequence[tuple[str, float]] | None
+    ) -> list[tuple[int, float]]:
+        """The Rust loop's adapter set for a request's `lora` (names and scales): the model's
+        own adapters (indices 0..) at scale 1 unless named, then those named, each checked
+        against the model and loaded in the runner the first time (kept until unload)."""
+        scales = {i: 1.0 for i in range(len(self._own))}
+        for name, scale in lora or ():
+            found = loras.resolve(name, self._own, self._loras_dir)
+            index = self._own.index(found.path) if found.own else await self._load_lora(found)
+            scales[index] = scale
+        return sorted((i, s) for i, s in scales.items() if s != 0)
+
+    @property
+    def _loras_dir(self) -> Path | None:
+        return Path(self.options.loras_dir) if self.options.loras_dir is not None else None
+
+    async def _load_lora(self, found: loras.Adapter) -> int:
+        async with self._loading:  # two requests naming a new adapter load it once
+            loaded = self._loras.get(found.identity)
+            if loaded is not None:
+                return loaded[1]
+            base = [self.path, *map(Path, self.options.splits)]
+            await asyncio.to_thread(loras.check, found, base)
+            index: int = await self._call("load_adapter", str(found.path))
+            self._loras[found.identity] = (found, index)
+            if self.plan is not None:  # llama.cpp keeps its tensors beside the weights
+                self.plan = dataclasses.replace(self.plan, weights=self.plan.weights + found.size)
+            log.info("model %s: LoRA adapter %s loaded (%s)", self.name, found.name, found.path)
+            return index
+
+    def adapters(self) -> list[dict[str, Any]]:
+        """The adapters loaded over the model: its own, then those requests named."""
+        own = [
+            {"name": loras.own_name(p), "size": p.stat().st_size, "own": True}
+            for p in self._own
+            if p.exists()
+        ]
+        named = [{"name": a.name, "size": a.size, "own": False} for a, _ in self._loras.values()]
+        return own + named
 
     def stats(self) -> dict[str, int | float]:
         """The engine's counters as of its last report (at most 0.25 s old)."""

@@ -103,6 +103,9 @@ async def prepare(model: RunnerClient, request: Request) -> Prepared:
         images = [(start + len(request.context), n, im) for start, n, im in images]
     sampling = sampling.over(modelfile_defaults(model.modelfile)).over(request.defaults)
     params = sampling_params(model, sampling, len(tokens), stops, request.param)
+    adapters = await model.adapter_set(sampling.lora)
+    if adapters:
+        params["lora"] = adapters
     if sampling.prediction and sampling.max_draft != 0:
         predicted = await model.tokenize(sampling.prediction, special=False)
         params["prediction"] = predicted[: model.ctx_size]

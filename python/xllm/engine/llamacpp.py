@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import os
 import threading
 from collections.abc import Sequence
 from pathlib import Path
@@ -19,6 +20,7 @@ import llama_cpp as lc
 
 from xllm import _core
 from xllm.engine.options import EngineOptions, libllama_path, libmtmd_path, llama_cpp_version
+from xllm.errors import InvalidRequest
 
 
 class LlamaCppEngine:
@@ -61,8 +63,9 @@ class LlamaCppEngine:
                 f"llama.cpp could not create a context of {ctx_size} tokens x "
                 f"{options.parallel} sequences for {path} (out of memory?)"
             )
-        self._ctx = ctx
-        self._apply_adapters(ctx)
+        self._ctx = ctx  # its adapters are the batching loop's to set, per adapter group
+        self._loras: dict[tuple[str, int, int], int] = {}
+        self._loras_lock = threading.Lock()
         self.ctx_size = min(ctx_size, int(lc.llama_n_ctx_seq(ctx)))
         self._embed_ctx: Any = None
         self._embed_lock = threading.Lock()
@@ -91,6 +94,7 @@ class LlamaCppEngine:
             max_queue=options.max_queue,
             # a recurrent state cannot drop rejected draft tokens
             speculation=not (lc.llama_model_is_recurrent(model) or lc.llama_model_is_hybrid(model)),
+            adapters=[_address(a) for a in self._adapters],
             **vision,
             **self._kv_disk(path, options, model),
         )
@@ -180,7 +184,25 @@ class LlamaCppEngine:
             adapters.append(adapter)
         return adapters
 
+    def load_adapter(self, path: str) -> int:
+        """Load a LoRA adapter over the model (once: it is kept, and freed with the model);
+        returns the index requests' `lora` name it by. The server checked it fits the model."""
+        st = os.stat(path)
+        key = (path, st.st_size, st.st_mtime_ns)  # a file replaced under its name is new
+        with self._loras_lock:
+            index = self._loras.get(key)
+            if index is None:
+                try:  # under the loop's lock: a decode may be sizing its graph by the adapters
+                    index = self._core.load_adapter(path)
+                except ValueError:
+                    name = Path(path).name
+                    message = f"lora: llama.cpp could not load the LoRA adapter {name}"
+                    raise InvalidRequest(message, param="lora") from None
+                self._loras[key] = index
+            return index
+
     def _apply_adapters(self, ctx: Any) -> None:
+        """The model's own adapters at scale 1 (the embeddings context's: it has no groups)."""
         if not self._adapters:
             return
         n = len(self._adapters)

@@ -35,7 +35,10 @@ class EngineOptions:
     splits: tuple[str, ...] = ()
     """The further files of a GGUF split into several, in order (the model path is the first)."""
     adapters: tuple[str, ...] = ()
-    """LoRA adapter files applied over the weights (scale 1, as Ollama's ADAPTER)."""
+    """The model's own LoRA adapter files (Modelfile ADAPTER): applied at scale 1 unless a
+    request's `lora` says otherwise."""
+    loras_dir: str | None = None
+    """Where further adapters a request names are found (`<name>.gguf`)."""
     projector: str | None = None
     """A vision projector (`mmproj` GGUF) loaded with libmtmd beside the model."""
     speculative: str = "none"

@@ -37,6 +37,7 @@ __all__ = [
     "Engine",
     "Generation",
     "Image",
+    "Loras",
     "Observer",
     "Part",
     "Relay",
@@ -103,6 +104,13 @@ SPECULATIVE = ("none", "ngram")
 """Kinds of speculation a request, a Modelfile or the server may ask for."""
 MAX_DRAFT = 64
 """The longest draft a request may ask for (each draft token is a row of the decode)."""
+MAX_LORAS = 8
+"""LoRA adapters one request may apply together."""
+LORA_SCALES = (0.0, 2.0)
+"""The scales a request may give an adapter: 0 turns it off (a model's own adapter too); past
+2 its delta outweighs the weights it was trained against."""
+LORA_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+"""A LoRA adapter's name: `<name>.gguf` in the loras folder, or one of a model's own."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,6 +144,9 @@ class Sampling:
     """The most draft tokens a step verifies (0: no drafting, not even a `prediction`)."""
     prediction: str | None = None
     """The expected output (OpenAI's predicted outputs): drafted as the model goes."""
+    lora: tuple[tuple[str, float], ...] | None = None
+    """LoRA adapters by name, with their scales, over the model's own (its Modelfile ADAPTERs,
+    at scale 1 unless named here; scale 0 turns one off)."""
 
     def over(self, defaults: Sampling) -> Sampling:
         """These parameters, with what they leave unset taken from `defaults`."""
@@ -270,6 +281,15 @@ class Tokenizer(Protocol):
     async def tokenize(self, text: str, *, special: bool) -> list[int]: ...
 
     async def detokenize(self, tokens: Sequence[int]) -> str: ...
+
+
+@runtime_checkable
+class Loras(Protocol):
+    """An engine whose requests may name LoRA adapters (`Sampling.lora`)."""
+
+    def adapters(self) -> list[dict[str, Any]]:
+        """The adapters loaded over the model: name, size (bytes) and whether it is one of the
+        model's own."""
 
 
 @runtime_checkable

@@ -126,6 +126,8 @@ async def _call(
             value = engine.detokenize(*args)
         elif method == "grammar_parses":
             value = engine.grammar_parses(*args)
+        elif method == "load_adapter":
+            value = await asyncio.to_thread(engine.load_adapter, *args)
         elif method == "chat_prompt":
             value = await _chat_prompt(engine, info, renderer, *args)
         elif method == "tokenize_media":

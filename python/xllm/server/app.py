@@ -48,6 +48,7 @@ def engine_options(settings: Settings) -> EngineOptions:
         speculative=settings.speculative,
         kv_dir=str(settings.cache_dir) if settings.cache_persist else None,
         kv_max_bytes=settings.cache_max_bytes,
+        loras_dir=str(settings.loras_dir),
     )
 
 

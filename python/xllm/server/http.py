@@ -11,7 +11,7 @@ from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
 from xllm import images, remote_images
-from xllm.engine.protocol import Capability, Engine, Generation, Image, Request
+from xllm.engine.protocol import Capability, Engine, Generation, Image, Loras, Request
 from xllm.errors import InvalidRequest, PayloadTooLarge
 from xllm.server import response_cache
 from xllm.server.openai.wire import error_param
@@ -61,6 +61,10 @@ async def start_generation(
 
     A greedy request is answered from the response cache when it holds the answer, and a live
     answer is recorded into it (`cache=False`: neither; see `server/response_cache.py`)."""
+    if req.sampling.lora is not None and not isinstance(engine, Loras):
+        raise InvalidRequest(
+            f"lora: model {engine.name!r} ({engine.kind}) takes no LoRA adapters", param="lora"
+        )
     store = request.app[RESPONSE_CACHE]
     key = response_cache.key(engine, req) if cache and store.max_bytes > 0 else None
     answer = store.get(key) if key is not None else None
@@ -146,9 +150,10 @@ def peer_gone(request: web.Request) -> bool:
 
 def _most_telling(e: ValidationError) -> Any:
     """With union fields pydantic reports every branch; a type mismatch on one branch is noise
-    next to a real complaint (too long, out of range) on the branch whose type matched."""
+    next to a real complaint (too long, out of range) on the branch whose type matched, and
+    among type mismatches the deepest is inside the branch whose shape matched."""
     errs = e.errors(include_url=False)
     for err in errs:
         if not err["type"].endswith("_type") and err["type"] != "union_tag_invalid":
             return err
-    return errs[0]
+    return max(errs, key=lambda err: len(err["loc"]))

@@ -1,12 +1,39 @@
 //! The batcher's backend over libllama: decode a batch, sample with llama.cpp's sampler chain.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use super::batcher::{Backend, BatchItem};
 use super::types::{Params, TokenLogprob};
 use crate::llama::{
-    c_string, Api, Ctx, LogitBias, Memory, RawBatch, Sampler, TokenData, TokenDataArray, Vocab,
+    c_string, Adapter, Api, Ctx, LogitBias, Memory, RawBatch, Sampler, TokenData, TokenDataArray,
+    Vocab,
 };
+
+/// The LoRA adapters loaded over the model (addresses of `llama_adapter_lora`), indexed as
+/// requests name them (`Params::adapters`). Its lock is held around every llama_decode and
+/// every adapter load: loading adds to the model's set of adapters, which a decode that
+/// re-reserves its graph (after a switch) reads to size it.
+pub type AdapterTable = Arc<Mutex<Vec<usize>>>;
+
+/// Load a LoRA adapter over the model of `ctx` into `table`; its index.
+///
+/// # Safety
+/// `ctx` must be a live llama context; the adapter lives as long as its model.
+pub unsafe fn load_adapter(
+    api: &Api,
+    ctx: Ctx,
+    table: &AdapterTable,
+    path: &str,
+) -> Result<u32, String> {
+    let c = c_string(path)?;
+    let mut table = table.lock().expect("poisoned");
+    let adapter = (api.llama_adapter_lora_init)((api.llama_get_model)(ctx), c.as_ptr());
+    if adapter.is_null() {
+        return Err(format!("llama.cpp could not load the LoRA adapter {path}"));
+    }
+    table.push(adapter as usize);
+    Ok(table.len() as u32 - 1)
+}
 
 /// `LLAMA_DEFAULT_SEED`: the dist sampler picks a random seed.
 const RANDOM_SEED: u32 = 0xFFFF_FFFF;
@@ -20,6 +47,7 @@ pub struct LlamaBackend {
     batch: RawBatch,
     capacity: usize,
     speculation: bool,
+    adapters: AdapterTable,
 }
 
 // SAFETY: the context is used by the engine thread only; llama.cpp contexts may move threads.
@@ -69,7 +97,14 @@ impl LlamaBackend {
             batch,
             capacity,
             speculation: true,
+            adapters: AdapterTable::default(),
         }
+    }
+
+    /// The table of adapters requests choose from (shared with whoever loads them).
+    pub fn with_adapters(mut self, table: AdapterTable) -> Self {
+        self.adapters = table;
+        self
     }
 
     /// Whether the model's cache can drop a sequence's last positions (see
@@ -317,6 +352,7 @@ impl Backend for LlamaBackend {
                 *b.logits.add(i) = i8::from(item.output);
             }
             b.n_tokens = items.len() as i32;
+            let _loading = self.adapters.lock().expect("poisoned");
             match (self.api.llama_decode)(self.ctx, *b) {
                 0 => Ok(()),
                 1 => Err("no room left in the KV cache".into()),
@@ -356,6 +392,7 @@ impl Backend for LlamaBackend {
             logits[n_tokens - 1] = 1;
         }
         let api = &self.api;
+        let _loading = self.adapters.lock().expect("poisoned");
         // SAFETY: the batch points into vectors alive for the calls; llama_decode only reads
         // the embeddings. Causal attention is restored whatever happens.
         unsafe {
@@ -414,6 +451,35 @@ impl Backend for LlamaBackend {
 
     fn can_speculate(&self) -> bool {
         self.speculation
+    }
+
+    fn set_adapters(&mut self, set: &[(u32, f32)]) -> Result<(), String> {
+        let table = self.adapters.lock().expect("poisoned");
+        let mut adapters = Vec::with_capacity(set.len());
+        let mut scales = Vec::with_capacity(set.len());
+        for &(i, scale) in set {
+            let &address = table
+                .get(i as usize)
+                .ok_or_else(|| format!("no adapter {i} is loaded"))?;
+            adapters.push(address as Adapter);
+            scales.push(scale);
+        }
+        drop(table);
+        // SAFETY: our context; the adapters were made for its model and live as long as it.
+        // libllama copies the list (and changes nothing when it is the one applied).
+        let code = unsafe {
+            (self.api.llama_set_adapters_lora)(
+                self.ctx,
+                adapters.as_mut_ptr(),
+                adapters.len(),
+                scales.as_mut_ptr(),
+            )
+        };
+        if code == 0 {
+            Ok(())
+        } else {
+            Err(format!("llama_set_adapters_lora returned {code}"))
+        }
     }
 
     fn set_threads(&mut self, n: i32) {

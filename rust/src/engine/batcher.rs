@@ -14,6 +14,12 @@
 //! `image_rows`, one slice a step, so a 256-token image does not stall every stream for a
 //! 256-token decode (a model that attends over an image both ways takes it whole). An image
 //! counts as cached only whole and only when its digest matches.
+//!
+//! LoRA: libllama applies one adapter set per context, so a step decodes one adapter group (the
+//! sequences with equal sets). Groups take turns, the one served longest ago first, so a
+//! sequence waits at most one step of each other group and no group starves; the adapters are
+//! switched only when the group changes. KV computed under one set is never reused under
+//! another: a slot's cache is keyed by the set it was made under.
 
 use std::cmp::Reverse;
 use std::collections::VecDeque;
@@ -22,7 +28,9 @@ use std::time::Instant;
 
 use super::draft::{Drafter, Ngram, Pacer, Prediction};
 use super::kvstore::DiskCache;
-use super::types::{Embedding, Event, Finish, ImageInput, Params, Request, TokenLogprob, Usage};
+use super::types::{
+    AdapterSet, Embedding, Event, Finish, ImageInput, Params, Request, TokenLogprob, Usage,
+};
 use crate::stop::StopMatcher;
 
 pub struct BatchItem {
@@ -66,6 +74,14 @@ pub trait Backend {
     fn piece(&self, token: i32) -> Vec<u8>;
     /// Decode with `n` threads from now on.
     fn set_threads(&mut self, _n: i32) {}
+    /// Apply these LoRA adapters (with their scales) to every decode from now on.
+    fn set_adapters(&mut self, set: &[(u32, f32)]) -> Result<(), String> {
+        if set.is_empty() {
+            Ok(())
+        } else {
+            Err("this backend takes no LoRA adapters".into())
+        }
+    }
     /// A sequence's KV state as bytes, to save on disk (None: this backend cannot).
     fn seq_state(&mut self, _seq: i32) -> Option<Vec<u8>> {
         None
@@ -126,6 +142,7 @@ struct Active<S> {
     draft: Vec<i32>,
     drafted: u32,
     accepted: u32,
+    adapters: AdapterSet,
 }
 
 struct Slot<S> {
@@ -134,6 +151,8 @@ struct Slot<S> {
     cached: Vec<i32>,
     /// The images among them.
     cached_images: Vec<Arc<ImageInput>>,
+    /// The adapters that KV was computed under.
+    cached_set: AdapterSet,
     active: Option<Active<S>>,
 }
 
@@ -154,6 +173,8 @@ pub struct Counters {
     /// Draft tokens verified, and those the model generated too.
     pub drafted_tokens: u64,
     pub accepted_tokens: u64,
+    /// Times the context's LoRA adapters changed (a step for another adapter group).
+    pub adapter_switches: u64,
 }
 
 pub struct Batcher<B: Backend> {
@@ -170,6 +191,13 @@ pub struct Batcher<B: Backend> {
     image_rows: usize,
     /// Finished sequences' KV state on disk, for prompts that go on from them.
     pub disk: Option<DiskCache>,
+    /// The adapter set the disk's states are made under (the model's own adapters): other
+    /// sets' sequences are neither saved nor restored.
+    pub disk_adapters: AdapterSet,
+    /// The adapters the context applies now (None: unknown, after a failed switch).
+    applied: Option<AdapterSet>,
+    /// When each adapter group with work last had a step (`Counters::decode_steps`).
+    served: Vec<(AdapterSet, u64)>,
 }
 
 fn common_prefix(a: &[i32], b: &[i32]) -> usize {
@@ -206,6 +234,7 @@ impl<B: Backend> Batcher<B> {
                 seq: i as i32,
                 cached: Vec::new(),
                 cached_images: Vec::new(),
+                cached_set: Vec::new(),
                 active: None,
             })
             .collect();
@@ -220,6 +249,9 @@ impl<B: Backend> Batcher<B> {
             jobs: Vec::new(),
             image_rows: (batch_size / 16).max(16),
             disk: None,
+            disk_adapters: Vec::new(),
+            applied: Some(Vec::new()), // a new context has none
+            served: Vec::new(),
         }
     }
 
@@ -352,6 +384,16 @@ impl<B: Backend> Batcher<B> {
             .slots
             .iter()
             .any(|s| s.active.as_ref().is_some_and(|a| a.next.is_some()));
+        let set = self.slots[slot]
+            .active
+            .as_ref()
+            .expect("active")
+            .adapters
+            .clone();
+        if let Err(e) = self.use_adapters(&set) {
+            self.finish(slot, Finish::Error(e), events);
+            return true;
+        }
         let seq = self.slots[slot].seq;
         let a = self.slots[slot].active.as_mut().expect("active");
         let p = &a.pending[0];
@@ -406,9 +448,24 @@ impl<B: Backend> Batcher<B> {
         true
     }
 
-    /// One llama_decode of every generating sequence's next token and prompt chunks.
+    /// One llama_decode of the next adapter group's generating tokens and prompt chunks.
     fn decode_tokens(&mut self, events: &mut Vec<Event>) -> bool {
-        let (items, owners) = self.build_batch();
+        let Some(group) = self.next_group() else {
+            return false;
+        };
+        if let Err(e) = self.use_adapters(&group) {
+            for i in 0..self.slots.len() {
+                if self.slots[i]
+                    .active
+                    .as_ref()
+                    .is_some_and(|a| a.adapters == group)
+                {
+                    self.finish(i, Finish::Error(e.clone()), events);
+                }
+            }
+            return true;
+        }
+        let (items, owners) = self.build_batch(&group);
         if items.is_empty() {
             return false;
         }
@@ -460,6 +517,54 @@ impl<B: Backend> Batcher<B> {
         true
     }
 
+    /// The adapter group this step decodes: of those with tokens to decode, the one whose last
+    /// step is oldest (a group new to the loop counts as never served), ties to the group of
+    /// the earliest admitted sequence.
+    fn next_group(&mut self) -> Option<AdapterSet> {
+        let mut groups: Vec<(AdapterSet, u64, u64)> = Vec::new(); // (set, served, order)
+        for a in self.slots.iter().filter_map(|s| s.active.as_ref()) {
+            let end = a.pending.first().map_or(a.prompt.len(), |p| p.image.start);
+            let has_tokens = a.next.is_some() || (a.follows.is_none() && a.n_past < end);
+            if !has_tokens {
+                continue;
+            }
+            match groups.iter_mut().find(|g| g.0 == a.adapters) {
+                Some(g) => g.2 = g.2.min(a.order),
+                None => {
+                    let served = self
+                        .served
+                        .iter()
+                        .find(|s| s.0 == a.adapters)
+                        .map_or(0, |s| s.1);
+                    groups.push((a.adapters.clone(), served, a.order));
+                }
+            }
+        }
+        let (group, _, _) = groups.iter().min_by_key(|g| (g.1, g.2))?.clone();
+        // a group that has nothing to decode forgets its turn (it comes back as new)
+        self.served.retain(|s| groups.iter().any(|g| g.0 == s.0));
+        let now = self.counters.decode_steps + 1;
+        match self.served.iter_mut().find(|s| s.0 == group) {
+            Some(s) => s.1 = now,
+            None => self.served.push((group.clone(), now)),
+        }
+        Some(group)
+    }
+
+    /// Make the context apply `set`, unless it does already.
+    fn use_adapters(&mut self, set: &AdapterSet) -> Result<(), String> {
+        if self.applied.as_ref() == Some(set) {
+            return Ok(());
+        }
+        self.applied = None;
+        self.backend
+            .set_adapters(set)
+            .map_err(|e| format!("the LoRA adapters could not be applied: {e}"))?;
+        self.applied = Some(set.clone());
+        self.counters.adapter_switches += 1;
+        Ok(())
+    }
+
     fn admit(&mut self, events: &mut Vec<Event>) {
         while let Some(front) = self.waiting.front() {
             let n = front.request.params.n as usize;
@@ -472,11 +577,16 @@ impl<B: Backend> Batcher<B> {
             let w = self.waiting.pop_front().expect("front exists");
             let prompt = Arc::new(w.request.prompt);
             let images = Arc::new(w.request.images);
+            let set = &w.request.params.adapters;
             let primary = *free
                 .iter()
                 .max_by_key(|&&i| {
                     let s = &self.slots[i];
-                    let n = cached_prefix(&s.cached, &s.cached_images, &prompt, &images);
+                    let n = if s.cached_set == *set {
+                        cached_prefix(&s.cached, &s.cached_images, &prompt, &images)
+                    } else {
+                        0
+                    };
                     (n, Reverse(i))
                 })
                 .expect("n >= 1 free slot");
@@ -511,9 +621,10 @@ impl<B: Backend> Batcher<B> {
             for (choice, (slot, sampler)) in targets.zip(samplers).enumerate() {
                 let mut cached = 0;
                 let mut pending = Vec::new();
+                let set = &w.request.params.adapters;
                 let follows = if choice == 0 {
-                    cached = self.reuse_prefix(slot, &prompt, &images);
-                    if images.is_empty() {
+                    cached = self.reuse_prefix(slot, &prompt, &images, set);
+                    if images.is_empty() && *set == self.disk_adapters {
                         cached = self.restore(slot, &prompt, cached);
                     }
                     self.counters.cached_tokens += cached as u64;
@@ -532,6 +643,7 @@ impl<B: Backend> Batcher<B> {
                 } else {
                     self.slots[slot].cached.clear();
                     self.slots[slot].cached_images.clear();
+                    self.slots[slot].cached_set = set.clone();
                     self.backend.seq_rm(self.slots[slot].seq, 0);
                     Some(primary)
                 };
@@ -561,6 +673,7 @@ impl<B: Backend> Batcher<B> {
                     draft: Vec::new(),
                     drafted: 0,
                     accepted: 0,
+                    adapters: set.clone(),
                 });
             }
         }
@@ -598,9 +711,21 @@ impl<B: Backend> Batcher<B> {
         keep
     }
 
-    /// Keep the longest usable prefix of the slot's cache; returns its length.
-    fn reuse_prefix(&mut self, slot: usize, prompt: &[i32], images: &[Arc<ImageInput>]) -> usize {
+    /// Keep the longest usable prefix of the slot's cache (none when it was made under other
+    /// adapters); returns its length.
+    fn reuse_prefix(
+        &mut self,
+        slot: usize,
+        prompt: &[i32],
+        images: &[Arc<ImageInput>],
+        set: &AdapterSet,
+    ) -> usize {
         let s = &mut self.slots[slot];
+        if s.cached_set != *set {
+            s.cached.clear();
+            s.cached_images.clear();
+            s.cached_set = set.clone();
+        }
         // The last prompt token is always decoded again: its logits give the first token (and
         // an image it belongs to is decoded again whole).
         let mut keep =
@@ -620,11 +745,16 @@ impl<B: Backend> Batcher<B> {
         keep
     }
 
-    /// The tokens of this step: every generating sequence's next token (and its draft, with
-    /// logits on every row), then prompt chunks.
-    fn build_batch(&mut self) -> (Vec<BatchItem>, Vec<usize>) {
+    /// The tokens of this step, from the sequences of adapter group `group`: every generating
+    /// sequence's next token (and its draft, with logits on every row), then prompt chunks.
+    fn build_batch(&mut self, group: &AdapterSet) -> (Vec<BatchItem>, Vec<usize>) {
         let mut order: Vec<usize> = (0..self.slots.len())
-            .filter(|&i| self.slots[i].active.is_some())
+            .filter(|&i| {
+                self.slots[i]
+                    .active
+                    .as_ref()
+                    .is_some_and(|a| a.adapters == *group)
+            })
             .collect();
         order.sort_by_key(|&i| self.slots[i].active.as_ref().map(|a| a.order));
         let generating = order
@@ -887,7 +1017,7 @@ impl<B: Backend> Batcher<B> {
             return;
         };
         let s = &self.slots[slot];
-        if !disk.wants(&s.cached) {
+        if s.cached_set != self.disk_adapters || !disk.wants(&s.cached) {
             return;
         }
         if let Some(state) = self.backend.seq_state(s.seq) {
@@ -948,6 +1078,9 @@ mod tests {
         recurrent: bool,
         /// States put into sequences (`set_seq_state`).
         restored: Vec<(i32, Vec<u8>)>,
+        /// Adapter sets applied (`set_adapters`), and the one each step decoded under.
+        switches: Vec<AdapterSet>,
+        step_sets: Vec<AdapterSet>,
     }
 
     impl Backend for Fake {
@@ -967,6 +1100,8 @@ mod tests {
         }
         fn decode(&mut self, items: &[BatchItem]) -> Result<(), String> {
             std::thread::sleep(self.delay);
+            self.step_sets
+                .push(self.switches.last().cloned().unwrap_or_default());
             self.steps.push(
                 items
                     .iter()
@@ -1017,6 +1152,10 @@ mod tests {
         fn set_seq_state(&mut self, seq: i32, state: &[u8]) -> bool {
             self.restored.push((seq, state.to_vec()));
             state != b"bad"
+        }
+        fn set_adapters(&mut self, set: &[(u32, f32)]) -> Result<(), String> {
+            self.switches.push(set.to_vec());
+            Ok(())
         }
     }
 
@@ -1773,5 +1912,161 @@ mod tests {
         let ev = run(&mut b);
         assert_eq!(tokens_of(&ev, 2, 0), (51..=70).collect::<Vec<_>>());
         assert!(b.backend.steps.iter().all(|s| s.len() <= 4));
+    }
+
+    fn adapted(id: u64, prompt: Vec<i32>, max_tokens: u32, set: &[(u32, f32)]) -> Request {
+        let mut r = req(id, prompt, max_tokens);
+        r.params.adapters = set.to_vec();
+        r
+    }
+
+    /// The requests (by sequence) of each token step.
+    fn step_seqs(b: &Batcher<Fake>) -> Vec<Vec<i32>> {
+        b.backend
+            .steps
+            .iter()
+            .map(|s| {
+                let mut seqs: Vec<i32> = s.iter().map(|i| i.2).collect();
+                seqs.dedup();
+                seqs
+            })
+            .collect()
+    }
+
+    const A: &[(u32, f32)] = &[(0, 1.0)];
+    const B: &[(u32, f32)] = &[(0, 0.5), (1, 1.0)];
+
+    #[test]
+    fn adapter_groups_take_turns_and_switch_only_when_the_group_changes() {
+        let mut b = Batcher::new(Fake::default(), 4, 1024, 512);
+        b.submit(adapted(1, vec![1, 2, 3], 6, A), Instant::now());
+        b.submit(adapted(2, vec![4, 5], 6, A), Instant::now());
+        b.submit(adapted(3, vec![7, 8, 9], 6, B), Instant::now());
+        b.submit(req(4, vec![10, 11], 6), Instant::now());
+        let ev = run(&mut b);
+        // each request generates what it generates alone (the fake's next token is +1)
+        assert_eq!(tokens_of(&ev, 1, 0), vec![4, 5, 6, 7, 8, 9]);
+        assert_eq!(tokens_of(&ev, 2, 0), vec![6, 7, 8, 9, 10, 11]);
+        assert_eq!(tokens_of(&ev, 3, 0), vec![10, 11, 12, 13, 14, 15]);
+        assert_eq!(tokens_of(&ev, 4, 0), vec![12, 13, 14, 15, 16, 17]);
+        // every step decodes one group, under that group's adapters
+        let group_of = |seq: i32| match seq {
+            0 | 1 => A.to_vec(),
+            2 => B.to_vec(),
+            _ => Vec::new(),
+        };
+        let seqs = step_seqs(&b);
+        for (step, set) in seqs.iter().zip(&b.backend.step_sets) {
+            assert!(
+                step.iter().all(|&s| group_of(s) == *set),
+                "{step:?} under {set:?}"
+            );
+        }
+        // round robin: A, B, none, A, B, none... (6 steps each, the prompt's with the first)
+        let sets = &b.backend.step_sets;
+        assert_eq!(sets.len(), 18);
+        for (i, set) in sets.iter().enumerate() {
+            assert_eq!(*set, group_of([0, 2, 3][i % 3]), "step {i}");
+        }
+        // the group changed at every step here, so did the adapters (from none to A first)
+        assert_eq!(b.backend.switches.len(), 18);
+        assert_eq!(b.counters.adapter_switches, b.backend.switches.len() as u64);
+    }
+
+    #[test]
+    fn one_group_alone_never_switches_and_shares_every_step() {
+        let mut b = Batcher::new(Fake::default(), 4, 1024, 512);
+        for id in 1..=3 {
+            b.submit(adapted(id, vec![1, 2], 4, A), Instant::now());
+        }
+        run(&mut b);
+        assert_eq!(b.backend.switches, vec![A.to_vec()]);
+        assert_eq!(b.backend.steps.len(), 4);
+        assert!(step_seqs(&b).iter().all(|s| s.len() == 3));
+    }
+
+    #[test]
+    fn a_new_group_is_decoded_at_the_next_step_and_no_group_starves() {
+        let mut b = Batcher::new(Fake::default(), 3, 4096, 512);
+        let mut events = Vec::new();
+        b.submit(adapted(1, vec![1; 600], 200, A), Instant::now());
+        for _ in 0..5 {
+            b.step(&mut events);
+        }
+        // a long prompt in A's second step would hold B back by that one step only
+        b.submit(adapted(2, vec![2; 900], 200, A), Instant::now());
+        b.step(&mut events);
+        b.submit(adapted(3, vec![3, 4], 3, B), Instant::now());
+        let before = b.backend.steps.len();
+        b.step(&mut events);
+        // the very next step is B's prompt, whatever A still has to prefill and generate
+        assert_eq!(step_seqs(&b)[before], vec![2]);
+        assert_eq!(b.backend.step_sets[before], B.to_vec());
+        events.extend(run(&mut b));
+        let sets = &b.backend.step_sets[before..];
+        // B finished within its first 3 turns, every other step
+        assert_eq!(tokens_of(&events, 3, 0), vec![5, 6, 7]);
+        assert_eq!(sets[..6].iter().filter(|s| **s == B.to_vec()).count(), 3);
+        assert!(sets[..6].chunks(2).all(|pair| pair[0] != pair[1]));
+    }
+
+    #[test]
+    fn kv_made_under_one_adapter_set_is_never_reused_under_another() {
+        let mut b = Batcher::new(Fake::default(), 1, 1024, 512);
+        let prompt: Vec<i32> = (1..40).collect();
+        let cached = |ev: &[Event]| ev.last().unwrap().usage.clone().unwrap().cached_tokens;
+        b.submit(adapted(1, prompt.clone(), 2, A), Instant::now());
+        assert_eq!(cached(&run(&mut b)), 0);
+        b.submit(adapted(2, prompt.clone(), 2, A), Instant::now());
+        assert_eq!(cached(&run(&mut b)), 38); // same set: the prefix is reused
+        b.backend.removed.clear();
+        b.submit(adapted(3, prompt.clone(), 2, B), Instant::now());
+        assert_eq!(cached(&run(&mut b)), 0);
+        assert_eq!(b.backend.removed, vec![(0, 0)]); // its KV was dropped whole
+        b.submit(req(4, prompt.clone(), 2), Instant::now());
+        assert_eq!(cached(&run(&mut b)), 0);
+        // another scale is another set
+        b.submit(adapted(5, prompt.clone(), 2, &[(0, 0.5)]), Instant::now());
+        assert_eq!(cached(&run(&mut b)), 0);
+        b.submit(adapted(6, prompt, 2, &[(0, 0.5)]), Instant::now());
+        assert_eq!(cached(&run(&mut b)), 38);
+    }
+
+    #[test]
+    fn the_free_slot_made_under_the_same_adapters_is_preferred() {
+        let mut b = Batcher::new(Fake::default(), 2, 1024, 512);
+        let prompt: Vec<i32> = (1..40).collect();
+        b.submit(adapted(1, prompt.clone(), 2, A), Instant::now());
+        b.submit(adapted(2, prompt.clone(), 2, B), Instant::now());
+        run(&mut b);
+        b.submit(adapted(3, prompt, 2, B), Instant::now());
+        let ev = run(&mut b);
+        assert_eq!(usage_of(&ev, 3).cached_tokens, 38);
+    }
+
+    #[test]
+    fn only_the_disk_caches_own_adapter_set_is_saved_and_restored() {
+        let dir = std::env::temp_dir().join(format!("xllm-batcher-kvlora-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let prompt: Vec<i32> = (0..300).map(|i| i % 90).collect();
+        let mut b = disk_batcher(&dir);
+        b.disk_adapters = A.to_vec();
+        b.submit(adapted(1, prompt.clone(), 4, B), Instant::now());
+        b.submit(req(2, prompt.clone(), 4), Instant::now());
+        run(&mut b);
+        b.submit(adapted(3, prompt.clone(), 4, A), Instant::now());
+        run(&mut b);
+        b.disk.as_mut().unwrap().flush();
+        assert_eq!(b.disk.as_ref().unwrap().stats().saves, 1); // A's only
+                                                               // a new engine: the saved state serves its own set only
+        let mut b = disk_batcher(&dir);
+        b.disk_adapters = A.to_vec();
+        let next = [prompt.clone(), vec![1, 2, 3]].concat();
+        b.submit(adapted(4, next.clone(), 2, B), Instant::now());
+        assert_eq!(usage_of(&run(&mut b), 4).cached_tokens, 0);
+        b.submit(adapted(5, next, 2, A), Instant::now());
+        assert!(usage_of(&run(&mut b), 5).cached_tokens >= 300);
+        assert_eq!(b.backend.restored.len(), 1);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -32,7 +32,7 @@ use batcher::{Backend, Batcher, Counters, EncodeJob};
 use types::{Embedding, Event, Finish, ImageInput, Request};
 
 enum Command {
-    Submit(Request, Instant),
+    Submit(Box<Request>, Instant),
     Cancel(u64),
     Encoded(u64, usize, Result<Embedding, String>),
 }
@@ -114,12 +114,13 @@ pub struct Engine {
 
 impl Engine {
     /// Start the loop (and, with an `encoder`, the encoder thread: images are refused without).
+    /// `disk` keeps the KV state of sequences made under its adapter set.
     pub fn start<B>(
         backend: B,
         encoder: Option<Box<dyn Encoder>>,
         limits: Limits,
         batch_size: usize,
-        disk: Option<kvstore::DiskCache>,
+        disk: Option<(kvstore::DiskCache, types::AdapterSet)>,
     ) -> std::io::Result<Self>
     where
         B: Backend + Send + 'static,
@@ -130,7 +131,10 @@ impl Engine {
         writer.set_nonblocking(true)?;
         let shared = Arc::new(Shared::default());
         let mut batcher = Batcher::new(backend, limits.parallel, limits.ctx_size, batch_size);
-        batcher.disk = disk;
+        if let Some((disk, adapters)) = disk {
+            batcher.disk = Some(disk);
+            batcher.disk_adapters = adapters;
+        }
         let thread_shared = shared.clone();
         let threads = limits.threads;
         let thread = std::thread::Builder::new()
@@ -249,7 +253,7 @@ impl Engine {
         }
         outstanding.insert(request.id, p.n);
         drop(outstanding);
-        commands.push_back(Command::Submit(request, Instant::now()));
+        commands.push_back(Command::Submit(Box::new(request), Instant::now()));
         self.shared.wake.notify_one();
         Ok(())
     }
@@ -373,7 +377,7 @@ fn run<B: Backend>(
         let outcome = catch_unwind(AssertUnwindSafe(|| {
             for command in commands {
                 match command {
-                    Command::Submit(request, at) => batcher.submit(request, at),
+                    Command::Submit(request, at) => batcher.submit(*request, at),
                     Command::Cancel(id) => {
                         shared.jobs.forget(id);
                         batcher.cancel(id, &mut events);

@@ -5,6 +5,20 @@ use std::sync::Arc;
 /// Draft tokens a step verifies at most unless a request says otherwise.
 pub const DEFAULT_MAX_DRAFT: u32 = 16;
 
+/// LoRA adapters applied together, as (index in the engine's table, scale): sorted by index,
+/// no zero scales (`canonical`), so equal sets compare equal. libllama applies one set per
+/// context, so sequences share a decode step only when their sets are equal.
+pub type AdapterSet = Vec<(u32, f32)>;
+
+/// A set as the batcher compares them: sorted by adapter, scale-0 entries (no effect) dropped;
+/// None when an adapter is named twice.
+pub fn canonical(mut set: AdapterSet) -> Option<AdapterSet> {
+    set.retain(|&(_, scale)| scale != 0.0);
+    set.sort_by_key(|&(i, _)| i);
+    let unique = set.windows(2).all(|w| w[0].0 != w[1].0);
+    unique.then_some(set)
+}
+
 /// Per-request sampling and stopping parameters (already validated by the server).
 #[derive(Debug, Clone)]
 pub struct Params {
@@ -30,6 +44,8 @@ pub struct Params {
     pub max_draft: u32,
     /// The expected output's tokens (OpenAI's `prediction`): drafts, whatever `ngram` says.
     pub prediction: Vec<i32>,
+    /// LoRA adapters for this request (`canonical`; empty: the bare model).
+    pub adapters: AdapterSet,
 }
 
 impl Default for Params {
@@ -55,6 +71,7 @@ impl Default for Params {
             ngram: false,
             max_draft: DEFAULT_MAX_DRAFT,
             prediction: Vec::new(),
+            adapters: Vec::new(),
         }
     }
 }

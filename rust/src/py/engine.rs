@@ -11,9 +11,9 @@ use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyList};
 
 use super::delta::delta_list;
-use crate::engine::backend::{embed, LlamaBackend};
+use crate::engine::backend::{embed, load_adapter, AdapterTable, LlamaBackend};
 use crate::engine::kvstore::DiskCache;
-use crate::engine::types::{ImageInput, Params, Request};
+use crate::engine::types::{canonical, AdapterSet, ImageInput, Params, Request};
 use crate::engine::vision::Vision;
 use crate::engine::{self, Encoder, Limits, SubmitError};
 use crate::llama::{Api, Ctx, Vocab, SUPPORTED_LLAMA_CPP_PYTHON};
@@ -37,6 +37,8 @@ pub struct Engine {
     inner: engine::Engine,
     api: Arc<Api>,
     vision: Option<Arc<Vision>>,
+    ctx: usize,
+    adapters: AdapterTable,
 }
 
 fn param<'py, T: pyo3::conversion::FromPyObjectOwned<'py>>(
@@ -50,6 +52,24 @@ fn param<'py, T: pyo3::conversion::FromPyObjectOwned<'py>>(
         }),
         _ => Ok(None),
     }
+}
+
+/// A request's `lora`: (index from `add_adapter`, scale) pairs.
+fn adapter_set(d: &Bound<'_, PyDict>, loaded: usize) -> PyResult<AdapterSet> {
+    let set: AdapterSet = param(d, "lora")?.unwrap_or_default();
+    for &(i, scale) in &set {
+        if i as usize >= loaded {
+            return Err(PyValueError::new_err(format!(
+                "lora: no adapter {i} is loaded"
+            )));
+        }
+        if !scale.is_finite() {
+            return Err(PyValueError::new_err(
+                "lora: a scale is not a finite number",
+            ));
+        }
+    }
+    canonical(set).ok_or_else(|| PyValueError::new_err("lora: an adapter is named twice"))
 }
 
 fn params(d: &Bound<'_, PyDict>) -> PyResult<Params> {
@@ -84,9 +104,11 @@ impl Engine {
     /// they must outlive the engine (call `close()` before freeing them). A vision model also
     /// passes its mtmd context (`mtmd_ctx`, from libmtmd at `mtmd_lib`) and the text model's
     /// input embedding size. A model whose cache cannot drop its last positions (recurrent,
-    /// hybrid) passes `speculation=False`: its requests never draft.
+    /// hybrid) passes `speculation=False`: its requests never draft. `adapters` are the
+    /// model's own LoRA adapters (`llama_adapter_lora` addresses): indices 0.. of the table
+    /// `add_adapter` extends, and at scale 1 the set whose KV state `kv_dir` keeps.
     #[new]
-    #[pyo3(signature = (lib_path, lib_version, ctx, vocab, *, n_vocab, ctx_size, parallel, batch_size, max_queue, threads=0, encoder_threads=0, mtmd_lib=None, mtmd_ctx=0, n_embd_inp=0, speculation=true, kv_dir=None, kv_max_bytes=0))]
+    #[pyo3(signature = (lib_path, lib_version, ctx, vocab, *, n_vocab, ctx_size, parallel, batch_size, max_queue, threads=0, encoder_threads=0, mtmd_lib=None, mtmd_ctx=0, n_embd_inp=0, speculation=true, kv_dir=None, kv_max_bytes=0, adapters=Vec::new()))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         lib_path: &str,
@@ -106,6 +128,7 @@ impl Engine {
         speculation: bool,
         kv_dir: Option<&str>,
         kv_max_bytes: u64,
+        adapters: Vec<usize>,
     ) -> PyResult<Self> {
         if lib_version != SUPPORTED_LLAMA_CPP_PYTHON {
             return Err(PyRuntimeError::new_err(format!(
@@ -113,16 +136,19 @@ impl Engine {
                  found {lib_version}: install llama-cpp-python=={SUPPORTED_LLAMA_CPP_PYTHON}"
             )));
         }
-        if ctx == 0 || vocab == 0 || parallel == 0 || ctx_size < 2 {
+        if ctx == 0 || vocab == 0 || parallel == 0 || ctx_size < 2 || adapters.contains(&0) {
             return Err(PyValueError::new_err("invalid engine arguments"));
         }
         let api = Api::load(lib_path).map_err(PyRuntimeError::new_err)?;
         let capacity = batch_size.max(parallel);
+        let own: AdapterSet = (0..adapters.len() as u32).map(|i| (i, 1.0)).collect();
+        let table = AdapterTable::new(std::sync::Mutex::new(adapters));
         // SAFETY: the caller passes live pointers and keeps them alive until close().
         let backend = unsafe {
             LlamaBackend::new(api.clone(), ctx as Ctx, vocab as Vocab, n_vocab, capacity)
         }
-        .with_speculation(speculation);
+        .with_speculation(speculation)
+        .with_adapters(table.clone());
         let limits = Limits {
             ctx_size,
             parallel,
@@ -144,14 +170,37 @@ impl Engine {
         };
         let encoder = vision.clone().map(|v| Box::new(v) as Box<dyn Encoder>);
         let disk = match kv_dir {
-            Some(dir) => Some(DiskCache::open(Path::new(dir), kv_max_bytes).map_err(|e| {
-                PyRuntimeError::new_err(format!("cannot use the KV cache directory {dir}: {e}"))
-            })?),
+            Some(dir) => Some((
+                DiskCache::open(Path::new(dir), kv_max_bytes).map_err(|e| {
+                    PyRuntimeError::new_err(format!("cannot use the KV cache directory {dir}: {e}"))
+                })?,
+                own,
+            )),
             None => None,
         };
         let inner = engine::Engine::start(backend, encoder, limits, capacity, disk)
             .map_err(|e| PyRuntimeError::new_err(format!("cannot start the engine: {e}")))?;
-        Ok(Self { inner, api, vision })
+        Ok(Self {
+            inner,
+            api,
+            vision,
+            ctx,
+            adapters: table,
+        })
+    }
+
+    /// Load the LoRA adapter at `path` over the model (kept until the model is freed) for
+    /// requests: returns the index their `lora` names it by. ValueError when llama.cpp cannot.
+    fn load_adapter(&self, py: Python<'_>, path: &str) -> PyResult<u32> {
+        let (api, table, ctx, path) = (
+            self.api.clone(),
+            self.adapters.clone(),
+            self.ctx,
+            path.to_owned(),
+        );
+        // SAFETY: the context lives until close(), after which the loop no longer decodes.
+        py.detach(move || unsafe { load_adapter(&api, ctx as Ctx, &table, &path) })
+            .map_err(PyValueError::new_err)
     }
 
     /// Tokens of a prompt whose image markers stand for `images` ((width, height, rgb,
@@ -207,10 +256,18 @@ impl Engine {
                 })
             })
             .collect();
+        // Never wait for the table holding the GIL: the loop holds the table while it decodes,
+        // and llama.cpp logs through llama-cpp-python's callback, which takes the GIL.
+        let table = self.adapters.clone();
+        let loaded = params
+            .py()
+            .detach(move || table.lock().expect("poisoned").len());
+        let mut request_params = self::params(params)?;
+        request_params.adapters = adapter_set(params, loaded)?;
         let request = Request {
             id: request_id,
             prompt,
-            params: self::params(params)?,
+            params: request_params,
             images,
         };
         self.inner.submit(request).map_err(|e| match e {
@@ -264,6 +321,7 @@ impl Engine {
         }
         d.set_item("spec_drafted_tokens_total", s.counters.drafted_tokens)?;
         d.set_item("spec_accepted_tokens_total", s.counters.accepted_tokens)?;
+        d.set_item("lora_switches_total", s.counters.adapter_switches)?;
         Ok(d)
     }
 

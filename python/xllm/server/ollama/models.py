@@ -20,9 +20,9 @@ from typing import Any, Protocol
 import orjson
 from aiohttp import web
 
-from xllm.engine.registry import ModelRegistry
+from xllm.engine.registry import ModelRegistry, Resolved
 from xllm.errors import InsufficientStorage, InvalidRequest, ModelNotFound, XllmError
-from xllm.models import folders, gguf, modelfile, pull, store, summary
+from xllm.models import folders, gguf, loras, modelfile, pull, store, summary
 from xllm.models.modelfile import Modelfile
 from xllm.models.names import ModelName, parse_digest, parse_name
 from xllm.models.store import Store
@@ -205,11 +205,30 @@ def _show(registry: ModelRegistry, name: str, verbose: bool) -> dict[str, Any]:
     }
     if facts.projector_info:
         out["projector_info"] = facts.projector_info
+    if facts.format == "gguf" and found.remote is None:
+        out["adapters"] = _adapters(registry, found)
     if mf.system is not None:
         out["system"] = mf.system
     if mf.messages:
         out["messages"] = [{"role": m.role, "content": m.content} for m in mf.messages]
     return out
+
+
+def _adapters(registry: ModelRegistry, found: Resolved) -> list[dict[str, Any]]:
+    """The LoRA adapters a request to the model may name (`lora`): its own, then those of the
+    loras folder that fit it."""
+    stored = found.stored
+
+    def base() -> list[Path]:
+        if stored is not None:
+            return [stored.model_path, *stored.shard_paths]
+        return gguf.model_files(found.path)
+
+    own = stored.adapter_paths if stored is not None else ()
+    folder = registry.options.loras_dir
+    with registry.reading(found):
+        usable = loras.available(own, Path(folder) if folder else None, base)
+    return [{"name": a.name, "size": a.size, "own": a.own} for a in usable]
 
 
 async def show(request: web.Request) -> web.Response:

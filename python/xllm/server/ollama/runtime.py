@@ -9,7 +9,7 @@ from typing import Any
 from aiohttp import web
 
 from xllm import __version__
-from xllm.engine.protocol import Engine
+from xllm.engine.protocol import Engine, Loras
 from xllm.server.http import json_response
 from xllm.server.ollama.models import details, file_digest, iso_time, name_digest
 from xllm.server.state import REGISTRY
@@ -26,7 +26,7 @@ def _ps_entry(name: str, model: Engine) -> dict[str, Any]:
     facts = details(model.info)
     if remote:
         facts["format"] = "remote"
-    return {
+    entry: dict[str, Any] = {
         "name": name,
         "model": name,
         # what the model occupies (weights, KV cache, buffers), as Ollama reports it
@@ -38,6 +38,9 @@ def _ps_entry(name: str, model: Engine) -> dict[str, Any]:
         "size_vram": plan.vram if plan is not None else 0,
         "context_length": model.ctx_size,
     }
+    if isinstance(model, Loras):
+        entry["adapters"] = model.adapters()  # the LoRA adapters loaded over it
+    return entry
 
 
 async def ps(request: web.Request) -> web.Response:

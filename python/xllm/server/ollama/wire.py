@@ -11,7 +11,15 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from xllm import grammar
 from xllm.engine.protocol import MAX_DRAFT, Image, Sampling
 from xllm.images import Source
-from xllm.server.openai.wire import MAX_SEED, MAX_STOP_LEN, MAX_STOPS, EngineName, Tool
+from xllm.server.openai.wire import (
+    MAX_SEED,
+    MAX_STOP_LEN,
+    MAX_STOPS,
+    EngineName,
+    LoraList,
+    Tool,
+    lora_set,
+)
 
 log = logging.getLogger("xllm.server")
 
@@ -68,6 +76,8 @@ class Options(Wire):
     speculative: Literal["ngram", "none"] | None = None
     """xllm's: "ngram" drafts tokens by prompt lookup (see the README)."""
     max_draft: Annotated[int, Field(ge=0, le=MAX_DRAFT)] | None = None
+    lora: LoraList | None = None
+    """xllm's: LoRA adapters to apply, `[{"name", "scale"}]` (see the README)."""
     low_vram: bool | None = None
     f16_kv: bool | None = None
     logits_all: bool | None = None
@@ -76,6 +86,12 @@ class Options(Wire):
     use_mlock: bool | None = None
     numa: bool | None = None
     embedding_only: bool | None = None
+
+    @field_validator("lora")
+    @classmethod
+    def _unique(cls, v: list[Any] | None) -> list[Any] | None:
+        lora_set(v)
+        return v
 
     @model_validator(mode="before")
     @classmethod
@@ -99,6 +115,7 @@ class Options(Wire):
             o["stop"] = tuple(o["stop"])
         draft = o.pop("draft_num_predict", None)
         o.setdefault("max_draft", draft)
+        o["lora"] = lora_set(self.lora)
         return Sampling.of(o)
 
 

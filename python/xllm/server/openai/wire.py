@@ -8,10 +8,18 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from xllm import grammar
-from xllm.engine.protocol import MAX_DRAFT, Sampling
+from xllm.engine.protocol import LORA_NAME, LORA_SCALES, MAX_DRAFT, MAX_LORAS, Sampling
 from xllm.images import Source
 
 MAX_STOPS = 32
@@ -108,6 +116,32 @@ class Speculative(Wire):
         return v
 
 
+LoraName = Annotated[str, Field(pattern=LORA_NAME)]
+LoraScale = Annotated[float, Field(ge=LORA_SCALES[0], le=LORA_SCALES[1])]
+
+
+class Lora(Wire):
+    """One LoRA adapter a request applies (`lora`, an xllm extension): its name and scale."""
+
+    model_config = ConfigDict(strict=True, extra="forbid", allow_inf_nan=False)
+    name: LoraName
+    scale: LoraScale = 1.0
+
+
+LoraList = Annotated[list[Lora], Field(max_length=MAX_LORAS)]
+
+
+def lora_set(loras: list[Lora] | None) -> tuple[tuple[str, float], ...] | None:
+    """A request's adapters as `Sampling.lora`; ValueError when one is named twice."""
+    if loras is None:
+        return None
+    names = [x.name for x in loras]
+    twice = next((n for n in names if names.count(n) > 1), None)
+    if twice is not None:
+        raise ValueError(f"adapter {twice!r} is named twice")
+    return tuple((x.name, float(x.scale)) for x in loras)
+
+
 class Prediction(Wire):
     """OpenAI's predicted output: text the answer is expected to repeat in large part."""
 
@@ -146,6 +180,29 @@ class SamplingFields(Wire):
     user: str | None = None
     speculative: Speculative | None = None
     prediction: Prediction | None = None
+    lora: LoraName | LoraList | None = None
+    """LoRA adapters to apply: `[{"name", "scale"}]`, or one name with `scale` beside it."""
+    scale: LoraScale | None = None
+    """The scale of a `lora` given as one name (default 1)."""
+
+    @field_validator("lora")
+    @classmethod
+    def _unique(cls, v: str | list[Lora] | None) -> str | list[Lora] | None:
+        if isinstance(v, list):
+            lora_set(v)
+        return v
+
+    @field_validator("scale")
+    @classmethod
+    def _with_a_name(cls, v: float | None, info: ValidationInfo) -> float | None:
+        if v is not None and not isinstance(info.data.get("lora"), str):
+            raise ValueError("scale goes with lora given as one adapter's name")
+        return v
+
+    def loras(self) -> tuple[tuple[str, float], ...] | None:
+        if isinstance(self.lora, str):
+            return ((self.lora, 1.0 if self.scale is None else float(self.scale)),)
+        return lora_set(self.lora)
 
     @field_validator("stop")
     @classmethod
@@ -180,6 +237,7 @@ class SamplingFields(Wire):
                 "speculative": self.speculative.type if self.speculative else None,
                 "max_draft": self.speculative.max_draft if self.speculative else None,
                 "prediction": self.prediction.text() if self.prediction else None,
+                "lora": self.loras(),
                 **fields,
             }
         )
