@@ -16,6 +16,8 @@ pub type Memory = *mut c_void;
 pub type Sampler = *mut c_void;
 pub type Adapter = *mut c_void;
 pub type Model = *mut c_void;
+/// `ggml_log_callback`: (level, text, user data).
+pub type LogCallback = unsafe extern "C" fn(i32, *const c_char, *mut c_void);
 
 /// `struct llama_batch` (llama.h): unchanged since the batch API was introduced.
 #[repr(C)]
@@ -112,6 +114,7 @@ api! {
     llama_set_adapters_lora: fn(Ctx, *mut Adapter, usize, *mut f32) -> i32;
     llama_adapter_lora_init: fn(Model, *const c_char) -> Adapter;
     llama_get_model: fn(Ctx) -> Model;
+    llama_log_set: fn(Option<LogCallback>, *mut c_void);
     llama_vocab_is_eog: fn(Vocab, Token) -> bool;
     llama_token_to_piece: fn(Vocab, Token, *mut c_char, i32, i32, bool) -> i32;
     llama_sampler_chain_default_params: fn() -> ChainParams;
@@ -154,6 +157,32 @@ impl Api {
             }
             buf.resize((-n) as usize, 0);
         }
+    }
+}
+
+/// `GGML_LOG_LEVEL_DEBUG` and `GGML_LOG_LEVEL_CONT` (a line going on at the last one's level).
+const LOG_DEBUG: i32 = 1;
+const LOG_CONT: i32 = 5;
+static LAST_WAS_DEBUG: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// llama.cpp's log to stderr without its debug lines. It replaces llama-cpp-python's callback,
+/// which takes the GIL for every line: a graph re-reserve (after each adapter switch) logs
+/// hundreds of debug lines from the decode thread.
+///
+/// # Safety
+/// Called by llama.cpp with a NUL-terminated `text` (or null).
+pub unsafe extern "C" fn log_to_stderr(level: i32, text: *const c_char, _: *mut c_void) {
+    use std::io::Write;
+    use std::sync::atomic::Ordering;
+    let debug = if level == LOG_CONT {
+        LAST_WAS_DEBUG.load(Ordering::Relaxed)
+    } else {
+        let debug = level == LOG_DEBUG;
+        LAST_WAS_DEBUG.store(debug, Ordering::Relaxed);
+        debug
+    };
+    if !debug && !text.is_null() {
+        let _ = std::io::stderr().write_all(std::ffi::CStr::from_ptr(text).to_bytes());
     }
 }
 

@@ -16,7 +16,7 @@ use crate::engine::kvstore::DiskCache;
 use crate::engine::types::{canonical, AdapterSet, ImageInput, Params, Request};
 use crate::engine::vision::Vision;
 use crate::engine::{self, Encoder, Limits, SubmitError};
-use crate::llama::{Api, Ctx, Vocab, SUPPORTED_LLAMA_CPP_PYTHON};
+use crate::llama::{log_to_stderr, Api, Ctx, Vocab, SUPPORTED_LLAMA_CPP_PYTHON};
 use crate::mtmd::{MtmdApi, MtmdCtx};
 
 /// An image as `submit` takes it: (start, len, digest, width, height, rgb).
@@ -140,6 +140,8 @@ impl Engine {
             return Err(PyValueError::new_err("invalid engine arguments"));
         }
         let api = Api::load(lib_path).map_err(PyRuntimeError::new_err)?;
+        // SAFETY: the callback is a plain function that lives as long as the process.
+        unsafe { (api.llama_log_set)(Some(log_to_stderr), std::ptr::null_mut()) };
         let capacity = batch_size.max(parallel);
         let own: AdapterSet = (0..adapters.len() as u32).map(|i| (i, 1.0)).collect();
         let table = AdapterTable::new(std::sync::Mutex::new(adapters));
