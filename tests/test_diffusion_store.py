@@ -138,3 +138,23 @@ async def test_parts_that_make_no_model_are_refused(tiny_flux: Path, tmp_path: P
         await create.create(registry, create.Recipe(parse_name("bad"), files=files))
     assert e.value.param == "files" and "GGUF" in e.value.message
     assert s.get(parse_name("bad")) is None
+
+
+async def test_without_the_images_extra_a_request_is_a_400_naming_it(
+    tiny_flux: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from xllm.engine import diffusion as engine
+
+    monkeypatch.setattr(engine, "installed", lambda: None)
+    settings = Settings(models_dir=tmp_path / "models", images_dir=tmp_path / "images")
+    registry = make_registry(settings)
+    registry.add_path(tiny_flux)
+    async with TestClient(TestServer(create_app(settings, registry))) as client:
+        r = await client.post("/v1/images/generations", json={"model": "tiny-flux", "prompt": "x"})
+        body = await r.json()
+        assert r.status == 400, body
+        assert body["error"]["param"] == "model"
+        assert "pip install 'xllm[images]'" in body["error"]["message"]
+        assert registry.loaded == {}
+        health = await (await client.get("/v0/health")).json()
+        assert health["status"] == "ok"

@@ -39,10 +39,11 @@ log = logging.getLogger("xllm.engine")
 
 PACKAGE = "stable-diffusion-cpp-python"
 EXTRA = "pip install 'xllm[images]'"
-OVERHEAD = 256 << 20
-"""What a diffusion runner takes beside its model's files: the interpreter, Pillow,
-stable-diffusion.cpp and its compute buffers (measured with the tests' tiny FLUX.2-klein model
-at 256x256; a real model's buffers grow with the image size)."""
+OVERHEAD = 672 << 20
+"""What a diffusion runner takes beside its model's files at the default size, 512x512: the
+interpreter, Pillow, stable-diffusion.cpp and its compute buffers (measured: a peak resident
+memory of 678 MiB for the tests' tiny FLUX.2-klein model and its 24 MiB of files; 293 MiB at
+256x256). Larger images take more, about 2 KiB a pixel, mostly the decoder's buffers."""
 
 
 class DiffusionPainting(Stream[list[bytes]]):
