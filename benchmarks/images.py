@@ -54,11 +54,11 @@ def direct(sd: Any, side: int, steps: int, seed: int) -> float:
     return time.perf_counter() - start
 
 
-def through_xllm(url: str, model: str, side: int, steps: int, seed: int) -> float:
+def through_xllm(http: httpx.Client, model: str, side: int, steps: int, seed: int) -> float:
     body = {"model": model, "prompt": PROMPT, "size": f"{side}x{side}", "steps": steps,
             "cfg_scale": 1.0, "seed": seed, "response_format": "b64_json"}  # fmt: skip
     start = time.perf_counter()
-    r = httpx.post(f"{url}/v1/images/generations", json=body, timeout=3600)
+    r = http.post("/v1/images/generations", json=body)
     r.raise_for_status()
     return time.perf_counter() - start
 
@@ -99,17 +99,19 @@ def main() -> int:
         name = folder.resolve().name
         sd = diffusion_runner.load(folder.resolve(), EngineOptions(threads=args.threads))
         proc, url = serve(folder.resolve(), args.threads, Path(tmp) / "home")
+        http = httpx.Client(base_url=url, timeout=3600)  # one connection, as a client keeps it
         try:
             for side, steps in CELLS[:1]:  # warm-up: the runner loads, caches fill
                 direct(sd, side, steps, 0)
-                through_xllm(url, name, side, steps, 0)
+                through_xllm(http, name, side, steps, 0)
             times: dict[tuple[int, int], list[tuple[float, float]]] = {c: [] for c in CELLS}
             for r in range(args.rounds):
                 for side, steps in CELLS:
                     d = direct(sd, side, steps, r + 1)
-                    x = through_xllm(url, name, side, steps, r + 1)
+                    x = through_xllm(http, name, side, steps, r + 1)
                     times[(side, steps)].append((d, x))
         finally:
+            http.close()
             proc.terminate()
             proc.wait()
     load = os.getloadavg()

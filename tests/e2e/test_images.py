@@ -13,6 +13,7 @@ import json
 import socket
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -251,3 +252,37 @@ def test_xllm_create_list_show_and_rm_from_a_modelfile(
     assert gone.returncode == 0, gone.stderr
     assert "my-flux" not in xllm(images_server.port, "list").stdout
     assert folder.is_dir()  # the user's files stay where they were
+
+
+def test_a_cancel_with_others_waiting_keeps_the_runner_and_their_work(
+    images_server: Server,
+) -> None:
+    generate(images_server, prompt="warm up", size="16x16", response_format="b64_json")
+    pid = _runner_pids(images_server)[f"{MODEL}:latest"]
+    made = value(scrape(images_server), "xllm_images_generated_total", model=f"{MODEL}:latest")
+    assert made >= 1
+    body = json.dumps({"model": MODEL, "prompt": "abandoned", "size": "128x128", "steps": 12})
+    with socket.create_connection(("127.0.0.1", images_server.port)) as s:
+        s.sendall(f"POST /v1/images/generations HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: "
+                  f"application/json\r\nContent-Length: {len(body)}\r\n\r\n{body}".encode())  # fmt: skip
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if value(scrape(images_server), "xllm_diffusion_step", model=f"{MODEL}:latest") >= 1:
+                break
+            time.sleep(0.1)
+        with ThreadPoolExecutor(1) as pool:  # a second request waits behind the first
+            waiting = pool.submit(generate, images_server, prompt="kept", size="24x24",
+                                  response_format="b64_json")  # fmt: skip
+            time.sleep(1.0)
+            s.close()  # the first client goes away; the second must still be answered
+            r = waiting.result()
+    assert r.status_code == 200, r.text
+    assert decode(base64.b64decode(r.json()["data"][0]["b64_json"])).size == (24, 24)
+    assert _runner_pids(images_server)[f"{MODEL}:latest"] == pid
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:  # the runner's counters arrive twice a second
+        now = value(scrape(images_server), "xllm_images_generated_total", model=f"{MODEL}:latest")
+        if now >= made + 2:  # the abandoned image was made (and dropped), then the kept one
+            break
+        time.sleep(0.2)
+    assert now >= made + 2
