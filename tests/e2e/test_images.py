@@ -261,7 +261,8 @@ def test_a_cancel_with_others_waiting_keeps_the_runner_and_their_work(
     pid = _runner_pids(images_server)[f"{MODEL}:latest"]
     made = value(scrape(images_server), "xllm_images_generated_total", model=f"{MODEL}:latest")
     assert made >= 1
-    body = json.dumps({"model": MODEL, "prompt": "abandoned", "size": "128x128", "steps": 12})
+    stops = images_server.logs().count("stopping its runner")
+    body = json.dumps({"model": MODEL, "prompt": "abandoned", "size": "256x256", "steps": 30})
     with socket.create_connection(("127.0.0.1", images_server.port)) as s:
         s.sendall(f"POST /v1/images/generations HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: "
                   f"application/json\r\nContent-Length: {len(body)}\r\n\r\n{body}".encode())  # fmt: skip
@@ -273,12 +274,13 @@ def test_a_cancel_with_others_waiting_keeps_the_runner_and_their_work(
         with ThreadPoolExecutor(1) as pool:  # a second request waits behind the first
             waiting = pool.submit(generate, images_server, prompt="kept", size="24x24",
                                   response_format="b64_json")  # fmt: skip
-            time.sleep(1.0)
+            time.sleep(0.5)
             s.close()  # the first client goes away; the second must still be answered
             r = waiting.result()
     assert r.status_code == 200, r.text
     assert decode(base64.b64decode(r.json()["data"][0]["b64_json"])).size == (24, 24)
     assert _runner_pids(images_server)[f"{MODEL}:latest"] == pid
+    assert images_server.logs().count("stopping its runner") == stops
     deadline = time.monotonic() + 5
     while time.monotonic() < deadline:  # the runner's counters arrive twice a second
         now = value(scrape(images_server), "xllm_images_generated_total", model=f"{MODEL}:latest")
