@@ -13,12 +13,14 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
 from tests.diffusion_models import write_tiny_flux2
+from tests.upstream import Upstream, sha
 from xllm.config import Settings
 from xllm.engine.options import EngineOptions
 from xllm.engine.plugins import Engines
 from xllm.engine.registry import ModelRegistry
 from xllm.errors import InvalidRequest
 from xllm.models import create, diffusion, folders, summary
+from xllm.models import pull as pulling
 from xllm.models.names import parse_name
 from xllm.models.store import Store
 from xllm.server.app import create_app, make_registry
@@ -158,3 +160,24 @@ async def test_without_the_images_extra_a_request_is_a_400_naming_it(
         assert registry.loaded == {}
         health = await (await client.get("/v0/health")).json()
         assert health["status"] == "ok"
+
+
+async def test_pull_a_hub_repo_of_parts(tiny_flux: Path, tmp_path: Path) -> None:
+    parts = {p.name: p.read_bytes() for p in sorted(tiny_flux.iterdir())}  # noqa: ASYNC240
+    upstream = Upstream()
+    upstream.add_hf_repo("me/tiny-flux", {**parts, "README.md": b"# parts\n",
+                                          "extra/vae.gguf": b"not taken"})  # fmt: skip
+    upstream.start()
+    try:
+        s = Store(tmp_path / "models")
+        settings = Settings(registry=upstream.url, hf_endpoint=upstream.url)
+        name = parse_name("hf.co/me/tiny-flux")
+        records = [r async for r in pulling.pull(s, settings, name)]
+        assert records[-1] == {"status": "success"}
+        model = s.get(name)
+        assert model is not None and model.format == "diffusion"
+        assert dict(model.named_files) == {n: sha(d) for n, d in parts.items()}
+        facts = s.summary_of(model.manifest)
+        assert (facts.architecture, facts.capabilities) == ("Flux.2 klein", ["image_generation"])
+    finally:
+        upstream.stop()
