@@ -388,7 +388,10 @@ mod tests {
         c.flush();
         let c = DiskCache::open(&d, 1 << 30).unwrap(); // as after a restart
         let (tokens, state, shared) = c.lookup(&seq(400, 0), 0).unwrap();
-        assert_eq!((tokens.len(), &state[..], shared), (300, &vec![1; 1000][..], 300));
+        assert_eq!(
+            (tokens.len(), &state[..], shared),
+            (300, &vec![1; 1000][..], 300)
+        );
         assert!(c.lookup(&seq(400, 0), 300).is_none()); // not longer than what is cached
         assert_eq!(c.lookup(&seq(200, 0), 0).unwrap().2, 200); // a prompt it goes on past
         let mut other = seq(300, 0);
