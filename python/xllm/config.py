@@ -54,6 +54,13 @@ def _float(key: str, value: Any) -> float:
         raise ConfigError(f"{key}: expected a number, got {value!r}") from None
 
 
+def _positive_float(key: str, value: Any) -> float:
+    x = _float(key, value)
+    if not 0 < x < float("inf"):
+        raise ConfigError(f"{key}: must be a number above 0, got {value!r}")
+    return x
+
+
 def _str(key: str, value: Any) -> str:
     if not isinstance(value, str | int | float) or isinstance(value, bool):
         raise ConfigError(f"{key}: expected a string, got {value!r}")
@@ -357,6 +364,14 @@ class Settings:
     """(model, ngram|none): models that speculate otherwise than `speculative` says."""
     loras_dir: Path = field(default_factory=lambda: _home() / "loras")
     """Where the LoRA adapters requests name are found (`<name>.gguf`)."""
+    images_dir: Path = field(default_factory=lambda: _home() / "images")
+    """Where generated images answered by URL are kept until images_ttl_hours have passed."""
+    images_ttl_hours: float = 1.0
+    """Hours a generated image stays downloadable (then its file is deleted)."""
+    images_public_url: str | None = None
+    """The base of generated images' URLs (behind a proxy); default: the request's own host."""
+    images_max_pixels: int = 2048 * 2048
+    """The largest image (width x height) a generation request may ask for."""
 
     @property
     def home(self) -> Path:
@@ -486,6 +501,10 @@ _KEYS: tuple[_Key, ...] = (
     _Key("cache_max_bytes", "cache.max_bytes", "XLLM_CACHE_MAX_BYTES", _bytes),
     _Key("loras_dir", "loras.directory", "XLLM_LORAS_DIR", lambda k, v: Path(_str(k, v))),
     _Key("remote", "engines.remote", "XLLM_REMOTE", lambda k, v: _remotes(k, v)),
+    _Key("images_dir", "images.directory", "XLLM_IMAGES_DIR", lambda k, v: Path(_str(k, v))),
+    _Key("images_ttl_hours", "images.ttl_hours", "XLLM_IMAGES_TTL_HOURS", _positive_float),
+    _Key("images_public_url", "images.public_url", "XLLM_IMAGES_PUBLIC_URL", _url),
+    _Key("images_max_pixels", "images.max_pixels", "XLLM_IMAGES_MAX_PIXELS", _positive_int),
 )
 
 
@@ -561,7 +580,7 @@ def load_settings(flags: Mapping[str, Any] | None = None) -> Settings:
     for attr, value in (flags or {}).items():
         if value is not None:
             values[attr] = value
-    for attr in ("models_dir", "cache_dir", "loras_dir"):
+    for attr in ("models_dir", "cache_dir", "loras_dir", "images_dir"):
         if attr in values:
             values[attr] = Path(values[attr]).expanduser()
     return dataclasses.replace(Settings(), **values)

@@ -69,6 +69,14 @@ _ENGINE_STATS: dict[str, tuple[str, str, bool]] = {
         True,
     ),
     "kv_disk_bytes": ("kv_disk_bytes", "Bytes of KV state saved on disk", False),
+    "images_generated_total": ("images_generated", "Images a diffusion model made", True),
+    "diffusion_steps_total": ("diffusion_steps", "Denoising steps of image generations", True),
+    "diffusion_step": ("diffusion_step", "The running image generation's step (0: none)", False),
+    "diffusion_steps": (
+        "diffusion_steps_planned",
+        "Steps the running image generation takes",
+        False,
+    ),
     "queue_depth": ("queue_depth", "Requests waiting for a free sequence", False),
     "running": ("running_sequences", "Sequences being decoded", False),
 }

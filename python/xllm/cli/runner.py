@@ -15,7 +15,9 @@ def add_parser(commands: Any) -> None:
     p.add_argument("--name", required=True)
     p.add_argument("--model", type=Path, required=True)
     p.add_argument("--options", required=True)
-    p.add_argument("--engine", default="llama.cpp", choices=("llama.cpp", "whisper", "piper"))
+    p.add_argument(
+        "--engine", default="llama.cpp", choices=("llama.cpp", "whisper", "piper", "diffusion")
+    )
     p.set_defaults(func=run)
     commands.add_parser("render", add_help=False).set_defaults(func=render)
 
@@ -29,6 +31,10 @@ def run(args: argparse.Namespace) -> int:
         from xllm.engine.piper_runner import main as piper
 
         return piper(args.fd, args.name, args.model, args.options)
+    if args.engine == "diffusion":
+        from xllm.engine.diffusion_runner import main as diffusion
+
+        return diffusion(args.fd, args.name, args.model, args.options)
     from xllm.engine.runner import main
 
     if args.deltas_fd is None:

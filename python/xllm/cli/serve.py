@@ -116,18 +116,19 @@ def serve_forever(
     models: list[str], flags: dict[str, Any], projectors: Sequence[Path] = ()
 ) -> None:
     """Run the server until SIGINT/SIGTERM; `models` are names, GGUF files or model folders
-    (config.json and weights, for the engines that serve them) to preload; `projectors` go
-    with the files among them, in order."""
+    (of the formats in models/folders.py, for the engines that serve them) to preload;
+    `projectors` go with the files among them, in order."""
     # imported here so that `xllm --version` and the other commands start fast
     from xllm.config import load_settings
     from xllm.log import setup_logging
+    from xllm.models import folders
     from xllm.server.app import create_app, make_registry, serve
 
     paths: list[Path] = []
     names: list[str] = []
     for m in models:
         if m.endswith(".gguf") or ("/" in m and Path(m).exists()):
-            if not Path(m).is_file() and not (Path(m) / "config.json").is_file():
+            if not Path(m).is_file() and folders.local_files(Path(m)) is None:
                 raise FileNotFoundError(f"model file not found: {m}")
             paths.append(Path(m))
         else:

@@ -41,6 +41,7 @@ BUILTIN = (
     "xllm.engine.llama:MANIFEST",
     "xllm.engine.whisper:MANIFEST",
     "xllm.engine.piper:MANIFEST",
+    "xllm.engine.diffusion:MANIFEST",
     "xllm.engine.remote:MANIFEST",
 )
 """The engines that come with xllm, declared like any plugin's (first match wins)."""

@@ -37,8 +37,11 @@ __all__ = [
     "Engine",
     "Generation",
     "Image",
+    "ImageGeneration",
     "Loras",
     "Observer",
+    "Painter",
+    "Painting",
     "Part",
     "Relay",
     "Relayed",
@@ -435,6 +438,56 @@ class Speaker(Protocol):
     async def speak(self, request: Speech) -> Utterance:
         """Queue a synthesis; errors about the request (a voice the model lacks, text with
         nothing to say) are raised here, before anything streams."""
+
+
+@dataclass(frozen=True, slots=True)
+class ImageGeneration:
+    """A text-to-image request, in no API's terms (sizes already checked by the server)."""
+
+    prompt: str
+    width: int
+    height: int
+    """The size the client asked for; the engine returns exactly this size."""
+    n: int = 1
+    """Images made, each from its own seed (`seed`, `seed + 1`...)."""
+    seed: int = 0
+    negative_prompt: str = ""
+    steps: int | None = None
+    """None: the engine's default for the model."""
+    cfg_scale: float | None = None
+    sampler: str | None = None
+    output_format: Literal["png", "jpeg", "webp"] = "png"
+    quality: int | None = None
+    """JPEG or WebP quality, 0-100 (OpenAI's `output_compression`); None: the encoder's."""
+
+
+@runtime_checkable
+class Painting(Protocol):
+    """A running image generation: its images once every one is made, and its progress."""
+
+    @property
+    def seconds(self) -> float:
+        """Time the engine spent, once the images are made."""
+
+    async def images(self, is_disconnected: Callable[[], bool] | None = None) -> list[bytes]:
+        """The images as files of the requested format, exactly the requested size, in seed
+        order; raises an XllmError if generation fails. Stops early, cancelling the work, once
+        `is_disconnected()` turns true (then the list is empty)."""
+
+    def cancel(self) -> None:
+        """Stop now; idempotent."""
+
+
+@runtime_checkable
+class Painter(Protocol):
+    """An engine with the `image_generation` capability."""
+
+    @property
+    def samplers(self) -> Sequence[str]:
+        """The names `ImageGeneration.sampler` may take."""
+
+    async def paint(self, request: ImageGeneration) -> Painting:
+        """Queue a generation; errors about the request are raised here, before any work."""
 
 
 @runtime_checkable

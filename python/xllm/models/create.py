@@ -5,8 +5,8 @@ Each of a recipe's parts becomes a layer of the new manifest, the rest is inheri
 base model. `files` may be every file of a GGUF split into several (and a vision projector, an
 `mmproj` GGUF told by its metadata, checked to fit the model), or the files of a model of a
 folder format (a Whisper model's model.bin, config.json...; a Piper voice's .onnx and
-.onnx.json); `adapters` are LoRA GGUFs, checked against the base model's tensors before they
-are kept.
+.onnx.json; a diffusion model's parts, named by part); `adapters` are LoRA GGUFs, checked
+against the base model's tensors before they are kept.
 """
 
 from __future__ import annotations
@@ -187,13 +187,16 @@ async def _from(registry: ModelRegistry, s: Store, body: Recipe) -> tuple[Manife
     projector = None
     if body.files:
         fmt = folders.detect(list(body.files))
-        if not all(f.lower().endswith(".gguf") for f in body.files):
+        diffusion = fmt is not None and fmt.name == "diffusion"  # its parts may all be GGUFs
+        if diffusion or not all(f.lower().endswith(".gguf") for f in body.files):
             if fmt is None or fmt.name == store.SAFETENSORS_FORMAT:
                 raise InvalidRequest(
                     "files: give one GGUF file (and a vision projector GGUF if the model has "
                     "one), every file of a split GGUF, a Whisper model's files (model.bin, "
                     "config.json, tokenizer.json, vocabulary.txt) or a Piper voice's "
-                    "(<voice>.onnx, <voice>.onnx.json); safetensors import is not supported yet",
+                    "(<voice>.onnx, <voice>.onnx.json), a diffusion model's parts "
+                    "(diffusion_model.gguf, llm.gguf, vae.safetensors...); safetensors import "
+                    "is not supported yet",
                     param="files",
                 )
             found = {n: _blob(s, d, "files") for n, d in body.files.items()}

@@ -4,6 +4,7 @@ which of them are its weights, when the set is whole, and its facts.
     safetensors   a Hugging Face model folder: config.json, *.safetensors, tokenizer files
     ctranslate2   a Whisper model in CTranslate2 form: model.bin, config.json, tokenizer...
     piper         a Piper voice: <voice>.onnx and <voice>.onnx.json
+    diffusion     a diffusion model's parts: diffusion_model.gguf, llm.gguf, vae.safetensors...
 
 The store keeps such a model as one blob per file and a config blob naming them
 (`{"model_format": ..., "files": {name: digest}}`); its weights files have the format's own
@@ -19,7 +20,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from xllm.errors import InvalidRequest, ModelNotFound
-from xllm.models import safetensors, speech
+from xllm.models import diffusion, safetensors, speech
 from xllm.models.summary import Summary
 
 MODEL_FILE = "application/vnd.xllm.model.file"
@@ -27,6 +28,7 @@ MODEL_FILE = "application/vnd.xllm.model.file"
 SAFETENSORS = "application/vnd.xllm.safetensors"
 CTRANSLATE2 = "application/vnd.xllm.ctranslate2"
 PIPER = "application/vnd.xllm.piper"
+DIFFUSION = "application/vnd.xllm.diffusion"
 
 
 @dataclass(frozen=True)
@@ -54,6 +56,8 @@ FORMATS: dict[str, FolderFormat] = {
                      speech.summarize_whisper),
         FolderFormat("piper", PIPER, speech.is_voice_file, lambda n: n.endswith(".onnx"),
                      lambda n: speech.voice_complete(set(n)), speech.summarize_voice),
+        FolderFormat("diffusion", DIFFUSION, diffusion.is_file, diffusion.is_file,
+                     diffusion.complete, diffusion.summarize),
     )
 }  # fmt: skip
 """Every folder format, by name (xllm.engine.plugins.FORMATS names them too)."""
@@ -71,6 +75,8 @@ def detect(names: Collection[str]) -> FolderFormat | None:
         return FORMATS["piper"]
     if "model.bin" in names:
         return FORMATS["ctranslate2"]
+    if diffusion.looks_like(names):
+        return FORMATS["diffusion"]
     if any(safetensors.is_weights(n) for n in names):
         return FORMATS["safetensors"]
     return None
@@ -126,7 +132,8 @@ def local_files(path: Path) -> tuple[FolderFormat, dict[str, Path]] | None:
 
 
 def size(path: Path) -> int:
-    """The bytes of a model given by path: a folder model's files, a voice's two, or the file."""
+    """The bytes of a model given by path: a folder model's files, a voice's two, or the file
+    (a diffusion model's parts, linked from elsewhere, count as the files they lead to)."""
     local = local_files(path)
     files = list(local[1].values()) if local is not None else [path]
     return sum(p.stat().st_size for p in files)

@@ -209,11 +209,16 @@ def _with_config(
 
 
 def _folder_format(files: list[str]) -> FolderFormat | None:
-    """No GGUF, but a model of a folder format: its top-level files (or, for Piper, a voice
-    anywhere in the tree) with the format's weights and what a whole model needs."""
+    """A model of a folder format: a diffusion model's parts at the top level (GGUFs among
+    them), or, with no GGUF, its top-level files (or, for Piper, a voice anywhere in the tree)
+    with the format's weights and what a whole model needs."""
+    top = [f for f in files if "/" not in f]
+    diffusion = folders.FORMATS["diffusion"]
+    parts = [f for f in top if diffusion.is_file(f)]
+    if folders.detect(top) is diffusion and diffusion.complete(parts):
+        return diffusion
     if any(f.endswith(".gguf") for f in files):
         return None
-    top = [f for f in files if "/" not in f]
     voices = {f.rsplit("/", 1)[-1] for f in files if f.endswith(".onnx") and f"{f}.json" in files}
     fmt = folders.FORMATS["piper"] if voices else folders.detect(top)
     if fmt is None or (fmt.name != "piper" and not fmt.complete(top)):

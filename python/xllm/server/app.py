@@ -22,7 +22,7 @@ from xllm.errors import XllmError
 from xllm.memory import probe
 from xllm.metrics import Metrics
 from xllm.models.store import Store
-from xllm.server import guard, middleware
+from xllm.server import guard, image_files, middleware
 from xllm.server.drain import DRAIN, Drain, drain
 from xllm.server.http import add_cache_header
 from xllm.server.response_cache import ResponseCache
@@ -95,6 +95,7 @@ def create_app(settings: Settings, registry: ModelRegistry | None = None) -> web
     app[STARTED] = time.time()
     add_routes(app)
     app.cleanup_ctx.append(_models)
+    app.cleanup_ctx.append(image_files.sweeper)
     return app
 
 

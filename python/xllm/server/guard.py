@@ -20,6 +20,7 @@ from xllm.config import Settings
 from xllm.errors import Forbidden, Overloaded, PayloadTooLarge, Unauthorized, UnsupportedEncoding
 from xllm.server.drain import DRAIN, SHUTTING_DOWN
 from xllm.server.http import MAX_BODY, TOO_LARGE
+from xllm.server.image_files import PREFIX as IMAGES
 from xllm.server.middleware import Handler, error_response
 
 CORS_ORIGIN = web.RequestKey("cors_origin", str)
@@ -132,7 +133,11 @@ async def add_cors_headers(request: web.Request, response: web.StreamResponse) -
 
 
 def _open(path: str) -> bool:
-    return path in OPEN_PATHS or (path.startswith(PAGES) and "/" not in path[len(PAGES) :])
+    """The health check, the planner page's files, and generated images (a browser shows one
+    by URL, with no key: its random id is its secret, as OpenAI's image URLs are signed)."""
+    return path in OPEN_PATHS or any(
+        path.startswith(p) and "/" not in path[len(p) :] for p in (PAGES, IMAGES)
+    )
 
 
 def _compressed(request: web.Request) -> bool:

@@ -13,6 +13,7 @@ from aiohttp import web
 from pydantic import BaseModel
 
 from xllm.memory.advice import PlanRequest
+from xllm.server import image_files
 from xllm.server.ollama import create as ollama_create
 from xllm.server.ollama import models as ollama_models
 from xllm.server.ollama import runtime as ollama_runtime
@@ -38,6 +39,7 @@ from xllm.server.openai.audio import transcriptions, translations
 from xllm.server.openai.chat import chat_completions
 from xllm.server.openai.completions import completions
 from xllm.server.openai.embeddings import embeddings
+from xllm.server.openai.images import ImageRequest, generations
 from xllm.server.openai.models import get_model, list_models
 from xllm.server.openai.responses import ResponsesRequest, responses
 from xllm.server.openai.speech import SpeechRequest, speech
@@ -77,6 +79,10 @@ ROUTES: tuple[Route, ...] = (
     Route("POST", "/v1/audio/translations", translations,
           "Speech to English text (OpenAI; multipart/form-data: file, model, ...)"),
     Route("POST", "/v1/audio/speech", speech, "Text to speech, streamed (OpenAI)", SpeechRequest),
+    Route("POST", "/v1/images/generations", generations, "Text to image (OpenAI)",
+          ImageRequest),
+    Route("GET", "/images/{name}", image_files.serve,
+          "A generated image, until images.ttl_hours have passed"),
     Route("GET", "/v1/models", list_models, "List models (OpenAI)"),
     Route("GET", "/v1/models/{model:.+}", get_model, "One model (OpenAI)"),
     Route("POST", "/api/generate", ollama_generate, "Generate (Ollama)", GenerateRequest,
