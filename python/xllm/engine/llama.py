@@ -431,6 +431,15 @@ class RunnerClient:
             log.info("model %s: LoRA adapter %s loaded (%s)", self.name, found.name, found.path)
             return index
 
+    def lora_files(self, names: Sequence[str]) -> list[tuple[str, int, int] | None]:
+        out: list[tuple[str, int, int] | None] = []
+        for name in names:
+            try:
+                out.append(loras.resolve(name, self._own, self._loras_dir).identity)
+            except (InvalidRequest, OSError):
+                out.append(None)
+        return out
+
     def adapters(self) -> list[dict[str, Any]]:
         """The adapters loaded over the model: its own, then those requests named."""
         own = [

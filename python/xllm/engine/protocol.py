@@ -294,6 +294,10 @@ class Loras(Protocol):
         """The adapters loaded over the model: name, size (bytes) and whether it is one of the
         model's own."""
 
+    def lora_files(self, names: Sequence[str]) -> list[tuple[str, int, int] | None]:
+        """The files the adapters `names` stand for now, as (path, size, mtime), None for a
+        name that stands for none: what the response cache keys on beside the names."""
+
 
 @runtime_checkable
 class Embedder(Protocol):

@@ -27,7 +27,7 @@ from typing import Any
 import orjson
 
 from xllm.engine.llama_prompt import modelfile_defaults
-from xllm.engine.protocol import Delta, Engine, Generation, Request, Sampling
+from xllm.engine.protocol import Delta, Engine, Generation, Loras, Request, Sampling
 
 UNCACHED_KINDS = frozenset({"remote"})
 """Engines whose answers are not theirs to vouch for (an upstream may change its model)."""
@@ -96,11 +96,15 @@ def key(engine: Engine, request: Request) -> str | None:
     except OSError:
         return None
     model = (engine.kind, str(engine.info.path), stat.st_size, stat.st_mtime_ns, engine.ctx_size)
+    # an adapter file replaced under its name is another adapter
+    adapters = (
+        engine.lora_files([n for n, _ in sampling.lora or ()]) if isinstance(engine, Loras) else []
+    )
     # the effective sampling holds the defaults; greedy decoding draws no random numbers
     effective = replace(request, sampling=replace(sampling, seed=None), defaults=Sampling())
     try:
         text = orjson.dumps(
-            [model, repr(engine.modelfile), effective],
+            [model, repr(engine.modelfile), adapters, effective],
             default=_unkeyable,
             option=orjson.OPT_NON_STR_KEYS | orjson.OPT_SORT_KEYS,
         )
