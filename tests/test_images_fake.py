@@ -23,7 +23,7 @@ from xllm.config import Settings
 from xllm.engine.plugins import Engines, LoadSpec, Manifest
 from xllm.engine.protocol import ABI_VERSION, Capability, Generation, ImageGeneration, Request
 from xllm.errors import InvalidRequest
-from xllm.memory.planner import Plan
+from xllm.memory.planner import MiB, Plan
 from xllm.models.metadata import ModelInfo
 from xllm.server.app import create_app, make_registry
 
@@ -94,6 +94,10 @@ class FakePainter:
     async def generate(self, request: Request) -> Generation:
         raise InvalidRequest(f"model {self.name!r} makes images, not text", param="model")
 
+    def extra_memory(self, width: int, height: int) -> int:
+        """As the diffusion engine's: 2 KiB a pixel beyond the planned 512x512."""
+        return max(width * height - 512 * 512, 0) * 2048
+
     async def paint(self, request: ImageGeneration) -> FakePainting:
         if request.sampler is not None and request.sampler not in self.samplers:
             raise InvalidRequest(f"sampler: {request.sampler!r} is unknown", param="sampler")
@@ -125,8 +129,8 @@ MANIFEST = Manifest(
     name="fake-painter", version="1", abi=ABI_VERSION, formats=("safetensors",),
     architectures=frozenset({"FakePainter"}),
     capabilities=frozenset({Capability.IMAGE_GENERATION}), load=_load,
-    estimate=lambda spec: Plan(weights=0, kv=0, compute=0, output=0, layers=0, gpu_layers=0,
-                               vram=0),
+    estimate=lambda spec: Plan(weights=40 * MiB, kv=0, compute=0, output=0, layers=0,
+                               gpu_layers=0, vram=0),
 )  # fmt: skip
 
 
@@ -134,6 +138,7 @@ async def _client(tmp_path: Path, **settings: Any) -> TestClient[Any, Any]:
     config = Settings(models_dir=tmp_path / "models", images_dir=tmp_path / "images", **settings)
     registry = make_registry(config, engines=Engines([fake_engine.MANIFEST, MANIFEST]))
     registry.add_path(fake_engine.model_folder(tmp_path / "painter", "FakePainter"))
+    registry.add_path(fake_engine.model_folder(tmp_path / "painter2", "FakePainter"))
     registry.add_path(fake_engine.model_folder(tmp_path / "fake"))
     PAINTERS.clear()
     fake_engine.FakeEngine.instances.clear()
@@ -250,6 +255,34 @@ async def test_the_pixel_limit_is_a_setting(tmp_path: Path) -> None:
         assert (
             "4096" in body["error"]["message"] and "images.max_pixels" in body["error"]["message"]
         )
+    finally:
+        await client.close()
+
+
+async def test_a_large_image_makes_room_or_is_a_507_naming_size(tmp_path: Path) -> None:
+    """Each painter plans 40 MiB (512x512) of a 100 MiB budget; 527x527 takes 30 MiB more, so
+    the idle other painter is unloaded; 2048x2048 takes 7.5 GiB more: refused before it runs."""
+    client = await _client(tmp_path, memory_budget=100 * MiB)
+    try:
+        for model in ("painter2", "painter"):
+            ok = await client.post(
+                "/v1/images/generations", json=_body(model=model, size="512x512")
+            )
+            assert ok.status == 200
+        r = await client.post("/v1/images/generations", json=_body(size="527x527"))
+        assert r.status == 200, await r.json()
+        ps = await (await client.get("/api/ps")).json()
+        assert [m["name"] for m in ps["models"]] == ["painter:latest"]
+        r = await client.post("/v1/images/generations", json=_body(size="2048x2048"))
+        body = await r.json()
+        assert r.status == 507, body
+        assert body["error"]["param"] == "size"
+        assert body["error"]["code"] == "insufficient_memory"
+        message = body["error"]["message"]
+        assert message.startswith("size: ") and "2048x2048" in message
+        assert [j.job.width for j in PAINTERS[-1].jobs] == [512, 527]  # nothing queued
+        ps = await (await client.get("/api/ps")).json()
+        assert [m["name"] for m in ps["models"]] == ["painter:latest"]  # still serving
     finally:
         await client.close()
 

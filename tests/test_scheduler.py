@@ -432,6 +432,22 @@ async def test_an_engine_that_exits_is_loaded_afresh(rig: Rig) -> None:
     assert second is not first and s.loaded["a"] is second
 
 
+async def test_room_beyond_a_plan_unloads_idle_others_or_refuses(rig: Rig) -> None:
+    s = rig.make(budget=3072 * MiB)
+    a, b = await s.get("a"), await s.get("b")
+    await rig.clock.advance(5)
+    await s.room("b", 0, "nothing")
+    await s.room("b", 1024 * MiB, "a large image")  # fits beside both
+    assert not a.closed
+    await s.room("b", 2048 * MiB, "a larger image")  # a goes, never b itself
+    assert a.closed and list(s.loaded) == ["b"]
+    with pytest.raises(
+        InsufficientMemory, match=r"for a huge image on b: it needs 3072 MiB beyond"
+    ):
+        await s.room("b", 3072 * MiB, "a huge image")
+    assert not b.closed
+
+
 async def test_abort_and_close(rig: Rig) -> None:
     s = rig.make()
     a, b = await s.get("a"), await s.get("b")

@@ -39,11 +39,21 @@ log = logging.getLogger("xllm.engine")
 
 PACKAGE = "stable-diffusion-cpp-python"
 EXTRA = "pip install 'xllm[images]'"
-OVERHEAD = 672 << 20
-"""What a diffusion runner takes beside its model's files at the default size, 512x512: the
-interpreter, Pillow, stable-diffusion.cpp and its compute buffers (measured: a peak resident
-memory of 678 MiB for the tests' tiny FLUX.2-klein model and its 24 MiB of files; 293 MiB at
-256x256). Larger images take more, about 2 KiB a pixel, mostly the decoder's buffers."""
+BASE = 160 << 20
+PER_PIXEL = 2 << 10
+"""What a diffusion runner takes beside its model's files is BASE + PER_PIXEL x the image's
+pixels: the interpreter, Pillow, stable-diffusion.cpp, and its compute buffers, mostly the
+decoder's, which grow with the image (measured: a peak resident memory of 678 MiB at 512x512
+for the tests' tiny FLUX.2-klein model and its 24 MiB of files, 293 MiB at 256x256)."""
+PLANNED_PIXELS = 512 * 512
+"""The image size a model's memory plan holds (the default size). A larger image's extra is
+checked against free memory when it is asked for (`DiffusionClient.extra_memory`), rather than
+planned for `images.max_pixels`: 2048x2048 would hold 8 GiB per model for the odd large image."""
+
+
+def overhead(pixels: int) -> int:
+    """A diffusion runner's memory beside its model's files, for images of `pixels`."""
+    return BASE + PER_PIXEL * pixels
 
 
 class DiffusionPainting(Stream[list[bytes]]):
@@ -116,6 +126,10 @@ class DiffusionClient(ProcessClient[DiffusionPainting]):
             param="model",
         )
 
+    def extra_memory(self, width: int, height: int) -> int:
+        planned = self.plan.compute if self.plan is not None else overhead(PLANNED_PIXELS)
+        return max(overhead(width * height) - planned, 0)
+
     async def paint(self, request: ImageGeneration) -> DiffusionPainting:
         """Queue the generation in the runner (a 503 when its queue is full)."""
         if request.sampler is not None and request.sampler not in self.samplers:
@@ -137,8 +151,8 @@ def installed() -> str | None:
 
 
 def _estimate(spec: LoadSpec) -> Plan:
-    """The model's files and a measured overhead, in RAM; a 400 naming the extra to install
-    when stable-diffusion.cpp is missing."""
+    """The model's files and a measured overhead for a 512x512 image, in RAM; a 400 naming
+    the extra to install when stable-diffusion.cpp is missing."""
     if installed() is None:
         raise InvalidRequest(
             f"model {spec.name!r} is a diffusion model, and image generation needs "
@@ -146,8 +160,8 @@ def _estimate(spec: LoadSpec) -> Plan:
             "stable-diffusion.cpp, about 15 minutes on 2 cores)",
             param="model",
         )
-    return Plan(weights=folders.size(spec.path), kv=0, compute=OVERHEAD, output=0, layers=0,
-                gpu_layers=0, vram=0)  # fmt: skip
+    return Plan(weights=folders.size(spec.path), kv=0, compute=overhead(PLANNED_PIXELS),
+                output=0, layers=0, gpu_layers=0, vram=0)  # fmt: skip
 
 
 async def _load(spec: LoadSpec) -> DiffusionClient:

@@ -490,6 +490,10 @@ class Painter(Protocol):
     def samplers(self) -> Sequence[str]:
         """The names `ImageGeneration.sampler` may take."""
 
+    def extra_memory(self, width: int, height: int) -> int:
+        """Bytes of RAM an image of that size takes beyond the model's memory plan (0 when the
+        plan holds it)."""
+
     async def paint(self, request: ImageGeneration) -> Painting:
         """Queue a generation; errors about the request are raised here, before any work."""
 

@@ -282,14 +282,29 @@ class Scheduler(Generic[E]):
 
     async def _make_room(self, key: str, plan: planner.Plan) -> None:
         """Unload idle models (lowest priority, then least recently used) until `plan` fits."""
+        await self._free(plan.ram, f"to load {key}: it needs {plan.describe()}")
+
+    async def room(self, key: str, extra: int, what: str) -> None:
+        """Make room for `extra` bytes of RAM that loaded instance `key` is about to take
+        beyond its plan (`what` a request asks for, like a large image), unloading idle models
+        other than it; InsufficientMemory when that is not enough."""
+        if extra > 0:
+            mib = extra / planner.MiB
+            await self._free(
+                extra, f"for {what} on {key}: it needs {mib:.0f} MiB beyond its plan", key
+            )
+
+    async def _free(self, need: int, why: str, keep: str | None = None) -> None:
+        """Unload idle models but `keep` (lowest priority, then least recently used) until
+        `need` bytes fit."""
         deadline = self.clock.now() + 10
-        while plan.ram > self._available():
-            idle = [m for m in self._loaded.values() if not m.busy]
+        while need > self._available():
+            idle = [m for k, m in self._loaded.items() if not m.busy and k != keep]
             if not idle:
                 busy = ", ".join(self._loaded) or "none"
                 limit = f"budget {self.budget / planner.MiB:.0f} MiB" if self.budget else "free RAM"
                 raise InsufficientMemory(
-                    f"not enough memory to load {key}: it needs {plan.describe()}; "
+                    f"not enough memory {why}; "
                     f"{max(self._available(), 0) / planner.MiB:.0f} MiB left of the {limit}; "
                     f"models in use: {busy}"
                 )
@@ -298,7 +313,7 @@ class Scheduler(Generic[E]):
             if now - victim.last_active < GRACE_S and now < deadline:
                 await self.clock.sleep(0.1)  # just handed to a request: let it start first
                 continue
-            log.info("unloading %s to make room for %s", victim.key, key)
+            log.info("unloading %s to make room %s", victim.key, why)
             await self._unload_instance(victim.key)
 
     def _ensure_watch(self) -> None:

@@ -1,7 +1,9 @@
 """`POST /v1/images/generations` (OpenAI): text to image on a model with the
 `image_generation` capability.
 
-`size` is any `WxH` up to `images.max_pixels` (the image comes back at exactly that size);
+`size` is any `WxH` up to `images.max_pixels` (the image comes back at exactly that size); a
+diffusion model's memory plan holds a 512x512 image, and a larger one's extra memory is made
+room for (idle models unloaded) before it is queued, or refused with a 507 naming `size`;
 `n` images come from seeds `seed`, `seed + 1`... (a random seed when none is given), so the
 same seed and prompt give the same bytes. `response_format` `url` (the default, as OpenAI's)
 writes the files under `images.directory` for `images.ttl_hours`; `b64_json` writes nothing.
@@ -25,7 +27,7 @@ from aiohttp import web
 from pydantic import Field, field_validator
 
 from xllm.engine.protocol import Capability, ImageGeneration, Painter
-from xllm.errors import InvalidRequest
+from xllm.errors import InsufficientMemory, InvalidRequest
 from xllm.server import image_files
 from xllm.server.http import GENERATIONS, json_response, load_model, parse_body, peer_gone
 from xllm.server.openai.wire import EngineName, Wire
@@ -83,9 +85,10 @@ class ImageRequest(Wire):
         return (int(m.group(1)), int(m.group(2))) if m else DEFAULT_SIZE
 
 
-async def _painter(request: web.Request, body: ImageRequest) -> Painter:
-    """The model, loaded, if its engine paints; a 400 naming `model` before loading one that
-    cannot."""
+async def _painter(request: web.Request, body: ImageRequest, width: int, height: int) -> Painter:
+    """The model, loaded, if its engine paints, with room made for an image of that size; a 400
+    naming `model` before loading one that cannot, a 507 naming `size` when the image needs
+    more memory than is left."""
     registry = request.app[REGISTRY]
     found = registry.find(body.model)
     manifest, architecture = await asyncio.to_thread(registry.engine_for, found, body.engine)
@@ -101,6 +104,12 @@ async def _painter(request: web.Request, body: ImageRequest) -> Painter:
             f"model: the {engine.kind} engine serving {body.model!r} cannot generate images",
             param="model",
         )
+    try:
+        await registry.scheduler.room(
+            engine.key, engine.extra_memory(width, height), f"a {width}x{height} image"
+        )
+    except InsufficientMemory as e:
+        raise InsufficientMemory(f"size: {e.message}", param="size") from None
     return engine
 
 
@@ -114,7 +123,7 @@ async def generations(request: web.Request) -> web.StreamResponse:
             "(images.max_pixels)",
             param="size",
         )
-    painter = await _painter(request, body)
+    painter = await _painter(request, body, width, height)
     seed = body.seed if body.seed is not None and body.seed >= 0 else secrets.randbelow(2**31)
     job = ImageGeneration(
         prompt=body.prompt, width=width, height=height, n=body.n, seed=seed,
