@@ -89,13 +89,17 @@ async def sweeper(app: web.Application) -> AsyncIterator[None]:
     app[IMAGE_FILES] = files
     interval = min(max(files.ttl_s / 4, _SWEEP_S[0]), _SWEEP_S[1])
 
+    async def sweep() -> None:
+        gone = await asyncio.to_thread(files.sweep)
+        if gone:
+            log.info("deleted %d expired image(s) from %s", gone, files.directory)
+
     async def loop() -> None:
         while True:
-            gone = await asyncio.to_thread(files.sweep)
-            if gone:
-                log.info("deleted %d expired image(s) from %s", gone, files.directory)
             await asyncio.sleep(interval)
+            await sweep()
 
+    await sweep()  # before the server answers: no expired file is served from the start
     task = asyncio.create_task(loop())
     yield
     task.cancel()
