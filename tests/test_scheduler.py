@@ -432,6 +432,29 @@ async def test_an_engine_that_exits_is_loaded_afresh(rig: Rig) -> None:
     assert second is not first and s.loaded["a"] is second
 
 
+async def test_an_engine_that_stops_itself_to_be_restarted_is_loaded_again_at_once(
+    rig: Rig,
+) -> None:
+    s = rig.make()
+    first = await s.get("a", keep_alive=60)
+    first.restart = True  # type: ignore[attr-defined]  # as the diffusion engine sets it
+    await first.close()  # its runner killed to cancel a generation
+    await eventually(lambda: "a" in s.loaded)
+    again = s.loaded["a"]
+    assert again is not first and len(rig.factory.specs) == 2
+    assert again.keep_alive == 60  # as the request that loaded it asked
+    assert await s.get("a") is again  # the next request finds it loaded
+
+
+async def test_an_unloaded_engine_is_not_restarted(rig: Rig) -> None:
+    s = rig.make()
+    first = await s.get("a")
+    first.restart = True  # type: ignore[attr-defined]
+    assert await s.unload("a")
+    await asyncio.sleep(0.05)
+    assert s.loaded == {} and len(rig.factory.specs) == 1
+
+
 async def test_room_beyond_a_plan_unloads_idle_others_or_refuses(rig: Rig) -> None:
     s = rig.make(budget=3072 * MiB)
     a, b = await s.get("a"), await s.get("b")

@@ -7,9 +7,10 @@ names the extra, before anything loads. The model paints (`Painter`); asked to c
 text it refuses with a 400 naming `model`.
 
 stable-diffusion.cpp has no way to abort a generation: when a client goes away from the one
-generation its runner is working on, with nothing else waiting, the runner is killed (the
-model's memory is freed at once; the next request loads it again). With other requests waiting
-the cancelled generation runs to its end and is dropped, so they are not lost.
+generation its runner is working on, with nothing else waiting, the runner is killed and the
+scheduler loads the model again in a new one right away, in the background (so the next
+request does not wait for the load). With other requests waiting the cancelled generation runs
+to its end and is dropped, so they are not lost.
 """
 
 from __future__ import annotations
@@ -84,6 +85,9 @@ class DiffusionClient(ProcessClient[DiffusionPainting]):
         self.samplers: Sequence[str] = ready[1]
         self._current: int | None = None
         """The generation the runner is working on."""
+        self.restart = False
+        """Set when the runner is stopped to cancel a generation: the scheduler loads the
+        model again at once, so the next request finds it loaded."""
 
     @classmethod
     async def load(cls, spec: LoadSpec) -> DiffusionClient:
@@ -111,6 +115,7 @@ class DiffusionClient(ProcessClient[DiffusionPainting]):
             log.info("model %s: a generation was cancelled; stopping its runner "
                      "(stable-diffusion.cpp cannot abort one)", self.name)  # fmt: skip
             self._closing = True  # an expected end, not a crash to report
+            self.restart = True
             self._proc.kill()
 
     # --- the engine protocol ----------------------------------------------------------------

@@ -143,6 +143,7 @@ class Scheduler(Generic[E]):
         self._load_started: dict[str, float] = {}
         self._loading_kind: dict[str, str] = {}
         self._watcher: asyncio.Task[None] | None = None
+        self._restarts: set[asyncio.Task[None]] = set()
 
     @property
     def loaded(self) -> dict[str, E]:
@@ -357,9 +358,26 @@ class Scheduler(Generic[E]):
         await self._unload_instance(victim.key)
 
     def _on_exit(self, model: E) -> None:
-        """An engine ended (crash, kill, unload): the next request loads the model afresh."""
+        """An engine ended (crash, kill, unload): the next request loads the model afresh; one
+        that stopped itself on purpose and asks to be restarted (`restart`) is loaded again now,
+        in the background, so that the next request does not wait for the load."""
         if self._loaded.get(model.key) is model:
             del self._loaded[model.key]
+            if getattr(model, "restart", False):
+                task = asyncio.create_task(self._restart(model))
+                self._restarts.add(task)
+                task.add_done_callback(self._restarts.discard)
+
+    async def _restart(self, model: E) -> None:
+        log.info("loading %s again (its engine stopped itself to cancel work)", model.key)
+        try:
+            again = await self._get_loading(model.name, model.key)
+        except Exception as e:  # the next request loads it, or reports why it cannot
+            log.warning("could not load %s again: %s", model.key, e)
+            return
+        again.keep_alive = model.keep_alive
+        again.last_active = self.clock.now()
+        self._ensure_watch()
 
     async def unload(self, name: str) -> bool:
         """Close every loaded replica of model `name`; False if it was not loaded."""
@@ -381,7 +399,7 @@ class Scheduler(Generic[E]):
     async def close(self) -> None:
         if self._watcher is not None:
             self._watcher.cancel()
-        for task in list(self._loading.values()):
+        for task in [*self._loading.values(), *self._restarts]:
             task.cancel()
         models, self._loaded = list(self._loaded.values()), {}
         for m in models:
