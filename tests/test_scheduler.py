@@ -451,8 +451,11 @@ async def test_an_unloaded_engine_is_not_restarted(rig: Rig) -> None:
     first = await s.get("a")
     first.restart = True  # type: ignore[attr-defined]
     assert await s.unload("a")
+    second = await s.get("b", keep_alive=0)  # to be unloaded once idle anyway
+    second.restart = True  # type: ignore[attr-defined]
+    await second.close()
     await asyncio.sleep(0.05)
-    assert s.loaded == {} and len(rig.factory.specs) == 1
+    assert s.loaded == {} and len(rig.factory.specs) == 2
 
 
 async def test_room_beyond_a_plan_unloads_idle_others_or_refuses(rig: Rig) -> None:

@@ -360,10 +360,11 @@ class Scheduler(Generic[E]):
     def _on_exit(self, model: E) -> None:
         """An engine ended (crash, kill, unload): the next request loads the model afresh; one
         that stopped itself on purpose and asks to be restarted (`restart`) is loaded again now,
-        in the background, so that the next request does not wait for the load."""
+        in the background, so that the next request does not wait for the load (unless it was
+        to be unloaded once idle: keep_alive 0)."""
         if self._loaded.get(model.key) is model:
             del self._loaded[model.key]
-            if getattr(model, "restart", False):
+            if getattr(model, "restart", False) and model.keep_alive != 0:
                 task = asyncio.create_task(self._restart(model))
                 self._restarts.add(task)
                 task.add_done_callback(self._restarts.discard)
