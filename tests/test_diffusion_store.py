@@ -18,7 +18,7 @@ from xllm.config import Settings
 from xllm.engine.options import EngineOptions
 from xllm.engine.plugins import Engines
 from xllm.engine.registry import ModelRegistry
-from xllm.errors import InvalidRequest
+from xllm.errors import InvalidRequest, XllmError
 from xllm.models import create, diffusion, folders, summary
 from xllm.models import pull as pulling
 from xllm.models.names import parse_name
@@ -179,5 +179,109 @@ async def test_pull_a_hub_repo_of_parts(tiny_flux: Path, tmp_path: Path) -> None
         assert dict(model.named_files) == {n: sha(d) for n, d in parts.items()}
         facts = s.summary_of(model.manifest)
         assert (facts.architecture, facts.capabilities) == ("Flux.2 klein", ["image_generation"])
+    finally:
+        upstream.stop()
+
+
+async def test_pull_files_named_freely_by_part_from_two_repos(
+    tiny_flux: Path, tmp_path: Path
+) -> None:
+    """As a real FLUX.2-klein: the diffusion model and its decoder in one repo under their own
+    names, the text encoder from another repo; `parts` maps each to its part."""
+    data = {p.name: p.read_bytes() for p in sorted(tiny_flux.iterdir())}  # noqa: ASYNC240
+    upstream = Upstream()
+    upstream.add_hf_repo("org/flux-2-klein-GGUF", {
+        "flux-2-klein-4b-Q4_0.gguf": data["diffusion_model.gguf"],
+        "flux-2-klein-4b-Q8_0.gguf": b"another quant, not taken",
+        "taef2.gguf": data["taesd.gguf"], "README.md": b"# flux\n"})  # fmt: skip
+    upstream.add_hf_repo("other/Qwen3-GGUF", {"Qwen3-4B-Q4_K_M.gguf": data["llm.gguf"]})
+    upstream.start()
+    try:
+        s = Store(tmp_path / "models")
+        settings = Settings(registry=upstream.url, hf_endpoint=upstream.url)
+        name = parse_name("hf.co/org/flux-2-klein-GGUF:q4_0")
+        parts = {"diffusion_model": "flux-2-klein-4b-Q4_0.gguf", "taesd": "taef2.gguf",
+                 "llm": "hf.co/other/Qwen3-GGUF/Qwen3-4B-Q4_K_M.gguf"}  # fmt: skip
+        records = [r async for r in pulling.pull(s, settings, name, parts=parts)]
+        assert records[-1] == {"status": "success"}
+        model = s.get(name)
+        assert model is not None and model.format == "diffusion"
+        assert dict(model.named_files) == {n: sha(d) for n, d in data.items()}
+        facts = s.summary_of(model.manifest)
+        assert facts.architecture == "Flux.2 klein"
+        assert facts.model_info["diffusion.parts"] == ["diffusion_model", "llm", "taesd"]
+
+        async def refused(parts: dict[str, str], model: str = "hf.co/org/flux-2-klein-GGUF") -> str:
+            with pytest.raises(XllmError) as e:
+                async for _ in pulling.pull(s, settings, parse_name(model), parts=parts):
+                    pass
+            assert e.value.param == "parts" and e.value.message.startswith("parts: ")
+            assert e.value.status in (400, 404)
+            return e.value.message
+
+        assert "not a part" in await refused({"unet": "flux-2-klein-4b-Q4_0.gguf"})
+        assert "needs model" in await refused({"vae": "taef2.gguf"})
+        assert "no file 'missing.gguf'" in await refused({"diffusion_model": "missing.gguf"})
+        assert "no file" in await refused(
+            {
+                "diffusion_model": "flux-2-klein-4b-Q4_0.gguf",
+                "llm": "hf.co/org/flux-2-klein-GGUF/x.gguf",
+            }
+        )
+        assert ".safetensors" in await refused({"diffusion_model": "README.md"})
+        assert "hf.co/<org>/<repo>/<file>" in await refused({"diffusion_model": "hf.co/org/x.gguf"})
+        assert "Hugging Face repo" in await refused(
+            {"diffusion_model": "a.gguf"}, model="registry.example/lib/flux:latest"
+        )
+    finally:
+        upstream.stop()
+
+
+async def test_api_pull_validates_parts(tmp_path: Path) -> None:
+    settings = Settings(models_dir=tmp_path / "models", images_dir=tmp_path / "images")
+    async with TestClient(TestServer(create_app(settings, make_registry(settings)))) as client:
+        for parts in ({"diffusion_model": 5}, ["diffusion_model"], {f"p{i}": "f.gguf" for i in range(9)},
+                      {"diffusion_model": ""}):  # fmt: skip
+            r = await client.post("/api/pull", json={"model": "hf.co/o/r", "parts": parts})
+            body = await r.json()
+            assert r.status == 400 and "parts" in body["error"], body
+        for stream in (True, False):  # refused before the Hub is asked, before any record
+            r = await client.post("/api/pull", json={"model": "hf.co/o/r", "stream": stream,
+                                                     "parts": {"unet": "u.gguf"}})  # fmt: skip
+            body = await r.json()
+            assert r.status == 400, body
+            assert body["error"].startswith("parts: 'unet' is not a part"), body
+
+
+def test_the_cli_sends_parts() -> None:
+    from xllm.cli.main import build_parser
+
+    args = build_parser().parse_args(
+        ["pull", "hf.co/o/r", "--part", "diffusion_model=a.gguf", "--part", "vae=b=c.safetensors"]
+    )
+    assert dict(args.part) == {"diffusion_model": "a.gguf", "vae": "b=c.safetensors"}
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["pull", "hf.co/o/r", "--part", "vae"])
+
+
+async def test_api_pull_with_parts_then_show(tiny_flux: Path, tmp_path: Path) -> None:
+    data = {p.name: p.read_bytes() for p in sorted(tiny_flux.iterdir())}  # noqa: ASYNC240
+    upstream = Upstream()
+    upstream.add_hf_repo("org/flux", {"dit-Q4_0.gguf": data["diffusion_model.gguf"],
+                                      "qwen.gguf": data["llm.gguf"], "tae.gguf": data["taesd.gguf"]})  # fmt: skip
+    upstream.start()
+    try:
+        settings = Settings(models_dir=tmp_path / "models", images_dir=tmp_path / "images",
+                            registry=upstream.url, hf_endpoint=upstream.url)  # fmt: skip
+        app = create_app(settings, make_registry(settings))
+        async with TestClient(TestServer(app)) as client:
+            parts = {"diffusion_model": "dit-Q4_0.gguf", "llm": "qwen.gguf", "taesd": "tae.gguf"}
+            r = await client.post("/api/pull", json={"model": "hf.co/org/flux", "stream": False,
+                                                     "parts": parts})  # fmt: skip
+            assert r.status == 200, await r.text()
+            show = await (await client.post("/api/show", json={"model": "hf.co/org/flux"})).json()
+            assert show["capabilities"] == ["image_generation"]
+            assert show["model_info"]["general.architecture"] == "Flux.2 klein"
+            assert show["model_info"]["diffusion.parts"] == ["diffusion_model", "llm", "taesd"]
     finally:
         upstream.stop()

@@ -21,6 +21,11 @@ def add_parsers(commands: Any) -> None:
     p = commands.add_parser("pull", help="download a model (Hugging Face Hub, Ollama registry)")
     p.add_argument("model", help="name[:tag], org/repo[:quant] or hf.co/org/repo[:quant]")
     p.add_argument("--insecure", action="store_true", help="allow plain HTTP to a registry")
+    p.add_argument(
+        "--part", action="append", default=[], metavar="PART=FILE", type=_part,
+        help="a diffusion model's part (diffusion_model, model, llm, t5xxl, clip_l, clip_g, vae, "
+        "taesd) and its file in the repo, or hf.co/ORG/REPO/FILE; repeat for each part",
+    )  # fmt: skip
     p.set_defaults(func=pull)
     p = commands.add_parser("push", help="upload a model to a registry")
     p.add_argument("model")
@@ -71,8 +76,20 @@ def show_progress(records: Iterator[dict[str, Any]]) -> None:
         progress.finish()
 
 
+def _part(text: str) -> tuple[str, str]:
+    part, sep, file = text.partition("=")
+    if not sep or not part or not file:
+        raise argparse.ArgumentTypeError(f"expected PART=FILE, got {text!r}")
+    return part, file
+
+
 def pull(args: argparse.Namespace) -> int:
-    body = {"model": args.model, "insecure": args.insecure}
+    body: dict[str, Any] = {"model": args.model, "insecure": args.insecure}
+    if args.part:
+        body["parts"] = dict(args.part)
+        if len(body["parts"]) < len(args.part):
+            print("Error: --part names a part twice", file=sys.stderr)
+            return 1
     return _run(lambda: show_progress(client.stream("POST", "/api/pull", body)))
 
 

@@ -17,6 +17,11 @@ format knows becomes a layer. LFS files are verified by their SHA-256 like the G
 files the Hub keeps in git have only a git blob id (SHA-1), so they are fetched here, checked
 against it, and handed to the pull as inline blobs under their SHA-256: nothing becomes a model
 before all verified.
+
+A diffusion model's files are often named freely (`flux-2-klein-4b-Q4_0.gguf`,
+`ae.safetensors`) and spread over repos (the text encoder in its own): a pull may name each
+part's file (`parts`: `diffusion_model` -> a file of the repo, or `hf.co/<org>/<repo>/<file>`),
+and the model is those files under their part names.
 """
 
 from __future__ import annotations
@@ -25,15 +30,17 @@ import asyncio
 import hashlib
 import json
 import re
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import aiohttp
 
 from xllm.config import Settings
 from xllm.errors import Forbidden, InvalidRequest, ModelNotFound, RegistryError
-from xllm.models import download, folders
+from xllm.models import diffusion, download, folders
+from xllm.models.diffusion import part as part_of
 from xllm.models.folders import MODEL_FILE, FolderFormat
-from xllm.models.names import DEFAULT_TAG, ModelName
+from xllm.models.names import DEFAULT_TAG, ModelName, parse_name
 from xllm.models.remote import Remote, Source
 from xllm.models.store import CONFIG_TYPE, MODEL, PROJECTOR, SHARD, Layer, Manifest, ManifestError
 
@@ -41,6 +48,7 @@ if TYPE_CHECKING:
     from huggingface_hub.hf_api import ModelInfo, RepoSibling
 
 DEFAULT_QUANT = "Q4_K_M"
+HF_PREFIX = "hf.co/"
 _SPLIT = re.compile(r"-(\d{5})-of-(\d{5})\.gguf$")
 MAX_INLINE = 16 << 20
 """Files the Hub keeps in git (no LFS, so no SHA-256) are read into memory up to this."""
@@ -140,10 +148,10 @@ def _lfs_layer(sibling: RepoSibling, media: str) -> Layer:
         raise RegistryError(f"the Hub's metadata for {sibling.rfilename}: {e.message}") from None
 
 
-def _url(settings: Settings, name: ModelName, revision: str, filename: str) -> str:
+def _url(settings: Settings, repo: str, revision: str, filename: str) -> str:
     from huggingface_hub import hf_hub_url
 
-    return hf_hub_url(name.repo, filename, revision=revision, endpoint=settings.hf_endpoint)
+    return hf_hub_url(repo, filename, revision=revision, endpoint=settings.hf_endpoint)
 
 
 def _headers() -> dict[str, str]:
@@ -168,7 +176,7 @@ def _remote(settings: Settings, name: ModelName, info: ModelInfo) -> Remote | No
     for filename, kind in zip([*filenames, *filter(None, [projector])], media, strict=True):
         layer = _lfs_layer(siblings[filename], kind)
         layers.append(layer)
-        sources[layer.digest] = Source(_url(settings, name, revision, filename), _headers())
+        sources[layer.digest] = Source(_url(settings, name.repo, revision, filename), _headers())
     source: dict[str, Any] = {
         "hub": endpoint,
         "repo": name.repo,
@@ -240,19 +248,15 @@ async def _folder_remote(
     revision = info.sha or "main"
     siblings = {s.rfilename: s for s in info.siblings or []}
     chosen = folders.select(fmt, list(siblings), name.tag, name.repo)
-    layers, sources, inline, files = [], {}, {}, {}
+    layers: list[Layer] = []
+    sources: dict[str, Source] = {}
+    inline: dict[str, bytes] = {}
+    files: dict[str, str] = {}
     async with download.session() as http:
         for filename, path in sorted(chosen.items()):
-            sibling = siblings[path]
             media = fmt.weights if fmt.is_weights(filename) else MODEL_FILE
-            url = _url(settings, name, revision, path)
-            if sibling.lfs is not None:
-                layer = _lfs_layer(sibling, media)
-                sources[layer.digest] = Source(url, _headers())
-            else:
-                data = await _git_file(http, sibling, url)
-                layer = Layer(media, "sha256:" + hashlib.sha256(data).hexdigest(), len(data))
-                inline[layer.digest] = data
+            url = _url(settings, name.repo, revision, path)
+            layer = await _file_layer(http, siblings[path], url, media, sources, inline)
             layers.append(layer)
             files[filename] = layer.digest
     source = {"hub": endpoint, "repo": name.repo, "revision": revision}
@@ -260,6 +264,104 @@ async def _folder_remote(
         source["file"] = next(p for n, p in chosen.items() if n.endswith(".onnx"))
     config = {"model_format": fmt.name, "files": files, "source": source}
     return _with_config(f"{endpoint}/{name.repo}", config, layers, sources, inline)
+
+
+async def _file_layer(
+    http: aiohttp.ClientSession,
+    sibling: RepoSibling,
+    url: str,
+    media: str,
+    sources: dict[str, Source],
+    inline: dict[str, bytes],
+) -> Layer:
+    """The layer of a repo's file: where an LFS file is fetched from goes in `sources`; a
+    small file the Hub keeps in git is fetched now, verified, and put in `inline`."""
+    if sibling.lfs is not None:
+        layer = _lfs_layer(sibling, media)
+        sources[layer.digest] = Source(url, _headers())
+        return layer
+    data = await _git_file(http, sibling, url)
+    layer = Layer(media, "sha256:" + hashlib.sha256(data).hexdigest(), len(data))
+    inline[layer.digest] = data
+    return layer
+
+
+def part_files(repo: str, parts: Mapping[str, str]) -> dict[str, tuple[str, str]]:
+    """A diffusion model's parts as named on a pull (`diffusion_model` -> `flux-Q4_0.gguf`, a
+    file of `repo`, or `hf.co/<org>/<repo>/<path>`, a file of another repo): the file name
+    each takes in the model (`diffusion_model.gguf`) -> (repo, path); a 400 naming `parts`
+    for parts that are not stable-diffusion.cpp's or do not make a model."""
+    wanted: dict[str, tuple[str, str]] = {}
+    for role, spec in parts.items():
+        if role not in diffusion.PARTS:
+            raise InvalidRequest(
+                f"parts: {role[:40]!r} is not a part of a diffusion model (one of "
+                f"{', '.join(diffusion.PARTS)})",
+                param="parts",
+            )
+        where, path = repo, spec
+        if spec.startswith(HF_PREFIX):
+            pieces = spec.removeprefix(HF_PREFIX).split("/", 2)
+            if len(pieces) < 3 or not all(pieces):
+                raise InvalidRequest(
+                    f"parts: {role}: expected a file of the repo or hf.co/<org>/<repo>/<file>, "
+                    f"got {spec[:200]!r}",
+                    param="parts",
+                )
+            where, path = f"{pieces[0]}/{pieces[1]}", pieces[2]
+        ext = path.rsplit(".", 1)[-1].lower()
+        if ext not in ("gguf", "safetensors"):
+            raise InvalidRequest(
+                f"parts: {role}: {path[:200]!r} is neither a .gguf nor a .safetensors file",
+                param="parts",
+            )
+        wanted[f"{role}.{ext}"] = (where, path)
+    if not diffusion.complete(wanted):
+        raise InvalidRequest(
+            "parts: a diffusion model needs model (a whole checkpoint) or diffusion_model, and "
+            "takes at most one of each of clip_l, clip_g, t5xxl, llm, vae and taesd",
+            param="parts",
+        )
+    return wanted
+
+
+async def _parts_remote(
+    settings: Settings, name: ModelName, info: ModelInfo, parts: Mapping[str, str]
+) -> Remote:
+    """A diffusion model of the files a pull names by part, from this repo or others."""
+    wanted = part_files(name.repo, parts)
+    infos = {name.repo: info}
+    for repo in sorted({r for r, _ in wanted.values()} - infos.keys()):
+        try:
+            other = parse_name(f"{HF_PREFIX}{repo}")
+        except InvalidRequest as e:
+            raise InvalidRequest(f"parts: {e.message}", param="parts") from None
+        infos[repo] = await asyncio.to_thread(_model_info, settings, other)
+    fmt = folders.FORMATS["diffusion"]
+    layers: list[Layer] = []
+    sources: dict[str, Source] = {}
+    inline: dict[str, bytes] = {}
+    files: dict[str, str] = {}
+    origins: dict[str, str] = {}
+    async with download.session() as http:
+        for filename, (repo, path) in sorted(wanted.items()):
+            siblings = {s.rfilename: s for s in infos[repo].siblings or []}
+            if path not in siblings:
+                raise ModelNotFound(
+                    f"parts: {part_of(filename)}: {HF_PREFIX}{repo} has no file {path[:200]!r}",
+                    param="parts",
+                )
+            revision = infos[repo].sha or "main"
+            url = _url(settings, repo, revision, path)
+            media = fmt.weights if fmt.is_weights(filename) else MODEL_FILE
+            layer = await _file_layer(http, siblings[path], url, media, sources, inline)
+            layers.append(layer)
+            files[filename] = layer.digest
+            origins[filename] = f"{repo}/{path}@{revision}"
+    source = {"hub": settings.hf_endpoint, "repo": name.repo, "revision": info.sha or "main",
+              "parts": origins}  # fmt: skip
+    config = {"model_format": fmt.name, "files": files, "source": source}
+    return _with_config(f"{settings.hf_endpoint}/{name.repo}", config, layers, sources, inline)
 
 
 async def _git_file(http: aiohttp.ClientSession, sibling: RepoSibling, url: str) -> bytes:
@@ -281,10 +383,14 @@ async def _git_file(http: aiohttp.ClientSession, sibling: RepoSibling, url: str)
     return data
 
 
-async def hub_remote(settings: Settings, name: ModelName) -> Remote:
-    """The Hub's GGUF or folder model for `name` (huggingface_hub is synchronous: its calls
-    run in a thread)."""
+async def hub_remote(
+    settings: Settings, name: ModelName, parts: Mapping[str, str] | None = None
+) -> Remote:
+    """The Hub's GGUF or folder model for `name`, or the diffusion model of the files `parts`
+    names (huggingface_hub is synchronous: its calls run in a thread)."""
     info = await asyncio.to_thread(_model_info, settings, name)
+    if parts:
+        return await _parts_remote(settings, name, info, parts)
     remote = await asyncio.to_thread(_remote, settings, name, info)
     if remote is not None:
         return remote

@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 
 import aiohttp
 from yarl import URL
@@ -24,7 +24,7 @@ from xllm.config import Settings
 from xllm.errors import InsufficientStorage, InvalidRequest, ModelNotFound, RegistryError
 from xllm.models import download, projector
 from xllm.models.download import Progress
-from xllm.models.hub import NotOnHub, hub_remote
+from xllm.models.hub import NotOnHub, hub_remote, part_files
 from xllm.models.names import DEFAULT_HOST, DEFAULT_NAMESPACE, ModelName
 from xllm.models.remote import Remote, registry_base, registry_remote, repo_url
 from xllm.models.store import CHUNK, MANIFEST_TYPE, PROJECTOR, Layer, Manifest, Store
@@ -40,8 +40,16 @@ def short(digest: str) -> str:
 
 
 async def find_remote(
-    http: aiohttp.ClientSession, settings: Settings, name: ModelName, insecure: bool
+    http: aiohttp.ClientSession,
+    settings: Settings,
+    name: ModelName,
+    insecure: bool,
+    parts: Mapping[str, str] | None = None,
 ) -> Remote:
+    """`parts` (a diffusion model's files by part) are taken from the Hub only."""
+    if parts:
+        check_parts(name, parts)
+        return await hub_remote(settings, name, parts)
     if name.is_hf:
         return await hub_remote(settings, name)
     if name.host == DEFAULT_HOST and name.namespace != DEFAULT_NAMESPACE:
@@ -52,13 +60,32 @@ async def find_remote(
     return await registry_remote(http, settings, name, insecure)
 
 
+def check_parts(name: ModelName, parts: Mapping[str, str] | None) -> None:
+    """A 400 naming `parts` for parts of a name that is not a Hub repo's, or that are not a
+    diffusion model's (before anything is fetched)."""
+    if not parts:
+        return
+    if not (name.is_hf or (name.host == DEFAULT_HOST and name.namespace != DEFAULT_NAMESPACE)):
+        raise InvalidRequest(
+            f"parts: name the files of a Hugging Face repo (hf.co/<org>/<repo>), not of "
+            f"{name.display!r}",
+            param="parts",
+        )
+    part_files(name.repo, parts)
+
+
 async def pull(
-    store: Store, settings: Settings, name: ModelName, insecure: bool = False
+    store: Store,
+    settings: Settings,
+    name: ModelName,
+    insecure: bool = False,
+    parts: Mapping[str, str] | None = None,
 ) -> AsyncGenerator[Progress, None]:
-    """Fetch `name` into the store; yields progress records, raises XllmError on failure."""
+    """Fetch `name` into the store (a Hub repo's diffusion model of the files `parts` names,
+    when given); yields progress records, raises XllmError on failure."""
     yield {"status": "pulling manifest"}
     async with download.session() as http:
-        remote = await find_remote(http, settings, name, insecure)
+        remote = await find_remote(http, settings, name, insecure, parts)
         if remote.manifest.format is None:
             raise RegistryError(f"{remote.origin}: the manifest of {name} has no model layer")
         blobs = remote.manifest.blobs()

@@ -276,7 +276,8 @@ async def pull_model(request: web.Request) -> web.StreamResponse:
     body = await parse_body(request, PullRequest)
     name = model_name(body.target())
     request[MODEL_NAME] = name.display
-    records = pull.pull(store_of(request), request.app[SETTINGS], name, body.insecure)
+    pull.check_parts(name, body.parts)
+    records = pull.pull(store_of(request), request.app[SETTINGS], name, body.insecure, body.parts)
     return await progress_response(request, records, body.stream)
 
 

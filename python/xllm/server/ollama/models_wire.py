@@ -20,14 +20,24 @@ class _Named(Wire):
         return self.model or self.name
 
 
-class PullRequest(_Named):
+class PushRequest(_Named):
     insecure: bool = False
     """Allow plain HTTP to a registry named by host."""
     stream: bool = True
 
 
-class PushRequest(PullRequest):
-    pass
+class PullRequest(PushRequest):
+    parts: (
+        Annotated[
+            dict[
+                Annotated[str, Field(max_length=40)],
+                Annotated[str, Field(min_length=1, max_length=1000)],
+            ],
+            Field(max_length=8),
+        ]
+        | None
+    ) = None
+    """xllm's: a diffusion model's files by part, from a Hugging Face repo (models/hub.py)."""
 
 
 class DeleteRequest(_Named):
