@@ -462,16 +462,22 @@ async def test_room_beyond_a_plan_unloads_idle_others_or_refuses(rig: Rig) -> No
     s = rig.make(budget=3072 * MiB)
     a, b = await s.get("a"), await s.get("b")
     await rig.clock.advance(5)
-    await s.room("b", 0, "nothing")
-    await s.room("b", 1024 * MiB, "a large image")  # fits beside both
-    assert not a.closed
-    await s.room("b", 2048 * MiB, "a larger image")  # a goes, never b itself
+    async with s.room("b", 0, "nothing"), s.room("b", 1024 * MiB, "a large image"):
+        assert not a.closed  # it fits beside both
+        with pytest.raises(InsufficientMemory, match="for another image on b"):
+            async with s.room("b", 2048 * MiB, "another image"):  # held: a goes, still short
+                pass
     assert a.closed and list(s.loaded) == ["b"]
+    async with s.room("b", 2048 * MiB, "a larger image"):  # the held bytes were given back
+        pass
     with pytest.raises(
         InsufficientMemory, match=r"for a huge image on b: it needs 3072 MiB beyond"
     ):
-        await s.room("b", 3072 * MiB, "a huge image")
+        async with s.room("b", 3072 * MiB, "a huge image"):
+            pass
     assert not b.closed
+    await s.get("c")  # nothing is held any more: c loads beside b
+    assert list(s.loaded) == ["b", "c"]
 
 
 async def test_abort_and_close(rig: Rig) -> None:

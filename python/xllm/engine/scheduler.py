@@ -14,11 +14,12 @@ them (`smollm2:135m`); finding them is the registry's business.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import itertools
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
@@ -144,6 +145,8 @@ class Scheduler(Generic[E]):
         self._loading_kind: dict[str, str] = {}
         self._watcher: asyncio.Task[None] | None = None
         self._restarts: set[asyncio.Task[None]] = set()
+        self._reserved = 0
+        """Bytes requests hold beyond their models' plans (`room`)."""
 
     @property
     def loaded(self) -> dict[str, E]:
@@ -271,10 +274,12 @@ class Scheduler(Generic[E]):
             )
 
     def _available(self) -> int:
-        """RAM a new model may use: the budget minus loaded models' plans, or what is free."""
+        """RAM a new model may use: the budget minus loaded models' plans, or what is free;
+        less what requests hold beyond their models' plans (`room`)."""
         if self.budget is not None:
-            return self.budget - sum(m.plan.ram for m in self._loaded.values() if m.plan)
-        return int(self.probe.ram()[1] * (1 - planner.SAFETY))
+            planned = sum(m.plan.ram for m in self._loaded.values() if m.plan)
+            return self.budget - planned - self._reserved
+        return int(self.probe.ram()[1] * (1 - planner.SAFETY)) - self._reserved
 
     def _least_valuable(self, idle: list[E]) -> E:
         """Lowest priority first, then least recently used."""
@@ -285,15 +290,23 @@ class Scheduler(Generic[E]):
         """Unload idle models (lowest priority, then least recently used) until `plan` fits."""
         await self._free(plan.ram, f"to load {key}: it needs {plan.describe()}")
 
-    async def room(self, key: str, extra: int, what: str) -> None:
-        """Make room for `extra` bytes of RAM that loaded instance `key` is about to take
-        beyond its plan (`what` a request asks for, like a large image), unloading idle models
-        other than it; InsufficientMemory when that is not enough."""
-        if extra > 0:
+    @contextlib.asynccontextmanager
+    async def room(self, key: str, extra: int, what: str) -> AsyncIterator[None]:
+        """Make room for `extra` bytes of RAM that loaded instance `key` takes beyond its plan
+        while the block runs (`what` a request asks for, like a large image), unloading idle
+        models other than it; InsufficientMemory when that is not enough. The bytes are held
+        until the block ends: other loads and requests see them as taken."""
+        extra = max(extra, 0)
+        if extra:
             mib = extra / planner.MiB
             await self._free(
                 extra, f"for {what} on {key}: it needs {mib:.0f} MiB beyond its plan", key
             )
+        self._reserved += extra
+        try:
+            yield
+        finally:
+            self._reserved -= extra
 
     async def _free(self, need: int, why: str, keep: str | None = None) -> None:
         """Unload idle models but `keep` (lowest priority, then least recently used) until

@@ -3,7 +3,7 @@
 
 `size` is any `WxH` up to `images.max_pixels` (the image comes back at exactly that size); a
 diffusion model's memory plan holds a 512x512 image, and a larger one's extra memory is made
-room for (idle models unloaded) before it is queued, or refused with a 507 naming `size`;
+room for (idle models unloaded) and held while it is made, or refused with a 507 naming `size`;
 `n` images come from seeds `seed`, `seed + 1`... (a random seed when none is given), so the
 same seed and prompt give the same bytes. `response_format` `url` (the default, as OpenAI's)
 writes the files under `images.directory` for `images.ttl_hours`; `b64_json` writes nothing.
@@ -18,9 +18,11 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import re
 import secrets
 import time
+from collections.abc import AsyncIterator
 from typing import Annotated, Literal
 
 from aiohttp import web
@@ -85,10 +87,9 @@ class ImageRequest(Wire):
         return (int(m.group(1)), int(m.group(2))) if m else DEFAULT_SIZE
 
 
-async def _painter(request: web.Request, body: ImageRequest, width: int, height: int) -> Painter:
-    """The model, loaded, if its engine paints, with room made for an image of that size; a 400
-    naming `model` before loading one that cannot, a 507 naming `size` when the image needs
-    more memory than is left."""
+async def _painter(request: web.Request, body: ImageRequest) -> tuple[str, Painter]:
+    """The model, loaded, if its engine paints (its instance's key and it); a 400 naming
+    `model` before loading one that cannot."""
     registry = request.app[REGISTRY]
     found = registry.find(body.model)
     manifest, architecture = await asyncio.to_thread(registry.engine_for, found, body.engine)
@@ -104,13 +105,23 @@ async def _painter(request: web.Request, body: ImageRequest, width: int, height:
             f"model: the {engine.kind} engine serving {body.model!r} cannot generate images",
             param="model",
         )
-    try:
-        await registry.scheduler.room(
-            engine.key, engine.extra_memory(width, height), f"a {width}x{height} image"
-        )
-    except InsufficientMemory as e:
-        raise InsufficientMemory(f"size: {e.message}", param="size") from None
-    return engine
+    return engine.key, engine
+
+
+@contextlib.asynccontextmanager
+async def _room(
+    request: web.Request, key: str, painter: Painter, width: int, height: int
+) -> AsyncIterator[None]:
+    """The memory an image of that size takes beyond the model's plan, held while it is made;
+    a 507 naming `size` when it is not there."""
+    extra = painter.extra_memory(width, height)
+    room = request.app[REGISTRY].scheduler.room(key, extra, f"a {width}x{height} image")
+    async with contextlib.AsyncExitStack() as held:
+        try:
+            await held.enter_async_context(room)
+        except InsufficientMemory as e:
+            raise InsufficientMemory(f"size: {e.message}", param="size") from None
+        yield
 
 
 async def generations(request: web.Request) -> web.StreamResponse:
@@ -123,16 +134,17 @@ async def generations(request: web.Request) -> web.StreamResponse:
             "(images.max_pixels)",
             param="size",
         )
-    painter = await _painter(request, body, width, height)
+    key, painter = await _painter(request, body)
     seed = body.seed if body.seed is not None and body.seed >= 0 else secrets.randbelow(2**31)
     job = ImageGeneration(
         prompt=body.prompt, width=width, height=height, n=body.n, seed=seed,
         negative_prompt=body.negative_prompt, steps=body.steps, cfg_scale=body.cfg_scale,
         sampler=body.sampler, output_format=body.output_format, quality=body.output_compression,
     )  # fmt: skip
-    painting = await painter.paint(job)
-    request.setdefault(GENERATIONS, []).append(painting)
-    images = await painting.images(lambda: peer_gone(request))
+    async with _room(request, key, painter, width, height):
+        painting = await painter.paint(job)
+        request.setdefault(GENERATIONS, []).append(painting)
+        images = await painting.images(lambda: peer_gone(request))
     if len(images) != body.n:  # the client left: nobody reads an answer
         return web.Response(status=499)
     data: list[dict[str, str]] = []
