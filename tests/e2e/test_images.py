@@ -43,7 +43,11 @@ def images_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     s = start_server(
         tmp,
         ["--model", str(folder), "--model", "smollm2:135m", "--ctx-size", "512"],
-        env={"XLLM_IMAGES_TTL_HOURS": str(TTL_S / 3600), "XLLM_LOG": "debug"},
+        env={
+            "XLLM_IMAGES_TTL_HOURS": str(TTL_S / 3600),
+            "XLLM_LOG": "debug",
+            "XLLM_MEMORY_BUDGET": "3GiB",
+        },
         wait_model=False,
     )
     yield s
@@ -175,6 +179,18 @@ def test_bad_requests_are_400s_naming_the_field(
     r = generate(images_server, **body)
     assert r.status_code == 400, r.text
     assert r.json()["error"]["param"] == param
+
+
+def test_an_image_larger_than_the_memory_left_is_a_507_naming_size(images_server: Server) -> None:
+    """2048x2048 is within images.max_pixels, but takes about 7.5 GiB beyond the model's plan,
+    more than the 3 GiB budget holds: refused before it runs, and the model stays served."""
+    r = generate(images_server, prompt="too large", size="2048x2048")
+    assert r.status_code == 507, r.text
+    error = r.json()["error"]
+    assert error["param"] == "size" and error["code"] == "insufficient_memory"
+    assert "2048x2048" in error["message"] and "beyond its plan" in error["message"]
+    ok = generate(images_server, prompt="small", size="16x16", response_format="b64_json")
+    assert ok.status_code == 200, ok.text
 
 
 def test_an_image_model_asked_to_chat_is_a_400(images_server: Server) -> None:
