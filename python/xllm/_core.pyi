@@ -124,8 +124,8 @@ def read_deltas(fd: int) -> list[Delta] | None:
 class Engine:
     """Continuous-batching engine over one llama context made by llama-cpp-python.
 
-    `ctx` and `vocab` (and a vision model's `mtmd_ctx`) are integer addresses that must stay
-    valid until `close()`.
+    `ctx` and `vocab` (and a vision model's `mtmd_ctx`, a draft model's `draft_ctx`) are
+    integer addresses that must stay valid until `close()`.
     """
 
     def __new__(
@@ -148,6 +148,7 @@ class Engine:
         speculation: bool = True,
         kv_dir: str | None = None,
         kv_max_bytes: int = 0,
+        draft_ctx: int = 0,
     ) -> Self: ...
     def tokenize_media(
         self,

@@ -155,12 +155,21 @@ def _speculative(key: str, value: Any) -> str:
 
 
 def _speculative_models(key: str, value: Any) -> tuple[tuple[str, str], ...]:
-    """`{model: ngram|none}` in config.yaml, `model=ngram,other=none` in the environment."""
+    """`{model: mode}` in config.yaml, `model=ngram,other=none` in the environment."""
     if isinstance(value, str):
         value = dict(p.split("=", 1) for p in value.split(",") if "=" in p)
     if not isinstance(value, dict):
-        raise ConfigError(f"{key}: expected a mapping of model to ngram or none")
+        raise ConfigError(f"{key}: expected a mapping of model to a speculation mode")
     return tuple((str(k).strip(), _speculative(f"{key}.{k}", v)) for k, v in value.items())
+
+
+def _draft_models(key: str, value: Any) -> tuple[tuple[str, str], ...]:
+    """`{model: draft model}` in config.yaml, `model=draft,other=draft2` in the environment."""
+    if isinstance(value, str):
+        value = dict(p.split("=", 1) for p in value.split(",") if "=" in p)
+    if not isinstance(value, dict):
+        raise ConfigError(f"{key}: expected a mapping of model to its draft model")
+    return tuple((str(k).strip(), _str(f"{key}.{k}", v)) for k, v in value.items())
 
 
 FLAVOURS = ("openai", "vllm", "llama-server", "xllm")
@@ -352,9 +361,14 @@ class Settings:
     cache_max_bytes: int = 10 * 2**30
     """Disk the saved KV state of each model may take; the least recently used goes first."""
     speculative: str = "none"
-    """Draft-free speculation for requests that do not choose: ngram (prompt lookup) or none."""
+    """Speculation for requests that do not choose: ngram, draft, auto or none (SPECULATIVE)."""
     speculative_models: tuple[tuple[str, str], ...] = ()
-    """(model, ngram|none): models that speculate otherwise than `speculative` says."""
+    """(model, a SPECULATIVE mode): models that speculate otherwise than `speculative` says."""
+    draft_model: str | None = None
+    """A draft model (name or GGUF file) loaded beside every model for draft-model speculation;
+    each must share its vocabulary."""
+    draft_models: tuple[tuple[str, str], ...] = ()
+    """(model, draft model): models with a draft model of their own."""
 
     @property
     def home(self) -> Path:
@@ -460,6 +474,8 @@ _KEYS: tuple[_Key, ...] = (
         "XLLM_SPECULATIVE_MODELS",
         lambda k, v: _speculative_models(k, v),
     ),
+    _Key("draft_model", "inference.draft_model", "XLLM_DRAFT_MODEL", _str),
+    _Key("draft_models", "models.draft_model", "XLLM_DRAFT_MODELS", _draft_models),
     _Key("gpu_layers", "gpu.layers", "XLLM_GPU_LAYERS", _int),
     _Key(
         "keep_alive",

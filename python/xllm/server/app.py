@@ -46,6 +46,7 @@ def engine_options(settings: Settings) -> EngineOptions:
         max_queue=settings.max_queue,
         keep_alive_s=settings.keep_alive,
         speculative=settings.speculative,
+        draft_model=settings.draft_model,
         kv_dir=str(settings.cache_dir) if settings.cache_persist else None,
         kv_max_bytes=settings.cache_max_bytes,
     )
@@ -60,6 +61,7 @@ def make_registry(settings: Settings, engines: Engines | None = None) -> ModelRe
         store=Store(settings.models_dir),
         replicas=dict(settings.replicas),
         speculative=dict(settings.speculative_models),
+        drafts=dict(settings.draft_models),
         high_watermark=settings.memory_high_watermark,
         engines=engines,
         remotes=Remotes.of(settings.remote),

@@ -3,6 +3,7 @@
 use std::sync::Arc;
 
 use super::batcher::{Backend, BatchItem};
+use super::draft_model::DraftModel;
 use super::types::{Params, TokenLogprob};
 use crate::llama::{
     c_string, Api, Ctx, LogitBias, Memory, RawBatch, Sampler, TokenData, TokenDataArray, Vocab,
@@ -305,25 +306,7 @@ impl Backend for LlamaBackend {
     }
 
     fn decode(&mut self, items: &[BatchItem]) -> Result<(), String> {
-        assert!(items.len() <= self.capacity, "batch larger than allocated");
-        let b = &mut self.batch;
-        // SAFETY: the arrays were allocated for `capacity` tokens with one seq id each.
-        unsafe {
-            for (i, item) in items.iter().enumerate() {
-                *b.token.add(i) = item.token;
-                *b.pos.add(i) = item.pos;
-                *b.n_seq_id.add(i) = 1;
-                *(*b.seq_id.add(i)) = item.seq;
-                *b.logits.add(i) = i8::from(item.output);
-            }
-            b.n_tokens = items.len() as i32;
-            match (self.api.llama_decode)(self.ctx, *b) {
-                0 => Ok(()),
-                1 => Err("no room left in the KV cache".into()),
-                2 => Err("aborted".into()),
-                code => Err(format!("error {code}")),
-            }
-        }
+        decode_into(&self.api, self.ctx, &mut self.batch, self.capacity, items)
     }
 
     fn decode_embd(
@@ -429,6 +412,98 @@ impl Backend for LlamaBackend {
     fn piece(&self, token: i32) -> Vec<u8> {
         // SAFETY: vocab is valid while the model lives.
         unsafe { self.api.piece(self.vocab, token) }
+    }
+}
+
+/// The draft model's context (`draft_model::DraftModel`): greedy guesses over its logits.
+pub struct LlamaDraft {
+    api: Arc<Api>,
+    ctx: Ctx,
+    mem: Memory,
+    n_vocab: i32,
+    batch: RawBatch,
+    capacity: usize,
+}
+
+// SAFETY: as `LlamaBackend`: the engine thread alone uses the context.
+unsafe impl Send for LlamaDraft {}
+
+impl LlamaDraft {
+    /// # Safety
+    /// `ctx` must be a live llama context of a model with `n_vocab` tokens, made by
+    /// llama-cpp-python, that outlives this and that no one else uses meanwhile.
+    pub unsafe fn new(api: Arc<Api>, ctx: Ctx, n_vocab: i32, capacity: usize) -> Self {
+        let batch = (api.llama_batch_init)(capacity as i32, 0, 1);
+        let mem = (api.llama_get_memory)(ctx);
+        Self {
+            api,
+            ctx,
+            mem,
+            n_vocab,
+            batch,
+            capacity,
+        }
+    }
+}
+
+impl Drop for LlamaDraft {
+    fn drop(&mut self) {
+        // SAFETY: allocated by llama_batch_init in new().
+        unsafe { (self.api.llama_batch_free)(self.batch) }
+    }
+}
+
+impl DraftModel for LlamaDraft {
+    fn decode(&mut self, items: &[BatchItem]) -> Result<(), String> {
+        decode_into(&self.api, self.ctx, &mut self.batch, self.capacity, items)
+    }
+
+    fn top(&mut self, index: i32, with_p: bool) -> (i32, f32) {
+        // SAFETY: row `index` of the last decode had its logits computed (n_vocab floats).
+        let logits = unsafe {
+            let ptr = (self.api.llama_get_logits_ith)(self.ctx, index);
+            std::slice::from_raw_parts(ptr, self.n_vocab as usize)
+        };
+        let token = argmax(logits);
+        if !with_p {
+            return (token, 1.0);
+        }
+        let max = logits[token as usize];
+        let sum: f32 = logits.iter().map(|l| (l - max).exp()).sum();
+        (token, 1.0 / sum)
+    }
+
+    fn seq_rm(&mut self, seq: i32, from: i32) -> bool {
+        // SAFETY: valid memory handle of the draft's context.
+        unsafe { (self.api.llama_memory_seq_rm)(self.mem, seq, from, -1) }
+    }
+}
+
+/// One llama_decode of `items` through a batch allocated for `capacity` rows.
+fn decode_into(
+    api: &Api,
+    ctx: Ctx,
+    b: &mut RawBatch,
+    capacity: usize,
+    items: &[BatchItem],
+) -> Result<(), String> {
+    assert!(items.len() <= capacity, "batch larger than allocated");
+    // SAFETY: the arrays were allocated for `capacity` tokens with one seq id each.
+    unsafe {
+        for (i, item) in items.iter().enumerate() {
+            *b.token.add(i) = item.token;
+            *b.pos.add(i) = item.pos;
+            *b.n_seq_id.add(i) = 1;
+            *(*b.seq_id.add(i)) = item.seq;
+            *b.logits.add(i) = i8::from(item.output);
+        }
+        b.n_tokens = items.len() as i32;
+        match (api.llama_decode)(ctx, *b) {
+            0 => Ok(()),
+            1 => Err("no room left in the KV cache".into()),
+            2 => Err("aborted".into()),
+            code => Err(format!("error {code}")),
+        }
     }
 }
 

@@ -13,7 +13,9 @@
 
 pub mod backend;
 pub mod batcher;
+pub mod costs;
 pub mod draft;
+pub mod draft_model;
 pub mod kvstore;
 pub mod types;
 pub mod vision;
@@ -114,12 +116,14 @@ pub struct Engine {
 
 impl Engine {
     /// Start the loop (and, with an `encoder`, the encoder thread: images are refused without).
+    /// A `draft` model drafts for the requests that ask for it.
     pub fn start<B>(
         backend: B,
         encoder: Option<Box<dyn Encoder>>,
         limits: Limits,
         batch_size: usize,
         disk: Option<kvstore::DiskCache>,
+        draft: Option<Box<dyn draft_model::DraftModel>>,
     ) -> std::io::Result<Self>
     where
         B: Backend + Send + 'static,
@@ -131,6 +135,8 @@ impl Engine {
         let shared = Arc::new(Shared::default());
         let mut batcher = Batcher::new(backend, limits.parallel, limits.ctx_size, batch_size);
         batcher.disk = disk;
+        batcher.drafts =
+            draft.map(|d| draft_model::ModelDrafts::new(d, limits.parallel, batch_size));
         let thread_shared = shared.clone();
         let threads = limits.threads;
         let thread = std::thread::Builder::new()
@@ -575,8 +581,8 @@ mod tests {
             threads: (4, 2),
         };
         let backend = SlowVision(threads.clone());
-        let engine =
-            Engine::start(backend, Some(Box::new(SlowEncoder)), limits, 8, None).expect("engine");
+        let engine = Engine::start(backend, Some(Box::new(SlowEncoder)), limits, 8, None, None)
+            .expect("engine");
         engine.submit(request(1)).expect("text");
         std::thread::sleep(Duration::from_millis(50));
         let mut image = request(2);
@@ -630,7 +636,7 @@ mod tests {
             n_vocab: 10,
             threads: (0, 0),
         };
-        let engine = Engine::start(Slow, None, limits, 8, None).expect("engine");
+        let engine = Engine::start(Slow, None, limits, 8, None, None).expect("engine");
         let mut r = request(1);
         r.prompt = vec![1, -1];
         r.images = vec![Arc::new(ImageInput {
@@ -660,7 +666,7 @@ mod tests {
             n_vocab: 10,
             threads: (0, 0),
         };
-        let engine = Engine::start(Slow, None, limits, 8, None).expect("engine");
+        let engine = Engine::start(Slow, None, limits, 8, None, None).expect("engine");
         engine.submit(request(1)).expect("runs");
         engine.submit(request(2)).expect("waits");
         assert_eq!(engine.submit(request(3)), Err(SubmitError::QueueFull(1)));
@@ -691,7 +697,7 @@ mod tests {
             threads: (0, 0),
         };
         let (ours, theirs) = UnixDatagram::pair().expect("pair");
-        let mut engine = Engine::start(Slow, None, limits, 8, None).expect("engine");
+        let mut engine = Engine::start(Slow, None, limits, 8, None, None).expect("engine");
         engine.send_to(theirs);
         engine.submit(request(1)).expect("runs");
         let mut buf = vec![0u8; wire::PACKET];
