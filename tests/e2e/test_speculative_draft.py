@@ -13,6 +13,10 @@ holds only up to that, as the README says. SmolLM2's Q4_1 decodes alike either w
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -155,3 +159,34 @@ def test_a_draft_of_another_vocabulary_is_refused_naming_both(
         assert r.status_code == 500 and "cannot draft for it" in r.text, r.text
     finally:
         stop_server(server)
+
+
+def test_a_crash_while_drafting_takes_down_only_the_runner(draft_server: Server) -> None:
+    """The draft model runs in its target's runner: a crash there (SIGSEGV, as a bad decode
+    would raise) ends that model's requests with an error; the server stays up and the next
+    request loads both models again."""
+    health = httpx.get(f"{draft_server.url}/v0/health").json()
+    pid = next(m["runner_pid"] for m in health["models"] if m["name"] == MODEL)
+    body = {"model": MODEL, "prompt": "Count:", "max_tokens": 400, "ignore_eos": True}
+    lines: list[str] = []
+
+    def crash_after_first_token() -> None:
+        while not lines:
+            time.sleep(0.01)
+        os.kill(pid, signal.SIGSEGV)
+
+    crasher = threading.Thread(target=crash_after_first_token)
+    crasher.start()
+    stream = {**body, **DRAFT, "stream": True}
+    with httpx.stream("POST", f"{draft_server.url}/v1/completions", json=stream, timeout=60) as r:
+        assert r.status_code == 200
+        for line in r.iter_lines():
+            if line:
+                lines.append(line)
+    crasher.join()
+    assert any('"error"' in line and "SIGSEGV" in line for line in lines), lines[-3:]
+    assert draft_server.proc.poll() is None
+    again = _run(draft_server, (PROMPTS[0], DRAFT))[0]
+    assert sum(_drafts(again)) > 0
+    health = httpx.get(f"{draft_server.url}/v0/health").json()
+    assert next(m["runner_pid"] for m in health["models"] if m["name"] == MODEL) != pid
