@@ -799,11 +799,11 @@ impl<B: Backend> Batcher<B> {
                 min_p,
             })
             .collect();
-        let (started, decodes) = (Instant::now(), drafts.decodes);
+        let (stepped, steps) = (drafts.stepped, drafts.steps);
         let made = drafts.draft(&wants);
-        if drafts.decodes > decodes {
-            let per_decode = started.elapsed() / (drafts.decodes - decodes) as u32;
-            self.costs.record_draft(per_decode);
+        if drafts.steps > steps {
+            self.costs
+                .record_draft((drafts.stepped - stepped) / (drafts.steps - steps));
         }
         for (i, &(slot, _, _)) in asks.iter().enumerate() {
             if let Some(a) = self.slots[slot].active.as_mut() {

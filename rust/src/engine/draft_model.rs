@@ -9,6 +9,8 @@
 //! sequence still drafting, greedily, until `max` tokens or a guess less likely than `min_p`.
 //! Tokens the target rejects leave the draft's cache as they leave the target's (`trim`).
 
+use std::time::{Duration, Instant};
+
 use super::batcher::BatchItem;
 
 /// What drafting needs from the draft model's context.
@@ -36,8 +38,10 @@ pub struct ModelDrafts {
     cached: Vec<Vec<i32>>,
     /// Rows one decode takes.
     capacity: usize,
-    /// Draft-model decodes so far (for tests and metrics).
-    pub decodes: u64,
+    /// Time spent in draft decodes of one token per sequence, and how many (what a drafted
+    /// token costs; catching up a prompt is not counted).
+    pub stepped: Duration,
+    pub steps: u32,
 }
 
 impl ModelDrafts {
@@ -46,7 +50,8 @@ impl ModelDrafts {
             model,
             cached: vec![Vec::new(); parallel],
             capacity: capacity.max(parallel).max(1),
-            decodes: 0,
+            stepped: Duration::ZERO,
+            steps: 0,
         }
     }
 
@@ -89,7 +94,7 @@ impl ModelDrafts {
         }
         let mut last = vec![(0, 0.0f32); asks.len()];
         for (chunk, owners) in rows.chunks(self.capacity).zip(owner.chunks(self.capacity)) {
-            self.decode(chunk)?;
+            self.model.decode(chunk)?;
             for (index, (row, &i)) in chunk.iter().zip(owners).enumerate() {
                 if row.output {
                     last[i] = self.model.top(index as i32, asks[i].min_p > 0.0);
@@ -120,17 +125,15 @@ impl ModelDrafts {
                     output: true,
                 })
                 .collect();
-            self.decode(&rows)?;
+            let started = Instant::now();
+            self.model.decode(&rows)?;
+            self.stepped += started.elapsed();
+            self.steps += 1;
             for (index, &i) in going.iter().enumerate() {
                 self.cached[asks[i].seq as usize].push(last[i].0);
                 last[i] = self.model.top(index as i32, asks[i].min_p > 0.0);
             }
         }
-    }
-
-    fn decode(&mut self, rows: &[BatchItem]) -> Result<(), String> {
-        self.decodes += 1;
-        self.model.decode(rows)
     }
 
     /// The target kept `keep` tokens of a sequence: the draft's cache keeps no more.
