@@ -154,22 +154,15 @@ def _speculative(key: str, value: Any) -> str:
     return text
 
 
-def _speculative_models(key: str, value: Any) -> tuple[tuple[str, str], ...]:
-    """`{model: mode}` in config.yaml, `model=ngram,other=none` in the environment."""
+def _per_model(
+    key: str, value: Any, what: str, parse: Callable[[str, Any], str]
+) -> tuple[tuple[str, str], ...]:
+    """`{model: value}` in config.yaml, `model=value,other=value` in the environment."""
     if isinstance(value, str):
         value = dict(p.split("=", 1) for p in value.split(",") if "=" in p)
     if not isinstance(value, dict):
-        raise ConfigError(f"{key}: expected a mapping of model to a speculation mode")
-    return tuple((str(k).strip(), _speculative(f"{key}.{k}", v)) for k, v in value.items())
-
-
-def _draft_models(key: str, value: Any) -> tuple[tuple[str, str], ...]:
-    """`{model: draft model}` in config.yaml, `model=draft,other=draft2` in the environment."""
-    if isinstance(value, str):
-        value = dict(p.split("=", 1) for p in value.split(",") if "=" in p)
-    if not isinstance(value, dict):
-        raise ConfigError(f"{key}: expected a mapping of model to its draft model")
-    return tuple((str(k).strip(), _str(f"{key}.{k}", v)) for k, v in value.items())
+        raise ConfigError(f"{key}: expected a mapping of model to {what}")
+    return tuple((str(k).strip(), parse(f"{key}.{k}", v)) for k, v in value.items())
 
 
 FLAVOURS = ("openai", "vllm", "llama-server", "xllm")
@@ -472,10 +465,15 @@ _KEYS: tuple[_Key, ...] = (
         "speculative_models",
         "models.speculative",
         "XLLM_SPECULATIVE_MODELS",
-        lambda k, v: _speculative_models(k, v),
+        lambda k, v: _per_model(k, v, "a speculation mode", _speculative),
     ),
     _Key("draft_model", "inference.draft_model", "XLLM_DRAFT_MODEL", _str),
-    _Key("draft_models", "models.draft_model", "XLLM_DRAFT_MODELS", _draft_models),
+    _Key(
+        "draft_models",
+        "models.draft_model",
+        "XLLM_DRAFT_MODELS",
+        lambda k, v: _per_model(k, v, "its draft model", _str),
+    ),
     _Key("gpu_layers", "gpu.layers", "XLLM_GPU_LAYERS", _int),
     _Key(
         "keep_alive",

@@ -12,22 +12,20 @@ holds only up to that, as the README says. SmolLM2's Q4_1 decodes alike either w
 
 from __future__ import annotations
 
-import asyncio
 import os
 import signal
 import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
 
 from tests.conftest import Server, start_server, stop_server
 from tests.e2e.test_metrics import settled, value
+from tests.e2e.test_speculative import MODEL, _drafts, _run, _text
 
-MODEL = "smollm2:135m"
 QWEN = "qwen2.5-coder-0.5b-instruct-q4_k_m:latest"
 CODE = "def add(a, b):\n    return a + b\n\n\ndef sub(a, b):\n    return a - b\n"
 PROMPTS = [
@@ -50,34 +48,6 @@ def draft_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     )
     yield s
     stop_server(s)
-
-
-async def _complete(
-    client: httpx.AsyncClient, prompt: str, max_tokens: int = 24, **extra: Any
-) -> dict[str, Any]:
-    body = {"model": MODEL, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, **extra}
-    r = await client.post("/v1/completions", json=body, timeout=600)
-    assert r.status_code == 200, r.text
-    result: dict[str, Any] = r.json()
-    return result
-
-
-def _run(server: Server, *calls: tuple[str, dict[str, Any]]) -> list[dict[str, Any]]:
-    async def main() -> list[dict[str, Any]]:
-        async with httpx.AsyncClient(base_url=server.url) as client:
-            return list(await asyncio.gather(*(_complete(client, p, **x) for p, x in calls)))
-
-    return asyncio.run(main())
-
-
-def _text(result: dict[str, Any]) -> str:
-    text: str = result["choices"][0]["text"]
-    return text
-
-
-def _drafts(result: dict[str, Any]) -> tuple[int, int]:
-    details = result["usage"]["completion_tokens_details"]
-    return details["accepted_prediction_tokens"], details["rejected_prediction_tokens"]
 
 
 def test_greedy_output_is_the_same_with_the_draft_model_alone_and_among_15_streams(

@@ -18,8 +18,7 @@ pub struct LlamaBackend {
     vocab: Vocab,
     mem: Memory,
     n_vocab: i32,
-    batch: RawBatch,
-    capacity: usize,
+    batch: TokenBatch,
     speculation: bool,
 }
 
@@ -59,16 +58,14 @@ impl LlamaBackend {
         n_vocab: i32,
         capacity: usize,
     ) -> Self {
-        let batch = (api.llama_batch_init)(capacity as i32, 0, 1);
         let mem = (api.llama_get_memory)(ctx);
         Self {
+            batch: TokenBatch::new(api.clone(), capacity),
             api,
             ctx,
             vocab,
             mem,
             n_vocab,
-            batch,
-            capacity,
             speculation: true,
         }
     }
@@ -192,13 +189,6 @@ impl LlamaBackend {
     }
 }
 
-impl Drop for LlamaBackend {
-    fn drop(&mut self) {
-        // SAFETY: allocated by llama_batch_init in new().
-        unsafe { (self.api.llama_batch_free)(self.batch) }
-    }
-}
-
 impl Backend for LlamaBackend {
     type Sampler = Chain;
 
@@ -306,7 +296,7 @@ impl Backend for LlamaBackend {
     }
 
     fn decode(&mut self, items: &[BatchItem]) -> Result<(), String> {
-        decode_into(&self.api, self.ctx, &mut self.batch, self.capacity, items)
+        self.batch.decode(self.ctx, items)
     }
 
     fn decode_embd(
@@ -323,11 +313,11 @@ impl Backend for LlamaBackend {
             return Err("the image's embeddings do not match its token count".into());
         }
         // Attention over an image both ways needs all of it in one micro-batch.
-        if non_causal && n_tokens > self.capacity {
+        let capacity = self.batch.capacity;
+        if non_causal && n_tokens > capacity {
             return Err(format!(
-                "the image takes {n_tokens} tokens, more than the batch size ({}): \
-                 raise --batch-size",
-                self.capacity
+                "the image takes {n_tokens} tokens, more than the batch size ({capacity}): \
+                 raise --batch-size"
             ));
         }
         let mut positions: Vec<i32> = (pos..pos + n_tokens as i32).collect();
@@ -346,8 +336,8 @@ impl Backend for LlamaBackend {
                 (api.llama_set_causal_attn)(self.ctx, false);
             }
             let mut result = Ok(0);
-            for from in (0..n_tokens).step_by(self.capacity) {
-                let n = (n_tokens - from).min(self.capacity);
+            for from in (0..n_tokens).step_by(capacity) {
+                let n = (n_tokens - from).min(capacity);
                 let batch = RawBatch {
                     n_tokens: n as i32,
                     token: std::ptr::null_mut(),
@@ -421,8 +411,7 @@ pub struct LlamaDraft {
     ctx: Ctx,
     mem: Memory,
     n_vocab: i32,
-    batch: RawBatch,
-    capacity: usize,
+    batch: TokenBatch,
 }
 
 // SAFETY: as `LlamaBackend`: the engine thread alone uses the context.
@@ -433,29 +422,20 @@ impl LlamaDraft {
     /// `ctx` must be a live llama context of a model with `n_vocab` tokens, made by
     /// llama-cpp-python, that outlives this and that no one else uses meanwhile.
     pub unsafe fn new(api: Arc<Api>, ctx: Ctx, n_vocab: i32, capacity: usize) -> Self {
-        let batch = (api.llama_batch_init)(capacity as i32, 0, 1);
         let mem = (api.llama_get_memory)(ctx);
         Self {
+            batch: TokenBatch::new(api.clone(), capacity),
             api,
             ctx,
             mem,
             n_vocab,
-            batch,
-            capacity,
         }
-    }
-}
-
-impl Drop for LlamaDraft {
-    fn drop(&mut self) {
-        // SAFETY: allocated by llama_batch_init in new().
-        unsafe { (self.api.llama_batch_free)(self.batch) }
     }
 }
 
 impl DraftModel for LlamaDraft {
     fn decode(&mut self, items: &[BatchItem]) -> Result<(), String> {
-        decode_into(&self.api, self.ctx, &mut self.batch, self.capacity, items)
+        self.batch.decode(self.ctx, items)
     }
 
     fn top(&mut self, index: i32, with_p: bool) -> (i32, f32) {
@@ -479,31 +459,48 @@ impl DraftModel for LlamaDraft {
     }
 }
 
-/// One llama_decode of `items` through a batch allocated for `capacity` rows.
-fn decode_into(
-    api: &Api,
-    ctx: Ctx,
-    b: &mut RawBatch,
+/// A llama batch of up to `capacity` token rows of one sequence each, freed with it.
+struct TokenBatch {
+    api: Arc<Api>,
+    raw: RawBatch,
     capacity: usize,
-    items: &[BatchItem],
-) -> Result<(), String> {
-    assert!(items.len() <= capacity, "batch larger than allocated");
-    // SAFETY: the arrays were allocated for `capacity` tokens with one seq id each.
-    unsafe {
-        for (i, item) in items.iter().enumerate() {
-            *b.token.add(i) = item.token;
-            *b.pos.add(i) = item.pos;
-            *b.n_seq_id.add(i) = 1;
-            *(*b.seq_id.add(i)) = item.seq;
-            *b.logits.add(i) = i8::from(item.output);
+}
+
+impl TokenBatch {
+    fn new(api: Arc<Api>, capacity: usize) -> Self {
+        // SAFETY: llama_batch_init allocates; Drop frees it once.
+        let raw = unsafe { (api.llama_batch_init)(capacity as i32, 0, 1) };
+        Self { api, raw, capacity }
+    }
+
+    /// One llama_decode of `items` on `ctx` (a live context of this batch's libllama).
+    fn decode(&mut self, ctx: Ctx, items: &[BatchItem]) -> Result<(), String> {
+        assert!(items.len() <= self.capacity, "batch larger than allocated");
+        let b = &mut self.raw;
+        // SAFETY: the arrays were allocated for `capacity` tokens with one seq id each.
+        unsafe {
+            for (i, item) in items.iter().enumerate() {
+                *b.token.add(i) = item.token;
+                *b.pos.add(i) = item.pos;
+                *b.n_seq_id.add(i) = 1;
+                *(*b.seq_id.add(i)) = item.seq;
+                *b.logits.add(i) = i8::from(item.output);
+            }
+            b.n_tokens = items.len() as i32;
+            match (self.api.llama_decode)(ctx, *b) {
+                0 => Ok(()),
+                1 => Err("no room left in the KV cache".into()),
+                2 => Err("aborted".into()),
+                code => Err(format!("error {code}")),
+            }
         }
-        b.n_tokens = items.len() as i32;
-        match (api.llama_decode)(ctx, *b) {
-            0 => Ok(()),
-            1 => Err("no room left in the KV cache".into()),
-            2 => Err("aborted".into()),
-            code => Err(format!("error {code}")),
-        }
+    }
+}
+
+impl Drop for TokenBatch {
+    fn drop(&mut self) {
+        // SAFETY: allocated by llama_batch_init in new().
+        unsafe { (self.api.llama_batch_free)(self.raw) }
     }
 }
 
