@@ -55,6 +55,12 @@ class RenderWorker:
         async with self._lock:
             await self._restart()
 
+    async def booted(self) -> None:
+        """Wait until the worker has started (RuntimeError if it did not: the next prompt
+        starts another)."""
+        async with self._lock:
+            await self._ready()
+
     async def prompt(
         self,
         chat_template: str | None,

@@ -36,14 +36,25 @@ def ram() -> tuple[int, int]:
         return pages, pages
 
 
+_no_library = False
+"""NVML's library was not found once: not looked for again (the search cost ~5 ms, every
+second, in the scheduler's memory watch)."""
+
+
 def gpus() -> list[GPU]:
     """NVIDIA GPUs through NVML; an empty list when there is no driver or no GPU."""
+    global _no_library
+    if _no_library:
+        return []
     try:
         import pynvml
     except ImportError:
         return []
     try:
         pynvml.nvmlInit()
+    except pynvml.NVMLError_LibraryNotFound:
+        _no_library = True
+        return []
     except pynvml.NVMLError:
         return []
     try:

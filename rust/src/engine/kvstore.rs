@@ -9,6 +9,7 @@
 //! Files are written by a thread of their own (temporary file, then rename; mode 0600): the
 //! decode loop only copies the state out. A file that cannot be read whole is deleted.
 
+use memmap2::{Mmap, MmapOptions};
 use std::collections::hash_map::DefaultHasher;
 use std::fs;
 use std::hash::{Hash, Hasher};
@@ -119,12 +120,31 @@ fn open_saved(path: &Path) -> Option<(fs::File, Vec<i32>, u64)> {
     Some((f, tokens, state_len))
 }
 
-/// The state in a file, read straight into its buffer, if the file holds `tokens`' whole.
-fn read_state(path: &Path, tokens: &[i32]) -> Option<Vec<u8>> {
-    let (mut f, _, len) = open_saved(path).filter(|(_, t, _)| t == tokens)?;
-    let mut state = Vec::with_capacity(len as usize);
-    f.read_to_end(&mut state).ok()?;
-    (state.len() as u64 == len).then_some(state)
+/// A saved state, mapped from its file: libllama copies it from the page cache straight into
+/// the KV cache, with no buffer of tens of MiB to fill first.
+pub struct State(Mmap);
+
+impl std::ops::Deref for State {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+/// The state in a file, if the file holds `tokens`' whole.
+fn read_state(path: &Path, tokens: &[i32]) -> Option<State> {
+    let (f, _, len) = open_saved(path).filter(|(_, t, _)| t == tokens)?;
+    let offset = 12 + tokens.len() as u64 * 4 + 8;
+    // SAFETY: files are written whole under another name and renamed into place, never changed
+    // in place; one cut short by hand while mapped would fault (the size was checked above).
+    let map = unsafe {
+        MmapOptions::new()
+            .offset(offset)
+            .len(len as usize)
+            .populate()
+            .map(&f)
+    };
+    map.ok().map(State)
 }
 
 fn write_file(dir: &Path, save: &Save) -> std::io::Result<(PathBuf, u64)> {
@@ -286,7 +306,7 @@ impl DiskCache {
     /// The saved sequence sharing the longest prefix with `prompt`, if that prefix is longer
     /// than `than` (and than `MIN_SHARED`): its tokens and state, and the length shared. A
     /// file that cannot be read is deleted.
-    pub fn lookup(&self, prompt: &[i32], than: usize) -> Option<(Arc<Vec<i32>>, Vec<u8>, usize)> {
+    pub fn lookup(&self, prompt: &[i32], than: usize) -> Option<(Arc<Vec<i32>>, State, usize)> {
         let (path, tokens, shared) = {
             let mut index = self.index.lock().expect("poisoned");
             let (best, shared) = (0..index.entries.len())
@@ -368,7 +388,10 @@ mod tests {
         c.flush();
         let c = DiskCache::open(&d, 1 << 30).unwrap(); // as after a restart
         let (tokens, state, shared) = c.lookup(&seq(400, 0), 0).unwrap();
-        assert_eq!((tokens.len(), state, shared), (300, vec![1; 1000], 300));
+        assert_eq!(
+            (tokens.len(), &state[..], shared),
+            (300, &vec![1; 1000][..], 300)
+        );
         assert!(c.lookup(&seq(400, 0), 300).is_none()); // not longer than what is cached
         assert_eq!(c.lookup(&seq(200, 0), 0).unwrap().2, 200); // a prompt it goes on past
         let mut other = seq(300, 0);
