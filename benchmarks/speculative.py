@@ -1,24 +1,32 @@
-"""Draft-free speculation: xllm with n-gram lookup against plain decoding, on one server.
+"""Speculative decoding: xllm's modes against plain decoding and against llama-server's.
 
-One `xllm serve` runs the model; each request chooses its mode with the `speculative` field
-(`none` or `ngram`), so both modes share the process, the cache state and the machine's load.
-Two chat prompts: writing new code (little to look up) and rewriting given code with one change
-(most of the answer is in the prompt). For 1 and 4 concurrent streams, greedy, each round runs
-every (prompt, streams) cell in both modes, alternating which goes first. Prints decode
-tokens/s per mode, ngram/off, and the share of drafted tokens the model accepted.
+One `xllm serve` runs the target (with `--draft` loaded beside it as its draft model); each
+request chooses its mode with the `speculative` field (`none`, `draft`, `ngram`, `auto`), so
+the modes share the process, the cache state and the machine's load. llama-server has no
+per-request mode: with `--llama-server`, it runs afterwards (alone on the machine, the same
+threads and slots) once with the draft model (`-md`, `--spec-type draft-simple`) and once with
+its n-gram lookup (`--spec-type ngram-simple`). Two chat prompts: writing new code (little to
+look up) and rewriting given code with one change (most of the answer is in the prompt). For 1
+and 4 concurrent streams, greedy, each round runs every (prompt, streams) cell in every mode,
+alternating the order. Prints decode tokens/s per mode, the ratios the issue sets targets for
+(auto/off, draft/llama-server's draft) and the share of drafted tokens taken.
 
     python benchmarks/speculative.py                   # Qwen2.5-Coder 0.5B, 2 threads, 3 rounds
-    python benchmarks/speculative.py --model smollm2:135m --rounds 5
+    python benchmarks/speculative.py --model big.gguf --draft small.gguf --llama-server
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,6 +34,7 @@ from typing import Any
 import httpx
 
 sys.path.insert(0, str(Path(__file__).parents[1]))
+from benchmarks.serving import free_port, llama_server_binary
 from tests.conftest import start_server, stop_server
 
 CODE = """import csv
@@ -61,7 +70,13 @@ PROMPTS = {
     "rewrite": "Rename the function parse_record to parse_row in this file and return the "
     f"whole file, changing nothing else. Answer with code only.\n\n```python\n{CODE}```",
 }
-MODES = ("none", "ngram")
+MODES = ("none", "draft", "ngram", "auto")
+"""xllm's modes (`draft` and `auto`'s draft model only with `--draft`)."""
+LLAMA_MODES = {
+    "ls-draft": ["--spec-type", "draft-simple"],
+    "ls-ngram": ["--spec-type", "ngram-simple"],
+}
+"""llama-server's, each a server of its own (`-md` is added for the draft model)."""
 
 
 @dataclass
@@ -80,13 +95,14 @@ class Cell:
 async def one(
     client: httpx.AsyncClient, model: str, prompt: str, mode: str, max_tokens: int
 ) -> dict[str, Any]:
-    body = {
+    body: dict[str, Any] = {
         "model": model,
         "messages": [{"role": "user", "content": prompt}],
         "max_tokens": max_tokens,
         "temperature": 0,
-        "speculative": {"type": mode},
     }
+    if mode in MODES:  # xllm's field; llama-server's mode is its server's
+        body["speculative"] = {"type": mode}
     r = await client.post("/v1/chat/completions", json=body)
     r.raise_for_status()
     result: dict[str, Any] = r.json()
@@ -103,51 +119,106 @@ async def measure(
     return time.monotonic() - t0, list(done)
 
 
-async def run(url: str, args: argparse.Namespace) -> dict[tuple[str, int, str], Cell]:
+async def run(
+    url: str,
+    args: argparse.Namespace,
+    modes: tuple[str, ...],
+    cells: dict[tuple[str, int, str], Cell],
+) -> None:
+    """Every round: each (prompt, streams) cell in each of `modes`, into `cells`."""
     levels = [int(x) for x in args.streams.split(",")]
-    cells = {(p, s, m): Cell() for p in PROMPTS for s in levels for m in MODES}
     async with httpx.AsyncClient(base_url=url, timeout=1800) as client:
-        await one(client, args.model, "Hi", "none", 4)  # warm-up
+        # untimed: every prompt in every slot's cache, the weights paged in, so that no mode's
+        # first cell pays for it
+        for prompt in PROMPTS.values():
+            for streams in levels:
+                await asyncio.gather(
+                    *(one(client, args.model, prompt, m, 4) for m in modes for _ in range(streams))
+                )
         for r in range(args.rounds):
             for name, prompt in PROMPTS.items():
                 for streams in levels:
-                    order = MODES if r % 2 == 0 else MODES[::-1]
+                    order = modes if r % 2 == 0 else modes[::-1]
                     for mode in order:
                         wall, results = await measure(client, args, prompt, mode, streams)
-                        cell = cells[(name, streams, mode)]
+                        cell = cells.setdefault((name, streams, mode), Cell())
                         cell.seconds += wall
                         for res in results:
                             usage = res["usage"]
-                            details = usage["completion_tokens_details"]
+                            details = usage.get("completion_tokens_details") or {}
+                            accepted = details.get("accepted_prediction_tokens", 0)
                             cell.tokens += usage["completion_tokens"]
-                            cell.accepted += details["accepted_prediction_tokens"]
-                            cell.drafted += (
-                                details["accepted_prediction_tokens"]
-                                + details["rejected_prediction_tokens"]
-                            )
+                            cell.accepted += accepted
+                            cell.drafted += accepted + details.get("rejected_prediction_tokens", 0)
                             cell.texts.add(res["choices"][0]["message"]["content"])
-    return cells
+
+
+@contextlib.contextmanager
+def llama_server(args: argparse.Namespace, flags: list[str], log: Path) -> Iterator[str]:
+    """llama-server on the target with `flags`, as many slots and threads as xllm had."""
+    port = free_port()
+    argv = [
+        llama_server_binary(), "-m", args.model_path, "--host", "127.0.0.1", "--port", str(port),
+        "-t", str(args.threads), "-tb", str(args.threads), "-np", "4", "-c", str(2048 * 4),
+        "--no-webui", *flags,
+    ]  # fmt: skip
+    with log.open("wb") as out:
+        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"llama-server did not start; log: {log}")
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                    break
+            time.sleep(0.5)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
 
 
 def report(cells: dict[tuple[str, int, str], Cell], args: argparse.Namespace) -> None:
+    modes = [m for m in (*MODES, *LLAMA_MODES) if any(k[2] == m for k in cells)]
     print(
-        f"model {args.model}, threads {args.threads}, max_tokens {args.max_tokens}, "
-        f"rounds {args.rounds}"
+        f"target {args.model}, draft {args.draft}, threads {args.threads}, max_tokens "
+        f"{args.max_tokens}, rounds {args.rounds}, load average before {args.load_before}, "
+        f"after {os.getloadavg()[0]:.2f}"
     )
-    print("prompt | streams | off tok/s | ngram tok/s | ngram/off | accepted/drafted | same text")
-    ratios = []
+    print(
+        "prompt | streams | "
+        + " | ".join(f"{m} tok/s" for m in modes)
+        + " | auto/off | draft/ls-draft | accepted/drafted (draft, ngram, auto) | same text"
+    )
+    auto_ratios = []
     for name in PROMPTS:
         for streams in sorted({s for _, s, _ in cells}):
-            off, ngram = cells[(name, streams, "none")], cells[(name, streams, "ngram")]
-            ratio = ngram.rate / off.rate if off.rate else float("nan")
-            ratios.append(ratio)
-            share = f"{ngram.accepted}/{ngram.drafted}"
-            same = "yes" if off.texts == ngram.texts and len(off.texts) == 1 else "NO"
-            print(
-                f"{name} | {streams} | {off.rate:.2f} | {ngram.rate:.2f} | {ratio:.2f} | "
-                f"{share} | {same}"
+            row = {m: cells[(name, streams, m)] for m in modes}
+            off = row["none"]
+            auto = row["auto"].rate / off.rate if off.rate else float("nan")
+            auto_ratios.append(auto)
+            vs = (
+                f"{row['draft'].rate / row['ls-draft'].rate:.2f}"
+                if "draft" in row and "ls-draft" in row and row["ls-draft"].rate
+                else "-"
             )
-    print(f"geometric mean ngram/off: {statistics.geometric_mean(ratios):.2f}")
+            shares = ", ".join(
+                f"{row[m].accepted}/{row[m].drafted}"
+                for m in ("draft", "ngram", "auto")
+                if m in row
+            )
+            xllm = [row[m] for m in modes if m in MODES]
+            same = (
+                "yes" if all(c.texts == off.texts for c in xllm) and len(off.texts) == 1 else "NO"
+            )
+            rates = " | ".join(f"{row[m].rate:.2f}" for m in modes)
+            print(f"{name} | {streams} | {rates} | {auto:.2f} | {vs} | {shares} | {same}")
+    print(
+        f"auto/off: min {min(auto_ratios):.2f}, geometric mean "
+        f"{statistics.geometric_mean(auto_ratios):.2f}"
+    )
 
 
 def default_model() -> str:
@@ -159,23 +230,38 @@ def default_model() -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--model", help="model name or GGUF (default: Qwen2.5-Coder 0.5B if joined)")
+    p.add_argument("--draft", help="a draft model GGUF for the draft and auto modes")
+    p.add_argument("--llama-server", action="store_true", help="also run llama-server's modes")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--streams", default="1,4")
     p.add_argument("--max-tokens", type=int, default=256)
     p.add_argument("--rounds", type=int, default=3)
     args = p.parse_args()
-    args.model = args.model or default_model()
+    args.model = args.model_path = args.model or default_model()
+    args.load_before = f"{os.getloadavg()[0]:.2f}"
+    modes = MODES if args.draft else tuple(m for m in MODES if m != "draft")
+    cells: dict[tuple[str, int, str], Cell] = {}
     with tempfile.TemporaryDirectory() as tmp:
         # the response cache off: identical greedy requests would be replayed, not decoded
         flags = ["--model", args.model, "--ctx-size", "2048", "--parallel", "4"]
-        flags += ["--cache-ram-fraction", "0"]
+        flags += ["--cache-ram-fraction", "0", "--no-cache-persist"]
+        flags += ["--draft-model", args.draft] if args.draft else []
         server = start_server(Path(tmp), [*flags, "--threads", str(args.threads)])
         try:
             health = httpx.get(f"{server.url}/v0/health").json()
             args.model = health["models"][0]["name"]
-            cells = asyncio.run(run(server.url, args))
+            asyncio.run(run(server.url, args, modes, cells))
         finally:
             stop_server(server)
+        if args.llama_server:
+            if not Path(args.model_path).is_file():
+                raise SystemExit("--llama-server needs --model as a GGUF file")
+            for mode, extra in LLAMA_MODES.items():
+                if mode == "ls-draft" and not args.draft:
+                    continue
+                extra = [*extra, "-md", args.draft] if mode == "ls-draft" else extra
+                with llama_server(args, extra, Path(tmp) / f"{mode}.log") as url:
+                    asyncio.run(run(url, args, (mode,), cells))
     report(cells, args)
 
 

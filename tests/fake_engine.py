@@ -92,6 +92,8 @@ class FakeEngine:
         self.on_exit: Callable[[Any], None] | None = None
         self.running: set[FakeGeneration] = set()
         self.generations: list[FakeGeneration] = []
+        self.requests: list[Request] = []
+        """Every request `generate` was given, as the serving layer made it."""
         FakeEngine.instances.append(self)
 
     @property
@@ -107,6 +109,7 @@ class FakeEngine:
         return bool(self.running)
 
     async def generate(self, request: Request) -> FakeGeneration:
+        self.requests.append(request)
         images: list[Image] = []
         if request.messages is not None:
             users = [m for m in request.messages if m.get("role") == "user"]

@@ -194,6 +194,21 @@ async def test_a_full_engine_is_a_503_with_retry_after(client: TestClient[Any, A
             {"model": MODEL, "prompt": "x", "speculative": {"type": "ngram", "n_max": 4}},
             "speculative.n_max",
         ),
+        (
+            "/v1/completions",
+            {"model": MODEL, "prompt": "x", "speculative": {"type": "ngram", "min_p": 0.5}},
+            "speculative",
+        ),
+        (
+            "/v1/completions",
+            {"model": MODEL, "prompt": "x", "speculative": {"type": "draft", "min_p": 1.5}},
+            "speculative.min_p",
+        ),
+        (
+            "/v1/completions",
+            {"model": MODEL, "prompt": "x", "speculative": {"type": "draft", "draft_model": ""}},
+            "speculative.draft_model",
+        ),
         ("/v1/chat/completions", _chat("x", prediction={"type": "text"}), "prediction.type"),
         (
             "/v1/completions",
@@ -223,7 +238,7 @@ async def test_openai_validation(
         ("/api/generate", {"model": MODEL, "prompt": "x", "context": [-1]}, "context"),
         ("/api/generate", {"model": MODEL, "prompt": "x", "think": True}, "think"),
         ("/api/embed", {"model": MODEL, "input": 5}, "input"),
-        ("/api/chat", {**_chat("x"), "options": {"speculative": "draft"}}, "speculative"),
+        ("/api/chat", {**_chat("x"), "options": {"speculative": "eagle"}}, "speculative"),
         ("/api/chat", {**_chat("x"), "options": {"max_draft": -1}}, "max_draft"),
         (
             "/api/generate",
@@ -241,21 +256,28 @@ async def test_ollama_validation(
     assert isinstance(error, str) and words in error
 
 
-async def test_draft_model_speculation_is_refused_plainly(client: TestClient[Any, Any]) -> None:
-    for path, body in [
-        ("/v1/chat/completions", _chat("x", speculative={"type": "draft"})),
-        ("/v1/completions", {"model": MODEL, "prompt": "x", "speculative": {"type": "draft"}}),
-    ]:
-        r = await client.post(path, json=body)
-        error = (await r.json())["error"]
-        assert r.status == 400, error
-        assert error["param"] == "speculative.type"
-        assert "draft-model speculation is not available" in error["message"]
-    # the accepted forms reach the engine
+async def test_speculation_fields_reach_the_engine(client: TestClient[Any, Any]) -> None:
     ok = _chat("x", speculative={"type": "ngram", "max_draft": 0})
     ok["prediction"] = {"type": "content", "content": [{"type": "text", "text": "x"}]}
     r = await client.post("/v1/chat/completions", json=ok)
     assert r.status == 200, await r.text()
+    draft = {"type": "draft", "draft_model": "small", "min_p": 0.25, "max_draft": 4}
+    r = await client.post(
+        "/v1/completions", json={"model": MODEL, "prompt": "x", "speculative": draft}
+    )
+    assert r.status == 200, await r.text()
+    sampling = FakeEngine.instances[-1].requests[-1].sampling
+    assert (
+        sampling.speculative,
+        sampling.draft_model,
+        sampling.draft_min_p,
+        sampling.max_draft,
+    ) == (
+        "draft",
+        "small",
+        0.25,
+        4,
+    )
 
 
 async def test_unknown_models_and_paths_have_each_dialects_shape(

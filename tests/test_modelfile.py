@@ -84,7 +84,9 @@ def test_errors_name_the_line(text: str, line: int, message: str) -> None:
     [({"temperature": 1, "stop": "x", "num_ctx": 2048.0, "use_mmap": False, "seed": "42"},
       {"temperature": 1.0, "stop": ["x"], "num_ctx": 2048, "use_mmap": False, "seed": 42}),
      ({"speculative": "ngram", "draft_num_predict": "8"},
-      {"speculative": "ngram", "draft_num_predict": 8})],
+      {"speculative": "ngram", "draft_num_predict": 8}),
+     ({"speculative": "draft", "draft_model": "qwen2.5-coder:0.5b"},
+      {"speculative": "draft", "draft_model": "qwen2.5-coder:0.5b"})],
 )  # fmt: skip
 def test_request_parameters_are_typed(values: dict[str, object], want: dict[str, object]) -> None:
     assert modelfile.parameters(values) == want
@@ -93,8 +95,8 @@ def test_request_parameters_are_typed(values: dict[str, object], want: dict[str,
 @pytest.mark.parametrize(
     "values",
     [{"num_ctx": True}, {"num_ctx": 1.5}, {"temperature": "x"}, {"temperature": float("inf")},
-     {"stop": [1]}, {"nope": 1}, {"use_mmap": 1}, {"top_k": None}, {"speculative": "draft"},
-     {"speculative": 1}, {"draft_num_predict": "x"}],
+     {"stop": [1]}, {"nope": 1}, {"use_mmap": 1}, {"top_k": None}, {"speculative": "eagle"},
+     {"speculative": 1}, {"draft_num_predict": "x"}, {"draft_model": ""}, {"draft_model": 1}],
 )  # fmt: skip
 def test_bad_request_parameters(values: dict[str, object]) -> None:
     with pytest.raises(ValueError):

@@ -91,3 +91,33 @@ def test_the_modelfile_at_load() -> None:
     assert o.chat_template != go  # Go's syntax translated to Jinja2
     broken = _with_modelfile(EngineOptions(), "m", Modelfile(template="{{ .Prompt"))
     assert broken.chat_template is None  # the model's own template is used
+
+
+async def test_a_draft_model_comes_from_the_config_the_modelfile_or_the_server(
+    tmp_path: Path,
+) -> None:
+    files = {n: tmp_path / f"{n}.gguf" for n in ("server", "modelfile", "config")}
+    for f in files.values():
+        f.write_bytes(b"GGUF")
+    options = EngineOptions(draft_model=str(files["server"]))
+    reg = ModelRegistry(options, drafts={"big": str(files["config"])})
+    plain = Modelfile()
+    drafted = Modelfile(parameters={"draft_model": str(files["modelfile"])})
+
+    async def draft(name: str, modelfile: Modelfile, default_mode: bool = True) -> EngineOptions:
+        return await reg._with_draft(name, modelfile, options, default_mode)
+
+    o = await draft("other", plain)
+    assert (o.draft_model, o.draft_path) == ("server:latest", str(files["server"].resolve()))
+    assert o.speculative == "draft"  # a model with a draft drafts unless told otherwise
+    assert (await draft("other", drafted)).draft_model == "modelfile:latest"
+    assert (await draft("big", drafted)).draft_model == "config:latest"
+    assert (await draft("other", plain, default_mode=False)).speculative == "none"
+    bare = ModelRegistry(EngineOptions())
+    o = await bare._with_draft("m", plain, EngineOptions(), True)
+    assert (o.draft_model, o.draft_path, o.speculative) == (None, None, "none")
+    for wanted, why in [(str(tmp_path / "gone.gguf"), "does not exist"), ("no-such", "not found")]:
+        with pytest.raises(ModelLoadError, match=why):
+            await bare._with_draft(
+                "m", Modelfile(parameters={"draft_model": wanted}), options, True
+            )

@@ -124,9 +124,10 @@ def read_deltas(fd: int) -> list[Delta] | None:
 class Engine:
     """Continuous-batching engine over one llama context made by llama-cpp-python.
 
-    `ctx` and `vocab` (and a vision model's `mtmd_ctx`, and `adapters`) are integer addresses
-    that must stay valid until `close()`. `adapters` are the model's own LoRA adapters: indices
-    0.. of the table `load_adapter` extends, and at scale 1 the set `kv_dir` keeps states of.
+    `ctx` and `vocab` (and a vision model's `mtmd_ctx`, a draft model's `draft_ctx`, and
+    `adapters`) are integer addresses that must stay valid until `close()`. `adapters` are
+    the model's own LoRA adapters: indices 0.. of the table `load_adapter` extends, and at
+    scale 1 the set `kv_dir` keeps states of.
     """
 
     def __new__(
@@ -150,6 +151,7 @@ class Engine:
         kv_dir: str | None = None,
         kv_max_bytes: int = 0,
         adapters: list[int] = ...,
+        draft_ctx: int = 0,
     ) -> Self: ...
     def load_adapter(self, path: str) -> int:
         """Load the LoRA adapter at `path` over the model (kept until it is freed): the index a

@@ -161,13 +161,15 @@ def _speculative(key: str, value: Any) -> str:
     return text
 
 
-def _speculative_models(key: str, value: Any) -> tuple[tuple[str, str], ...]:
-    """`{model: ngram|none}` in config.yaml, `model=ngram,other=none` in the environment."""
+def _per_model(
+    key: str, value: Any, what: str, parse: Callable[[str, Any], str]
+) -> tuple[tuple[str, str], ...]:
+    """`{model: value}` in config.yaml, `model=value,other=value` in the environment."""
     if isinstance(value, str):
         value = dict(p.split("=", 1) for p in value.split(",") if "=" in p)
     if not isinstance(value, dict):
-        raise ConfigError(f"{key}: expected a mapping of model to ngram or none")
-    return tuple((str(k).strip(), _speculative(f"{key}.{k}", v)) for k, v in value.items())
+        raise ConfigError(f"{key}: expected a mapping of model to {what}")
+    return tuple((str(k).strip(), parse(f"{key}.{k}", v)) for k, v in value.items())
 
 
 FLAVOURS = ("openai", "vllm", "llama-server", "xllm")
@@ -359,9 +361,14 @@ class Settings:
     cache_max_bytes: int = 10 * 2**30
     """Disk the saved KV state of each model may take; the least recently used goes first."""
     speculative: str = "none"
-    """Draft-free speculation for requests that do not choose: ngram (prompt lookup) or none."""
+    """Speculation for requests that do not choose: ngram, draft, auto or none (SPECULATIVE)."""
     speculative_models: tuple[tuple[str, str], ...] = ()
-    """(model, ngram|none): models that speculate otherwise than `speculative` says."""
+    """(model, a SPECULATIVE mode): models that speculate otherwise than `speculative` says."""
+    draft_model: str | None = None
+    """A draft model (name or GGUF file) loaded beside every model for draft-model speculation;
+    each must share its vocabulary."""
+    draft_models: tuple[tuple[str, str], ...] = ()
+    """(model, draft model): models with a draft model of their own."""
     loras_dir: Path = field(default_factory=lambda: _home() / "loras")
     """Where the LoRA adapters requests name are found (`<name>.gguf`)."""
     images_dir: Path = field(default_factory=lambda: _home() / "images")
@@ -475,7 +482,14 @@ _KEYS: tuple[_Key, ...] = (
         "speculative_models",
         "models.speculative",
         "XLLM_SPECULATIVE_MODELS",
-        lambda k, v: _speculative_models(k, v),
+        lambda k, v: _per_model(k, v, "a speculation mode", _speculative),
+    ),
+    _Key("draft_model", "inference.draft_model", "XLLM_DRAFT_MODEL", _str),
+    _Key(
+        "draft_models",
+        "models.draft_model",
+        "XLLM_DRAFT_MODELS",
+        lambda k, v: _per_model(k, v, "its draft model", _str),
     ),
     _Key("gpu_layers", "gpu.layers", "XLLM_GPU_LAYERS", _int),
     _Key(

@@ -133,7 +133,9 @@ def test_a_prediction_of_the_output_takes_far_fewer_decode_steps(spec_server: Se
 def test_ollama_options_and_chat_take_speculation(spec_server: Server) -> None:
     body = {"model": MODEL, "prompt": REPEAT, "raw": True, "stream": False}
     options = {"temperature": 0, "num_predict": 32}
-    plain = httpx.post(f"{spec_server.url}/api/generate", json={**body, "options": options})
+    plain = httpx.post(
+        f"{spec_server.url}/api/generate", json={**body, "options": options}, timeout=300
+    )
     spec = httpx.post(
         f"{spec_server.url}/api/generate",
         json={**body, "options": {**options, "speculative": "ngram", "max_draft": 8}},
@@ -153,3 +155,25 @@ def test_ollama_options_and_chat_take_speculation(spec_server: Server) -> None:
     ).json()
     assert r2["choices"][0]["message"]["content"] == answer
     assert r2["usage"]["completion_tokens_details"]["accepted_prediction_tokens"] > 0
+
+
+def test_draft_model_speculation_needs_a_draft_model(spec_server: Server) -> None:
+    body = {"model": MODEL, "prompt": "x", "max_tokens": 2, "speculative": {"type": "draft"}}
+    r = httpx.post(f"{spec_server.url}/v1/completions", json=body, timeout=60)
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["param"] == "speculative" and "without a draft model" in error["message"]
+    ollama = {"model": MODEL, "prompt": "x", "stream": False, "options": {"speculative": "draft"}}
+    r = httpx.post(f"{spec_server.url}/api/generate", json=ollama, timeout=60)
+    assert r.status_code == 400 and "without a draft model" in r.json()["error"], r.text
+
+
+def test_auto_mode_changes_nothing_but_the_time(spec_server: Server) -> None:
+    auto = {"speculative": {"type": "auto"}}
+    plain = [_run(spec_server, (p, {}))[0] for p in PROMPTS]
+    alone = [_run(spec_server, (p, auto))[0] for p in PROMPTS]
+    assert [_text(r) for r in alone] == [_text(r) for r in plain]
+    together = _run(spec_server, *((p, auto) for p in PROMPTS), (PROMPTS[0], auto))
+    assert [_text(r) for r in together] == [*(_text(r) for r in plain), _text(plain[0])]
+    # drafts were tried (the repeating prompt is lookup's best case), and counted
+    assert sum(sum(_drafts(r)) for r in [*alone, *together]) > 0

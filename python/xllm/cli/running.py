@@ -58,9 +58,10 @@ def ps(args: argparse.Namespace) -> int:
             expires = datetime.fromisoformat(m["expires_at"].replace("Z", "+00:00"))
             delta = (expires - now).total_seconds()
             until = "Stopping..." if delta < 0 else human_time(delta)
+            draft = m.get("draft")
             rows.append(
                 [
-                    m["name"],
+                    f"{m['name']} + draft {draft['name']}" if draft else m["name"],
                     m["digest"][:12],
                     human_bytes(m["size"]),
                     "remote" if _remote(m) else _processor(m["size"], m["size_vram"]),

@@ -44,8 +44,14 @@ def add_parser(commands: Any) -> None:
     p.add_argument("--gpu-layers", type=int, help="layers to offload to GPU (default -1: all)")
     p.add_argument(
         "--spec", choices=SPECULATIVE, dest="speculative",
-        help="draft-free speculation for requests that do not choose: ngram (prompt lookup) or "
-        "none (default; env XLLM_SPECULATIVE)",
+        help="speculation for requests that do not choose: ngram (prompt lookup), draft (the "
+        "draft model), auto (either, as far as measured step costs say it pays) or none "
+        "(default; env XLLM_SPECULATIVE)",
+    )  # fmt: skip
+    p.add_argument(
+        "--draft-model", metavar="MODEL",
+        help="a draft model (name or GGUF file) loaded beside each model, sharing its "
+        "vocabulary, for draft-model speculation (env XLLM_DRAFT_MODEL)",
     )  # fmt: skip
     p.add_argument(
         "--shutdown-timeout", type=float, metavar="SECONDS",
@@ -90,6 +96,7 @@ def run(args: argparse.Namespace) -> int:
         "batch_size": args.batch_size,
         "gpu_layers": args.gpu_layers,
         "speculative": args.speculative,
+        "draft_model": args.draft_model,
         "shutdown_timeout": args.shutdown_timeout,
         "cache_ram_fraction": args.cache_ram_fraction,
         "cache_persist": args.cache_persist,

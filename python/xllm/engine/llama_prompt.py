@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 from xllm import grammar, reasoning, tools
 from xllm.engine.protocol import MAX_DRAFT, Capability, Image, Request, Sampling
 from xllm.errors import InvalidRequest
-from xllm.models import gotemplate
+from xllm.models import gotemplate, names
 from xllm.models.modelfile import Modelfile, is_go_template
 
 if TYPE_CHECKING:
@@ -87,6 +87,7 @@ async def prepare(model: RunnerClient, request: Request) -> Prepared:
     require(caps, name, Capability.COMPLETION, None)
     _check_images(caps, name, request)
     sampling = request.sampling
+    _check_draft(model, sampling)
     stops: list[str] = []
     images: list[tuple[int, int, Image]] = []
     if request.suffix is not None:
@@ -114,6 +115,25 @@ async def prepare(model: RunnerClient, request: Request) -> Prepared:
         tail = await model.detokenize(tokens[-4:])  # templates may open the block themselves
         opens = tail.rstrip().endswith(reasoning.OPEN)
     return Prepared(tokens, params, opens, images)
+
+
+def _check_draft(model: RunnerClient, s: Sampling) -> None:
+    """A request may draft only with the draft model its model was loaded with (a Modelfile or
+    server default of "draft" on a model without one just does not draft)."""
+    draft = model.options.draft_model if model.options.draft_path is not None else None
+    if s.speculative == "draft" and draft is None:
+        raise InvalidRequest(
+            f"speculative: model {model.name!r} was loaded without a draft model (see "
+            "--draft-model, models.draft_model in config.yaml, PARAMETER draft_model)",
+            param="speculative",
+        )
+    if s.draft_model is not None and not names.same_model(s.draft_model, draft or ""):
+        loaded = f"with {draft!r}" if draft is not None else "without one"
+        raise InvalidRequest(
+            f"speculative.draft_model: model {model.name!r} drafts only with the draft model it "
+            f"was loaded with, and it was loaded {loaded}",
+            param="speculative.draft_model",
+        )
 
 
 def _check_images(caps: frozenset[Capability], name: str, request: Request) -> None:
@@ -304,7 +324,12 @@ def sampling_params(
     if s.grammar is not None:
         params["grammar"] = s.grammar
     # the request's (or Modelfile's) choice, else the server's for this model
-    params["ngram"] = (s.speculative or model.options.speculative) == "ngram"
+    mode = s.speculative or model.options.speculative
+    params["ngram"] = mode in ("ngram", "auto")
+    params["draft_model"] = mode in ("draft", "auto") and model.options.draft_path is not None
+    params["auto"] = mode == "auto"
+    if s.draft_min_p is not None:
+        params["draft_min_p"] = s.draft_min_p
     if s.max_draft is not None:
         params["max_draft"] = s.max_draft
     return params

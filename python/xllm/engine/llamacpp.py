@@ -72,6 +72,10 @@ class LlamaCppEngine:
         self._mtmd: Any = None
         threads = options.resolved_threads()
         self._encoder_threads = max(1, threads // 2)
+        self._draft: tuple[Any, Any] | None = None
+        self.draft_size = 0
+        if options.draft_path is not None:
+            self._draft = self._load_draft(Path(options.draft_path), mparams, cparams)
         vision: dict[str, Any] = {}
         if options.projector is not None:
             self._mtmd = self._load_projector(Path(options.projector))
@@ -97,6 +101,7 @@ class LlamaCppEngine:
             adapters=[_address(a) for a in self._adapters],
             **vision,
             **self._kv_disk(path, options, model),
+            draft_ctx=_address(self._draft[1]) if self._draft is not None else 0,
         )
         # the batching loop's surface, unchanged
         self.submit = self._core.submit
@@ -105,6 +110,31 @@ class LlamaCppEngine:
         self.poll = self._core.poll
         self.send_to = self._core.send_to
         self.stats = self._core.stats
+
+    def _load_draft(self, path: Path, mparams: Any, cparams: Any) -> tuple[Any, Any]:
+        """The draft model and its context (as many sequences and cells as the target's):
+        ValueError, naming both, when it cannot draft for this model."""
+        draft = self._options.draft_model or str(path)
+        try:
+            model = load_model(path, (), mparams)
+        except ValueError:
+            self._free()
+            raise ValueError(f"llama.cpp could not load the draft model {draft!r}") from None
+        problem = incompatible(self._vocab, lc.llama_model_get_vocab(model))
+        if problem is None and (
+            lc.llama_model_is_recurrent(model) or lc.llama_model_is_hybrid(model)
+        ):
+            problem = "its cache cannot drop rejected draft tokens (recurrent or hybrid model)"
+        ctx = lc.llama_init_from_model(model, cparams) if problem is None else None
+        if not ctx:
+            lc.llama_model_free(model)
+            self._free()
+            raise ValueError(
+                f"the draft model {draft!r} cannot draft for it: "
+                f"{problem or 'llama.cpp could not create its context (out of memory?)'}"
+            )
+        self.draft_size = int(lc.llama_model_size(model))
+        return model, ctx
 
     def _kv_disk(self, path: Path, options: EngineOptions, model: Any) -> dict[str, Any]:
         """Where this model's KV state is saved, if it is: a folder named by the model file
@@ -300,6 +330,10 @@ class LlamaCppEngine:
 
             mtmd_cpp.mtmd_free(self._mtmd)
             self._mtmd = None
+        if self._draft is not None:
+            lc.llama_free(self._draft[1])
+            lc.llama_model_free(self._draft[0])
+            self._draft = None
         if self._ctx is not None:
             self._free()
 
@@ -321,6 +355,37 @@ def load_model(path: Path, splits: Sequence[str], mparams: Any) -> Any:
     if not model:
         raise ValueError(f"llama.cpp could not load {path}")
     return model
+
+
+_VOCAB_CHECK_FROM = 5
+"""llama-server's (common_speculative_are_compatible): the first tokens (control tokens of some
+families) may differ."""
+
+
+def incompatible(target: Any, draft: Any) -> str | None:
+    """Why a draft model's vocabulary cannot draft for a target's (None: it can): the same
+    kind, special tokens and token texts, as llama-server requires; and the same size (llama-server
+    allows 128 more or fewer), since every draft token goes to the target as it is."""
+
+    def specials(v: Any) -> tuple[int, ...]:
+        return (
+            lc.llama_vocab_type(v),
+            lc.llama_vocab_bos(v),
+            lc.llama_vocab_eos(v),
+            lc.llama_vocab_get_add_bos(v),
+            lc.llama_vocab_get_add_eos(v),
+        )
+
+    n = int(lc.llama_vocab_n_tokens(target))
+    m = int(lc.llama_vocab_n_tokens(draft))
+    if n != m:
+        return f"their vocabularies have {n} and {m} tokens"
+    if specials(target) != specials(draft):
+        return "their vocabularies differ in kind or in their BOS/EOS tokens"
+    for token in range(_VOCAB_CHECK_FROM, n):
+        if lc.llama_vocab_get_text(target, token) != lc.llama_vocab_get_text(draft, token):
+            return f"token {token} differs between their vocabularies"
+    return None
 
 
 def tokenize(vocab: Any, text: str, add_special: bool, parse_special: bool) -> list[int]:

@@ -42,7 +42,11 @@ class EngineOptions:
     projector: str | None = None
     """A vision projector (`mmproj` GGUF) loaded with libmtmd beside the model."""
     speculative: str = "none"
-    """Draft-free speculation for requests that do not choose: "ngram" or "none"."""
+    """Speculation for requests that do not choose: "ngram", "draft" or "none" (SPECULATIVE)."""
+    draft_model: str | None = None
+    """The draft model loaded beside this one for draft-model speculation (its name)."""
+    draft_path: str | None = None
+    """Its GGUF file (resolved by the registry)."""
     kv_dir: str | None = None
     """Where finished sequences' KV state is saved for later prompts (None: not saved); the
     engine keeps a folder of its own in it per model file and KV settings."""

@@ -103,8 +103,10 @@ class Part:
     """A `kind="image"` part's image."""
 
 
-SPECULATIVE = ("none", "ngram")
-"""Kinds of speculation a request, a Modelfile or the server may ask for."""
+SPECULATIVE = ("none", "ngram", "draft", "auto")
+"""Kinds of speculation a request, a Modelfile or the server may ask for: none, prompt lookup,
+the draft model loaded beside the model, or either (the draft model where there is one) only as
+far as the measured step costs say it pays."""
 MAX_DRAFT = 64
 """The longest draft a request may ask for (each draft token is a row of the decode)."""
 MAX_LORAS = 8
@@ -142,7 +144,12 @@ class Sampling:
     ignore_eos: bool | None = None
     grammar: Grammar | None = None
     speculative: str | None = None
-    """Draft-free speculation: "ngram" (prompt lookup) or "none" (see SPECULATIVE)."""
+    """How drafts are made: "ngram" (prompt lookup), "draft" (the draft model), "auto" (either,
+    as far as it pays) or "none"."""
+    draft_model: str | None = None
+    """The draft model a request names (it must be the one the model was loaded with)."""
+    draft_min_p: float | None = None
+    """The least probability (by the draft model) of a draft token worth verifying."""
     max_draft: int | None = None
     """The most draft tokens a step verifies (0: no drafting, not even a `prediction`)."""
     prediction: str | None = None

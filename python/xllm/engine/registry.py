@@ -66,6 +66,7 @@ class ModelRegistry:
         store: Store | None = None,
         replicas: dict[str, int] | None = None,
         speculative: dict[str, str] | None = None,
+        drafts: dict[str, str] | None = None,
         high_watermark: float = HIGH_WATERMARK,
         engines: Engines | None = None,
         remotes: Remotes | None = None,
@@ -86,6 +87,8 @@ class ModelRegistry:
         self._paths: dict[str, Path] = {}
         self._speculative = {self.key(k): v for k, v in (speculative or {}).items()}
         """Models whose requests speculate otherwise than the server's `speculative` says."""
+        self._drafts = {self.key(k): v for k, v in (drafts or {}).items()}
+        """Models with a draft model of their own (over the server's `draft_model`)."""
         self._projectors: dict[str, Path] = {}
         self.scheduler: Scheduler[Engine] = Scheduler(
             self.prepare,
@@ -324,6 +327,8 @@ class ModelRegistry:
             speculative = self._speculative.get(self.key(name))
             if speculative is not None:
                 options = dataclasses.replace(options, speculative=speculative)
+            if fmt == GGUF:
+                options = await self._with_draft(name, modelfile, options, speculative is None)
             if ctx_size is not None:  # the request's, over the Modelfile's and the server's
                 options = dataclasses.replace(options, ctx_size=ctx_size)
             spec = LoadSpec(
@@ -336,6 +341,40 @@ class ModelRegistry:
                 plan = await asyncio.to_thread(manifest.estimate, spec)
                 spec = dataclasses.replace(spec, plan=plan)
         return spec
+
+    async def _with_draft(
+        self, name: str, modelfile: Modelfile, options: EngineOptions, default_mode: bool
+    ) -> EngineOptions:
+        """`options` with the model's draft model (its own in config.yaml, else its Modelfile's,
+        else the server's) resolved to its GGUF file; a model with a draft drafts with it unless
+        its speculation is set otherwise (`default_mode`: it is not, for this model)."""
+        wanted = self._drafts.get(self.key(name)) or modelfile.parameters.get("draft_model")
+        wanted = wanted or self.options.draft_model
+        if not wanted:
+            return dataclasses.replace(options, draft_model=None, draft_path=None)
+        draft, path = await asyncio.to_thread(self._draft_file, name, str(wanted))
+        options = dataclasses.replace(options, draft_model=draft, draft_path=str(path))
+        if default_mode and options.speculative == "none":
+            options = dataclasses.replace(options, speculative="draft")
+        return options
+
+    def _draft_file(self, name: str, wanted: str) -> tuple[str, Path]:
+        """(name, GGUF file) of the draft model `wanted` (a GGUF file or a model's name) of
+        model `name`; a ModelLoadError saying why there is none."""
+        given = Path(wanted).expanduser()
+        if given.suffix == ".gguf" or given.is_file():
+            if not given.is_file():
+                raise ModelLoadError(f"the draft model file {wanted} of {name!r} does not exist")
+            return names.name_for_path(given), given.resolve()
+        try:
+            found = self.find(wanted)
+        except ModelNotFound:
+            raise ModelLoadError(f"the draft model {wanted!r} of {name!r} was not found") from None
+        if found.remote is not None or self.facts(found).format != GGUF:
+            raise ModelLoadError(
+                f"the draft model {wanted!r} of {name!r} is not a GGUF model llama.cpp loads"
+            )
+        return found.name, found.path
 
     async def start(self, spec: LoadSpec) -> Engine:
         """Load `spec` with its engine (the scheduler's engine factory)."""

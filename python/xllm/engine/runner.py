@@ -59,6 +59,9 @@ async def _serve(
             info = dataclasses.replace(info, chat_template=options.chat_template)
         if engine.vision:
             info = dataclasses.replace(info, image_marker=engine.image_marker)
+        if options.draft_path is not None:
+            draft = options.draft_model or options.draft_path
+            info = dataclasses.replace(info, draft=draft, draft_size=engine.draft_size)
     except (ValueError, RuntimeError, OSError) as e:
         writer.write(ipc.encode((ipc.FAILED, str(e))))
         await writer.drain()

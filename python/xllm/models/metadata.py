@@ -75,6 +75,9 @@ class ModelInfo:
     fim_tokens: tuple[int, int, int] | None = None
     image_marker: str | None = None
     """A loaded vision model's text for an image in a prompt (None: the model takes none)."""
+    draft: str | None = None
+    """The draft model loaded beside it for speculation (its name), and its weights' size."""
+    draft_size: int = 0
     metadata: dict[str, str] = field(default_factory=dict, repr=False)
     format: str = "gguf"
     """The model's file format (xllm.engine.plugins.FORMATS)."""

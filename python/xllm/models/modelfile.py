@@ -38,7 +38,8 @@ PARAMETERS: dict[str, type] = {
         bool,
     ),
     "stop": list,
-    "speculative": str,  # xllm's: "ngram" or "none" (SPECULATIVE)
+    "speculative": str,  # xllm's: "ngram", "draft", "auto" or "none" (SPECULATIVE)
+    "draft_model": str,  # xllm's: the draft model loaded beside this one
 }  # fmt: skip
 _CHOICES = {"speculative": SPECULATIVE}
 """The values a text parameter takes."""
@@ -86,8 +87,12 @@ def parameter_value(name: str, value: Any) -> Any:
     if kind is None:
         raise ValueError(f"unknown parameter {name!r}")
     if kind is str:
-        choices = _CHOICES[name]
+        choices = _CHOICES.get(name)
         value = value.strip() if isinstance(value, str) else value
+        if choices is None:  # free text: a name
+            if not isinstance(value, str) or not value:
+                raise ValueError(f"{name}: expected a non-empty string, got {value!r}")
+            return value
         if value not in choices:
             raise ValueError(f"{name}: expected one of {', '.join(choices)}, got {value!r}")
         return value

@@ -152,6 +152,16 @@ def canonical(name: str) -> str:
     return ALIASES.get(key, key)
 
 
+def same_model(a: str, b: str) -> bool:
+    """Whether two names given for a model mean the same one (`model` and `model:latest`)."""
+    if a == b:
+        return True
+    try:
+        return canonical(a) == canonical(b)
+    except InvalidRequest:
+        return False
+
+
 def _package_file(package: str, inner: str) -> Path | None:
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:

@@ -3,6 +3,7 @@
 use std::sync::{Arc, Mutex};
 
 use super::batcher::{Backend, BatchItem};
+use super::draft_model::DraftModel;
 use super::types::{Params, TokenLogprob};
 use crate::llama::{
     c_string, Adapter, Api, Ctx, LogitBias, Memory, RawBatch, Sampler, TokenData, TokenDataArray,
@@ -44,8 +45,7 @@ pub struct LlamaBackend {
     vocab: Vocab,
     mem: Memory,
     n_vocab: i32,
-    batch: RawBatch,
-    capacity: usize,
+    batch: TokenBatch,
     speculation: bool,
     adapters: AdapterTable,
 }
@@ -86,16 +86,14 @@ impl LlamaBackend {
         n_vocab: i32,
         capacity: usize,
     ) -> Self {
-        let batch = (api.llama_batch_init)(capacity as i32, 0, 1);
         let mem = (api.llama_get_memory)(ctx);
         Self {
+            batch: TokenBatch::new(api.clone(), capacity),
             api,
             ctx,
             vocab,
             mem,
             n_vocab,
-            batch,
-            capacity,
             speculation: true,
             adapters: AdapterTable::default(),
         }
@@ -226,13 +224,6 @@ impl LlamaBackend {
     }
 }
 
-impl Drop for LlamaBackend {
-    fn drop(&mut self) {
-        // SAFETY: allocated by llama_batch_init in new().
-        unsafe { (self.api.llama_batch_free)(self.batch) }
-    }
-}
-
 impl Backend for LlamaBackend {
     type Sampler = Chain;
 
@@ -340,26 +331,8 @@ impl Backend for LlamaBackend {
     }
 
     fn decode(&mut self, items: &[BatchItem]) -> Result<(), String> {
-        assert!(items.len() <= self.capacity, "batch larger than allocated");
-        let b = &mut self.batch;
-        // SAFETY: the arrays were allocated for `capacity` tokens with one seq id each.
-        unsafe {
-            for (i, item) in items.iter().enumerate() {
-                *b.token.add(i) = item.token;
-                *b.pos.add(i) = item.pos;
-                *b.n_seq_id.add(i) = 1;
-                *(*b.seq_id.add(i)) = item.seq;
-                *b.logits.add(i) = i8::from(item.output);
-            }
-            b.n_tokens = items.len() as i32;
-            let _loading = self.adapters.lock().expect("poisoned");
-            match (self.api.llama_decode)(self.ctx, *b) {
-                0 => Ok(()),
-                1 => Err("no room left in the KV cache".into()),
-                2 => Err("aborted".into()),
-                code => Err(format!("error {code}")),
-            }
-        }
+        let _loading = self.adapters.lock().expect("poisoned"); // see load_adapter
+        self.batch.decode(self.ctx, items)
     }
 
     fn decode_embd(
@@ -376,11 +349,11 @@ impl Backend for LlamaBackend {
             return Err("the image's embeddings do not match its token count".into());
         }
         // Attention over an image both ways needs all of it in one micro-batch.
-        if non_causal && n_tokens > self.capacity {
+        let capacity = self.batch.capacity;
+        if non_causal && n_tokens > capacity {
             return Err(format!(
-                "the image takes {n_tokens} tokens, more than the batch size ({}): \
-                 raise --batch-size",
-                self.capacity
+                "the image takes {n_tokens} tokens, more than the batch size ({capacity}): \
+                 raise --batch-size"
             ));
         }
         let mut positions: Vec<i32> = (pos..pos + n_tokens as i32).collect();
@@ -400,8 +373,8 @@ impl Backend for LlamaBackend {
                 (api.llama_set_causal_attn)(self.ctx, false);
             }
             let mut result = Ok(0);
-            for from in (0..n_tokens).step_by(self.capacity) {
-                let n = (n_tokens - from).min(self.capacity);
+            for from in (0..n_tokens).step_by(capacity) {
+                let n = (n_tokens - from).min(capacity);
                 let batch = RawBatch {
                     n_tokens: n as i32,
                     token: std::ptr::null_mut(),
@@ -495,6 +468,105 @@ impl Backend for LlamaBackend {
     fn piece(&self, token: i32) -> Vec<u8> {
         // SAFETY: vocab is valid while the model lives.
         unsafe { self.api.piece(self.vocab, token) }
+    }
+}
+
+/// The draft model's context (`draft_model::DraftModel`): greedy guesses over its logits.
+pub struct LlamaDraft {
+    api: Arc<Api>,
+    ctx: Ctx,
+    mem: Memory,
+    n_vocab: i32,
+    batch: TokenBatch,
+}
+
+// SAFETY: as `LlamaBackend`: the engine thread alone uses the context.
+unsafe impl Send for LlamaDraft {}
+
+impl LlamaDraft {
+    /// # Safety
+    /// `ctx` must be a live llama context of a model with `n_vocab` tokens, made by
+    /// llama-cpp-python, that outlives this and that no one else uses meanwhile.
+    pub unsafe fn new(api: Arc<Api>, ctx: Ctx, n_vocab: i32, capacity: usize) -> Self {
+        let mem = (api.llama_get_memory)(ctx);
+        Self {
+            batch: TokenBatch::new(api.clone(), capacity),
+            api,
+            ctx,
+            mem,
+            n_vocab,
+        }
+    }
+}
+
+impl DraftModel for LlamaDraft {
+    fn decode(&mut self, items: &[BatchItem]) -> Result<(), String> {
+        self.batch.decode(self.ctx, items)
+    }
+
+    fn top(&mut self, index: i32, with_p: bool) -> (i32, f32) {
+        // SAFETY: row `index` of the last decode had its logits computed (n_vocab floats).
+        let logits = unsafe {
+            let ptr = (self.api.llama_get_logits_ith)(self.ctx, index);
+            std::slice::from_raw_parts(ptr, self.n_vocab as usize)
+        };
+        let token = argmax(logits);
+        if !with_p {
+            return (token, 1.0);
+        }
+        let max = logits[token as usize];
+        let sum: f32 = logits.iter().map(|l| (l - max).exp()).sum();
+        (token, 1.0 / sum)
+    }
+
+    fn seq_rm(&mut self, seq: i32, from: i32) -> bool {
+        // SAFETY: valid memory handle of the draft's context.
+        unsafe { (self.api.llama_memory_seq_rm)(self.mem, seq, from, -1) }
+    }
+}
+
+/// A llama batch of up to `capacity` token rows of one sequence each, freed with it.
+struct TokenBatch {
+    api: Arc<Api>,
+    raw: RawBatch,
+    capacity: usize,
+}
+
+impl TokenBatch {
+    fn new(api: Arc<Api>, capacity: usize) -> Self {
+        // SAFETY: llama_batch_init allocates; Drop frees it once.
+        let raw = unsafe { (api.llama_batch_init)(capacity as i32, 0, 1) };
+        Self { api, raw, capacity }
+    }
+
+    /// One llama_decode of `items` on `ctx` (a live context of this batch's libllama).
+    fn decode(&mut self, ctx: Ctx, items: &[BatchItem]) -> Result<(), String> {
+        assert!(items.len() <= self.capacity, "batch larger than allocated");
+        let b = &mut self.raw;
+        // SAFETY: the arrays were allocated for `capacity` tokens with one seq id each.
+        unsafe {
+            for (i, item) in items.iter().enumerate() {
+                *b.token.add(i) = item.token;
+                *b.pos.add(i) = item.pos;
+                *b.n_seq_id.add(i) = 1;
+                *(*b.seq_id.add(i)) = item.seq;
+                *b.logits.add(i) = i8::from(item.output);
+            }
+            b.n_tokens = items.len() as i32;
+            match (self.api.llama_decode)(ctx, *b) {
+                0 => Ok(()),
+                1 => Err("no room left in the KV cache".into()),
+                2 => Err("aborted".into()),
+                code => Err(format!("error {code}")),
+            }
+        }
+    }
+}
+
+impl Drop for TokenBatch {
+    fn drop(&mut self) {
+        // SAFETY: allocated by llama_batch_init in new().
+        unsafe { (self.api.llama_batch_free)(self.raw) }
     }
 }
 

@@ -26,7 +26,9 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Instant;
 
+use super::costs::{Acceptance, StepCosts, PROBE_LEN};
 use super::draft::{Drafter, Ngram, Pacer, Prediction};
+use super::draft_model::{Ask, ModelDrafts};
 use super::kvstore::DiskCache;
 use super::types::{
     AdapterSet, Embedding, Event, Finish, ImageInput, Params, Request, TokenLogprob, Usage,
@@ -136,8 +138,11 @@ struct Active<S> {
     cached: u32,
     order: u64,
     /// Where draft tokens come from (None: this sequence never drafts).
-    drafter: Option<Box<dyn Drafter>>,
+    source: Option<Source>,
     pacer: Pacer,
+    /// Drafts are cut to what the cost model finds pays (`costs.rs`).
+    auto: bool,
+    acceptance: Acceptance,
     /// Draft tokens decoded after `next` in this step.
     draft: Vec<i32>,
     drafted: u32,
@@ -198,6 +203,17 @@ pub struct Batcher<B: Backend> {
     applied: Option<AdapterSet>,
     /// When each adapter group with work last had a step (`Counters::decode_steps`).
     served: Vec<(AdapterSet, u64)>,
+    /// The draft model loaded beside the target, for requests that draft with it.
+    pub drafts: Option<ModelDrafts>,
+    /// Decode times, for the auto mode's choices.
+    pub costs: StepCosts,
+}
+
+/// Where a sequence's draft tokens come from.
+enum Source {
+    Guess(Box<dyn Drafter>),
+    /// The draft model, guesses at least this likely.
+    Model(f32),
 }
 
 fn common_prefix(a: &[i32], b: &[i32]) -> usize {
@@ -252,6 +268,8 @@ impl<B: Backend> Batcher<B> {
             disk_adapters: Vec::new(),
             applied: Some(Vec::new()), // a new context has none
             served: Vec::new(),
+            drafts: None,
+            costs: StepCosts::new(batch_size.max(1)),
         }
     }
 
@@ -469,7 +487,12 @@ impl<B: Backend> Batcher<B> {
         if items.is_empty() {
             return false;
         }
-        if let Err(e) = self.backend.decode(&items) {
+        let started = Instant::now();
+        let decoded = self.backend.decode(&items);
+        if decoded.is_ok() {
+            self.costs.record(items.len(), started.elapsed());
+        }
+        if let Err(e) = decoded {
             let mut failed = owners.clone();
             failed.sort_unstable();
             failed.dedup();
@@ -668,8 +691,16 @@ impl<B: Backend> Batcher<B> {
                     last_token: None,
                     cached: cached as u32,
                     order: self.admitted,
-                    drafter: drafter(&w.request.params, prompt.len()).filter(|_| speculate),
+                    // the draft model reads tokens only, never a prompt's images
+                    source: source(
+                        &w.request.params,
+                        prompt.len(),
+                        self.drafts.is_some() && images.is_empty(),
+                    )
+                    .filter(|_| speculate),
                     pacer: pacer(&w.request.params),
+                    auto: w.request.params.auto,
+                    acceptance: Acceptance::default(),
                     draft: Vec::new(),
                     drafted: 0,
                     accepted: 0,
@@ -767,10 +798,15 @@ impl<B: Backend> Batcher<B> {
             })
             .count();
         let mut spare = self.batch_size.saturating_sub(generating);
+        let mut asks = Vec::new();
+        for &i in &order {
+            let rows = self.batch_size - spare; // every next token, and the drafts so far
+            spare -= self.plan_draft(i, spare, (rows, generating), &mut asks);
+        }
+        self.draft_with_model(&asks);
         let mut items = Vec::new();
         let mut owners = Vec::new();
         for &i in &order {
-            spare -= self.plan_draft(i, spare);
             let a = self.slots[i].active.as_ref().expect("active");
             if let Some(token) = a.next {
                 for (k, &token) in std::iter::once(&token).chain(&a.draft).enumerate() {
@@ -811,14 +847,25 @@ impl<B: Backend> Batcher<B> {
         (items, owners)
     }
 
-    /// Draft tokens to decode after a generating slot's `next` (at most `spare`); how many.
-    fn plan_draft(&mut self, slot: usize, spare: usize) -> usize {
+    /// Draft tokens to decode after a generating slot's `next` (at most `spare`); how many
+    /// rows they may take. A slot drafting with the draft model is added to `asks` (slot,
+    /// most tokens, least probability) and drafts with the others (`draft_with_model`).
+    ///
+    /// In auto mode the cost model then cuts the draft to what pays in a step of `rows` rows
+    /// (so far) from `generating` sequences.
+    fn plan_draft(
+        &mut self,
+        slot: usize,
+        spare: usize,
+        (rows, generating): (usize, usize),
+        asks: &mut Vec<(usize, usize, f32)>,
+    ) -> usize {
         let s = &mut self.slots[slot];
         let Some(a) = s.active.as_mut() else {
             return 0;
         };
         a.draft.clear();
-        let (Some(next), Some(drafter)) = (a.next, a.drafter.as_mut()) else {
+        let (Some(next), Some(source)) = (a.next, a.source.as_mut()) else {
             return 0;
         };
         // the step generates up to 1 + draft tokens: never past max_tokens
@@ -826,15 +873,76 @@ impl<B: Backend> Batcher<B> {
         if room == 0 || spare == 0 {
             return 0;
         }
-        let max = a.pacer.next_len().min(room).min(spare);
+        let mut max = a.pacer.next_len().min(room).min(spare);
+        if a.auto && max > 0 {
+            max = if a.acceptance.probing() {
+                max.min(PROBE_LEN)
+            } else {
+                let model = matches!(source, Source::Model(_));
+                self.costs
+                    .best_len(max, rows, generating, a.acceptance.rate(), model)
+            };
+        }
         if max == 0 {
+            if a.auto {
+                a.acceptance.record(0, 0);
+            }
             return 0;
         }
+        let drafter = match source {
+            Source::Guess(drafter) => drafter,
+            Source::Model(min_p) => {
+                asks.push((slot, max, *min_p));
+                return max;
+            }
+        };
         let mut history = Vec::with_capacity(s.cached.len() + 1);
         history.extend_from_slice(&s.cached);
         history.push(next);
         a.draft = drafter.draft(&history, max);
         a.draft.len()
+    }
+
+    /// The draft model's guesses for `asks` (from `plan_draft`), all drafted together.
+    fn draft_with_model(&mut self, asks: &[(usize, usize, f32)]) {
+        let Some(drafts) = self.drafts.as_mut() else {
+            return;
+        };
+        if asks.is_empty() {
+            return;
+        }
+        let histories: Vec<Vec<i32>> = asks
+            .iter()
+            .map(|&(slot, _, _)| {
+                let s = &self.slots[slot];
+                let next = s.active.as_ref().and_then(|a| a.next).expect("generating");
+                [s.cached.as_slice(), &[next]].concat()
+            })
+            .collect();
+        let wants: Vec<Ask<'_>> = asks
+            .iter()
+            .zip(&histories)
+            .map(|(&(slot, max, min_p), history)| Ask {
+                seq: self.slots[slot].seq,
+                history,
+                max,
+                min_p,
+            })
+            .collect();
+        let (stepped, steps) = (drafts.stepped, drafts.steps);
+        let made = drafts.draft(&wants);
+        if drafts.steps > steps {
+            self.costs
+                .record_draft((drafts.stepped - stepped) / (drafts.steps - steps));
+        }
+        for (i, &(slot, _, _)) in asks.iter().enumerate() {
+            if let Some(a) = self.slots[slot].active.as_mut() {
+                match &made {
+                    Some(made) => a.draft = made[i].clone(),
+                    None => a.source = None, // a draft model that fails drafts no more for it
+                }
+            }
+        }
     }
 
     /// Sample a drafting slot's rows in order, from `first` (its `next`), each with its own
@@ -870,9 +978,13 @@ impl<B: Backend> Batcher<B> {
         if let Some(a) = s.active.as_mut() {
             a.n_past = keep;
             a.pacer.record(draft.len(), taken);
+            a.acceptance.record(draft.len(), taken);
         }
         if taken < draft.len() {
             self.backend.seq_rm(seq, keep as i32);
+        }
+        if let Some(drafts) = self.drafts.as_mut() {
+            drafts.trim(seq, keep);
         }
     }
 
@@ -1026,15 +1138,18 @@ impl<B: Backend> Batcher<B> {
     }
 }
 
-/// A request's source of draft tokens: its prediction, else prompt lookup when asked for.
-fn drafter(params: &Params, prompt_len: usize) -> Option<Box<dyn Drafter>> {
+/// A request's source of draft tokens: its prediction, else the draft model or prompt lookup
+/// when asked for (the draft model only when one is loaded).
+fn source(params: &Params, prompt_len: usize, draft_model: bool) -> Option<Source> {
     if !params.prediction.is_empty() {
-        Some(Box::new(Prediction::new(
+        Some(Source::Guess(Box::new(Prediction::new(
             params.prediction.clone(),
             prompt_len,
-        )))
+        ))))
+    } else if params.draft_model && draft_model {
+        Some(Source::Model(params.draft_min_p))
     } else if params.ngram {
-        Some(Box::new(Ngram))
+        Some(Source::Guess(Box::new(Ngram)))
     } else {
         None
     }
@@ -1062,7 +1177,9 @@ fn finish_event(request: u64, choice: u32, finish: Finish, usage: Usage) -> Even
 
 #[cfg(test)]
 mod tests {
+    use super::super::draft_model::tests::{FakeDraft, Log};
     use super::*;
+    use std::sync::Mutex;
 
     /// Next token = last input token + 1 (mod 100); token 99 is end-of-generation.
     /// An image decode is recorded as a step of (-100 - its first embedding value) tokens.
@@ -1072,8 +1189,9 @@ mod tests {
         last_outputs: Vec<i32>,
         removed: Vec<(i32, i32)>,
         copied: Vec<(i32, i32, i32)>,
-        /// How long each decode takes.
+        /// How long each decode takes, and how much longer per row.
         delay: std::time::Duration,
+        per_row: std::time::Duration,
         /// A recurrent model: no speculation.
         recurrent: bool,
         /// States put into sequences (`set_seq_state`).
@@ -1099,7 +1217,7 @@ mod tests {
             self.copied.push((src, dst, len));
         }
         fn decode(&mut self, items: &[BatchItem]) -> Result<(), String> {
-            std::thread::sleep(self.delay);
+            std::thread::sleep(self.delay + self.per_row * items.len() as u32);
             self.step_sets
                 .push(self.switches.last().cloned().unwrap_or_default());
             self.steps.push(
@@ -2068,5 +2186,130 @@ mod tests {
         assert!(usage_of(&run(&mut b), 5).cached_tokens >= 300);
         assert_eq!(b.backend.restored.len(), 1);
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    fn with_draft(b: &mut Batcher<Fake>, draft: FakeDraft) {
+        let parallel = b.slots.len();
+        b.drafts = Some(ModelDrafts::new(Box::new(draft), parallel, 16));
+    }
+
+    fn drafted(id: u64, prompt: Vec<i32>, max_tokens: u32) -> Request {
+        let mut r = req(id, prompt, max_tokens);
+        r.params.draft_model = true;
+        r.params.max_draft = 4;
+        r
+    }
+
+    #[test]
+    fn a_draft_model_taken_whole_saves_steps_and_changes_nothing() {
+        let plain = {
+            let mut b = Batcher::new(Fake::default(), 1, 64, 16);
+            b.submit(req(1, vec![10], 12), Instant::now());
+            (run(&mut b), b.counters.decode_steps)
+        };
+        let log = Arc::new(Mutex::new(Log::default()));
+        let mut b = Batcher::new(Fake::default(), 1, 64, 16);
+        with_draft(&mut b, FakeDraft::new(log.clone()));
+        b.submit(drafted(1, vec![10], 12), Instant::now());
+        let ev = run(&mut b);
+        assert_eq!(tokens_of(&ev, 1, 0), tokens_of(&plain.0, 1, 0));
+        assert_eq!(text_of(&ev, 1, 0), text_of(&plain.0, 1, 0));
+        assert_eq!(finish_of(&ev, 1), vec![(0, Finish::Length)]);
+        let usage = usage_of(&ev, 1);
+        assert_eq!(usage.rejected_prediction_tokens, 0);
+        assert!(usage.accepted_prediction_tokens >= 8, "{usage:?}");
+        assert!(b.counters.decode_steps <= plain.1 / 2);
+        // nothing was cut from either cache
+        assert!(b.backend.removed.iter().all(|&(_, from)| from == 0));
+        assert!(log.lock().unwrap().removed.is_empty());
+        // the draft model saw the prompt once, then only the tokens it had not decoded
+        let decodes = &log.lock().unwrap().decodes;
+        assert_eq!(decodes[0], vec![(10, 0, 0), (11, 1, 0)]);
+        let positions: Vec<i32> = decodes.iter().flatten().map(|r| r.1).collect();
+        let mut unique = positions.clone();
+        unique.dedup();
+        assert_eq!(positions, unique, "a position decoded twice in a row");
+    }
+
+    #[test]
+    fn a_rejected_draft_leaves_both_caches() {
+        let log = Arc::new(Mutex::new(Log::default()));
+        let mut draft = FakeDraft::new(log.clone());
+        draft.wrong_after = vec![13]; // guesses 0 where the model says 14
+        let mut b = Batcher::new(Fake::default(), 1, 64, 16);
+        with_draft(&mut b, draft);
+        b.submit(drafted(1, vec![10], 12), Instant::now());
+        let ev = run(&mut b);
+        assert_eq!(tokens_of(&ev, 1, 0), (11..=22).collect::<Vec<_>>());
+        // step 2 verified 11 [12 13 0 1]: 12 and 13 taken, 14 sampled, and both caches
+        // dropped everything from position 4 on (the draft's held 0 there)
+        assert_eq!(
+            rows_of(&b, 0)[1],
+            vec![(11, 1), (12, 2), (13, 3), (0, 4), (1, 5)]
+        );
+        assert!(b.backend.removed.contains(&(0, 4)));
+        assert_eq!(log.lock().unwrap().removed[0], (0, 4));
+        // the next draft goes on from there: 14 at position 4 in both
+        assert_eq!(rows_of(&b, 0)[2][0], (14, 4));
+        let usage = usage_of(&ev, 1);
+        assert_eq!(
+            usage.accepted_prediction_tokens + usage.rejected_prediction_tokens,
+            b.counters.drafted_tokens as u32
+        );
+        assert!(usage.rejected_prediction_tokens >= 2);
+    }
+
+    #[test]
+    fn model_drafts_and_plain_sequences_share_each_decode() {
+        let log = Arc::new(Mutex::new(Log::default()));
+        let mut b = Batcher::new(Fake::default(), 3, 64, 16);
+        with_draft(&mut b, FakeDraft::new(log.clone()));
+        b.submit(drafted(1, vec![10], 9), Instant::now());
+        b.submit(req(2, vec![50], 9), Instant::now());
+        b.submit(drafted(3, vec![30, 31], 9), Instant::now());
+        let ev = run(&mut b);
+        assert_eq!(tokens_of(&ev, 1, 0), (11..=19).collect::<Vec<_>>());
+        assert_eq!(tokens_of(&ev, 2, 0), (51..=59).collect::<Vec<_>>());
+        assert_eq!(tokens_of(&ev, 3, 0), (32..=40).collect::<Vec<_>>());
+        assert_eq!(usage_of(&ev, 2).accepted_prediction_tokens, 0);
+        // the two drafting sequences drafted in the same draft decodes
+        assert!(log
+            .lock()
+            .unwrap()
+            .decodes
+            .iter()
+            .any(|d| d.iter().any(|r| r.2 == 0) && d.iter().any(|r| r.2 == 2)));
+        // without a draft model loaded, asking for one drafts nothing
+        let mut b = Batcher::new(Fake::default(), 1, 64, 16);
+        b.submit(drafted(1, vec![10], 9), Instant::now());
+        run(&mut b);
+        assert_eq!(b.counters.drafted_tokens, 0);
+    }
+
+    #[test]
+    fn auto_drafts_where_rows_are_cheap_and_not_where_each_costs_a_token() {
+        let ms = std::time::Duration::from_millis;
+        let steps_with = |fake: Fake| {
+            let mut b = Batcher::new(fake, 1, 64, 32);
+            let mut r = predicted(1, vec![10], 30, (11..=60).collect());
+            r.params.auto = true;
+            b.submit(r, Instant::now());
+            let ev = run(&mut b);
+            assert_eq!(tokens_of(&ev, 1, 0), (11..=40).collect::<Vec<_>>());
+            b.backend.steps.iter().map(Vec::len).collect::<Vec<_>>()
+        };
+        // a GPU: a decode takes as long whatever its rows; the whole prediction is verified
+        // (after a first probe of 4, and a try of the longer draft, as that size is unknown)
+        let flat = steps_with(Fake {
+            delay: ms(3),
+            ..Fake::default()
+        });
+        assert_eq!(flat, vec![1, 5, 17, 7]);
+        // a CPU: each row costs as much as a token; after those two, no more drafts
+        let linear = steps_with(Fake {
+            per_row: ms(20),
+            ..Fake::default()
+        });
+        assert_eq!(linear, [vec![1, 5, 17], vec![1; 7]].concat());
     }
 }

@@ -13,7 +13,9 @@
 
 pub mod backend;
 pub mod batcher;
+pub mod costs;
 pub mod draft;
+pub mod draft_model;
 pub mod kvstore;
 pub mod types;
 pub mod vision;
@@ -114,13 +116,15 @@ pub struct Engine {
 
 impl Engine {
     /// Start the loop (and, with an `encoder`, the encoder thread: images are refused without).
-    /// `disk` keeps the KV state of sequences made under its adapter set.
+    /// `disk` keeps the KV state of sequences made under its adapter set. A `draft` model
+    /// drafts for the requests that ask for it.
     pub fn start<B>(
         backend: B,
         encoder: Option<Box<dyn Encoder>>,
         limits: Limits,
         batch_size: usize,
         disk: Option<(kvstore::DiskCache, types::AdapterSet)>,
+        draft: Option<Box<dyn draft_model::DraftModel>>,
     ) -> std::io::Result<Self>
     where
         B: Backend + Send + 'static,
@@ -135,6 +139,8 @@ impl Engine {
             batcher.disk = Some(disk);
             batcher.disk_adapters = adapters;
         }
+        batcher.drafts =
+            draft.map(|d| draft_model::ModelDrafts::new(d, limits.parallel, batch_size));
         let thread_shared = shared.clone();
         let threads = limits.threads;
         let thread = std::thread::Builder::new()
@@ -579,8 +585,8 @@ mod tests {
             threads: (4, 2),
         };
         let backend = SlowVision(threads.clone());
-        let engine =
-            Engine::start(backend, Some(Box::new(SlowEncoder)), limits, 8, None).expect("engine");
+        let engine = Engine::start(backend, Some(Box::new(SlowEncoder)), limits, 8, None, None)
+            .expect("engine");
         engine.submit(request(1)).expect("text");
         std::thread::sleep(Duration::from_millis(50));
         let mut image = request(2);
@@ -634,7 +640,7 @@ mod tests {
             n_vocab: 10,
             threads: (0, 0),
         };
-        let engine = Engine::start(Slow, None, limits, 8, None).expect("engine");
+        let engine = Engine::start(Slow, None, limits, 8, None, None).expect("engine");
         let mut r = request(1);
         r.prompt = vec![1, -1];
         r.images = vec![Arc::new(ImageInput {
@@ -664,7 +670,7 @@ mod tests {
             n_vocab: 10,
             threads: (0, 0),
         };
-        let engine = Engine::start(Slow, None, limits, 8, None).expect("engine");
+        let engine = Engine::start(Slow, None, limits, 8, None, None).expect("engine");
         engine.submit(request(1)).expect("runs");
         engine.submit(request(2)).expect("waits");
         assert_eq!(engine.submit(request(3)), Err(SubmitError::QueueFull(1)));
@@ -695,7 +701,7 @@ mod tests {
             threads: (0, 0),
         };
         let (ours, theirs) = UnixDatagram::pair().expect("pair");
-        let mut engine = Engine::start(Slow, None, limits, 8, None).expect("engine");
+        let mut engine = Engine::start(Slow, None, limits, 8, None, None).expect("engine");
         engine.send_to(theirs);
         engine.submit(request(1)).expect("runs");
         let mut buf = vec![0u8; wire::PACKET];

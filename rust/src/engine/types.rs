@@ -40,6 +40,12 @@ pub struct Params {
     pub grammar: Option<String>,
     /// Draft tokens by prompt lookup (`draft::Ngram`).
     pub ngram: bool,
+    /// Draft tokens by the draft model loaded beside the target (`draft_model`), where one is.
+    pub draft_model: bool,
+    /// The least probability (by the draft model) of a draft token worth verifying.
+    pub draft_min_p: f32,
+    /// Draft only as much as the measured step costs and acceptance say pays (`costs.rs`).
+    pub auto: bool,
     /// The most draft tokens a step verifies (0: no speculation).
     pub max_draft: u32,
     /// The expected output's tokens (OpenAI's `prediction`): drafts, whatever `ngram` says.
@@ -69,6 +75,9 @@ impl Default for Params {
             logit_bias: Vec::new(),
             grammar: None,
             ngram: false,
+            draft_model: false,
+            draft_min_p: 0.0,
+            auto: false,
             max_draft: DEFAULT_MAX_DRAFT,
             prediction: Vec::new(),
             adapters: Vec::new(),

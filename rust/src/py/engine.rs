@@ -11,7 +11,8 @@ use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyList};
 
 use super::delta::delta_list;
-use crate::engine::backend::{embed, load_adapter, AdapterTable, LlamaBackend};
+use crate::engine::backend::{embed, load_adapter, AdapterTable, LlamaBackend, LlamaDraft};
+use crate::engine::draft_model::DraftModel;
 use crate::engine::kvstore::DiskCache;
 use crate::engine::types::{canonical, AdapterSet, ImageInput, Params, Request};
 use crate::engine::vision::Vision;
@@ -93,6 +94,9 @@ fn params(d: &Bound<'_, PyDict>) -> PyResult<Params> {
         .unwrap_or_default();
     p.grammar = param(d, "grammar")?;
     p.ngram = param(d, "ngram")?.unwrap_or(false);
+    p.draft_model = param(d, "draft_model")?.unwrap_or(false);
+    p.draft_min_p = param(d, "draft_min_p")?.unwrap_or(p.draft_min_p);
+    p.auto = param(d, "auto")?.unwrap_or(false);
     p.max_draft = param(d, "max_draft")?.unwrap_or(p.max_draft);
     p.prediction = param(d, "prediction")?.unwrap_or_default();
     Ok(p)
@@ -106,9 +110,11 @@ impl Engine {
     /// input embedding size. A model whose cache cannot drop its last positions (recurrent,
     /// hybrid) passes `speculation=False`: its requests never draft. `adapters` are the
     /// model's own LoRA adapters (`llama_adapter_lora` addresses): indices 0.. of the table
-    /// `add_adapter` extends, and at scale 1 the set whose KV state `kv_dir` keeps.
+    /// `add_adapter` extends, and at scale 1 the set whose KV state `kv_dir` keeps. A draft
+    /// model's context (`draft_ctx`, same vocabulary, one sequence per slot) drafts for
+    /// requests that ask.
     #[new]
-    #[pyo3(signature = (lib_path, lib_version, ctx, vocab, *, n_vocab, ctx_size, parallel, batch_size, max_queue, threads=0, encoder_threads=0, mtmd_lib=None, mtmd_ctx=0, n_embd_inp=0, speculation=true, kv_dir=None, kv_max_bytes=0, adapters=Vec::new()))]
+    #[pyo3(signature = (lib_path, lib_version, ctx, vocab, *, n_vocab, ctx_size, parallel, batch_size, max_queue, threads=0, encoder_threads=0, mtmd_lib=None, mtmd_ctx=0, n_embd_inp=0, speculation=true, kv_dir=None, kv_max_bytes=0, adapters=Vec::new(), draft_ctx=0))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         lib_path: &str,
@@ -129,6 +135,7 @@ impl Engine {
         kv_dir: Option<&str>,
         kv_max_bytes: u64,
         adapters: Vec<usize>,
+        draft_ctx: usize,
     ) -> PyResult<Self> {
         if lib_version != SUPPORTED_LLAMA_CPP_PYTHON {
             return Err(PyRuntimeError::new_err(format!(
@@ -180,7 +187,13 @@ impl Engine {
             )),
             None => None,
         };
-        let inner = engine::Engine::start(backend, encoder, limits, capacity, disk)
+        let draft = (draft_ctx != 0).then(|| {
+            // SAFETY: the caller passes a live context of a model with the target's
+            // vocabulary and keeps it until close().
+            Box::new(unsafe { LlamaDraft::new(api.clone(), draft_ctx as Ctx, n_vocab, capacity) })
+                as Box<dyn DraftModel>
+        });
+        let inner = engine::Engine::start(backend, encoder, limits, capacity, disk, draft)
             .map_err(|e| PyRuntimeError::new_err(format!("cannot start the engine: {e}")))?;
         Ok(Self {
             inner,

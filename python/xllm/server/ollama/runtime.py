@@ -26,6 +26,7 @@ def _ps_entry(name: str, model: Engine) -> dict[str, Any]:
     facts = details(model.info)
     if remote:
         facts["format"] = "remote"
+    draft = {"draft": {"name": model.info.draft, "size": model.info.draft_size}}
     entry: dict[str, Any] = {
         "name": name,
         "model": name,
@@ -37,6 +38,8 @@ def _ps_entry(name: str, model: Engine) -> dict[str, Any]:
         "expires_at": iso_time(expires if expires is not None else time.time() + _FOREVER_S),
         "size_vram": plan.vram if plan is not None else 0,
         "context_length": model.ctx_size,
+        # xllm's: the draft model loaded beside it (its memory is in `size`)
+        **(draft if model.info.draft is not None else {}),
     }
     if isinstance(model, Loras):
         entry["adapters"] = model.adapters()  # the LoRA adapters loaded over it

@@ -73,8 +73,9 @@ class Options(Wire):
     rope_frequency_scale: Annotated[float, Field(gt=0.0, le=100.0)] | None = None
     draft_num_predict: Annotated[int, Field(ge=0, le=MAX_DRAFT)] | None = None
     """Ollama's name for `max_draft`."""
-    speculative: Literal["ngram", "none"] | None = None
-    """xllm's: "ngram" drafts tokens by prompt lookup (see the README)."""
+    speculative: Literal["ngram", "draft", "auto", "none"] | None = None
+    """xllm's: "ngram" drafts tokens by prompt lookup, "draft" with the draft model loaded
+    beside the model, "auto" either as far as it pays (see the README)."""
     max_draft: Annotated[int, Field(ge=0, le=MAX_DRAFT)] | None = None
     lora: LoraList | None = None
     """xllm's: LoRA adapters to apply, `[{"name", "scale"}]` (see the README)."""

@@ -103,17 +103,19 @@ class Speculative(Wire):
     """`speculative` (an xllm extension): how this request drafts tokens to verify."""
 
     model_config = ConfigDict(strict=True, extra="forbid", allow_inf_nan=False)
-    type: Literal["ngram", "none", "draft"]
+    type: Literal["ngram", "none", "draft", "auto"]
     max_draft: Annotated[int, Field(ge=0, le=MAX_DRAFT)] | None = None
+    draft_model: Annotated[str, Field(min_length=1, max_length=400)] | None = None
+    """The draft model (type "draft"): the one the model was loaded with, by its name."""
+    min_p: Annotated[float, Field(ge=0.0, le=1.0)] | None = None
+    """Type "draft": draft tokens the draft model finds less likely end the draft."""
 
-    @field_validator("type")
-    @classmethod
-    def _available(cls, v: str) -> str:
-        if v == "draft":
-            raise ValueError(
-                'draft-model speculation is not available in xllm; use "ngram" or "none"'
-            )
-        return v
+    @model_validator(mode="after")
+    def _draft_fields(self) -> Speculative:
+        drafts = self.type in ("draft", "auto")
+        if not drafts and (self.draft_model is not None or self.min_p is not None):
+            raise ValueError('draft_model and min_p go with type "draft" or "auto"')
+        return self
 
 
 LoraName = Annotated[str, Field(pattern=LORA_NAME)]
@@ -236,6 +238,8 @@ class SamplingFields(Wire):
                 else None,
                 "speculative": self.speculative.type if self.speculative else None,
                 "max_draft": self.speculative.max_draft if self.speculative else None,
+                "draft_model": self.speculative.draft_model if self.speculative else None,
+                "draft_min_p": self.speculative.min_p if self.speculative else None,
                 "prediction": self.prediction.text() if self.prediction else None,
                 "lora": self.loras(),
                 **fields,

@@ -1,0 +1,283 @@
+//! Draft-model speculation: a second, smaller model with the target's vocabulary guesses the
+//! next tokens of every speculating sequence, which the target then verifies in its ordinary
+//! batched decode (`batcher.rs`).
+//!
+//! The draft model has a KV cache of its own, one sequence per slot, like the target's. It is
+//! brought up to date lazily: when a sequence next drafts, whatever of its history the draft's
+//! cache lacks (the prompt the first time, then the tokens the target accepted) is decoded in
+//! one batch with every other drafting sequence's, then each draft step decodes one token per
+//! sequence still drafting, greedily, until `max` tokens or a guess less likely than `min_p`.
+//! Tokens the target rejects leave the draft's cache as they leave the target's (`trim`).
+
+use std::time::{Duration, Instant};
+
+use super::batcher::BatchItem;
+
+/// What drafting needs from the draft model's context.
+pub trait DraftModel: Send {
+    fn decode(&mut self, items: &[BatchItem]) -> Result<(), String>;
+    /// The most likely token at output row `index` of the last decode, with its probability
+    /// when `with_p` (else 1.0: a softmax over the vocabulary costs a little).
+    fn top(&mut self, index: i32, with_p: bool) -> (i32, f32);
+    /// Drop positions `from..` of a sequence.
+    fn seq_rm(&mut self, seq: i32, from: i32) -> bool;
+}
+
+/// A request for a draft: sequence, its every token so far (the last one not decoded by the
+/// target yet), the most tokens to guess, and the least probability of a guess worth verifying.
+pub struct Ask<'a> {
+    pub seq: i32,
+    pub history: &'a [i32],
+    pub max: usize,
+    pub min_p: f32,
+}
+
+pub struct ModelDrafts {
+    model: Box<dyn DraftModel>,
+    /// Tokens in the draft model's cache, per sequence.
+    cached: Vec<Vec<i32>>,
+    /// Rows one decode takes.
+    capacity: usize,
+    /// Time spent in draft decodes of one token per sequence, and how many (what a drafted
+    /// token costs; catching up a prompt is not counted).
+    pub stepped: Duration,
+    pub steps: u32,
+}
+
+impl ModelDrafts {
+    pub fn new(model: Box<dyn DraftModel>, parallel: usize, capacity: usize) -> Self {
+        Self {
+            model,
+            cached: vec![Vec::new(); parallel],
+            capacity: capacity.max(parallel).max(1),
+            stepped: Duration::ZERO,
+            steps: 0,
+        }
+    }
+
+    /// Drafts for `asks`, in order; None when a draft decode failed (the draft's cache of
+    /// these sequences is then forgotten, and the target decodes as if no one drafted).
+    pub fn draft(&mut self, asks: &[Ask<'_>]) -> Option<Vec<Vec<i32>>> {
+        let mut drafts = vec![Vec::new(); asks.len()];
+        if self.try_draft(asks, &mut drafts).is_ok() {
+            return Some(drafts);
+        }
+        for a in asks {
+            self.model.seq_rm(a.seq, 0);
+            self.cached[a.seq as usize].clear();
+        }
+        None
+    }
+
+    fn try_draft(&mut self, asks: &[Ask<'_>], drafts: &mut [Vec<i32>]) -> Result<(), String> {
+        // catch up: what each sequence's draft cache lacks, the last token always (its logits
+        // give the first guess)
+        let mut rows = Vec::new();
+        let mut owner = Vec::new();
+        for (i, a) in asks.iter().enumerate() {
+            let cached = &mut self.cached[a.seq as usize];
+            let keep = common_prefix(cached, a.history).min(a.history.len() - 1);
+            if keep < cached.len() {
+                self.model.seq_rm(a.seq, keep as i32);
+                cached.truncate(keep);
+            }
+            for (pos, &token) in a.history.iter().enumerate().skip(keep) {
+                rows.push(BatchItem {
+                    token,
+                    pos: pos as i32,
+                    seq: a.seq,
+                    output: pos + 1 == a.history.len(),
+                });
+                owner.push(i);
+            }
+            cached.extend_from_slice(&a.history[keep..]);
+        }
+        let mut last = vec![(0, 0.0f32); asks.len()];
+        for (chunk, owners) in rows.chunks(self.capacity).zip(owner.chunks(self.capacity)) {
+            self.model.decode(chunk)?;
+            for (index, (row, &i)) in chunk.iter().zip(owners).enumerate() {
+                if row.output {
+                    last[i] = self.model.top(index as i32, asks[i].min_p > 0.0);
+                }
+            }
+        }
+        // then one token per still drafting sequence and step
+        let mut going: Vec<usize> = (0..asks.len()).collect();
+        loop {
+            going.retain(|&i| {
+                let (token, p) = last[i];
+                let a = &asks[i];
+                if drafts[i].len() >= a.max || p < a.min_p {
+                    return false;
+                }
+                drafts[i].push(token);
+                drafts[i].len() < a.max
+            });
+            if going.is_empty() {
+                return Ok(());
+            }
+            let rows: Vec<BatchItem> = going
+                .iter()
+                .map(|&i| BatchItem {
+                    token: last[i].0,
+                    pos: (asks[i].history.len() + drafts[i].len() - 1) as i32,
+                    seq: asks[i].seq,
+                    output: true,
+                })
+                .collect();
+            let started = Instant::now();
+            self.model.decode(&rows)?;
+            self.stepped += started.elapsed();
+            self.steps += 1;
+            for (index, &i) in going.iter().enumerate() {
+                self.cached[asks[i].seq as usize].push(last[i].0);
+                last[i] = self.model.top(index as i32, asks[i].min_p > 0.0);
+            }
+        }
+    }
+
+    /// The target kept `keep` tokens of a sequence: the draft's cache keeps no more.
+    pub fn trim(&mut self, seq: i32, keep: usize) {
+        let cached = &mut self.cached[seq as usize];
+        if cached.len() > keep {
+            self.model.seq_rm(seq, keep as i32);
+            cached.truncate(keep);
+        }
+    }
+}
+
+fn common_prefix(a: &[i32], b: &[i32]) -> usize {
+    a.iter().zip(b).take_while(|(x, y)| x == y).count()
+}
+
+#[cfg(test)]
+pub mod tests {
+    use super::*;
+    use std::sync::{Arc, Mutex};
+
+    /// What a fake draft model did: each decode's rows (token, pos, seq), and cuts (seq, from).
+    #[derive(Default)]
+    pub struct Log {
+        pub decodes: Vec<Vec<(i32, i32, i32)>>,
+        pub removed: Vec<(i32, i32)>,
+    }
+
+    /// Guesses "last token + 1" (as the batcher's fake target computes), except after a token
+    /// in `wrong_after`, where it guesses 0, with probability `p` each; fails when `fail`.
+    pub struct FakeDraft {
+        pub log: Arc<Mutex<Log>>,
+        pub last: Vec<i32>,
+        pub wrong_after: Vec<i32>,
+        pub p: f32,
+        pub fail: bool,
+    }
+
+    impl FakeDraft {
+        pub fn new(log: Arc<Mutex<Log>>) -> Self {
+            Self {
+                log,
+                last: Vec::new(),
+                wrong_after: Vec::new(),
+                p: 0.9,
+                fail: false,
+            }
+        }
+    }
+
+    impl DraftModel for FakeDraft {
+        fn decode(&mut self, items: &[BatchItem]) -> Result<(), String> {
+            if self.fail {
+                return Err("boom".into());
+            }
+            let rows = items.iter().map(|i| (i.token, i.pos, i.seq)).collect();
+            self.log.lock().unwrap().decodes.push(rows);
+            self.last = items.iter().map(|i| i.token).collect();
+            Ok(())
+        }
+        fn top(&mut self, index: i32, _: bool) -> (i32, f32) {
+            let t = self.last[index as usize];
+            let guess = if self.wrong_after.contains(&t) {
+                0
+            } else {
+                (t + 1) % 100
+            };
+            (guess, self.p)
+        }
+        fn seq_rm(&mut self, seq: i32, from: i32) -> bool {
+            self.log.lock().unwrap().removed.push((seq, from));
+            true
+        }
+    }
+
+    fn ask(seq: i32, history: &[i32], max: usize) -> Ask<'_> {
+        Ask {
+            seq,
+            history,
+            max,
+            min_p: 0.0,
+        }
+    }
+
+    #[test]
+    fn drafts_catch_up_once_then_go_token_by_token_for_all_sequences_at_once() {
+        let log = Arc::new(Mutex::new(Log::default()));
+        let mut d = ModelDrafts::new(Box::new(FakeDraft::new(log.clone())), 2, 8);
+        let (h0, h1) = (vec![1, 2, 3], vec![50, 51]);
+        let drafts = d.draft(&[ask(0, &h0, 3), ask(1, &h1, 2)]);
+        assert_eq!(drafts, Some(vec![vec![4, 5, 6], vec![52, 53]]));
+        let l = log.lock().unwrap();
+        // both prompts in one decode, then a row per drafting sequence per step
+        assert_eq!(
+            l.decodes,
+            vec![
+                vec![(1, 0, 0), (2, 1, 0), (3, 2, 0), (50, 0, 1), (51, 1, 1)],
+                vec![(4, 3, 0), (52, 2, 1)],
+                vec![(5, 4, 0)],
+            ]
+        );
+        drop(l);
+        // the target took 4 5 and then sampled 9: the draft's cache is cut after 1 2 3 4 5
+        // (6 was never decoded), and the next draft decodes only the new token
+        d.trim(0, 5);
+        assert_eq!(log.lock().unwrap().removed, vec![]);
+        let h0 = vec![1, 2, 3, 4, 5, 9];
+        assert_eq!(d.draft(&[ask(0, &h0, 1)]), Some(vec![vec![10]]));
+        assert_eq!(log.lock().unwrap().decodes[3], vec![(9, 5, 0)]);
+        // a rejected tail inside the draft's cache is removed from it
+        d.trim(0, 3);
+        assert_eq!(log.lock().unwrap().removed, vec![(0, 3)]);
+    }
+
+    #[test]
+    fn a_history_that_departs_from_the_cache_cuts_it_there() {
+        let log = Arc::new(Mutex::new(Log::default()));
+        let mut d = ModelDrafts::new(Box::new(FakeDraft::new(log.clone())), 1, 8);
+        d.draft(&[ask(0, &[1, 2, 3, 4], 2)]);
+        // another request in the slot, sharing "1 2"
+        assert_eq!(d.draft(&[ask(0, &[1, 2, 7], 1)]), Some(vec![vec![8]]));
+        let l = log.lock().unwrap();
+        assert_eq!(l.removed, vec![(0, 2)]);
+        assert_eq!(l.decodes.last().unwrap(), &vec![(7, 2, 0)]);
+    }
+
+    #[test]
+    fn unlikely_guesses_end_a_draft_and_a_failure_drafts_nothing() {
+        let log = Arc::new(Mutex::new(Log::default()));
+        let mut fake = FakeDraft::new(log.clone());
+        fake.p = 0.3;
+        let mut d = ModelDrafts::new(Box::new(fake), 1, 2);
+        let h = [1, 2, 3];
+        let sure = Ask {
+            min_p: 0.5,
+            ..ask(0, &h, 4)
+        };
+        assert_eq!(d.draft(&[sure]), Some(vec![Vec::<i32>::new()]));
+        // the catch-up went in chunks of the capacity
+        assert_eq!(log.lock().unwrap().decodes.len(), 2);
+        let mut failing = FakeDraft::new(log.clone());
+        failing.fail = true;
+        let mut d = ModelDrafts::new(Box::new(failing), 1, 8);
+        assert_eq!(d.draft(&[ask(0, &h, 4)]), None);
+        assert!(log.lock().unwrap().removed.contains(&(0, 0)));
+    }
+}
