@@ -18,6 +18,7 @@ from xllm.errors import InvalidRequest
 from xllm.models import loras
 from xllm.server.app import create_app, make_registry
 from xllm.server.ollama.wire import GenerateRequest
+from xllm.server.openai.responses import ResponsesRequest
 from xllm.server.openai.wire import ChatCompletionRequest
 
 MODEL = "fake:latest"
@@ -42,6 +43,12 @@ def test_both_forms_become_the_same_adapter_set() -> None:
     single = ChatCompletionRequest.model_validate({**chat, "lora": "x", "scale": 0.5})
     assert single.sampling().lora == (("x", 0.5),)
     assert ChatCompletionRequest.model_validate(chat).sampling().lora is None
+    responses = ResponsesRequest.model_validate(
+        {"model": "m", "input": "hi", "lora": [{"name": "x", "scale": 0.5}, {"name": "y"}]}
+    )
+    assert responses.loras() == (("x", 0.5), ("y", 1.0))
+    responses = ResponsesRequest.model_validate({"model": "m", "input": "hi", "lora": "x"})
+    assert responses.loras() == (("x", 1.0),)
     ollama = GenerateRequest.model_validate(
         {"model": "m", "options": {"lora": [{"name": "x", "scale": 2}]}}
     )
@@ -72,6 +79,7 @@ async def test_bad_lora_fields_are_400s_naming_them(
     for path, body in (
         ("/v1/chat/completions", chat),
         ("/v1/completions", {"model": MODEL, "prompt": "hi", **fields}),
+        ("/v1/responses", {"model": MODEL, "input": "hi", **fields}),
     ):
         r = await client.post(path, json=body)
         err = (await r.json())["error"]
@@ -89,6 +97,10 @@ async def test_bad_lora_fields_are_400s_naming_them(
 async def test_an_engine_without_adapters_refuses_them(client: TestClient[Any, Any]) -> None:
     body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}
     r = await client.post("/v1/chat/completions", json={**body, "lora": "a"})
+    err = (await r.json())["error"]
+    assert r.status == 400 and err["param"] == "lora", err
+    assert "takes no LoRA adapters" in err["message"]
+    r = await client.post("/v1/responses", json={"model": MODEL, "input": "hi", "lora": "a"})
     err = (await r.json())["error"]
     assert r.status == 400 and err["param"] == "lora", err
     assert "takes no LoRA adapters" in err["message"]
