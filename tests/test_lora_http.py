@@ -133,3 +133,26 @@ def test_names_resolve_to_a_models_own_then_the_loras_folder(
     listed = loras.available([own], folder, lambda: [smollm2_path])
     assert [(a.name, a.own) for a in listed] == [("0123456789ab", True), ("good", False)]
     assert loras.available([], None, lambda: [smollm2_path]) == []
+
+
+async def test_embeddings_refuse_adapters_naming_the_field(client: TestClient[Any, Any]) -> None:
+    """The embeddings context applies a model's own adapters only: a request's `lora` is a 400,
+    never silently ignored (before any model is loaded)."""
+    lora = [{"name": "a"}]
+    r = await client.post("/v1/embeddings", json={"model": MODEL, "input": "hi", "lora": lora})
+    err = (await r.json())["error"]
+    assert r.status == 400 and err["param"] == "lora", err
+    assert "embeddings take no per-request LoRA adapters" in err["message"]
+    assert err["type"] == "invalid_request_error"
+    for path, body in (
+        ("/api/embed", {"model": MODEL, "input": "hi", "options": {"lora": lora}}),
+        ("/api/embeddings", {"model": MODEL, "prompt": "hi", "options": {"lora": lora}}),
+    ):
+        r = await client.post(path, json=body)
+        err = (await r.json())["error"]
+        assert r.status == 400, err
+        assert err.startswith("options.lora: embeddings take no per-request LoRA adapters"), err
+    # an invalid list is still the wire's 400, naming the bad part
+    body = {"model": MODEL, "input": "hi", "options": {"lora": [{"name": "a/b"}]}}
+    r = await client.post("/api/embed", json=body)
+    assert r.status == 400 and "options.lora[0].name" in (await r.json())["error"]

@@ -291,6 +291,24 @@ def test_bad_adapters_are_400s_naming_the_field_in_both_dialects(
     assert httpx.get(f"{srv.url}/v0/health").json()["status"] == "ok"
 
 
+def test_embeddings_refuse_a_requests_adapters(srv: Server) -> None:
+    """Embeddings apply no per-request adapters: a 400 naming the field, and the model still
+    embeds without one."""
+    for path, body, param in (
+        ("/v1/embeddings", {"model": MODEL, "input": PROMPT, "lora": "a"}, "lora"),
+        ("/api/embed", {"model": MODEL, "input": PROMPT, "options": {"lora": [{"name": "a"}]}},
+         "options.lora"),
+    ):  # fmt: skip
+        r = httpx.post(f"{srv.url}{path}", json=body, timeout=60)
+        assert r.status_code == 400, r.text
+        err = r.json()["error"]
+        message = err if isinstance(err, str) else err["message"]
+        assert isinstance(err, str) or err["param"] == param, err
+        assert message.startswith(f"{param}: embeddings take no per-request LoRA"), err
+    r = httpx.post(f"{srv.url}/v1/embeddings", json={"model": MODEL, "input": PROMPT}, timeout=60)
+    assert r.status_code == 200 and len(r.json()["data"][0]["embedding"]) == 576, r.text
+
+
 def test_show_lists_the_adapters_and_ps_the_loaded_ones(srv: Server, loras: Path) -> None:
     shown = httpx.post(f"{srv.url}/api/show", json={"model": MODEL}).json()
     names = [a["name"] for a in shown["adapters"]]

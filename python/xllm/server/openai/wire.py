@@ -386,6 +386,8 @@ class EmbeddingRequest(Wire):
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: Annotated[int, Field(ge=1)] | None = None
     user: str | None = None
+    lora: Any = None
+    """Refused when given (xllm/embedding.py `refuse_lora`), never silently ignored."""
 
 
 def error_param(loc: tuple[int | str, ...]) -> str:
