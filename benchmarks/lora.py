@@ -136,7 +136,9 @@ def main() -> None:
             gguf_make.lora(model, loras / f"{name}.gguf", seed=seed, strength=0.2)
         flags = ["--model", str(model), "--ctx-size", str(CTX), "--parallel", str(STREAMS)]
         flags += ["--cache-ram-fraction", "0", "--threads", str(args.threads)]
-        server = start_server(Path(tmp), flags, {"XLLM_LORAS_DIR": str(loras)})
+        # kept loaded: llama-server's turns can outlast the default keep-alive
+        env = {"XLLM_LORAS_DIR": str(loras), "XLLM_KEEP_ALIVE": "-1"}
+        server = start_server(Path(tmp), flags, env)
         others = [] if args.no_llama_server else [llama_server(model, loras, args.threads)]
         try:
             with running(others, Path(tmp)):
