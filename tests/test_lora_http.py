@@ -18,6 +18,7 @@ from xllm.errors import InvalidRequest
 from xllm.models import loras
 from xllm.server.app import create_app, make_registry
 from xllm.server.ollama.wire import GenerateRequest
+from xllm.server.openai.responses import ResponsesRequest
 from xllm.server.openai.wire import ChatCompletionRequest
 
 MODEL = "fake:latest"
@@ -42,6 +43,12 @@ def test_both_forms_become_the_same_adapter_set() -> None:
     single = ChatCompletionRequest.model_validate({**chat, "lora": "x", "scale": 0.5})
     assert single.sampling().lora == (("x", 0.5),)
     assert ChatCompletionRequest.model_validate(chat).sampling().lora is None
+    responses = ResponsesRequest.model_validate(
+        {"model": "m", "input": "hi", "lora": [{"name": "x", "scale": 0.5}, {"name": "y"}]}
+    )
+    assert responses.loras() == (("x", 0.5), ("y", 1.0))
+    responses = ResponsesRequest.model_validate({"model": "m", "input": "hi", "lora": "x"})
+    assert responses.loras() == (("x", 1.0),)
     ollama = GenerateRequest.model_validate(
         {"model": "m", "options": {"lora": [{"name": "x", "scale": 2}]}}
     )
@@ -72,6 +79,7 @@ async def test_bad_lora_fields_are_400s_naming_them(
     for path, body in (
         ("/v1/chat/completions", chat),
         ("/v1/completions", {"model": MODEL, "prompt": "hi", **fields}),
+        ("/v1/responses", {"model": MODEL, "input": "hi", **fields}),
     ):
         r = await client.post(path, json=body)
         err = (await r.json())["error"]
@@ -89,6 +97,10 @@ async def test_bad_lora_fields_are_400s_naming_them(
 async def test_an_engine_without_adapters_refuses_them(client: TestClient[Any, Any]) -> None:
     body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}
     r = await client.post("/v1/chat/completions", json={**body, "lora": "a"})
+    err = (await r.json())["error"]
+    assert r.status == 400 and err["param"] == "lora", err
+    assert "takes no LoRA adapters" in err["message"]
+    r = await client.post("/v1/responses", json={"model": MODEL, "input": "hi", "lora": "a"})
     err = (await r.json())["error"]
     assert r.status == 400 and err["param"] == "lora", err
     assert "takes no LoRA adapters" in err["message"]
@@ -121,3 +133,26 @@ def test_names_resolve_to_a_models_own_then_the_loras_folder(
     listed = loras.available([own], folder, lambda: [smollm2_path])
     assert [(a.name, a.own) for a in listed] == [("0123456789ab", True), ("good", False)]
     assert loras.available([], None, lambda: [smollm2_path]) == []
+
+
+async def test_embeddings_refuse_adapters_naming_the_field(client: TestClient[Any, Any]) -> None:
+    """The embeddings context applies a model's own adapters only: a request's `lora` is a 400,
+    never silently ignored (before any model is loaded)."""
+    lora = [{"name": "a"}]
+    r = await client.post("/v1/embeddings", json={"model": MODEL, "input": "hi", "lora": lora})
+    err = (await r.json())["error"]
+    assert r.status == 400 and err["param"] == "lora", err
+    assert "embeddings take no per-request LoRA adapters" in err["message"]
+    assert err["type"] == "invalid_request_error"
+    for path, body in (
+        ("/api/embed", {"model": MODEL, "input": "hi", "options": {"lora": lora}}),
+        ("/api/embeddings", {"model": MODEL, "prompt": "hi", "options": {"lora": lora}}),
+    ):
+        r = await client.post(path, json=body)
+        err = (await r.json())["error"]
+        assert r.status == 400, err
+        assert err.startswith("options.lora: embeddings take no per-request LoRA adapters"), err
+    # an invalid list is still the wire's 400, naming the bad part
+    body = {"model": MODEL, "input": "hi", "options": {"lora": [{"name": "a/b"}]}}
+    r = await client.post("/api/embed", json=body)
+    assert r.status == 400 and "options.lora[0].name" in (await r.json())["error"]

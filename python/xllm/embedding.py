@@ -23,6 +23,17 @@ class Embeddings:
     """Tokens embedded, all inputs together (after truncation)."""
 
 
+def refuse_lora(asked: bool, param: str) -> None:
+    """A 400 naming `param` when a request names LoRA adapters: the embeddings context applies
+    only the model's own (Modelfile ADAPTER), never a request's."""
+    if asked:
+        raise InvalidRequest(
+            f"{param}: embeddings take no per-request LoRA adapters; create a model with the "
+            "adapter (Modelfile ADAPTER) to embed with it",
+            param=param,
+        )
+
+
 async def embed(
     model: Engine,
     inputs: Sequence[str | Sequence[int]],

@@ -122,6 +122,44 @@ def test_adapters_change_the_output_and_their_scales_matter(srv: Server) -> None
     assert r.json()["response"] == half
 
 
+def test_responses_apply_adapters_as_chat_does(srv: Server) -> None:
+    """`/v1/responses` takes `lora` in both forms and answers as chat with the same adapters
+    (scale 2 and an open prompt: at scale 1 the instruct template keeps a short factual
+    answer as it is)."""
+    prompt = "Write a poem about the sea."
+
+    def chat(**extra: Any) -> str:
+        body = {
+            "model": MODEL, "messages": [{"role": "user", "content": prompt}], "max_tokens": N,
+            "temperature": 0, "cache": False, **extra,
+        }  # fmt: skip
+        r = httpx.post(f"{srv.url}/v1/chat/completions", json=body, timeout=300)
+        assert r.status_code == 200, r.text
+        return str(r.json()["choices"][0]["message"]["content"])
+
+    def respond(**extra: Any) -> str:
+        body = {
+            "model": MODEL, "input": prompt, "max_output_tokens": N, "temperature": 0,
+            "cache": False, **extra,
+        }  # fmt: skip
+        r = httpx.post(f"{srv.url}/v1/responses", json=body, timeout=300)
+        assert r.status_code == 200, r.text
+        return str(r.json()["output"][0]["content"][0]["text"])
+
+    base = respond()
+    a = respond(lora=[{"name": "a", "scale": 2.0}])
+    assert a != base, a
+    assert a == chat(lora=[{"name": "a", "scale": 2.0}])
+    assert respond(lora="b", scale=2.0) == chat(lora="b", scale=2.0) not in (a, base)
+    assert base == chat()
+    r = httpx.post(
+        f"{srv.url}/v1/responses",
+        json={"model": MODEL, "input": PROMPT, "lora": [{"name": "nope"}]},
+        timeout=60,
+    )
+    assert r.status_code == 400 and r.json()["error"]["param"] == "lora", r.text
+
+
 def test_two_adapters_merged_equal_llama_cpp(srv: Server, loras: Path, smollm2_path: Path) -> None:
     both = text(srv, [{"name": "a", "scale": 1.0}, {"name": "b", "scale": 0.5}])
     assert both == reference(smollm2_path, [(loras / "a.gguf", 1.0), (loras / "b.gguf", 0.5)])
@@ -251,6 +289,24 @@ def test_bad_adapters_are_400s_naming_the_field_in_both_dialects(
         assert r.status_code == 400, r.text
         assert message in r.json()["error"] and "lora" in r.json()["error"], r.text
     assert httpx.get(f"{srv.url}/v0/health").json()["status"] == "ok"
+
+
+def test_embeddings_refuse_a_requests_adapters(srv: Server) -> None:
+    """Embeddings apply no per-request adapters: a 400 naming the field, and the model still
+    embeds without one."""
+    for path, body, param in (
+        ("/v1/embeddings", {"model": MODEL, "input": PROMPT, "lora": "a"}, "lora"),
+        ("/api/embed", {"model": MODEL, "input": PROMPT, "options": {"lora": [{"name": "a"}]}},
+         "options.lora"),
+    ):  # fmt: skip
+        r = httpx.post(f"{srv.url}{path}", json=body, timeout=60)
+        assert r.status_code == 400, r.text
+        err = r.json()["error"]
+        message = err if isinstance(err, str) else err["message"]
+        assert isinstance(err, str) or err["param"] == param, err
+        assert message.startswith(f"{param}: embeddings take no per-request LoRA"), err
+    r = httpx.post(f"{srv.url}/v1/embeddings", json={"model": MODEL, "input": PROMPT}, timeout=60)
+    assert r.status_code == 200 and len(r.json()["data"][0]["embedding"]) == 576, r.text
 
 
 def test_show_lists_the_adapters_and_ps_the_loaded_ones(srv: Server, loras: Path) -> None:

@@ -15,6 +15,9 @@ from xllm.server.ollama.wire import EmbeddingsRequest, EmbedRequest, keep_alive_
 async def embed(request: web.Request) -> web.Response:
     start = time.perf_counter()
     body = await parse_body(request, EmbedRequest)
+    embedding.refuse_lora(
+        body.options is not None and body.options.lora is not None, "options.lora"
+    )
     model = await load_model(request, body.model, keep_alive_seconds(body.keep_alive))
     loaded = time.perf_counter()
     texts = [body.input] if isinstance(body.input, str) else body.input
@@ -38,6 +41,9 @@ async def embed(request: web.Request) -> web.Response:
 async def embeddings(request: web.Request) -> web.Response:
     """The legacy endpoint: one prompt, `{"embedding": [...]}`, not normalized."""
     body = await parse_body(request, EmbeddingsRequest)
+    embedding.refuse_lora(
+        body.options is not None and body.options.lora is not None, "options.lora"
+    )
     model = await load_model(request, body.model, keep_alive_seconds(body.keep_alive))
     if not body.prompt:
         return json_response({"embedding": []})

@@ -17,6 +17,7 @@ from xllm.server.relay import relay
 
 async def embeddings(request: web.Request) -> web.StreamResponse:
     body = await parse_body(request, EmbeddingRequest)
+    embedding.refuse_lora(body.lora is not None, "lora")
     model = await load_model(request, body.model)
     if isinstance(model, Relay):
         return await relay(request, model, "/v1/embeddings")

@@ -30,7 +30,7 @@ from xllm.server.http import (
     read_images,
     start_generation,
 )
-from xllm.server.openai.wire import EngineName, JSONSchema, ResponseFormat, Wire
+from xllm.server.openai.wire import EngineName, JSONSchema, LoraFields, ResponseFormat, Wire
 from xllm.server.pump import Usage
 
 
@@ -98,7 +98,7 @@ class TextConfig(Wire):
         return v
 
 
-class ResponsesRequest(Wire):
+class ResponsesRequest(LoraFields):
     model: Annotated[str, Field(min_length=1, max_length=400)]
     engine: EngineName | None = None
     cache: bool = True
@@ -209,6 +209,7 @@ async def responses(request: web.Request) -> web.StreamResponse:
         top_p=body.top_p,
         max_tokens=body.max_output_tokens,
         grammar=constraint,
+        lora=body.loras(),
     )
     gen = await start_generation(
         request,

@@ -156,7 +156,35 @@ class Prediction(Wire):
         return "".join(p.text for p in self.content)
 
 
-class SamplingFields(Wire):
+class LoraFields(Wire):
+    """`lora` and `scale` (xllm extensions), as chat, completions and responses take them."""
+
+    lora: LoraName | LoraList | None = None
+    """LoRA adapters to apply: `[{"name", "scale"}]`, or one name with `scale` beside it."""
+    scale: LoraScale | None = None
+    """The scale of a `lora` given as one name (default 1)."""
+
+    @field_validator("lora")
+    @classmethod
+    def _unique(cls, v: str | list[Lora] | None) -> str | list[Lora] | None:
+        if isinstance(v, list):
+            lora_set(v)
+        return v
+
+    @field_validator("scale")
+    @classmethod
+    def _with_a_name(cls, v: float | None, info: ValidationInfo) -> float | None:
+        if v is not None and not isinstance(info.data.get("lora"), str):
+            raise ValueError("scale goes with lora given as one adapter's name")
+        return v
+
+    def loras(self) -> tuple[tuple[str, float], ...] | None:
+        if isinstance(self.lora, str):
+            return ((self.lora, 1.0 if self.scale is None else float(self.scale)),)
+        return lora_set(self.lora)
+
+
+class SamplingFields(LoraFields):
     """Fields shared by chat and text completions."""
 
     model: Annotated[str, Field(min_length=1, max_length=400)]
@@ -182,29 +210,6 @@ class SamplingFields(Wire):
     user: str | None = None
     speculative: Speculative | None = None
     prediction: Prediction | None = None
-    lora: LoraName | LoraList | None = None
-    """LoRA adapters to apply: `[{"name", "scale"}]`, or one name with `scale` beside it."""
-    scale: LoraScale | None = None
-    """The scale of a `lora` given as one name (default 1)."""
-
-    @field_validator("lora")
-    @classmethod
-    def _unique(cls, v: str | list[Lora] | None) -> str | list[Lora] | None:
-        if isinstance(v, list):
-            lora_set(v)
-        return v
-
-    @field_validator("scale")
-    @classmethod
-    def _with_a_name(cls, v: float | None, info: ValidationInfo) -> float | None:
-        if v is not None and not isinstance(info.data.get("lora"), str):
-            raise ValueError("scale goes with lora given as one adapter's name")
-        return v
-
-    def loras(self) -> tuple[tuple[str, float], ...] | None:
-        if isinstance(self.lora, str):
-            return ((self.lora, 1.0 if self.scale is None else float(self.scale)),)
-        return lora_set(self.lora)
 
     @field_validator("stop")
     @classmethod
@@ -385,6 +390,8 @@ class EmbeddingRequest(Wire):
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: Annotated[int, Field(ge=1)] | None = None
     user: str | None = None
+    lora: Any = None
+    """Refused when given (xllm/embedding.py `refuse_lora`), never silently ignored."""
 
 
 def error_param(loc: tuple[int | str, ...]) -> str:
