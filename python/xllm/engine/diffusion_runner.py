@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import io
-import json
 import logging
 import os
 import time
@@ -36,8 +35,7 @@ from xllm.engine import ipc, process
 from xllm.engine.options import EngineOptions
 from xllm.engine.protocol import ImageGeneration
 from xllm.errors import Overloaded
-from xllm.models import diffusion, folders, summary
-from xllm.models.metadata import ModelInfo
+from xllm.models import diffusion
 
 if TYPE_CHECKING:
     from stable_diffusion_cpp import StableDiffusion
@@ -47,7 +45,6 @@ log = logging.getLogger("xllm.runner")
 START = "start"
 STEP = "step"
 DONE = "done"
-BEAT_S = 0.5
 MULTIPLE = 16
 """Sizes stable-diffusion.cpp generates at: multiples of the VAE's 8 times FLUX's patch of 2."""
 PIL_FORMATS = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}
@@ -122,7 +119,7 @@ def run(
 
 def _load(name: str, path: Path, options: EngineOptions) -> tuple[tuple[Any, ...], StableDiffusion]:
     model = load(path, options)
-    return (info(name, path), samplers()), model
+    return (process.folder_info(name, path), samplers()), model
 
 
 class _Runner:
@@ -196,18 +193,4 @@ class _Runner:
             os._exit(0)
 
     async def beat(self) -> None:
-        while True:
-            self.stats["queue_depth"] = self.queue.qsize()
-            self.send((ipc.BEAT, dict(self.stats)))
-            await asyncio.sleep(BEAT_S)
-
-
-def info(name: str, path: Path) -> ModelInfo:
-    facts = summary.of_file(path)
-    meta = {k: json.dumps(v) if not isinstance(v, str) else v for k, v in facts.model_info.items()}
-    return ModelInfo(
-        name=name, path=path, architecture=facts.architecture, context_length=0,
-        embedding_length=0, block_count=0, parameter_count=facts.parameter_count,
-        size=folders.size(path), quantization=facts.quantization, chat_template=None,
-        metadata=meta, format=facts.format,
-    )  # fmt: skip
+        await process.beat(self.stats, self.queue, self.send)

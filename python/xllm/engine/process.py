@@ -39,6 +39,7 @@ if TYPE_CHECKING:  # the runner's side imports this module too: it stays light
     from xllm.engine.plugins import LoadSpec
     from xllm.engine.protocol import Observer
     from xllm.memory.planner import Plan
+    from xllm.models.metadata import ModelInfo
     from xllm.models.modelfile import Modelfile
 
 log = logging.getLogger("xllm.engine")
@@ -326,6 +327,38 @@ Spawned = tuple[
 
 
 # --- the runner's side --------------------------------------------------------------------
+
+
+RUNNER_BEAT_S = 0.5
+"""How often a Python engine's runner reports its counters (the server's stats and watchdog
+read them)."""
+
+
+async def beat(
+    stats: dict[str, int | float],
+    queue: asyncio.Queue[Any],
+    send: Callable[[tuple[Any, ...]], None],
+) -> None:
+    """A runner's heartbeat: its counters, the queue's depth among them, every RUNNER_BEAT_S."""
+    while True:
+        stats["queue_depth"] = queue.qsize()
+        send((ipc.BEAT, dict(stats)))
+        await asyncio.sleep(RUNNER_BEAT_S)
+
+
+def folder_info(name: str, path: Path) -> ModelInfo:
+    """What `show` and `ps` say of a model stored as a folder of parts (speech, images)."""
+    from xllm.models import folders, summary
+    from xllm.models.metadata import ModelInfo
+
+    facts = summary.of_file(path)
+    meta = {k: json.dumps(v) if not isinstance(v, str) else v for k, v in facts.model_info.items()}
+    return ModelInfo(
+        name=name, path=path, architecture=facts.architecture, context_length=0,
+        embedding_length=0, block_count=0, parameter_count=facts.parameter_count,
+        size=folders.size(path), quantization=facts.quantization, chat_template=None,
+        metadata=meta, format=facts.format,
+    )  # fmt: skip
 
 
 class Jobs(Protocol):

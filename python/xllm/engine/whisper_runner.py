@@ -31,7 +31,6 @@ from xllm.engine import ipc, process
 from xllm.engine.options import EngineOptions
 from xllm.engine.protocol import Segment, Transcription, Word
 from xllm.errors import InvalidRequest, Overloaded
-from xllm.models import folders, summary
 from xllm.models.metadata import ModelInfo
 
 if TYPE_CHECKING:
@@ -43,7 +42,6 @@ log = logging.getLogger("xllm.runner")
 INFO = "info"
 SEGMENT = "segment"
 DONE = "done"
-BEAT_S = 0.5
 SAMPLE_RATE = 16_000
 MAX_AUDIO_S = 3600.0
 """The longest upload decoded (an hour is 230 MB of samples)."""
@@ -174,7 +172,7 @@ class _Job:
 
 
 def _load(name: str, path: Path, options: EngineOptions) -> tuple[tuple[Any, ...], WhisperModel]:
-    return (info(name, path),), load(path, options)
+    return (process.folder_info(name, path),), load(path, options)
 
 
 class _Runner:
@@ -246,21 +244,7 @@ class _Runner:
             job.stop.set()
 
     async def beat(self) -> None:
-        while True:
-            self.stats["queue_depth"] = self.queue.qsize()
-            self.send((ipc.BEAT, dict(self.stats)))
-            await asyncio.sleep(BEAT_S)
-
-
-def info(name: str, path: Path) -> ModelInfo:
-    facts = summary.of_file(path)
-    meta = {k: json.dumps(v) if not isinstance(v, str) else v for k, v in facts.model_info.items()}
-    return ModelInfo(
-        name=name, path=path, architecture=facts.architecture, context_length=0,
-        embedding_length=0, block_count=0, parameter_count=facts.parameter_count,
-        size=folders.size(path), quantization=facts.quantization, chat_template=None,
-        metadata=meta, format=facts.format,
-    )  # fmt: skip
+        await process.beat(self.stats, self.queue, self.send)
 
 
 def languages(model_info: ModelInfo) -> Sequence[str]:
