@@ -142,7 +142,11 @@ struct Active<S> {
     pacer: Pacer,
     /// Drafts are cut to what the cost model finds pays (`costs.rs`).
     auto: bool,
+    /// How often this sequence's guesses (the draft model's in `Source::Either`: the
+    /// lookup's) are taken.
     acceptance: Acceptance,
+    /// Whether this step's draft is the draft model's (in `Source::Either`).
+    by_model: bool,
     /// Draft tokens decoded after `next` in this step.
     draft: Vec<i32>,
     drafted: u32,
@@ -214,6 +218,13 @@ enum Source {
     Guess(Box<dyn Drafter>),
     /// The draft model, guesses at least this likely.
     Model(f32),
+    /// The auto mode's: prompt lookup where it finds a match (its guesses cost nothing to
+    /// make), else the draft model (where one is) as far as it may pay; the model's own rate of
+    /// taken guesses.
+    Either {
+        model: Option<f32>,
+        model_acceptance: Acceptance,
+    },
 }
 
 fn common_prefix(a: &[i32], b: &[i32]) -> usize {
@@ -701,6 +712,7 @@ impl<B: Backend> Batcher<B> {
                     pacer: pacer(&w.request.params),
                     auto: w.request.params.auto,
                     acceptance: Acceptance::default(),
+                    by_model: false,
                     draft: Vec::new(),
                     drafted: 0,
                     accepted: 0,
@@ -852,7 +864,7 @@ impl<B: Backend> Batcher<B> {
     /// most tokens, least probability) and drafts with the others (`draft_with_model`).
     ///
     /// In auto mode the cost model then cuts the draft to what pays in a step of `rows` rows
-    /// (so far) from `generating` sequences.
+    /// (so far) from `generating` sequences; a sequence's first draft from a source is a probe.
     fn plan_draft(
         &mut self,
         slot: usize,
@@ -873,34 +885,78 @@ impl<B: Backend> Batcher<B> {
         if room == 0 || spare == 0 {
             return 0;
         }
-        let mut max = a.pacer.next_len().min(room).min(spare);
-        if a.auto && max > 0 {
-            max = if a.acceptance.probing() {
+        let max = a.pacer.next_len().min(room).min(spare);
+        let costs = &self.costs;
+        let cut = |acceptance: &Acceptance, max: usize, model: bool| {
+            if max == 0 {
+                0
+            } else if acceptance.probing() {
                 max.min(PROBE_LEN)
             } else {
-                let model = matches!(source, Source::Model(_));
-                self.costs
-                    .best_len(max, rows, generating, a.acceptance.rate(), model)
-            };
-        }
-        if max == 0 {
-            if a.auto {
-                a.acceptance.record(0, 0);
-            }
-            return 0;
-        }
-        let drafter = match source {
-            Source::Guess(drafter) => drafter,
-            Source::Model(min_p) => {
-                asks.push((slot, max, *min_p));
-                return max;
+                costs.best_len(max, rows, generating, acceptance.rate(), model)
             }
         };
-        let mut history = Vec::with_capacity(s.cached.len() + 1);
-        history.extend_from_slice(&s.cached);
-        history.push(next);
-        a.draft = drafter.draft(&history, max);
-        a.draft.len()
+        let history = || [s.cached.as_slice(), &[next]].concat();
+        let (len, by_model) = match source {
+            Source::Model(min_p) => {
+                let len = if a.auto {
+                    cut(&a.acceptance, max, true)
+                } else {
+                    max
+                };
+                if len > 0 {
+                    asks.push((slot, len, *min_p));
+                }
+                (len, true)
+            }
+            Source::Guess(drafter) => {
+                let len = if a.auto {
+                    cut(&a.acceptance, max, false)
+                } else {
+                    max
+                };
+                if len > 0 {
+                    a.draft = drafter.draft(&history(), len);
+                }
+                (a.draft.len(), false)
+            }
+            Source::Either {
+                model,
+                model_acceptance,
+            } => {
+                let guess = Ngram.draft(&history(), max);
+                let len = cut(&a.acceptance, guess.len(), false);
+                if len > 0 {
+                    a.draft = guess[..len].to_vec();
+                    model_acceptance.record(0, 0);
+                    (len, false)
+                } else {
+                    a.acceptance.record(0, 0);
+                    let len = match model {
+                        // a probe makes the draft model read the whole prompt: only where
+                        // its guesses may pay
+                        Some(_) if model_acceptance.probing() => {
+                            usize::from(costs.model_may_pay(max, rows, generating))
+                                * max.min(PROBE_LEN)
+                        }
+                        Some(_) => cut(model_acceptance, max, true),
+                        None => 0,
+                    };
+                    if let (Some(min_p), true) = (model, len > 0) {
+                        asks.push((slot, len, *min_p));
+                    } else {
+                        model_acceptance.record(0, 0);
+                    }
+                    a.by_model = len > 0;
+                    return len;
+                }
+            }
+        };
+        a.by_model = by_model;
+        if len == 0 && a.auto {
+            a.acceptance.record(0, 0);
+        }
+        len
     }
 
     /// The draft model's guesses for `asks` (from `plan_draft`), all drafted together.
@@ -937,9 +993,11 @@ impl<B: Backend> Batcher<B> {
         }
         for (i, &(slot, _, _)) in asks.iter().enumerate() {
             if let Some(a) = self.slots[slot].active.as_mut() {
-                match &made {
-                    Some(made) => a.draft = made[i].clone(),
-                    None => a.source = None, // a draft model that fails drafts no more for it
+                match (&made, &mut a.source) {
+                    (Some(made), _) => a.draft = made[i].clone(),
+                    // a draft model that fails drafts no more for it
+                    (None, Some(Source::Either { model, .. })) => *model = None,
+                    (None, _) => a.source = None,
                 }
             }
         }
@@ -978,7 +1036,12 @@ impl<B: Backend> Batcher<B> {
         if let Some(a) = s.active.as_mut() {
             a.n_past = keep;
             a.pacer.record(draft.len(), taken);
-            a.acceptance.record(draft.len(), taken);
+            match &mut a.source {
+                Some(Source::Either {
+                    model_acceptance, ..
+                }) if a.by_model => model_acceptance.record(draft.len(), taken),
+                _ => a.acceptance.record(draft.len(), taken),
+            }
         }
         if taken < draft.len() {
             self.backend.seq_rm(seq, keep as i32);
@@ -1138,14 +1201,19 @@ impl<B: Backend> Batcher<B> {
     }
 }
 
-/// A request's source of draft tokens: its prediction, else the draft model or prompt lookup
-/// when asked for (the draft model only when one is loaded).
+/// A request's source of draft tokens: its prediction, else in auto mode either, else the draft
+/// model or prompt lookup when asked for (the draft model only when one is loaded).
 fn source(params: &Params, prompt_len: usize, draft_model: bool) -> Option<Source> {
     if !params.prediction.is_empty() {
         Some(Source::Guess(Box::new(Prediction::new(
             params.prediction.clone(),
             prompt_len,
         ))))
+    } else if params.auto {
+        Some(Source::Either {
+            model: (params.draft_model && draft_model).then_some(params.draft_min_p),
+            model_acceptance: Acceptance::default(),
+        })
     } else if params.draft_model && draft_model {
         Some(Source::Model(params.draft_min_p))
     } else if params.ngram {
@@ -2287,6 +2355,58 @@ mod tests {
     }
 
     #[test]
+    fn auto_looks_up_first_and_asks_the_draft_model_only_where_it_may_pay() {
+        let ms = std::time::Duration::from_millis;
+        let auto = |id, prompt| {
+            let mut r = drafted(id, prompt, 12);
+            r.params.auto = true;
+            r
+        };
+        let asked = |log: &Arc<Mutex<Log>>| log.lock().unwrap().decodes.len();
+        // a CPU, and a draft model that costs 0.75 of a one-row target step: its first
+        // sequence probes it (its cost is not known), the next never asks it
+        let log = Arc::new(Mutex::new(Log::default()));
+        let mut b = Batcher::new(
+            Fake {
+                per_row: ms(20),
+                ..Fake::default()
+            },
+            1,
+            64,
+            16,
+        );
+        let mut draft = FakeDraft::new(log.clone());
+        draft.delay = ms(15);
+        with_draft(&mut b, draft);
+        b.submit(auto(1, vec![10]), Instant::now());
+        run(&mut b);
+        let probed = asked(&log);
+        assert!(probed > 0);
+        b.submit(auto(2, vec![50]), Instant::now());
+        let ev = run(&mut b);
+        assert_eq!(tokens_of(&ev, 2, 0), (51..=62).collect::<Vec<_>>());
+        assert_eq!(asked(&log), probed);
+        // rows nearly free: a prompt that holds what comes next is looked up, not drafted
+        let log = Arc::new(Mutex::new(Log::default()));
+        let mut b = Batcher::new(
+            Fake {
+                delay: ms(2),
+                ..Fake::default()
+            },
+            1,
+            64,
+            16,
+        );
+        with_draft(&mut b, FakeDraft::new(log.clone()));
+        let prompt: Vec<i32> = (10..=40).chain(10..=13).collect();
+        b.submit(auto(3, prompt), Instant::now());
+        let ev = run(&mut b);
+        assert_eq!(tokens_of(&ev, 3, 0), (14..=25).collect::<Vec<_>>());
+        assert!(usage_of(&ev, 3).accepted_prediction_tokens >= 8);
+        assert_eq!(asked(&log), 0);
+    }
+
+    #[test]
     fn auto_drafts_where_rows_are_cheap_and_not_where_each_costs_a_token() {
         let ms = std::time::Duration::from_millis;
         let steps_with = |fake: Fake| {
@@ -2310,6 +2430,6 @@ mod tests {
             per_row: ms(20),
             ..Fake::default()
         });
-        assert_eq!(linear, [vec![1, 5, 17], vec![1; 7]].concat());
+        assert_eq!(linear, [vec![1, 5], vec![1; 24]].concat());
     }
 }

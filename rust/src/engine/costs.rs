@@ -5,8 +5,9 @@
 //! times every decode by its row count (`StepCosts`), keeps each sequence's acceptance rate
 //! (`Acceptance`), and before each step cuts a sequence's draft to the length that maximizes
 //! the tokens per second the step is expected to yield (`best_len`), which is 0 when drafting
-//! does not pay. A row count never measured is explored once (the draft is taken as the pacer
-//! proposes), and then known.
+//! does not pay. Costs between two measured row counts are interpolated and above the largest
+//! extrapolated along the last two; with fewer than two known a short draft is tried to
+//! measure one more (never a long one: on a CPU each row of it costs most of a token).
 
 use std::time::Duration;
 
@@ -52,20 +53,30 @@ impl StepCosts {
         self.draft_step = average(self.draft_step, took.as_secs_f64());
     }
 
-    /// The expected time of a decode of `rows` rows: measured, or between two measured counts;
-    /// None above the largest measured one (not known yet).
+    /// The expected time of a decode of `rows` rows: measured, between two measured counts, or
+    /// on the line through the two largest measured below it; None when that is not known.
     fn cost(&self, rows: usize) -> Option<f64> {
         let at = *self.by_rows.get(rows)?;
         if at > 0.0 {
             return Some(at);
         }
-        let above = (rows + 1..self.by_rows.len()).find(|&r| self.by_rows[r] > 0.0)?;
-        let (below, low) = (1..rows)
-            .rev()
-            .find(|&r| self.by_rows[r] > 0.0)
-            .map_or((0, 0.0), |r| (r, self.by_rows[r]));
-        let high = self.by_rows[above];
-        Some(low + (high - low) * (rows - below) as f64 / (above - below) as f64)
+        let known = |r: &usize| self.by_rows[*r] > 0.0;
+        let below = (1..rows).rev().find(known);
+        match (1..self.by_rows.len()).skip(rows).find(known) {
+            Some(above) => {
+                let (below, low) = below.map_or((0, 0.0), |r| (r, self.by_rows[r]));
+                let high = self.by_rows[above];
+                Some(low + (high - low) * (rows - below) as f64 / (above - below) as f64)
+            }
+            None => {
+                let last = below?;
+                let before = (1..last).rev().find(known)?;
+                let (high, low) = (self.by_rows[last], self.by_rows[before]);
+                // noise can make a larger decode look quicker: never cheaper than the largest
+                let slope = ((high - low) / (last - before) as f64).max(0.0);
+                Some(high + slope * (rows - last) as f64)
+            }
+        }
     }
 
     /// How many of up to `max` draft tokens a sequence should verify in a step that already
@@ -83,14 +94,14 @@ impl StepCosts {
             return 0;
         }
         let Some(base) = self.cost(rows) else {
-            return max; // nothing known of this step's size yet: measure it
+            return max.min(PROBE_LEN); // too little known yet: measure a short draft's size
         };
         let others = generating.saturating_sub(1) as f64;
         let plain = (others + 1.0) / base;
         let mut best = (0, plain * MARGIN);
         for k in 1..=max {
             let Some(step) = self.cost(rows + k) else {
-                return max; // explore the larger size once
+                return max.min(PROBE_LEN);
             };
             let drafting = if model {
                 k as f64 * self.draft_step
@@ -104,7 +115,18 @@ impl StepCosts {
         }
         best.0
     }
+
+    /// Whether the draft model may pay in such a step at all, were its guesses taken as often
+    /// as a good draft model's are: if not, a sequence need not even try it (its first draft
+    /// would make the draft model read the whole prompt).
+    pub fn model_may_pay(&self, max: usize, rows: usize, generating: usize) -> bool {
+        self.draft_step == 0.0 || self.best_len(max, rows, generating, GOOD_ACCEPTANCE, true) > 0
+    }
 }
+
+/// The share of guesses a draft model of the target's family gets taken at best (llama.cpp's
+/// and our runs: 0.6-0.9 on code).
+const GOOD_ACCEPTANCE: f64 = 0.9;
 
 /// Tokens a step yields for a sequence verifying `k` draft tokens, each taken with probability
 /// `accept` while the ones before it were: 1 + a + a^2 + ... + a^k.
@@ -183,7 +205,11 @@ mod tests {
     #[test]
     fn unknown_sizes_are_explored_then_known_ones_decide() {
         let c = StepCosts::new(64);
-        assert_eq!(c.best_len(8, 1, 1, 0.5, false), 8);
+        assert_eq!(c.best_len(8, 1, 1, 0.5, false), PROBE_LEN);
+        assert_eq!(
+            costs(&[(1, 100.0)]).best_len(8, 1, 1, 0.5, false),
+            PROBE_LEN
+        );
         // a CPU (the 1.5B's measured costs): only a likely draft pays, and not a long one
         let cpu = costs(&[
             (1, 100.0),
@@ -206,6 +232,20 @@ mod tests {
         let mut drafting = gpu.clone();
         drafting.record_draft(Duration::from_millis(8));
         assert!(drafting.best_len(8, 1, 1, 0.9, true) < 8);
+        // a draft model costing 0.8 (on a GPU) or 0.65 (on a CPU) of a target step never pays,
+        // not even at its best; one of a tenth may; one never measured is tried
+        assert!(!drafting.model_may_pay(8, 1, 1));
+        drafting.record_draft(Duration::from_millis(1));
+        drafting.record_draft(Duration::from_millis(1));
+        drafting.record_draft(Duration::from_millis(1));
+        assert!(drafting.model_may_pay(8, 1, 1));
+        let mut slow = cpu.clone();
+        assert!(slow.model_may_pay(8, 1, 1));
+        slow.record_draft(Duration::from_millis(65));
+        assert!(!slow.model_may_pay(8, 1, 1));
+        let mut quick = cpu.clone();
+        quick.record_draft(Duration::from_millis(10));
+        assert!(quick.model_may_pay(8, 1, 1));
     }
 
     #[test]
@@ -213,9 +253,14 @@ mod tests {
         let near = |a: Option<f64>, b: f64| a.is_some_and(|a| (a - b).abs() < 1e-9);
         let c = costs(&[(1, 100.0), (5, 500.0)]);
         assert!(near(c.cost(3), 0.3));
-        assert_eq!(c.cost(6), None);
+        // above the largest: on along the last two
+        assert!(near(c.cost(9), 0.9));
         let c = costs(&[(4, 400.0)]);
         assert!(near(c.cost(2), 0.2));
+        assert_eq!(c.cost(6), None);
+        // a larger decode measured quicker does not make longer ones cheaper still
+        let c = costs(&[(1, 100.0), (3, 90.0)]);
+        assert!(near(c.cost(8), 0.09));
     }
 
     #[test]

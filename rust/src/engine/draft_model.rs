@@ -163,13 +163,15 @@ pub mod tests {
     }
 
     /// Guesses "last token + 1" (as the batcher's fake target computes), except after a token
-    /// in `wrong_after`, where it guesses 0, with probability `p` each; fails when `fail`.
+    /// in `wrong_after`, where it guesses 0, with probability `p` each; fails when `fail`; each
+    /// decode takes `delay`.
     pub struct FakeDraft {
         pub log: Arc<Mutex<Log>>,
         pub last: Vec<i32>,
         pub wrong_after: Vec<i32>,
         pub p: f32,
         pub fail: bool,
+        pub delay: Duration,
     }
 
     impl FakeDraft {
@@ -180,6 +182,7 @@ pub mod tests {
                 wrong_after: Vec::new(),
                 p: 0.9,
                 fail: false,
+                delay: Duration::ZERO,
             }
         }
     }
@@ -189,6 +192,7 @@ pub mod tests {
             if self.fail {
                 return Err("boom".into());
             }
+            std::thread::sleep(self.delay);
             let rows = items.iter().map(|i| (i.token, i.pos, i.seq)).collect();
             self.log.lock().unwrap().decodes.push(rows);
             self.last = items.iter().map(|i| i.token).collect();

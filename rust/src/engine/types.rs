@@ -44,7 +44,9 @@ pub struct Params {
     pub draft_model: bool,
     /// The least probability (by the draft model) of a draft token worth verifying.
     pub draft_min_p: f32,
-    /// Draft only as much as the measured step costs and acceptance say pays (`costs.rs`).
+    /// Draft by prompt lookup where it finds a match, else by the draft model (where
+    /// `draft_model`), only as much as the measured step costs and acceptance say pays
+    /// (`costs.rs`).
     pub auto: bool,
     /// The most draft tokens a step verifies (0: no speculation).
     pub max_draft: u32,
