@@ -4,6 +4,10 @@ use std::sync::Arc;
 
 /// Draft tokens a step verifies at most unless a request says otherwise.
 pub const DEFAULT_MAX_DRAFT: u32 = 16;
+/// The least probability (by the draft model) of a draft token worth verifying unless a request
+/// says otherwise: llama-server's `--draft-p-min` default. Guesses the draft itself doubts are
+/// mostly rejected, and on a CPU each verified row costs most of a token.
+pub const DEFAULT_DRAFT_MIN_P: f32 = 0.75;
 
 /// LoRA adapters applied together, as (index in the engine's table, scale): sorted by index,
 /// no zero scales (`canonical`), so equal sets compare equal. libllama applies one set per
@@ -78,7 +82,7 @@ impl Default for Params {
             grammar: None,
             ngram: false,
             draft_model: false,
-            draft_min_p: 0.0,
+            draft_min_p: DEFAULT_DRAFT_MIN_P,
             auto: false,
             max_draft: DEFAULT_MAX_DRAFT,
             prediction: Vec::new(),
