@@ -104,7 +104,8 @@ async def one(
     if mode in MODES:  # xllm's field; llama-server's mode is its server's
         body["speculative"] = {"type": mode}
     r = await client.post("/v1/chat/completions", json=body)
-    r.raise_for_status()
+    if r.status_code != 200:
+        raise RuntimeError(f"{mode}: HTTP {r.status_code}: {r.text}")
     result: dict[str, Any] = r.json()
     return result
 

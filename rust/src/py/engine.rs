@@ -3,6 +3,7 @@
 use std::os::fd::{AsRawFd, BorrowedFd};
 use std::os::unix::net::UnixDatagram;
 use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use pyo3::create_exception;
@@ -40,6 +41,10 @@ pub struct Engine {
     vision: Option<Arc<Vision>>,
     ctx: usize,
     adapters: AdapterTable,
+    /// How many adapters the table holds: what `submit` checks a request's against without
+    /// taking the table, which the loop holds through every decode (seconds for a long prompt
+    /// chunk) while the runner's event loop must go on.
+    loaded: Arc<AtomicUsize>,
 }
 
 fn param<'py, T: pyo3::conversion::FromPyObjectOwned<'py>>(
@@ -151,6 +156,7 @@ impl Engine {
         unsafe { (api.llama_log_set)(Some(log_to_stderr), std::ptr::null_mut()) };
         let capacity = batch_size.max(parallel);
         let own: AdapterSet = (0..adapters.len() as u32).map(|i| (i, 1.0)).collect();
+        let loaded = Arc::new(AtomicUsize::new(adapters.len()));
         let table = AdapterTable::new(std::sync::Mutex::new(adapters));
         // SAFETY: the caller passes live pointers and keeps them alive until close().
         let backend = unsafe {
@@ -201,6 +207,7 @@ impl Engine {
             vision,
             ctx,
             adapters: table,
+            loaded,
         })
     }
 
@@ -214,8 +221,11 @@ impl Engine {
             path.to_owned(),
         );
         // SAFETY: the context lives until close(), after which the loop no longer decodes.
-        py.detach(move || unsafe { load_adapter(&api, ctx as Ctx, &table, &path) })
-            .map_err(PyValueError::new_err)
+        let index = py
+            .detach(move || unsafe { load_adapter(&api, ctx as Ctx, &table, &path) })
+            .map_err(PyValueError::new_err)?;
+        self.loaded.fetch_max(index as usize + 1, Ordering::Release);
+        Ok(index)
     }
 
     /// Tokens of a prompt whose image markers stand for `images` ((width, height, rgb,
@@ -271,14 +281,8 @@ impl Engine {
                 })
             })
             .collect();
-        // Never wait for the table holding the GIL: the loop holds the table while it decodes,
-        // and llama.cpp logs through llama-cpp-python's callback, which takes the GIL.
-        let table = self.adapters.clone();
-        let loaded = params
-            .py()
-            .detach(move || table.lock().expect("poisoned").len());
         let mut request_params = self::params(params)?;
-        request_params.adapters = adapter_set(params, loaded)?;
+        request_params.adapters = adapter_set(params, self.loaded.load(Ordering::Acquire))?;
         let request = Request {
             id: request_id,
             prompt,
