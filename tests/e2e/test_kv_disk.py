@@ -17,9 +17,7 @@ MODEL = "smollm2:135m"
 TEXT = " ".join(f"Item {i} is a blue box with {i % 7} red marks." for i in range(45))
 
 
-def _complete(
-    s: Server, prompt: str, max_tokens: int = 8, model: str = MODEL
-) -> dict[str, Any]:
+def _complete(s: Server, prompt: str, max_tokens: int = 8, model: str = MODEL) -> dict[str, Any]:
     body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
             "cache": False}  # fmt: skip
     r = httpx.post(f"{s.url}/v1/completions", json=body, timeout=300)
