@@ -235,12 +235,15 @@ def main() -> None:
     p.add_argument("--llama-server", action="store_true", help="also run llama-server's modes")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--streams", default="1,4")
+    p.add_argument("--modes", help="xllm's modes to run, comma-separated (default: all)")
     p.add_argument("--max-tokens", type=int, default=256)
     p.add_argument("--rounds", type=int, default=3)
     args = p.parse_args()
     args.model = args.model_path = args.model or default_model()
     args.load_before = f"{os.getloadavg()[0]:.2f}"
     modes = MODES if args.draft else tuple(m for m in MODES if m != "draft")
+    if args.modes:
+        modes = tuple(m for m in modes if m in args.modes.split(","))
     cells: dict[tuple[str, int, str], Cell] = {}
     with tempfile.TemporaryDirectory() as tmp:
         # the response cache off: identical greedy requests would be replayed, not decoded

@@ -931,7 +931,11 @@ impl<B: Backend> Batcher<B> {
                     model_acceptance.record(0, 0);
                     (len, false)
                 } else {
-                    a.acceptance.record(0, 0);
+                    // a step without a match says nothing of the lookup's guesses; one whose
+                    // guess the costs refused lets them drift back towards a try
+                    if !guess.is_empty() {
+                        a.acceptance.record(0, 0);
+                    }
                     let len = match model {
                         // a probe makes the draft model read the whole prompt: only where
                         // its guesses may pay
@@ -2425,11 +2429,12 @@ mod tests {
             ..Fake::default()
         });
         assert_eq!(flat, vec![1, 5, 17, 7]);
-        // a CPU: each row costs as much as a token; after those two, no more drafts
+        // a CPU: each row costs as much as a token; after the probe and one try of twice its
+        // rows (a decode might have cost little more), no more drafts
         let linear = steps_with(Fake {
             per_row: ms(20),
             ..Fake::default()
         });
-        assert_eq!(linear, [vec![1, 5], vec![1; 24]].concat());
+        assert_eq!(linear, [vec![1, 5, 10], vec![1; 14]].concat());
     }
 }
