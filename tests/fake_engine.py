@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from xllm.engine.plugins import Engines, LoadSpec, Manifest
-from xllm.engine.protocol import ABI_VERSION, Capability, Delta, Image, Request
+from xllm.engine.protocol import ABI_VERSION, Capability, Delta, Generation, Image, Request
 from xllm.errors import InvalidRequest, Overloaded
 from xllm.memory.planner import Plan
 from xllm.models.metadata import ModelInfo
@@ -71,25 +71,64 @@ class FakeGeneration:
         self.engine.running.discard(self)
 
 
-class FakeEngine:
-    kind = "fake"
-    instances: ClassVar[list[FakeEngine]] = []
-    """Every engine loaded, for tests to look into."""
+class FakeModel:
+    """What every fake engine's model is: named and planned by its load spec, in no process of
+    its own, never busy, with nothing to report or close; it generates no text. Subclasses
+    (the fake text engine here, the fake painter and voice of their tests) add what they do."""
 
-    def __init__(self, spec: LoadSpec) -> None:
+    kind = "fake-model"
+    capability_set: ClassVar[frozenset[Capability]] = frozenset()
+
+    def __init__(self, spec: LoadSpec, context_length: int = 0) -> None:
         self.name = spec.name
         self.key = spec.key
         self.info = ModelInfo(
             name=spec.name, path=spec.path, architecture=spec.architecture,
-            context_length=4096, embedding_length=0, block_count=0, parameter_count=0,
-            size=0, quantization="none", chat_template=None,
+            context_length=context_length, embedding_length=0, block_count=0,
+            parameter_count=0, size=0, quantization="none", chat_template=None,
         )  # fmt: skip
-        self.ctx_size = 4096
+        self.ctx_size = context_length
         self.plan = spec.plan
         self.modelfile = spec.modelfile
         self.keep_alive = spec.options.keep_alive_s
         self.last_active = time.monotonic()
         self.on_exit: Callable[[Any], None] | None = None
+
+    @property
+    def capabilities(self) -> frozenset[Capability]:
+        return self.capability_set
+
+    @property
+    def pid(self) -> int | None:
+        return None
+
+    @property
+    def busy(self) -> bool:
+        return False
+
+    async def generate(self, request: Request) -> Generation:
+        raise InvalidRequest(f"model {self.name!r} does not generate text", param="model")
+
+    def stats(self) -> dict[str, int | float]:
+        return {}
+
+    def expires_at(self) -> float | None:
+        return None
+
+    def abort(self, reason: str) -> None:
+        pass
+
+    async def close(self) -> None:
+        pass
+
+
+class FakeEngine(FakeModel):
+    kind = "fake"
+    instances: ClassVar[list[FakeEngine]] = []
+    """Every engine loaded, for tests to look into."""
+
+    def __init__(self, spec: LoadSpec) -> None:
+        super().__init__(spec, context_length=4096)
         self.running: set[FakeGeneration] = set()
         self.generations: list[FakeGeneration] = []
         self.requests: list[Request] = []
@@ -99,10 +138,6 @@ class FakeEngine:
     @property
     def capabilities(self) -> frozenset[Capability]:
         return VISION if self.info.architecture == "FakeVLM" else CAPABILITIES
-
-    @property
-    def pid(self) -> int | None:
-        return None
 
     @property
     def busy(self) -> bool:
@@ -133,12 +168,6 @@ class FakeEngine:
 
     def stats(self) -> dict[str, int | float]:
         return {"running": len(self.running)}
-
-    def expires_at(self) -> float | None:
-        return None
-
-    def abort(self, reason: str) -> None:
-        pass
 
     async def close(self) -> None:
         if self.on_exit is not None:

@@ -24,7 +24,6 @@ from xllm.engine.plugins import Engines, LoadSpec, Manifest
 from xllm.engine.protocol import ABI_VERSION, Capability, Generation, ImageGeneration, Request
 from xllm.errors import InvalidRequest
 from xllm.memory.planner import MiB, Plan
-from xllm.models.metadata import ModelInfo
 from xllm.server.app import create_app, make_registry
 
 PIL_FORMATS = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}
@@ -56,40 +55,17 @@ class FakePainting:
         self.cancelled = True
 
 
-class FakePainter:
+class FakePainter(fake_engine.FakeModel):
     """An image engine: each image is one flat colour that its seed picks."""
 
     kind = "fake-painter"
+    capability_set = frozenset({Capability.IMAGE_GENERATION})
     samplers: Sequence[str] = ("euler", "euler_a")
 
     def __init__(self, spec: LoadSpec) -> None:
-        self.name = spec.name
-        self.key = spec.key
-        self.info = ModelInfo(
-            name=spec.name, path=spec.path, architecture=spec.architecture, context_length=0,
-            embedding_length=0, block_count=0, parameter_count=0, size=0, quantization="none",
-            chat_template=None,
-        )  # fmt: skip
-        self.ctx_size = 0
-        self.plan = spec.plan
-        self.modelfile = spec.modelfile
-        self.keep_alive = spec.options.keep_alive_s
-        self.last_active = time.monotonic()
-        self.on_exit: Callable[[Any], None] | None = None
+        super().__init__(spec)
         self.jobs: list[FakePainting] = []
         self.hold: asyncio.Event | None = None
-
-    @property
-    def capabilities(self) -> frozenset[Capability]:
-        return frozenset({Capability.IMAGE_GENERATION})
-
-    @property
-    def pid(self) -> int | None:
-        return None
-
-    @property
-    def busy(self) -> bool:
-        return False
 
     async def generate(self, request: Request) -> Generation:
         raise InvalidRequest(f"model {self.name!r} makes images, not text", param="model")
@@ -103,18 +79,6 @@ class FakePainter:
             raise InvalidRequest(f"sampler: {request.sampler!r} is unknown", param="sampler")
         self.jobs.append(FakePainting(request, self.hold))
         return self.jobs[-1]
-
-    def stats(self) -> dict[str, int | float]:
-        return {}
-
-    def expires_at(self) -> float | None:
-        return None
-
-    def abort(self, reason: str) -> None:
-        pass
-
-    async def close(self) -> None:
-        pass
 
 
 PAINTERS: list[FakePainter] = []

@@ -7,7 +7,6 @@ from __future__ import annotations
 import base64
 import io
 import json
-import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -20,10 +19,9 @@ from aiohttp.test_utils import TestClient, TestServer
 from tests import fake_engine
 from xllm.config import Settings
 from xllm.engine.plugins import Engines, LoadSpec, Manifest
-from xllm.engine.protocol import ABI_VERSION, Capability, Generation, Request, Speech
+from xllm.engine.protocol import ABI_VERSION, Capability, Speech
 from xllm.errors import InvalidRequest
 from xllm.memory.planner import Plan
-from xllm.models.metadata import ModelInfo
 from xllm.server.app import create_app, make_registry
 
 RATE = 16_000
@@ -55,60 +53,22 @@ class FakeUtterance:
         self.cancelled = True
 
 
-class FakeVoice:
+class FakeVoice(fake_engine.FakeModel):
     """A voice engine: each word of the text is a quarter second of 440 Hz."""
 
     kind = "fake-voice"
+    capability_set = frozenset({Capability.SPEECH})
 
     def __init__(self, spec: LoadSpec) -> None:
-        self.name = spec.name
-        self.key = spec.key
-        self.info = ModelInfo(
-            name=spec.name, path=spec.path, architecture=spec.architecture, context_length=0,
-            embedding_length=0, block_count=0, parameter_count=0, size=0, quantization="none",
-            chat_template=None,
-        )  # fmt: skip
-        self.ctx_size = 0
-        self.plan = spec.plan
-        self.modelfile = spec.modelfile
-        self.keep_alive = spec.options.keep_alive_s
-        self.last_active = time.monotonic()
-        self.on_exit: Callable[[Any], None] | None = None
+        super().__init__(spec)
         self.voices: Sequence[str] = ("fake", "alloy-like")
         self.requests: list[Speech] = []
-
-    @property
-    def capabilities(self) -> frozenset[Capability]:
-        return frozenset({Capability.SPEECH})
-
-    @property
-    def pid(self) -> int | None:
-        return None
-
-    @property
-    def busy(self) -> bool:
-        return False
-
-    async def generate(self, request: Request) -> Generation:
-        raise InvalidRequest("a voice does not generate text", param="model")
 
     async def speak(self, request: Speech) -> FakeUtterance:
         if request.voice is not None and request.voice not in self.voices:
             raise InvalidRequest(f"voice: {request.voice!r} is not a voice here", param="voice")
         self.requests.append(request)
         return FakeUtterance(request.text.split(), request.speed)
-
-    def stats(self) -> dict[str, int | float]:
-        return {}
-
-    def expires_at(self) -> float | None:
-        return None
-
-    def abort(self, reason: str) -> None:
-        pass
-
-    async def close(self) -> None:
-        pass
 
 
 VOICES: list[FakeVoice] = []
