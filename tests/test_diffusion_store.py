@@ -21,6 +21,7 @@ from xllm.engine.registry import ModelRegistry
 from xllm.errors import InvalidRequest, XllmError
 from xllm.models import create, diffusion, folders, summary
 from xllm.models import pull as pulling
+from xllm.models import store as st
 from xllm.models.names import parse_name
 from xllm.models.store import Store
 from xllm.server.app import create_app, make_registry
@@ -140,6 +141,27 @@ async def test_parts_that_make_no_model_are_refused(tiny_flux: Path, tmp_path: P
         await create.create(registry, create.Recipe(parse_name("bad"), files=files))
     assert e.value.param == "files" and "GGUF" in e.value.message
     assert s.get(parse_name("bad")) is None
+
+
+async def test_an_llm_uploaded_as_model_gguf_is_a_text_model(
+    tiny_flux: Path, tiny_path: Path, tmp_path: Path
+) -> None:
+    # Ollama's clients, and `xllm create` from a folder named `model`, may name a GGUF
+    # model.gguf, a diffusion checkpoint's name: what the file holds decides
+    s = Store(tmp_path / "models")
+    registry = ModelRegistry(EngineOptions(), store=s, engines=Engines())
+    llm = await s.add_file(tiny_path)
+    await create.create(registry, create.Recipe(parse_name("llm"), files={"model.gguf": llm}))
+    stored = s.get(parse_name("llm"))
+    assert stored is not None and [x.media_type for x in stored.manifest.layers] == [st.MODEL]
+    dit = await s.add_file(tiny_flux / "diffusion_model.gguf")
+    await create.create(registry, create.Recipe(parse_name("dit"), files={"model.gguf": dit}))
+    stored = s.get(parse_name("dit"))
+    assert stored is not None
+    assert (
+        folders.by_media(x.media_type for x in stored.manifest.layers)
+        == folders.FORMATS["diffusion"]
+    )
 
 
 async def test_without_the_images_extra_a_request_is_a_400_naming_it(

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from xllm.engine.llamacpp_archs import ARCHITECTURES
 from xllm.engine.upstream import PREFIX
 from xllm.errors import InvalidRequest, ModelNotFound
 from xllm.models import adapter, convert, folders, gguf, gotemplate, store, summary
@@ -188,6 +189,8 @@ async def _from(registry: ModelRegistry, s: Store, body: Recipe) -> tuple[Manife
     if body.files:
         fmt = folders.detect(list(body.files))
         diffusion = fmt is not None and fmt.name == "diffusion"  # its parts may all be GGUFs
+        if diffusion and await asyncio.to_thread(_text_checkpoint, s, body.files):
+            fmt, diffusion = None, False  # an LLM uploaded as model.gguf is a text model
         if diffusion or not all(f.lower().endswith(".gguf") for f in body.files):
             if fmt is None or fmt.name == store.SAFETENSORS_FORMAT:
                 raise InvalidRequest(
@@ -236,6 +239,20 @@ async def _named_base(registry: ModelRegistry, s: Store, body: Recipe) -> Manife
         raise ModelNotFound(
             f"base model {name.display!r} not found; pull it first", param="from"
         ) from None
+
+
+def _text_checkpoint(s: Store, files: Mapping[str, str]) -> bool:
+    """Whether uploaded `files` named as a diffusion checkpoint (`model.gguf` alone, as
+    Ollama's clients and `xllm create` from a folder named `model` name a GGUF) are one GGUF
+    of an architecture llama.cpp loads."""
+    if len(files) != 1 or not all(n.lower().endswith(".gguf") for n in files):
+        return False
+    (digest,) = files.values()
+    try:
+        header = gguf.read(s.blob_path(_blob(s, digest, "files")))
+    except GGUFError:
+        return False  # the format it was taken for reports the defect
+    return header.architecture in ARCHITECTURES
 
 
 def _blob(s: Store, digest: str, param: str) -> str:
