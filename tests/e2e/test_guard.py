@@ -16,6 +16,7 @@ import pytest
 
 from tests.conftest import Server, free_port, start_server, stop_server
 from xllm.server.guard import OPEN_PATHS, PAGES
+from xllm.server.image_files import PREFIX as IMAGES
 from xllm.server.routes import ROUTES
 
 
@@ -115,6 +116,12 @@ def test_every_other_route_needs_the_key(keyed: Server) -> None:
     for route in ROUTES:
         if route.path in OPEN_PATHS or route.path.startswith(PAGES):
             continue  # the planner page's files hold no data (tests/e2e/test_plan.py)
+        if route.path.startswith(IMAGES):
+            # a generated image's random id is its secret (a browser shows it by URL): open,
+            # and an id it does not know is a 404 like any expired one
+            r = httpx.get(f"{keyed.url}{IMAGES}{'0' * 32}.png")
+            assert r.status_code == 404, r.text
+            continue
         path = re.sub(r"\{(\w+)[^}]*\}", "x", route.path)
         r = httpx.request(route.method, keyed.url + path, json={})
         assert r.status_code == 401, (route.method, route.path, r.text)

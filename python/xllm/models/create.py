@@ -242,12 +242,12 @@ async def _named_base(registry: ModelRegistry, s: Store, body: Recipe) -> Manife
 
 
 def _text_checkpoint(s: Store, files: Mapping[str, str]) -> bool:
-    """Whether uploaded `files` named as a diffusion checkpoint (`model.gguf` alone, as
-    Ollama's clients and `xllm create` from a folder named `model` name a GGUF) are one GGUF
-    of an architecture llama.cpp loads."""
-    if len(files) != 1 or not all(n.lower().endswith(".gguf") for n in files):
+    """Whether uploaded `files` named as a diffusion checkpoint hold a GGUF of an architecture
+    llama.cpp loads as `model.gguf` (Ollama's clients, and `xllm create` from a folder named
+    `model`, name a model so; a vision projector may come beside it)."""
+    digest = files.get("model.gguf")
+    if digest is None:
         return False
-    (digest,) = files.values()
     try:
         header = gguf.read(s.blob_path(_blob(s, digest, "files")))
     except GGUFError:
