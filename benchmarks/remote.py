@@ -2,12 +2,12 @@
 
 Starts an upstream `xllm serve` (the default model, 16 slots) and a second one whose remote
 endpoint is the first, then runs N concurrent streamed chat completions against each, in turns
-(direct, proxied, direct, proxied...), and prints tokens/s, TTFT p50, their ratios, the
+(direct then proxied, then proxied then direct...), and prints tokens/s, TTFT p50, their ratios, the
 front server's CPU time per proxied token (from /proc), the load average before and after, and
 whether the targets are met (tokens/s >= 0.97x the upstream's, added TTFT p50 <= 5 ms); it
 exits 1 when one is missed.
 
-    python benchmarks/remote.py [--streams 16] [--tokens 64] [--rounds 2]
+    python benchmarks/remote.py [--streams 16] [--tokens 64] [--rounds 6]
 """
 
 from __future__ import annotations
@@ -68,7 +68,7 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--streams", type=int, default=16)
     p.add_argument("--tokens", type=int, default=64)
-    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=6)
     a = p.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="xllm-remote-bench-"))
     up = start_server(tmp / "up", ["--model", MODEL, "--parallel", str(a.streams),
@@ -82,8 +82,9 @@ def main() -> None:
         stats: dict[str, list[float]] = {"direct": [], "proxied": []}
         ttfts: dict[str, list[float]] = {"direct": [], "proxied": []}
         cpu, proxied_tokens = 0.0, 0
-        for _ in range(a.rounds):
-            for kind, url, model in (("direct", up.url, MODEL), ("proxied", front.url, "far")):
+        cells = [("direct", up.url, MODEL), ("proxied", front.url, "far")]
+        for i in range(a.rounds):  # the order alternates: neither side always runs first
+            for kind, url, model in cells if i % 2 == 0 else cells[::-1]:
                 c0 = cpu_seconds(front.proc.pid)
                 tps, ttft, n = asyncio.run(round_(url, model, a.streams, a.tokens))
                 if kind == "proxied":

@@ -8,8 +8,9 @@ and records every request. `/v1/chat/completions` does what the last user messag
 - `malformed`: one good chunk, then an event that is not JSON;
 - `drip`: five words, one every 0.3 s;
 - `hang`: nothing at all for 60 s;
-- `slow`: a word every 0.1 s for 30 s (for disconnects: `cancelled` counts the requests
-  whose handler was cancelled because the client went away);
+- `slow`: a word every 0.1 s for 30 s, or unstreamed, the answer after 30 s (for
+  disconnects: `cancelled` counts the requests whose handler was cancelled because the client
+  went away; an embedding input `slow` takes 30 s too);
 - `redirect`: a 307 to `redirect_to` (another host);
 - `echo`: the request body it received, as the answer's text;
 - anything else: `hello from NAME`, streamed or not as asked, with usage.
@@ -97,6 +98,8 @@ class FakeOpenAI:
         body = orjson.loads(await request.read())
         self._record(request, body)
         inputs = body["input"] if isinstance(body["input"], list) else [body["input"]]
+        if "slow" in inputs:
+            await self._cancellable(30)
         rows = [{"index": i, "embedding": [3.0, 4.0]} for i in range(len(inputs))]
         return web.json_response({"data": rows, "usage": {"prompt_tokens": 2 * len(inputs)}})
 
@@ -113,6 +116,8 @@ class FakeOpenAI:
             raise web.HTTPTemporaryRedirect(self.redirect_to + "/v1/chat/completions")
         if say == "hang":
             await asyncio.sleep(60)
+        if say == "slow" and not body.get("stream"):  # an answer that takes 30 s to come
+            await self._cancellable(30)
         words = [f"hello from {self.name}"]
         if say == "echo":
             words = [orjson.dumps(body).decode()]
@@ -132,6 +137,13 @@ class FakeOpenAI:
             raise
         await response.write_eof()
         return response
+
+    async def _cancellable(self, seconds: float) -> None:
+        try:
+            await asyncio.sleep(seconds)
+        except asyncio.CancelledError:
+            self.cancelled += 1
+            raise
 
 
 def _chunk(delta: dict[str, Any], finish: str | None = None, **top: Any) -> bytes:

@@ -6,6 +6,7 @@ requests surviving one of two upstreams going away, and a Modelfile over a remot
 from __future__ import annotations
 
 import json
+import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -146,19 +147,95 @@ def test_redirect_refused_and_key_kept_home(front: Server, fakes: dict[str, Fake
 def test_disconnect_cancels_the_upstream_request(
     front: Server, fakes: dict[str, FakeOpenAI]
 ) -> None:
-    for path, body in [
-        ("/v1/chat/completions", {"stream": True}),  # relayed
-        ("/api/chat", {}),  # through the seam
+    slow = {"model": "fk", "messages": [{"role": "user", "content": "slow"}]}
+    for path, payload in [
+        ("/v1/chat/completions", {**slow, "stream": True}),  # relayed
+        ("/api/chat", slow),  # through the seam
     ]:
         before = fakes["one"].cancelled
-        payload = {"model": "fk", "messages": [{"role": "user", "content": "slow"}], **body}
         with httpx.stream("POST", f"{front.url}{path}", json=payload, timeout=30) as r:
             for _ in r.iter_bytes():
                 break  # the first piece, then hang up
-        deadline = time.monotonic() + 10
-        while fakes["one"].cancelled == before and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert fakes["one"].cancelled == before + 1, path
+        _wait_cancelled(fakes["one"], before, path)
+    pair = [fakes["a"], fakes["b"]]  # no timeout of their own: only the hang-up ends a call
+    for path, payload in [  # hung up before the upstream's first byte
+        ("/v1/chat/completions", {**slow, "model": "pair"}),  # relayed, unstreamed
+        ("/v1/embeddings", {"model": "pair", "input": ["slow"]}),  # relayed
+    ]:
+        before = sum(f.cancelled for f in pair)
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(f"{front.url}{path}", json=payload, timeout=0.5)
+        deadline = time.monotonic() + 3
+        while sum(f.cancelled for f in pair) == before and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert sum(f.cancelled for f in pair) == before + 1, path
+    health = httpx.get(f"{front.url}/v0/health").json()
+    for endpoint in health["remote"]:  # each call was closed
+        assert [u["outstanding"] for u in endpoint["upstreams"]] == [0] * len(endpoint["upstreams"])
+
+
+def _wait_cancelled(fake: FakeOpenAI, before: int, path: str) -> None:
+    deadline = time.monotonic() + 10
+    while fake.cancelled == before and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert fake.cancelled == before + 1, path
+
+
+def test_round_robin_takes_turns_whoever_is_busy(
+    fakes: dict[str, FakeOpenAI], front: Server
+) -> None:
+    payload = {"model": "pair", "messages": [{"role": "user", "content": "slow"}], "stream": True}
+    with httpx.stream("POST", f"{front.url}/v1/chat/completions", json=payload, timeout=30) as r:
+        next(r.iter_bytes())  # one upstream is busy with this stream...
+        served = [_chat(front, "hi", "pair").json()["choices"][0]["message"]["content"]
+                  for _ in range(4)]  # fmt: skip
+    # ...and still gets its turn (least-outstanding would send all four to the other)
+    assert sorted(served) == ["hello from a"] * 2 + ["hello from b"] * 2
+
+
+def test_relayed_body_keeps_what_the_flavour_takes(front: Server) -> None:
+    extras = {"cache": False, "speculative": {"type": "ngram"}, "engine": "remote", "top_k": 5,
+              "repeat_penalty": 1.2, "repeat_last_n": 16, "reasoning_format": "none"}  # fmt: skip
+    r = _chat(front, "echo", **extras)
+    assert r.status_code == 200, r.text
+    sent = json.loads(r.json()["choices"][0]["message"]["content"])
+    assert sent["top_k"] == 5 and sent["repetition_penalty"] == 1.2  # vLLM's own names
+    assert not {"cache", "speculative", "engine", "repeat_penalty", "repeat_last_n",
+                "reasoning_format"} & sent.keys()  # fmt: skip
+    r = _chat(front, "echo", lora="french")
+    assert r.status_code == 400
+    assert r.json()["error"]["param"] == "lora"
+    assert "takes no LoRA adapters" in r.json()["error"]["message"]
+
+
+def test_an_upstream_that_never_connects_is_passed_over(
+    fakes: dict[str, FakeOpenAI], tmp_path: Path
+) -> None:
+    with socket.socket() as hole:  # a full accept queue: connecting hangs, as to a dropped host
+        hole.bind(("127.0.0.1", 0))
+        hole.listen(0)
+        dead = f"http://127.0.0.1:{hole.getsockname()[1]}"
+        fillers = [socket.socket() for _ in range(3)]
+        for f in fillers:
+            f.setblocking(False)
+            f.connect_ex(hole.getsockname())
+        remote = [{"name": "far", "base_url": [dead, fakes["b"].url], "flavour": "vllm",
+                   "balance": "round_robin", "connect_timeout": 0.5, "timeout": 30,
+                   "models": {"far": MODEL}}]  # fmt: skip
+        s = start_server(tmp_path, [], {"XLLM_REMOTE": json.dumps(remote)}, wait_model=False)
+        try:
+            t0 = time.monotonic()
+            for _ in range(4):  # before the health check (10 s) can tell
+                r = _chat(s, "hi", "far")
+                assert r.status_code == 200, r.text
+                assert r.json()["choices"][0]["message"]["content"] == "hello from b"
+            assert time.monotonic() - t0 < 8
+            ups = next(p for p in httpx.get(f"{s.url}/v0/health").json()["remote"])["upstreams"]
+            assert {u["url"]: u["error"] for u in ups}[dead] == "could not connect in time"
+        finally:
+            stop_server(s)
+            for f in fillers:
+                f.close()
 
 
 def test_one_of_two_upstreams_killed(front: Server, fakes: dict[str, FakeOpenAI]) -> None:

@@ -39,8 +39,52 @@ NO_MEMORY = Plan(weights=0, kv=0, compute=0, output=0, layers=0, gpu_layers=0, v
 DEFAULT_CAPABILITIES = frozenset({Capability.COMPLETION, Capability.CHAT, Capability.TOOLS})
 """What an upstream that does not list its models' capabilities (vLLM, OpenAI) is taken to
 offer; embeddings and images still go through, and the upstream says if it cannot."""
-_XLLM_ONLY = ("engine", "chat_template", "reasoning_format", "repeat_last_n")
-"""Request fields xllm reads that an upstream does not know (dropped from relayed bodies)."""
+_EXTENSIONS = frozenset(
+    [
+        "engine",
+        "cache",
+        "speculative",
+        "lora",
+        "scale",
+        "top_k",
+        "min_p",
+        "ignore_eos",
+        "repeat_penalty",
+        "repeat_last_n",
+        "chat_template",
+        "chat_template_kwargs",
+        "reasoning_format",
+    ]
+)
+"""The fields xllm's OpenAI dialect adds to OpenAI's own."""
+_TAKEN: dict[str, frozenset[str]] = {
+    "openai": frozenset(),
+    "vllm": frozenset(["top_k", "min_p", "ignore_eos", "chat_template", "chat_template_kwargs"]),
+    "llama-server": frozenset(
+        [
+            "top_k",
+            "min_p",
+            "ignore_eos",
+            "repeat_penalty",
+            "repeat_last_n",
+            "reasoning_format",
+            "chat_template_kwargs",
+        ]
+    ),
+    "xllm": _EXTENSIONS - {"engine"},  # `engine` chose this front's engine, not the upstream's
+}
+"""Which of those each flavour of upstream takes (OpenAI's own API refuses unknown fields; the
+rest are dropped from a relayed body)."""
+
+
+def relayed_fields(body: Mapping[str, Any], flavour: str) -> dict[str, Any]:
+    """An OpenAI body as the upstream takes it: OpenAI's fields, and of xllm's those the
+    upstream's flavour knows (the repetition penalty under vLLM's name)."""
+    out = dict(body)
+    if flavour == "vllm" and "repeat_penalty" in out:
+        out["repetition_penalty"] = out.pop("repeat_penalty")
+    taken = _TAKEN.get(flavour, frozenset())
+    return {k: v for k, v in out.items() if k not in _EXTENSIONS or k in taken}
 
 
 def context_length(target: Target) -> int:
@@ -203,7 +247,13 @@ class RemoteEngine:
     async def relay(self, path: str, body: Mapping[str, Any]) -> Relayed:
         """Send an OpenAI request as it is (upstream model name, Modelfile defaults where the
         client gave none, xllm's own fields dropped); the answer comes back as it arrives."""
-        out = {k: v for k, v in body.items() if k not in _XLLM_ONLY}
+        if body.get("lora") is not None and "lora" not in _TAKEN.get(self.flavour, ()):
+            raise InvalidRequest(
+                f"lora: remote model {self.name!r} ({self.flavour}) takes no LoRA adapters "
+                "from xllm (name the upstream's adapter as the model)",
+                param="lora",
+            )
+        out = relayed_fields(body, self.flavour)
         out["model"] = self.target.model
         if path != "/v1/embeddings":
             defaults = sampling_fields(modelfile_defaults(self.modelfile), self.flavour)

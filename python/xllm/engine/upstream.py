@@ -314,6 +314,13 @@ class Pool:
                 response = await self.session.post(
                     u.url + path, data=data, headers=headers, allow_redirects=False
                 )
+            except asyncio.CancelledError:  # the client went away before the answer began
+                call.close()
+                raise
+            except aiohttp.ConnectionTimeoutError as e:  # never reached: try the next one
+                call.close(failed=True)
+                self._mark(u, False, _describe(e))
+                continue
             except TimeoutError:
                 call.close(failed=True)
                 raise call.timeout() from None
@@ -325,6 +332,9 @@ class Pool:
             if response.status != 200:
                 try:
                     error = await _error(self.name, u, response)
+                except asyncio.CancelledError:
+                    call.close()
+                    raise
                 except (TimeoutError, *_CONNECT_ERRORS):
                     error = UpstreamError(f"remote endpoint {self.name!r}: HTTP {response.status}")
                 call.close(failed=response.status >= 500 or response.status < 400)
@@ -347,6 +357,8 @@ class _Unhealthy(Exception):
 
 
 def _describe(e: BaseException) -> str:
+    if isinstance(e, aiohttp.ConnectionTimeoutError):
+        return "could not connect in time"
     if isinstance(e, TimeoutError):
         return "timed out"
     if isinstance(e, UpstreamError):

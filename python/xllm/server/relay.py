@@ -9,6 +9,7 @@ error before the first byte is a normal error response; after it, an error event
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 import orjson
@@ -18,13 +19,21 @@ from xllm import _core
 from xllm.engine.protocol import Relay
 from xllm.errors import XllmError
 from xllm.server import streaming
-from xllm.server.http import RAW_BODY, peer_gone
+from xllm.server.http import GENERATIONS, RAW_BODY, peer_gone
 
 log = logging.getLogger("xllm.server")
 
 
 async def relay(request: web.Request, model: Relay, path: str) -> web.StreamResponse:
-    """Send the request's body to `model` and its answer back to the client."""
+    """Send the request's body to `model` and its answer back to the client; a client that
+    goes away cancels it wherever it is (waiting for the upstream's first byte included), and
+    with it the upstream request."""
+    work = asyncio.ensure_future(_relay(request, model, path))
+    request.setdefault(GENERATIONS, []).append(work)
+    return await work
+
+
+async def _relay(request: web.Request, model: Relay, path: str) -> web.StreamResponse:
     body = orjson.loads(request[RAW_BODY])
     answer = await model.relay(path, body)
     try:
