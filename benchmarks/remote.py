@@ -17,6 +17,7 @@ import asyncio
 import json
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -25,7 +26,7 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).parents[1]))
-from tests.conftest import start_server, stop_server
+from tests.conftest import Server, free_port, start_server, stop_server
 
 MODEL = "smollm2:135m"
 MIN_RATIO = 0.97
@@ -69,24 +70,30 @@ def main() -> None:
     p.add_argument("--streams", type=int, default=16)
     p.add_argument("--tokens", type=int, default=64)
     p.add_argument("--rounds", type=int, default=6)
+    p.add_argument(
+        "--upstream",
+        choices=("xllm", "paced"),
+        default="xllm",
+        help="xllm: a real xllm serve sharing this machine's cores with the proxy; paced: "
+        "benchmarks/paced_upstream.py, standing in for one on machines of its own",
+    )
     a = p.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="xllm-remote-bench-"))
-    up = start_server(tmp / "up", ["--model", MODEL, "--parallel", str(a.streams),
-                                   "--ctx-size", "512"])  # fmt: skip
-    remote = [{"name": "up", "base_url": up.url, "flavour": "xllm", "models": {"far": MODEL}}]
+    up, model, flavour = _upstream(a.upstream, tmp, a.streams)
+    remote = [{"name": "up", "base_url": up.url, "flavour": flavour, "models": {"far": model}}]
     front = start_server(tmp / "front", [], {"XLLM_REMOTE": json.dumps(remote)}, wait_model=False)
     load = os.getloadavg()
     try:
-        for url, model in ((up.url, MODEL), (front.url, "far")):  # warm both, all slots
-            asyncio.run(round_(url, model, a.streams, 8))
+        for url, m in ((up.url, model), (front.url, "far")):  # warm both, all slots
+            asyncio.run(round_(url, m, a.streams, 8))
         stats: dict[str, list[float]] = {"direct": [], "proxied": []}
         ttfts: dict[str, list[float]] = {"direct": [], "proxied": []}
         cpu, proxied_tokens = 0.0, 0
-        cells = [("direct", up.url, MODEL), ("proxied", front.url, "far")]
+        cells = [("direct", up.url, model), ("proxied", front.url, "far")]
         for i in range(a.rounds):  # the order alternates: neither side always runs first
-            for kind, url, model in cells if i % 2 == 0 else cells[::-1]:
+            for kind, url, m in cells if i % 2 == 0 else cells[::-1]:
                 c0 = cpu_seconds(front.proc.pid)
-                tps, ttft, n = asyncio.run(round_(url, model, a.streams, a.tokens))
+                tps, ttft, n = asyncio.run(round_(url, m, a.streams, a.tokens))
                 if kind == "proxied":
                     cpu += cpu_seconds(front.proc.pid) - c0
                     proxied_tokens += n
@@ -97,7 +104,8 @@ def main() -> None:
         ratio, added = f / d, (tf - td) * 1000
         met = {"tokens/s": ratio >= MIN_RATIO, "TTFT": added <= MAX_ADDED_TTFT_MS}
         print(
-            f"{a.streams} streams x {a.tokens} tokens, {a.rounds} rounds, {os.cpu_count()} CPUs, "
+            f"upstream {a.upstream}, {a.streams} streams x {a.tokens} tokens, {a.rounds} rounds, "
+            f"{os.cpu_count()} CPUs, "
             f"load average {load[0]:.2f} before, {os.getloadavg()[0]:.2f} after"
         )
         print("| | tokens/s | TTFT p50 (ms) |\n|---|---|---|")
@@ -112,6 +120,26 @@ def main() -> None:
         stop_server(up)
     if not all(met.values()):
         sys.exit(1)
+
+
+def _upstream(kind: str, tmp: Path, streams: int) -> tuple[Server, str, str]:
+    """The upstream server, the name of its model, and its flavour."""
+    if kind == "xllm":
+        args = ["--model", MODEL, "--parallel", str(streams), "--ctx-size", "512"]
+        return start_server(tmp / "up", args), MODEL, "xllm"
+    port = free_port()
+    script = Path(__file__).with_name("paced_upstream.py")
+    proc = subprocess.Popen([sys.executable, str(script), str(port)], start_new_session=True)
+    up = Server(proc, port, tmp, tmp / "paced.log")
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{up.url}/v1/models", timeout=1).status_code == 200:
+                return up, "paced", "openai"
+        except httpx.HTTPError:
+            time.sleep(0.1)
+    proc.kill()
+    raise RuntimeError("the paced upstream did not start")
 
 
 def _yes(ok: bool) -> str:

@@ -19,6 +19,8 @@ from xllm.server.state import REGISTRY, RESPONSE_CACHE, SETTINGS
 
 M = TypeVar("M", bound=BaseModel)
 MAX_BODY = 50 * 1024 * 1024
+SMALL_BODY = 256 * 1024
+"""A body of at most this declared length is read as it is (most requests)."""
 """Request bodies over 50 MB (images included) get 413: unread when Content-Length says so,
 else as soon as the body passes it."""
 TOO_LARGE = "request body too large: the limit is 50 MB"
@@ -127,6 +129,8 @@ async def parse_body(request: web.Request, model: type[M]) -> M:
 async def _read_body(request: web.Request) -> bytes:
     """The whole body; 413 the moment it passes MAX_BODY, letting go of what was read."""
     limit = min(request.content_length or MAX_BODY, MAX_BODY)
+    if limit <= SMALL_BODY and request.content_length is not None:
+        return await request.read()  # framed by its length: no map needed
     # An anonymous map takes memory page by page as the body arrives and hands every page back
     # to the OS when closed, so a refused body leaves nothing resident. A growing bytearray
     # (aiohttp's `read`) reallocates and copies, and can leave tens of MB in malloc's heap.
