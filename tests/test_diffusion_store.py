@@ -15,11 +15,12 @@ from aiohttp.test_utils import TestClient, TestServer
 from tests.diffusion_models import write_tiny_flux2
 from tests.upstream import Upstream, sha
 from xllm.config import Settings
+from xllm.engine.llamacpp_archs import ARCHITECTURES
 from xllm.engine.options import EngineOptions
 from xllm.engine.plugins import Engines
 from xllm.engine.registry import ModelRegistry
 from xllm.errors import InvalidRequest, XllmError
-from xllm.models import create, diffusion, folders, summary
+from xllm.models import create, diffusion, folders, gguf, summary
 from xllm.models import pull as pulling
 from xllm.models import store as st
 from xllm.models.names import parse_name
@@ -203,6 +204,40 @@ async def test_pull_a_hub_repo_of_parts(tiny_flux: Path, tmp_path: Path) -> None
         assert (facts.architecture, facts.capabilities) == ("Flux.2 klein", ["image_generation"])
     finally:
         upstream.stop()
+
+
+async def test_pull_tells_a_hub_model_gguf_by_its_header(
+    tiny_flux: Path, tiny_path: Path, tmp_path: Path
+) -> None:
+    # a repo whose one file is model.gguf (a checkpoint's name): its first bytes decide
+    upstream = Upstream()
+    llm = tiny_path.read_bytes()  # noqa: ASYNC240
+    dit = (tiny_flux / "diffusion_model.gguf").read_bytes()
+    upstream.add_hf_repo("me/llm", {"model.gguf": llm, "README.md": b"# a text model\n"})
+    upstream.add_hf_repo("me/checkpoint", {"model.gguf": dit})
+    upstream.start()
+    try:
+        s = Store(tmp_path / "models")
+        settings = Settings(registry=upstream.url, hf_endpoint=upstream.url)
+        for repo, fmt in (("me/llm", "gguf"), ("me/checkpoint", "diffusion")):
+            name = parse_name(f"hf.co/{repo}")
+            records = [r async for r in pulling.pull(s, settings, name)]
+            assert records[-1] == {"status": "success"}, repo
+            model = s.get(name)
+            assert model is not None and model.format == fmt, repo
+        text = s.get(parse_name("hf.co/me/llm"))
+        assert text is not None and [x.media_type for x in text.manifest.layers][-1] == st.MODEL
+    finally:
+        upstream.stop()
+
+
+def test_a_gguf_s_architecture_from_its_first_bytes(tiny_flux: Path, tiny_path: Path) -> None:
+    head = tiny_path.read_bytes()[: 1 << 16]
+    assert gguf.prefix_architecture(head) == gguf.read(tiny_path).architecture == "llama"
+    assert gguf.prefix_architecture(head[:30]) is None  # ends before the key
+    assert gguf.prefix_architecture(b"not a gguf at all" * 10) is None
+    dit = (tiny_flux / "diffusion_model.gguf").read_bytes()[: 1 << 16]
+    assert gguf.prefix_architecture(dit) not in ARCHITECTURES
 
 
 async def test_pull_files_named_freely_by_part_from_two_repos(

@@ -140,3 +140,51 @@ def merge(shards: Sequence[GGUF]) -> GGUF:
     if len({t.name for t in tensors}) != len(tensors):
         raise GGUFError(f"{first.path.name}: a tensor appears in more than one file of the split")
     return dataclasses.replace(first, tensors=tensors, file_size=sum(s.file_size for s in shards))
+
+
+_SCALARS = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+"""The size of each fixed-size GGUF value type (8 is a string, 9 an array)."""
+_STRING, _ARRAY = 8, 9
+
+
+def prefix_architecture(data: bytes) -> str | None:
+    """`general.architecture` from the first bytes of a GGUF file (a ranged read of a file not
+    here yet), or None when they are not a GGUF of version 2 or 3 or end before that key."""
+    if data[:4] != b"GGUF" or len(data) < 24:
+        return None
+    if int.from_bytes(data[4:8], "little") not in (2, 3):
+        return None
+    kv_count, at = int.from_bytes(data[16:24], "little"), 24
+
+    def take(n: int) -> bytes:
+        nonlocal at
+        if at + n > len(data):
+            raise IndexError
+        at += n
+        return data[at - n : at]
+
+    def skip(kind: int) -> None:
+        if kind == _STRING:
+            take(int.from_bytes(take(8), "little"))
+        elif kind == _ARRAY:
+            item, n = int.from_bytes(take(4), "little"), int.from_bytes(take(8), "little")
+            if item in _SCALARS:
+                take(_SCALARS[item] * n)
+            else:
+                for _ in range(n):
+                    skip(item)
+        elif kind in _SCALARS:
+            take(_SCALARS[kind])
+        else:
+            raise IndexError  # not a GGUF value: stop
+
+    try:
+        for _ in range(kv_count):
+            key = take(int.from_bytes(take(8), "little"))
+            kind = int.from_bytes(take(4), "little")
+            if key == b"general.architecture" and kind == _STRING:
+                return take(int.from_bytes(take(8), "little")).decode("utf-8", "replace")
+            skip(kind)
+    except IndexError:
+        pass
+    return None

@@ -36,8 +36,9 @@ from typing import TYPE_CHECKING, Any
 import aiohttp
 
 from xllm.config import Settings
+from xllm.engine.llamacpp_archs import ARCHITECTURES
 from xllm.errors import Forbidden, InvalidRequest, ModelNotFound, RegistryError
-from xllm.models import diffusion, download, folders
+from xllm.models import diffusion, download, folders, gguf
 from xllm.models.diffusion import part as part_of
 from xllm.models.folders import MODEL_FILE, FolderFormat
 from xllm.models.names import DEFAULT_TAG, ModelName, parse_name
@@ -162,11 +163,9 @@ def _headers() -> dict[str, str]:
     return build_hf_headers()
 
 
-def _remote(settings: Settings, name: ModelName, info: ModelInfo) -> Remote | None:
-    """The GGUF remote, or None for a repo of a folder format (fetched by `_folder_remote`)."""
+def _remote(settings: Settings, name: ModelName, info: ModelInfo) -> Remote:
+    """The remote of a GGUF repo (not of a folder format: see `hub_remote`)."""
     siblings = {s.rfilename: s for s in info.siblings or []}
-    if _folder_format(list(siblings)) is not None:
-        return None
     filenames = choose_files(list(siblings), name.tag, name.repo)
     revision = info.sha or "main"
     endpoint = settings.hf_endpoint
@@ -391,12 +390,37 @@ async def hub_remote(
     info = await asyncio.to_thread(_model_info, settings, name)
     if parts:
         return await _parts_remote(settings, name, info, parts)
-    remote = await asyncio.to_thread(_remote, settings, name, info)
-    if remote is not None:
-        return remote
     fmt = _folder_format([s.rfilename for s in info.siblings or []])
-    assert fmt is not None  # `_remote` returns None only then
+    if fmt is folders.FORMATS["diffusion"] and await _text_checkpoint(settings, name, info):
+        fmt = None
+    if fmt is None:
+        return await asyncio.to_thread(_remote, settings, name, info)
     return await _folder_remote(settings, name, info, fmt)
+
+
+HEADER_PREFIX = 1 << 16
+"""How much of a GGUF a pull reads ahead to find its architecture (the writers put
+`general.architecture` first)."""
+
+
+async def _text_checkpoint(settings: Settings, name: ModelName, info: ModelInfo) -> bool:
+    """Whether a repo taken for a diffusion checkpoint (a top-level `model.gguf` and no
+    `config.json`) holds a GGUF of an architecture llama.cpp loads under that name instead:
+    its header's first bytes tell (create tells an upload so, from the whole file)."""
+    top = [s.rfilename for s in info.siblings or [] if "/" not in s.rfilename]
+    if [f for f in top if diffusion.is_file(f)] != ["model.gguf"]:
+        return False  # named parts besides it: a diffusion model
+    url = _url(settings, name.repo, info.sha or "main", "model.gguf")
+    headers = {**_headers(), "Range": f"bytes=0-{HEADER_PREFIX - 1}", "Accept-Encoding": "identity"}
+    async with download.session() as http, download.request(http, "GET", url, headers) as r:
+        if r.status not in (200, 206):
+            raise RegistryError(f"reading model.gguf's header from the Hub: HTTP {r.status}")
+        data = b""  # a server that ignores the range sends it all: the rest is left unread
+        while len(data) < HEADER_PREFIX and (
+            more := await r.content.read(HEADER_PREFIX - len(data))
+        ):
+            data += more
+    return gguf.prefix_architecture(data) in ARCHITECTURES
 
 
 MAX_CONFIG = 1 << 20
