@@ -40,6 +40,19 @@ def test_serve_help_names_flags() -> None:
         assert flag in r.stdout
 
 
+def test_convert_and_compare_help_show_their_usage() -> None:
+    for command, usage, flags in (
+        ("convert", "usage: xllm convert", ["--outtype", "--quantize", "IN OUT"]),
+        ("compare", "usage: xllm compare", ["--text", "--ctx", "--chunks", "--prompts",
+                                            "--max-tokens", "--threads", "--json"]),
+    ):  # fmt: skip
+        r = run(command, "--help")
+        assert r.returncode == 0 and r.stderr == ""
+        assert r.stdout.startswith(usage)
+        for flag in flags:
+            assert flag in r.stdout, (command, flag)
+
+
 def test_serve_checks_the_response_cache_share() -> None:
     r = run("serve", "--cache-ram-fraction", "2")
     assert r.returncode == 2

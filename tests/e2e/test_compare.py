@@ -1,7 +1,8 @@
 """`xllm compare` on real models, as a user runs it: SmolLM2 with itself (equal perplexity, no
-divergence, same outputs), SmolLM2 Q4_1 against a Q4_0 requantization of it (divergence), its
-perplexity against an independent numpy computation over llama-cpp-python's logits, and the
-refusals (an embedding model, a text too short) as messages, never tracebacks."""
+divergence, same outputs), two quantizations that `xllm convert --quantize` made of it (SmolLM2
+-> Hugging Face folder -> Q8_0 and Q4_K_M: divergence), its perplexity against an independent
+numpy computation over llama-cpp-python's logits, and the refusals (an embedding model, a text
+too short) as messages, never tracebacks."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import json
 import math
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +19,9 @@ from typing import Any
 import numpy as np
 import pytest
 from llama_cpp import Llama
+
+from tests.e2e.test_convert_back import to_folder
+from xllm.models import gguf
 
 CTX = 128
 CHUNKS = 2
@@ -66,22 +71,20 @@ def prompts(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def q4_0(smollm2_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """SmolLM2 requantized from its Q4_1 to Q4_0 by libllama (in a child: an abort there must
-    not end pytest)."""
-    out = tmp_path_factory.mktemp("compare") / "smollm2-q4_0.gguf"
-    script = (
-        "import ctypes, sys, llama_cpp as lc\n"
-        "p = lc.llama_model_quantize_default_params()\n"
-        "p.ftype = lc.LLAMA_FTYPE_MOSTLY_Q4_0\n"
-        "p.allow_requantize = True\n"
-        "sys.exit(lc.llama_model_quantize(sys.argv[1].encode(), sys.argv[2].encode(),"
-        " ctypes.byref(p)))\n"
-    )
-    done = subprocess.run([sys.executable, "-c", script, str(smollm2_path), str(out)],
-                          capture_output=True, text=True, timeout=300)  # fmt: skip
-    assert done.returncode == 0, done.stderr[-2000:]
-    return out
+def quantized(smollm2_path: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """SmolLM2 as a Hugging Face folder (`xllm convert MODEL.gguf DIR`), then quantized from that
+    folder by `xllm convert DIR OUT.gguf --quantize TYPE` to Q8_0 and to Q4_K_M."""
+    root = tmp_path_factory.mktemp("quantized")
+    to_folder(smollm2_path, root / "hf")
+    made: dict[str, Path] = {}
+    for kind in ("Q8_0", "Q4_K_M"):
+        made[kind] = root / f"smollm2-{kind.lower()}.gguf"
+        done = xllm("convert", str(root / "hf"), str(made[kind]), "--quantize", kind)
+        assert done.returncode == 0, done.stderr
+        assert f"quantizing {kind}" in done.stderr
+    shutil.rmtree(root / "hf")  # ~0.5 GB of F32 the tests need no more
+    assert sorted(p.name for p in root.iterdir()) == sorted(p.name for p in made.values())
+    return made
 
 
 def as_json(done: subprocess.CompletedProcess[str]) -> dict[str, Any]:
@@ -115,9 +118,28 @@ def test_compare_with_itself(smollm2_path: Path, prompts: Path) -> None:
     assert a["perplexity"]["ppl"] == pytest.approx(reference_ppl(smollm2_path), rel=0.005)
 
 
-def test_compare_two_quantizations(smollm2_path: Path, q4_0: Path, prompts: Path) -> None:
-    done = compare(smollm2_path, q4_0, prompts)
+def test_q4_k_m_holds_q4_k_tensors_and_generates(quantized: dict[str, Path]) -> None:
+    header = gguf.read(quantized["Q4_K_M"])
+    assert header.metadata["general.file_type"] == 15  # LLAMA_FTYPE_MOSTLY_Q4_K_M
+    types = {t.name: t.type for t in header.tensors}
+    # rows of 576 are no multiple of QK_K (256): llama.cpp falls back for those (Q5_0, Q8_0);
+    # ffn_down's 1536-wide rows keep Q4_K_M's K-quants, Q4_K (type 12) and Q6_K (type 14)
+    k_quants = {n for n, t in types.items() if t in (12, 14)}
+    assert k_quants == {f"blk.{i}.ffn_down.weight" for i in range(30)}
+    assert sum(t == 12 for t in types.values()) >= 10
+    q8 = gguf.read(quantized["Q8_0"]).tensors
+    assert {t.type for t in q8 if len(t.dims) == 2} == {8}  # GGML_TYPE_Q8_0
+    assert {t.type for t in q8 if len(t.dims) == 1} == {0}  # norms stay F32
+    llm = Llama(str(quantized["Q4_K_M"]), n_ctx=64, verbose=False)
+    out = llm.create_completion(PROMPTS[0], max_tokens=8, temperature=0)
+    assert out["usage"]["completion_tokens"] > 0 and out["choices"][0]["text"].strip()
+
+
+def test_compare_two_quantizations(quantized: dict[str, Path], prompts: Path) -> None:
+    a, b = quantized["Q8_0"], quantized["Q4_K_M"]
+    done = compare(a, b, prompts)
     assert done.returncode == 0, done.stderr
+    assert "Traceback" not in done.stderr
     out = done.stdout
     assert f"{CHUNKS} chunks of {CTX}" in out
     kld = float(out.split("KL divergence of B from A: mean ")[1].split()[0])
@@ -125,11 +147,11 @@ def test_compare_two_quantizations(smollm2_path: Path, q4_0: Path, prompts: Path
     assert kld > 0 and same < 100
     ppl = [float(x) for x in out.split("perplexity")[1].split("\n")[0].split()[::3]]
     assert len(ppl) == 2 and ppl[0] != ppl[1]
-    assert ppl[1] == pytest.approx(reference_ppl(q4_0), rel=0.005)
+    assert ppl[1] == pytest.approx(reference_ppl(b), rel=0.005)
     verdicts = re.findall(r"^prompt (\d+): .*?(: same output)?$", out, re.MULTILINE)
     assert [int(n) for n, _ in verdicts] == list(range(1, len(PROMPTS) + 1))
     diffs = sum(1 for _, same in verdicts if not same)
-    assert out.count(f"\n+++ {q4_0}\n") == diffs  # a unified diff for each that differs
+    assert out.count(f"\n+++ {b}\n") == diffs  # a unified diff for each that differs
 
 
 def test_embedding_model_refused(minilm_dir: Path, smollm2_path: Path, tmp_path: Path) -> None:

@@ -18,7 +18,7 @@ import numpy as np
 import ollama
 import openai
 import pytest
-from gguf import GGUFReader
+from gguf import GGMLQuantizationType, GGUFReader
 from llama_cpp import Llama
 from tokenizers import Tokenizer
 
@@ -108,6 +108,36 @@ def test_quantized_minilm_still_embeds(minilm_dir: Path, tmp_path: Path, referen
     model = Llama(str(out), embedding=True, verbose=False)
     vec = model.embed(SENTENCES[1])
     assert cosine(vec, reference(SENTENCES[1])) > 0.98
+
+
+def test_failing_quantizer_is_a_one_line_error(minilm_dir: Path, tmp_path: Path) -> None:
+    """llama.cpp refuses IQ2_XXS without an importance matrix for MiniLM's 1536-wide ffn_down
+    (its child process exits with an error): the CLI says why in one line, and neither the
+    output, nor the F16 GGUF made first, nor the quantizer's partial file stays."""
+    done = xllm("convert", str(minilm_dir), str(tmp_path / "q.gguf"), "--quantize", "IQ2_XXS")
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert done.stderr.rstrip().splitlines()[-1] == (
+        "Error: llama.cpp could not quantize the model to IQ2_XXS: "
+        "this quantization requires an imatrix!"
+    )
+    assert "converting" in done.stderr and "wrote" not in done.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_tiny_causal_outtype_q8_0(tmp_path: Path) -> None:
+    tiny_causal(tmp_path / "hf", "llama", seed=2)
+    out = tmp_path / "q8.gguf"
+    done = xllm("convert", str(tmp_path / "hf"), str(out), "--outtype", "q8_0")
+    assert done.returncode == 0, done.stderr
+    types = {t.name: t.tensor_type for t in GGUFReader(out).tensors}
+    matrices = {n for n in types if not n.endswith("norm.weight")}
+    assert len(matrices) == 2 + 7 * 2  # embeddings, output, seven per layer
+    assert {types[n] for n in matrices} == {GGMLQuantizationType.Q8_0}  # type 8
+    assert {t for n, t in types.items() if n not in matrices} == {GGMLQuantizationType.F32}
+    assert meta(out)["general.file_type"] == 7  # LLAMA_FTYPE_MOSTLY_Q8_0
+    model = Llama(str(out), n_ctx=64, verbose=False)
+    r = model.create_completion("Hello world", max_tokens=6, temperature=0)
+    assert r["usage"]["completion_tokens"] > 0
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+import zipfile
 from pathlib import Path
 
 import httpx
@@ -24,6 +25,8 @@ def test_wheel_in_fresh_venv(tmp_path: Path) -> None:
         [maturin, "build", "--release", "-q", "-o", str(tmp_path / "dist")], cwd=ROOT, check=True
     )
     (wheel,) = (tmp_path / "dist").glob("xllm-*.whl")
+    # package data travels in the wheel: `xllm compare`'s default evaluation text
+    assert "xllm/data/pride_and_prejudice.txt" in zipfile.ZipFile(wheel).namelist()
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
     pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "--quiet"]

@@ -10,10 +10,11 @@ from __future__ import annotations
 import ctypes
 import os
 import re
+import signal
 import subprocess
 import sys
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from xllm.errors import InvalidRequest
@@ -21,10 +22,12 @@ from xllm.errors import InvalidRequest
 _PREFIX = "LLAMA_FTYPE_MOSTLY_"
 _PROGRESS = re.compile(r"^\[\s*(\d+)/\s*(\d+)\]")
 """llama.cpp's line for each tensor it quantizes: `[  12/ 101] blk.1.attn_q.weight - ...`."""
+_FAILED = "failed to quantize: "
+"""What `llama_model_quantize` logs before the reason it gives up (an exception it caught)."""
 
 
 class QuantizeError(InvalidRequest):
-    """llama.cpp could not quantize the model (its last log lines say why): the model given
+    """llama.cpp could not quantize the model (one line of its log says why): the model given
     was not one it quantizes (already quantized, an unsupported type for its shapes)."""
 
 
@@ -57,24 +60,39 @@ def quantize(
     tmp = dst.with_name(f".{dst.name}.partial")
     threads = str(max(len(os.sched_getaffinity(0)), 1))
     cmd = [sys.executable, "-m", __name__, str(src), str(tmp), str(ftype), threads]
+    # no backtrace after a GGML_ABORT: its message stays the last line (and no debugger starts)
+    env = {**os.environ, "GGML_NO_BACKTRACE": "1"}
     tail: deque[str] = deque(maxlen=8)
     try:
-        with subprocess.Popen(
-            cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace"
-        ) as child:
+        with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              errors="replace", env=env) as child:  # fmt: skip
             assert child.stdout is not None
             for line in child.stdout:
                 tail.append(line.rstrip())
                 if (m := _PROGRESS.match(line)) and progress is not None:
                     progress(int(m[1]), int(m[2]))
         if child.returncode != 0 or not tmp.is_file():
-            why = "\n".join(x for x in tail if x)
+            why = reason(tail, child.returncode)
             raise QuantizeError(
-                f"llama.cpp could not quantize the model to {kind}:\n{why}", param="quantize"
+                f"llama.cpp could not quantize the model to {kind}: {why}", param="quantize"
             )
         os.replace(tmp, dst)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def reason(tail: Sequence[str], returncode: int) -> str:
+    """One line of why the child failed: the reason llama.cpp gave up with, else (an abort, a
+    crash) its last line and the signal that ended it."""
+    said = "\n".join(tail)
+    if _FAILED in said:  # its message may start on the next line ("\nUnsupported tensor size")
+        after = said.rsplit(_FAILED, 1)[1].strip()
+        return after.splitlines()[0] if after else "no reason given"
+    last = next((x.strip() for x in reversed(tail) if x.strip()), "no output")
+    if returncode < 0:
+        name = signal.Signals(-returncode).name if -returncode in signal.valid_signals() else ""
+        return f"{last} ({name or f'signal {-returncode}'})"
+    return last
 
 
 def _child(src: str, dst: str, ftype: int, threads: int) -> int:
