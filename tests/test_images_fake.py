@@ -251,6 +251,38 @@ async def test_a_large_image_makes_room_or_is_a_507_naming_size(tmp_path: Path) 
         await client.close()
 
 
+async def test_health_counts_a_large_image_s_memory_while_it_is_made(tmp_path: Path) -> None:
+    client = await _client(tmp_path, memory_budget=100 * MiB)
+    try:
+        assert (await client.post("/v1/images/generations", json=_body())).status == 200
+
+        async def memory() -> dict[str, int]:
+            health = await (await client.get("/v0/health")).json()
+            return dict(health["node"]["memory"])
+
+        idle = await memory()
+        assert idle["models_ram_bytes"] == 40 * MiB and idle["headroom_bytes"] == 60 * MiB
+        painter = PAINTERS[0]
+        painter.hold = asyncio.Event()
+        task = asyncio.create_task(
+            client.post("/v1/images/generations", json=_body(size="527x527"))
+        )
+        for _ in range(250):
+            if len(painter.jobs) == 2:
+                break
+            await asyncio.sleep(0.02)
+        extra = painter.extra_memory(527, 527)
+        busy = await memory()  # the image's buffers beyond the plan, while it is made
+        assert busy["models_ram_bytes"] == 40 * MiB + extra
+        assert busy["headroom_bytes"] == 60 * MiB - extra
+        painter.hold.set()
+        assert (await task).status == 200
+        after = await memory()  # given back
+        assert (after["models_ram_bytes"], after["headroom_bytes"]) == (40 * MiB, 60 * MiB)
+    finally:
+        await client.close()
+
+
 async def test_b64_json_gives_n_images_of_the_exact_size_and_writes_no_file(
     client: TestClient[Any, Any], tmp_path: Path
 ) -> None:

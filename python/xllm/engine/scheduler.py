@@ -273,6 +273,11 @@ class Scheduler(Generic[E]):
                 dataclasses.replace(spec, options=dataclasses.replace(o, gpu_layers=fewer))
             )
 
+    @property
+    def reserved(self) -> int:
+        """RAM requests hold beyond their models' plans right now (`room`: a large image)."""
+        return self._reserved
+
     def _available(self) -> int:
         """RAM a new model may use: the budget minus loaded models' plans, or what is free;
         less what requests hold beyond their models' plans (`room`)."""

@@ -33,11 +33,13 @@ def _free(slots: int, running: int) -> int:
 
 
 def _headroom(registry: ModelRegistry, free_ram: int) -> tuple[int, int]:
-    """RAM loaded models planned to use, and the room left for another model: the budget
-    minus those plans, or free RAM."""
-    planned = sum(m.plan.ram for m in registry.loaded.values() if m.plan)
+    """RAM loaded models planned to use with what their requests hold beyond it (a large
+    image's buffers), and the room left for another model: the budget minus that, or free RAM
+    minus what is held (as the scheduler counts it when it loads one)."""
+    held = registry.scheduler.reserved
+    planned = sum(m.plan.ram for m in registry.loaded.values() if m.plan) + held
     budget = registry.scheduler.budget
-    return planned, max(budget - planned if budget is not None else free_ram, 0)
+    return planned, max(budget - planned if budget is not None else free_ram - held, 0)
 
 
 def routing(registry: ModelRegistry) -> Routing:
