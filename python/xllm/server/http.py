@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import mmap
 from collections.abc import Sequence
 from typing import Any, Protocol, TypeVar
@@ -54,6 +55,25 @@ async def load_model(
     does); remembers it on the request."""
     request[MODEL_NAME] = name
     return await request.app[REGISTRY].get(name, keep_alive, ctx_size, engine)
+
+
+async def load_capable(
+    request: web.Request, name: str, engine: str | None, capability: Capability, refusal: str
+) -> Engine:
+    """The model `name`, loaded, when the engine that serves it declares `capability`; before
+    loading one that does not, a 400 naming `model`: `refusal` (what it cannot do, and what to
+    use instead) with the model's architecture and engine."""
+    registry = request.app[REGISTRY]
+    found = registry.find(name)
+    manifest, architecture = await asyncio.to_thread(registry.engine_for, found, engine)
+    if capability not in manifest.capabilities:
+        what, _, instead = refusal.partition("; ")
+        raise InvalidRequest(
+            f"model: {name!r} {what} (a {architecture} model, served by {manifest.name}); "
+            f"{instead}",
+            param="model",
+        )
+    return await load_model(request, name, engine=engine)
 
 
 async def start_generation(

@@ -31,7 +31,7 @@ from pydantic import Field, field_validator
 from xllm.engine.protocol import Capability, ImageGeneration, Painter
 from xllm.errors import InsufficientMemory, InvalidRequest
 from xllm.server import image_files
-from xllm.server.http import GENERATIONS, json_response, load_model, parse_body, peer_gone
+from xllm.server.http import GENERATIONS, json_response, load_capable, parse_body, peer_gone
 from xllm.server.openai.wire import EngineName, Wire
 from xllm.server.state import REGISTRY, SETTINGS
 
@@ -88,18 +88,11 @@ class ImageRequest(Wire):
 
 
 async def _painter(request: web.Request, body: ImageRequest) -> tuple[str, Painter]:
-    """The model, loaded, if its engine paints (its instance's key and it); a 400 naming
-    `model` before loading one that cannot."""
-    registry = request.app[REGISTRY]
-    found = registry.find(body.model)
-    manifest, architecture = await asyncio.to_thread(registry.engine_for, found, body.engine)
-    if Capability.IMAGE_GENERATION not in manifest.capabilities:
-        raise InvalidRequest(
-            f"model: {body.model!r} does not generate images (a {architecture} model, served "
-            f"by {manifest.name}); use a diffusion model",
-            param="model",
-        )
-    engine = await load_model(request, body.model, engine=body.engine)
+    """The model, loaded, if its engine paints (its instance's key and it)."""
+    refusal = "does not generate images; use a diffusion model"
+    engine = await load_capable(
+        request, body.model, body.engine, Capability.IMAGE_GENERATION, refusal
+    )
     if not isinstance(engine, Painter):
         raise InvalidRequest(
             f"model: the {engine.kind} engine serving {body.model!r} cannot generate images",

@@ -22,9 +22,9 @@ from xllm.audio_encoder import FORMATS, AudioEncoder
 from xllm.engine.protocol import Capability, Speaker, Speech
 from xllm.errors import InvalidRequest, XllmError
 from xllm.server import streaming
-from xllm.server.http import GENERATIONS, load_model, parse_body, peer_gone
+from xllm.server.http import GENERATIONS, load_capable, parse_body, peer_gone
 from xllm.server.openai.wire import EngineName, Wire
-from xllm.server.state import METRICS, REGISTRY
+from xllm.server.state import METRICS
 
 MAX_INPUT = 4096
 OPENAI_VOICES = frozenset(
@@ -61,18 +61,9 @@ class SpeechRequest(Wire):
 
 
 async def _speaker(request: web.Request, body: SpeechRequest) -> Speaker:
-    """The model, loaded, if its engine can speak; a 400 naming `model` before loading one
-    that cannot."""
-    registry = request.app[REGISTRY]
-    found = registry.find(body.model)
-    manifest, architecture = await asyncio.to_thread(registry.engine_for, found, body.engine)
-    if Capability.SPEECH not in manifest.capabilities:
-        raise InvalidRequest(
-            f"model: {body.model!r} cannot speak (a {architecture} model, served by "
-            f"{manifest.name}); use a voice such as piper:joe",
-            param="model",
-        )
-    engine = await load_model(request, body.model, engine=body.engine)
+    """The model, loaded, if its engine can speak."""
+    refusal = "cannot speak; use a voice such as piper:joe"
+    engine = await load_capable(request, body.model, body.engine, Capability.SPEECH, refusal)
     if not isinstance(engine, Speaker):
         raise InvalidRequest(
             f"model: the {engine.kind} engine serving {body.model!r} cannot speak", param="model"
