@@ -198,8 +198,9 @@ def report(cells: dict[tuple[str, int, str], Cell], args: argparse.Namespace) ->
         for streams in sorted({s for _, s, _ in cells}):
             row = {m: cells[(name, streams, m)] for m in modes}
             off = row["none"]
-            auto = row["auto"].rate / off.rate if off.rate else float("nan")
-            auto_ratios.append(auto)
+            auto = row["auto"].rate / off.rate if "auto" in row and off.rate else float("nan")
+            if "auto" in row:
+                auto_ratios.append(auto)
             vs = (
                 f"{row['draft'].rate / row['ls-draft'].rate:.2f}"
                 if "draft" in row and "ls-draft" in row and row["ls-draft"].rate
@@ -216,10 +217,11 @@ def report(cells: dict[tuple[str, int, str], Cell], args: argparse.Namespace) ->
             )
             rates = " | ".join(f"{row[m].rate:.2f}" for m in modes)
             print(f"{name} | {streams} | {rates} | {auto:.2f} | {vs} | {shares} | {same}")
-    print(
-        f"auto/off: min {min(auto_ratios):.2f}, geometric mean "
-        f"{statistics.geometric_mean(auto_ratios):.2f}"
-    )
+    if auto_ratios:
+        print(
+            f"auto/off: min {min(auto_ratios):.2f}, geometric mean "
+            f"{statistics.geometric_mean(auto_ratios):.2f}"
+        )
 
 
 def default_model() -> str:

@@ -105,6 +105,14 @@ def test_the_draft_shows_in_ps_and_a_request_names_no_other(draft_server: Server
     assert r.status_code == 400, r.text
     error = r.json()["error"]
     assert error["param"] == "speculative.draft_model" and MODEL in error["message"]
+    options = {"speculative": "draft", "draft_model": QWEN, "num_predict": 2}  # Ollama's
+    r = httpx.post(f"{draft_server.url}/api/generate",
+                   json={"model": MODEL, "prompt": "x", "stream": False, "options": options})  # fmt: skip
+    assert r.status_code == 400 and MODEL in r.json()["error"], r.text
+    options["draft_model"] = MODEL
+    r = httpx.post(f"{draft_server.url}/api/generate",
+                   json={"model": MODEL, "prompt": "x", "stream": False, "options": options})  # fmt: skip
+    assert r.status_code == 200 and r.json()["eval_count"] == 2, r.text
 
 
 def test_a_draft_of_another_vocabulary_is_refused_naming_both(

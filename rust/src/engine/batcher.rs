@@ -653,6 +653,13 @@ impl<B: Backend> Batcher<B> {
             let max_tokens = w.request.params.max_tokens.map_or(room, |m| m.min(room));
             let targets = std::iter::once(primary).chain(others.into_iter().take(n - 1));
             for (choice, (slot, sampler)) in targets.zip(samplers).enumerate() {
+                // the draft model reads tokens only, never a prompt's images
+                let source = source(
+                    &w.request.params,
+                    prompt.len(),
+                    self.drafts.is_some() && images.is_empty(),
+                )
+                .filter(|_| speculate);
                 let mut cached = 0;
                 let mut pending = Vec::new();
                 let set = &w.request.params.adapters;
@@ -702,14 +709,8 @@ impl<B: Backend> Batcher<B> {
                     last_token: None,
                     cached: cached as u32,
                     order: self.admitted,
-                    // the draft model reads tokens only, never a prompt's images
-                    source: source(
-                        &w.request.params,
-                        prompt.len(),
-                        self.drafts.is_some() && images.is_empty(),
-                    )
-                    .filter(|_| speculate),
-                    pacer: pacer(&w.request.params),
+                    pacer: pacer(&w.request.params, source.as_ref()),
+                    source,
                     auto: w.request.params.auto,
                     acceptance: Acceptance::default(),
                     by_model: false,
@@ -1227,12 +1228,14 @@ fn source(params: &Params, prompt_len: usize, draft_model: bool) -> Option<Sourc
     }
 }
 
-/// A prediction is the client's word and drafts in full from the start; prompt lookup starts
-/// short and earns its length.
-fn pacer(params: &Params) -> Pacer {
+/// A prediction is the client's word, and the draft model stops a draft where it is unsure of
+/// its next token (`min_p`, as llama-server's `--draft-p-min`): both draft in full from the
+/// start. Prompt lookup has no such measure of its guesses: it starts short and earns its
+/// length.
+fn pacer(params: &Params, source: Option<&Source>) -> Pacer {
     let max = params.max_draft as usize;
-    let start = if params.prediction.is_empty() { 4 } else { max };
-    Pacer::new(max, start)
+    let full = matches!(source, Some(Source::Model(_))) || !params.prediction.is_empty();
+    Pacer::new(max, if full { max } else { 4 })
 }
 
 fn finish_event(request: u64, choice: u32, finish: Finish, usage: Usage) -> Event {
@@ -2301,6 +2304,19 @@ mod tests {
         let mut unique = positions.clone();
         unique.dedup();
         assert_eq!(positions, unique, "a position decoded twice in a row");
+    }
+
+    #[test]
+    fn a_draft_model_drafts_in_full_from_its_first_draft() {
+        // it stops a draft itself where it is unsure: no length to earn, unlike prompt lookup
+        let log = Arc::new(Mutex::new(Log::default()));
+        let mut b = Batcher::new(Fake::default(), 1, 64, 16);
+        with_draft(&mut b, FakeDraft::new(log));
+        let mut r = drafted(1, vec![10], 20);
+        r.params.max_draft = 8;
+        b.submit(r, Instant::now());
+        run(&mut b);
+        assert_eq!(rows_of(&b, 0)[1].len(), 1 + 8, "{:?}", rows_of(&b, 0));
     }
 
     #[test]

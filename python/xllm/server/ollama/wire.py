@@ -77,6 +77,8 @@ class Options(Wire):
     """xllm's: "ngram" drafts tokens by prompt lookup, "draft" with the draft model loaded
     beside the model, "auto" either as far as it pays (see the README)."""
     max_draft: Annotated[int, Field(ge=0, le=MAX_DRAFT)] | None = None
+    draft_model: Annotated[str, Field(min_length=1, max_length=400)] | None = None
+    """xllm's: the draft model a "draft" request expects (the one loaded beside the model)."""
     lora: LoraList | None = None
     """xllm's: LoRA adapters to apply, `[{"name", "scale"}]` (see the README)."""
     low_vram: bool | None = None
@@ -123,7 +125,7 @@ class Options(Wire):
 _ENGINE_OPTIONS = {
     "num_predict", "temperature", "top_k", "top_p", "min_p", "seed", "stop", "repeat_penalty",
     "repeat_last_n", "presence_penalty", "frequency_penalty", "speculative", "max_draft",
-    "draft_num_predict",
+    "draft_num_predict", "draft_model",
 }  # fmt: skip
 
 
