@@ -246,7 +246,8 @@ class RemoteEngine:
 
     async def relay(self, path: str, body: Mapping[str, Any]) -> Relayed:
         """Send an OpenAI request as it is (upstream model name, Modelfile defaults where the
-        client gave none, xllm's own fields dropped); the answer comes back as it arrives."""
+        client gave none, of xllm's own fields those the upstream's flavour takes); the answer
+        comes back as it arrives."""
         if body.get("lora") is not None and "lora" not in _TAKEN.get(self.flavour, ()):
             raise InvalidRequest(
                 f"lora: remote model {self.name!r} ({self.flavour}) takes no LoRA adapters "

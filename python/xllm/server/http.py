@@ -20,10 +20,10 @@ from xllm.server.state import REGISTRY, RESPONSE_CACHE, SETTINGS
 
 M = TypeVar("M", bound=BaseModel)
 MAX_BODY = 50 * 1024 * 1024
-SMALL_BODY = 256 * 1024
-"""A body of at most this declared length is read as it is (most requests)."""
 """Request bodies over 50 MB (images included) get 413: unread when Content-Length says so,
 else as soon as the body passes it."""
+SMALL_BODY = 256 * 1024
+"""A body of at most this declared length is read as it is (most requests)."""
 TOO_LARGE = "request body too large: the limit is 50 MB"
 MODEL_NAME = web.RequestKey("model_name", str)
 """The model a request asked for, for logs and metrics."""
