@@ -857,7 +857,13 @@ impl<B: Backend> Batcher<B> {
             }
             budget -= take;
         }
-        (items, owners)
+        // libllama splits a batch into one ubatch per run of consecutive sequence ids, taken in
+        // the batch's order (sequences live in KV streams of their own): rows in admission order
+        // made several ubatches of one step, each reading all the weights again. Stable: a
+        // sequence's rows stay in position order.
+        let mut rows: Vec<(BatchItem, usize)> = items.into_iter().zip(owners).collect();
+        rows.sort_by_key(|(item, _)| item.seq);
+        rows.into_iter().unzip()
     }
 
     /// Draft tokens to decode after a generating slot's `next` (at most `spare`); how many
@@ -2223,6 +2229,28 @@ mod tests {
         assert_eq!(cached(&run(&mut b)), 0);
         b.submit(adapted(6, prompt, 2, &[(0, 0.5)]), Instant::now());
         assert_eq!(cached(&run(&mut b)), 38);
+    }
+
+    #[test]
+    fn a_step_lists_its_rows_by_sequence_whatever_the_admission_order() {
+        let mut b = Batcher::new(Fake::default(), 2, 1024, 512);
+        let (p, q): (Vec<i32>, Vec<i32>) = ((1..30).collect(), (40..70).collect());
+        b.submit(req(1, p.clone(), 2), Instant::now());
+        b.submit(req(2, q.clone(), 2), Instant::now());
+        run(&mut b);
+        // each prompt goes back to the slot that holds it: admitted 3 then 4, sequences 1 then 0
+        b.backend.steps.clear();
+        b.submit(req(3, q[..20].to_vec(), 6), Instant::now());
+        b.submit(req(4, p[..20].to_vec(), 6), Instant::now());
+        let ev = run(&mut b);
+        assert_eq!(usage_of(&ev, 3).cached_tokens, 19);
+        assert_eq!(usage_of(&ev, 4).cached_tokens, 19);
+        let two = b.backend.steps.iter().filter(|s| s.len() == 2).count();
+        assert!(two >= 4, "{:?}", b.backend.steps);
+        for step in &b.backend.steps {
+            let seqs: Vec<i32> = step.iter().map(|r| r.2).collect();
+            assert!(seqs.is_sorted(), "rows out of sequence order: {seqs:?}");
+        }
     }
 
     #[test]

@@ -74,7 +74,11 @@ impl ModelDrafts {
         // give the first guess)
         let mut rows = Vec::new();
         let mut owner = Vec::new();
-        for (i, a) in asks.iter().enumerate() {
+        // rows by sequence id: libllama makes one ubatch per run of consecutive ids
+        let mut by_seq: Vec<usize> = (0..asks.len()).collect();
+        by_seq.sort_by_key(|&i| asks[i].seq);
+        for &i in &by_seq {
+            let a = &asks[i];
             let cached = &mut self.cached[a.seq as usize];
             let keep = common_prefix(cached, a.history).min(a.history.len() - 1);
             if keep < cached.len() {
@@ -102,7 +106,7 @@ impl ModelDrafts {
             }
         }
         // then one token per still drafting sequence and step
-        let mut going: Vec<usize> = (0..asks.len()).collect();
+        let mut going = by_seq;
         loop {
             going.retain(|&i| {
                 let (token, p) = last[i];
@@ -250,6 +254,23 @@ pub mod tests {
         // a rejected tail inside the draft's cache is removed from it
         d.trim(0, 3);
         assert_eq!(log.lock().unwrap().removed, vec![(0, 3)]);
+    }
+
+    #[test]
+    fn draft_decodes_list_their_rows_by_sequence_and_drafts_come_back_in_asking_order() {
+        let log = Arc::new(Mutex::new(Log::default()));
+        let mut d = ModelDrafts::new(Box::new(FakeDraft::new(log.clone())), 2, 8);
+        let (h0, h1) = (vec![1, 2], vec![50, 51]);
+        let drafts = d.draft(&[ask(1, &h1, 2), ask(0, &h0, 2)]);
+        assert_eq!(drafts, Some(vec![vec![52, 53], vec![3, 4]]));
+        let l = log.lock().unwrap();
+        assert_eq!(
+            l.decodes,
+            vec![
+                vec![(1, 0, 0), (2, 1, 0), (50, 0, 1), (51, 1, 1)],
+                vec![(3, 2, 0), (52, 2, 1)],
+            ]
+        );
     }
 
     #[test]
