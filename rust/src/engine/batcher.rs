@@ -154,6 +154,11 @@ struct Active<S> {
     adapters: AdapterSet,
 }
 
+/// A free slot holding at least this many of a prompt's first tokens draws the request, whatever
+/// the slots around it; a shorter prefix only breaks ties between the slots that keep adapter
+/// groups together (`closeness`), as its prefill costs less than a split group's steps.
+const SLOT_AFFINITY: usize = 64;
+
 struct Slot<S> {
     seq: i32,
     /// Tokens in this sequence's KV cache (what a next request can reuse).
@@ -621,7 +626,8 @@ impl<B: Backend> Batcher<B> {
                     } else {
                         0
                     };
-                    (n, Reverse(i))
+                    let long = if n >= SLOT_AFFINITY { n } else { 0 };
+                    (long, self.closeness(i, set), n, Reverse(i))
                 })
                 .expect("n >= 1 free slot");
             let others: Vec<usize> = free.into_iter().filter(|&i| i != primary).collect();
@@ -720,6 +726,31 @@ impl<B: Backend> Batcher<B> {
                     adapters: set.clone(),
                 });
             }
+        }
+    }
+
+    /// How well free `slot` keeps adapter groups together for a request under `set` (higher
+    /// is better): the nearer its own group's active sequences the better, or, when its group
+    /// has none, the farther from the others'. A step decodes one group, and libllama makes a
+    /// ubatch of each run of consecutive sequence ids in it (a KV stream per sequence): two
+    /// groups interleaved slot by slot (a, b, a, b…) decoded a row per ubatch, each reading all
+    /// the weights again.
+    fn closeness(&self, slot: usize, set: &AdapterSet) -> i64 {
+        let (mut own, mut other) = (None::<usize>, None::<usize>);
+        for (j, s) in self.slots.iter().enumerate() {
+            if let Some(a) = &s.active {
+                let near = if a.adapters == *set {
+                    &mut own
+                } else {
+                    &mut other
+                };
+                *near = Some(near.map_or(slot.abs_diff(j), |d| d.min(slot.abs_diff(j))));
+            }
+        }
+        match (own, other) {
+            (Some(d), _) => -(d as i64),
+            (None, Some(d)) => d as i64,
+            (None, None) => 0,
         }
     }
 
@@ -2148,10 +2179,11 @@ mod tests {
         assert_eq!(tokens_of(&ev, 2, 0), vec![6, 7, 8, 9, 10, 11]);
         assert_eq!(tokens_of(&ev, 3, 0), vec![10, 11, 12, 13, 14, 15]);
         assert_eq!(tokens_of(&ev, 4, 0), vec![12, 13, 14, 15, 16, 17]);
-        // every step decodes one group, under that group's adapters
+        // every step decodes one group, under that group's adapters (a new group takes the
+        // free slot farthest from the others: B the last, no adapters the one left)
         let group_of = |seq: i32| match seq {
             0 | 1 => A.to_vec(),
-            2 => B.to_vec(),
+            3 => B.to_vec(),
             _ => Vec::new(),
         };
         let seqs = step_seqs(&b);
@@ -2165,11 +2197,67 @@ mod tests {
         let sets = &b.backend.step_sets;
         assert_eq!(sets.len(), 18);
         for (i, set) in sets.iter().enumerate() {
-            assert_eq!(*set, group_of([0, 2, 3][i % 3]), "step {i}");
+            assert_eq!(*set, group_of([0, 3, 2][i % 3]), "step {i}");
         }
         // the group changed at every step here, so did the adapters (from none to A first)
         assert_eq!(b.backend.switches.len(), 18);
         assert_eq!(b.counters.adapter_switches, b.backend.switches.len() as u64);
+    }
+
+    #[test]
+    fn groups_arriving_in_turn_get_slots_side_by_side() {
+        let mut b = Batcher::new(Fake::default(), 6, 1024, 512);
+        for id in 0..6 {
+            let set = if id % 2 == 0 { A } else { B };
+            b.submit(adapted(id, vec![1 + id as i32, 2], 4, set), Instant::now());
+        }
+        run(&mut b);
+        // A's at sequences 0 1 2 and B's at 5 4 3: each group's step is one run of ids
+        for (step, set) in step_seqs(&b).iter().zip(&b.backend.step_sets) {
+            let want = if set.as_slice() == A {
+                [0, 1, 2]
+            } else {
+                [3, 4, 5]
+            };
+            assert_eq!(step, &want, "under {set:?}");
+        }
+        // a free slot next to its own group is taken before the lowest free slot
+        let mut b = Batcher::new(Fake::default(), 5, 1024, 512);
+        for (id, max_tokens) in [(1, 2), (2, 2), (3, 40), (4, 40), (5, 2)] {
+            b.submit(req(id, vec![10 * id as i32, 1], max_tokens), Instant::now());
+        }
+        for _ in 0..3 {
+            b.step(&mut Vec::new()); // 1, 2 and 5 end; 3 and 4 go on in sequences 2 and 3
+        }
+        b.submit(req(6, vec![7, 8], 2), Instant::now());
+        b.step(&mut Vec::new());
+        assert_eq!(step_seqs(&b).last(), Some(&vec![1, 2, 3]));
+    }
+
+    #[test]
+    fn a_long_cached_prefix_draws_its_request_and_a_short_one_does_not() {
+        let mut b = Batcher::new(Fake::default(), 5, 1024, 512);
+        let short: Vec<i32> = (10..15).collect();
+        let long: Vec<i32> = (0..80).map(|i| 20 + i % 70).collect();
+        let prompts = [
+            vec![1, 2],
+            vec![3, 4],
+            short.clone(),
+            long.clone(),
+            vec![5, 6],
+        ];
+        for (id, prompt) in prompts.into_iter().enumerate() {
+            b.submit(req(id as u64, prompt, 1), Instant::now()); // sequences 0..4, in order
+        }
+        run(&mut b);
+        b.submit(req(10, vec![1, 2, 9], 40), Instant::now());
+        b.step(&mut Vec::new()); // 10 runs in sequence 0
+        b.submit(req(11, [short, vec![15]].concat(), 2), Instant::now());
+        b.submit(req(12, [long, vec![7]].concat(), 2), Instant::now());
+        let ev = run(&mut b);
+        // 11 takes sequence 1, beside 10, not its 5 tokens in 2; 12 its 80 tokens in 3
+        assert_eq!(usage_of(&ev, 11).cached_tokens, 0);
+        assert_eq!(usage_of(&ev, 12).cached_tokens, 80);
     }
 
     #[test]
