@@ -630,7 +630,9 @@ impl<B: Backend> Batcher<B> {
                     (long, self.closeness(i, set), n, Reverse(i))
                 })
                 .expect("n >= 1 free slot");
-            let others: Vec<usize> = free.into_iter().filter(|&i| i != primary).collect();
+            // the other choices beside the first, as one group's sequences
+            let mut others: Vec<usize> = free.into_iter().filter(|&i| i != primary).collect();
+            others.sort_by_key(|&i| i.abs_diff(primary));
             let mut samplers = Vec::with_capacity(n);
             for _ in 0..n {
                 match self.backend.new_sampler(&w.request.params) {
@@ -1687,6 +1689,25 @@ mod tests {
         // the prompt was decoded once
         let prompt_tokens: usize = b.backend.steps.iter().flatten().filter(|s| s.1 < 3).count();
         assert_eq!(prompt_tokens, 3);
+    }
+
+    #[test]
+    fn the_other_choices_take_the_free_slots_nearest_the_first() {
+        let mut b = Batcher::new(Fake::default(), 4, 1024, 512);
+        let long: Vec<i32> = (0..70).map(|i| 20 + i % 70).collect();
+        for (id, prompt) in [vec![1, 2], vec![3, 4], long.clone()]
+            .into_iter()
+            .enumerate()
+        {
+            b.submit(req(id as u64, prompt, 1), Instant::now()); // sequences 0, 1, 2
+        }
+        run(&mut b);
+        let mut r = req(9, [long, vec![5]].concat(), 2);
+        r.params.n = 2;
+        b.submit(r, Instant::now());
+        run(&mut b);
+        // the first choice goes where its prompt is cached (2), the second next to it
+        assert_eq!(b.backend.copied, vec![(2, 1, 71)]);
     }
 
     #[test]
