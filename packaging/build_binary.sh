@@ -40,13 +40,13 @@ png = base64.b64decode(json.load(open('image.json'))['data'][0]['b64_json'])
 assert png[:8] == b'\x89PNG\r\n\x1a\n', png[:8]
 print('PNG %dx%d' % struct.unpack('>II', png[16:24]))")
 [ "$picture" = "PNG 100x70" ]
-# each model's runner is the binary itself, started as `xllm runner`/`xllm diffusion-runner`
+# each model's runner is the binary itself, started as `xllm runner` (the diffusion model's
+# with `--engine diffusion`)
 runners=$(curl -sf "http://127.0.0.1:$port/v0/health" | python -c "import json,sys; print(*[m['runner_pid'] for m in json.load(sys.stdin)['models']])")
 [ "$(echo $runners | wc -w)" = 2 ]
-for pid_ in $runners; do
-    [ "$(readlink "/proc/$pid_/exe")" = "$(readlink "/proc/$pid/exe")" ]
+for runner in $runners; do
+    [ "$(readlink "/proc/$runner/exe")" = "$(readlink "/proc/$pid/exe")" ]
+    tr '\0' ' ' < "/proc/$runner/cmdline" | grep -q "xllm runner"
 done
-runner=$(curl -sf "http://127.0.0.1:$port/v0/health" | python -c "import json,sys; print(json.load(sys.stdin)['models'][0]['runner_pid'])")
-tr '\0' ' ' < "/proc/$runner/cmdline" | grep -q "xllm runner"
 kill -TERM $pid && wait $pid
 echo "binary smoke test passed: $(du -h xllm | cut -f1), answer: $(head -c 200 answer.json), image: $picture"

@@ -738,18 +738,18 @@ impl<B: Backend> Batcher<B> {
     /// groups interleaved slot by slot (a, b, a, b…) decoded a row per ubatch, each reading all
     /// the weights again.
     fn closeness(&self, slot: usize, set: &AdapterSet) -> i64 {
-        let (mut own, mut other) = (None::<usize>, None::<usize>);
-        for (j, s) in self.slots.iter().enumerate() {
-            if let Some(a) = &s.active {
-                let near = if a.adapters == *set {
-                    &mut own
-                } else {
-                    &mut other
-                };
-                *near = Some(near.map_or(slot.abs_diff(j), |d| d.min(slot.abs_diff(j))));
-            }
-        }
-        match (own, other) {
+        // distance to the nearest active sequence of the request's own group, or of another
+        let nearest = |own: bool| {
+            (self.slots.iter().enumerate())
+                .filter(|(_, s)| {
+                    s.active
+                        .as_ref()
+                        .is_some_and(|a| (a.adapters == *set) == own)
+                })
+                .map(|(j, _)| slot.abs_diff(j))
+                .min()
+        };
+        match (nearest(true), nearest(false)) {
             (Some(d), _) => -(d as i64),
             (None, Some(d)) => d as i64,
             (None, None) => 0,
