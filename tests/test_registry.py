@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests import fake_engine
+from tests import fake_engine, gguf_corpus, gguf_make
 from xllm.engine.options import EngineOptions
 from xllm.engine.plugins import Engines, LoadSpec
 from xllm.engine.registry import ModelRegistry, _with_modelfile
@@ -98,7 +98,7 @@ async def test_a_draft_model_comes_from_the_config_the_modelfile_or_the_server(
 ) -> None:
     files = {n: tmp_path / f"{n}.gguf" for n in ("server", "modelfile", "config")}
     for f in files.values():
-        f.write_bytes(b"GGUF")
+        gguf_corpus.write(f)
     options = EngineOptions(draft_model=str(files["server"]))
     reg = ModelRegistry(options, drafts={"big": str(files["config"])})
     plain = Modelfile()
@@ -116,7 +116,18 @@ async def test_a_draft_model_comes_from_the_config_the_modelfile_or_the_server(
     bare = ModelRegistry(EngineOptions())
     o = await bare._with_draft("m", plain, EngineOptions(), True)
     assert (o.draft_model, o.draft_path, o.speculative) == (None, None, "none")
-    for wanted, why in [(str(tmp_path / "gone.gguf"), "does not exist"), ("no-such", "not found")]:
+    # a split draft: named by its first file, it brings the others in order
+    shards = gguf_make.split(files["server"], tmp_path / "split", 2)
+    split = Modelfile(parameters={"draft_model": str(shards[0])})
+    o = await bare._with_draft("m", split, EngineOptions(), True)
+    assert (o.draft_path, o.draft_splits) == (str(shards[0]), (str(shards[1]),))
+    assert (await draft("other", plain)).draft_splits == ()
+    second = f"{shards[1].name} is part of a model split into 2 files: name its first file"
+    for wanted, why in [
+        (str(tmp_path / "gone.gguf"), "does not exist"),
+        ("no-such", "not found"),
+        (str(shards[1]), second),
+    ]:
         with pytest.raises(ModelLoadError, match=why):
             await bare._with_draft(
                 "m", Modelfile(parameters={"draft_model": wanted}), options, True

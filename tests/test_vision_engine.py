@@ -10,6 +10,7 @@ the decode thread, cancellation and errors. The HTTP shapes are tested with the 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import itertools
 import time
@@ -178,6 +179,24 @@ async def test_a_second_turn_reuses_the_encoded_image(vision: RunnerClient) -> N
         await vision.generate(Request(messages=other, template=TEMPLATE, sampling=GREEDY))
     )
     assert three.usage["cached_tokens"] < image_tokens()
+
+
+async def test_a_draft_model_drafts_for_an_image_prompt(tiny_path: Path, projector: Path) -> None:
+    # the model drafting for itself: the draft reads the text around the image (issue 17)
+    engine = await load(tiny_path, projector, draft_path=str(tiny_path), draft_model="tiny")
+    try:
+        long = Sampling(temperature=0, max_tokens=24, ignore_eos=True)
+        results = {}
+        for mode in ("none", "draft"):
+            sampling = dataclasses.replace(long, speculative=mode, max_draft=4, draft_min_p=0)
+            gen = await engine.generate(completion("what is ", RED, " here", sampling=sampling))
+            results[mode] = await run(gen)
+        plain, drafted = results["none"], results["draft"]
+        assert drafted.text == plain.text and drafted.finish == "length"
+        assert drafted.usage.get("accepted_prediction_tokens", 0) > 0, drafted.usage
+        assert "accepted_prediction_tokens" not in plain.usage
+    finally:
+        await engine.close()
 
 
 async def test_several_images_in_a_chat(vision: RunnerClient) -> None:

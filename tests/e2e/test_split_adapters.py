@@ -199,6 +199,35 @@ def test_create_with_a_shard_missing_is_refused(
         assert httpx.head(f"{srv.url}/api/blobs/{d}").status_code == 404
 
 
+def test_a_split_draft_model_drafts_beside_the_model(
+    srv: Server, files: dict[str, Any], tmp_path: Path
+) -> None:
+    # a stored split model as the draft: its blobs have no shard names that llama.cpp could
+    # find the others by, so every file must be given (issue 17)
+    d = files["shards"][0].parent
+    r = create(srv, "splitdraft", f"FROM ./{files['shards'][0].name}\n", d)
+    assert r.returncode == 0, r.stderr
+    modelfile = f"FROM {files['whole']}\nPARAMETER draft_model splitdraft\n"
+    r = create(srv, "drafted", modelfile, tmp_path)
+    assert r.returncode == 0, r.stderr
+    body = {
+        "model": "drafted", "prompt": PROMPT, "max_tokens": 16, "temperature": 0,
+        "repeat_penalty": 1.0, "speculative": {"type": "draft", "max_draft": 4},
+    }  # fmt: skip
+    out = httpx.post(f"{srv.url}/v1/completions", json=body, timeout=300)
+    assert out.status_code == 200, out.text
+    assert out.json()["choices"][0]["text"] == generate(srv, "whole")
+    assert out.json()["usage"]["completion_tokens_details"]["accepted_prediction_tokens"] > 0
+    ps = httpx.get(f"{srv.url}/api/ps").json()["models"]
+    entry = next(m for m in ps if m["name"] == "drafted:latest")
+    draft = entry["draft"]
+    assert draft["name"] == "splitdraft:latest" and draft["size"] > 50 * 2**20, draft
+    # the memory plan counts every shard of the draft beside the model
+    assert entry["size"] > files["whole"].stat().st_size + sum(
+        p.stat().st_size for p in files["shards"]
+    )
+
+
 # --- LoRA adapters --------------------------------------------------------------------------
 
 

@@ -498,8 +498,9 @@ def _estimate(spec: LoadSpec) -> Plan:
         plan = planner.with_projector(plan, projector.weights, projector.compute)
     if o.draft_path is not None:  # its weights, KV cache and buffers beside the model's
         draft = planner.estimate(
-            gguf.read_model((Path(o.draft_path),)), ctx_size=o.ctx_size, parallel=o.parallel,
-            batch_size=o.batch_size, gpus=probe.gpus(), gpu_layers=o.gpu_layers,
+            gguf.read_model((Path(o.draft_path), *map(Path, o.draft_splits))),
+            ctx_size=o.ctx_size, parallel=o.parallel, batch_size=o.batch_size,
+            gpus=probe.gpus(), gpu_layers=o.gpu_layers,
         )  # fmt: skip
         plan = dataclasses.replace(
             plan, weights=plan.weights + draft.weights, kv=plan.kv + draft.kv,

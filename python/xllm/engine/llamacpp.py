@@ -116,7 +116,7 @@ class LlamaCppEngine:
         ValueError, naming both, when it cannot draft for this model."""
         draft = self._options.draft_model or str(path)
         try:
-            model = load_model(path, (), mparams)
+            model = load_model(path, self._options.draft_splits, mparams)
         except ValueError:
             self._free()
             raise ValueError(f"llama.cpp could not load the draft model {draft!r}") from None

@@ -47,6 +47,8 @@ class EngineOptions:
     """The draft model loaded beside this one for draft-model speculation (its name)."""
     draft_path: str | None = None
     """Its GGUF file (resolved by the registry)."""
+    draft_splits: tuple[str, ...] = ()
+    """The further files of a draft model split into several, in order."""
     kv_dir: str | None = None
     """Where finished sequences' KV state is saved for later prompts (None: not saved); the
     engine keeps a folder of its own in it per model file and KV settings."""

@@ -351,30 +351,43 @@ class ModelRegistry:
         wanted = self._drafts.get(self.key(name)) or modelfile.parameters.get("draft_model")
         wanted = wanted or self.options.draft_model
         if not wanted:
-            return dataclasses.replace(options, draft_model=None, draft_path=None)
-        draft, path = await asyncio.to_thread(self._draft_file, name, str(wanted))
-        options = dataclasses.replace(options, draft_model=draft, draft_path=str(path))
+            return dataclasses.replace(options, draft_model=None, draft_path=None, draft_splits=())
+        draft, files = await asyncio.to_thread(self._draft_files, name, str(wanted))
+        options = dataclasses.replace(
+            options, draft_model=draft, draft_path=str(files[0]),
+            draft_splits=tuple(map(str, files[1:])),
+        )  # fmt: skip
         if default_mode and options.speculative == "none":
             options = dataclasses.replace(options, speculative="draft")
         return options
 
-    def _draft_file(self, name: str, wanted: str) -> tuple[str, Path]:
-        """(name, GGUF file) of the draft model `wanted` (a GGUF file or a model's name) of
-        model `name`; a ModelLoadError saying why there is none."""
+    def _draft_files(self, name: str, wanted: str) -> tuple[str, list[Path]]:
+        """(name, GGUF files: one, or each of a split model in order) of the draft model
+        `wanted` (a GGUF file or a model's name) of model `name`; a ModelLoadError saying why
+        there is none."""
         given = Path(wanted).expanduser()
         if given.suffix == ".gguf" or given.is_file():
             if not given.is_file():
                 raise ModelLoadError(f"the draft model file {wanted} of {name!r} does not exist")
-            return names.name_for_path(given), given.resolve()
-        try:
-            found = self.find(wanted)
-        except ModelNotFound:
-            raise ModelLoadError(f"the draft model {wanted!r} of {name!r} was not found") from None
-        if found.remote is not None or self.facts(found).format != GGUF:
-            raise ModelLoadError(
-                f"the draft model {wanted!r} of {name!r} is not a GGUF model llama.cpp loads"
-            )
-        return found.name, found.path
+            draft, path, stored = names.name_for_path(given), given.resolve(), None
+        else:
+            try:
+                found = self.find(wanted)
+            except ModelNotFound:
+                raise ModelLoadError(
+                    f"the draft model {wanted!r} of {name!r} was not found"
+                ) from None
+            if found.remote is not None or self.facts(found).format != GGUF:
+                raise ModelLoadError(
+                    f"the draft model {wanted!r} of {name!r} is not a GGUF model llama.cpp loads"
+                )
+            draft, path, stored = found.name, found.path, found.stored
+        if stored is not None:
+            return draft, list(stored.files)
+        try:  # a split model's further files, beside its first
+            return draft, gguf.model_files(path)
+        except gguf.GGUFError as e:
+            raise ModelLoadError(f"the draft model {wanted!r} of {name!r}: {e}") from None
 
     async def start(self, spec: LoadSpec) -> Engine:
         """Load `spec` with its engine (the scheduler's engine factory)."""

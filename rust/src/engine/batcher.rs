@@ -33,6 +33,7 @@ use super::kvstore::DiskCache;
 use super::types::{
     AdapterSet, Embedding, Event, Finish, ImageInput, Params, Request, TokenLogprob, Usage,
 };
+use super::vision::PLACEHOLDER;
 use crate::stop::StopMatcher;
 
 pub struct BatchItem {
@@ -661,13 +662,8 @@ impl<B: Backend> Batcher<B> {
             let max_tokens = w.request.params.max_tokens.map_or(room, |m| m.min(room));
             let targets = std::iter::once(primary).chain(others.into_iter().take(n - 1));
             for (choice, (slot, sampler)) in targets.zip(samplers).enumerate() {
-                // the draft model reads tokens only, never a prompt's images
-                let source = source(
-                    &w.request.params,
-                    prompt.len(),
-                    self.drafts.is_some() && images.is_empty(),
-                )
-                .filter(|_| speculate);
+                let source = source(&w.request.params, prompt.len(), self.drafts.is_some())
+                    .filter(|_| speculate);
                 let mut cached = 0;
                 let mut pending = Vec::new();
                 let set = &w.request.params.adapters;
@@ -1016,7 +1012,16 @@ impl<B: Backend> Batcher<B> {
             .map(|&(slot, _, _)| {
                 let s = &self.slots[slot];
                 let next = s.active.as_ref().and_then(|a| a.next).expect("generating");
-                [s.cached.as_slice(), &[next]].concat()
+                // the draft model reads text only: it drafts from the words around an image
+                // (its placeholders left out), and the target, which saw the image, verifies
+                let mut history: Vec<i32> = s
+                    .cached
+                    .iter()
+                    .copied()
+                    .filter(|&t| t != PLACEHOLDER)
+                    .collect();
+                history.push(next);
+                history
             })
             .collect();
         let wants: Vec<Ask<'_>> = asks
@@ -2441,6 +2446,36 @@ mod tests {
         let mut unique = positions.clone();
         unique.dedup();
         assert_eq!(positions, unique, "a position decoded twice in a row");
+    }
+
+    #[test]
+    fn a_draft_model_drafts_for_a_prompt_with_an_image_from_its_text() {
+        let with_draft_params = |draft: bool| {
+            let mut r = with_image(1, "red", 2, 2);
+            r.params.max_tokens = Some(12);
+            r.params.draft_model = draft;
+            r.params.max_draft = if draft { 4 } else { 0 };
+            r
+        };
+        let plain = {
+            let mut b = Batcher::new(Fake::default(), 1, 64, 64);
+            b.submit(with_draft_params(false), Instant::now());
+            run_encoding(&mut b, 1.0)
+        };
+        let log = Arc::new(Mutex::new(Log::default()));
+        let mut b = Batcher::new(Fake::default(), 1, 64, 64);
+        with_draft(&mut b, FakeDraft::new(log.clone()));
+        b.submit(with_draft_params(true), Instant::now());
+        let ev = run_encoding(&mut b, 1.0);
+        assert_eq!(tokens_of(&ev, 1, 0), tokens_of(&plain, 1, 0));
+        assert!(usage_of(&ev, 1).accepted_prediction_tokens >= 4, "{ev:?}");
+        // the draft model read the text around the image, without gaps, then the first token
+        let first = log.lock().unwrap().decodes[0].clone();
+        let next = tokens_of(&ev, 1, 0)[0];
+        assert_eq!(
+            first,
+            vec![(1, 0, 0), (2, 1, 0), (20, 2, 0), (21, 3, 0), (next, 4, 0)]
+        );
     }
 
     #[test]
