@@ -3,13 +3,14 @@
 One `xllm serve` runs the target (with `--draft` loaded beside it as its draft model); each
 request chooses its mode with the `speculative` field (`none`, `draft`, `ngram`, `auto`), so
 the modes share the process, the cache state and the machine's load. llama-server has no
-per-request mode: with `--llama-server`, it runs afterwards (alone on the machine, the same
-threads and slots) once with the draft model (`-md`, `--spec-type draft-simple`) and once with
-its n-gram lookup (`--spec-type ngram-simple`). Two chat prompts: writing new code (little to
-look up) and rewriting given code with one change (most of the answer is in the prompt). For 1
-and 4 concurrent streams, greedy, each round runs every (prompt, streams) cell in every mode,
-alternating the order. Prints decode tokens/s per mode, the ratios the issue sets targets for
-(auto/off, draft/llama-server's draft) and the share of drafted tokens taken.
+per-request mode: with `--llama-server`, two more servers run beside xllm (the same threads and
+slots; an idle server costs no CPU): one with the draft model (`-md`, `--spec-type
+draft-simple`) and one with its n-gram lookup (`--spec-type ngram-simple`). Two chat prompts:
+writing new code (little to look up) and rewriting given code with one change (most of the
+answer is in the prompt). For 1 and 4 concurrent streams, greedy, each round runs every
+(prompt, streams) cell in every mode, xllm's and llama-server's, alternating the order. Prints
+decode tokens/s per mode, the ratios the issue sets targets for (auto/off, draft/llama-server's
+draft) and the share of drafted tokens taken.
 
     python benchmarks/speculative.py                   # Qwen2.5-Coder 0.5B, 2 threads, 3 rounds
     python benchmarks/speculative.py --model big.gguf --draft small.gguf --llama-server
@@ -121,27 +122,28 @@ async def measure(
 
 
 async def run(
-    url: str,
-    args: argparse.Namespace,
-    modes: tuple[str, ...],
-    cells: dict[tuple[str, int, str], Cell],
+    urls: dict[str, str], args: argparse.Namespace, cells: dict[tuple[str, int, str], Cell]
 ) -> None:
-    """Every round: each (prompt, streams) cell in each of `modes`, into `cells`."""
+    """Every round: each (prompt, streams) cell in each mode (`urls`: the server of each), into
+    `cells`; the order of the modes alternates from round to round."""
     levels = [int(x) for x in args.streams.split(",")]
-    async with httpx.AsyncClient(base_url=url, timeout=1800) as client:
+    modes = tuple(urls)
+    clients = {m: httpx.AsyncClient(base_url=u, timeout=1800) for m, u in urls.items()}
+    try:
         # untimed: every prompt in every slot's cache, the weights paged in, so that no mode's
         # first cell pays for it
         for prompt in PROMPTS.values():
             for streams in levels:
-                await asyncio.gather(
-                    *(one(client, args.model, prompt, m, 4) for m in modes for _ in range(streams))
-                )
+                for m in modes:
+                    await asyncio.gather(
+                        *(one(clients[m], args.model, prompt, m, 4) for _ in range(streams))
+                    )
         for r in range(args.rounds):
             for name, prompt in PROMPTS.items():
                 for streams in levels:
                     order = modes if r % 2 == 0 else modes[::-1]
                     for mode in order:
-                        wall, results = await measure(client, args, prompt, mode, streams)
+                        wall, results = await measure(clients[mode], args, prompt, mode, streams)
                         cell = cells.setdefault((name, streams, mode), Cell())
                         cell.seconds += wall
                         for res in results:
@@ -152,6 +154,9 @@ async def run(
                             cell.accepted += accepted
                             cell.drafted += accepted + details.get("rejected_prediction_tokens", 0)
                             cell.texts.add(res["choices"][0]["message"]["content"])
+    finally:
+        for c in clients.values():
+            await c.aclose()
 
 
 @contextlib.contextmanager
@@ -247,27 +252,25 @@ def main() -> None:
     if args.modes:
         modes = tuple(m for m in modes if m in args.modes.split(","))
     cells: dict[tuple[str, int, str], Cell] = {}
-    with tempfile.TemporaryDirectory() as tmp:
+    if args.llama_server and not Path(args.model_path).is_file():
+        raise SystemExit("--llama-server needs --model as a GGUF file")
+    with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
         # the response cache off: identical greedy requests would be replayed, not decoded
         flags = ["--model", args.model, "--ctx-size", "2048", "--parallel", "4"]
         flags += ["--cache-ram-fraction", "0", "--no-cache-persist"]
         flags += ["--draft-model", args.draft] if args.draft else []
         server = start_server(Path(tmp), [*flags, "--threads", str(args.threads)])
-        try:
-            health = httpx.get(f"{server.url}/v0/health").json()
-            args.model = health["models"][0]["name"]
-            asyncio.run(run(server.url, args, modes, cells))
-        finally:
-            stop_server(server)
-        if args.llama_server:
-            if not Path(args.model_path).is_file():
-                raise SystemExit("--llama-server needs --model as a GGUF file")
-            for mode, extra in LLAMA_MODES.items():
-                if mode == "ls-draft" and not args.draft:
-                    continue
-                extra = [*extra, "-md", args.draft] if mode == "ls-draft" else extra
-                with llama_server(args, extra, Path(tmp) / f"{mode}.log") as url:
-                    asyncio.run(run(url, args, (mode,), cells))
+        stack.callback(stop_server, server)
+        health = httpx.get(f"{server.url}/v0/health").json()
+        args.model = health["models"][0]["name"]
+        urls = dict.fromkeys(modes, server.url)
+        # every server up at once (idle ones cost no CPU), so that the rounds alternate them
+        for mode, extra in LLAMA_MODES.items() if args.llama_server else ():
+            if mode == "ls-draft" and not args.draft:
+                continue
+            extra = [*extra, "-md", args.draft] if mode == "ls-draft" else extra
+            urls[mode] = stack.enter_context(llama_server(args, extra, Path(tmp) / f"{mode}.log"))
+        asyncio.run(run(urls, args, cells))
     report(cells, args)
 
 
