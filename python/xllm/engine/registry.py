@@ -54,6 +54,12 @@ class Resolved:
     """Set for a remote model: its endpoint and its name there (`path` is `remote:EP/name`)."""
 
 
+def _gguf_files(path: Path, stored: StoredModel | None) -> list[Path]:
+    """Every file of a GGUF model, in order: a stored one's blobs (whose names llama.cpp could
+    not find a split model's shards by), else `path` and a split model's siblings beside it."""
+    return list(stored.files) if stored is not None else gguf.model_files(path)
+
+
 class ModelRegistry:
     """Resolves model names; loads them through its scheduler."""
 
@@ -316,10 +322,8 @@ class ModelRegistry:
         async with self._recording(manifest.name, name, path):
             fmt = (await asyncio.to_thread(self.facts, found)).format
             files: tuple[Path, ...] = (path,)
-            if stored is not None and fmt == GGUF:
-                files = tuple(stored.files)
-            elif fmt == GGUF:
-                files = tuple(await asyncio.to_thread(gguf.model_files, path))
+            if fmt == GGUF:
+                files = tuple(await asyncio.to_thread(_gguf_files, path, stored))
             elif stored is not None and self.store is not None:  # its folder, made on first use
                 path = await asyncio.to_thread(self.store.model_dir, stored)
                 files = (path,)
@@ -382,10 +386,8 @@ class ModelRegistry:
                     f"the draft model {wanted!r} of {name!r} is not a GGUF model llama.cpp loads"
                 )
             draft, path, stored = found.name, found.path, found.stored
-        if stored is not None:
-            return draft, list(stored.files)
-        try:  # a split model's further files, beside its first
-            return draft, gguf.model_files(path)
+        try:
+            return draft, _gguf_files(path, stored)
         except gguf.GGUFError as e:
             raise ModelLoadError(f"the draft model {wanted!r} of {name!r}: {e}") from None
 
