@@ -147,8 +147,9 @@ class ModelRegistry:
         if local is not None:
             return local
         if remote is not None:
-            # a name with a local model too is loaded under the remote one's own name
-            own = self._find_local(key) is None
+            # a name with a local model too is loaded under the remote one's own name (it was
+            # looked for above unless `engine: remote` skipped that)
+            own = engine != REMOTE or self._find_local(key) is None
             return Resolved(key if own else remote.name, Path(remote.name), remote=remote)
         raise ModelNotFound(f"model {name!r} not found", param="model")
 
