@@ -28,9 +28,13 @@ async def relay(request: web.Request, model: Relay, path: str) -> web.StreamResp
     """Send the request's body to `model` and its answer back to the client; a client that
     goes away cancels it wherever it is (waiting for the upstream's first byte included), and
     with it the upstream request."""
-    work = asyncio.ensure_future(_relay(request, model, path))
+    # The handler's own task (the one `middleware.disconnects` shields) is what a hang-up
+    # cancels: relaying is the handler's last step. A task of its own would put every request
+    # of a burst behind all the others once more before its upstream request goes out.
+    work = asyncio.current_task()
+    assert work is not None
     request.setdefault(GENERATIONS, []).append(work)
-    return await work
+    return await _relay(request, model, path)
 
 
 async def _relay(request: web.Request, model: Relay, path: str) -> web.StreamResponse:
