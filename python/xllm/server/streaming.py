@@ -21,7 +21,7 @@ log = logging.getLogger("xllm.server")
 
 GZIP_MIN = 10 * 1024
 """Bodies of at least this many bytes are gzipped when the client accepts it."""
-_GZIP = "xllm_gzip"
+_GZIP = web.ResponseKey("xllm_gzip", _core.GzipStream)
 
 
 def accepts_gzip(request: web.Request) -> bool:
