@@ -161,12 +161,15 @@ async def run(
 
 @contextlib.contextmanager
 def llama_server(args: argparse.Namespace, flags: list[str], log: Path) -> Iterator[str]:
-    """llama-server on the target with `flags`, as many slots and threads as xllm had."""
+    """llama-server on the target with `flags`, as many slots and threads as xllm had. Its
+    prompt cache in RAM is off (`--cache-ram 0`) as xllm's KV on disk is: it keeps the target's
+    and the draft's state of prompts evicted from the slots, and would spare only one side the
+    prefill of a prompt that 4 streams of another pushed out."""
     port = free_port()
     argv = [
         llama_server_binary(), "-m", args.model_path, "--host", "127.0.0.1", "--port", str(port),
         "-t", str(args.threads), "-tb", str(args.threads), "-np", "4", "-c", str(2048 * 4),
-        "--no-webui", *flags,
+        "--no-webui", "--cache-ram", "0", *flags,
     ]  # fmt: skip
     with log.open("wb") as out:
         proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT)
