@@ -54,22 +54,9 @@ fn deflate(c: &mut Compress, mut input: &[u8], out: &mut Vec<u8>, flush: FlushCo
     }
 }
 
-fn trailer(crc: &Crc, out: &mut Vec<u8>) {
-    out.extend_from_slice(&crc.sum().to_le_bytes());
-    out.extend_from_slice(&crc.amount().to_le_bytes());
-}
-
 /// Compresses a whole body.
 pub fn compress(data: &[u8], level: u32) -> Vec<u8> {
-    let mut c = take(level);
-    let mut out = Vec::with_capacity(data.len() / 3 + 64);
-    out.extend_from_slice(&HEADER);
-    deflate(&mut c, data, &mut out, FlushCompress::Finish);
-    let mut crc = Crc::new();
-    crc.update(data);
-    trailer(&crc, &mut out);
-    give_back(level, c);
-    out
+    GzipStream::new(level).end(data, Vec::with_capacity(data.len() / 3 + 64))
 }
 
 /// A gzip member produced piece by piece; each `write` returns bytes the client can decode now.
@@ -88,20 +75,13 @@ impl GzipStream {
         }
     }
 
-    fn header(&mut self, out: &mut Vec<u8>) {
-        if !std::mem::replace(&mut self.started, true) {
-            out.extend_from_slice(&HEADER);
-        }
-    }
-
     /// Compress `data` and sync-flush, returning everything produced so far.
     pub fn write(&mut self, data: &[u8]) -> Vec<u8> {
         let mut out = Vec::new();
-        if self.state.is_none() {
+        let Some((c, crc)) = self.state.as_mut() else {
             return out;
-        }
-        self.header(&mut out);
-        let (c, crc) = self.state.as_mut().expect("checked above");
+        };
+        header_once(&mut self.started, &mut out);
         crc.update(data);
         deflate(c, data, &mut out, FlushCompress::Sync);
         out
@@ -109,16 +89,28 @@ impl GzipStream {
 
     /// The gzip trailer; later writes return nothing.
     pub fn finish(&mut self) -> Vec<u8> {
-        let mut out = Vec::new();
-        if self.state.is_none() {
+        self.end(&[], Vec::new())
+    }
+
+    /// `data` as the member's last bytes, appended to `out` with the trailer; the state goes
+    /// back to the pool.
+    fn end(&mut self, data: &[u8], mut out: Vec<u8>) -> Vec<u8> {
+        let Some((mut c, mut crc)) = self.state.take() else {
             return out;
-        }
-        self.header(&mut out);
-        let (mut c, crc) = self.state.take().expect("checked above");
-        deflate(&mut c, &[], &mut out, FlushCompress::Finish);
-        trailer(&crc, &mut out);
+        };
+        header_once(&mut self.started, &mut out);
+        crc.update(data);
+        deflate(&mut c, data, &mut out, FlushCompress::Finish);
+        out.extend_from_slice(&crc.sum().to_le_bytes());
+        out.extend_from_slice(&crc.amount().to_le_bytes());
         give_back(self.level, c);
         out
+    }
+}
+
+fn header_once(started: &mut bool, out: &mut Vec<u8>) {
+    if !std::mem::replace(started, true) {
+        out.extend_from_slice(&HEADER);
     }
 }
 
