@@ -171,7 +171,10 @@ def test_auto_streams_text_as_generated(oai: openai.OpenAI) -> None:
     kw: dict[str, Any] = {"messages": HAIKU, "tools": [TIME], "tool_choice": "auto"}
     whole = _create(oai, max_tokens=24, **kw).choices[0]  # also caches the prompt
     assert whole.message.tool_calls is None and whole.message.content
-    start, events = _arrivals(_create(oai, max_tokens=24, stream=True, **kw))
+    # decoded again, not replayed at once by the response cache from the request above
+    start, events = _arrivals(
+        _create(oai, max_tokens=24, stream=True, extra_body={"cache": False}, **kw)
+    )
     pieces = [(t, c.choices[0]) for t, c in events if c.choices]
     content = [(t, c.delta.content) for t, c in pieces if c.delta.content]
     _spread(start, [t for t, _ in content])
@@ -209,8 +212,10 @@ def test_responses_auto_streams_text_and_calls(oai: openai.OpenAI) -> None:
     kw: dict[str, Any] = {"model": MODEL, "tools": [time_tool], "temperature": 0}
     whole = oai.responses.create(input=HAIKU, max_output_tokens=24, **kw)
     assert whole.output_text and not [o for o in whole.output if o.type == "function_call"]
-    start, timed = _arrivals(
-        oai.responses.create(input=HAIKU, max_output_tokens=24, stream=True, **kw)
+    start, timed = _arrivals(  # decoded again, not replayed by the response cache
+        oai.responses.create(
+            input=HAIKU, max_output_tokens=24, stream=True, extra_body={"cache": False}, **kw
+        )
     )
     deltas = [(t, e.delta) for t, e in timed if e.type == "response.output_text.delta"]
     _spread(start, [t for t, _ in deltas])
