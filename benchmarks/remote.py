@@ -7,7 +7,8 @@ front server's CPU time per proxied token (from /proc), the load average before 
 whether the targets are met (tokens/s >= 0.97x the upstream's, added TTFT p50 <= 5 ms); it
 exits 1 when one is missed.
 
-    python benchmarks/remote.py [--streams 16] [--tokens 64] [--rounds 6]
+    python benchmarks/remote.py [--upstream xllm|paced] [--pin] [--streams 16] [--tokens 64]
+        [--rounds 6]
 """
 
 from __future__ import annotations
@@ -77,11 +78,26 @@ def main() -> None:
         help="xllm: a real xllm serve sharing this machine's cores with the proxy; paced: "
         "benchmarks/paced_upstream.py, standing in for one on machines of its own",
     )
+    p.add_argument(
+        "--pin",
+        action="store_true",
+        help="with --upstream paced: the proxy on CPU 1, this client and the upstream on CPU 0, "
+        "as on hosts of their own, rather than the three taking turns on the same cores",
+    )
     a = p.parse_args()
+    if a.pin:
+        if a.upstream != "paced":  # a real upstream's decode threads need the cores
+            p.error("--pin is for --upstream paced")
+        if not {0, 1} <= os.sched_getaffinity(0):
+            p.error("--pin needs CPUs 0 and 1")
+        os.sched_setaffinity(0, {0})  # the upstream started below inherits it
     tmp = Path(tempfile.mkdtemp(prefix="xllm-remote-bench-"))
     up, model, flavour = _upstream(a.upstream, tmp, a.streams)
     remote = [{"name": "up", "base_url": up.url, "flavour": flavour, "models": {"far": model}}]
     front = start_server(tmp / "front", [], {"XLLM_REMOTE": json.dumps(remote)}, wait_model=False)
+    if a.pin:
+        for task in Path(f"/proc/{front.proc.pid}/task").iterdir():  # its threads so far
+            os.sched_setaffinity(int(task.name), {1})
     load = os.getloadavg()
     try:
         for url, m in ((up.url, model), (front.url, "far")):  # warm both, all slots
@@ -103,9 +119,10 @@ def main() -> None:
         td, tf = statistics.median(ttfts["direct"]), statistics.median(ttfts["proxied"])
         ratio, added = f / d, (tf - td) * 1000
         met = {"tokens/s": ratio >= MIN_RATIO, "TTFT": added <= MAX_ADDED_TTFT_MS}
+        placed = " (proxy pinned to CPU 1, the rest to CPU 0)" if a.pin else ""
         print(
             f"upstream {a.upstream}, {a.streams} streams x {a.tokens} tokens, {a.rounds} rounds, "
-            f"{os.cpu_count()} CPUs, "
+            f"{os.cpu_count()} CPUs{placed}, "
             f"load average {load[0]:.2f} before, {os.getloadavg()[0]:.2f} after"
         )
         print("| | tokens/s | TTFT p50 (ms) |\n|---|---|---|")
