@@ -300,7 +300,7 @@ impl Backend for LlamaBackend {
         unsafe { (self.api.llama_memory_seq_rm)(self.mem, seq, from, -1) }
     }
 
-    fn seq_state(&mut self, seq: i32) -> Option<Vec<u8>> {
+    fn seq_state(&mut self, seq: i32, mut buf: Vec<u8>) -> Option<Vec<u8>> {
         if !self.speculation {
             return None; // a recurrent state cannot be cut back to a prefix after restoring
         }
@@ -310,7 +310,9 @@ impl Backend for LlamaBackend {
             if size == 0 {
                 return None;
             }
-            let mut buf = vec![0u8; size];
+            // `buf` is an earlier save's (DiskCache::buffer): its pages are mapped already,
+            // where a new one's first touch costs several times the copy
+            buf.resize(size, 0);
             let n = (self.api.llama_state_seq_get_data)(self.ctx, buf.as_mut_ptr(), size, seq);
             (n == size).then_some(buf)
         }

@@ -85,8 +85,9 @@ pub trait Backend {
             Err("this backend takes no LoRA adapters".into())
         }
     }
-    /// A sequence's KV state as bytes, to save on disk (None: this backend cannot).
-    fn seq_state(&mut self, _seq: i32) -> Option<Vec<u8>> {
+    /// A sequence's KV state as bytes, to save on disk, written into `buf` (None: this backend
+    /// cannot).
+    fn seq_state(&mut self, _seq: i32, _buf: Vec<u8>) -> Option<Vec<u8>> {
         None
     }
     /// Put a state `seq_state` made into `seq` (empty); false if it does not fit.
@@ -206,6 +207,8 @@ pub struct Batcher<B: Backend> {
     image_rows: usize,
     /// Finished sequences' KV state on disk, for prompts that go on from them.
     pub disk: Option<DiskCache>,
+    /// Slots whose finished sequence is still to be saved (`save_finished`).
+    unsaved: Vec<usize>,
     /// The adapter set the disk's states are made under (the model's own adapters): other
     /// sets' sequences are neither saved nor restored.
     pub disk_adapters: AdapterSet,
@@ -282,6 +285,7 @@ impl<B: Backend> Batcher<B> {
             jobs: Vec::new(),
             image_rows: (batch_size / 16).max(16),
             disk: None,
+            unsaved: Vec::new(),
             disk_adapters: Vec::new(),
             applied: Some(Vec::new()), // a new context has none
             served: Vec::new(),
@@ -355,6 +359,7 @@ impl<B: Backend> Batcher<B> {
     /// Admit waiting requests, decode one batch, turn its outputs into events.
     /// Returns false when there was nothing to do.
     pub fn step(&mut self, events: &mut Vec<Event>) -> bool {
+        self.save_finished(); // before admitting reuses a slot
         self.admit(events);
         let decoded = self.decode_tokens(events);
         self.decode_image(events) || decoded
@@ -1216,8 +1221,9 @@ impl<B: Backend> Batcher<B> {
 
     fn finish(&mut self, slot: usize, finish: Finish, events: &mut Vec<Event>) {
         let a = self.slots[slot].active.take().expect("active");
-        if matches!(finish, Finish::Stop | Finish::Length) && a.images.is_empty() {
-            self.save(slot);
+        let saves = matches!(finish, Finish::Stop | Finish::Length) && a.images.is_empty();
+        if saves && self.disk.is_some() {
+            self.unsaved.push(slot);
         }
         let ms = |from: Instant, to: Instant| to.duration_since(from).as_secs_f64() * 1000.0;
         let usage = Usage {
@@ -1235,17 +1241,22 @@ impl<B: Backend> Batcher<B> {
         events.push(finish_event(a.request, a.choice, finish, usage));
     }
 
-    /// Queue a finished sequence's state for the disk cache (written on its own thread).
-    fn save(&mut self, slot: usize) {
+    /// Queue the sequences finished since the last call for the disk cache (written on its own
+    /// thread). The loop calls this once a step's events are sent: copying a state out takes
+    /// milliseconds (tens of MiB), which the finished requests' last events need not wait for.
+    pub fn save_finished(&mut self) {
+        let unsaved = std::mem::take(&mut self.unsaved);
         let Some(disk) = &self.disk else {
             return;
         };
-        let s = &self.slots[slot];
-        if s.cached_set != self.disk_adapters || !disk.wants(&s.cached) {
-            return;
-        }
-        if let Some(state) = self.backend.seq_state(s.seq) {
-            disk.save(&s.cached, state);
+        for slot in unsaved {
+            let s = &self.slots[slot];
+            if s.cached_set != self.disk_adapters || !disk.wants(&s.cached) {
+                continue;
+            }
+            if let Some(state) = self.backend.seq_state(s.seq, disk.buffer()) {
+                disk.save(&s.cached, state);
+            }
         }
     }
 }
@@ -1313,8 +1324,9 @@ mod tests {
         per_row: std::time::Duration,
         /// A recurrent model: no speculation.
         recurrent: bool,
-        /// States put into sequences (`set_seq_state`).
+        /// States put into sequences (`set_seq_state`), and sequences copied out (`seq_state`).
         restored: Vec<(i32, Vec<u8>)>,
+        copied_out: Vec<i32>,
         /// Adapter sets applied (`set_adapters`), and the one each step decoded under.
         switches: Vec<AdapterSet>,
         step_sets: Vec<AdapterSet>,
@@ -1383,8 +1395,11 @@ mod tests {
         fn can_speculate(&self) -> bool {
             !self.recurrent
         }
-        fn seq_state(&mut self, seq: i32) -> Option<Vec<u8>> {
-            Some(format!("state of {seq}").into_bytes())
+        fn seq_state(&mut self, seq: i32, mut buf: Vec<u8>) -> Option<Vec<u8>> {
+            self.copied_out.push(seq);
+            buf.clear();
+            buf.extend_from_slice(format!("state of {seq}").as_bytes());
+            Some(buf)
         }
         fn set_seq_state(&mut self, seq: i32, state: &[u8]) -> bool {
             self.restored.push((seq, state.to_vec()));
@@ -1408,10 +1423,13 @@ mod tests {
         }
     }
 
+    /// Steps until there is nothing to do, saving what finished after each (as the loop does).
     fn run(b: &mut Batcher<Fake>) -> Vec<Event> {
         let mut events = Vec::new();
         for _ in 0..1000 {
-            if !b.step(&mut events) {
+            let more = b.step(&mut events);
+            b.save_finished();
+            if !more {
                 break;
             }
         }
@@ -1483,6 +1501,35 @@ mod tests {
         let ev = run(&mut b);
         assert_eq!(ev.last().unwrap().usage.clone().unwrap().cached_tokens, 0);
         assert!(b.backend.restored.is_empty());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_finished_sequence_is_copied_out_after_its_events_and_before_its_slot_is_reused() {
+        let dir = std::env::temp_dir().join(format!("xllm-batcher-kvlate-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let mut b = disk_batcher(&dir);
+        b.slots.truncate(1);
+        let prompt: Vec<i32> = (0..300).map(|i| i % 90).collect();
+        b.submit(req(1, prompt.clone(), 2), Instant::now());
+        b.submit(
+            req(2, (0..300).map(|i| (i + 7) % 80).collect(), 2),
+            Instant::now(),
+        );
+        let mut events = Vec::new();
+        while finish_of(&events, 1).is_empty() {
+            b.step(&mut events);
+        }
+        assert!(b.backend.copied_out.is_empty()); // the finish event went out first
+        let steps = b.backend.steps.len();
+        b.step(&mut events); // request 2 takes the slot: its state is copied out just before
+        assert_eq!(b.backend.copied_out, vec![0]);
+        assert_eq!(
+            b.backend.steps[steps][0].1, 0,
+            "request 2 prefilled after the copy"
+        );
+        b.save_finished();
+        assert_eq!(b.backend.copied_out, vec![0], "once");
         let _ = std::fs::remove_dir_all(&dir);
     }
 

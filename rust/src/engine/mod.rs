@@ -448,6 +448,8 @@ fn run<B: Backend>(
                 let _ = notify.write(&[1]); // a full socket already means "readable"
             }
         }
+        // the finished requests' last events are out: now their states are copied for the disk
+        let _ = catch_unwind(AssertUnwindSafe(|| batcher.save_finished()));
         if stopping {
             return;
         }
