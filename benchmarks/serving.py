@@ -234,9 +234,10 @@ async def run(args: argparse.Namespace) -> dict[str, dict[int, Result]]:
             for s in all_servers:
                 await wait_ready(session, s)
                 await measure(session, s, 1, 8)  # warm-up
-            for _ in range(args.rounds):
+            for i in range(args.rounds):
                 for c in levels:
-                    for s in all_servers:  # alternate servers inside every round
+                    # the servers alternate inside every round, and which goes first each round
+                    for s in all_servers if i % 2 == 0 else all_servers[::-1]:
                         server0, children0 = cpu_now(s)
                         r = await measure(session, s, c, args.max_tokens)
                         server1, children1 = cpu_now(s)
