@@ -301,19 +301,21 @@ impl DiskCache {
 
     /// Queue a sequence's state for saving, unless it is short or already saved.
     pub fn save(&self, tokens: &[i32], state: Vec<u8>) {
-        if state.is_empty() || !self.wants(tokens) {
-            return keep(&self.spare, state);
-        }
-        let Some(w) = &self.writer else {
-            return keep(&self.spare, state);
+        let unsaved = match &self.writer {
+            Some(w) if !state.is_empty() && self.wants(tokens) => {
+                let save = Save {
+                    tokens: tokens.to_vec(),
+                    state,
+                };
+                match w.try_send(save) {
+                    Ok(()) => return, // the writer gives the buffer back
+                    // the disk is behind: this one is dropped
+                    Err(TrySendError::Full(save) | TrySendError::Disconnected(save)) => save.state,
+                }
+            }
+            _ => state,
         };
-        let save = Save {
-            tokens: tokens.to_vec(),
-            state,
-        };
-        if let Err(TrySendError::Full(save) | TrySendError::Disconnected(save)) = w.try_send(save) {
-            keep(&self.spare, save.state); // the disk is behind: this one is dropped
-        }
+        keep(&self.spare, unsaved);
     }
 
     /// Whether a sequence this long would be saved (the caller skips copying its state out
