@@ -143,6 +143,15 @@ async def run(
                 for streams in levels:
                     order = modes if r % 2 == 0 else modes[::-1]
                     for mode in order:
+                        # untimed: the cell's prompt in as many slots of the mode's server as
+                        # it has streams (the cells before left others there), so that no mode
+                        # pays a prefill that another finds done
+                        await asyncio.gather(
+                            *(
+                                one(clients[mode], args.model, prompt, mode, 1)
+                                for _ in range(streams)
+                            )
+                        )
                         wall, results = await measure(clients[mode], args, prompt, mode, streams)
                         cell = cells.setdefault((name, streams, mode), Cell())
                         cell.seconds += wall

@@ -845,10 +845,13 @@ impl<B: Backend> Batcher<B> {
             })
             .count();
         let mut spare = self.batch_size.saturating_sub(generating);
+        let maxes: Vec<Option<usize>> = order.iter().map(|&i| self.draft_room(i, spare)).collect();
+        spare -= self.plan_guesses(&order, &maxes, generating, spare);
         let mut asks = Vec::new();
-        for &i in &order {
+        for (&i, &max) in order.iter().zip(&maxes) {
             let rows = self.batch_size - spare; // every next token, and the drafts so far
-            spare -= self.plan_draft(i, spare, (rows, generating), &mut asks);
+            let max = max.map(|m| m.min(spare));
+            spare -= self.plan_draft(i, max, (rows, generating), &mut asks);
         }
         self.draft_with_model(&asks);
         let mut items = Vec::new();
@@ -900,64 +903,113 @@ impl<B: Backend> Batcher<B> {
         rows.into_iter().unzip()
     }
 
-    /// Draft tokens to decode after a generating slot's `next` (at most `spare`); how many
-    /// rows they may take. A slot drafting with the draft model is added to `asks` (slot,
-    /// most tokens, least probability) and drafts with the others (`draft_with_model`).
+    /// The most draft tokens a generating slot that drafts may verify this step (at most
+    /// `spare`, never past its `max_tokens`), as its pacer allows; None where it does not
+    /// draft. Its last step's draft is cleared.
+    fn draft_room(&mut self, slot: usize, spare: usize) -> Option<usize> {
+        let a = self.slots[slot].active.as_mut()?;
+        a.draft.clear();
+        a.next?;
+        a.source.as_ref()?;
+        // the step generates up to 1 + draft tokens: never past max_tokens
+        let room = (a.max_tokens - a.generated).saturating_sub(1) as usize;
+        if room == 0 || spare == 0 {
+            return None;
+        }
+        Some(a.pacer.next_len().min(room).min(spare))
+    }
+
+    /// The auto mode's guesses (prompt lookup, a predicted output) for this step, up to each
+    /// slot's `maxes`, cut together by the cost model (`StepCosts::joint_lens`): a decode's
+    /// rows cost less each the more it has, so guesses that would not pay one by one may
+    /// together. A guess cut to nothing is watched instead: the tokens generated next show how
+    /// much of it would have been taken, at no cost. Returns the rows the drafts take.
+    fn plan_guesses(
+        &mut self,
+        order: &[usize],
+        maxes: &[Option<usize>],
+        generating: usize,
+        spare: usize,
+    ) -> usize {
+        let mut offers = Vec::new();
+        for (&i, &max) in order.iter().zip(maxes) {
+            let s = &mut self.slots[i];
+            let (Some(a), Some(max)) = (s.active.as_mut(), max) else {
+                continue;
+            };
+            let (Some(next), true) = (a.next, a.auto) else {
+                continue;
+            };
+            let history = || [s.cached.as_slice(), &[next]].concat();
+            let guess = match a.source.as_mut() {
+                Some(Source::Guess(drafter)) => drafter.draft(&history(), max),
+                Some(Source::Either { .. }) => Ngram.draft(&history(), max),
+                _ => continue,
+            };
+            if !guess.is_empty() {
+                offers.push((i, guess, a.acceptance.rate()));
+            }
+        }
+        let sizes: Vec<(usize, f64)> = offers.iter().map(|(_, g, r)| (g.len(), *r)).collect();
+        let lens = self
+            .costs
+            .joint_lens(&sizes, (generating, generating), spare);
+        let mut rows = 0;
+        for ((i, mut guess, _), len) in offers.into_iter().zip(lens) {
+            let a = self.slots[i].active.as_mut().expect("active");
+            if len > 0 {
+                guess.truncate(len);
+                a.draft = guess;
+                rows += len;
+            } else {
+                a.acceptance.watch(guess);
+            }
+        }
+        rows
+    }
+
+    /// Draft tokens to decode after a generating slot's `next` (at most `max`, from
+    /// `draft_room`); how many rows they take. The auto mode's guesses are planned already
+    /// (`plan_guesses`). A slot drafting with the draft model is added to `asks` (slot, most
+    /// tokens, least probability) and drafts with the others (`draft_with_model`).
     ///
-    /// In auto mode the cost model then cuts the draft to what pays in a step of `rows` rows
-    /// (so far) from `generating` sequences; a sequence's first draft from a source is a probe.
+    /// In auto mode the cost model cuts a draft model's draft to what pays in a step of `rows`
+    /// rows (so far) from `generating` sequences; a sequence's first one is a probe.
     fn plan_draft(
         &mut self,
         slot: usize,
-        spare: usize,
+        max: Option<usize>,
         (rows, generating): (usize, usize),
         asks: &mut Vec<(usize, usize, f32)>,
     ) -> usize {
         let s = &mut self.slots[slot];
-        let Some(a) = s.active.as_mut() else {
+        let (Some(a), Some(max)) = (s.active.as_mut(), max) else {
             return 0;
         };
-        a.draft.clear();
         let (Some(next), Some(source)) = (a.next, a.source.as_mut()) else {
             return 0;
         };
-        // the step generates up to 1 + draft tokens: never past max_tokens
-        let room = (a.max_tokens - a.generated).saturating_sub(1) as usize;
-        if room == 0 || spare == 0 {
-            return 0;
-        }
-        let max = a.pacer.next_len().min(room).min(spare);
         let costs = &self.costs;
-        let cut = |acceptance: &Acceptance, max: usize, model: bool| {
+        let cut = |acceptance: &Acceptance, max: usize| {
             if max == 0 {
                 0
             } else if acceptance.probing() {
                 max.min(PROBE_LEN)
             } else {
-                costs.best_len(max, rows, generating, acceptance.rate(), model)
+                costs.best_len(max, rows, generating, acceptance.rate(), true)
             }
         };
-        let history = || [s.cached.as_slice(), &[next]].concat();
         let (len, by_model) = match source {
             Source::Model(min_p) => {
-                let len = if a.auto {
-                    cut(&a.acceptance, max, true)
-                } else {
-                    max
-                };
+                let len = if a.auto { cut(&a.acceptance, max) } else { max };
                 if len > 0 {
                     asks.push((slot, len, *min_p));
                 }
                 (len, true)
             }
             Source::Guess(drafter) => {
-                let len = if a.auto {
-                    cut(&a.acceptance, max, false)
-                } else {
-                    max
-                };
-                if len > 0 {
-                    a.draft = drafter.draft(&history(), len);
+                if !a.auto && max > 0 {
+                    a.draft = drafter.draft(&[s.cached.as_slice(), &[next]].concat(), max);
                 }
                 (a.draft.len(), false)
             }
@@ -965,18 +1017,10 @@ impl<B: Backend> Batcher<B> {
                 model,
                 model_acceptance,
             } => {
-                let guess = Ngram.draft(&history(), max);
-                let len = cut(&a.acceptance, guess.len(), false);
-                if len > 0 {
-                    a.draft = guess[..len].to_vec();
+                if !a.draft.is_empty() {
                     model_acceptance.record(0, 0);
-                    (len, false)
+                    (a.draft.len(), false)
                 } else {
-                    // a step without a match says nothing of the lookup's guesses; one whose
-                    // guess the costs refused lets them drift back towards a try
-                    if !guess.is_empty() {
-                        a.acceptance.record(0, 0);
-                    }
                     let len = match model {
                         // a probe makes the draft model read the whole prompt: only where
                         // its guesses may pay
@@ -984,7 +1028,7 @@ impl<B: Backend> Batcher<B> {
                             usize::from(costs.model_may_pay(max, rows, generating))
                                 * max.min(PROBE_LEN)
                         }
-                        Some(_) => cut(model_acceptance, max, true),
+                        Some(_) => cut(model_acceptance, max),
                         None => 0,
                     };
                     if let (Some(min_p), true) = (model, len > 0) {
@@ -998,7 +1042,7 @@ impl<B: Backend> Batcher<B> {
             }
         };
         a.by_model = by_model;
-        if len == 0 && a.auto {
+        if len == 0 && a.auto && !a.acceptance.watching() {
             a.acceptance.record(0, 0);
         }
         len
@@ -1178,6 +1222,7 @@ impl<B: Backend> Batcher<B> {
         let piece = self.backend.piece(token);
         let a = self.slots[slot].active.as_mut().expect("active");
         a.generated += 1;
+        a.acceptance.generated(token);
         let step = a.matcher.push(&piece);
         // Every generated token is reported, with whatever text the stop matcher releases.
         events.push(Event {
@@ -2637,12 +2682,42 @@ mod tests {
             16,
         );
         with_draft(&mut b, FakeDraft::new(log.clone()));
+        // (a step's cost measured first: a lookup's first guess is priced, not probed)
+        b.submit(req(9, vec![90], 2), Instant::now());
+        run(&mut b);
         let prompt: Vec<i32> = (10..=40).chain(10..=13).collect();
         b.submit(auto(3, prompt), Instant::now());
         let ev = run(&mut b);
         assert_eq!(tokens_of(&ev, 3, 0), (14..=25).collect::<Vec<_>>());
         assert!(usage_of(&ev, 3).accepted_prediction_tokens >= 8);
         assert_eq!(asked(&log), 0);
+    }
+
+    #[test]
+    fn auto_watches_guesses_that_miss_instead_of_verifying_them() {
+        // every 4-token run of the prompt is followed by 999: each step's lookup finds one and
+        // guesses wrong; a CPU (each row costs a token) never spends a row on them
+        let mut prompt: Vec<i32> = (10..40)
+            .flat_map(|k| [k, k + 1, k + 2, k + 3, 999])
+            .collect();
+        prompt.extend([10, 11, 12]);
+        let mut r = drafted(1, prompt, 12);
+        (r.params.auto, r.params.ngram, r.params.draft_model) = (true, true, false);
+        let mut b = Batcher::new(
+            Fake {
+                per_row: std::time::Duration::from_millis(2),
+                ..Fake::default()
+            },
+            1,
+            512,
+            256,
+        );
+        b.submit(r, Instant::now());
+        let ev = run(&mut b);
+        assert_eq!(tokens_of(&ev, 1, 0), (13..=24).collect::<Vec<_>>());
+        let rows: Vec<usize> = b.backend.steps.iter().skip(1).map(Vec::len).collect();
+        assert_eq!(rows, vec![1; 11]);
+        assert_eq!(usage_of(&ev, 1).rejected_prediction_tokens, 0);
     }
 
     #[test]

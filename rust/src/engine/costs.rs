@@ -3,9 +3,11 @@
 //! On a CPU a decode step's time grows with its rows almost linearly, so a draft pays only when
 //! enough of it is taken; on a GPU extra rows are nearly free. Neither is assumed: the batcher
 //! times every decode by its row count (`StepCosts`), keeps each sequence's acceptance rate
-//! (`Acceptance`), and before each step cuts a sequence's draft to the length that maximizes
-//! the tokens per second the step is expected to yield (`best_len`), which is 0 when drafting
-//! does not pay. Costs between two measured row counts are interpolated. Above the largest,
+//! (`Acceptance`), and before each step cuts the drafts to the lengths that maximize the tokens
+//! per second the step is expected to yield, which are 0 when drafting does not pay: the
+//! lookup's guesses of all sequences together (`joint_lens`), then each draft model's draft
+//! (`best_len`). A lookup guess not verified is watched: the tokens that follow say how much
+//! of it would have been taken. Costs between two measured row counts are interpolated. Above the largest,
 //! up to twice its rows, a decode is taken to cost what the largest did: a longer draft that
 //! might pay is then tried once, and measured (on a CPU a weight-bound decode of a few more
 //! rows costs little more; guessing along the last two would never find out). Further up
@@ -134,6 +136,59 @@ impl StepCosts {
         best.0
     }
 
+    /// How many of their guessed tokens each of several sequences should verify in one step
+    /// that holds `rows` rows (every generating sequence's next token) from `generating`
+    /// sequences, `spare` more at most; `offers`: each sequence's guessed tokens and rate of
+    /// taken guesses. The j-th token of a guess taken with rate a adds a^j tokens to the step's
+    /// expected yield and a row to its cost; the likeliest are taken first, as many as
+    /// maximize the expected tokens per second, by `MARGIN` over none. Chosen together, as one
+    /// sequence alone would price its rows against a smaller decode, where each row looks
+    /// dearer than it is once others draft too.
+    pub fn joint_lens(
+        &self,
+        offers: &[(usize, f64)],
+        (rows, generating): (usize, usize),
+        spare: usize,
+    ) -> Vec<usize> {
+        let mut lens = vec![0; offers.len()];
+        let explore = |lens: &mut Vec<usize>| {
+            // too little known yet: measure short drafts' size
+            let mut left = spare;
+            for (len, &(n, _)) in lens.iter_mut().zip(offers) {
+                *len = n.min(PROBE_LEN).min(left);
+                left -= *len;
+            }
+        };
+        let Some(base) = self.cost(rows) else {
+            explore(&mut lens);
+            return lens;
+        };
+        // (chance of being taken, whose): a sequence's own stay in order (a stable sort)
+        let mut tokens: Vec<(f64, usize)> = offers
+            .iter()
+            .enumerate()
+            .flat_map(|(i, &(n, a))| (1..=n).map(move |j| (a.powi(j as i32), i)))
+            .collect();
+        tokens.sort_by(|x, y| y.0.total_cmp(&x.0));
+        tokens.truncate(spare);
+        let mut expected = generating as f64;
+        let mut best = (0, expected / base * MARGIN);
+        for (k, &(chance, _)) in tokens.iter().enumerate() {
+            let Some(step) = self.cost(rows + k + 1) else {
+                explore(&mut lens);
+                return lens;
+            };
+            expected += chance;
+            if expected / step > best.1 {
+                best = (k + 1, expected / step);
+            }
+        }
+        for &(_, i) in &tokens[..best.0] {
+            lens[i] += 1;
+        }
+        lens
+    }
+
     /// Whether the draft model may pay in such a step at all, were its guesses taken as often
     /// as a good draft model's are, by a margin: what the costs leave out (the draft model's
     /// reading of the prompt before its first guess and after every stretch without drafts,
@@ -169,6 +224,9 @@ pub struct Acceptance {
     observed: bool,
     /// Steps since the last draft.
     idle: u32,
+    /// A guess not verified, and how much of it the tokens generated since have matched.
+    watched: Vec<i32>,
+    matched: usize,
 }
 
 const DECAY: f64 = 0.8;
@@ -188,6 +246,8 @@ impl Default for Acceptance {
             drafted: 2.0,
             observed: false,
             idle: 0,
+            watched: Vec::new(),
+            matched: 0,
         }
     }
 }
@@ -200,6 +260,35 @@ impl Acceptance {
     /// Whether the next draft should be tried whatever the costs say.
     pub fn probing(&self) -> bool {
         !self.observed || self.idle >= PROBE_AFTER
+    }
+
+    /// Check `guess`, made for the tokens that the coming steps generate, against them as
+    /// they come (`generated`) and count it as a draft verified: a guess costs nothing to
+    /// check this way, where verifying it would cost its rows. One at a time.
+    pub fn watch(&mut self, guess: Vec<i32>) {
+        if self.watched.is_empty() {
+            self.watched = guess;
+            self.matched = 0;
+        }
+    }
+
+    pub fn watching(&self) -> bool {
+        !self.watched.is_empty()
+    }
+
+    /// The sequence generated `token`: a watched guess it departs from or completes counts.
+    pub fn generated(&mut self, token: i32) {
+        let Some(&guessed) = self.watched.get(self.matched) else {
+            return;
+        };
+        if guessed == token {
+            self.matched += 1;
+            if self.matched < self.watched.len() {
+                return;
+            }
+        }
+        let guess = std::mem::take(&mut self.watched);
+        self.record(guess.len(), self.matched);
     }
 
     pub fn record(&mut self, drafted: usize, taken: usize) {
@@ -302,6 +391,56 @@ mod tests {
         assert_eq!(c.best_len(16, 1, 1, 0.9, false), 16);
         c.record(17, Duration::from_millis(680));
         assert!(c.best_len(16, 1, 1, 0.9, false) <= 4);
+    }
+
+    #[test]
+    fn guesses_are_cut_together_likeliest_first() {
+        // four streams on a CPU where 20 rows cost twice what 4 do (the 1.5B's shape): each
+        // sequence's guesses, priced alone against the 4 rows, do not pay; together they do
+        let cpu = costs(&[(1, 100.0), (4, 160.0), (8, 250.0), (20, 320.0)]);
+        assert_eq!(cpu.best_len(4, 4, 4, 0.77, false), 0);
+        assert_eq!(cpu.joint_lens(&[(4, 0.77); 4], (4, 4), 60), vec![4; 4]);
+        // a likely guess goes before an unlikely one, and a sequence's own in order
+        let lens = cpu.joint_lens(&[(4, 0.2), (4, 0.95), (2, 0.77), (0, 0.9)], (4, 4), 60);
+        assert_eq!(lens[3], 0);
+        assert!(lens[1] == 4 && lens[0] < lens[2], "{lens:?}");
+        // never more rows than are spare
+        let lens = cpu.joint_lens(&[(4, 0.77); 4], (4, 4), 6);
+        assert!(lens.iter().sum::<usize>() <= 6, "{lens:?}");
+        // guesses seldom taken: none
+        assert_eq!(cpu.joint_lens(&[(4, 0.1); 4], (4, 4), 60), vec![0; 4]);
+        // nothing measured yet: short drafts are tried, to measure their size
+        let none = StepCosts::new(64);
+        assert_eq!(
+            none.joint_lens(&[(8, 0.5), (2, 0.5)], (2, 2), 5),
+            vec![4, 1]
+        );
+    }
+
+    #[test]
+    fn a_watched_guess_counts_as_far_as_the_generated_tokens_match_it() {
+        let mut a = Acceptance::default();
+        a.watch(vec![1, 2, 3, 4]);
+        a.watch(vec![7, 7]); // one at a time: ignored
+        a.generated(1);
+        a.generated(2);
+        assert!(a.watching() && a.probing());
+        a.generated(9); // departs: 2 of 4 taken
+        assert!(!a.watching() && !a.probing());
+        assert_eq!(a.rate(), (0.8 + 2.0) / (1.6 + 4.0));
+        a.watch(vec![5, 6]);
+        a.generated(5);
+        a.generated(6); // complete: 2 of 2
+        assert!(!a.watching());
+        assert_eq!(
+            a.rate(),
+            ((0.8 + 2.0) * 0.8 + 2.0) / ((1.6 + 4.0) * 0.8 + 2.0)
+        );
+        a.generated(5); // nothing watched: nothing counts
+        assert_eq!(
+            a.rate(),
+            ((0.8 + 2.0) * 0.8 + 2.0) / ((1.6 + 4.0) * 0.8 + 2.0)
+        );
     }
 
     #[test]
