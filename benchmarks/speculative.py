@@ -145,10 +145,12 @@ async def run(
                     for mode in order:
                         # untimed: the cell's prompt in as many slots of the mode's server as
                         # it has streams (the cells before left others there), so that no mode
-                        # pays a prefill that another finds done
+                        # pays a prefill that another finds done; 4 tokens, so that a draft
+                        # model reads it too (llama-server's decodes every target batch, xllm's
+                        # catches up at its first draft)
                         await asyncio.gather(
                             *(
-                                one(clients[mode], args.model, prompt, mode, 1)
+                                one(clients[mode], args.model, prompt, mode, 4)
                                 for _ in range(streams)
                             )
                         )
