@@ -969,8 +969,8 @@ impl<B: Backend> Batcher<B> {
     }
 
     /// Draft tokens to decode after a generating slot's `next` (at most `max`, from
-    /// `draft_room`); how many rows they take. The auto mode's guesses are planned already
-    /// (`plan_guesses`). A slot drafting with the draft model is added to `asks` (slot, most
+    /// `draft_room`); how many rows they add. The auto mode's guesses are planned already
+    /// (`plan_guesses`), their rows counted there. A slot drafting with the draft model is added to `asks` (slot, most
     /// tokens, least probability) and drafts with the others (`draft_with_model`).
     ///
     /// In auto mode the cost model cuts a draft model's draft to what pays in a step of `rows`
@@ -1045,7 +1045,11 @@ impl<B: Backend> Batcher<B> {
         if len == 0 && a.auto && !a.acceptance.watching() {
             a.acceptance.record(0, 0);
         }
-        len
+        if a.auto && !by_model {
+            0 // a lookup guess's rows: counted by `plan_guesses`
+        } else {
+            len
+        }
     }
 
     /// The draft model's guesses for `asks` (from `plan_draft`), all drafted together.
