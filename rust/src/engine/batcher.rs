@@ -970,8 +970,9 @@ impl<B: Backend> Batcher<B> {
 
     /// Draft tokens to decode after a generating slot's `next` (at most `max`, from
     /// `draft_room`); how many rows they add. The auto mode's guesses are planned already
-    /// (`plan_guesses`), their rows counted there. A slot drafting with the draft model is added to `asks` (slot, most
-    /// tokens, least probability) and drafts with the others (`draft_with_model`).
+    /// (`plan_guesses`), their rows counted there. A slot drafting with the draft model is
+    /// added to `asks` (slot, most tokens, least probability) and drafts with the others
+    /// (`draft_with_model`).
     ///
     /// In auto mode the cost model cuts a draft model's draft to what pays in a step of `rows`
     /// rows (so far) from `generating` sequences; a sequence's first one is a probe.
@@ -996,7 +997,7 @@ impl<B: Backend> Batcher<B> {
             } else if acceptance.probing() {
                 max.min(PROBE_LEN)
             } else {
-                costs.best_len(max, rows, generating, acceptance.rate(), true)
+                costs.best_len(max, rows, generating, acceptance.rate())
             }
         };
         let (len, by_model) = match source {

@@ -3,15 +3,15 @@
 //! On a CPU a decode step's time grows with its rows almost linearly, so a draft pays only when
 //! enough of it is taken; on a GPU extra rows are nearly free. Neither is assumed: the batcher
 //! times every decode by its row count (`StepCosts`), keeps each sequence's acceptance rate
-//! (`Acceptance`), and before each step cuts the drafts to the lengths that maximize the tokens
-//! per second the step is expected to yield, which are 0 when drafting does not pay: the
-//! lookup's guesses of all sequences together (`joint_lens`), then each draft model's draft
-//! (`best_len`). A lookup guess not verified is watched: the tokens that follow say how much
-//! of it would have been taken. Costs between two measured row counts are interpolated. Above the largest,
-//! up to twice its rows, a decode is taken to cost what the largest did: a longer draft that
-//! might pay is then tried once, and measured (on a CPU a weight-bound decode of a few more
-//! rows costs little more; guessing along the last two would never find out). Further up
-//! costs go on along the last two; with too few known a 4-token draft measures one more.
+//! (`Acceptance`), and before each step cuts the drafts to the lengths that maximize the tokens per
+//! second the step is expected to yield, which are 0 when drafting does not pay: the lookup's
+//! guesses of all sequences together (`joint_lens`), then each draft model's draft (`best_len`). A
+//! lookup guess not verified is watched: the tokens that follow say how much of it would have been
+//! taken. Costs between two measured row counts are interpolated. Above the largest, up to twice
+//! its rows, a decode is taken to cost what the largest did: a longer draft that might pay is then
+//! tried once, and measured (on a CPU a weight-bound decode of a few more rows costs little more;
+//! guessing along the last two would never find out). Further up costs go on along the last two;
+//! with too few known a 4-token draft measures one more.
 
 use std::time::Duration;
 
@@ -87,18 +87,12 @@ impl StepCosts {
         }
     }
 
-    /// How many of up to `max` draft tokens a sequence should verify in a step that already
-    /// holds `rows` rows (its own next token among them) from `generating` sequences, given
-    /// its acceptance rate and whether the draft model makes its drafts.
-    pub fn best_len(
-        &self,
-        max: usize,
-        rows: usize,
-        generating: usize,
-        accept: f64,
-        model: bool,
-    ) -> usize {
-        self.best(max, (rows, generating), accept, model, MARGIN)
+    /// How many of up to `max` draft-model tokens a sequence should verify in a step that
+    /// already holds `rows` rows (its own next token among them) from `generating` sequences,
+    /// given its acceptance rate; each token costs a draft decode too (the lookup's guesses,
+    /// free to make, are cut by `joint_lens`).
+    pub fn best_len(&self, max: usize, rows: usize, generating: usize, accept: f64) -> usize {
+        self.best(max, (rows, generating), accept, MARGIN)
     }
 
     /// `best_len`, where a draft must look `margin` times better than none.
@@ -107,7 +101,6 @@ impl StepCosts {
         max: usize,
         (rows, generating): (usize, usize),
         accept: f64,
-        model: bool,
         margin: f64,
     ) -> usize {
         if max == 0 {
@@ -123,11 +116,7 @@ impl StepCosts {
             let Some(step) = self.cost(rows + k) else {
                 return max.min(PROBE_LEN);
             };
-            let drafting = if model {
-                k as f64 * self.draft_step
-            } else {
-                0.0
-            };
+            let drafting = k as f64 * self.draft_step;
             let rate = (others + expected_tokens(accept, k)) / (step + drafting);
             if rate > best.1 {
                 best = (k, rate);
@@ -195,7 +184,7 @@ impl StepCosts {
     /// sampling each verified row) must be paid too. If not, a sequence need not even try it.
     pub fn model_may_pay(&self, max: usize, rows: usize, generating: usize) -> bool {
         self.draft_step == 0.0
-            || self.best(max, (rows, generating), GOOD_ACCEPTANCE, true, MODEL_MARGIN) > 0
+            || self.best(max, (rows, generating), GOOD_ACCEPTANCE, MODEL_MARGIN) > 0
     }
 }
 
@@ -320,11 +309,8 @@ mod tests {
     #[test]
     fn unknown_sizes_are_explored_then_known_ones_decide() {
         let c = StepCosts::new(64);
-        assert_eq!(c.best_len(8, 1, 1, 0.5, false), PROBE_LEN);
-        assert_eq!(
-            costs(&[(1, 100.0)]).best_len(8, 1, 1, 0.5, false),
-            PROBE_LEN
-        );
+        assert_eq!(c.best_len(8, 1, 1, 0.5), PROBE_LEN);
+        assert_eq!(costs(&[(1, 100.0)]).best_len(8, 1, 1, 0.5), PROBE_LEN);
         // a CPU (the 1.5B's measured costs): only a likely draft pays, and not a long one
         let cpu = costs(&[
             (1, 100.0),
@@ -334,19 +320,19 @@ mod tests {
             (9, 597.0),
             (17, 1080.0),
         ]);
-        assert_eq!(cpu.best_len(8, 1, 1, 0.3, false), 0);
-        assert_eq!(cpu.best_len(8, 1, 1, 0.95, false), 4);
+        assert_eq!(cpu.best_len(8, 1, 1, 0.3), 0);
+        assert_eq!(cpu.best_len(8, 1, 1, 0.95), 4);
         // a GPU: rows are nearly free; drafting pays even at modest acceptance
         let gpu = costs(&[(1, 10.0), (5, 10.5), (9, 11.0), (17, 12.0), (33, 14.0)]);
-        assert_eq!(gpu.best_len(8, 1, 1, 0.9, false), 8);
+        assert_eq!(gpu.best_len(8, 1, 1, 0.9), 8);
         // four streams on a CPU: the same draft pays less than alone
-        let alone = cpu.best_len(8, 1, 1, 0.7, false);
-        let shared = cpu.best_len(8, 4, 4, 0.7, false);
+        let alone = cpu.best_len(8, 1, 1, 0.7);
+        let shared = cpu.best_len(8, 4, 4, 0.7);
         assert!(shared <= alone, "{shared} > {alone}");
         // a draft model's own steps count against its drafts
         let mut drafting = gpu.clone();
         drafting.record_draft(Duration::from_millis(8));
-        assert!(drafting.best_len(8, 1, 1, 0.9, true) < 8);
+        assert!(drafting.best_len(8, 1, 1, 0.9) < 8);
         // a draft model costing 0.8 (on a GPU) or 0.65 (on a CPU) of a target step never pays,
         // not even at its best; one of a tenth may on a GPU, where rows are nearly free, but
         // not by enough on a CPU; one never measured is tried
@@ -382,15 +368,15 @@ mod tests {
         // a longer draft is tried where it might pay, and measured: a CPU whose decode of 10
         // rows costs as much as the 5 it measured (weight-bound) drafts long from then on
         let mut c = costs(&[(1, 100.0), (5, 180.0)]);
-        assert_eq!(c.best_len(16, 1, 1, 0.9, false), 9);
+        assert_eq!(c.best_len(16, 1, 1, 0.9), 9);
         c.record(10, Duration::from_millis(190));
-        assert_eq!(c.best_len(16, 1, 1, 0.9, false), 16);
+        assert_eq!(c.best_len(16, 1, 1, 0.9), 16);
         // where it costs twice as much, the next size up is tried once more, then not
         let mut c = costs(&[(1, 100.0), (5, 180.0)]);
         c.record(10, Duration::from_millis(360));
-        assert_eq!(c.best_len(16, 1, 1, 0.9, false), 16);
+        assert_eq!(c.best_len(16, 1, 1, 0.9), 16);
         c.record(17, Duration::from_millis(680));
-        assert!(c.best_len(16, 1, 1, 0.9, false) <= 4);
+        assert!(c.best_len(16, 1, 1, 0.9) <= 4);
     }
 
     #[test]
@@ -398,7 +384,7 @@ mod tests {
         // four streams on a CPU where 20 rows cost twice what 4 do (the 1.5B's shape): each
         // sequence's guesses, priced alone against the 4 rows, do not pay; together they do
         let cpu = costs(&[(1, 100.0), (4, 160.0), (8, 250.0), (20, 320.0)]);
-        assert_eq!(cpu.best_len(4, 4, 4, 0.77, false), 0);
+        assert_eq!(cpu.best_len(4, 4, 4, 0.77), 0);
         assert_eq!(cpu.joint_lens(&[(4, 0.77); 4], (4, 4), 60), vec![4; 4]);
         // a likely guess goes before an unlikely one, and a sequence's own in order
         let lens = cpu.joint_lens(&[(4, 0.2), (4, 0.95), (2, 0.77), (0, 0.9)], (4, 4), 60);
