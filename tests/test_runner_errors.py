@@ -11,10 +11,11 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import signal
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 
@@ -55,13 +56,19 @@ class _Proc:
     def __init__(self) -> None:
         self.ended = asyncio.Event()
         self.writer: asyncio.StreamWriter | None = None
+        self.code = 0
 
     async def wait(self) -> int:
         await self.ended.wait()
-        return -9
+        return self.code
 
     def kill(self) -> None:
+        self.die(-signal.SIGKILL)
+
+    def die(self, code: int) -> None:
+        """End as a process does with exit status `code` (-N: killed by signal N)."""
         assert self.writer is not None
+        self.code = code
         self.writer.transport.abort()
         self.ended.set()
 
@@ -190,6 +197,19 @@ async def test_a_dead_runner_fails_calls_without_its_log(caplog: pytest.LogCaptu
         f"the runner process for model {MODEL!r} was killed by SIGKILL; the request was aborted"
     )
     assert "sched_reserve: CPU compute buffer size" in caplog.text
+
+
+async def test_a_runner_killed_by_sigill_says_to_rebuild_its_engine() -> None:
+    """SIGILL: llama.cpp built for another CPU, or its AMX kernels in a VM that advertises AMX."""
+    async with _model(None) as model:
+        pending = asyncio.create_task(_tokenize(model))
+        await asyncio.sleep(0.05)
+        cast(_Proc, model._proc).die(-signal.SIGILL)
+        with pytest.raises(EngineError) as caught:
+            async with asyncio.timeout(5):
+                await pending
+    assert "was killed by SIGILL (an instruction this CPU does not run" in caught.value.message
+    assert "without AMX" in caught.value.message
 
 
 def _running(model: RunnerClient, rid: int, n: int) -> Generation:

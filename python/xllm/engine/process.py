@@ -58,6 +58,12 @@ T = TypeVar("T")
 def exit_reason(code: int | None) -> str:
     if code is None:
         return "stopped"
+    if code == -signal.SIGILL:
+        # llama.cpp built for another CPU, or its AMX kernels in a VM that advertises AMX
+        return (
+            "was killed by SIGILL (an instruction this CPU does not run: rebuild its engine for"
+            " this machine, on a CPU with AMX without AMX; see the README's install section)"
+        )
     if code < 0:
         try:
             return f"was killed by {signal.Signals(-code).name}"
