@@ -105,6 +105,9 @@ def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
              "images_public_url": "https://img.lan/x", "images_max_pixels": 10**6},
         ),
         ("", {"XLLM_IMAGES_DIR": "~/pics"}, {}, {"images_dir": Path("~/pics").expanduser()}),
+        ("", {}, {}, {"max_tokens": 0}),
+        ("inference:\n  max_tokens: 256\n", {"XLLM_MAX_TOKENS": "64"}, {}, {"max_tokens": 64}),
+        ("inference:\n  max_tokens: 256\n", {}, {"max_tokens": 32}, {"max_tokens": 32}),
     ],
 )  # fmt: skip
 def test_precedence(

@@ -314,6 +314,9 @@ class Settings:
     """Sequences decoded together per model (continuous batching)."""
     max_queue: int = 1000
     """Requests that may wait for a free sequence before new ones get 503."""
+    max_tokens: int = 0
+    """Tokens one request may generate at most, whatever it asks (llama-server's `-n`); 0: up
+    to the end of the context."""
     threads: int = 0
     """CPU threads for llama.cpp; 0 = the number of cores."""
     batch_size: int = 512
@@ -475,6 +478,7 @@ _KEYS: tuple[_Key, ...] = (
         lambda k, v: max(0, _int(k, v)),
         "OLLAMA_MAX_QUEUE",
     ),
+    _Key("max_tokens", "inference.max_tokens", "XLLM_MAX_TOKENS", lambda k, v: max(0, _int(k, v))),
     _Key("threads", "inference.threads", "XLLM_THREADS", lambda k, v: max(0, _int(k, v))),
     _Key("batch_size", "inference.batch_size", "XLLM_BATCH_SIZE", _positive_int),
     _Key("speculative", "inference.speculative", "XLLM_SPECULATIVE", _speculative),

@@ -40,6 +40,9 @@ def add_parser(commands: Any) -> None:
     p.add_argument("-t", "--threads", type=int, help="CPU threads (default: all cores)")
     p.add_argument("-np", "--parallel", type=int, help="sequences batched per model (default 16)")
     p.add_argument("--max-queue", type=int, help="waiting requests before 503 (default 1000)")
+    p.add_argument(
+        "--max-tokens", type=int, help="tokens a request may generate at most (default 0: no cap)"
+    )
     p.add_argument("--batch-size", type=int, help="tokens per decode step (default 512)")
     p.add_argument("--gpu-layers", type=int, help="layers to offload to GPU (default -1: all)")
     p.add_argument(
@@ -93,6 +96,7 @@ def run(args: argparse.Namespace) -> int:
         "threads": args.threads,
         "parallel": args.parallel,
         "max_queue": args.max_queue,
+        "max_tokens": args.max_tokens,
         "batch_size": args.batch_size,
         "gpu_layers": args.gpu_layers,
         "speculative": args.speculative,

@@ -305,6 +305,8 @@ def sampling_params(
         params["repeat_last_n"] = model.ctx_size if s.repeat_last_n == -1 else s.repeat_last_n
     if s.seed is not None and s.seed != -1:
         params["seed"] = int(s.seed) & 0xFFFFFFFF
+    if model.options.max_tokens:  # the server's cap (`--max-tokens`)
+        room = min(room, model.options.max_tokens)
     params["max_tokens"] = min(int(s.max_tokens), room) if s.max_tokens else room
     params["stop"] = [*(s.stop or ()), *extra_stops]
     if s.n > model.options.parallel:

@@ -24,6 +24,8 @@ class EngineOptions:
     batch_size: int = 512
     gpu_layers: int = -1
     max_queue: int = 1000
+    max_tokens: int = 0
+    """Tokens one request may generate at most, whatever it asks; 0: up to the context."""
     watchdog_s: float = 120.0
     """A runner with work that makes no progress for this long is killed."""
     tensor_split: tuple[float, ...] = ()

@@ -44,6 +44,7 @@ def engine_options(settings: Settings) -> EngineOptions:
         batch_size=settings.batch_size,
         gpu_layers=settings.gpu_layers,
         max_queue=settings.max_queue,
+        max_tokens=settings.max_tokens,
         keep_alive_s=settings.keep_alive,
         speculative=settings.speculative,
         draft_model=settings.draft_model,
