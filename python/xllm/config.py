@@ -38,6 +38,11 @@ def _positive_int(key: str, value: Any) -> int:
     return n
 
 
+def _clamped_int(key: str, value: Any) -> int:
+    """An integer, a negative one read as 0."""
+    return max(0, _int(key, value))
+
+
 def _int(key: str, value: Any) -> int:
     if isinstance(value, bool):
         raise ConfigError(f"{key}: expected an integer, got {value!r}")
@@ -475,11 +480,11 @@ _KEYS: tuple[_Key, ...] = (
         "max_queue",
         "inference.max_queue",
         "XLLM_MAX_QUEUE",
-        lambda k, v: max(0, _int(k, v)),
+        _clamped_int,
         "OLLAMA_MAX_QUEUE",
     ),
-    _Key("max_tokens", "inference.max_tokens", "XLLM_MAX_TOKENS", lambda k, v: max(0, _int(k, v))),
-    _Key("threads", "inference.threads", "XLLM_THREADS", lambda k, v: max(0, _int(k, v))),
+    _Key("max_tokens", "inference.max_tokens", "XLLM_MAX_TOKENS", _clamped_int),
+    _Key("threads", "inference.threads", "XLLM_THREADS", _clamped_int),
     _Key("batch_size", "inference.batch_size", "XLLM_BATCH_SIZE", _positive_int),
     _Key("speculative", "inference.speculative", "XLLM_SPECULATIVE", _speculative),
     _Key(
