@@ -49,11 +49,11 @@ def direct(model: WhisperModel, audio: Path) -> float:
     return time.perf_counter() - start
 
 
-def through_xllm(url: str, model: str, audio: Path) -> float:
+def through_xllm(http: httpx.Client, model: str, audio: Path) -> float:
     data = audio.read_bytes()
     start = time.perf_counter()
-    r = httpx.post(f"{url}/v1/audio/transcriptions", data={"model": model},
-                   files={"file": (audio.name, data)}, timeout=600)  # fmt: skip
+    r = http.post("/v1/audio/transcriptions", data={"model": model},
+                  files={"file": (audio.name, data)})  # fmt: skip
     elapsed = time.perf_counter() - start
     r.raise_for_status()
     return elapsed
@@ -89,6 +89,7 @@ def main() -> int:
                         break
                 except httpx.HTTPError:
                     time.sleep(0.2)
+            http = httpx.Client(base_url=url, timeout=600)  # one connection, as a client keeps it
             rows = []
             for model in models:
                 path = names.bundled_path(model)
@@ -98,11 +99,11 @@ def main() -> int:
                 whisper = WhisperModel(str(path), device="cpu", compute_type="int8",
                                        cpu_threads=args.threads)  # fmt: skip
                 direct(whisper, audio)  # warm-ups
-                through_xllm(url, model, audio)  # loads it
+                through_xllm(http, model, audio)  # loads it
                 mine, theirs = [], []
                 for _ in range(args.rounds):
                     theirs.append(direct(whisper, audio))
-                    mine.append(through_xllm(url, model, audio))
+                    mine.append(through_xllm(http, model, audio))
                 del whisper
                 rows.append((model, min(theirs), min(mine)))
         finally:

@@ -71,12 +71,12 @@ def direct(voice: Any) -> tuple[float, float, float]:
     return first, time.perf_counter() - start, samples / voice.config.sample_rate
 
 
-def through_xllm(url: str, model: str, fmt: str) -> tuple[float, float]:
+def through_xllm(http: httpx.Client, model: str, fmt: str) -> tuple[float, float]:
     """(first body byte, end of body) of `POST /v1/audio/speech` in format `fmt`."""
     body = {"model": model, "input": TEXT, "response_format": fmt}
     start = time.perf_counter()
     first = 0.0
-    with httpx.stream("POST", f"{url}/v1/audio/speech", json=body, timeout=600) as r:
+    with http.stream("POST", "/v1/audio/speech", json=body) as r:
         r.raise_for_status()
         for _ in r.iter_raw():
             first = first or time.perf_counter() - start
@@ -114,16 +114,17 @@ def main() -> int:
                 except (httpx.HTTPError, ValueError, KeyError):
                     pass
                 time.sleep(0.2)
+            http = httpx.Client(base_url=url, timeout=600)  # one connection, as a client keeps it
             direct(voice)  # warm-ups
             for fmt in formats:
-                through_xllm(url, args.model, fmt)
+                through_xllm(http, args.model, fmt)
             theirs: list[tuple[float, float, float]] = []
             mine: dict[str, list[tuple[float, float]]] = {f: [] for f in formats}
             ratios: dict[str, list[float]] = {f: [] for f in formats}
             for _ in range(args.rounds):
                 for fmt in formats:
                     theirs.append(direct(voice))
-                    mine[fmt].append(through_xllm(url, args.model, fmt))
+                    mine[fmt].append(through_xllm(http, args.model, fmt))
                     ratios[fmt].append(mine[fmt][-1][1] / theirs[-1][1])
         finally:
             server.terminate()
