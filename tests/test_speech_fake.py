@@ -7,6 +7,8 @@ from __future__ import annotations
 import base64
 import io
 import json
+import os
+import sys
 from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -17,6 +19,7 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
 from tests import fake_engine
+from xllm.audio_encoder import ENCODER_NICENESS, off_loop
 from xllm.config import Settings
 from xllm.engine.plugins import Engines, LoadSpec, Manifest
 from xllm.engine.protocol import ABI_VERSION, Capability, Speech
@@ -184,6 +187,17 @@ async def test_each_format_decodes_to_the_duration_at_24_khz(
     assert r.headers["Content-Type"] == content_type
     assert "Content-Encoding" not in r.headers  # audio is never gzipped
     assert abs(duration(data, fmt) - 4 * WORD_S) < 0.08
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread niceness is Linux's")
+async def test_encoding_runs_below_the_server_threads_priority() -> None:
+    base = os.getpriority(os.PRIO_PROCESS, 0)  # 0: the calling thread, on Linux
+
+    def niceness() -> bytes:
+        return str(os.getpriority(os.PRIO_PROCESS, 0)).encode()
+
+    assert int(await off_loop(niceness)) == min(base + ENCODER_NICENESS, 19)
+    assert os.getpriority(os.PRIO_PROCESS, 0) == base  # the event loop's thread is untouched
 
 
 def duration(data: bytes, fmt: str) -> float:

@@ -10,8 +10,15 @@ opus stream does not hold back a piece's audio until the next one.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import io
+import os
 import struct
+import sys
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -56,6 +63,27 @@ def wav_header(rate: int = RATE) -> bytes:
     fmt = struct.pack("<HHIIHH", 1, 1, rate, rate * 2, 2, 16)
     return (b"RIFF" + struct.pack("<I", unknown) + b"WAVE" + b"fmt " + struct.pack("<I", 16)
             + fmt + b"data" + struct.pack("<I", unknown))  # fmt: skip
+
+
+ENCODER_NICENESS = 10
+"""How far below the synthesizer the encoding threads run (Linux): encoding a piece only has
+to finish before the next one is synthesized, and preempting the voice runner delays every
+piece after it. A niced thread still gets a tenth of a busy core, many times what the audio
+needs, so it is never starved."""
+
+
+def _nice_thread() -> None:
+    if sys.platform.startswith("linux"):  # per-thread niceness: Linux's, elsewhere a process's
+        with contextlib.suppress(OSError):  # a sandbox may refuse it: the default, then
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), ENCODER_NICENESS)
+
+
+_POOL = ThreadPoolExecutor(thread_name_prefix="xllm-encode", initializer=_nice_thread)
+
+
+async def off_loop(call: Callable[..., bytes], *args: Any) -> bytes:
+    """`call(*args)` (an encoder's `encode` or `finish`) on a niced worker thread."""
+    return await asyncio.get_running_loop().run_in_executor(_POOL, call, *args)
 
 
 class _Sink(io.RawIOBase):

@@ -111,6 +111,9 @@ class Voice:
         options = onnxruntime.SessionOptions()
         options.intra_op_num_threads = self.threads
         options.inter_op_num_threads = 1
+        # idle workers sleep instead of spinning: the server encodes each piece while the next
+        # is synthesized, and spinning workers take the cores it needs between operators
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         providers = ["CPUExecutionProvider"]
         if self.cuda and "CUDAExecutionProvider" in onnxruntime.get_available_providers():
             providers.insert(0, "CUDAExecutionProvider")

@@ -10,7 +10,6 @@ name. `instructions` is accepted and ignored, as OpenAI's tts-1 does.
 
 from __future__ import annotations
 
-import asyncio
 import base64
 from typing import Annotated, Literal
 
@@ -18,7 +17,7 @@ import orjson
 from aiohttp import web
 from pydantic import Field, field_validator
 
-from xllm.audio_encoder import FORMATS, AudioEncoder
+from xllm.audio_encoder import FORMATS, AudioEncoder, off_loop
 from xllm.engine.protocol import Capability, Speaker, Speech
 from xllm.errors import InvalidRequest, XllmError
 from xllm.server import streaming
@@ -87,11 +86,11 @@ async def speech(request: web.Request) -> web.StreamResponse:
     try:
         async for pcm in utterance.audio(lambda: peer_gone(request)):
             samples += len(pcm) // 2
-            data = await asyncio.to_thread(encoder.encode, pcm)
+            data = await off_loop(encoder.encode, pcm)
             if data and not await streaming.write(response, _delta(data) if sse else data):
                 utterance.cancel()
                 return response
-        tail = await asyncio.to_thread(encoder.finish)
+        tail = await off_loop(encoder.finish)
     except XllmError as e:  # after the first byte: the stream ends, saying why where it can
         if sse:
             await streaming.sse_error(response, e)
