@@ -56,6 +56,12 @@ _ENGINE_STATS: dict[str, tuple[str, str, bool]] = {
         "Draft tokens the model generated too (speculation)",
         True,
     ),
+    "spec_declined_tokens_total": (
+        "spec_declined_tokens",
+        "Tokens auto mode's lookup guessed that the cost model did not verify (a draft would "
+        "not pay)",
+        True,
+    ),
     "lora_switches_total": (
         "lora_switches",
         "Times the LoRA adapters changed between decode steps (adapter groups taking turns)",

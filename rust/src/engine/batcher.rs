@@ -189,6 +189,8 @@ pub struct Counters {
     /// Draft tokens verified, and those the model generated too.
     pub drafted_tokens: u64,
     pub accepted_tokens: u64,
+    /// The auto mode's guesses that the cost model did not verify (watched instead).
+    pub declined_tokens: u64,
     /// Times the context's LoRA adapters changed (a step for another adapter group).
     pub adapter_switches: u64,
 }
@@ -962,6 +964,9 @@ impl<B: Backend> Batcher<B> {
                 a.draft = guess;
                 rows += len;
             } else {
+                if !a.acceptance.watching() {
+                    self.counters.declined_tokens += guess.len() as u64;
+                }
                 a.acceptance.watch(guess);
             }
         }
@@ -2723,6 +2728,10 @@ mod tests {
         let rows: Vec<usize> = b.backend.steps.iter().skip(1).map(Vec::len).collect();
         assert_eq!(rows, vec![1; 11]);
         assert_eq!(usage_of(&ev, 1).rejected_prediction_tokens, 0);
+        // each watched guess is counted once, as declined: not while another is watched
+        assert!(b.counters.declined_tokens > 0);
+        assert!(b.counters.declined_tokens <= 11 * 4);
+        assert_eq!(b.counters.drafted_tokens, 0);
     }
 
     #[test]

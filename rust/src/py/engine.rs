@@ -340,6 +340,7 @@ impl Engine {
         }
         d.set_item("spec_drafted_tokens_total", s.counters.drafted_tokens)?;
         d.set_item("spec_accepted_tokens_total", s.counters.accepted_tokens)?;
+        d.set_item("spec_declined_tokens_total", s.counters.declined_tokens)?;
         d.set_item("lora_switches_total", s.counters.adapter_switches)?;
         Ok(d)
     }
