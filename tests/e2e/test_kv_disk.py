@@ -59,8 +59,9 @@ def test_the_next_turn_restores_the_last_ones_state_after_an_unload_and_a_restar
         turn2 = TEXT + one["choices"][0]["text"] + " Which item has six red marks?"
         two = _complete(s, turn2)
         restored = two["usage"]["prompt_tokens_details"]["cached_tokens"]
-        # the first turn's prompt and answer but its last token, which was never decoded
-        assert restored >= one["usage"]["prompt_tokens"] + one["usage"]["completion_tokens"] - 1
+        # the first turn's prompt and whole answer: its last token, sampled only, was decoded
+        # before the save
+        assert restored >= one["usage"]["prompt_tokens"] + one["usage"]["completion_tokens"]
         assert restored < two["usage"]["prompt_tokens"]
         assert _metric(s, "xllm_kv_disk_restored_tokens_total") == restored
         assert _metric(s, "xllm_kv_disk_restores_total") == 1
