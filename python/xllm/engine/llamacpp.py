@@ -64,6 +64,7 @@ class LlamaCppEngine:
                 f"{options.parallel} sequences for {path} (out of memory?)"
             )
         self._ctx = ctx  # its adapters are the batching loop's to set, per adapter group
+        _warm_up(model, ctx, self._vocab)
         self._loras: dict[tuple[str, int, int], int] = {}
         self._loras_lock = threading.Lock()
         self.ctx_size = min(ctx_size, int(lc.llama_n_ctx_seq(ctx)))
@@ -341,6 +342,24 @@ class LlamaCppEngine:
         lc.llama_free(self._ctx)
         self._ctx = None
         lc.llama_model_free(self._model)
+
+
+def _warm_up(model: Any, ctx: Any, vocab: Any) -> None:
+    """llama-server's warm-up: one decode of BOS and EOS, then an empty cache, so the first
+    request does not pay for what a context's first decode does once (its compute buffers'
+    and its threads' first use: ~25 ms for a 135M model on 2 cores). Every weight is read
+    (every expert of a mixture, in warm-up mode), as the first request would."""
+    if lc.llama_model_has_encoder(model) or not lc.llama_model_has_decoder(model):
+        return  # an encoder's decoder needs the encoder's output first
+    ids = [t for t in (lc.llama_vocab_bos(vocab), lc.llama_vocab_eos(vocab)) if t >= 0] or [0]
+    tokens = (lc.llama_token * len(ids))(*ids)
+    lc.llama_set_warmup(ctx, True)
+    try:
+        lc.llama_decode(ctx, lc.llama_batch_get_one(tokens, len(ids)))
+    finally:
+        lc.llama_memory_clear(lc.llama_get_memory(ctx), True)
+        lc.llama_synchronize(ctx)
+        lc.llama_set_warmup(ctx, False)
 
 
 def load_model(path: Path, splits: Sequence[str], mparams: Any) -> Any:
