@@ -1327,7 +1327,9 @@ impl<B: Backend> Batcher<B> {
             if s.cached_set != self.disk_adapters {
                 continue;
             }
-            let decodes = last.filter(|_| self.applied.as_ref() == Some(&s.cached_set));
+            let decodes = last.filter(|_| {
+                self.applied.as_ref() == Some(&s.cached_set) && s.cached.len() < self.ctx_size
+            });
             let tokens = [s.cached.as_slice(), decodes.as_slice()].concat();
             if disk.wants(&tokens) {
                 saves.push((slot, decodes));
