@@ -346,9 +346,10 @@ class LlamaCppEngine:
 
 def _warm_up(model: Any, ctx: Any, vocab: Any) -> None:
     """llama-server's warm-up: one decode of BOS and EOS, then an empty cache, so the first
-    request does not pay for what a context's first decode does once (its compute buffers'
-    and its threads' first use: ~25 ms for a 135M model on 2 cores). Every weight is read
-    (every expert of a mixture, in warm-up mode), as the first request would."""
+    request does not pay for what a context's first decode does once (the first use of its
+    compute buffers and threads; this decode took ~25 ms for a 135M model on 2 cores).
+    Every weight is read (every expert of a mixture, in warm-up mode), as the first request
+    would."""
     if lc.llama_model_has_encoder(model) or not lc.llama_model_has_decoder(model):
         return  # an encoder's decoder needs the encoder's output first
     ids = [t for t in (lc.llama_vocab_bos(vocab), lc.llama_vocab_eos(vocab)) if t >= 0] or [0]
