@@ -463,9 +463,7 @@ impl<B: Backend> Batcher<B> {
                     Finish::Error(format!("llama_decode failed on an image: {e}")),
                     events,
                 );
-                self.slots[slot].cached.clear();
-                self.slots[slot].cached_images.clear();
-                self.backend.seq_rm(seq, 0);
+                self.drop_cache(slot);
             }
             Ok(index) => {
                 let now = Instant::now(); // a token's time is when its logits exist
@@ -527,9 +525,7 @@ impl<B: Backend> Batcher<B> {
                     Finish::Error(format!("llama_decode failed: {e}")),
                     events,
                 );
-                self.slots[slot].cached.clear();
-                self.slots[slot].cached_images.clear();
-                self.backend.seq_rm(self.slots[slot].seq, 0);
+                self.drop_cache(slot);
             }
             return true;
         }
@@ -597,6 +593,15 @@ impl<B: Backend> Batcher<B> {
             None => self.served.push((group.clone(), now)),
         }
         Some(group)
+    }
+
+    /// Forget everything a slot's KV cache holds (after a failed decode, or before a prompt
+    /// that shares nothing with it).
+    fn drop_cache(&mut self, slot: usize) {
+        let s = &mut self.slots[slot];
+        s.cached.clear();
+        s.cached_images.clear();
+        self.backend.seq_rm(s.seq, 0);
     }
 
     /// Make the context apply `set`, unless it does already.
@@ -694,10 +699,8 @@ impl<B: Backend> Batcher<B> {
                     }
                     None
                 } else {
-                    self.slots[slot].cached.clear();
-                    self.slots[slot].cached_images.clear();
+                    self.drop_cache(slot);
                     self.slots[slot].cached_set = set.clone();
-                    self.backend.seq_rm(self.slots[slot].seq, 0);
                     Some(primary)
                 };
                 self.admitted += 1;
@@ -1351,15 +1354,10 @@ impl<B: Backend> Batcher<B> {
             self.counters.decode_steps += 1;
             let decoded = self.backend.decode(&items).is_ok();
             for &(slot, last) in &saves {
-                let s = &mut self.slots[slot];
                 match last {
-                    Some(token) if decoded => s.cached.push(token),
+                    Some(token) if decoded => self.slots[slot].cached.push(token),
                     // the cell may hold anything: its sequence is dropped, not saved
-                    Some(_) => {
-                        s.cached.clear();
-                        s.cached_images.clear();
-                        self.backend.seq_rm(s.seq, 0);
-                    }
+                    Some(_) => self.drop_cache(slot),
                     None => {}
                 }
             }
