@@ -9,32 +9,21 @@ from pathlib import Path
 
 import llama_cpp as lc
 
-from xllm.engine.llamacpp import LlamaCppEngine, load_model
+from xllm.engine.llamacpp import LlamaCppEngine
 from xllm.engine.options import EngineOptions
 
 
 def _greedy_cold(path: Path, prompt: list[int], n: int) -> list[int]:
-    """`n` greedy tokens from a fresh context that was never warmed up."""
-    model = load_model(path, [], lc.llama_model_default_params())
-    params = lc.llama_context_default_params()
-    params.n_ctx, params.n_threads, params.n_threads_batch = 512, 2, 2
-    ctx = lc.llama_init_from_model(model, params)
-    vocab = lc.llama_model_get_vocab(model)
-    n_vocab = lc.llama_vocab_n_tokens(vocab)
-    out: list[int] = []
+    """`n` greedy tokens from llama-cpp-python's own context, never warmed up (flash attention
+    on, as on a CPU context xllm creates with llama.cpp's defaults)."""
+    from llama_cpp import Llama
+
+    llm = Llama(model_path=str(path), n_ctx=512, flash_attn=True, n_threads=2, verbose=False)
     try:
-        batch = (lc.llama_token * len(prompt))(*prompt)
-        assert lc.llama_decode(ctx, lc.llama_batch_get_one(batch, len(prompt))) == 0
-        for _ in range(n):
-            logits = lc.llama_get_logits_ith(ctx, -1)
-            token = max(range(n_vocab), key=lambda i: logits[i])
-            out.append(token)
-            one = (lc.llama_token * 1)(token)
-            assert lc.llama_decode(ctx, lc.llama_batch_get_one(one, 1)) == 0
+        tokens = llm.generate(prompt, top_k=1, temp=0.0, repeat_penalty=1.0)
+        return [next(tokens) for _ in range(n)]
     finally:
-        lc.llama_free(ctx)
-        lc.llama_model_free(model)
-    return out
+        llm.close()
 
 
 def test_the_warm_up_leaves_an_empty_cache_and_the_same_answer(smollm2_path: Path) -> None:
