@@ -257,11 +257,15 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--streams", default="1,4")
     p.add_argument("--modes", help="xllm's modes to run, comma-separated (default: all)")
+    p.add_argument("--prompts", help=f"of {', '.join(PROMPTS)}, comma-separated (default: all)")
     p.add_argument("--max-tokens", type=int, default=256)
     p.add_argument("--rounds", type=int, default=3)
     args = p.parse_args()
     args.model = args.model_path = args.model or default_model()
     args.load_before = f"{os.getloadavg()[0]:.2f}"
+    if args.prompts:
+        for name in set(PROMPTS) - set(args.prompts.split(",")):
+            del PROMPTS[name]
     modes = MODES if args.draft else tuple(m for m in MODES if m != "draft")
     if args.modes:
         modes = tuple(m for m in modes if m in args.modes.split(","))

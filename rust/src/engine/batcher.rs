@@ -531,6 +531,11 @@ impl<B: Backend> Batcher<B> {
         }
         let now = Instant::now(); // a token's time is when its logits exist
         self.counters.decode_steps += 1;
+        for (k, pad) in items.iter().enumerate().skip(owners.len()) {
+            if k == owners.len() || items[k - 1].seq != pad.seq {
+                self.backend.seq_rm(pad.seq, pad.pos); // a sequence's padding, from its first row
+            }
+        }
         // Account what went into the cache before sampling what comes next.
         for (item, &slot) in items.iter().zip(&owners) {
             let s = &mut self.slots[slot];
@@ -830,7 +835,8 @@ impl<B: Backend> Batcher<B> {
     }
 
     /// The tokens of this step, from the sequences of adapter group `group`: every generating
-    /// sequence's next token (and its draft, with logits on every row), then prompt chunks.
+    /// sequence's next token (and its draft, with logits on every row), then prompt chunks,
+    /// then any `padding` (no owner: `owners` is shorter than the rows by as many).
     fn build_batch(&mut self, group: &AdapterSet) -> (Vec<BatchItem>, Vec<usize>) {
         let mut order: Vec<usize> = (0..self.slots.len())
             .filter(|&i| {
@@ -876,7 +882,8 @@ impl<B: Backend> Batcher<B> {
                 }
             }
         }
-        let mut budget = self.batch_size.saturating_sub(items.len());
+        let padding = self.padding(&items);
+        let mut budget = self.batch_size.saturating_sub(items.len() + padding.len());
         for &i in &order {
             if budget == 0 {
                 break;
@@ -906,7 +913,46 @@ impl<B: Backend> Batcher<B> {
         // sequence's rows stay in position order.
         let mut rows: Vec<(BatchItem, usize)> = items.into_iter().zip(owners).collect();
         rows.sort_by_key(|(item, _)| item.seq);
-        rows.into_iter().unzip()
+        let (mut items, owners): (Vec<BatchItem>, Vec<usize>) = rows.into_iter().unzip();
+        items.extend(padding); // past `owners`' end: rows no one owns, dropped after the decode
+        (items, owners)
+    }
+
+    /// Rows that even out the generating sequences' rows (`decoding`: their next tokens and
+    /// drafts, by sequence) where that costs less than the ubatches libllama makes of uneven
+    /// ones (`StepCosts::padding_pays`): a sequence whose draft is shorter than another's, or
+    /// that has none, gets rows after its own, decoded without output and then removed.
+    fn padding(&self, decoding: &[BatchItem]) -> Vec<BatchItem> {
+        let mut rows: Vec<(i32, usize, i32, i32)> = Vec::new(); // seq, rows, next pos, last token
+        for item in decoding {
+            match rows.iter_mut().find(|r| r.0 == item.seq) {
+                Some(r) => *r = (r.0, r.1 + 1, item.pos + 1, item.token),
+                None => rows.push((item.seq, 1, item.pos + 1, item.token)),
+            }
+        }
+        rows.sort_unstable_by_key(|r| r.0);
+        let longest = rows.iter().map(|r| r.1).max().unwrap_or(0);
+        let counts: Vec<(i32, usize)> = rows.iter().map(|r| (r.0, r.1)).collect();
+        if longest * rows.len() > self.batch_size
+            || rows
+                .iter()
+                .any(|r| r.2 as usize + longest - r.1 > self.ctx_size)
+            || !self.costs.padding_pays(&counts, self.batch_size)
+        {
+            return Vec::new();
+        }
+        let mut padding = Vec::new();
+        for &(seq, n, pos, token) in &rows {
+            for k in 0..longest - n {
+                padding.push(BatchItem {
+                    token,
+                    pos: pos + k as i32,
+                    seq,
+                    output: false,
+                });
+            }
+        }
+        padding
     }
 
     /// The most draft tokens a generating slot that drafts may verify this step (at most
@@ -2304,6 +2350,45 @@ mod tests {
         run(&mut b);
         assert_eq!(b.counters.drafted_tokens, 0);
         assert!(b.backend.steps.iter().all(|s| s.len() == 1 || s[0].1 == 0));
+    }
+
+    #[test]
+    fn uneven_rows_are_padded_where_that_pays_and_the_padding_dropped() {
+        // reading the weights costs 20 ms a decode, a row 0.1 ms: one ubatch of even rows is
+        // cheaper than the several libllama makes of uneven ones
+        let fake = Fake {
+            delay: std::time::Duration::from_millis(20),
+            per_row: std::time::Duration::from_micros(100),
+            ..Fake::default()
+        };
+        let mut b = Batcher::new(fake, 2, 64, 16);
+        b.submit(
+            predicted(1, vec![10], 9, (11..=30).collect()),
+            Instant::now(),
+        );
+        b.submit(req(2, vec![50], 9), Instant::now());
+        let ev = run(&mut b);
+        // the same answers as without padding
+        assert_eq!(tokens_of(&ev, 1, 0), (11..=19).collect::<Vec<_>>());
+        assert_eq!(tokens_of(&ev, 2, 0), (51..=59).collect::<Vec<_>>());
+        let padded = b
+            .backend
+            .steps
+            .iter()
+            .position(|s| s.iter().any(|r| r.2 == 1 && !r.3))
+            .expect("a padded step");
+        let step = &b.backend.steps[padded];
+        let per_seq = |seq| step.iter().filter(|r| r.2 == seq).count();
+        assert_eq!(per_seq(0), per_seq(1), "{step:?}");
+        // request 2's padding: after its token, no output, then removed from its cache
+        let own = step.iter().find(|r| r.2 == 1 && r.3).expect("its token");
+        let pads: Vec<_> = step.iter().filter(|r| r.2 == 1 && !r.3).collect();
+        assert_eq!(pads[0].1, own.1 + 1);
+        assert!(b.backend.removed.contains(&(1, own.1 + 1)));
+        assert_eq!(usage_of(&ev, 2).accepted_prediction_tokens, 0);
+        // the next step decodes request 2 from the position after its token again
+        let next = &b.backend.steps[padded + 1];
+        assert!(next.iter().any(|r| r.2 == 1 && r.1 == own.1 + 1 && r.3));
     }
 
     #[test]

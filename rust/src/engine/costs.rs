@@ -178,6 +178,49 @@ impl StepCosts {
         lens
     }
 
+    /// Whether padding the sequences of a step to the same number of rows (`rows`: each one's,
+    /// by ascending sequence id; the padding decoded and dropped) is expected to cost less than
+    /// the ubatches libllama makes of the uneven rows (`ubatches`). Each ubatch is priced on a
+    /// line fitted to the measured decodes: a floor (reading the weights) plus a cost per row.
+    /// With fewer than two sizes measured, padding is taken where it at most doubles the rows.
+    pub fn padding_pays(&self, rows: &[(i32, usize)], n_ubatch: usize) -> bool {
+        let longest = rows.iter().map(|r| r.1).max().unwrap_or(0);
+        let even: Vec<(i32, usize)> = rows.iter().map(|&(seq, _)| (seq, longest)).collect();
+        let (split, padded) = (ubatches(rows, n_ubatch), ubatches(&even, n_ubatch));
+        if split.len() <= padded.len() {
+            return false;
+        }
+        let (real, all) = (split.iter().sum::<usize>(), padded.iter().sum::<usize>());
+        match self.line() {
+            Some((floor, per_row)) => {
+                let price =
+                    |u: &[usize]| u.len() as f64 * floor + u.iter().sum::<usize>() as f64 * per_row;
+                price(&padded) < price(&split)
+            }
+            None => all <= 2 * real,
+        }
+    }
+
+    /// The least-squares line through the measured decode times by rows: (time at 0 rows, time
+    /// per row), neither below 0; None with fewer than two sizes measured.
+    fn line(&self) -> Option<(f64, f64)> {
+        let points: Vec<(f64, f64)> = (self.by_rows.iter().enumerate())
+            .filter(|(_, &t)| t > 0.0)
+            .map(|(r, &t)| (r as f64, t))
+            .collect();
+        if points.len() < 2 {
+            return None;
+        }
+        let n = points.len() as f64;
+        let (mx, my) = points
+            .iter()
+            .fold((0.0, 0.0), |(x, y), p| (x + p.0 / n, y + p.1 / n));
+        let sxx: f64 = points.iter().map(|p| (p.0 - mx).powi(2)).sum();
+        let sxy: f64 = points.iter().map(|p| (p.0 - mx) * (p.1 - my)).sum();
+        let per_row = (sxy / sxx).max(0.0);
+        Some(((my - per_row * mx).max(0.0), per_row))
+    }
+
     /// Whether the draft model may pay in such a step at all, were its guesses taken as often
     /// as a good draft model's are, by a margin: what the costs leave out (the draft model's
     /// reading of the prompt before its first guess and after every stretch without drafts,
@@ -186,6 +229,34 @@ impl StepCosts {
         self.draft_step == 0.0
             || self.best(max, (rows, generating), GOOD_ACCEPTANCE, MODEL_MARGIN) > 0
     }
+}
+
+/// The rows of each ubatch libllama makes of a batch whose sequences (`rows`: ascending ids,
+/// each with its rows; one KV stream per sequence) are decoded together: a ubatch takes a run of
+/// consecutive sequence ids that all have rows left, and as many rows from each as the one
+/// with the fewest has (`llama_batch_allocr::split_equal`, sequential). So rows of 4, 2, 4 and 3
+/// make ubatches of 8, 2, 2 and 1 rows, each reading all the weights (measured on Qwen2.5-Coder
+/// 1.5B on 2 cores: 400 ms, where 4 rows each took 190).
+pub fn ubatches(rows: &[(i32, usize)], n_ubatch: usize) -> Vec<usize> {
+    let mut left = rows.to_vec();
+    let mut made = Vec::new();
+    while let Some(first) = left.iter().position(|r| r.1 > 0) {
+        let mut end = first + 1;
+        while end < left.len()
+            && left[end].1 > 0
+            && left[end].0 == left[end - 1].0 + 1
+            && end - first < n_ubatch.max(1)
+        {
+            end += 1;
+        }
+        let run = &mut left[first..end];
+        let each = (run.iter().map(|r| r.1).min().unwrap_or(0)).min((n_ubatch / run.len()).max(1));
+        for r in run.iter_mut() {
+            r.1 -= each;
+        }
+        made.push(each * (end - first));
+    }
+    made
 }
 
 /// The share of guesses a draft model of the target's family gets taken at best (llama.cpp's
@@ -377,6 +448,46 @@ mod tests {
         assert_eq!(c.best_len(16, 1, 1, 0.9), 16);
         c.record(17, Duration::from_millis(680));
         assert!(c.best_len(16, 1, 1, 0.9) <= 4);
+    }
+
+    #[test]
+    fn ubatches_take_as_many_rows_from_each_of_a_run_of_sequences() {
+        assert_eq!(ubatches(&[(0, 4), (1, 4), (2, 4), (3, 4)], 64), vec![16]);
+        // uneven drafts: the fewest rows from each, then runs of the ones with rows left
+        assert_eq!(
+            ubatches(&[(0, 4), (1, 2), (2, 4), (3, 3)], 64),
+            vec![8, 2, 2, 1]
+        );
+        assert_eq!(ubatches(&[(0, 4), (1, 1), (2, 1), (3, 1)], 64), vec![4, 3]);
+        // ids that are not consecutive never share a ubatch
+        assert_eq!(ubatches(&[(0, 1), (2, 1)], 64), vec![1, 1]);
+        // a long prompt beside tokens: the tokens with its first row, then the rest of it
+        assert_eq!(ubatches(&[(0, 1), (1, 1), (2, 100)], 64), vec![3, 64, 35]);
+        assert_eq!(ubatches(&[(0, 10), (1, 10)], 8), vec![8, 8, 4]);
+        assert_eq!(ubatches(&[], 8), Vec::<usize>::new());
+    }
+
+    #[test]
+    fn padding_pays_where_a_ubatch_costs_more_than_the_rows_it_saves() {
+        // this CPU (Qwen2.5-Coder 1.5B, 4 streams): reading the weights ~80 ms, a row ~8 ms
+        let weights = costs(&[(4, 90.0), (16, 190.0), (68, 650.0)]);
+        assert!(weights.padding_pays(&[(0, 4), (1, 2), (2, 4), (3, 3)], 64));
+        assert!(weights.padding_pays(&[(0, 17), (1, 5), (2, 17), (3, 9)], 128));
+        // one long draft among tokens: 68 rows for 20 costs more than a second ubatch
+        assert!(!weights.padding_pays(&[(0, 17), (1, 1), (2, 1), (3, 1)], 128));
+        // even rows, or rows that would not fit one ubatch: nothing to gain
+        assert!(!weights.padding_pays(&[(0, 4), (1, 4)], 64));
+        assert!(!weights.padding_pays(&[(0, 40), (1, 2)], 64));
+        // a CPU where every row costs (AMD, 2 cores: 1, 5 and 17 rows took 100, 304, 1080 ms)
+        let rows = costs(&[(1, 100.0), (5, 304.0), (17, 1080.0)]);
+        assert!(!rows.padding_pays(&[(0, 4), (1, 2), (2, 4), (3, 3)], 64));
+        // a GPU: rows nearly free
+        let gpu = costs(&[(4, 10.0), (16, 10.5), (64, 12.0)]);
+        assert!(gpu.padding_pays(&[(0, 17), (1, 1), (2, 1), (3, 1)], 128));
+        // too little measured: padding that at most doubles the rows
+        let none = StepCosts::new(64);
+        assert!(none.padding_pays(&[(0, 4), (1, 2), (2, 4), (3, 3)], 64));
+        assert!(!none.padding_pays(&[(0, 8), (1, 1), (2, 1), (3, 1)], 64));
     }
 
     #[test]
