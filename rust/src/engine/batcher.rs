@@ -26,7 +26,7 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Instant;
 
-use super::costs::{Acceptance, StepCosts, PROBE_LEN};
+use super::costs::{ubatch_count, Acceptance, StepCosts, PROBE_LEN};
 use super::draft::{Drafter, Ngram, Pacer, Prediction};
 use super::draft_model::{Ask, ModelDrafts};
 use super::kvstore::DiskCache;
@@ -513,7 +513,10 @@ impl<B: Backend> Batcher<B> {
         let started = Instant::now();
         let decoded = self.backend.decode(&items);
         if decoded.is_ok() {
-            self.costs.record(items.len(), started.elapsed());
+            let took = started.elapsed();
+            self.costs.record(items.len(), took);
+            let ubatches = ubatch_count(&items, self.batch_size);
+            self.costs.record_ubatches(ubatches, items.len(), took);
         }
         if let Err(e) = decoded {
             let mut failed = owners.clone();
@@ -882,7 +885,8 @@ impl<B: Backend> Batcher<B> {
                 }
             }
         }
-        let padding = self.padding(&items);
+        // uneven drafts would split the step into several ubatches (`StepCosts::padding`)
+        let padding = self.costs.padding(&items, self.batch_size, self.ctx_size);
         let mut budget = self.batch_size.saturating_sub(items.len() + padding.len());
         for &i in &order {
             if budget == 0 {
@@ -916,43 +920,6 @@ impl<B: Backend> Batcher<B> {
         let (mut items, owners): (Vec<BatchItem>, Vec<usize>) = rows.into_iter().unzip();
         items.extend(padding); // past `owners`' end: rows no one owns, dropped after the decode
         (items, owners)
-    }
-
-    /// Rows that even out the generating sequences' rows (`decoding`: their next tokens and
-    /// drafts, by sequence) where that costs less than the ubatches libllama makes of uneven
-    /// ones (`StepCosts::padding_pays`): a sequence whose draft is shorter than another's, or
-    /// that has none, gets rows after its own, decoded without output and then removed.
-    fn padding(&self, decoding: &[BatchItem]) -> Vec<BatchItem> {
-        let mut rows: Vec<(i32, usize, i32, i32)> = Vec::new(); // seq, rows, next pos, last token
-        for item in decoding {
-            match rows.iter_mut().find(|r| r.0 == item.seq) {
-                Some(r) => *r = (r.0, r.1 + 1, item.pos + 1, item.token),
-                None => rows.push((item.seq, 1, item.pos + 1, item.token)),
-            }
-        }
-        rows.sort_unstable_by_key(|r| r.0);
-        let longest = rows.iter().map(|r| r.1).max().unwrap_or(0);
-        let counts: Vec<(i32, usize)> = rows.iter().map(|r| (r.0, r.1)).collect();
-        if longest * rows.len() > self.batch_size
-            || rows
-                .iter()
-                .any(|r| r.2 as usize + longest - r.1 > self.ctx_size)
-            || !self.costs.padding_pays(&counts, self.batch_size)
-        {
-            return Vec::new();
-        }
-        let mut padding = Vec::new();
-        for &(seq, n, pos, token) in &rows {
-            for k in 0..longest - n {
-                padding.push(BatchItem {
-                    token,
-                    pos: pos + k as i32,
-                    seq,
-                    output: false,
-                });
-            }
-        }
-        padding
     }
 
     /// The most draft tokens a generating slot that drafts may verify this step (at most
@@ -1481,7 +1448,8 @@ mod tests {
         last_outputs: Vec<i32>,
         removed: Vec<(i32, i32)>,
         copied: Vec<(i32, i32, i32)>,
-        /// How long each decode takes, and how much longer per row.
+        /// How long each of a decode's ubatches takes (as libllama would make them), and each
+        /// row.
         delay: std::time::Duration,
         per_row: std::time::Duration,
         /// A recurrent model: no speculation.
@@ -1510,7 +1478,8 @@ mod tests {
             self.copied.push((src, dst, len));
         }
         fn decode(&mut self, items: &[BatchItem]) -> Result<(), String> {
-            std::thread::sleep(self.delay + self.per_row * items.len() as u32);
+            let ubatches = ubatch_count(items, items.len().max(1)) as u32;
+            std::thread::sleep(self.delay * ubatches + self.per_row * items.len() as u32);
             self.step_sets
                 .push(self.switches.last().cloned().unwrap_or_default());
             self.steps.push(
@@ -2354,7 +2323,7 @@ mod tests {
 
     #[test]
     fn uneven_rows_are_padded_where_that_pays_and_the_padding_dropped() {
-        // reading the weights costs 20 ms a decode, a row 0.1 ms: one ubatch of even rows is
+        // reading the weights costs 20 ms a ubatch, a row 0.1 ms: one ubatch of even rows is
         // cheaper than the several libllama makes of uneven ones
         let fake = Fake {
             delay: std::time::Duration::from_millis(20),
@@ -2362,10 +2331,11 @@ mod tests {
             ..Fake::default()
         };
         let mut b = Batcher::new(fake, 2, 64, 16);
-        b.submit(
-            predicted(1, vec![10], 9, (11..=30).collect()),
-            Instant::now(),
-        );
+        // drafts of 2 over several steps; a prompt of 5 beside one of 1 first, so that the
+        // costs measured tell a ubatch's cost from a row's
+        let mut r = predicted(1, vec![6, 7, 8, 9, 10], 9, (11..=30).collect());
+        r.params.max_draft = 2;
+        b.submit(r, Instant::now());
         b.submit(req(2, vec![50], 9), Instant::now());
         let ev = run(&mut b);
         // the same answers as without padding
@@ -2661,7 +2631,7 @@ mod tests {
 
     fn with_draft(b: &mut Batcher<Fake>, draft: FakeDraft) {
         let parallel = b.slots.len();
-        b.drafts = Some(ModelDrafts::new(Box::new(draft), parallel, 16));
+        b.drafts = Some(ModelDrafts::new(Box::new(draft), parallel, 16, 64));
     }
 
     fn drafted(id: u64, prompt: Vec<i32>, max_tokens: u32) -> Request {

@@ -15,6 +15,8 @@
 
 use std::time::Duration;
 
+use super::batcher::BatchItem;
+
 /// Moving averages of a decode's time by its number of rows.
 #[derive(Debug, Clone)]
 pub struct StepCosts {
@@ -22,7 +24,22 @@ pub struct StepCosts {
     by_rows: Vec<f64>,
     /// The draft model's time per draft decode (0.0: none yet).
     draft_step: f64,
+    /// A decode's time as a floor per ubatch plus a cost per row, fitted (`padding_pays`).
+    fit: Fit,
 }
+
+/// Sums for the least-squares fit of decode times `t` to `floor * ubatches + per_row * rows`,
+/// older decodes weighing less (`FIT_DECAY` each).
+#[derive(Debug, Clone, Default)]
+struct Fit {
+    uu: f64,
+    ur: f64,
+    rr: f64,
+    ut: f64,
+    rt: f64,
+}
+
+const FIT_DECAY: f64 = 0.98;
 
 /// Weight of the newest measurement in the moving averages.
 const NEW: f64 = 0.25;
@@ -42,6 +59,7 @@ impl StepCosts {
         Self {
             by_rows: vec![0.0; capacity + 1],
             draft_step: 0.0,
+            fit: Fit::default(),
         }
     }
 
@@ -49,6 +67,21 @@ impl StepCosts {
     pub fn record(&mut self, rows: usize, took: Duration) {
         if let Some(c) = self.by_rows.get_mut(rows) {
             *c = average(*c, took.as_secs_f64());
+        }
+    }
+
+    /// A decode of `rows` rows that libllama made into `ubatches` ubatches took `took`.
+    pub fn record_ubatches(&mut self, ubatches: usize, rows: usize, took: Duration) {
+        let (u, r, t) = (ubatches as f64, rows as f64, took.as_secs_f64());
+        let f = &mut self.fit;
+        for (sum, add) in [
+            (&mut f.uu, u * u),
+            (&mut f.ur, u * r),
+            (&mut f.rr, r * r),
+            (&mut f.ut, u * t),
+            (&mut f.rt, r * t),
+        ] {
+            *sum = *sum * FIT_DECAY + add;
         }
     }
 
@@ -178,11 +211,45 @@ impl StepCosts {
         lens
     }
 
+    /// Rows that even out the rows of the sequences of a decode (`decoding`, a sequence's rows in
+    /// position order) where that costs less than the ubatches libllama makes of uneven ones
+    /// (`padding_pays`): a sequence with fewer rows than another (a shorter draft, or none) gets
+    /// rows after its own, to be decoded without output and then removed. None that would not
+    /// fit one ubatch of `n_ubatch` rows or would reach past `ctx_size`.
+    pub fn padding(
+        &self,
+        decoding: &[BatchItem],
+        n_ubatch: usize,
+        ctx_size: usize,
+    ) -> Vec<BatchItem> {
+        let rows = by_seq(decoding);
+        let longest = rows.iter().map(|r| r.1).max().unwrap_or(0);
+        let counts: Vec<(i32, usize)> = rows.iter().map(|r| (r.0, r.1)).collect();
+        if longest * rows.len() > n_ubatch
+            || rows.iter().any(|r| r.2 as usize + longest - r.1 > ctx_size)
+            || !self.padding_pays(&counts, n_ubatch)
+        {
+            return Vec::new();
+        }
+        let mut padding = Vec::new();
+        for &(seq, n, pos, token) in &rows {
+            for k in 0..longest - n {
+                padding.push(BatchItem {
+                    token,
+                    pos: pos + k as i32,
+                    seq,
+                    output: false,
+                });
+            }
+        }
+        padding
+    }
+
     /// Whether padding the sequences of a step to the same number of rows (`rows`: each one's,
     /// by ascending sequence id; the padding decoded and dropped) is expected to cost less than
     /// the ubatches libllama makes of the uneven rows (`ubatches`). Each ubatch is priced on a
     /// line fitted to the measured decodes: a floor (reading the weights) plus a cost per row.
-    /// With fewer than two sizes measured, padding is taken where it at most doubles the rows.
+    /// Until that is known, no padding.
     pub fn padding_pays(&self, rows: &[(i32, usize)], n_ubatch: usize) -> bool {
         let longest = rows.iter().map(|r| r.1).max().unwrap_or(0);
         let even: Vec<(i32, usize)> = rows.iter().map(|&(seq, _)| (seq, longest)).collect();
@@ -190,35 +257,24 @@ impl StepCosts {
         if split.len() <= padded.len() {
             return false;
         }
-        let (real, all) = (split.iter().sum::<usize>(), padded.iter().sum::<usize>());
-        match self.line() {
-            Some((floor, per_row)) => {
-                let price =
-                    |u: &[usize]| u.len() as f64 * floor + u.iter().sum::<usize>() as f64 * per_row;
-                price(&padded) < price(&split)
-            }
-            None => all <= 2 * real,
-        }
+        let Some((floor, per_row)) = self.line() else {
+            return false;
+        };
+        let price = |u: &[usize]| u.len() as f64 * floor + u.iter().sum::<usize>() as f64 * per_row;
+        price(&padded) < price(&split)
     }
 
-    /// The least-squares line through the measured decode times by rows: (time at 0 rows, time
-    /// per row), neither below 0; None with fewer than two sizes measured.
+    /// The fitted (floor per ubatch, cost per row), neither below 0; None until decodes of
+    /// different shapes tell them apart.
     fn line(&self) -> Option<(f64, f64)> {
-        let points: Vec<(f64, f64)> = (self.by_rows.iter().enumerate())
-            .filter(|(_, &t)| t > 0.0)
-            .map(|(r, &t)| (r as f64, t))
-            .collect();
-        if points.len() < 2 {
+        let f = &self.fit;
+        let det = f.uu * f.rr - f.ur * f.ur;
+        if det <= 1e-9 * f.uu * f.rr {
             return None;
         }
-        let n = points.len() as f64;
-        let (mx, my) = points
-            .iter()
-            .fold((0.0, 0.0), |(x, y), p| (x + p.0 / n, y + p.1 / n));
-        let sxx: f64 = points.iter().map(|p| (p.0 - mx).powi(2)).sum();
-        let sxy: f64 = points.iter().map(|p| (p.0 - mx) * (p.1 - my)).sum();
-        let per_row = (sxy / sxx).max(0.0);
-        Some(((my - per_row * mx).max(0.0), per_row))
+        let floor = (f.ut * f.rr - f.ur * f.rt) / det;
+        let per_row = (f.uu * f.rt - f.ur * f.ut) / det;
+        Some((floor.max(0.0), per_row.max(0.0)))
     }
 
     /// Whether the draft model may pay in such a step at all, were its guesses taken as often
@@ -229,6 +285,26 @@ impl StepCosts {
         self.draft_step == 0.0
             || self.best(max, (rows, generating), GOOD_ACCEPTANCE, MODEL_MARGIN) > 0
     }
+}
+
+/// A decode's sequences, ascending: (sequence, its rows, the position after its last, its last
+/// token).
+fn by_seq(items: &[BatchItem]) -> Vec<(i32, usize, i32, i32)> {
+    let mut rows: Vec<(i32, usize, i32, i32)> = Vec::new();
+    for item in items {
+        match rows.iter_mut().find(|r| r.0 == item.seq) {
+            Some(r) => *r = (r.0, r.1 + 1, r.2.max(item.pos + 1), item.token),
+            None => rows.push((item.seq, 1, item.pos + 1, item.token)),
+        }
+    }
+    rows.sort_unstable_by_key(|r| r.0);
+    rows
+}
+
+/// How many ubatches libllama makes of `items` (`ubatches`).
+pub fn ubatch_count(items: &[BatchItem], n_ubatch: usize) -> usize {
+    let rows: Vec<(i32, usize)> = by_seq(items).iter().map(|r| (r.0, r.1)).collect();
+    ubatches(&rows, n_ubatch).len()
 }
 
 /// The rows of each ubatch libllama makes of a batch whose sequences (`rows`: ascending ids,
@@ -373,6 +449,7 @@ mod tests {
         let mut c = StepCosts::new(64);
         for &(rows, ms) in per_row {
             c.record(rows, Duration::from_secs_f64(ms / 1000.0));
+            c.record_ubatches(1, rows, Duration::from_secs_f64(ms / 1000.0));
         }
         c
     }
@@ -469,25 +546,39 @@ mod tests {
 
     #[test]
     fn padding_pays_where_a_ubatch_costs_more_than_the_rows_it_saves() {
-        // this CPU (Qwen2.5-Coder 1.5B, 4 streams): reading the weights ~80 ms, a row ~8 ms
-        let weights = costs(&[(4, 90.0), (16, 190.0), (68, 650.0)]);
-        assert!(weights.padding_pays(&[(0, 4), (1, 2), (2, 4), (3, 3)], 64));
+        let fitted = |decodes: &[(usize, usize, u64)]| {
+            let mut c = StepCosts::new(128);
+            for &(ubatches, rows, ms) in decodes {
+                c.record_ubatches(ubatches, rows, Duration::from_millis(ms));
+            }
+            c
+        };
+        // decodes measured on this CPU (Qwen2.5-Coder 1.5B, 4 sequences; ubatches, rows, ms):
+        // a ubatch costs ~76 ms (reading the weights), a row ~8.7 ms
+        let weights = fitted(&[
+            (1, 4, 90),
+            (1, 16, 190),
+            (1, 68, 650),
+            (4, 13, 400),
+            (2, 7, 199),
+            (4, 48, 765),
+        ]);
+        assert!(weights.padding_pays(&[(0, 4), (1, 2), (2, 4), (3, 3)], 128));
         assert!(weights.padding_pays(&[(0, 17), (1, 5), (2, 17), (3, 9)], 128));
-        // one long draft among tokens: 68 rows for 20 costs more than a second ubatch
+        // one long draft among tokens: 68 rows for 20 cost more than a second ubatch
         assert!(!weights.padding_pays(&[(0, 17), (1, 1), (2, 1), (3, 1)], 128));
         // even rows, or rows that would not fit one ubatch: nothing to gain
-        assert!(!weights.padding_pays(&[(0, 4), (1, 4)], 64));
+        assert!(!weights.padding_pays(&[(0, 4), (1, 4)], 128));
         assert!(!weights.padding_pays(&[(0, 40), (1, 2)], 64));
         // a CPU where every row costs (AMD, 2 cores: 1, 5 and 17 rows took 100, 304, 1080 ms)
-        let rows = costs(&[(1, 100.0), (5, 304.0), (17, 1080.0)]);
-        assert!(!rows.padding_pays(&[(0, 4), (1, 2), (2, 4), (3, 3)], 64));
+        let rows = fitted(&[(1, 1, 100), (1, 5, 304), (1, 17, 1080)]);
+        assert!(!rows.padding_pays(&[(0, 4), (1, 2), (2, 4), (3, 3)], 128));
         // a GPU: rows nearly free
         let gpu = costs(&[(4, 10.0), (16, 10.5), (64, 12.0)]);
         assert!(gpu.padding_pays(&[(0, 17), (1, 1), (2, 1), (3, 1)], 128));
-        // too little measured: padding that at most doubles the rows
-        let none = StepCosts::new(64);
-        assert!(none.padding_pays(&[(0, 4), (1, 2), (2, 4), (3, 3)], 64));
-        assert!(!none.padding_pays(&[(0, 8), (1, 1), (2, 1), (3, 1)], 64));
+        // nothing known: no padding; decodes of one shape do not tell a ubatch from its rows
+        assert!(!StepCosts::new(64).padding_pays(&[(0, 4), (1, 2), (2, 4), (3, 3)], 64));
+        assert!(!fitted(&[(2, 4, 90), (1, 2, 45)]).padding_pays(&[(0, 2), (1, 1)], 64));
     }
 
     #[test]

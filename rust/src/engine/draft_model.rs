@@ -12,6 +12,7 @@
 use std::time::{Duration, Instant};
 
 use super::batcher::BatchItem;
+use super::costs::{ubatch_count, StepCosts};
 
 /// What drafting needs from the draft model's context.
 pub trait DraftModel: Send {
@@ -42,16 +43,28 @@ pub struct ModelDrafts {
     /// token costs; catching up a prompt is not counted).
     pub stepped: Duration,
     pub steps: u32,
+    /// Every decode's time by rows, to pad uneven catch-ups (`StepCosts::padding`).
+    costs: StepCosts,
+    /// Positions per sequence.
+    ctx_size: usize,
 }
 
 impl ModelDrafts {
-    pub fn new(model: Box<dyn DraftModel>, parallel: usize, capacity: usize) -> Self {
+    pub fn new(
+        model: Box<dyn DraftModel>,
+        parallel: usize,
+        capacity: usize,
+        ctx_size: usize,
+    ) -> Self {
+        let capacity = capacity.max(parallel).max(1);
         Self {
             model,
             cached: vec![Vec::new(); parallel],
-            capacity: capacity.max(parallel).max(1),
+            capacity,
             stepped: Duration::ZERO,
             steps: 0,
+            costs: StepCosts::new(capacity),
+            ctx_size,
         }
     }
 
@@ -96,13 +109,25 @@ impl ModelDrafts {
             }
             cached.extend_from_slice(&a.history[keep..]);
         }
+        // what the target accepted differs by sequence: uneven rows, as the target's drafts
+        let padding = self.costs.padding(&rows, self.capacity, self.ctx_size);
+        rows.extend(padding); // past `owner`'s end: dropped after the decode
         let mut last = vec![(0, 0.0f32); asks.len()];
         for (chunk, owners) in rows.chunks(self.capacity).zip(owner.chunks(self.capacity)) {
+            let started = Instant::now();
             self.model.decode(chunk)?;
+            let ubatches = ubatch_count(chunk, self.capacity);
+            self.costs
+                .record_ubatches(ubatches, chunk.len(), started.elapsed());
             for (index, (row, &i)) in chunk.iter().zip(owners).enumerate() {
                 if row.output {
                     last[i] = self.model.top(index as i32, asks[i].min_p > 0.0);
                 }
+            }
+        }
+        for (k, pad) in rows.iter().enumerate().skip(owner.len()) {
+            if k == owner.len() || rows[k - 1].seq != pad.seq {
+                self.model.seq_rm(pad.seq, pad.pos);
             }
         }
         // then one token per still drafting sequence and step
@@ -131,7 +156,10 @@ impl ModelDrafts {
                 .collect();
             let started = Instant::now();
             self.model.decode(&rows)?;
-            self.stepped += started.elapsed();
+            let took = started.elapsed();
+            let ubatches = ubatch_count(&rows, self.capacity);
+            self.costs.record_ubatches(ubatches, rows.len(), took);
+            self.stepped += took;
             self.steps += 1;
             for (index, &i) in going.iter().enumerate() {
                 self.cached[asks[i].seq as usize].push(last[i].0);
@@ -168,7 +196,7 @@ pub mod tests {
 
     /// Guesses "last token + 1" (as the batcher's fake target computes), except after a token
     /// in `wrong_after`, where it guesses 0, with probability `p` each; fails when `fail`; each
-    /// decode takes `delay`.
+    /// ubatch of a decode (as libllama would make them) takes `delay`.
     pub struct FakeDraft {
         pub log: Arc<Mutex<Log>>,
         pub last: Vec<i32>,
@@ -196,7 +224,8 @@ pub mod tests {
             if self.fail {
                 return Err("boom".into());
             }
-            std::thread::sleep(self.delay);
+            let ubatches = ubatch_count(items, items.len().max(1)) as u32;
+            std::thread::sleep(self.delay * ubatches);
             let rows = items.iter().map(|i| (i.token, i.pos, i.seq)).collect();
             self.log.lock().unwrap().decodes.push(rows);
             self.last = items.iter().map(|i| i.token).collect();
@@ -229,7 +258,7 @@ pub mod tests {
     #[test]
     fn drafts_catch_up_once_then_go_token_by_token_for_all_sequences_at_once() {
         let log = Arc::new(Mutex::new(Log::default()));
-        let mut d = ModelDrafts::new(Box::new(FakeDraft::new(log.clone())), 2, 8);
+        let mut d = ModelDrafts::new(Box::new(FakeDraft::new(log.clone())), 2, 8, 64);
         let (h0, h1) = (vec![1, 2, 3], vec![50, 51]);
         let drafts = d.draft(&[ask(0, &h0, 3), ask(1, &h1, 2)]);
         assert_eq!(drafts, Some(vec![vec![4, 5, 6], vec![52, 53]]));
@@ -259,7 +288,7 @@ pub mod tests {
     #[test]
     fn draft_decodes_list_their_rows_by_sequence_and_drafts_come_back_in_asking_order() {
         let log = Arc::new(Mutex::new(Log::default()));
-        let mut d = ModelDrafts::new(Box::new(FakeDraft::new(log.clone())), 2, 8);
+        let mut d = ModelDrafts::new(Box::new(FakeDraft::new(log.clone())), 2, 8, 64);
         let (h0, h1) = (vec![1, 2], vec![50, 51]);
         let drafts = d.draft(&[ask(1, &h1, 2), ask(0, &h0, 2)]);
         assert_eq!(drafts, Some(vec![vec![52, 53], vec![3, 4]]));
@@ -274,9 +303,36 @@ pub mod tests {
     }
 
     #[test]
+    fn an_uneven_catch_up_is_padded_where_a_ubatch_costs_more_than_rows() {
+        let log = Arc::new(Mutex::new(Log::default()));
+        let mut fake = FakeDraft::new(log.clone());
+        fake.delay = Duration::from_millis(10);
+        let mut d = ModelDrafts::new(Box::new(fake), 2, 16, 64);
+        // prompts of 5 and 1 (two ubatches), then steps of a row each (one): the times tell a
+        // ubatch from a row, and a ubatch is what costs
+        let (h0, h1) = (vec![1, 2, 3, 4, 5], vec![50]);
+        assert_eq!(
+            d.draft(&[ask(0, &h0, 2), ask(1, &h1, 2)]),
+            Some(vec![vec![6, 7], vec![51, 52]])
+        );
+        // the target took 6 7 then 8 for sequence 0, and for 1 nothing then 9: two rows to catch
+        // up for 0 (7, 8: 6 is in), one for 1 (9, its 51 cut), and one more for 1 as padding
+        let (h0, h1) = (vec![1, 2, 3, 4, 5, 6, 7, 8], vec![50, 9]);
+        assert_eq!(
+            d.draft(&[ask(0, &h0, 1), ask(1, &h1, 1)]),
+            Some(vec![vec![9], vec![10]])
+        );
+        let l = log.lock().unwrap();
+        let catch_up = &l.decodes[l.decodes.len() - 1];
+        assert_eq!(catch_up, &vec![(7, 6, 0), (8, 7, 0), (9, 1, 1), (9, 2, 1)]);
+        // the padding is dropped from the draft's cache right after
+        assert_eq!(l.removed, vec![(1, 1), (1, 2)]);
+    }
+
+    #[test]
     fn a_history_that_departs_from_the_cache_cuts_it_there() {
         let log = Arc::new(Mutex::new(Log::default()));
-        let mut d = ModelDrafts::new(Box::new(FakeDraft::new(log.clone())), 1, 8);
+        let mut d = ModelDrafts::new(Box::new(FakeDraft::new(log.clone())), 1, 8, 64);
         d.draft(&[ask(0, &[1, 2, 3, 4], 2)]);
         // another request in the slot, sharing "1 2"
         assert_eq!(d.draft(&[ask(0, &[1, 2, 7], 1)]), Some(vec![vec![8]]));
@@ -290,7 +346,7 @@ pub mod tests {
         let log = Arc::new(Mutex::new(Log::default()));
         let mut fake = FakeDraft::new(log.clone());
         fake.p = 0.3;
-        let mut d = ModelDrafts::new(Box::new(fake), 1, 2);
+        let mut d = ModelDrafts::new(Box::new(fake), 1, 2, 64);
         let h = [1, 2, 3];
         let sure = Ask {
             min_p: 0.5,
@@ -301,7 +357,7 @@ pub mod tests {
         assert_eq!(log.lock().unwrap().decodes.len(), 2);
         let mut failing = FakeDraft::new(log.clone());
         failing.fail = true;
-        let mut d = ModelDrafts::new(Box::new(failing), 1, 8);
+        let mut d = ModelDrafts::new(Box::new(failing), 1, 8, 64);
         assert_eq!(d.draft(&[ask(0, &h, 4)]), None);
         assert!(log.lock().unwrap().removed.contains(&(0, 0)));
     }

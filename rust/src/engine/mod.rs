@@ -139,8 +139,9 @@ impl Engine {
             batcher.disk = Some(disk);
             batcher.disk_adapters = adapters;
         }
-        batcher.drafts =
-            draft.map(|d| draft_model::ModelDrafts::new(d, limits.parallel, batch_size));
+        batcher.drafts = draft.map(|d| {
+            draft_model::ModelDrafts::new(d, limits.parallel, batch_size, limits.ctx_size)
+        });
         let thread_shared = shared.clone();
         let threads = limits.threads;
         let thread = std::thread::Builder::new()
