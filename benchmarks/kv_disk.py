@@ -88,7 +88,9 @@ def xllm_turn(args: argparse.Namespace, persist: bool, tmp: Path) -> float:
     server = Proc(
         [sys.executable, "-m", "xllm", "serve", "--port", str(port), "--model", args.model,
          "--threads", str(args.threads), "--ctx-size", str(args.ctx), "--parallel", "1", *flags],
-        {**os.environ, "XLLM_HOME": str(tmp / f"xllm-{persist}")},
+        # a home of its own each round: a state saved by an earlier round's second turn would
+        # hold this round's whole second prompt, and spare xllm the new tokens' prefill
+        {**os.environ, "XLLM_HOME": tempfile.mkdtemp(prefix=f"xllm-{persist}-", dir=tmp)},
         tmp / "xllm.log",
     )  # fmt: skip
     try:
