@@ -67,15 +67,18 @@ class Proc:
 
 
 def _ttft(http: httpx.Client, url: str, body: dict[str, object]) -> float:
-    """Seconds to the first streamed token."""
+    """Seconds to the first streamed token, shown or not. The second turn's first token is an
+    end-of-turn token here: `ignore_eos` makes xllm generate past it (as vLLM does; it has no
+    text, so xllm's turn asks for log-probabilities to have it sent), and makes llama-server
+    never sample it (a -inf bias). Counting only tokens with text counted xllm's second."""
     start = time.perf_counter()
     with http.stream("POST", url, json={**body, "stream": True}, timeout=600) as r:
         r.raise_for_status()
         for line in r.iter_lines():
             if line.startswith("data: {"):
                 chunk = json.loads(line[6:])
-                text = chunk.get("content") or (chunk.get("choices") or [{}])[0].get("text")
-                if text:
+                choice = (chunk.get("choices") or [{}])[0]
+                if chunk.get("content") or choice.get("text") or choice.get("logprobs"):
                     return time.perf_counter() - start
     raise RuntimeError("no token came")
 
@@ -101,7 +104,7 @@ def xllm_turn(args: argparse.Namespace, persist: bool, tmp: Path) -> float:
         httpx.post(f"{url}/api/generate", json={"model": name, "keep_alive": 0}, timeout=60)
         httpx.post(f"{url}/api/generate", json={"model": name}, timeout=120)  # loaded again
         second = FIRST + one["choices"][0]["text"] + QUESTION
-        turn = {**body, "prompt": second, "max_tokens": 4, "ignore_eos": True}
+        turn = {**body, "prompt": second, "max_tokens": 4, "ignore_eos": True, "logprobs": 0}
         prompt_tokens.append(one["usage"]["prompt_tokens"])
         with httpx.Client() as http:  # made before the clock starts, as a client keeps one
             return _ttft(http, f"{url}/v1/completions", turn)
