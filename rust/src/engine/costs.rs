@@ -12,6 +12,10 @@
 //! tried once, and measured (on a CPU a weight-bound decode of a few more rows costs little more;
 //! guessing along the last two would never find out). Further up costs go on along the last two;
 //! with too few known a 4-token draft measures one more.
+//!
+//! The same measurements decide padding (`StepCosts::padding`): libllama decodes uneven rows of
+//! several sequences in several ubatches (`ubatches`), so a decode's time is also fitted to its
+//! ubatches and rows, and shorter rows are padded where one ubatch is priced below many.
 
 use std::time::Duration;
 
