@@ -26,7 +26,7 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Instant;
 
-use super::costs::{ubatch_count, Acceptance, StepCosts, PROBE_LEN};
+use super::costs::{padding_starts, ubatch_count, Acceptance, StepCosts, PROBE_LEN};
 use super::draft::{Drafter, Ngram, Pacer, Prediction};
 use super::draft_model::{Ask, ModelDrafts};
 use super::kvstore::DiskCache;
@@ -534,10 +534,8 @@ impl<B: Backend> Batcher<B> {
         }
         let now = Instant::now(); // a token's time is when its logits exist
         self.counters.decode_steps += 1;
-        for (k, pad) in items.iter().enumerate().skip(owners.len()) {
-            if k == owners.len() || items[k - 1].seq != pad.seq {
-                self.backend.seq_rm(pad.seq, pad.pos); // a sequence's padding, from its first row
-            }
+        for (seq, pos) in padding_starts(&items[owners.len()..]) {
+            self.backend.seq_rm(seq, pos);
         }
         // Account what went into the cache before sampling what comes next.
         for (item, &slot) in items.iter().zip(&owners) {

@@ -305,6 +305,14 @@ fn by_seq(items: &[BatchItem]) -> Vec<(i32, usize, i32, i32)> {
     rows
 }
 
+/// Where each sequence's rows in `padding` (from `StepCosts::padding`) start: (sequence,
+/// position), what to remove from the KV cache after the decode.
+pub fn padding_starts(padding: &[BatchItem]) -> impl Iterator<Item = (i32, i32)> + '_ {
+    (padding.iter().enumerate())
+        .filter(|&(k, pad)| k == 0 || padding[k - 1].seq != pad.seq)
+        .map(|(_, pad)| (pad.seq, pad.pos))
+}
+
 /// How many ubatches libllama makes of `items` (`ubatches`).
 pub fn ubatch_count(items: &[BatchItem], n_ubatch: usize) -> usize {
     let rows: Vec<(i32, usize)> = by_seq(items).iter().map(|r| (r.0, r.1)).collect();

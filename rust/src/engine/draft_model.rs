@@ -12,7 +12,7 @@
 use std::time::{Duration, Instant};
 
 use super::batcher::BatchItem;
-use super::costs::{ubatch_count, StepCosts};
+use super::costs::{padding_starts, ubatch_count, StepCosts};
 
 /// What drafting needs from the draft model's context.
 pub trait DraftModel: Send {
@@ -43,7 +43,7 @@ pub struct ModelDrafts {
     /// token costs; catching up a prompt is not counted).
     pub stepped: Duration,
     pub steps: u32,
-    /// Every decode's time by rows, to pad uneven catch-ups (`StepCosts::padding`).
+    /// The draft model's decode times, fitted to pad uneven catch-ups (`StepCosts::padding`).
     costs: StepCosts,
     /// Positions per sequence.
     ctx_size: usize,
@@ -125,10 +125,8 @@ impl ModelDrafts {
                 }
             }
         }
-        for (k, pad) in rows.iter().enumerate().skip(owner.len()) {
-            if k == owner.len() || rows[k - 1].seq != pad.seq {
-                self.model.seq_rm(pad.seq, pad.pos);
-            }
+        for (seq, pos) in padding_starts(&rows[owner.len()..]) {
+            self.model.seq_rm(seq, pos);
         }
         // then one token per still drafting sequence and step
         let mut going = by_seq;
