@@ -213,11 +213,16 @@ def report(cells: dict[tuple[str, int, str], Cell], args: argparse.Namespace) ->
         + " | auto/off | draft/ls-draft | accepted/drafted (draft, ngram, auto) | same text"
     )
     auto_ratios = []
-    for name in PROMPTS:
+    for name in [p for p in PROMPTS if any(k[0] == p for k in cells)]:
         for streams in sorted({s for _, s, _ in cells}):
             row = {m: cells[(name, streams, m)] for m in modes}
-            off = row["none"]
-            auto = row["auto"].rate / off.rate if "auto" in row and off.rate else float("nan")
+            xllm = [row[m] for m in modes if m in MODES]
+            off = row.get("none", xllm[0])  # (without none: texts checked against the first)
+            auto = (
+                row["auto"].rate / off.rate
+                if "auto" in row and "none" in row and off.rate
+                else float("nan")
+            )
             if "auto" in row:
                 auto_ratios.append(auto)
             vs = (
@@ -230,7 +235,6 @@ def report(cells: dict[tuple[str, int, str], Cell], args: argparse.Namespace) ->
                 for m in ("draft", "ngram", "auto")
                 if m in row
             )
-            xllm = [row[m] for m in modes if m in MODES]
             same = (
                 "yes" if all(c.texts == off.texts for c in xllm) and len(off.texts) == 1 else "NO"
             )
