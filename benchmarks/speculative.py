@@ -1,16 +1,19 @@
 """Speculative decoding: xllm's modes against plain decoding and against llama-server's.
 
 One `xllm serve` runs the target (with `--draft` loaded beside it as its draft model); each
-request chooses its mode with the `speculative` field (`none`, `draft`, `ngram`, `auto`), so
-the modes share the process, the cache state and the machine's load. llama-server has no
-per-request mode: with `--llama-server`, two more servers run beside xllm (the same threads and
-slots; an idle server costs no CPU): one with the draft model (`-md`, `--spec-type
-draft-simple`) and one with its n-gram lookup (`--spec-type ngram-simple`). Two chat prompts:
-writing new code (little to look up) and rewriting given code with one change (most of the
-answer is in the prompt). For 1 and 4 concurrent streams, greedy, each round runs every
-(prompt, streams) cell in every mode, xllm's and llama-server's, alternating the order. Prints
-decode tokens/s per mode, the ratios the issue sets targets for (auto/off, draft/llama-server's
-draft) and the share of drafted tokens taken.
+request chooses its mode with the `speculative` field (`none`, `draft`, `ngram`, `auto`), so the
+modes share the process, the cache state and the machine's load; `draft-ls` is xllm's draft mode
+with llama-server's draft settings (3 tokens a draft, `min_p` 0, the defaults of the llama.cpp
+llama-cpp-python 0.3.36 ships), so that the two draft modes compare at the same settings.
+llama-server has no per-request mode: with `--llama-server`, two more servers run beside xllm
+(the same threads and slots; an idle server costs no CPU): one with the draft model (`-md`,
+`--spec-type draft-simple`) and one with its n-gram lookup (`--spec-type ngram-simple`). Two
+chat prompts: writing new code (little to look up) and rewriting given code with one change
+(most of the answer is in the prompt). For 1 and 4 concurrent streams, greedy, each round runs
+every (prompt, streams) cell in every mode, xllm's and llama-server's, alternating the order.
+Prints decode tokens/s per mode, the ratios the issue sets targets for (auto/off,
+draft/llama-server's draft, at xllm's settings and at llama-server's) and the share of drafted
+tokens taken.
 
     python benchmarks/speculative.py                   # Qwen2.5-Coder 0.5B, 2 threads, 3 rounds
     python benchmarks/speculative.py --model big.gguf --draft small.gguf --llama-server
@@ -71,8 +74,10 @@ PROMPTS = {
     "rewrite": "Rename the function parse_record to parse_row in this file and return the "
     f"whole file, changing nothing else. Answer with code only.\n\n```python\n{CODE}```",
 }
-MODES = ("none", "draft", "ngram", "auto")
-"""xllm's modes (`draft` and `auto`'s draft model only with `--draft`)."""
+MODES = ("none", "draft", "draft-ls", "ngram", "auto")
+"""xllm's modes (`draft`, `draft-ls` and `auto`'s draft model only with `--draft`)."""
+SPECULATIVE = {"draft-ls": {"type": "draft", "max_draft": 3, "min_p": 0.0}}
+"""A mode's `speculative` field where it is not just its type."""
 LLAMA_MODES = {
     "ls-draft": ["--spec-type", "draft-simple"],
     "ls-ngram": ["--spec-type", "ngram-simple"],
@@ -103,7 +108,7 @@ async def one(
         "temperature": 0,
     }
     if mode in MODES:  # xllm's field; llama-server's mode is its server's
-        body["speculative"] = {"type": mode}
+        body["speculative"] = SPECULATIVE.get(mode, {"type": mode})
     r = await client.post("/v1/chat/completions", json=body)
     if r.status_code != 200:
         raise RuntimeError(f"{mode}: HTTP {r.status_code}: {r.text}")
@@ -210,7 +215,8 @@ def report(cells: dict[tuple[str, int, str], Cell], args: argparse.Namespace) ->
     print(
         "prompt | streams | "
         + " | ".join(f"{m} tok/s" for m in modes)
-        + " | auto/off | draft/ls-draft | accepted/drafted (draft, ngram, auto) | same text"
+        + " | auto/off | draft/ls-draft | draft-ls/ls-draft"
+        + " | accepted/drafted (draft, draft-ls, ngram, auto) | same text"
     )
     auto_ratios = []
     for name in [p for p in PROMPTS if any(k[0] == p for k in cells)]:
@@ -225,14 +231,15 @@ def report(cells: dict[tuple[str, int, str], Cell], args: argparse.Namespace) ->
             )
             if "auto" in row:
                 auto_ratios.append(auto)
-            vs = (
-                f"{row['draft'].rate / row['ls-draft'].rate:.2f}"
-                if "draft" in row and "ls-draft" in row and row["ls-draft"].rate
+            vs = " | ".join(
+                f"{row[m].rate / row['ls-draft'].rate:.2f}"
+                if m in row and "ls-draft" in row and row["ls-draft"].rate
                 else "-"
+                for m in ("draft", "draft-ls")
             )
             shares = ", ".join(
                 f"{row[m].accepted}/{row[m].drafted}"
-                for m in ("draft", "ngram", "auto")
+                for m in ("draft", "draft-ls", "ngram", "auto")
                 if m in row
             )
             same = (
@@ -270,7 +277,7 @@ def main() -> None:
     if args.prompts:
         for name in set(PROMPTS) - set(args.prompts.split(",")):
             del PROMPTS[name]
-    modes = MODES if args.draft else tuple(m for m in MODES if m != "draft")
+    modes = MODES if args.draft else tuple(m for m in MODES if m not in ("draft", "draft-ls"))
     if args.modes:
         modes = tuple(m for m in modes if m in args.modes.split(","))
     cells: dict[tuple[str, int, str], Cell] = {}
