@@ -229,7 +229,7 @@ def report(cells: dict[tuple[str, int, str], Cell], args: argparse.Namespace) ->
                 if "auto" in row and "none" in row and off.rate
                 else float("nan")
             )
-            if "auto" in row:
+            if "auto" in row and "none" in row:
                 auto_ratios.append(auto)
             vs = " | ".join(
                 f"{row[m].rate / row['ls-draft'].rate:.2f}"
