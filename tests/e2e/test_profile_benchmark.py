@@ -155,8 +155,10 @@ def test_benchmark_json(server: Server) -> None:
         assert (c["prompt_tokens"], c["gen_tokens"]) == (24, 8)
         assert c["generated_tokens_total"] == 8 * c["requests"]  # ignore_eos: exact lengths
         assert 24 * c["requests"] <= c["prompt_tokens_total"] <= 25 * c["requests"]
-        # Each prompt is new: nothing (beyond perhaps a shared first token) comes from cache.
-        assert c["cached_tokens_total"] <= c["requests"]
+        # Each prompt is new: nothing comes from cache beyond, by chance, the first token or two
+        # it shares with an earlier prompt (two tokens: ~1/84² per earlier prompt on SmolLM2;
+        # three: ~1/84³).
+        assert c["cached_tokens_total"] <= 2 * c["requests"]
         d = c["duration_s"]
         assert near(c["generation_tokens_per_second"] * d, c["generated_tokens_total"])
         total = c["prompt_tokens_total"] + c["generated_tokens_total"]
