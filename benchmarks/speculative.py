@@ -267,7 +267,11 @@ def main() -> None:
     p.add_argument("--llama-server", action="store_true", help="also run llama-server's modes")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--streams", default="1,4")
-    p.add_argument("--modes", help="xllm's modes to run, comma-separated (default: all)")
+    p.add_argument(
+        "--modes",
+        help="modes to run, xllm's and llama-server's (ls-draft, ls-ngram), comma-separated "
+        "(default: all)",
+    )
     p.add_argument("--prompts", help=f"of {', '.join(PROMPTS)}, comma-separated (default: all)")
     p.add_argument("--max-tokens", type=int, default=256)
     p.add_argument("--rounds", type=int, default=3)
@@ -295,7 +299,8 @@ def main() -> None:
         urls = dict.fromkeys(modes, server.url)
         # every server up at once (idle ones cost no CPU), so that the rounds alternate them
         for mode, extra in LLAMA_MODES.items() if args.llama_server else ():
-            if mode == "ls-draft" and not args.draft:
+            wanted = args.modes.split(",") if args.modes else LLAMA_MODES
+            if (mode == "ls-draft" and not args.draft) or mode not in wanted:
                 continue
             extra = [*extra, "-md", args.draft] if mode == "ls-draft" else extra
             urls[mode] = stack.enter_context(llama_server(args, extra, Path(tmp) / f"{mode}.log"))

@@ -26,7 +26,7 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Instant;
 
-use super::costs::{padding_starts, ubatch_count, Acceptance, StepCosts, PROBE_LEN};
+use super::costs::{padding_starts, ubatch_count, Acceptance, DraftBudget, StepCosts, PROBE_LEN};
 use super::draft::{Drafter, Ngram, Pacer, Prediction};
 use super::draft_model::{Ask, ModelDrafts};
 use super::kvstore::DiskCache;
@@ -860,13 +860,14 @@ impl<B: Backend> Batcher<B> {
         let mut spare = self.batch_size.saturating_sub(generating);
         let maxes: Vec<Option<usize>> = order.iter().map(|&i| self.draft_room(i, spare)).collect();
         spare -= self.plan_guesses(&order, &maxes, generating, spare);
+        let before = self.batch_size - spare; // rows without the draft model's drafts
         let mut asks = Vec::new();
         for (&i, &max) in order.iter().zip(&maxes) {
             let rows = self.batch_size - spare; // every next token, and the drafts so far
             let max = max.map(|m| m.min(spare));
             spare -= self.plan_draft(i, max, (rows, generating), &mut asks);
         }
-        self.draft_with_model(&asks);
+        self.draft_with_model(&asks, (before, generating));
         let mut items = Vec::new();
         let mut owners = Vec::new();
         for &i in &order {
@@ -1073,8 +1074,14 @@ impl<B: Backend> Batcher<B> {
         }
     }
 
-    /// The draft model's guesses for `asks` (from `plan_draft`), all drafted together.
-    fn draft_with_model(&mut self, asks: &[(usize, usize, f32)]) {
+    /// The draft model's guesses for `asks` (from `plan_draft`), all drafted together, for a
+    /// step of `rows` rows from `generating` sequences without them. In draft mode they are
+    /// priced as they are made (`DraftBudget`); the auto mode cut them already.
+    fn draft_with_model(
+        &mut self,
+        asks: &[(usize, usize, f32)],
+        (rows, generating): (usize, usize),
+    ) {
         let Some(drafts) = self.drafts.as_mut() else {
             return;
         };
@@ -1108,8 +1115,14 @@ impl<B: Backend> Batcher<B> {
                 min_p,
             })
             .collect();
+        let draft_mode = asks
+            .iter()
+            .all(|&(slot, _, _)| self.slots[slot].active.as_ref().is_some_and(|a| !a.auto));
+        let budget = draft_mode
+            .then(|| DraftBudget::new(&self.costs, rows, generating))
+            .flatten();
         let (stepped, steps) = (drafts.stepped, drafts.steps);
-        let made = drafts.draft(&wants);
+        let made = drafts.draft(&wants, budget);
         if drafts.steps > steps {
             self.costs
                 .record_draft((drafts.stepped - stepped) / (drafts.steps - steps));
@@ -1136,7 +1149,7 @@ impl<B: Backend> Batcher<B> {
         let draft = std::mem::take(&mut a.draft);
         let base = a.n_past - draft.len(); // after `next`
         a.drafted += draft.len() as u32;
-        let mut taken = 0;
+        let (mut taken, mut rejected) = (0, false);
         for k in 0..=draft.len() {
             let a = self.slots[slot].active.as_mut().expect("running");
             let (token, lp) = self
@@ -1147,6 +1160,7 @@ impl<B: Backend> Batcher<B> {
                 a.accepted += 1;
                 taken += 1;
             }
+            rejected = !agrees && k < draft.len();
             if !self.emit(slot, token, lp, now, events) || !agrees {
                 break;
             }
@@ -1170,6 +1184,7 @@ impl<B: Backend> Batcher<B> {
             self.backend.seq_rm(seq, keep as i32);
         }
         if let Some(drafts) = self.drafts.as_mut() {
+            drafts.verified(seq, taken, rejected);
             drafts.trim(seq, keep);
         }
     }
@@ -2627,7 +2642,13 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
     }
 
+    /// A draft model for `b`. Unless a test set the target's decode time, it is 2 ms, and the
+    /// draft model's nothing: draft mode's budget (`DraftBudget`) then finds every guess worth
+    /// its row, as on a GPU, where timing noise alone would price them at random.
     fn with_draft(b: &mut Batcher<Fake>, draft: FakeDraft) {
+        if b.backend.delay.is_zero() && b.backend.per_row.is_zero() {
+            b.backend.delay = std::time::Duration::from_millis(2);
+        }
         let parallel = b.slots.len();
         b.drafts = Some(ModelDrafts::new(Box::new(draft), parallel, 16, 64));
     }
@@ -2668,6 +2689,39 @@ mod tests {
         let mut unique = positions.clone();
         unique.dedup();
         assert_eq!(positions, unique, "a position decoded twice in a row");
+    }
+
+    #[test]
+    fn draft_mode_drafts_less_where_a_row_costs_what_a_token_brings() {
+        let ms = std::time::Duration::from_millis;
+        let plain = {
+            let mut b = Batcher::new(Fake::default(), 1, 64, 16);
+            b.submit(req(1, vec![10], 24), Instant::now());
+            tokens_of(&run(&mut b), 1, 0)
+        };
+        let steps = |target: Fake| {
+            let mut b = Batcher::new(target, 1, 64, 16);
+            let mut draft = FakeDraft::new(Arc::new(Mutex::new(Log::default())));
+            draft.delay = ms(5);
+            with_draft(&mut b, draft);
+            let mut r = drafted(1, vec![10], 24);
+            r.params.max_draft = 8;
+            b.submit(r, Instant::now());
+            let ev = run(&mut b);
+            assert_eq!(tokens_of(&ev, 1, 0), plain);
+            b.counters.decode_steps
+        };
+        // a GPU: rows nearly free, every guess is worth its row and its draft decode
+        let gpu = steps(Fake {
+            delay: ms(10),
+            ..Fake::default()
+        });
+        // a CPU at its worst: each row costs a token's step, a draft decode half of one more
+        let cpu = steps(Fake {
+            per_row: ms(10),
+            ..Fake::default()
+        });
+        assert!(cpu >= 2 * gpu, "{cpu} steps on the CPU, {gpu} on the GPU");
     }
 
     #[test]

@@ -347,6 +347,167 @@ pub fn ubatches(rows: &[(i32, usize)], n_ubatch: usize) -> Vec<usize> {
     made
 }
 
+/// One step's draft-model drafts in draft mode, priced as they are made: the guesses at hand
+/// are verified, the likeliest first, where they raise the step's expected tokens per second
+/// (`take`), and another draft decode is made where the guesses it is expected to bring would
+/// (`another`). A guess's chance of being taken is the chance of the one before it times its
+/// own (`Calibration`); the step's time is its target decode's (`StepCosts`) and its draft
+/// decodes' so far. So a sure draft runs to its longest, and one whose next guess would cost
+/// a step more than it brings stops there: on a CPU with several streams, where a row costs
+/// almost what a token brings, drafts stay short.
+pub struct DraftBudget<'a> {
+    costs: &'a StepCosts,
+    /// Rows of the step so far, and the tokens it is expected to yield.
+    rows: usize,
+    expected: f64,
+    /// Seconds of draft decodes so far.
+    drafting: f64,
+}
+
+impl<'a> DraftBudget<'a> {
+    /// A step of `rows` rows from `generating` sequences before the draft model's drafts; None
+    /// while the costs do not tell yet what a step or a draft decode costs (drafts are then
+    /// made in full, and measured).
+    pub fn new(costs: &'a StepCosts, rows: usize, generating: usize) -> Option<Self> {
+        if costs.draft_step == 0.0 {
+            return None;
+        }
+        costs.cost(rows)?;
+        Some(Self {
+            costs,
+            rows,
+            expected: generating as f64,
+            drafting: 0.0,
+        })
+    }
+
+    fn rate(&self, rows: usize, expected: f64, drafting: f64) -> Option<f64> {
+        Some(expected / (self.costs.cost(rows)? + drafting))
+    }
+
+    /// A draft decode took `took`.
+    pub fn spent(&mut self, took: Duration) {
+        self.drafting += took.as_secs_f64();
+    }
+
+    /// Which of the guesses at hand to verify, given each one's chance of being taken: the
+    /// likeliest first, as many as give the step its best expected rate.
+    pub fn take(&mut self, chances: &[f64]) -> Vec<bool> {
+        let mut order: Vec<usize> = (0..chances.len()).collect();
+        order.sort_by(|&x, &y| chances[y].total_cmp(&chances[x]));
+        let Some(now) = self.rate(self.rows, self.expected, self.drafting) else {
+            return vec![false; chances.len()];
+        };
+        let (mut best, mut expected) = ((0, now, self.expected), self.expected);
+        for (k, &i) in order.iter().enumerate() {
+            expected += chances[i];
+            let Some(rate) = self.rate(self.rows + k + 1, expected, self.drafting) else {
+                break;
+            };
+            if rate > best.1 {
+                best = (k + 1, rate, expected);
+            }
+        }
+        self.rows += best.0;
+        self.expected = best.2;
+        let mut keep = vec![false; chances.len()];
+        for &i in &order[..best.0] {
+            keep[i] = true;
+        }
+        keep
+    }
+
+    /// Whether drafting on pays: each of the drafts going on (its chance of being taken whole
+    /// so far, and the chance of each guess after, as likely as its last) makes up to `left`
+    /// more guesses, a draft decode and a row each, and some number of them is expected to
+    /// raise the step's rate. Not only the next one: on a CPU a decode's rows may cost little
+    /// more from one ubatch shape to the next, and then more at once.
+    pub fn another(&self, going: &[(f64, f64)], left: usize) -> bool {
+        let Some(now) = self.rate(self.rows, self.expected, self.drafting) else {
+            return false;
+        };
+        let mut expected = self.expected;
+        let mut whole: Vec<f64> = going.iter().map(|g| g.0).collect();
+        for h in 1..=left {
+            for (w, &(_, q)) in whole.iter_mut().zip(going) {
+                *w *= q;
+                expected += *w;
+            }
+            let drafting = self.drafting + h as f64 * self.costs.draft_step;
+            match self.rate(self.rows + h * going.len(), expected, drafting) {
+                Some(rate) if rate > now => return true,
+                Some(_) => {}
+                None => return false,
+            }
+        }
+        false
+    }
+}
+
+/// How often the target takes a draft model's guess, by the draft model's own probability of
+/// it, learned while serving: its confidence is not the target's odds (Qwen2.5-Coder 0.5B's
+/// guesses at 0.75 and above were taken 98-100 % of the time by its 1.5B, on code). Counted in
+/// bins of that probability; a guess counts only where every one before it was taken. Until
+/// guesses are seen, a bin believes the draft model, and so it does again for one guess after
+/// `PROBE_AFTER` guesses of it in a row that the costs declined: a bin learned low would
+/// otherwise never be tried again, as its guesses would never be verified.
+#[derive(Debug, Clone)]
+pub struct Calibration {
+    taken: [f64; BINS],
+    seen: [f64; BINS],
+    declined: [u32; BINS],
+}
+
+const BINS: usize = 10;
+/// Guesses' worth of belief in the draft model's own probability, before any is seen.
+const PRIOR: f64 = 4.0;
+/// The weight each seen guess leaves the ones before it in its bin.
+const BIN_DECAY: f64 = 0.99;
+
+impl Default for Calibration {
+    fn default() -> Self {
+        Self {
+            taken: std::array::from_fn(|b| Self::believed(b) * PRIOR),
+            seen: [PRIOR; BINS],
+            declined: [0; BINS],
+        }
+    }
+}
+
+impl Calibration {
+    fn bin(p: f32) -> usize {
+        ((p.max(0.0) * BINS as f32) as usize).min(BINS - 1)
+    }
+
+    /// The draft model's own belief in a guess of bin `b`: its middle.
+    fn believed(b: usize) -> f64 {
+        (b as f64 + 0.5) / BINS as f64
+    }
+
+    /// The chance that a guess of probability `p` is taken, where the ones before it were.
+    pub fn odds(&self, p: f32) -> f64 {
+        let b = Self::bin(p);
+        if self.declined[b] >= PROBE_AFTER {
+            return Self::believed(b);
+        }
+        self.taken[b] / self.seen[b]
+    }
+
+    /// A guess of probability `p` was verified: `taken` or not.
+    pub fn record(&mut self, p: f32, taken: bool) {
+        let b = Self::bin(p);
+        self.taken[b] = self.taken[b] * BIN_DECAY + f64::from(u8::from(taken));
+        self.seen[b] = self.seen[b] * BIN_DECAY + 1.0;
+        self.declined[b] = 0;
+    }
+
+    /// A draft's first guess, of probability `p`, was made and not verified.
+    pub fn declined(&mut self, p: f32) {
+        let b = Self::bin(p);
+        self.declined[b] = self.declined[b].saturating_add(1);
+    }
+}
+
 /// The share of guesses a draft model of the target's family gets taken at best (llama.cpp's
 /// and our runs: 0.6-0.98 on code).
 const GOOD_ACCEPTANCE: f64 = 0.9;
@@ -458,7 +619,7 @@ mod tests {
     use super::*;
 
     fn costs(per_row: &[(usize, f64)]) -> StepCosts {
-        let mut c = StepCosts::new(64);
+        let mut c = StepCosts::new(128);
         for &(rows, ms) in per_row {
             c.record(rows, Duration::from_secs_f64(ms / 1000.0));
             c.record_ubatches(1, rows, Duration::from_secs_f64(ms / 1000.0));
@@ -508,6 +669,85 @@ mod tests {
         let mut quick = cpu.clone();
         quick.record_draft(Duration::from_millis(10));
         assert!(!quick.model_may_pay(8, 1, 1));
+    }
+
+    /// How long drafts of guesses each taken with chance `q` get in a step of `streams`
+    /// sequences all drafting, guess by guess as `ModelDrafts` asks the budget (at most 16).
+    fn budget_len(costs: &StepCosts, streams: usize, q: f64) -> usize {
+        let mut b = DraftBudget::new(costs, streams, streams).expect("costs known");
+        b.spent(Duration::from_secs_f64(costs.draft_step)); // the catch-up
+        let mut whole = 1.0;
+        for len in 0..16 {
+            let kept = b.take(&vec![whole * q; streams]);
+            if kept.contains(&false) {
+                assert!(!kept.contains(&true), "equal guesses are taken alike");
+                return len;
+            }
+            whole *= q;
+            if !b.another(&vec![(whole, q); streams], 16 - len - 1) {
+                return len + 1;
+            }
+            b.spent(Duration::from_secs_f64(costs.draft_step));
+        }
+        16
+    }
+
+    #[test]
+    fn a_draft_goes_on_while_its_next_guess_pays_for_its_row_and_its_draft_decode() {
+        // Qwen2.5-Coder 1.5B on 2 cores, with its 0.5B drafting at 56 ms a decode
+        let mut cpu = costs(&[
+            (1, 100.0),
+            (2, 163.0),
+            (5, 231.0),
+            (8, 330.0),
+            (17, 580.0),
+            (68, 2300.0),
+        ]);
+        assert!(
+            DraftBudget::new(&cpu, 1, 1).is_none(),
+            "a draft decode never timed"
+        );
+        cpu.record_draft(Duration::from_millis(56));
+        // alone, a sure draft runs to its longest; a doubtful one stops early, or never starts
+        assert_eq!(budget_len(&cpu, 1, 1.0), 16);
+        let doubtful = budget_len(&cpu, 1, 0.9);
+        assert!((2..6).contains(&doubtful), "{doubtful}");
+        assert_eq!(budget_len(&cpu, 1, 0.3), 0);
+        // four streams: a row costs nearly what a token brings, so drafts are shorter
+        let shared = budget_len(&cpu, 4, 0.9);
+        assert!(shared < doubtful, "{shared} >= {doubtful}");
+        assert!(budget_len(&cpu, 4, 1.0) >= 3);
+        // a GPU, where rows are nearly free and a draft decode is cheap: longer drafts pay
+        let mut gpu = costs(&[(1, 10.0), (5, 10.5), (17, 12.0), (68, 16.0)]);
+        gpu.record_draft(Duration::from_millis(2));
+        let (on_gpu, on_cpu) = (budget_len(&gpu, 4, 0.95), budget_len(&cpu, 4, 0.95));
+        assert!(on_gpu >= 2 * on_cpu, "{on_gpu} < 2 * {on_cpu}");
+        assert_eq!(budget_len(&gpu, 4, 1.0), 16);
+        // of uneven guesses, the likely ones are taken
+        let mut b = DraftBudget::new(&cpu, 4, 4).expect("known");
+        assert_eq!(
+            b.take(&[0.2, 0.99, 0.1, 0.98]),
+            vec![false, true, false, true]
+        );
+    }
+
+    #[test]
+    fn calibration_learns_how_often_guesses_of_a_probability_are_taken() {
+        let mut c = Calibration::default();
+        // before any is seen, the draft model is believed
+        assert!((c.odds(0.82) - 0.85).abs() < 1e-9);
+        assert!((c.odds(1.0) - 0.95).abs() < 1e-9);
+        // a draft model too modest: its guesses at 0.8 were always taken
+        for _ in 0..100 {
+            c.record(0.8, true);
+        }
+        assert!(c.odds(0.85) > 0.95);
+        // one too sure: at 0.95, taken half the time; other bins are untouched
+        for k in 0..100 {
+            c.record(0.97, k % 2 == 0);
+        }
+        assert!((c.odds(0.99) - 0.5).abs() < 0.05, "{}", c.odds(0.99));
+        assert!((c.odds(0.3) - 0.35).abs() < 1e-9);
     }
 
     #[test]

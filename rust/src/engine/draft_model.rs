@@ -6,13 +6,16 @@
 //! brought up to date lazily: when a sequence next drafts, whatever of its history the draft's
 //! cache lacks (the prompt the first time, then the tokens the target accepted) is decoded in
 //! one batch with every other drafting sequence's, then each draft step decodes one token per
-//! sequence still drafting, greedily, until `max` tokens or a guess less likely than `min_p`.
-//! Tokens the target rejects leave the draft's cache as they leave the target's (`trim`).
+//! sequence still drafting, greedily, until `max` tokens or a guess less likely than `min_p`,
+//! or, in draft mode, where the costs say the next guess would not pay (`DraftBudget`). Tokens
+//! the target rejects leave the draft's cache as they leave the target's (`trim`), and what it
+//! took of each guess teaches how far the draft model's probabilities are to be trusted
+//! (`verified`).
 
 use std::time::{Duration, Instant};
 
 use super::batcher::BatchItem;
-use super::costs::{padding_starts, ubatch_count, StepCosts};
+use super::costs::{padding_starts, ubatch_count, Calibration, DraftBudget, StepCosts};
 
 /// What drafting needs from the draft model's context.
 pub trait DraftModel: Send {
@@ -47,6 +50,10 @@ pub struct ModelDrafts {
     costs: StepCosts,
     /// Positions per sequence.
     ctx_size: usize,
+    /// The probability of each guess of every sequence's last draft, and how often guesses
+    /// of such probabilities were taken.
+    odds: Vec<Vec<f32>>,
+    calibration: Calibration,
 }
 
 impl ModelDrafts {
@@ -65,24 +72,39 @@ impl ModelDrafts {
             steps: 0,
             costs: StepCosts::new(capacity),
             ctx_size,
+            odds: vec![Vec::new(); parallel],
+            calibration: Calibration::default(),
         }
     }
 
-    /// Drafts for `asks`, in order; None when a draft decode failed (the draft's cache of
-    /// these sequences is then forgotten, and the target decodes as if no one drafted).
-    pub fn draft(&mut self, asks: &[Ask<'_>]) -> Option<Vec<Vec<i32>>> {
+    /// Drafts for `asks`, in order, priced by `budget` where given; None when a draft decode
+    /// failed (the draft's cache of these sequences is then forgotten, and the target decodes
+    /// as if no one drafted).
+    pub fn draft(
+        &mut self,
+        asks: &[Ask<'_>],
+        budget: Option<DraftBudget<'_>>,
+    ) -> Option<Vec<Vec<i32>>> {
         let mut drafts = vec![Vec::new(); asks.len()];
-        if self.try_draft(asks, &mut drafts).is_ok() {
+        if self.try_draft(asks, &mut drafts, budget).is_ok() {
             return Some(drafts);
         }
         for a in asks {
             self.model.seq_rm(a.seq, 0);
             self.cached[a.seq as usize].clear();
+            self.odds[a.seq as usize].clear();
         }
         None
     }
 
-    fn try_draft(&mut self, asks: &[Ask<'_>], drafts: &mut [Vec<i32>]) -> Result<(), String> {
+    fn try_draft(
+        &mut self,
+        asks: &[Ask<'_>],
+        drafts: &mut [Vec<i32>],
+        mut budget: Option<DraftBudget<'_>>,
+    ) -> Result<(), String> {
+        let priced = budget.is_some();
+        let with_p = |a: &Ask<'_>| a.min_p > 0.0 || priced;
         // catch up: what each sequence's draft cache lacks, the last token always (its logits
         // give the first guess)
         let mut rows = Vec::new();
@@ -116,12 +138,15 @@ impl ModelDrafts {
         for (chunk, owners) in rows.chunks(self.capacity).zip(owner.chunks(self.capacity)) {
             let started = Instant::now();
             self.model.decode(chunk)?;
+            let took = started.elapsed();
             let ubatches = ubatch_count(chunk, self.capacity);
-            self.costs
-                .record_ubatches(ubatches, chunk.len(), started.elapsed());
+            self.costs.record_ubatches(ubatches, chunk.len(), took);
+            if let Some(b) = budget.as_mut() {
+                b.spent(took);
+            }
             for (index, (row, &i)) in chunk.iter().zip(owners).enumerate() {
                 if row.output {
-                    last[i] = self.model.top(index as i32, asks[i].min_p > 0.0);
+                    last[i] = self.model.top(index as i32, with_p(&asks[i]));
                 }
             }
         }
@@ -129,17 +154,44 @@ impl ModelDrafts {
             self.model.seq_rm(seq, pos);
         }
         // then one token per still drafting sequence and step
+        for a in asks {
+            self.odds[a.seq as usize].clear();
+        }
         let mut going = by_seq;
+        // each sequence's chance that its draft so far is taken whole
+        let mut whole = vec![1.0f64; asks.len()];
         loop {
-            going.retain(|&i| {
-                let (token, p) = last[i];
-                let a = &asks[i];
-                if drafts[i].len() >= a.max || p < a.min_p {
-                    return false;
+            going.retain(|&i| drafts[i].len() < asks[i].max && last[i].1 >= asks[i].min_p);
+            // each guess at hand's chance of being taken, where the draft before it was
+            let odds: Vec<f64> = (last.iter())
+                .map(|&(_, p)| self.calibration.odds(p))
+                .collect();
+            if let Some(b) = budget.as_mut() {
+                let chances: Vec<f64> = going.iter().map(|&i| whole[i] * odds[i]).collect();
+                let mut keep = b.take(&chances).into_iter();
+                let calibration = &mut self.calibration;
+                going.retain(|&i| {
+                    let kept = keep.next() == Some(true);
+                    if !kept && drafts[i].is_empty() {
+                        calibration.declined(last[i].1);
+                    }
+                    kept
+                });
+            }
+            for &i in &going {
+                whole[i] *= odds[i];
+                drafts[i].push(last[i].0);
+                self.odds[asks[i].seq as usize].push(last[i].1);
+            }
+            going.retain(|&i| drafts[i].len() < asks[i].max);
+            // the next guesses, expected as likely as these
+            if let Some(b) = budget.as_ref() {
+                let on: Vec<(f64, f64)> = going.iter().map(|&i| (whole[i], odds[i])).collect();
+                let left = going.iter().map(|&i| asks[i].max - drafts[i].len()).max();
+                if !b.another(&on, left.unwrap_or(0)) {
+                    return Ok(());
                 }
-                drafts[i].push(token);
-                drafts[i].len() < a.max
-            });
+            }
             if going.is_empty() {
                 return Ok(());
             }
@@ -157,12 +209,24 @@ impl ModelDrafts {
             let took = started.elapsed();
             let ubatches = ubatch_count(&rows, self.capacity);
             self.costs.record_ubatches(ubatches, rows.len(), took);
+            if let Some(b) = budget.as_mut() {
+                b.spent(took);
+            }
             self.stepped += took;
             self.steps += 1;
             for (index, &i) in going.iter().enumerate() {
                 self.cached[asks[i].seq as usize].push(last[i].0);
-                last[i] = self.model.top(index as i32, asks[i].min_p > 0.0);
+                last[i] = self.model.top(index as i32, with_p(&asks[i]));
             }
+        }
+    }
+
+    /// The target took the first `taken` guesses of a sequence's last draft; the next one it
+    /// `rejected`, or never reached (the request finished).
+    pub fn verified(&mut self, seq: i32, taken: usize, rejected: bool) {
+        let odds = std::mem::take(&mut self.odds[seq as usize]);
+        for (k, &p) in odds.iter().enumerate().take(taken + usize::from(rejected)) {
+            self.calibration.record(p, k < taken);
         }
     }
 
@@ -258,7 +322,7 @@ pub mod tests {
         let log = Arc::new(Mutex::new(Log::default()));
         let mut d = ModelDrafts::new(Box::new(FakeDraft::new(log.clone())), 2, 8, 64);
         let (h0, h1) = (vec![1, 2, 3], vec![50, 51]);
-        let drafts = d.draft(&[ask(0, &h0, 3), ask(1, &h1, 2)]);
+        let drafts = d.draft(&[ask(0, &h0, 3), ask(1, &h1, 2)], None);
         assert_eq!(drafts, Some(vec![vec![4, 5, 6], vec![52, 53]]));
         let l = log.lock().unwrap();
         // both prompts in one decode, then a row per drafting sequence per step
@@ -276,7 +340,7 @@ pub mod tests {
         d.trim(0, 5);
         assert_eq!(log.lock().unwrap().removed, vec![]);
         let h0 = vec![1, 2, 3, 4, 5, 9];
-        assert_eq!(d.draft(&[ask(0, &h0, 1)]), Some(vec![vec![10]]));
+        assert_eq!(d.draft(&[ask(0, &h0, 1)], None), Some(vec![vec![10]]));
         assert_eq!(log.lock().unwrap().decodes[3], vec![(9, 5, 0)]);
         // a rejected tail inside the draft's cache is removed from it
         d.trim(0, 3);
@@ -288,7 +352,7 @@ pub mod tests {
         let log = Arc::new(Mutex::new(Log::default()));
         let mut d = ModelDrafts::new(Box::new(FakeDraft::new(log.clone())), 2, 8, 64);
         let (h0, h1) = (vec![1, 2], vec![50, 51]);
-        let drafts = d.draft(&[ask(1, &h1, 2), ask(0, &h0, 2)]);
+        let drafts = d.draft(&[ask(1, &h1, 2), ask(0, &h0, 2)], None);
         assert_eq!(drafts, Some(vec![vec![52, 53], vec![3, 4]]));
         let l = log.lock().unwrap();
         assert_eq!(
@@ -310,14 +374,14 @@ pub mod tests {
         // ubatch from a row, and a ubatch is what costs
         let (h0, h1) = (vec![1, 2, 3, 4, 5], vec![50]);
         assert_eq!(
-            d.draft(&[ask(0, &h0, 2), ask(1, &h1, 2)]),
+            d.draft(&[ask(0, &h0, 2), ask(1, &h1, 2)], None),
             Some(vec![vec![6, 7], vec![51, 52]])
         );
         // the target took 6 7 then 8 for sequence 0, and for 1 nothing then 9: two rows to catch
         // up for 0 (7, 8: 6 is in), one for 1 (9, its 51 cut), and one more for 1 as padding
         let (h0, h1) = (vec![1, 2, 3, 4, 5, 6, 7, 8], vec![50, 9]);
         assert_eq!(
-            d.draft(&[ask(0, &h0, 1), ask(1, &h1, 1)]),
+            d.draft(&[ask(0, &h0, 1), ask(1, &h1, 1)], None),
             Some(vec![vec![9], vec![10]])
         );
         let l = log.lock().unwrap();
@@ -328,12 +392,54 @@ pub mod tests {
     }
 
     #[test]
+    fn a_priced_draft_stops_where_its_next_guess_would_not_pay_and_learns_from_verifies() {
+        // Qwen2.5-Coder 1.5B on 2 cores, its 0.5B drafting at 56 ms a decode, 20 times quicker
+        let mut cpu = StepCosts::new(64);
+        for (rows, ms) in [(1, 100), (2, 163), (5, 231), (8, 330), (17, 580)] {
+            cpu.record(rows, Duration::from_millis(ms) / 20);
+        }
+        let step = Duration::from_micros(2800);
+        cpu.record_draft(step);
+        let log = Arc::new(Mutex::new(Log::default()));
+        let mut fake = FakeDraft::new(log.clone());
+        fake.p = 0.95;
+        fake.delay = step;
+        let mut d = ModelDrafts::new(Box::new(fake), 1, 64, 256);
+        let h = [1, 2, 3];
+        let draft = |d: &mut ModelDrafts| {
+            let budget = DraftBudget::new(&cpu, 1, 1);
+            d.draft(&[ask(0, &h, 16)], budget).expect("drafts")[0].len()
+        };
+        // believed at 0.95 a guess, a draft stops after a few: each costs 80 ms (a row and a
+        // draft decode) for 0.95 token, against 100 ms a token without drafting
+        let believed = draft(&mut d);
+        assert!((1..8).contains(&believed), "{believed}");
+        // every guess taken: such guesses are learned to be sure, and drafts run to the longest
+        for _ in 0..30 {
+            let len = draft(&mut d);
+            d.verified(0, len, false);
+        }
+        assert_eq!(draft(&mut d), 16);
+        // every first guess rejected: once that outweighs the many taken before, drafting
+        // stops paying, but for a probe after enough guesses declined in a row
+        let mut declined = 0;
+        for _ in 0..300 {
+            let len = draft(&mut d);
+            d.verified(0, 0, len > 0);
+            declined += usize::from(len == 0);
+        }
+        assert!(declined > 150, "{declined}");
+        let tried = (0..100).position(|_| draft(&mut d) > 0);
+        assert!(tried.is_some_and(|n| n < 40), "{tried:?}");
+    }
+
+    #[test]
     fn a_history_that_departs_from_the_cache_cuts_it_there() {
         let log = Arc::new(Mutex::new(Log::default()));
         let mut d = ModelDrafts::new(Box::new(FakeDraft::new(log.clone())), 1, 8, 64);
-        d.draft(&[ask(0, &[1, 2, 3, 4], 2)]);
+        d.draft(&[ask(0, &[1, 2, 3, 4], 2)], None);
         // another request in the slot, sharing "1 2"
-        assert_eq!(d.draft(&[ask(0, &[1, 2, 7], 1)]), Some(vec![vec![8]]));
+        assert_eq!(d.draft(&[ask(0, &[1, 2, 7], 1)], None), Some(vec![vec![8]]));
         let l = log.lock().unwrap();
         assert_eq!(l.removed, vec![(0, 2)]);
         assert_eq!(l.decodes.last().unwrap(), &vec![(7, 2, 0)]);
@@ -350,13 +456,13 @@ pub mod tests {
             min_p: 0.5,
             ..ask(0, &h, 4)
         };
-        assert_eq!(d.draft(&[sure]), Some(vec![Vec::<i32>::new()]));
+        assert_eq!(d.draft(&[sure], None), Some(vec![Vec::<i32>::new()]));
         // the catch-up went in chunks of the capacity
         assert_eq!(log.lock().unwrap().decodes.len(), 2);
         let mut failing = FakeDraft::new(log.clone());
         failing.fail = true;
         let mut d = ModelDrafts::new(Box::new(failing), 1, 8, 64);
-        assert_eq!(d.draft(&[ask(0, &h, 4)]), None);
+        assert_eq!(d.draft(&[ask(0, &h, 4)], None), None);
         assert!(log.lock().unwrap().removed.contains(&(0, 0)));
     }
 }
