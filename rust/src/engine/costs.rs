@@ -348,9 +348,9 @@ pub fn ubatches(rows: &[(i32, usize)], n_ubatch: usize) -> Vec<usize> {
 }
 
 /// One step's draft-model drafts in draft mode, priced as they are made: the guesses at hand
-/// are verified, the likeliest first, where they raise the step's expected tokens per second
-/// (`take`), and another draft decode is made where the guesses it is expected to bring would
-/// (`another`). A guess's chance of being taken is the chance of the one before it times its
+/// are verified, the likeliest first, where they bring more tokens per second of their cost
+/// than the step's rate so far or plain decoding's, whichever is better (`bar`; `take`), and
+/// another draft decode is made where the guesses it is expected to bring would (`another`). A guess's chance of being taken is the chance of the one before it times its
 /// own (`Calibration`); the step's time is its target decode's (`StepCosts`) and its draft
 /// decodes' so far. So a sure draft runs to its longest, and one whose next guess would cost
 /// a step more than it brings stops there: on a CPU with several streams, where a row costs
@@ -362,6 +362,8 @@ pub struct DraftBudget<'a> {
     expected: f64,
     /// Seconds of draft decodes so far.
     drafting: f64,
+    /// Plain decoding's rate: the generating sequences' tokens over a step of their rows.
+    plain: f64,
 }
 
 impl<'a> DraftBudget<'a> {
@@ -372,17 +374,35 @@ impl<'a> DraftBudget<'a> {
         if costs.draft_step == 0.0 {
             return None;
         }
-        costs.cost(rows)?;
+        let step = costs.cost(rows)?;
         Some(Self {
             costs,
             rows,
             expected: generating as f64,
             drafting: 0.0,
+            plain: generating as f64 / step,
         })
     }
 
     fn rate(&self, rows: usize, expected: f64, drafting: f64) -> Option<f64> {
         Some(expected / (self.costs.cost(rows)? + drafting))
+    }
+
+    /// What a guess must bring per second of its cost: the step's rate so far, or plain
+    /// decoding's where that is better (the draft decodes made are spent whatever comes next:
+    /// against the step's rate alone, a step that paid for them takes guesses worth less
+    /// than not drafting would yield).
+    fn bar(&self) -> Option<f64> {
+        Some(
+            self.rate(self.rows, self.expected, self.drafting)?
+                .max(self.plain),
+        )
+    }
+
+    /// The expected tokens minus `bar` times the time, at `rows` rows (the Dinkelbach form of
+    /// a rate: positive where a change raises the rate above `bar`).
+    fn net(&self, bar: f64, rows: usize, expected: f64, drafting: f64) -> Option<f64> {
+        Some(expected - bar * (self.costs.cost(rows)? + drafting))
     }
 
     /// A draft decode took `took`.
@@ -391,21 +411,24 @@ impl<'a> DraftBudget<'a> {
     }
 
     /// Which of the guesses at hand to verify, given each one's chance of being taken: the
-    /// likeliest first, as many as give the step its best expected rate.
+    /// likeliest first, as many as bring the most over `bar`.
     pub fn take(&mut self, chances: &[f64]) -> Vec<bool> {
         let mut order: Vec<usize> = (0..chances.len()).collect();
         order.sort_by(|&x, &y| chances[y].total_cmp(&chances[x]));
-        let Some(now) = self.rate(self.rows, self.expected, self.drafting) else {
+        let net = |bar, rows, expected| self.net(bar, rows, expected, self.drafting);
+        let Some((bar, now)) =
+            (self.bar()).and_then(|b| Some((b, net(b, self.rows, self.expected)?)))
+        else {
             return vec![false; chances.len()];
         };
         let (mut best, mut expected) = ((0, now, self.expected), self.expected);
         for (k, &i) in order.iter().enumerate() {
             expected += chances[i];
-            let Some(rate) = self.rate(self.rows + k + 1, expected, self.drafting) else {
+            let Some(value) = net(bar, self.rows + k + 1, expected) else {
                 break;
             };
-            if rate > best.1 {
-                best = (k + 1, rate, expected);
+            if value > best.1 {
+                best = (k + 1, value, expected);
             }
         }
         self.rows += best.0;
@@ -420,10 +443,13 @@ impl<'a> DraftBudget<'a> {
     /// Whether drafting on pays: each of the drafts going on (its chance of being taken whole
     /// so far, and the chance of each guess after, as likely as its last) makes up to `left`
     /// more guesses, a draft decode and a row each, and some number of them is expected to
-    /// raise the step's rate. Not only the next one: on a CPU a decode's rows may cost little
+    /// bring more than `bar`. Not only the next one: on a CPU a decode's rows may cost little
     /// more from one ubatch shape to the next, and then more at once.
     pub fn another(&self, going: &[(f64, f64)], left: usize) -> bool {
-        let Some(now) = self.rate(self.rows, self.expected, self.drafting) else {
+        let Some(bar) = self.bar() else {
+            return false;
+        };
+        let Some(now) = self.net(bar, self.rows, self.expected, self.drafting) else {
             return false;
         };
         let mut expected = self.expected;
@@ -434,8 +460,8 @@ impl<'a> DraftBudget<'a> {
                 expected += *w;
             }
             let drafting = self.drafting + h as f64 * self.costs.draft_step;
-            match self.rate(self.rows + h * going.len(), expected, drafting) {
-                Some(rate) if rate > now => return true,
+            match self.net(bar, self.rows + h * going.len(), expected, drafting) {
+                Some(value) if value > now => return true,
                 Some(_) => {}
                 None => return false,
             }
