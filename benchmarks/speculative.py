@@ -298,8 +298,8 @@ def main() -> None:
         args.model = health["models"][0]["name"]
         urls = dict.fromkeys(modes, server.url)
         # every server up at once (idle ones cost no CPU), so that the rounds alternate them
+        wanted = args.modes.split(",") if args.modes else LLAMA_MODES
         for mode, extra in LLAMA_MODES.items() if args.llama_server else ():
-            wanted = args.modes.split(",") if args.modes else LLAMA_MODES
             if (mode == "ls-draft" and not args.draft) or mode not in wanted:
                 continue
             extra = [*extra, "-md", args.draft] if mode == "ls-draft" else extra

@@ -350,8 +350,9 @@ pub fn ubatches(rows: &[(i32, usize)], n_ubatch: usize) -> Vec<usize> {
 /// One step's draft-model drafts in draft mode, priced as they are made: the guesses at hand
 /// are verified, the likeliest first, where they bring more tokens per second of their cost
 /// than the step's rate so far or plain decoding's, whichever is better (`bar`; `take`), and
-/// another draft decode is made where the guesses it is expected to bring would (`another`). A guess's chance of being taken is the chance of the one before it times its
-/// own (`Calibration`); the step's time is its target decode's (`StepCosts`) and its draft
+/// another draft decode is made where the guesses it is expected to bring would (`another`).
+/// A guess's chance of being taken is the chance of the one before it times its own
+/// (`Calibration`); the step's time is its target decode's (`StepCosts`) and its draft
 /// decodes' so far. So a sure draft runs to its longest, and one whose next guess would cost
 /// a step more than it brings stops there: on a CPU with several streams, where a row costs
 /// almost what a token brings, drafts stay short.
@@ -384,19 +385,14 @@ impl<'a> DraftBudget<'a> {
         })
     }
 
-    fn rate(&self, rows: usize, expected: f64, drafting: f64) -> Option<f64> {
-        Some(expected / (self.costs.cost(rows)? + drafting))
-    }
-
     /// What a guess must bring per second of its cost: the step's rate so far, or plain
     /// decoding's where that is better (the draft decodes made are spent whatever comes next:
     /// against the step's rate alone, a step that paid for them takes guesses worth less
-    /// than not drafting would yield).
-    fn bar(&self) -> Option<f64> {
-        Some(
-            self.rate(self.rows, self.expected, self.drafting)?
-                .max(self.plain),
-        )
+    /// than not drafting would yield); and the step's `net` at that bar as it stands.
+    fn bar(&self) -> Option<(f64, f64)> {
+        let time = self.costs.cost(self.rows)? + self.drafting;
+        let bar = (self.expected / time).max(self.plain);
+        Some((bar, self.expected - bar * time))
     }
 
     /// The expected tokens minus `bar` times the time, at `rows` rows (the Dinkelbach form of
@@ -415,16 +411,13 @@ impl<'a> DraftBudget<'a> {
     pub fn take(&mut self, chances: &[f64]) -> Vec<bool> {
         let mut order: Vec<usize> = (0..chances.len()).collect();
         order.sort_by(|&x, &y| chances[y].total_cmp(&chances[x]));
-        let net = |bar, rows, expected| self.net(bar, rows, expected, self.drafting);
-        let Some((bar, now)) =
-            (self.bar()).and_then(|b| Some((b, net(b, self.rows, self.expected)?)))
-        else {
+        let Some((bar, now)) = self.bar() else {
             return vec![false; chances.len()];
         };
         let (mut best, mut expected) = ((0, now, self.expected), self.expected);
         for (k, &i) in order.iter().enumerate() {
             expected += chances[i];
-            let Some(value) = net(bar, self.rows + k + 1, expected) else {
+            let Some(value) = self.net(bar, self.rows + k + 1, expected, self.drafting) else {
                 break;
             };
             if value > best.1 {
@@ -446,10 +439,7 @@ impl<'a> DraftBudget<'a> {
     /// bring more than `bar`. Not only the next one: on a CPU a decode's rows may cost little
     /// more from one ubatch shape to the next, and then more at once.
     pub fn another(&self, going: &[(f64, f64)], left: usize) -> bool {
-        let Some(bar) = self.bar() else {
-            return false;
-        };
-        let Some(now) = self.net(bar, self.rows, self.expected, self.drafting) else {
+        let Some((bar, now)) = self.bar() else {
             return false;
         };
         let mut expected = self.expected;
