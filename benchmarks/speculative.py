@@ -3,8 +3,9 @@
 One `xllm serve` runs the target (with `--draft` loaded beside it as its draft model); each
 request chooses its mode with the `speculative` field (`none`, `draft`, `ngram`, `auto`), so the
 modes share the process, the cache state and the machine's load; `draft-ls` is xllm's draft mode
-with llama-server's draft settings (3 tokens a draft, `min_p` 0, the defaults of the llama.cpp
-llama-cpp-python 0.3.36 ships), so that the two draft modes compare at the same settings.
+with llama-server's draft settings (3 tokens a draft every step, not priced: `adaptive` false;
+`min_p` 0, the defaults of the llama.cpp llama-cpp-python 0.3.36 ships), so that the two draft
+modes compare at the same settings.
 llama-server has no per-request mode: with `--llama-server`, two more servers run beside xllm
 (the same threads and slots; an idle server costs no CPU): one with the draft model (`-md`,
 `--spec-type draft-simple`) and one with its n-gram lookup (`--spec-type ngram-simple`). Two
@@ -76,7 +77,7 @@ PROMPTS = {
 }
 MODES = ("none", "draft", "draft-ls", "ngram", "auto")
 """xllm's modes (`draft`, `draft-ls` and `auto`'s draft model only with `--draft`)."""
-SPECULATIVE = {"draft-ls": {"type": "draft", "max_draft": 3, "min_p": 0.0}}
+SPECULATIVE = {"draft-ls": {"type": "draft", "max_draft": 3, "min_p": 0.0, "adaptive": False}}
 """A mode's `speculative` field where it is not just its type."""
 LLAMA_MODES = {
     "ls-draft": ["--spec-type", "draft-simple"],

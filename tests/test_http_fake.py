@@ -209,6 +209,16 @@ async def test_a_full_engine_is_a_503_with_retry_after(client: TestClient[Any, A
             {"model": MODEL, "prompt": "x", "speculative": {"type": "draft", "draft_model": ""}},
             "speculative.draft_model",
         ),
+        (
+            "/v1/completions",
+            {"model": MODEL, "prompt": "x", "speculative": {"type": "auto", "adaptive": False}},
+            "speculative",
+        ),
+        (
+            "/v1/completions",
+            {"model": MODEL, "prompt": "x", "speculative": {"type": "draft", "adaptive": "no"}},
+            "speculative.adaptive",
+        ),
         ("/v1/chat/completions", _chat("x", prediction={"type": "text"}), "prediction.type"),
         (
             "/v1/completions",
@@ -262,6 +272,7 @@ async def test_speculation_fields_reach_the_engine(client: TestClient[Any, Any])
     r = await client.post("/v1/chat/completions", json=ok)
     assert r.status == 200, await r.text()
     draft = {"type": "draft", "draft_model": "small", "min_p": 0.25, "max_draft": 4}
+    draft["adaptive"] = False
     r = await client.post(
         "/v1/completions", json={"model": MODEL, "prompt": "x", "speculative": draft}
     )
@@ -272,11 +283,24 @@ async def test_speculation_fields_reach_the_engine(client: TestClient[Any, Any])
         sampling.draft_model,
         sampling.draft_min_p,
         sampling.max_draft,
+        sampling.draft_adaptive,
     ) == (
         "draft",
         "small",
         0.25,
         4,
+        False,
+    )
+    options = {"speculative": "draft", "draft_adaptive": False, "draft_num_predict": 3}
+    r = await client.post(
+        "/api/generate", json={"model": MODEL, "prompt": "x", "stream": False, "options": options}
+    )
+    assert r.status == 200, await r.text()
+    sampling = FakeEngine.instances[-1].requests[-1].sampling
+    assert (sampling.speculative, sampling.draft_adaptive, sampling.max_draft) == (
+        "draft",
+        False,
+        3,
     )
 
 

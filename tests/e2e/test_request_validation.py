@@ -182,6 +182,7 @@ OPTIONS: dict[str, tuple[str, float | None]] = {
     "penalize_newline": (BOOL, None), "low_vram": (BOOL, None), "f16_kv": (BOOL, None),
     "logits_all": (BOOL, None), "vocab_only": (BOOL, None), "use_mmap": (BOOL, None),
     "use_mlock": (BOOL, None), "numa": (BOOL, None), "embedding_only": (BOOL, None),
+    "draft_adaptive": (BOOL, None),
     "stop": ("list", None),
 }  # fmt: skip
 

@@ -212,7 +212,8 @@ def test_a_split_draft_model_drafts_beside_the_model(
     assert r.returncode == 0, r.stderr
     body = {
         "model": "drafted", "prompt": PROMPT, "max_tokens": 16, "temperature": 0,
-        "repeat_penalty": 1.0, "speculative": {"type": "draft", "max_draft": 4},
+        "repeat_penalty": 1.0,
+        "speculative": {"type": "draft", "max_draft": 4, "adaptive": False},
     }  # fmt: skip
     out = httpx.post(f"{srv.url}/v1/completions", json=body, timeout=300)
     assert out.status_code == 200, out.text

@@ -332,6 +332,8 @@ def sampling_params(
     params["auto"] = mode == "auto"
     if s.draft_min_p is not None:
         params["draft_min_p"] = s.draft_min_p
+    if s.draft_adaptive is not None:
+        params["adaptive"] = s.draft_adaptive
     if s.max_draft is not None:
         params["max_draft"] = s.max_draft
     return params

@@ -150,6 +150,10 @@ class Sampling:
     """The draft model a request names (it must be the one the model was loaded with)."""
     draft_min_p: float | None = None
     """The least probability (by the draft model) of a draft token worth verifying."""
+    draft_adaptive: bool | None = None
+    """False: "draft" drafts up to `max_draft` every step whatever the costs say (as
+    llama-server does), where by default its guesses are priced and a step that cannot pay
+    drafts none."""
     max_draft: int | None = None
     """The most draft tokens a step verifies (0: no drafting, not even a `prediction`)."""
     prediction: str | None = None

@@ -144,6 +144,8 @@ struct Active<S> {
     pacer: Pacer,
     /// Drafts are cut to what the cost model finds pays (`costs.rs`).
     auto: bool,
+    /// Draft mode's drafts are priced (`Params::adaptive`).
+    adaptive: bool,
     /// How often this sequence's guesses (the draft model's in `Source::Either`: the
     /// lookup's) are taken.
     acceptance: Acceptance,
@@ -733,6 +735,7 @@ impl<B: Backend> Batcher<B> {
                     pacer: pacer(&w.request.params, source.as_ref()),
                     source,
                     auto: w.request.params.auto,
+                    adaptive: w.request.params.adaptive,
                     acceptance: Acceptance::default(),
                     by_model: false,
                     draft: Vec::new(),
@@ -1115,12 +1118,37 @@ impl<B: Backend> Batcher<B> {
                 min_p,
             })
             .collect();
-        let draft_mode = asks
-            .iter()
-            .all(|&(slot, _, _)| self.slots[slot].active.as_ref().is_some_and(|a| !a.auto));
+        let draft_mode = (asks.iter()).all(|&(slot, _, _)| {
+            (self.slots[slot].active.as_ref()).is_some_and(|a| !a.auto && a.adaptive)
+        });
         let budget = draft_mode
             .then(|| DraftBudget::new(&self.costs, rows, generating))
             .flatten();
+        if let Some(b) = &budget {
+            // The budget prices a guess once made, and by then the draft model's first decode
+            // of the step (its reading of what each sequence generated since, whose last row
+            // gives the first guess) is spent: with several streams on a CPU, half a step each
+            // step. So a step drafts only where some number of guesses, each as likely as the
+            // sequence's were taken so far, may pay for their decodes and rows.
+            let going: Vec<(f64, f64)> = (asks.iter())
+                .filter_map(|&(slot, _, _)| self.slots[slot].active.as_ref())
+                .map(|a| (1.0, a.acceptance.expected()))
+                .collect();
+            let left = asks.iter().map(|&(_, max, _)| max).max().unwrap_or(0);
+            let pays = b.another(&going, left);
+            for &(slot, _, _) in asks {
+                if let Some(a) = self.slots[slot].active.as_mut() {
+                    if !pays {
+                        a.acceptance.record(0, 0);
+                    } else if a.acceptance.probing() {
+                        a.acceptance.probed();
+                    }
+                }
+            }
+            if !pays {
+                return;
+            }
+        }
         let (stepped, steps) = (drafts.stepped, drafts.steps);
         let made = drafts.draft(&wants, budget);
         if drafts.steps > steps {
@@ -1130,6 +1158,11 @@ impl<B: Backend> Batcher<B> {
         for (i, &(slot, _, _)) in asks.iter().enumerate() {
             if let Some(a) = self.slots[slot].active.as_mut() {
                 match (&made, &mut a.source) {
+                    // in draft mode, a step whose guesses the budget all declined is one
+                    // without a draft
+                    (Some(made), _) if made[i].is_empty() && draft_mode => {
+                        a.acceptance.record(0, 0)
+                    }
                     (Some(made), _) => a.draft = made[i].clone(),
                     // a draft model that fails drafts no more for it
                     (None, Some(Source::Either { model, .. })) => *model = None,
@@ -1172,7 +1205,10 @@ impl<B: Backend> Batcher<B> {
         s.cached.truncate(keep);
         if let Some(a) = s.active.as_mut() {
             a.n_past = keep;
-            a.pacer.record(draft.len(), taken);
+            // draft mode's model drafts are cut guess by guess (`DraftBudget`), not paced
+            if a.auto || !matches!(a.source, Some(Source::Model(_))) {
+                a.pacer.record(draft.len(), taken);
+            }
             match &mut a.source {
                 Some(Source::Either {
                     model_acceptance, ..
@@ -2725,6 +2761,56 @@ mod tests {
     }
 
     #[test]
+    fn draft_mode_stops_asking_the_draft_model_where_no_draft_can_pay() {
+        // four streams on a CPU: a row costs a token's share of the step, and a draft decode
+        // half a step, so no draft pays even were every guess taken; the draft model's first
+        // decode of a step (its reading of the step before) must not be paid every step
+        let ms = std::time::Duration::from_millis;
+        let target = || Fake {
+            per_row: ms(3),
+            ..Fake::default()
+        };
+        let run_with = |draft: bool, adaptive: bool| {
+            let log = Arc::new(Mutex::new(Log::default()));
+            let mut b = Batcher::new(target(), 4, 64, 64);
+            let mut fake = FakeDraft::new(log.clone());
+            fake.delay = ms(6);
+            with_draft(&mut b, fake);
+            for id in 1..=4u64 {
+                let mut r = drafted(id, vec![10 * id as i32], 40);
+                r.params.draft_model = draft;
+                r.params.max_draft = if draft { 4 } else { 0 };
+                r.params.adaptive = adaptive;
+                b.submit(r, Instant::now());
+            }
+            let ev = run(&mut b);
+            let decodes = log.lock().unwrap().decodes.len();
+            (ev, decodes, b.counters.decode_steps)
+        };
+        let (plain, ..) = run_with(false, true);
+        let (ev, decodes, steps) = run_with(true, true);
+        for id in 1..=4 {
+            assert_eq!(tokens_of(&ev, id, 0), tokens_of(&plain, id, 0));
+        }
+        // the first draft measures the draft model; a probe after 32 steps without a draft
+        // is not made either, as not even a good draft model's guesses would pay
+        assert!(
+            decodes <= 1 + 4 && steps >= 30,
+            "{decodes} draft decodes in {steps} steps"
+        );
+        // not adaptive: it drafts in full every step, as llama-server does (its catch-up and
+        // a decode for each guess after the first)
+        let (ev, decodes, steps) = run_with(true, false);
+        for id in 1..=4 {
+            assert_eq!(tokens_of(&ev, id, 0), tokens_of(&plain, id, 0));
+        }
+        assert!(
+            steps <= 12 && decodes as u64 >= 3 * steps,
+            "{decodes} draft decodes in {steps} steps"
+        );
+    }
+
+    #[test]
     fn a_draft_model_drafts_for_a_prompt_with_an_image_from_its_text() {
         let with_draft_params = |draft: bool| {
             let mut r = with_image(1, "red", 2, 2);
@@ -2785,8 +2871,10 @@ mod tests {
         );
         assert!(b.backend.removed.contains(&(0, 4)));
         assert_eq!(log.lock().unwrap().removed[0], (0, 4));
-        // the next draft goes on from there: 14 at position 4 in both
+        // the next draft goes on from there: 14 at position 4 in both, in full again (the
+        // budget prices its guesses: draft mode does not cut a draft after a rejection)
         assert_eq!(rows_of(&b, 0)[2][0], (14, 4));
+        assert_eq!(rows_of(&b, 0)[2].len(), 1 + 4, "{:?}", rows_of(&b, 0));
         let usage = usage_of(&ev, 1);
         assert_eq!(
             usage.accepted_prediction_tokens + usage.rejected_prediction_tokens,

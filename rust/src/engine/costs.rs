@@ -587,6 +587,23 @@ impl Acceptance {
         !self.observed || self.idle >= PROBE_AFTER
     }
 
+    /// The rate a draft model's next guesses are expected to be taken at: this sequence's so
+    /// far, or a good draft model's where that is not known (a probe).
+    pub fn expected(&self) -> f64 {
+        if self.probing() {
+            GOOD_ACCEPTANCE
+        } else {
+            self.rate()
+        }
+    }
+
+    /// A probe was made, whatever was verified of it: a draft model's guesses may all be
+    /// declined by the costs once seen, which must not make every later step a probe.
+    pub fn probed(&mut self) {
+        self.observed = true;
+        self.idle = 0;
+    }
+
     /// Check `guess`, made for the tokens that the coming steps generate, against them as
     /// they come (`generated`) and count it as a draft verified: a guess costs nothing to
     /// check this way, where verifying it would cost its rows. One at a time.

@@ -7,7 +7,8 @@
 //! cache lacks (the prompt the first time, then the tokens the target accepted) is decoded in
 //! one batch with every other drafting sequence's, then each draft step decodes one token per
 //! sequence still drafting, greedily, until `max` tokens or a guess less likely than `min_p`,
-//! or, in draft mode, where the costs say the next guess would not pay (`DraftBudget`). Tokens
+//! or, in draft mode, where the costs say the next guess would not pay (`DraftBudget`; the
+//! batcher asks for no draft at all where none may pay for this first decode). Tokens
 //! the target rejects leave the draft's cache as they leave the target's (`trim`), and what it
 //! took of each guess teaches how far the draft model's probabilities are to be trusted
 //! (`verified`).

@@ -54,6 +54,10 @@ pub struct Params {
     /// `draft_model`), only as much as the measured step costs and acceptance say pays
     /// (`costs.rs`).
     pub auto: bool,
+    /// Draft mode: the draft model's guesses are priced as they are made, and a step asks for
+    /// none where none may pay (`DraftBudget`); false drafts up to `max_draft` (to
+    /// `draft_min_p`) every step whatever the costs say, as llama-server does.
+    pub adaptive: bool,
     /// The most draft tokens a step verifies (0: no speculation).
     pub max_draft: u32,
     /// The expected output's tokens (OpenAI's `prediction`): drafts, whatever `ngram` says.
@@ -86,6 +90,7 @@ impl Default for Params {
             draft_model: false,
             draft_min_p: DEFAULT_DRAFT_MIN_P,
             auto: false,
+            adaptive: true,
             max_draft: DEFAULT_MAX_DRAFT,
             prediction: Vec::new(),
             adapters: Vec::new(),

@@ -102,6 +102,7 @@ fn params(d: &Bound<'_, PyDict>) -> PyResult<Params> {
     p.draft_model = param(d, "draft_model")?.unwrap_or(false);
     p.draft_min_p = param(d, "draft_min_p")?.unwrap_or(p.draft_min_p);
     p.auto = param(d, "auto")?.unwrap_or(false);
+    p.adaptive = param(d, "adaptive")?.unwrap_or(true);
     p.max_draft = param(d, "max_draft")?.unwrap_or(p.max_draft);
     p.prediction = param(d, "prediction")?.unwrap_or_default();
     Ok(p)

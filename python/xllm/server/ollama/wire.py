@@ -79,6 +79,8 @@ class Options(Wire):
     max_draft: Annotated[int, Field(ge=0, le=MAX_DRAFT)] | None = None
     draft_model: Annotated[str, Field(min_length=1, max_length=400)] | None = None
     """xllm's: the draft model a "draft" request expects (the one loaded beside the model)."""
+    draft_adaptive: bool | None = None
+    """xllm's: false, "draft" drafts up to `max_draft` every step whatever the costs say."""
     lora: LoraList | None = None
     """xllm's: LoRA adapters to apply, `[{"name", "scale"}]` (see the README)."""
     low_vram: bool | None = None
@@ -125,7 +127,7 @@ class Options(Wire):
 _ENGINE_OPTIONS = {
     "num_predict", "temperature", "top_k", "top_p", "min_p", "seed", "stop", "repeat_penalty",
     "repeat_last_n", "presence_penalty", "frequency_penalty", "speculative", "max_draft",
-    "draft_num_predict", "draft_model",
+    "draft_num_predict", "draft_model", "draft_adaptive",
 }  # fmt: skip
 
 

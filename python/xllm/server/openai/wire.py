@@ -109,12 +109,16 @@ class Speculative(Wire):
     """The draft model (type "draft"): the one the model was loaded with, by its name."""
     min_p: Annotated[float, Field(ge=0.0, le=1.0)] | None = None
     """Type "draft": draft tokens the draft model finds less likely end the draft."""
+    adaptive: bool | None = None
+    """Type "draft", false: draft up to `max_draft` every step whatever the costs say."""
 
     @model_validator(mode="after")
     def _draft_fields(self) -> Speculative:
         drafts = self.type in ("draft", "auto")
         if not drafts and (self.draft_model is not None or self.min_p is not None):
             raise ValueError('draft_model and min_p go with type "draft" or "auto"')
+        if self.adaptive is not None and self.type != "draft":
+            raise ValueError('adaptive goes with type "draft"')
         return self
 
 
@@ -245,6 +249,7 @@ class SamplingFields(LoraFields):
                 "max_draft": self.speculative.max_draft if self.speculative else None,
                 "draft_model": self.speculative.draft_model if self.speculative else None,
                 "draft_min_p": self.speculative.min_p if self.speculative else None,
+                "draft_adaptive": self.speculative.adaptive if self.speculative else None,
                 "prediction": self.prediction.text() if self.prediction else None,
                 "lora": self.loras(),
                 **fields,
