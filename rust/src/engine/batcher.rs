@@ -1091,6 +1091,37 @@ impl<B: Backend> Batcher<B> {
         if asks.is_empty() {
             return;
         }
+        let draft_mode = (asks.iter()).all(|&(slot, _, _)| {
+            (self.slots[slot].active.as_ref()).is_some_and(|a| !a.auto && a.adaptive)
+        });
+        let budget = draft_mode
+            .then(|| DraftBudget::new(&self.costs, rows, generating))
+            .flatten();
+        if let Some(b) = &budget {
+            // The budget prices a guess once made, and by then the draft model's first decode
+            // of the step (its reading of what each sequence generated since, whose last row
+            // gives the first guess) is spent: with 4 streams on a 2-core CPU, half a step, every
+            // step. So a step drafts only where some number of guesses, each as likely as the
+            // sequence's were taken so far, may pay for their decodes and rows.
+            let going: Vec<(f64, f64)> = (asks.iter())
+                .filter_map(|&(slot, _, _)| self.slots[slot].active.as_ref())
+                .map(|a| (1.0, a.acceptance.expected()))
+                .collect();
+            let left = asks.iter().map(|&(_, max, _)| max).max().unwrap_or(0);
+            let pays = b.another(&going, left);
+            for &(slot, _, _) in asks {
+                if let Some(a) = self.slots[slot].active.as_mut() {
+                    if !pays {
+                        a.acceptance.record(0, 0);
+                    } else if a.acceptance.probing() {
+                        a.acceptance.probed();
+                    }
+                }
+            }
+            if !pays {
+                return;
+            }
+        }
         let histories: Vec<Vec<i32>> = asks
             .iter()
             .map(|&(slot, _, _)| {
@@ -1118,37 +1149,6 @@ impl<B: Backend> Batcher<B> {
                 min_p,
             })
             .collect();
-        let draft_mode = (asks.iter()).all(|&(slot, _, _)| {
-            (self.slots[slot].active.as_ref()).is_some_and(|a| !a.auto && a.adaptive)
-        });
-        let budget = draft_mode
-            .then(|| DraftBudget::new(&self.costs, rows, generating))
-            .flatten();
-        if let Some(b) = &budget {
-            // The budget prices a guess once made, and by then the draft model's first decode
-            // of the step (its reading of what each sequence generated since, whose last row
-            // gives the first guess) is spent: with several streams on a CPU, half a step each
-            // step. So a step drafts only where some number of guesses, each as likely as the
-            // sequence's were taken so far, may pay for their decodes and rows.
-            let going: Vec<(f64, f64)> = (asks.iter())
-                .filter_map(|&(slot, _, _)| self.slots[slot].active.as_ref())
-                .map(|a| (1.0, a.acceptance.expected()))
-                .collect();
-            let left = asks.iter().map(|&(_, max, _)| max).max().unwrap_or(0);
-            let pays = b.another(&going, left);
-            for &(slot, _, _) in asks {
-                if let Some(a) = self.slots[slot].active.as_mut() {
-                    if !pays {
-                        a.acceptance.record(0, 0);
-                    } else if a.acceptance.probing() {
-                        a.acceptance.probed();
-                    }
-                }
-            }
-            if !pays {
-                return;
-            }
-        }
         let (stepped, steps) = (drafts.stepped, drafts.steps);
         let made = drafts.draft(&wants, budget);
         if drafts.steps > steps {
@@ -1205,7 +1205,8 @@ impl<B: Backend> Batcher<B> {
         s.cached.truncate(keep);
         if let Some(a) = s.active.as_mut() {
             a.n_past = keep;
-            // draft mode's model drafts are cut guess by guess (`DraftBudget`), not paced
+            // draft mode's model drafts are not paced: the budget cuts them guess by guess, or
+            // (not adaptive) they run in full, as llama-server's
             if a.auto || !matches!(a.source, Some(Source::Model(_))) {
                 a.pacer.record(draft.len(), taken);
             }
